@@ -1,0 +1,76 @@
+//! Map keys and values shared by the eBPF programs and the userspace control plane.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree on the layout and
+//! `bpftool map dump` shows named, typed fields (the maps carry BTF).
+#![no_std]
+
+/// Key of SOCKS and SESSIONS: the kernel's socket cookie (`SO_COOKIE`).
+pub type SocketCookie = u64;
+
+/// Backend ids index BACKENDS; 0 is never a real backend.
+pub type BackendId = u32;
+
+/// One entry per spliced socket (two per session), kept current by the verdict program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionEntry {
+    /// Cookie of the socket this one is spliced to.
+    pub peer: SocketCookie,
+    /// Bytes that arrived on this socket and were forwarded to the peer.
+    pub bytes_rx: u64,
+    /// Bytes forwarded to this socket from the peer.
+    pub bytes_tx: u64,
+    /// `bpf_ktime_get_ns` of the last byte in either direction (CLOCK_MONOTONIC).
+    pub last_ns: u64,
+    /// The backend this session goes to; the verdict refuses to forward unless it is UP.
+    pub backend: BackendId,
+    /// Index of the listener that accepted the session.
+    pub listener: u16,
+    /// `SIDE_CLIENT` or `SIDE_BACKEND`.
+    pub side: u8,
+    pub _pad: u8,
+}
+
+pub const SIDE_CLIENT: u8 = 0;
+pub const SIDE_BACKEND: u8 = 1;
+
+/// State of one backend as the kernel sees it; written by userspace on every change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// IPv4 address in network byte order (as in `sockaddr_in`), 0 for IPv6 backends.
+    pub addr_v4: u32,
+    /// Traffic port in host byte order.
+    pub port: u16,
+    /// Index of the listener this backend serves.
+    pub listener: u16,
+    /// `STATE_DOWN`, `STATE_UP`, ... Only `STATE_UP` lets bytes through.
+    pub state: u8,
+    /// `ROLE_*` as last reported by Patroni.
+    pub role: u8,
+    pub _pad: u16,
+    /// Sessions currently open to this backend.
+    pub sessions: u32,
+}
+
+pub const STATE_DOWN: u8 = 0;
+pub const STATE_UP: u8 = 1;
+pub const STATE_MAINT: u8 = 2;
+pub const STATE_DRAIN: u8 = 3;
+
+pub const ROLE_UNKNOWN: u8 = 0;
+pub const ROLE_PRIMARY: u8 = 1;
+pub const ROLE_REPLICA: u8 = 2;
+pub const ROLE_STANDBY_LEADER: u8 = 3;
+
+/// Capacity of the SOCKS/SESSIONS maps (two entries per session).
+pub const MAX_SOCKETS: u32 = 65_536;
+/// Capacity of BACKENDS.
+pub const MAX_BACKENDS: u32 = 1_024;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both are repr(C) with explicit padding and no pointers; every bit pattern is valid.
+    unsafe impl aya::Pod for super::SessionEntry {}
+    unsafe impl aya::Pod for super::BackendEntry {}
+}

@@ -1,0 +1,1 @@
+fn main() { println!("{}", patroxy::EBPF_OBJECT.len()); }
