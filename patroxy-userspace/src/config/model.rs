@@ -1,0 +1,143 @@
+//! The validated configuration: typed values with every default applied and every reference
+//! resolved. Nothing here is optional that the daemon needs; the raw TOML shape lives in `raw.rs`.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub global: Global,
+    pub defaults: Defaults,
+    pub listeners: Vec<Listener>,
+    /// The stats/admin HTTP server; `None` when the file has no `[stats]` section.
+    pub stats: Option<Stats>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Global {
+    /// HAProxy's global maxconn: at the limit the proxy stops accepting; the backlog holds the rest.
+    pub maxconn: u32,
+    /// Whether the in-kernel sockmap data path is used.
+    pub bpf: BpfMode,
+    /// Directory under bpffs where the maps are pinned (default /sys/fs/bpf/patroxy).
+    pub pin_path: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BpfMode {
+    /// Use sockmap when possible, otherwise fall back with one log line saying why.
+    Auto,
+    /// Refuse to start without sockmap.
+    Required,
+    /// Always use the userspace fallback path.
+    Off,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Defaults {
+    /// New connection attempts after a failed connect.
+    pub retries: u32,
+    /// `option redispatch`: the last retry may go to another server.
+    pub redispatch: bool,
+    pub timeout_client: Duration,
+    pub timeout_server: Duration,
+    pub timeout_connect: Duration,
+    /// Extra read timeout of a health check; `None` means `inter` bounds the whole check.
+    pub timeout_check: Option<Duration>,
+    /// How long a session waits for a server slot; defaults to `timeout_connect`.
+    pub timeout_queue: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub balance: Balance,
+    /// The health check of this listener's servers; `None` = servers are not checked and always
+    /// carry traffic (HAProxy's "no check").
+    pub check: Option<HealthCheck>,
+    /// The servers of this listener with `default_server` merged in, in file order.
+    pub servers: Vec<ServerSpec>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    /// The first UP server in file order (for writes: there is one primary); with several
+    /// primaries (split brain) the one with the highest timeline.
+    First,
+    RoundRobin,
+    LeastConn,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheck {
+    pub method: CheckMethod,
+    /// Path and query sent to Patroni, e.g. "/primary" or "/replica?lag=16MB".
+    pub path: String,
+    pub expect_status: u16,
+    pub tls: Option<CheckTls>,
+    /// A well-formed "not this role" answer marks a server down at once (patroxy extension).
+    pub authoritative: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CheckMethod {
+    Get,
+    Head,
+    Options,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CheckTls {
+    pub ca_file: PathBuf,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerSpec {
+    pub name: String,
+    /// Where client traffic goes (PostgreSQL, 5432).
+    pub address: SocketAddr,
+    /// Where the health check goes (Patroni's REST API, 8008).
+    pub check_addr: SocketAddr,
+    /// Sessions past this wait in the server's queue; `None` = unlimited.
+    pub maxconn: Option<u32>,
+    pub timing: CheckTiming,
+    pub on_marked_down: OnMarkedDown,
+    pub on_marked_up: OnMarkedUp,
+    pub init_state: InitState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckTiming {
+    pub inter: Duration,
+    pub fastinter: Duration,
+    pub downinter: Duration,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMarkedDown {
+    ShutdownSessions,
+    Nothing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMarkedUp {
+    ShutdownBackupSessions,
+    Nothing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitState {
+    /// patroxy's default: a server carries traffic only after `rise` good checks.
+    Down,
+    /// HAProxy's behaviour: servers start UP (one failed check takes them to "UP 2/3").
+    Up,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub bind: SocketAddr,
+    pub refresh: Duration,
+}
