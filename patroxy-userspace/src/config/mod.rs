@@ -1,3 +1,46 @@
-//! Configuration: raw TOML (`raw`), validated typed values (`model`).
-mod model;
+//! Configuration: the TOML file read once at startup (and on reload) into typed values.
+//!
+//! # Layout
+//! - `raw`: the file's shape, serde structs that deny unknown keys and keep value positions.
+//! - `duration`, `addr`: how durations, binds and server addresses are written.
+//! - `validate`: raw -> `model` in one pass, every default applied and every reference resolved.
+//! - `model`: the typed `Config` the rest of the daemon uses.
+//! - `error`: `ConfigError`, whose messages read `file:line:column: problem`.
+//!
+//! Nothing is bound or loaded before `load` succeeds, so a bad file never half-starts the proxy.
+mod addr;
+mod duration;
+mod error;
+pub mod model;
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+pub use error::{ConfigError, Diagnostic};
 pub use model::*;
+
+use error::Source;
+
+/// Reads and parses the file at `path`; messages name it as it was given.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates configuration `text`; `origin` is the file name used in messages.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let src = Source { origin, text };
+    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        // toml's message can end with a newline; keep each diagnostic on one line.
+        ConfigError::Invalid(vec![src.diagnostic(span, e.message().trim_end())])
+    })?;
+    validate::validate(&raw, &src).map_err(ConfigError::Invalid)
+}

@@ -1,0 +1,171 @@
+//! The configuration exactly as written in the TOML file. Every struct denies unknown fields so a
+//! typo ("maxcon") is an error rather than a silently ignored setting, and values that validation
+//! may reject are `Spanned` so its errors can point at them. Defaults are not applied here: an
+//! absent key stays `None` and `validate` decides what it means.
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::duration::Dur;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub global: RawGlobal,
+    /// Required: its three traffic timeouts have no safe default (HAProxy warns when they are
+    /// missing and then waits forever).
+    pub defaults: RawDefaults,
+    #[serde(default)]
+    pub default_server: RawDefaultServer,
+    #[serde(default)]
+    pub server: Vec<RawServer>,
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    pub stats: Option<RawStats>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGlobal {
+    pub maxconn: Option<Spanned<u32>>,
+    pub bpf: Option<RawBpf>,
+    pub pin_path: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawBpf {
+    Auto,
+    Required,
+    Off,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDefaults {
+    pub retries: Option<u32>,
+    pub redispatch: Option<bool>,
+    pub timeout_client: Spanned<Dur>,
+    pub timeout_server: Spanned<Dur>,
+    pub timeout_connect: Spanned<Dur>,
+    pub timeout_check: Option<Spanned<Dur>>,
+    pub timeout_queue: Option<Spanned<Dur>>,
+}
+
+/// HAProxy's `default-server` line: check timing and per-server settings every server inherits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDefaultServer {
+    pub inter: Option<Spanned<Dur>>,
+    pub fastinter: Option<Spanned<Dur>>,
+    pub downinter: Option<Spanned<Dur>>,
+    pub fall: Option<Spanned<u32>>,
+    pub rise: Option<Spanned<u32>>,
+    pub on_marked_down: Option<RawOnMarkedDown>,
+    pub on_marked_up: Option<RawOnMarkedUp>,
+    pub check_port: Option<Spanned<u16>>,
+    pub maxconn: Option<Spanned<u32>>,
+    pub init_state: Option<RawInitState>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub(crate) enum RawOnMarkedDown {
+    #[serde(rename = "shutdown-sessions")]
+    ShutdownSessions,
+    #[serde(rename = "none")]
+    Nothing,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub(crate) enum RawOnMarkedUp {
+    #[serde(rename = "shutdown-backup-sessions")]
+    ShutdownBackupSessions,
+    #[serde(rename = "none")]
+    Nothing,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawInitState {
+    Down,
+    Up,
+}
+
+/// A cluster member, defined once and referenced by name from listeners.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub name: Spanned<String>,
+    pub address: Spanned<String>,
+    pub check_port: Option<Spanned<u16>>,
+    pub maxconn: Option<Spanned<u32>>,
+    pub check_address: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub name: Spanned<String>,
+    pub bind: Spanned<String>,
+    pub balance: Option<RawBalance>,
+    pub servers: Spanned<Vec<Spanned<String>>>,
+    pub check: Option<RawCheck>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawBalance {
+    First,
+    RoundRobin,
+    LeastConn,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCheck {
+    pub method: Option<RawMethod>,
+    pub path: Spanned<String>,
+    pub expect_status: Option<Spanned<u16>>,
+    pub authoritative: Option<bool>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+/// An HTTP method, matched case-insensitively as HAProxy's `option httpchk` does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RawMethod {
+    Get,
+    Head,
+    Options,
+}
+
+impl<'de> Deserialize<'de> for RawMethod {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        match s.to_ascii_uppercase().as_str() {
+            "GET" => Ok(RawMethod::Get),
+            "HEAD" => Ok(RawMethod::Head),
+            "OPTIONS" => Ok(RawMethod::Options),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown check method `{s}`, expected one of `GET`, `HEAD`, `OPTIONS`"
+            ))),
+        }
+    }
+}
+
+/// Presence of this table switches the check to https.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub ca_file: PathBuf,
+    pub client_cert: Option<Spanned<PathBuf>>,
+    pub client_key: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStats {
+    pub bind: Spanned<String>,
+    pub refresh: Option<Spanned<Dur>>,
+}

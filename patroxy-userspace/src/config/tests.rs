@@ -1,0 +1,252 @@
+//! The shipped patroxy.toml, the fixture folders, and the defaults/merging rules.
+use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
+
+use super::*;
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = manifest_dir().join("src/config/fixtures").join(kind);
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no fixtures in {}", dir.display());
+    files
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[test]
+fn shipped_config_matches_the_seed_haproxy_setup() {
+    let config = load(&manifest_dir().join("../patroxy.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.global.maxconn, 2000);
+    assert_eq!(config.global.bpf, BpfMode::Auto);
+    assert_eq!(config.global.pin_path, PathBuf::from("/sys/fs/bpf/patroxy"));
+    let d = &config.defaults;
+    assert_eq!((d.retries, d.redispatch), (2, false));
+    assert_eq!(
+        (d.timeout_client, d.timeout_server),
+        (secs(1800), secs(1800))
+    );
+    assert_eq!(
+        (d.timeout_connect, d.timeout_check, d.timeout_queue),
+        (secs(4), Some(secs(5)), secs(4))
+    );
+    let stats = config.stats.as_ref().expect("stats");
+    assert_eq!((stats.bind, stats.refresh), (sa("0.0.0.0:7000"), secs(5)));
+
+    let [write, read] = &config.listeners[..] else {
+        panic!("two listeners expected")
+    };
+    assert_eq!(
+        (write.name.as_str(), write.bind, write.balance),
+        ("postgres_write", sa("0.0.0.0:5432"), Balance::First)
+    );
+    assert_eq!(
+        (read.name.as_str(), read.bind, read.balance),
+        ("postgres_read", sa("0.0.0.0:5433"), Balance::RoundRobin)
+    );
+    let wc = write.check.as_ref().unwrap();
+    assert_eq!(
+        (
+            wc.method,
+            wc.path.as_str(),
+            wc.expect_status,
+            wc.authoritative
+        ),
+        (CheckMethod::Get, "/primary", 200, true)
+    );
+    assert_eq!(wc.tls, None);
+    assert_eq!(read.check.as_ref().unwrap().path, "/replica");
+
+    for l in &config.listeners {
+        let names: Vec<&str> = l.servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["pg-sv01", "pg-sv02", "pg-sv03"]);
+        for (s, ip) in l.servers.iter().zip(104..) {
+            assert_eq!(s.address, sa(&format!("10.100.100.{ip}:5432")));
+            assert_eq!(s.check_addr, sa(&format!("10.100.100.{ip}:8008")));
+            assert_eq!(s.maxconn, Some(200));
+            let timing = CheckTiming {
+                inter: secs(3),
+                fastinter: secs(3),
+                downinter: secs(3),
+                fall: 3,
+                rise: 2,
+            };
+            assert_eq!(s.timing, timing);
+            assert_eq!(s.on_marked_down, OnMarkedDown::ShutdownSessions);
+            assert_eq!(s.on_marked_up, OnMarkedUp::Nothing);
+            assert_eq!(s.init_state, InitState::Down);
+        }
+    }
+}
+
+#[test]
+fn valid_fixtures_load() {
+    for path in fixtures("valid") {
+        if let Err(e) = load(&path) {
+            panic!("{} should load:\n{e}", path.display());
+        }
+    }
+}
+
+/// Each invalid fixture starts with `# expect: <substring>` and `# at: L:C`.
+#[test]
+fn invalid_fixtures_fail_where_and_how_they_say() {
+    let mut failures = Vec::new();
+    for path in fixtures("invalid") {
+        let text = fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines();
+        let expect = lines.next().and_then(|l| l.strip_prefix("# expect: "));
+        let at = lines.next().and_then(|l| l.strip_prefix("# at: "));
+        let (Some(expect), Some(at)) = (expect, at) else {
+            panic!(
+                "{}: first lines must be `# expect: ...` and `# at: L:C`",
+                path.display()
+            );
+        };
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        match parse(&text, &name) {
+            Ok(_) => failures.push(format!("{name}: loaded, expected an error")),
+            Err(e) => {
+                let msg = e.to_string();
+                if !msg.contains(expect) || !msg.contains(&format!("{name}:{at}: ")) {
+                    failures.push(format!("{name}: want `{expect}` at {at}, got:\n  {msg}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn everything_fixture_values() {
+    let config = load(&manifest_dir().join("src/config/fixtures/valid/everything.toml")).unwrap();
+    assert_eq!(config.global.bpf, BpfMode::Required);
+    assert_eq!(config.defaults.timeout_server, secs(5400));
+    assert_eq!(config.defaults.timeout_queue, secs(1));
+    let leader = &config.listeners[0];
+    // No balance given; /leader is a write-side path.
+    assert_eq!(leader.balance, Balance::First);
+    let check = leader.check.as_ref().unwrap();
+    assert_eq!(
+        (check.method, check.authoritative),
+        (CheckMethod::Head, false)
+    );
+    let tls = check.tls.as_ref().unwrap();
+    assert_eq!(tls.client_key, Some(PathBuf::from("/etc/patroni/k.pem")));
+    let [v4, v6, named] = &leader.servers[..] else {
+        panic!()
+    };
+    assert_eq!(
+        (v4.maxconn, v4.check_addr),
+        (Some(50), sa("192.0.2.10:8008"))
+    );
+    assert_eq!(
+        (v6.maxconn, v6.check_addr),
+        (Some(100), sa("[2001:db8::11]:8443"))
+    );
+    assert_eq!(named.check_addr, sa("127.0.0.1:8008"));
+    assert_eq!(named.address.port(), 5432);
+    let t = v4.timing;
+    assert_eq!(
+        (t.inter, t.fastinter, t.downinter, t.fall, t.rise),
+        (secs(1), Duration::from_millis(500), secs(10), 2, 1)
+    );
+    assert_eq!(
+        (v4.on_marked_up, v4.init_state),
+        (OnMarkedUp::ShutdownBackupSessions, InitState::Up)
+    );
+    let replicas = &config.listeners[1];
+    assert_eq!(replicas.balance, Balance::LeastConn);
+    assert_eq!(replicas.check.as_ref().unwrap().path, "/replica?lag=16MB");
+    assert_eq!(config.listeners[2].check, None);
+    assert_eq!(config.stats.as_ref().unwrap().refresh, secs(5));
+}
+
+#[test]
+fn defaults_follow_haproxy() {
+    let config = load(&manifest_dir().join("src/config/fixtures/valid/minimal.toml")).unwrap();
+    assert_eq!(config.global.maxconn, 2000);
+    assert_eq!(config.global.bpf, BpfMode::Auto);
+    assert_eq!(
+        (config.defaults.retries, config.defaults.timeout_check),
+        (3, None)
+    );
+    assert_eq!(config.stats, None);
+    let l = &config.listeners[0];
+    // No check: servers are always up and reads spread.
+    assert_eq!((l.balance, &l.check), (Balance::RoundRobin, &None));
+    let s = &l.servers[0];
+    // check_port defaults to the traffic port, like HAProxy.
+    assert_eq!((s.check_addr, s.maxconn), (sa("127.0.0.1:5432"), None));
+    let t = s.timing;
+    assert_eq!(
+        (t.inter, t.fastinter, t.downinter, t.fall, t.rise),
+        (secs(2), secs(2), secs(2), 3, 2)
+    );
+    assert_eq!(
+        (s.on_marked_down, s.init_state),
+        (OnMarkedDown::Nothing, InitState::Down)
+    );
+}
+
+#[test]
+fn role_based_balance_defaults() {
+    let text =
+        fs::read_to_string(manifest_dir().join("src/config/fixtures/valid/minimal.toml")).unwrap();
+    for (path, want) in [
+        ("/primary", Balance::First),
+        ("/master", Balance::First),
+        ("/read-write?x=1", Balance::First),
+        ("/", Balance::First),
+        ("/replica", Balance::RoundRobin),
+        ("/read-only", Balance::RoundRobin),
+        ("/primaryish", Balance::RoundRobin),
+    ] {
+        let config = parse(
+            &format!("{text}[listener.check]\npath = {path:?}\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(config.listeners[0].balance, want, "{path}");
+    }
+}
+
+#[test]
+fn all_problems_are_reported_in_file_order() {
+    let text =
+        fs::read_to_string(manifest_dir().join("src/config/fixtures/valid/minimal.toml")).unwrap();
+    let text = text
+        .replace("\"4s\"", "0")
+        .replace("[\"pg1\"]", "[\"pg1\", \"nope\"]");
+    let err = parse(&format!("[global]\nmaxconn = 0\n{text}"), "t.toml").unwrap_err();
+    let lines: Vec<(usize, usize)> = err
+        .diagnostics()
+        .iter()
+        .map(|d| (d.line, d.column))
+        .collect();
+    assert_eq!(lines, [(2, 11), (7, 19), (16, 19)], "{err}");
+    assert_eq!(err.to_string().lines().count(), 3);
+}
+
+#[test]
+fn io_errors_name_the_path() {
+    let err = load(std::path::Path::new("/nonexistent/patroxy.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::Io { .. }));
+    assert!(
+        err.to_string().starts_with("/nonexistent/patroxy.toml: "),
+        "{err}"
+    );
+}

@@ -1,0 +1,384 @@
+//! Raw TOML values -> the typed `Config`, in one pass over a borrowed `RawConfig` (never mutated).
+//! Every problem is recorded with the position of the offending value and the pass goes on, so
+//! one run reports all mistakes; the built `Config` is thrown away if any were found.
+use std::{collections::HashMap, net::SocketAddr, ops::Range, path::PathBuf, time::Duration};
+
+use toml::Spanned;
+
+use super::addr::{binds_overlap, parse_bind, resolve_address, resolve_check_host};
+use super::duration::Dur;
+use super::error::{Diagnostic, Source};
+use super::model::*;
+use super::raw::*;
+
+/// Check paths whose 200 means "this is the writable node": listeners checking them default to
+/// `balance first`, since there is one primary and spreading writes makes no sense.
+const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
+
+pub(crate) fn validate(raw: &RawConfig, src: &Source) -> Result<Config, Vec<Diagnostic>> {
+    let mut v = Validator {
+        src,
+        diags: Vec::new(),
+        binds: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.diags.is_empty() {
+        Ok(config)
+    } else {
+        v.diags.sort_by_key(|d| (d.line, d.column));
+        Err(v.diags)
+    }
+}
+
+struct Validator<'a> {
+    src: &'a Source<'a>,
+    diags: Vec<Diagnostic>,
+    /// Binds accepted so far, with who owns them, to report the earlier one on a conflict.
+    binds: Vec<(SocketAddr, String, Range<usize>)>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.diags.push(self.src.diagnostic(span, message));
+    }
+
+    fn at(&self, span: &Range<usize>) -> String {
+        let (line, column) = self.src.position(span.start);
+        format!("{line}:{column}")
+    }
+
+    fn config(&mut self, raw: &RawConfig) -> Config {
+        let global = self.global(&raw.global);
+        let defaults = self.defaults(&raw.defaults);
+        let servers = self.servers(raw);
+        let listeners: Vec<Listener> = raw
+            .listener
+            .iter()
+            .map(|l| self.listener(l, &servers))
+            .collect();
+        if raw.listener.is_empty() {
+            self.error(0..0, "no [[listener]] defined; patroxy needs at least one");
+        }
+        let mut seen: HashMap<&str, Range<usize>> = HashMap::new();
+        for l in &raw.listener {
+            if let Some(first) = seen.insert(l.name.get_ref(), l.name.span()) {
+                let msg = format!(
+                    "listener {:?} is defined twice (first at {})",
+                    l.name.get_ref(),
+                    self.at(&first)
+                );
+                self.error(l.name.span(), msg);
+            }
+        }
+        let stats = raw.stats.as_ref().map(|s| Stats {
+            bind: self.bind(&s.bind, "[stats]".to_string()),
+            refresh: s
+                .refresh
+                .as_ref()
+                .map_or(Duration::from_secs(5), |d| self.positive(d, "refresh")),
+        });
+        Config {
+            global,
+            defaults,
+            listeners,
+            stats,
+        }
+    }
+
+    fn global(&mut self, raw: &RawGlobal) -> Global {
+        let pin_path = match &raw.pin_path {
+            None => PathBuf::from("/sys/fs/bpf/patroxy"),
+            Some(p) => {
+                if !p.get_ref().is_absolute() {
+                    self.error(
+                        p.span(),
+                        format!("pin_path {:?} must be an absolute path", p.get_ref()),
+                    );
+                }
+                p.get_ref().clone()
+            }
+        };
+        Global {
+            maxconn: raw
+                .maxconn
+                .as_ref()
+                .map_or(2000, |m| self.nonzero(m, "global maxconn")),
+            bpf: match raw.bpf.unwrap_or(RawBpf::Auto) {
+                RawBpf::Auto => BpfMode::Auto,
+                RawBpf::Required => BpfMode::Required,
+                RawBpf::Off => BpfMode::Off,
+            },
+            pin_path,
+        }
+    }
+
+    fn defaults(&mut self, raw: &RawDefaults) -> Defaults {
+        let timeout_connect = self.positive(&raw.timeout_connect, "timeout_connect");
+        Defaults {
+            retries: raw.retries.unwrap_or(3),
+            redispatch: raw.redispatch.unwrap_or(false),
+            timeout_client: self.positive(&raw.timeout_client, "timeout_client"),
+            timeout_server: self.positive(&raw.timeout_server, "timeout_server"),
+            timeout_connect,
+            timeout_check: raw
+                .timeout_check
+                .as_ref()
+                .map(|d| self.positive(d, "timeout_check")),
+            timeout_queue: raw
+                .timeout_queue
+                .as_ref()
+                .map_or(timeout_connect, |d| self.positive(d, "timeout_queue")),
+        }
+    }
+
+    /// Every `[[server]]` with `[default_server]` merged in, by name.
+    fn servers<'r>(&mut self, raw: &'r RawConfig) -> HashMap<&'r str, ServerSpec> {
+        let ds = &raw.default_server;
+        let inter = ds
+            .inter
+            .as_ref()
+            .map_or(Duration::from_secs(2), |d| self.positive(d, "inter"));
+        let timing = CheckTiming {
+            inter,
+            fastinter: ds
+                .fastinter
+                .as_ref()
+                .map_or(inter, |d| self.positive(d, "fastinter")),
+            downinter: ds
+                .downinter
+                .as_ref()
+                .map_or(inter, |d| self.positive(d, "downinter")),
+            fall: ds.fall.as_ref().map_or(3, |n| self.nonzero(n, "fall")),
+            rise: ds.rise.as_ref().map_or(2, |n| self.nonzero(n, "rise")),
+        };
+        let default_maxconn = ds
+            .maxconn
+            .as_ref()
+            .map(|m| self.nonzero(m, "default_server maxconn"));
+        let default_check_port = ds.check_port.as_ref().map(|p| self.port(p));
+        let on_marked_down = match ds.on_marked_down.unwrap_or(RawOnMarkedDown::Nothing) {
+            RawOnMarkedDown::ShutdownSessions => OnMarkedDown::ShutdownSessions,
+            RawOnMarkedDown::Nothing => OnMarkedDown::Nothing,
+        };
+        let on_marked_up = match ds.on_marked_up.unwrap_or(RawOnMarkedUp::Nothing) {
+            RawOnMarkedUp::ShutdownBackupSessions => OnMarkedUp::ShutdownBackupSessions,
+            RawOnMarkedUp::Nothing => OnMarkedUp::Nothing,
+        };
+        let init_state = match ds.init_state.unwrap_or(RawInitState::Down) {
+            RawInitState::Down => InitState::Down,
+            RawInitState::Up => InitState::Up,
+        };
+
+        let mut specs = HashMap::new();
+        let mut first_at: HashMap<&str, Range<usize>> = HashMap::new();
+        for s in &raw.server {
+            let name = s.name.get_ref().as_str();
+            self.name(&s.name, "server");
+            if let Some(first) = first_at.get(name) {
+                let msg = format!(
+                    "server {name:?} is defined twice (first at {})",
+                    self.at(first)
+                );
+                self.error(s.name.span(), msg);
+                continue;
+            }
+            first_at.insert(name, s.name.span());
+            let address = resolve_address(s.address.get_ref())
+                .unwrap_or_else(|e| self.fallback(s.address.span(), e));
+            let check_port = match &s.check_port {
+                Some(p) => self.port(p),
+                None => default_check_port.unwrap_or(address.port()),
+            };
+            let check_ip = match &s.check_address {
+                None => address.ip(),
+                Some(h) => resolve_check_host(h.get_ref(), check_port)
+                    .unwrap_or_else(|e| self.fallback(h.span(), e).ip()),
+            };
+            let maxconn = match &s.maxconn {
+                Some(m) => Some(self.nonzero(m, "server maxconn")),
+                None => default_maxconn,
+            };
+            let spec = ServerSpec {
+                name: name.to_string(),
+                address,
+                check_addr: SocketAddr::new(check_ip, check_port),
+                maxconn,
+                timing,
+                on_marked_down,
+                on_marked_up,
+                init_state,
+            };
+            specs.insert(name, spec);
+        }
+        specs
+    }
+
+    fn listener(&mut self, raw: &RawListener, servers: &HashMap<&str, ServerSpec>) -> Listener {
+        let name = raw.name.get_ref();
+        self.name(&raw.name, "listener");
+        let bind = self.bind(&raw.bind, format!("listener {name:?}"));
+        let check = raw.check.as_ref().map(|c| self.check(c));
+        let balance = match raw.balance {
+            Some(RawBalance::First) => Balance::First,
+            Some(RawBalance::RoundRobin) => Balance::RoundRobin,
+            Some(RawBalance::LeastConn) => Balance::LeastConn,
+            None => match &check {
+                Some(c) if WRITE_PATHS.contains(&c.path.split('?').next().unwrap_or("")) => {
+                    Balance::First
+                }
+                _ => Balance::RoundRobin,
+            },
+        };
+        if raw.servers.get_ref().is_empty() {
+            self.error(
+                raw.servers.span(),
+                format!("listener {name:?} has no servers"),
+            );
+        }
+        let mut listed: HashMap<&str, Range<usize>> = HashMap::new();
+        let mut specs = Vec::new();
+        for s in raw.servers.get_ref() {
+            let server = s.get_ref().as_str();
+            if let Some(first) = listed.insert(server, s.span()) {
+                let msg = format!(
+                    "listener {name:?} lists server {server:?} twice (first at {})",
+                    self.at(&first)
+                );
+                self.error(s.span(), msg);
+            } else if let Some(spec) = servers.get(server) {
+                specs.push(spec.clone());
+            } else {
+                let msg = format!(
+                    "listener {name:?} names server {server:?}, which no [[server]] defines"
+                );
+                self.error(s.span(), msg);
+            }
+        }
+        Listener {
+            name: name.clone(),
+            bind,
+            balance,
+            check,
+            servers: specs,
+        }
+    }
+
+    fn check(&mut self, raw: &RawCheck) -> HealthCheck {
+        let path = raw.path.get_ref();
+        if !path.starts_with('/') {
+            self.error(
+                raw.path.span(),
+                format!("check path {path:?} must start with '/'"),
+            );
+        } else if path.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            self.error(
+                raw.path.span(),
+                format!("check path {path:?} must not contain spaces or control characters"),
+            );
+        }
+        let expect_status = match &raw.expect_status {
+            None => 200,
+            Some(s) => {
+                if !(100..=599).contains(s.get_ref()) {
+                    self.error(
+                        s.span(),
+                        format!(
+                            "expect_status {} is not an HTTP status (100..=599)",
+                            s.get_ref()
+                        ),
+                    );
+                }
+                *s.get_ref()
+            }
+        };
+        let tls = raw.tls.as_ref().map(|t| {
+            let t = t.get_ref();
+            match (&t.client_cert, &t.client_key) {
+                (Some(cert), None) => self.error(
+                    cert.span(),
+                    "tls client_cert is set but client_key is not; set both or neither",
+                ),
+                (None, Some(key)) => self.error(
+                    key.span(),
+                    "tls client_key is set but client_cert is not; set both or neither",
+                ),
+                _ => {}
+            }
+            CheckTls {
+                ca_file: t.ca_file.clone(),
+                client_cert: t.client_cert.as_ref().map(|c| c.get_ref().clone()),
+                client_key: t.client_key.as_ref().map(|k| k.get_ref().clone()),
+            }
+        });
+        HealthCheck {
+            method: match raw.method.unwrap_or(RawMethod::Get) {
+                RawMethod::Get => CheckMethod::Get,
+                RawMethod::Head => CheckMethod::Head,
+                RawMethod::Options => CheckMethod::Options,
+            },
+            path: path.clone(),
+            expect_status,
+            tls,
+            authoritative: raw.authoritative.unwrap_or(true),
+        }
+    }
+
+    /// Parses a bind and refuses one that overlaps a bind seen before (listeners, then stats).
+    fn bind(&mut self, raw: &Spanned<String>, owner: String) -> SocketAddr {
+        let addr = match parse_bind(raw.get_ref()) {
+            Ok(addr) => addr,
+            Err(e) => return self.fallback(raw.span(), e),
+        };
+        if let Some((_, other, span)) = self.binds.iter().find(|(b, ..)| binds_overlap(*b, addr)) {
+            let msg = format!(
+                "bind {:?} of {owner} overlaps bind of {other} at {}",
+                raw.get_ref(),
+                self.at(span)
+            );
+            self.error(raw.span(), msg);
+        }
+        self.binds.push((addr, owner, raw.span()));
+        addr
+    }
+
+    /// Names show up in logs, stats CSV and metric labels: non-empty, no spaces or commas.
+    fn name(&mut self, raw: &Spanned<String>, what: &str) {
+        let name = raw.get_ref();
+        if name.is_empty()
+            || name.contains(|c: char| c.is_whitespace() || c.is_control() || c == ',')
+        {
+            self.error(
+                raw.span(),
+                format!("{what} name {name:?} must be non-empty without spaces or commas"),
+            );
+        }
+    }
+
+    fn positive(&mut self, raw: &Spanned<Dur>, what: &str) -> Duration {
+        let d = raw.get_ref().0;
+        if d.is_zero() {
+            self.error(raw.span(), format!("{what} must be greater than zero"));
+        }
+        d
+    }
+
+    fn nonzero(&mut self, raw: &Spanned<u32>, what: &str) -> u32 {
+        if *raw.get_ref() == 0 {
+            self.error(raw.span(), format!("{what} must be greater than zero"));
+        }
+        *raw.get_ref()
+    }
+
+    fn port(&mut self, raw: &Spanned<u16>) -> u16 {
+        if *raw.get_ref() == 0 {
+            self.error(raw.span(), "check_port must be 1..=65535");
+        }
+        *raw.get_ref()
+    }
+
+    /// Records an address error and returns a placeholder; the config is discarded anyway.
+    fn fallback(&mut self, span: Range<usize>, message: String) -> SocketAddr {
+        self.error(span, message);
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+}
