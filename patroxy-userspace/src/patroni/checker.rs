@@ -1,0 +1,327 @@
+//! The check tasks: run checks on HAProxy's schedule and publish server states as snapshots.
+//!
+//! One task per distinct check (node address, method, path, TLS, expected status): listeners that
+//! check the same path on the same node share it, and a task starts the next check only after
+//! the previous one ended, so Patroni's small request queue never sees two checks of one path at
+//! once. Each result feeds the hysteresis of every backend that subscribes to it; then a new
+//! immutable [`HealthSnapshot`] is published. Readers hold an `Arc` and never lock.
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use super::{
+    BackendKey, backends,
+    client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError},
+    health::{ServerHealth, Transition},
+};
+use crate::config::model::{CheckMethod, CheckTiming, CheckTls, Config};
+
+/// The state of every backend at one moment. Published whole on every check result.
+#[derive(Clone, Debug)]
+pub struct HealthSnapshot {
+    /// Bumped on every publish, so readers can tell snapshots apart cheaply.
+    pub generation: u64,
+    pub listeners: Vec<ListenerSnapshot>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerSnapshot {
+    pub name: String,
+    /// Servers in file order; `servers[i].key.server == i`.
+    pub servers: Vec<ServerSnapshot>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerSnapshot {
+    pub key: BackendKey,
+    /// The BackendId of the BPF maps.
+    pub id: u32,
+    pub name: String,
+    pub health: ServerHealth,
+}
+
+impl ServerSnapshot {
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+}
+
+impl HealthSnapshot {
+    /// Every server in its configured initial state (checked servers per `init_state`,
+    /// unchecked ones "no check" and UP).
+    pub fn initial(config: &Config, now: Instant) -> Self {
+        let mut listeners: Vec<ListenerSnapshot> = config
+            .listeners
+            .iter()
+            .map(|l| ListenerSnapshot {
+                name: l.name.clone(),
+                servers: Vec::with_capacity(l.servers.len()),
+            })
+            .collect();
+        for (key, id) in backends(config) {
+            let l = &config.listeners[key.listener];
+            let spec = &l.servers[key.server];
+            let health = match &l.check {
+                Some(c) => ServerHealth::new(&spec.timing, spec.init_state, c.authoritative, now),
+                None => ServerHealth::no_check(now),
+            };
+            listeners[key.listener].servers.push(ServerSnapshot {
+                key,
+                id,
+                name: spec.name.clone(),
+                health,
+            });
+        }
+        HealthSnapshot {
+            generation: 0,
+            listeners,
+        }
+    }
+
+    pub fn listener(&self, index: usize) -> &[ServerSnapshot] {
+        self.listeners.get(index).map_or(&[], |l| &l.servers)
+    }
+
+    pub fn server(&self, key: BackendKey) -> Option<&ServerSnapshot> {
+        self.listener(key.listener).get(key.server)
+    }
+
+    /// UP/DOWN crossings between `prev` and `self`, for a reader that may have skipped
+    /// snapshots: a server that went down and came back up in between reports both, so the
+    /// data path still shuts down the sessions it had before the mark-down.
+    pub fn changes_since(&self, prev: &HealthSnapshot) -> Vec<(BackendKey, Transition)> {
+        let mut out = Vec::new();
+        for s in self.listeners.iter().flat_map(|l| &l.servers) {
+            let Some(p) = prev.server(s.key) else {
+                continue;
+            };
+            let went_down =
+                s.health.down_transitions > p.health.down_transitions || (p.is_up() && !s.is_up());
+            if went_down {
+                out.push((s.key, Transition::WentDown));
+            }
+            if s.is_up() && (went_down || !p.is_up()) {
+                out.push((s.key, Transition::WentUp));
+            }
+        }
+        out
+    }
+
+    /// True while a server of the listener is between UP and DOWN: then the whole listener is
+    /// checked at `fastinter`.
+    fn listener_changing(&self, listener: usize) -> bool {
+        self.listener(listener)
+            .iter()
+            .any(|s| !s.health.is_stable())
+    }
+}
+
+/// One shared check and the backends it feeds.
+struct Job {
+    client: CheckClient,
+    subscribers: Vec<BackendKey>,
+    /// Delay before the first check, so that checks of many servers do not fire together.
+    offset: Duration,
+}
+
+struct Shared {
+    /// The working copy; cloned into an `Arc` for every publish.
+    state: Mutex<HealthSnapshot>,
+    timings: Vec<Vec<CheckTiming>>,
+    tx: watch::Sender<Arc<HealthSnapshot>>,
+}
+
+/// Starts one task per distinct check on `tracker`; they stop when `cancel` fires. The receiver
+/// holds the initial snapshot at once and a new one after every check result.
+pub fn spawn_checker(
+    config: &Config,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<watch::Receiver<Arc<HealthSnapshot>>, ClientError> {
+    let initial = HealthSnapshot::initial(config, Instant::now());
+    let (tx, rx) = watch::channel(Arc::new(initial.clone()));
+    let shared = Arc::new(Shared {
+        state: Mutex::new(initial),
+        timings: config
+            .listeners
+            .iter()
+            .map(|l| l.servers.iter().map(|s| s.timing).collect())
+            .collect(),
+        tx,
+    });
+    for job in jobs(config)? {
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = run(job, &shared) => {}
+            }
+        });
+    }
+    Ok(rx)
+}
+
+type JobKey = (
+    std::net::SocketAddr,
+    CheckMethod,
+    String,
+    Option<CheckTls>,
+    u16,
+);
+
+/// Groups the checked backends by distinct check.
+fn jobs(config: &Config) -> Result<Vec<Job>, ClientError> {
+    let mut groups: Vec<(JobKey, Vec<BackendKey>, Duration)> = Vec::new();
+    for (key, _) in backends(config) {
+        let l = &config.listeners[key.listener];
+        let Some(check) = &l.check else { continue };
+        let spec = &l.servers[key.server];
+        let jk = (
+            spec.check_addr,
+            check.method,
+            check.path.clone(),
+            check.tls.clone(),
+            check.expect_status,
+        );
+        match groups.iter_mut().find(|g| g.0 == jk) {
+            Some(g) => {
+                g.1.push(key);
+                g.2 = g.2.min(spec.timing.inter);
+            }
+            None => groups.push((jk, vec![key], spec.timing.inter)),
+        }
+    }
+    let n = groups.len() as u32;
+    let d = &config.defaults;
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (jk, subscribers, inter))| {
+            let first = subscribers[0];
+            let check = config.listeners[first.listener]
+                .check
+                .as_ref()
+                .expect("checked");
+            let timeouts = CheckTimeouts::new(inter, d.timeout_connect, d.timeout_check);
+            Ok(Job {
+                client: CheckClient::new(jk.0, check, timeouts)?,
+                subscribers,
+                // Evenly spread over one interval: deterministic, and no two start together.
+                offset: inter * i as u32 / n.max(1),
+            })
+        })
+        .collect()
+}
+
+async fn run(job: Job, shared: &Shared) {
+    let mut changes = shared.tx.subscribe();
+    tokio::time::sleep(job.offset).await;
+    loop {
+        let outcome = job.client.check().await;
+        let ended = Instant::now();
+        shared.apply(&job.subscribers, &outcome, ended);
+        changes.borrow_and_update();
+        // The next check comes `interval` after this one ended; any published change (a peer of
+        // the listener starting to change state) may shorten it, so recompute on each.
+        loop {
+            let deadline = ended + shared.next_interval(&job.subscribers);
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                r = changes.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn apply(&self, subscribers: &[BackendKey], outcome: &CheckOutcome, at: Instant) {
+        let mut state = self.state.lock().unwrap();
+        for &key in subscribers {
+            let name = state.listeners[key.listener].name.clone();
+            let server = &mut state.listeners[key.listener].servers[key.server];
+            let before = server.health.server_state();
+            let transition = server.health.record(outcome, at);
+            let after = server.health.server_state();
+            let server_name = server.name.clone();
+            if before != after {
+                let up = state
+                    .listener(key.listener)
+                    .iter()
+                    .filter(|s| s.is_up())
+                    .count();
+                log_change(
+                    &name,
+                    &server_name,
+                    transition,
+                    &after.to_string(),
+                    outcome,
+                    up,
+                );
+            }
+        }
+        state.generation += 1;
+        self.tx.send_replace(Arc::new(state.clone()));
+    }
+
+    /// The shortest next interval among the backends a check feeds.
+    fn next_interval(&self, subscribers: &[BackendKey]) -> Duration {
+        let state = self.state.lock().unwrap();
+        subscribers
+            .iter()
+            .map(|&k| {
+                let timing = &self.timings[k.listener][k.server];
+                let changing = state.listener_changing(k.listener);
+                state.listeners[k.listener].servers[k.server]
+                    .health
+                    .next_interval(timing, changing)
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(2))
+    }
+}
+
+/// Logs like HAProxy: "Server postgres_write/pg-sv01 is DOWN, reason: Layer7 wrong status,
+/// code: 503, check duration: 2ms. 0 active servers left."
+fn log_change(
+    listener: &str,
+    server: &str,
+    transition: Option<Transition>,
+    shown: &str,
+    o: &CheckOutcome,
+    up_left: usize,
+) {
+    let code = o.code.map_or(String::new(), |c| format!(", code: {c}"));
+    let detail = o
+        .detail
+        .as_ref()
+        .map_or(String::new(), |d| format!(", info: \"{d}\""));
+    let why = format!(
+        "reason: {}{code}{detail}, check duration: {}ms",
+        o.status.description(),
+        o.duration.as_millis()
+    );
+    match transition {
+        Some(Transition::WentDown) => {
+            warn!("Server {listener}/{server} is DOWN, {why}. {up_left} active servers left.");
+            if up_left == 0 {
+                warn!("proxy {listener} has no server available!");
+            }
+        }
+        Some(Transition::WentUp) => {
+            info!("Server {listener}/{server} is UP, {why}. {up_left} active servers online.")
+        }
+        None if o.status.passed() => {
+            info!("Health check for server {listener}/{server} succeeded, {why}, status: {shown}")
+        }
+        None => info!("Health check for server {listener}/{server} failed, {why}, status: {shown}"),
+    }
+}
+
+#[cfg(test)]
+#[path = "checker_tests.rs"]
+mod tests;

@@ -1,0 +1,448 @@
+//! The checker against a fake Patroni, in real (short) time: HTTP needs real sockets.
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::*;
+use crate::config::model::{Config, Listener, ServerSpec};
+use crate::patroni::{
+    client::{CheckStatus, Role},
+    health::ServerState,
+    test_config::*,
+};
+
+#[allow(dead_code)]
+#[path = "../../../tests/src/fake_patroni.rs"]
+mod fake_patroni;
+use fake_patroni::{FakePatroni, Reply};
+
+struct Running {
+    rx: watch::Receiver<Arc<HealthSnapshot>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    fn start(config: &Config) -> Self {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let rx = spawn_checker(config, cancel.clone(), &tracker).expect("checker starts");
+        Running {
+            rx,
+            cancel,
+            tracker,
+        }
+    }
+
+    async fn until(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&HealthSnapshot) -> bool,
+    ) -> Arc<HealthSnapshot> {
+        let wait = self.rx.wait_for(|s| f(s));
+        let snap = tokio::time::timeout(Duration::from_secs(3), wait).await;
+        snap.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("checker alive")
+            .clone()
+    }
+
+    fn now(&self) -> Arc<HealthSnapshot> {
+        self.rx.borrow().clone()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+const K00: BackendKey = BackendKey {
+    listener: 0,
+    server: 0,
+};
+
+fn up(key: BackendKey) -> impl Fn(&HealthSnapshot) -> bool {
+    move |s| s.server(key).unwrap().is_up()
+}
+
+fn down(key: BackendKey) -> impl Fn(&HealthSnapshot) -> bool {
+    move |s| !s.server(key).unwrap().is_up()
+}
+
+fn one_server(fake: &FakePatroni, authoritative: bool, t: CheckTiming) -> Config {
+    let servers = vec![server("pg1", fake.addr(), t)];
+    config(
+        vec![listener(
+            "postgres_write",
+            Some(check("/primary", authoritative)),
+            servers,
+        )],
+        None,
+    )
+}
+
+#[tokio::test]
+async fn rises_then_authoritative_503_drops_after_one_check() {
+    let fake = FakePatroni::start().await;
+    fake.set("/primary", Reply::primary(4));
+    let mut run = Running::start(&one_server(&fake, true, timing(100, 30, 30, 2, 3)));
+    assert_eq!(
+        run.now().server(K00).unwrap().health.server_state(),
+        ServerState::Down
+    );
+    let s = run.until("UP", up(K00)).await;
+    assert_eq!(
+        fake.requests("/primary"),
+        2,
+        "rise 2: UP after exactly two good checks"
+    );
+    let h = &s.server(K00).unwrap().health;
+    assert_eq!((h.role.clone(), h.timeline), (Some(Role::Primary), Some(4)));
+    assert_eq!(h.last_check.as_ref().unwrap().status, CheckStatus::L7Ok);
+
+    fake.reset_counts();
+    fake.set("/primary", Reply::replica(503, 5));
+    let s = run.until("DOWN", down(K00)).await;
+    assert_eq!(
+        fake.requests("/primary"),
+        1,
+        "authoritative: one 503 is enough"
+    );
+    let h = &s.server(K00).unwrap().health;
+    assert_eq!((h.down_transitions, h.failed_checks), (1, 1));
+    assert_eq!(h.last_check.as_ref().unwrap().code, Some(503));
+    assert_eq!((h.role.clone(), h.timeline), (Some(Role::Replica), Some(5)));
+}
+
+#[tokio::test]
+async fn strict_haproxy_503_takes_fall_checks() {
+    let fake = FakePatroni::start().await;
+    fake.set("/primary", Reply::primary(1));
+    let mut run = Running::start(&one_server(&fake, false, timing(100, 30, 30, 2, 3)));
+    run.until("UP", up(K00)).await;
+    fake.reset_counts();
+    fake.set("/primary", Reply::replica(503, 2));
+    let s = run
+        .until("UP 2/3", |s| {
+            s.server(K00).unwrap().health.server_state().to_string() == "UP 2/3"
+        })
+        .await;
+    assert!(
+        s.server(K00).unwrap().is_up(),
+        "still carries traffic while going down"
+    );
+    let s = run.until("DOWN", down(K00)).await;
+    assert_eq!(fake.requests("/primary"), 3);
+    assert_eq!(s.server(K00).unwrap().health.failed_checks, 3);
+}
+
+#[tokio::test]
+async fn api_that_never_answers_goes_down_after_fall_timeouts() {
+    let fake = FakePatroni::start().await;
+    fake.set("/primary", Reply::primary(1));
+    // inter bounds the whole check when timeout check is unset.
+    let mut run = Running::start(&one_server(&fake, true, timing(100, 30, 30, 1, 3)));
+    run.until("UP", up(K00)).await;
+    fake.reset_counts();
+    fake.set("/primary", Reply::hang());
+    let s = run.until("DOWN", down(K00)).await;
+    assert_eq!(
+        fake.requests("/primary"),
+        3,
+        "timeouts are not authoritative"
+    );
+    let last = s.server(K00).unwrap().health.last_check.clone().unwrap();
+    assert_eq!(last.status, CheckStatus::L7Tout);
+    assert!(
+        last.duration >= Duration::from_millis(95),
+        "{:?}",
+        last.duration
+    );
+    assert_eq!(
+        fake.max_concurrent("/primary"),
+        1,
+        "a hung check is never stacked"
+    );
+}
+
+#[tokio::test]
+async fn timeout_check_is_the_read_timeout() {
+    let fake = FakePatroni::start().await;
+    fake.set("/primary", Reply::hang());
+    let mut cfg = one_server(&fake, true, timing(1000, 30, 30, 1, 1));
+    cfg.listeners[0].servers[0].init_state = crate::config::model::InitState::Up;
+    cfg.defaults.timeout_check = Some(Duration::from_millis(80));
+    let mut run = Running::start(&cfg);
+    let s = run.until("DOWN", down(K00)).await;
+    let last = s.server(K00).unwrap().health.last_check.clone().unwrap();
+    assert_eq!(last.status, CheckStatus::L7Tout);
+    let d = last.duration;
+    assert!(
+        d >= Duration::from_millis(75) && d < Duration::from_millis(500),
+        "{d:?}"
+    );
+}
+
+#[tokio::test]
+async fn garbage_and_huge_bodies_are_l7rsp_and_count_against_fall() {
+    for reply in [
+        Reply::garbage(b"\x16\x03\x01 definitely not http\r\n\r\n"),
+        Reply::huge_body(8 << 20),
+    ] {
+        let fake = FakePatroni::start().await;
+        fake.set("/primary", reply);
+        let mut cfg = one_server(&fake, true, timing(100, 30, 30, 2, 2));
+        cfg.listeners[0].servers[0].init_state = crate::config::model::InitState::Up;
+        let mut run = Running::start(&cfg);
+        let s = run.until("a check", |s| s.generation >= 1).await;
+        let h = &s.server(K00).unwrap().health;
+        assert_eq!(h.last_check.as_ref().unwrap().status, CheckStatus::L7Rsp);
+        assert_eq!(
+            h.server_state().to_string(),
+            "UP 1/2",
+            "one bad answer is not enough"
+        );
+        run.until("DOWN", down(K00)).await;
+        assert_eq!(fake.requests("/primary"), 2);
+    }
+}
+
+#[tokio::test]
+async fn refused_connections_are_l4con() {
+    let fake = FakePatroni::start().await;
+    fake.set("/primary", Reply::primary(1));
+    let mut run = Running::start(&one_server(&fake, true, timing(100, 30, 30, 1, 2)));
+    run.until("UP", up(K00)).await;
+    fake.stop();
+    let s = run.until("DOWN", down(K00)).await;
+    let h = &s.server(K00).unwrap().health;
+    assert_eq!(h.last_check.as_ref().unwrap().status, CheckStatus::L4Con);
+    assert_eq!(h.failed_checks, 2);
+}
+
+#[tokio::test]
+async fn listeners_sharing_a_path_share_one_check_stream() {
+    let node = FakePatroni::start().await;
+    node.set(
+        "/primary",
+        Reply::primary(1).with_latency(Duration::from_millis(20)),
+    );
+    node.set(
+        "/replica",
+        Reply::replica(503, 1).with_latency(Duration::from_millis(20)),
+    );
+    let t = timing(40, 20, 40, 1, 1);
+    let l = |name: &str, path: &str| {
+        listener(
+            name,
+            Some(check(path, true)),
+            vec![server("pg1", node.addr(), t)],
+        )
+    };
+    let cfg = config(
+        vec![
+            l("write", "/primary"),
+            l("write_copy", "/primary"),
+            l("read", "/replica"),
+        ],
+        None,
+    );
+    let run = Running::start(&cfg);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let s = run.now();
+    let (w, copy) = (
+        s.listener(0)[0].health.clone(),
+        s.listener(1)[0].health.clone(),
+    );
+    assert!(w.is_up() && copy.is_up() && !s.listener(2)[0].is_up());
+    assert_eq!(
+        w.last_check.unwrap().at,
+        copy.last_check.unwrap().at,
+        "one result feeds both"
+    );
+    let (primary, replica) = (node.requests("/primary"), node.requests("/replica"));
+    // One stream per path: a check every ~60 ms (20 ms answer + 40 ms interval).
+    assert!(
+        (6..=14).contains(&primary),
+        "{primary} /primary checks in 700 ms"
+    );
+    assert!(
+        (6..=14).contains(&replica),
+        "{replica} /replica checks in 700 ms"
+    );
+    assert_eq!(node.max_concurrent("/primary"), 1);
+    assert_eq!(node.max_concurrent("/replica"), 1);
+}
+
+#[tokio::test]
+async fn slow_answers_are_never_stacked() {
+    let node = FakePatroni::start().await;
+    // The answer takes longer than the interval: the next check must wait for it.
+    node.set(
+        "/primary",
+        Reply::primary(1).with_latency(Duration::from_millis(60)),
+    );
+    let mut cfg = one_server(&node, true, timing(10, 10, 10, 1, 1));
+    // With `timeout check` the answer may take longer than `inter` (without, inter bounds it).
+    cfg.defaults.timeout_check = Some(Duration::from_millis(500));
+    let run = Running::start(&cfg);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(run.now().server(K00).unwrap().is_up(), "60 ms answers pass");
+    drop(run);
+    let n = node.requests("/primary");
+    assert!(
+        (4..=8).contains(&n),
+        "{n} checks of 60 ms + 10 ms in 500 ms"
+    );
+    assert_eq!(node.max_concurrent("/primary"), 1);
+}
+
+#[tokio::test]
+async fn a_changing_peer_puts_the_listener_on_fastinter() {
+    let (a, b) = (FakePatroni::start().await, FakePatroni::start().await);
+    a.set("/primary", Reply::primary(1));
+    b.set("/primary", Reply::replica(503, 1));
+    // downinter is long: without the group rule B would wait 5 s before its next check.
+    let t = timing(300, 40, 5000, 2, 3);
+    let servers: Vec<ServerSpec> = vec![server("a", a.addr(), t), server("b", b.addr(), t)];
+    let l: Listener = listener("postgres_write", Some(check("/primary", false)), servers);
+    let mut run = Running::start(&config(vec![l], None));
+    let kb = BackendKey {
+        listener: 0,
+        server: 1,
+    };
+    run.until("A UP, B tried", |s| {
+        up(K00)(s) && s.server(kb).unwrap().health.last_check.is_some()
+    })
+    .await;
+    // Switchover: A is demoted (not authoritative: it goes through UP 2/3), B promoted.
+    a.set("/primary", Reply::replica(503, 2));
+    b.set("/primary", Reply::primary(2));
+    let flipped = tokio::time::Instant::now();
+    run.until("B UP", up(kb)).await;
+    let took = flipped.elapsed();
+    assert!(took < Duration::from_millis(1500), "B found in {took:?}");
+    let s = run.until("A DOWN", down(K00)).await;
+    assert_eq!(s.server(K00).unwrap().health.down_transitions, 1);
+}
+
+#[tokio::test]
+async fn unchecked_listeners_are_up_and_cancel_stops_checks() {
+    let node = FakePatroni::start().await;
+    node.set("/primary", Reply::primary(1));
+    let t = timing(20, 20, 20, 1, 1);
+    let cfg = config(
+        vec![
+            listener("plain", None, vec![server("pg1", node.addr(), t)]),
+            listener(
+                "write",
+                Some(check("/primary", true)),
+                vec![server("pg1", node.addr(), t)],
+            ),
+        ],
+        None,
+    );
+    let mut run = Running::start(&cfg);
+    let s = run.now();
+    assert!(s.listener(0)[0].is_up());
+    assert_eq!(s.listener(0)[0].health.server_state(), ServerState::NoCheck);
+    assert_eq!((s.listener(0)[0].id, s.listener(1)[0].id), (1, 2));
+    run.until("UP", |s| s.listener(1)[0].is_up()).await;
+    run.cancel.cancel();
+    run.tracker.close();
+    tokio::time::timeout(Duration::from_secs(1), run.tracker.wait())
+        .await
+        .expect("tasks end");
+    let n = node.requests("/primary");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(node.requests("/primary"), n, "no checks after cancel");
+}
+
+#[test]
+fn changes_since_reports_skipped_flaps() {
+    let addr = "127.0.0.1:8008".parse().unwrap();
+    let cfg = one_server_at(addr);
+    let now = tokio::time::Instant::now();
+    let prev = HealthSnapshot::initial(&cfg, now);
+    let mut cur = prev.clone();
+    let ok = crate::patroni::client::CheckOutcome {
+        status: CheckStatus::L7Ok,
+        code: Some(200),
+        duration: Duration::ZERO,
+        role: None,
+        state: None,
+        timeline: None,
+        detail: None,
+    };
+    let h = &mut cur.listeners[0].servers[0].health;
+    h.record(&ok, now);
+    assert_eq!(cur.changes_since(&prev), [(K00, Transition::WentUp)]);
+    let up = cur.clone();
+    let h = &mut cur.listeners[0].servers[0].health;
+    h.record(
+        &CheckOutcome {
+            status: CheckStatus::L7Sts,
+            ..ok.clone()
+        },
+        now,
+    );
+    h.record(&ok, now);
+    // DOWN and back UP between two snapshots: both are reported.
+    assert_eq!(
+        cur.changes_since(&up),
+        [(K00, Transition::WentDown), (K00, Transition::WentUp)]
+    );
+    assert!(cur.changes_since(&cur).is_empty());
+}
+
+fn one_server_at(addr: std::net::SocketAddr) -> Config {
+    let servers = vec![server("pg1", addr, timing(100, 30, 30, 1, 1))];
+    config(
+        vec![listener("w", Some(check("/primary", true)), servers)],
+        None,
+    )
+}
+
+#[tokio::test]
+async fn client_methods_queries_and_bad_tls_files() {
+    use crate::config::model::{CheckMethod, CheckTls};
+    use crate::patroni::client::{CheckClient, CheckTimeouts, ClientError};
+    let node = FakePatroni::start().await;
+    node.set("/replica?lag=16MB", Reply::replica(200, 9));
+    let timeouts = CheckTimeouts::new(Duration::from_secs(1), Duration::from_secs(1), None);
+    let client = |method, path: &str| {
+        let mut c = check(path, true);
+        c.method = method;
+        CheckClient::new(node.addr(), &c, timeouts).unwrap()
+    };
+    // The exact query reaches Patroni; GET reads role and timeline from the body.
+    let o = client(CheckMethod::Get, "/replica?lag=16MB").check().await;
+    assert_eq!((o.status, o.code), (CheckStatus::L7Ok, Some(200)));
+    assert_eq!((o.role, o.timeline), (Some(Role::Replica), Some(9)));
+    assert_eq!(
+        client(CheckMethod::Get, "/replica?lag=1MB")
+            .check()
+            .await
+            .code,
+        Some(503)
+    );
+    // HEAD and OPTIONS: the status line decides, no body is read.
+    for method in [CheckMethod::Head, CheckMethod::Options] {
+        let o = client(method, "/replica?lag=16MB").check().await;
+        assert_eq!(
+            (o.status, o.role.clone()),
+            (CheckStatus::L7Ok, None),
+            "{method:?}"
+        );
+    }
+    let mut c = check("/primary", true);
+    c.tls = Some(CheckTls {
+        ca_file: "/nonexistent/ca.pem".into(),
+        client_cert: None,
+        client_key: None,
+    });
+    let err = CheckClient::new(node.addr(), &c, timeouts).unwrap_err();
+    assert!(matches!(err, ClientError::TlsFile { .. }), "{err}");
+}

@@ -1,0 +1,381 @@
+//! One health check against Patroni's REST API, classified as HAProxy reports it.
+//!
+//! A check opens a fresh connection every time (no idle pool): a check is a question about the
+//! node *now*, and a pooled connection could hide a dead listener or let two checks share one
+//! socket. Patroni's REST server has a small request queue, so the checker never runs two checks
+//! of one path to one node at once either.
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::config::model::{CheckMethod, CheckTls, HealthCheck};
+
+/// The most of a body a check reads. Patroni's answers are ~1 KiB; a bigger body is not Patroni
+/// and must not make the checker buffer it.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// HAProxy's check status codes (the "check_status" column of its stats).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CheckStatus {
+    /// TCP connect succeeded (only for a check that stops at layer 4; kept for the stats).
+    L4Ok,
+    /// Connect timed out.
+    L4Tout,
+    /// Connect failed: refused, reset, unreachable, TLS handshake error.
+    L4Con,
+    /// Layer 7 answer with the expected status.
+    L7Ok,
+    /// Well-formed HTTP answer with another status (Patroni's "not this role": 503).
+    L7Sts,
+    /// Malformed or unusable answer: not HTTP, closed early, body too large.
+    L7Rsp,
+    /// Connected, but no complete answer in time.
+    L7Tout,
+}
+
+impl CheckStatus {
+    pub fn passed(self) -> bool {
+        matches!(self, CheckStatus::L4Ok | CheckStatus::L7Ok)
+    }
+
+    /// HAProxy's short name, as shown in its stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckStatus::L4Ok => "L4OK",
+            CheckStatus::L4Tout => "L4TOUT",
+            CheckStatus::L4Con => "L4CON",
+            CheckStatus::L7Ok => "L7OK",
+            CheckStatus::L7Sts => "L7STS",
+            CheckStatus::L7Rsp => "L7RSP",
+            CheckStatus::L7Tout => "L7TOUT",
+        }
+    }
+
+    /// HAProxy's long description, used in log lines ("reason: Layer7 wrong status").
+    pub fn description(self) -> &'static str {
+        match self {
+            CheckStatus::L4Ok => "Layer4 check passed",
+            CheckStatus::L4Tout => "Layer4 timeout",
+            CheckStatus::L4Con => "Layer4 connection problem",
+            CheckStatus::L7Ok => "Layer7 check passed",
+            CheckStatus::L7Sts => "Layer7 wrong status",
+            CheckStatus::L7Rsp => "Layer7 invalid response",
+            CheckStatus::L7Tout => "Layer7 timeout",
+        }
+    }
+}
+
+/// The role Patroni reports in its JSON body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// "primary" (Patroni >= 3) or "master" (older releases).
+    Primary,
+    Replica,
+    /// The leader of a standby cluster: the write target when the cluster is a standby.
+    StandbyLeader,
+    /// Anything else Patroni may say ("demoted", "uninitialized", ...), kept for the stats.
+    Other(String),
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Role {
+        match s {
+            "primary" | "master" => Role::Primary,
+            "replica" => Role::Replica,
+            "standby_leader" | "standby-leader" => Role::StandbyLeader,
+            other => Role::Other(other.to_string()),
+        }
+    }
+
+    /// Whether this node leads its cluster, i.e. is where writes go.
+    pub fn is_leader(&self) -> bool {
+        matches!(self, Role::Primary | Role::StandbyLeader)
+    }
+}
+
+/// The result of one check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckOutcome {
+    pub status: CheckStatus,
+    /// The HTTP status code, when an HTTP answer arrived.
+    pub code: Option<u16>,
+    pub duration: Duration,
+    /// From a GET's JSON body; `None` for HEAD/OPTIONS or a body without it.
+    pub role: Option<Role>,
+    pub state: Option<String>,
+    pub timeline: Option<u64>,
+    /// A short error text for the log and stats ("connection refused", "body too large").
+    pub detail: Option<String>,
+}
+
+impl CheckOutcome {
+    fn failed(status: CheckStatus, duration: Duration, detail: impl Into<String>) -> Self {
+        CheckOutcome {
+            status,
+            code: None,
+            duration,
+            role: None,
+            state: None,
+            timeline: None,
+            detail: Some(detail.into()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading check TLS file {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("building the check HTTP client: {0}")]
+    Build(#[from] reqwest::Error),
+}
+
+/// The time budget of one check, from HAProxy's rules: with `timeout check` set, connecting may
+/// take min(timeout connect, inter) and `timeout check` is the extra time for the answer;
+/// without it, `inter` bounds the whole check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckTimeouts {
+    pub connect: Duration,
+    pub total: Duration,
+    /// Per-read idle limit after connecting (`timeout check`), when set.
+    pub read: Option<Duration>,
+}
+
+impl CheckTimeouts {
+    pub fn new(
+        inter: Duration,
+        timeout_connect: Duration,
+        timeout_check: Option<Duration>,
+    ) -> Self {
+        match timeout_check {
+            Some(check) => {
+                let connect = timeout_connect.min(inter);
+                CheckTimeouts {
+                    connect,
+                    total: connect + check,
+                    read: Some(check),
+                }
+            }
+            None => CheckTimeouts {
+                connect: inter,
+                total: inter,
+                read: None,
+            },
+        }
+    }
+}
+
+/// A reusable checker for one (address, method, path, TLS) check.
+#[derive(Clone, Debug)]
+pub struct CheckClient {
+    http: reqwest::Client,
+    url: String,
+    method: Method,
+    expect: u16,
+    total: Duration,
+}
+
+#[derive(Deserialize)]
+struct PatroniBody {
+    role: Option<String>,
+    state: Option<String>,
+    timeline: Option<u64>,
+}
+
+impl CheckClient {
+    pub fn new(
+        addr: std::net::SocketAddr,
+        check: &HealthCheck,
+        timeouts: CheckTimeouts,
+    ) -> Result<Self, ClientError> {
+        let mut b = reqwest::Client::builder()
+            // One connection per check, never shared or reused (see the module docs).
+            .pool_max_idle_per_host(0)
+            .http1_only()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(timeouts.connect);
+        if let Some(read) = timeouts.read {
+            b = b.read_timeout(read);
+        }
+        let scheme = match &check.tls {
+            Some(tls) => {
+                b = with_tls(b, tls)?;
+                "https"
+            }
+            None => "http",
+        };
+        let path = if check.path.starts_with('/') {
+            check.path.clone()
+        } else {
+            format!("/{}", check.path)
+        };
+        Ok(CheckClient {
+            http: b.build()?,
+            url: format!("{scheme}://{addr}{path}"),
+            method: match check.method {
+                CheckMethod::Get => Method::GET,
+                CheckMethod::Head => Method::HEAD,
+                CheckMethod::Options => Method::OPTIONS,
+            },
+            expect: check.expect_status,
+            total: timeouts.total,
+        })
+    }
+
+    /// Runs one check. Never fails: every failure is a classified [`CheckOutcome`].
+    pub async fn check(&self) -> CheckOutcome {
+        let start = Instant::now();
+        let run = self.run(start);
+        tokio::select! {
+            // Biased: when reqwest's own connect timeout fires at the same instant as the
+            // overall one, its more precise L4 classification wins.
+            biased;
+            outcome = run => outcome,
+            _ = tokio::time::sleep(self.total) => {
+                CheckOutcome::failed(CheckStatus::L7Tout, start.elapsed(), "no answer in time")
+            }
+        }
+    }
+
+    async fn run(&self, start: Instant) -> CheckOutcome {
+        let mut resp = match self
+            .http
+            .request(self.method.clone(), &self.url)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return classify_error(&e, start.elapsed()),
+        };
+        let code = resp.status().as_u16();
+        let mut outcome = CheckOutcome {
+            status: if code == self.expect {
+                CheckStatus::L7Ok
+            } else {
+                CheckStatus::L7Sts
+            },
+            code: Some(code),
+            duration: Duration::ZERO,
+            role: None,
+            state: None,
+            timeline: None,
+            detail: None,
+        };
+        if self.method == Method::GET && resp.status() != StatusCode::NO_CONTENT {
+            let mut body = Vec::new();
+            loop {
+                match resp.chunk().await {
+                    Ok(Some(chunk)) if body.len() + chunk.len() > MAX_BODY => {
+                        let mut o = CheckOutcome::failed(
+                            CheckStatus::L7Rsp,
+                            start.elapsed(),
+                            format!("body larger than {MAX_BODY} bytes"),
+                        );
+                        o.code = Some(code);
+                        return o;
+                    }
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                    Ok(None) => break,
+                    Err(e) => {
+                        let mut o = classify_error(&e, start.elapsed());
+                        o.code = Some(code);
+                        return o;
+                    }
+                }
+            }
+            // A body that is not Patroni's JSON leaves the role unknown; the status still
+            // decides the check, as in HAProxy.
+            if let Ok(p) = serde_json::from_slice::<PatroniBody>(&body) {
+                outcome.role = p.role.as_deref().map(Role::parse);
+                outcome.state = p.state;
+                outcome.timeline = p.timeline;
+            }
+        }
+        outcome.duration = start.elapsed();
+        outcome
+    }
+}
+
+fn with_tls(
+    b: reqwest::ClientBuilder,
+    tls: &CheckTls,
+) -> Result<reqwest::ClientBuilder, ClientError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| ClientError::TlsFile {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let mut b = b.tls_built_in_root_certs(false);
+    for cert in reqwest::Certificate::from_pem_bundle(&read(&tls.ca_file)?)? {
+        b = b.add_root_certificate(cert);
+    }
+    if let Some(cert) = &tls.client_cert {
+        // rustls wants key and certificate in one PEM buffer; the key may sit in the cert file.
+        let mut pem = read(cert)?;
+        if let Some(key) = &tls.client_key {
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+        }
+        b = b.identity(reqwest::Identity::from_pem(&pem)?);
+    }
+    Ok(b)
+}
+
+fn classify_error(e: &reqwest::Error, duration: Duration) -> CheckOutcome {
+    let status = if e.is_connect() {
+        if e.is_timeout() {
+            CheckStatus::L4Tout
+        } else {
+            CheckStatus::L4Con
+        }
+    } else if e.is_timeout() {
+        CheckStatus::L7Tout
+    } else {
+        // Not HTTP, connection closed before a full answer, bad chunking...
+        CheckStatus::L7Rsp
+    };
+    CheckOutcome::failed(status, duration, root_cause(e))
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(s) = last.source() {
+        last = s;
+    }
+    last.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_follow_haproxy() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // timeout check set: connect = min(connect, inter), read = timeout check.
+        let t = CheckTimeouts::new(s(3), s(4), Some(s(2)));
+        assert_eq!((t.connect, t.read, t.total), (s(3), Some(s(2)), s(5)));
+        let t = CheckTimeouts::new(s(3), ms(500), Some(s(2)));
+        assert_eq!((t.connect, t.total), (ms(500), ms(2500)));
+        // unset: inter bounds everything.
+        let t = CheckTimeouts::new(s(3), ms(500), None);
+        assert_eq!((t.connect, t.read, t.total), (s(3), None, s(3)));
+    }
+
+    #[test]
+    fn roles_include_legacy_master() {
+        assert_eq!(Role::parse("master"), Role::Primary);
+        assert_eq!(Role::parse("primary"), Role::Primary);
+        assert!(Role::parse("standby_leader").is_leader());
+        assert!(!Role::parse("replica").is_leader());
+        assert_eq!(Role::parse("demoted"), Role::Other("demoted".into()));
+    }
+}
