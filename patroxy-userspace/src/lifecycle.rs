@@ -1,1 +1,68 @@
-//! TODO(owner fills in)
+//! The daemon's life: start-up in dependency order, readiness, signals, drain, exit.
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::info;
+
+use crate::{
+    config::Config,
+    dataplane::{BackendTable, DataPlane},
+    proxy::{self, Proxy},
+};
+use patroxy_common::STATE_UP;
+
+/// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
+pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let dataplane = Arc::new(DataPlane::select(
+        config.global.bpf,
+        &config.global.pin_path,
+    )?);
+    let backends = Arc::new(BackendTable::new(
+        dataplane.kernel().cloned(),
+        config.listeners.iter().enumerate().flat_map(|(i, l)| {
+            l.servers
+                .iter()
+                .map(move |s| (i as u16, s.address, STATE_UP))
+        }),
+    ));
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| {
+            proxy::bind(l.bind, config.global.maxconn)
+                .with_context(|| format!("listener {}: binding {}", l.name, l.bind))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let proxy = Proxy::new(config.clone(), dataplane.clone(), backends);
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    proxy.serve(listeners, stop.clone(), &tracker);
+    info!(
+        data_path = dataplane.name(),
+        listeners = ?proxy.listen_addresses(),
+        "patroxy ready"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    wait_for_stop_signal().await?;
+    info!("stopping: no new clients; draining sessions for up to {grace:?}");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    stop.cancel();
+    proxy.drain(&tracker, grace).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,1 +1,79 @@
-fn main() { println!("{}", patroxy::EBPF_OBJECT.len()); }
+//! The `patroxy` binary: the daemon (`run`) and the operator's commands.
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "PostgreSQL proxy for Patroni clusters with an in-kernel data path"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy daemon.
+    Run {
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+        /// How long SIGTERM waits for open sessions before resetting them.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        drain_grace: Duration,
+    },
+    /// Validate a configuration file and exit (0 = valid, 64 = invalid).
+    CheckConfig { file: PathBuf },
+}
+
+/// sysexits' EX_CONFIG... HAProxy-compatible tooling expects 64 (EX_USAGE) for bad config.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PATROXY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match patroxy::config::load(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: valid ({} listeners)",
+                    file.display(),
+                    config.listeners.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Run {
+            config,
+            drain_grace,
+        } => {
+            let config = match patroxy::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("refusing to start: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(patroxy::lifecycle::run(config, drain_grace)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("patroxy: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,209 @@
-//! TODO(owner fills in)
+//! The data path: moves bytes between a client and its backend once both are connected.
+//!
+//! Two implementations with the same semantics (byte-exact, half-close after delivery, RST
+//! propagated, idle timeout, kill on demand): `sockmap` splices in the kernel, `fallback` copies in
+//! userspace. `DataPlane::select` picks one from the config's `bpf` mode.
+mod backends;
+mod fallback;
+pub mod loader;
+mod sockmap;
+pub mod sockopt;
+
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+pub use backends::BackendTable;
+pub use loader::KernelMaps;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::config::BpfMode;
+
+/// What the proxy knows about a session when it hands it to the data path.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionMeta {
+    pub backend_id: u32,
+    pub listener: u16,
+    /// No byte either way for this long closes the session (min of timeout client/server).
+    pub idle_timeout: Duration,
+}
+
+/// How a session ended, in the spirit of HAProxy's termination states.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// Both sides closed; the client sent the first FIN.
+    ClientClose,
+    /// Both sides closed; the server sent the first FIN.
+    ServerClose,
+    ClientReset,
+    ServerReset,
+    /// No byte either way for the idle timeout.
+    Timeout,
+    Killed(KillReason),
+    Error(String),
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ClientClose => f.write_str("client close"),
+            Self::ServerClose => f.write_str("server close"),
+            Self::ClientReset => f.write_str("client reset"),
+            Self::ServerReset => f.write_str("server reset"),
+            Self::Timeout => f.write_str("idle timeout"),
+            Self::Killed(k) => write!(f, "{k}"),
+            Self::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillReason {
+    /// on-marked-down shutdown-sessions.
+    MarkedDown,
+    /// on-marked-up shutdown-backup-sessions.
+    MarkedUp,
+    /// The daemon stops and the drain grace time is over.
+    Shutdown,
+}
+
+impl fmt::Display for KillReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MarkedDown => "reset: server marked down",
+            Self::MarkedUp => "reset: server marked up",
+            Self::Shutdown => "reset: shutdown",
+        })
+    }
+}
+
+/// Ends one session from outside (mark-down, shutdown); the data path resets both sockets.
+#[derive(Clone, Debug, Default)]
+pub struct KillSwitch {
+    token: CancellationToken,
+    reason: Arc<OnceLock<KillReason>>,
+}
+
+impl KillSwitch {
+    pub fn kill(&self, reason: KillReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    async fn killed(&self) -> KillReason {
+        self.token.cancelled().await;
+        *self.reason.get().unwrap_or(&KillReason::Shutdown)
+    }
+}
+
+/// Totals of a finished session. Both counts are payload bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub reason: EndReason,
+    pub bytes_from_client: u64,
+    pub bytes_from_server: u64,
+}
+
+/// The data path chosen at start-up.
+pub enum DataPlane {
+    Sockmap(Arc<KernelMaps>),
+    Fallback,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bpf = \"required\" but the sockmap data path is unavailable: {0}")]
+pub struct RequiredButUnavailable(pub loader::LoadError);
+
+impl DataPlane {
+    /// Loads the sockmap path unless `mode` says off; `auto` falls back with one log line why.
+    pub fn select(
+        mode: BpfMode,
+        pin_dir: &std::path::Path,
+    ) -> Result<Self, RequiredButUnavailable> {
+        if mode == BpfMode::Off {
+            return Ok(Self::Fallback);
+        }
+        match KernelMaps::load(pin_dir) {
+            Ok(maps) => Ok(Self::Sockmap(Arc::new(maps))),
+            Err(e) if mode == BpfMode::Required => Err(RequiredButUnavailable(e)),
+            Err(e) => {
+                warn!("sockmap data path unavailable ({e}); using the userspace fallback");
+                Ok(Self::Fallback)
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sockmap(_) => "sockmap",
+            Self::Fallback => "fallback",
+        }
+    }
+
+    pub fn kernel(&self) -> Option<&Arc<KernelMaps>> {
+        match self {
+            Self::Sockmap(k) => Some(k),
+            Self::Fallback => None,
+        }
+    }
+
+    /// Runs one established session to its end.
+    pub async fn run(
+        &self,
+        client: TcpStream,
+        backend: TcpStream,
+        meta: SessionMeta,
+        kill: &KillSwitch,
+    ) -> SessionEnd {
+        let _ = client.set_nodelay(true);
+        let _ = backend.set_nodelay(true);
+        match self {
+            Self::Sockmap(maps) => match sockmap::Spliced::insert(maps, &client, &backend, meta) {
+                Ok(spliced) => spliced.run(client, backend, kill).await,
+                Err(e) => {
+                    // EOPNOTSUPP: a socket no longer established (the client already closed);
+                    // the fallback path still serves whatever it sent.
+                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                        error!(
+                            "sockmap insert failed ({e}); serving the session on the fallback path"
+                        );
+                    }
+                    fallback::run(client, backend, meta, kill).await
+                }
+            },
+            Self::Fallback => fallback::run(client, backend, meta, kill).await,
+        }
+    }
+}
+
+/// Which end of a session a socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    fn reset_reason(self) -> EndReason {
+        match self {
+            Self::Client => EndReason::ClientReset,
+            Self::Server => EndReason::ServerReset,
+        }
+    }
+    fn close_reason(self) -> EndReason {
+        match self {
+            Self::Client => EndReason::ClientClose,
+            Self::Server => EndReason::ServerClose,
+        }
+    }
+}
+
+/// Closes both sockets with RST (SO_LINGER 0), as HAProxy's shutdown-sessions does.
+fn reset_both(client: TcpStream, backend: TcpStream) {
+    let _ = sockopt::arm_reset(&client);
+    let _ = sockopt::arm_reset(&backend);
+}

@@ -1,1 +1,100 @@
-//! TODO(owner fills in)
+//! Accepting clients, choosing and connecting a backend under HAProxy's limits, and handing the
+//! established pair to the data path.
+mod choose;
+mod listener;
+mod registry;
+mod session;
+mod slots;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+pub use listener::bind;
+pub use registry::SessionRegistry;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    dataplane::{BackendTable, DataPlane, KillReason},
+};
+use slots::ServerSlots;
+
+/// Everything a session task needs, shared by all listeners.
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub dataplane: Arc<DataPlane>,
+    pub backends: Arc<BackendTable>,
+    pub sessions: SessionRegistry,
+    /// Global maxconn: accept loops take a permit before accepting.
+    global: Arc<Semaphore>,
+    /// Per-backend maxconn (index = backend id - 1).
+    slots: Vec<ServerSlots>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        dataplane: Arc<DataPlane>,
+        backends: Arc<BackendTable>,
+    ) -> Arc<Self> {
+        let slots = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.servers.iter())
+            .map(|s| ServerSlots::new(s.maxconn))
+            .collect();
+        Arc::new(Self {
+            global: Arc::new(Semaphore::new(config.global.maxconn as usize)),
+            config,
+            dataplane,
+            backends,
+            sessions: SessionRegistry::default(),
+            slots,
+        })
+    }
+
+    /// Accepts on every listener until `stop` is cancelled; session tasks go to `tracker`.
+    pub fn serve(
+        self: &Arc<Self>,
+        listeners: Vec<TcpListener>,
+        stop: CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        for (index, listener) in listeners.into_iter().enumerate() {
+            tracker.spawn(
+                self.clone()
+                    .accept_loop(index, listener, stop.clone(), tracker.clone()),
+            );
+        }
+    }
+
+    /// Waits up to `grace` for open sessions to end, then resets the rest.
+    pub async fn drain(&self, tracker: &TaskTracker, grace: Duration) {
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            let n = self.sessions.kill_all(KillReason::Shutdown);
+            tracing::warn!(
+                sessions = n,
+                "drain grace time over; resetting the remaining sessions"
+            );
+            tracker.wait().await;
+        }
+    }
+
+    /// The backend id of server `server` of listener `listener` (1-based, file order).
+    pub fn backend_id(&self, listener: usize, server: usize) -> u32 {
+        let before: usize = self.config.listeners[..listener]
+            .iter()
+            .map(|l| l.servers.len())
+            .sum();
+        (before + server + 1) as u32
+    }
+
+    fn slots(&self, backend_id: u32) -> &ServerSlots {
+        &self.slots[backend_id as usize - 1]
+    }
+
+    pub fn listen_addresses(&self) -> Vec<SocketAddr> {
+        self.config.listeners.iter().map(|l| l.bind).collect()
+    }
+}

@@ -1,0 +1,82 @@
+//! The backend set as the kernel sees it: one BACKENDS entry per (listener, server), rewritten on
+//! every state or session-count change. The verdict program reads `state` to fence sessions of a
+//! server that is no longer UP; bpftool shows the whole table.
+use std::{net::SocketAddr, sync::Arc, sync::Mutex};
+
+use patroxy_common::BackendEntry;
+use tracing::error;
+
+use super::KernelMaps;
+
+pub struct BackendTable {
+    kernel: Option<Arc<KernelMaps>>,
+    /// Index = backend id - 1.
+    entries: Mutex<Vec<BackendEntry>>,
+}
+
+impl BackendTable {
+    /// `backends` lists (listener index, traffic address, initial state) in backend-id order.
+    pub fn new(
+        kernel: Option<Arc<KernelMaps>>,
+        backends: impl IntoIterator<Item = (u16, SocketAddr, u8)>,
+    ) -> Self {
+        let entries: Vec<BackendEntry> = backends
+            .into_iter()
+            .map(|(listener, addr, state)| BackendEntry {
+                addr_v4: match addr {
+                    SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()),
+                    SocketAddr::V6(_) => 0,
+                },
+                port: addr.port(),
+                listener,
+                state,
+                ..Default::default()
+            })
+            .collect();
+        let table = Self {
+            kernel,
+            entries: Mutex::new(entries),
+        };
+        let count = table.entries.lock().expect("backends lock").len();
+        for id in 1..=count as u32 {
+            table.update(id, |_| {});
+        }
+        table
+    }
+
+    pub fn get(&self, id: u32) -> Option<BackendEntry> {
+        let entries = self.entries.lock().expect("backends lock");
+        entries.get(id as usize - 1).copied()
+    }
+
+    pub fn set_state(&self, id: u32, state: u8, role: u8) {
+        self.update(id, |e| {
+            e.state = state;
+            e.role = role;
+        });
+    }
+
+    pub fn session_opened(&self, id: u32) {
+        self.update(id, |e| e.sessions += 1);
+    }
+
+    pub fn session_closed(&self, id: u32) {
+        self.update(id, |e| e.sessions = e.sessions.saturating_sub(1));
+    }
+
+    /// Applies `change` and writes the entry through to BACKENDS (under the same lock, so the
+    /// kernel never sees an older value after a newer one).
+    fn update(&self, id: u32, change: impl FnOnce(&mut BackendEntry)) {
+        let mut entries = self.entries.lock().expect("backends lock");
+        let Some(entry) = entries.get_mut(id as usize - 1) else {
+            return;
+        };
+        change(entry);
+        if let Some(kernel) = &self.kernel {
+            let mut map = kernel.backends.lock().expect("BACKENDS lock");
+            if let Err(e) = map.insert(id, *entry, 0) {
+                error!(backend = id, "writing BACKENDS failed: {e}");
+            }
+        }
+    }
+}

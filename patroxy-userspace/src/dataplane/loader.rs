@@ -1,0 +1,189 @@
+//! Loads the verdict program, attaches it to SOCKS and pins the maps for bpftool.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, SockHash},
+    programs::SkSkb,
+};
+use patroxy_common::{BackendEntry, SessionEntry};
+use tracing::{info, warn};
+
+/// Names of the maps, as in patroxy-ebpf and under the pin directory.
+pub const MAP_SOCKS: &str = "SOCKS";
+pub const MAP_SESSIONS: &str = "SESSIONS";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+const PROGRAM: &str = "patroxy_verdict";
+/// statfs magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not root and without CAP_BPF/CAP_NET_ADMIN")]
+    NotPrivileged,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+    #[error("verdict program: {0} (kernel without sockmap support?)")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("pin directory {}: {msg}", path.display())]
+    Pin { path: PathBuf, msg: String },
+}
+
+/// The loaded kernel data path. Dropping it detaches the program and removes the pins.
+pub struct KernelMaps {
+    pub socks: Mutex<SockHash<MapData, u64>>,
+    pub sessions: Mutex<HashMap<MapData, u64, SessionEntry>>,
+    pub backends: Mutex<HashMap<MapData, u32, BackendEntry>>,
+    pin_dir: PathBuf,
+    /// Owns the program and its attachment for as long as the maps are used.
+    _ebpf: Ebpf,
+}
+
+impl KernelMaps {
+    pub fn load(pin_dir: &Path) -> Result<Self, LoadError> {
+        if !privileged() {
+            return Err(LoadError::NotPrivileged);
+        }
+        let mut ebpf = Ebpf::load(crate::EBPF_OBJECT)?;
+        prepare_pin_dir(pin_dir)?;
+        for name in [MAP_SOCKS, MAP_SESSIONS, MAP_BACKENDS] {
+            let map = ebpf.map(name).ok_or(LoadError::Missing(name))?;
+            map.pin(pin_dir.join(name)).map_err(|e| LoadError::Pin {
+                path: pin_dir.join(name),
+                msg: e.to_string(),
+            })?;
+        }
+        let socks: SockHash<MapData, u64> = take_map(&mut ebpf, MAP_SOCKS)?;
+        let sessions: HashMap<MapData, u64, SessionEntry> = take_map(&mut ebpf, MAP_SESSIONS)?;
+        let backends: HashMap<MapData, u32, BackendEntry> = take_map(&mut ebpf, MAP_BACKENDS)?;
+
+        let program: &mut SkSkb = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(LoadError::Missing(PROGRAM))?
+            .try_into()?;
+        program.load()?;
+        program.attach(socks.fd())?;
+        info!(pin_dir = %pin_dir.display(), "sockmap data path loaded; maps pinned");
+        Ok(Self {
+            socks: Mutex::new(socks),
+            sessions: Mutex::new(sessions),
+            backends: Mutex::new(backends),
+            pin_dir: pin_dir.to_owned(),
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+impl Drop for KernelMaps {
+    fn drop(&mut self) {
+        remove_pins(&self.pin_dir);
+        let _ = fs::remove_dir(&self.pin_dir);
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+    T::try_from(map).map_err(|e| LoadError::Map(name, e))
+}
+
+/// Root, or CAP_BPF + CAP_NET_ADMIN in the effective set (capget avoids a dependency for 2 bits).
+fn privileged() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_BPF: u32 = 39;
+    let effective = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    effective & (1 << CAP_BPF) != 0 && effective & (1 << CAP_NET_ADMIN) != 0
+}
+
+/// Makes sure `dir` is on a bpffs (mounting /sys/fs/bpf if nothing is mounted there) and holds no
+/// stale pins from a previous run that crashed.
+fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
+    let err = |msg: String| LoadError::Pin {
+        path: dir.to_owned(),
+        msg,
+    };
+    let parent = dir
+        .parent()
+        .ok_or_else(|| err("has no parent directory".into()))?;
+    if !is_bpffs(parent) && parent == Path::new("/sys/fs/bpf") {
+        mount_bpffs(parent).map_err(|e| err(format!("mounting bpffs on /sys/fs/bpf: {e}")))?;
+    }
+    if !is_bpffs(parent) {
+        return Err(err(format!(
+            "{} is not on a bpf filesystem (mount -t bpf bpf {})",
+            parent.display(),
+            parent.display()
+        )));
+    }
+    if dir.exists() {
+        let stale = remove_pins(dir);
+        if stale > 0 {
+            warn!(pin_dir = %dir.display(), stale, "removed stale pins left by an earlier run");
+        }
+    } else {
+        fs::create_dir(dir).map_err(|e| err(format!("creating it: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Removes patroxy's pins from `dir`, returning how many there were.
+fn remove_pins(dir: &Path) -> usize {
+    [MAP_SOCKS, MAP_SESSIONS, MAP_BACKENDS]
+        .iter()
+        .filter(|name| fs::remove_file(dir.join(name)).is_ok())
+        .count()
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn mount_bpffs(target: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let target = std::ffi::CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    info!(target = %target.to_string_lossy(), "mounted bpffs");
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! One session spliced in the kernel: insert the pair, wake it, watch both ends, tear down.
+//!
+//! Userspace never reads or writes these sockets once they are in SOCKS: the verdict program
+//! forwards every byte. What userspace still does is what the kernel does not: propagate FIN
+//! (the verdict leaves zero-length skbs on their socket) once the bytes before it were delivered,
+//! propagate RST, expire idle sessions and reset on demand.
+use std::{os::fd::AsRawFd as _, sync::Arc, time::Duration};
+
+use patroxy_common::{SIDE_BACKEND, SIDE_CLIENT, SessionEntry};
+use tokio::{
+    io::{Interest, Ready},
+    net::TcpStream,
+    time::{Instant, sleep, sleep_until},
+};
+
+use super::{
+    EndReason, KernelMaps, KillSwitch, SessionEnd, SessionMeta, Side, reset_both,
+    sockopt::{self, TcpCounters},
+};
+
+/// A pair inserted in SOCKS/SESSIONS; removes its entries when dropped.
+pub(super) struct Spliced {
+    maps: Arc<KernelMaps>,
+    client_cookie: u64,
+    backend_cookie: u64,
+    meta: SessionMeta,
+}
+
+impl Spliced {
+    /// Inserts backend then client (PostgreSQL servers never speak first, so no backend byte can
+    /// meet a missing peer), then wakes both so bytes that arrived earlier are forwarded.
+    pub(super) fn insert(
+        maps: &Arc<KernelMaps>,
+        client: &TcpStream,
+        backend: &TcpStream,
+        meta: SessionMeta,
+    ) -> std::io::Result<Self> {
+        let client_cookie = sockopt::cookie(client)?;
+        let backend_cookie = sockopt::cookie(backend)?;
+        let spliced = Self {
+            maps: maps.clone(),
+            client_cookie,
+            backend_cookie,
+            meta,
+        };
+        let now = sockopt::monotonic_ns();
+        let entry = |peer, side| SessionEntry {
+            peer,
+            last_ns: now,
+            backend: meta.backend_id,
+            listener: meta.listener,
+            side,
+            ..Default::default()
+        };
+        {
+            let mut sessions = maps.sessions.lock().expect("sessions lock");
+            sessions
+                .insert(client_cookie, entry(backend_cookie, SIDE_CLIENT), 0)
+                .map_err(map_err)?;
+            sessions
+                .insert(backend_cookie, entry(client_cookie, SIDE_BACKEND), 0)
+                .map_err(map_err)?;
+        }
+        {
+            let mut socks = maps.socks.lock().expect("socks lock");
+            socks
+                .insert(backend_cookie, backend.as_raw_fd(), 0)
+                .map_err(map_err)?;
+            socks
+                .insert(client_cookie, client.as_raw_fd(), 0)
+                .map_err(map_err)?;
+        }
+        sockopt::kick(client)?;
+        sockopt::kick(backend)?;
+        Ok(spliced)
+    }
+
+    pub(super) async fn run(
+        self,
+        client: TcpStream,
+        backend: TcpStream,
+        kill: &KillSwitch,
+    ) -> SessionEnd {
+        let reason = self.watch(&client, &backend, kill).await;
+        let (bytes_from_client, bytes_from_server) = self.counters();
+        match &reason {
+            EndReason::Killed(_) | EndReason::ClientReset | EndReason::ServerReset => {
+                reset_both(client, backend)
+            }
+            _ => drop((client, backend)),
+        }
+        SessionEnd {
+            reason,
+            bytes_from_client,
+            bytes_from_server,
+        }
+    }
+
+    async fn watch(&self, client: &TcpStream, backend: &TcpStream, kill: &KillSwitch) -> EndReason {
+        let mut client_open = true;
+        let mut backend_open = true;
+        let mut first_close = None;
+        let mut idle_deadline = self.idle_deadline();
+        loop {
+            if !client_open && !backend_open {
+                return first_close.unwrap_or(EndReason::ClientClose);
+            }
+            let (side, ready) = tokio::select! {
+                r = client.ready(Interest::READABLE), if client_open => (Side::Client, r),
+                r = backend.ready(Interest::READABLE), if backend_open => (Side::Server, r),
+                reason = kill.killed() => return EndReason::Killed(reason),
+                _ = sleep_until(idle_deadline) => {
+                    idle_deadline = self.idle_deadline();
+                    if idle_deadline <= Instant::now() {
+                        return EndReason::Timeout;
+                    }
+                    continue;
+                }
+            };
+            let (this, peer) = match side {
+                Side::Client => (client, backend),
+                Side::Server => (backend, client),
+            };
+            let event = classify(this, ready);
+            tracing::debug!(?side, ?event, "sockmap session event");
+            match event {
+                Event::Reset => return side.reset_reason(),
+                Event::Spurious => continue,
+                Event::Fin => {
+                    let delivered = tokio::select! {
+                        r = self.deliver_then_shutdown(this, peer) => r,
+                        reason = kill.killed() => Err(EndReason::Killed(reason)),
+                    };
+                    if let Err(reason) = delivered {
+                        return reason;
+                    }
+                    first_close.get_or_insert(side.close_reason());
+                    match side {
+                        Side::Client => client_open = false,
+                        Side::Server => backend_open = false,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends FIN on `peer` only once every byte that arrived on `from` has been handed to `peer`'s
+    /// TCP send queue; a shutdown before that would cut off bytes still in the sockmap's queue.
+    async fn deliver_then_shutdown(
+        &self,
+        from: &TcpStream,
+        peer: &TcpStream,
+    ) -> Result<(), EndReason> {
+        let deadline = Instant::now() + self.meta.idle_timeout;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            let (Ok(src), Ok(dst)) = (sockopt::tcp_counters(from), sockopt::tcp_counters(peer))
+            else {
+                return Err(EndReason::Error("TCP_INFO failed".into()));
+            };
+            if delivered(&src, &dst) {
+                break;
+            }
+            tracing::debug!(?src, ?dst, "waiting for delivery before FIN");
+            if peer_gone(&dst) {
+                return Err(EndReason::Error(
+                    "peer closed before the data was delivered".into(),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(EndReason::Timeout);
+            }
+            sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        sockopt::shutdown_write(peer).map_err(|e| EndReason::Error(format!("shutdown: {e}")))
+    }
+
+    /// The instant at which the session is idle for `idle_timeout`, by the kernel's last activity.
+    fn idle_deadline(&self) -> Instant {
+        let last_ns = {
+            let sessions = self.maps.sessions.lock().expect("sessions lock");
+            [self.client_cookie, self.backend_cookie]
+                .iter()
+                .filter_map(|c| sessions.get(c, 0).ok())
+                .map(|e| e.last_ns)
+                .max()
+                .unwrap_or(0)
+        };
+        let idle_for = Duration::from_nanos(sockopt::monotonic_ns().saturating_sub(last_ns));
+        Instant::now() + self.meta.idle_timeout.saturating_sub(idle_for)
+    }
+
+    /// (bytes from the client, bytes from the server), as the verdict program counted them.
+    fn counters(&self) -> (u64, u64) {
+        let sessions = self.maps.sessions.lock().expect("sessions lock");
+        let rx = |c| sessions.get(c, 0).map(|e| e.bytes_rx).unwrap_or(0);
+        (rx(&self.client_cookie), rx(&self.backend_cookie))
+    }
+}
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        // Closing a socket removes it from SOCKS too; removing first keeps the map exact even
+        // while the fds are still open.
+        if let Ok(mut socks) = self.maps.socks.lock() {
+            let _ = socks.remove(&self.client_cookie);
+            let _ = socks.remove(&self.backend_cookie);
+        }
+        if let Ok(mut sessions) = self.maps.sessions.lock() {
+            let _ = sessions.remove(&self.client_cookie);
+            let _ = sessions.remove(&self.backend_cookie);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Fin,
+    Reset,
+    /// Readable without EOF: bytes the verdict passed up (never expected); nothing to do.
+    Spurious,
+}
+
+fn classify(stream: &TcpStream, ready: std::io::Result<Ready>) -> Event {
+    let ready = match ready {
+        Ok(r) => r,
+        Err(_) => return Event::Reset,
+    };
+    if ready.is_error() || matches!(stream.take_error(), Ok(Some(_)) | Err(_)) {
+        return Event::Reset;
+    }
+    if ready.is_read_closed() {
+        return Event::Fin;
+    }
+    // Clear tokio's readiness so the next wait needs a new event.
+    let _ = stream.try_io(Interest::READABLE, || {
+        Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+    });
+    Event::Spurious
+}
+
+/// Called once `from` has received its FIN, which TCP counts as one byte of `bytes_received`.
+fn delivered(from: &TcpCounters, to: &TcpCounters) -> bool {
+    to.bytes_written + 1 >= from.bytes_received
+}
+
+fn peer_gone(c: &TcpCounters) -> bool {
+    // include/net/tcp_states.h: TCP_ESTABLISHED = 1, TCP_CLOSE_WAIT = 8.
+    !matches!(c.state, 1 | 8)
+}
+
+fn map_err(e: aya::maps::MapError) -> std::io::Error {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error,
+        other => std::io::Error::other(other.to_string()),
+    }
+}

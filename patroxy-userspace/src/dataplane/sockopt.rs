@@ -1,0 +1,90 @@
+//! The socket options and kernel queries the data path needs, in one place.
+use std::{io, os::fd::AsRawFd, time::Duration};
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+/// The kernel's socket cookie: the key of the socket in SOCKS and SESSIONS.
+pub fn cookie(stream: &TcpStream) -> io::Result<u64> {
+    SockRef::from(stream).cookie()
+}
+
+/// Byte counters of one TCP socket, read from TCP_INFO.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// In-order bytes received (RFC 4898 HCThruOctetsReceived); a received FIN counts as one.
+    pub bytes_received: u64,
+    /// Payload bytes the peer acknowledged (excludes retransmissions).
+    pub bytes_acked: u64,
+    /// Payload bytes handed to TCP for sending: sent once (retransmissions excluded) or still
+    /// queued. Bytes the verdict redirected count here once they left the sockmap's queue.
+    pub bytes_written: u64,
+    /// The TCP state (libc::TCP_ESTABLISHED, ...).
+    pub state: u8,
+}
+
+pub fn tcp_counters(stream: &TcpStream) -> io::Result<TcpCounters> {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a properly sized, writable tcp_info and `len` its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpCounters {
+        bytes_received: info.tcpi_bytes_received,
+        bytes_acked: info.tcpi_bytes_acked,
+        bytes_written: (info.tcpi_bytes_sent - info.tcpi_bytes_retrans)
+            + u64::from(info.tcpi_notsent_bytes),
+        state: info.tcpi_state,
+    })
+}
+
+/// Wakes a socket that was just inserted into the sockmap so the verdict program sees bytes that
+/// arrived before the insertion (setting SO_RCVLOWAT calls the socket's data_ready).
+pub fn kick(stream: &TcpStream) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: plain setsockopt with an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Arms SO_LINGER {1, 0}: the close that follows sends RST instead of FIN.
+pub fn arm_reset(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_linger(Some(Duration::ZERO))
+}
+
+/// Half-closes our sending side (FIN to the peer) after the bytes already queued.
+pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).shutdown(std::net::Shutdown::Write)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,85 @@
+//! Live sessions by backend, so a mark-down (or shutdown) can reset all of a server's sessions.
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use crate::dataplane::{KillReason, KillSwitch};
+
+#[derive(Default)]
+pub struct SessionRegistry {
+    next_id: AtomicU64,
+    /// backend id -> session id -> its kill switch.
+    by_backend: Mutex<HashMap<u32, HashMap<u64, KillSwitch>>>,
+}
+
+/// Removes its session from the registry when dropped.
+pub struct Registered<'a> {
+    registry: &'a SessionRegistry,
+    backend: u32,
+    id: u64,
+    pub kill: KillSwitch,
+}
+
+impl SessionRegistry {
+    pub fn register(&self, backend: u32) -> Registered<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let kill = KillSwitch::default();
+        self.by_backend
+            .lock()
+            .expect("registry lock")
+            .entry(backend)
+            .or_default()
+            .insert(id, kill.clone());
+        Registered {
+            registry: self,
+            backend,
+            id,
+            kill,
+        }
+    }
+
+    /// Resets every session of `backend`; returns how many were told to.
+    pub fn kill_backend(&self, backend: u32, reason: KillReason) -> usize {
+        let sessions = self
+            .by_backend
+            .lock()
+            .expect("registry lock")
+            .get(&backend)
+            .map(|m| m.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        sessions.iter().for_each(|k| k.kill(reason));
+        sessions.len()
+    }
+
+    pub fn kill_all(&self, reason: KillReason) -> usize {
+        let backends: Vec<u32> = self
+            .by_backend
+            .lock()
+            .expect("registry lock")
+            .keys()
+            .copied()
+            .collect();
+        backends
+            .into_iter()
+            .map(|b| self.kill_backend(b, reason))
+            .sum()
+    }
+
+    pub fn count(&self) -> usize {
+        let map = self.by_backend.lock().expect("registry lock");
+        map.values().map(HashMap::len).sum()
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut map = self.registry.by_backend.lock().expect("registry lock");
+        if let Some(sessions) = map.get_mut(&self.backend) {
+            sessions.remove(&self.id);
+        }
+    }
+}

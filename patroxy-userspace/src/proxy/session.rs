@@ -1,0 +1,157 @@
+//! One client's way through the proxy: wait for a server slot, connect with retries, splice.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    net::TcpStream,
+    sync::OwnedSemaphorePermit,
+    time::{Instant, sleep, timeout},
+};
+use tracing::{info, warn};
+
+use super::{Proxy, slots::Slot};
+use crate::dataplane::SessionMeta;
+
+/// Why a client was closed before reaching a server (HAProxy's termination flags in words).
+#[derive(Debug)]
+enum Refusal {
+    /// `timeout queue` expired with no UP server or no free slot.
+    QueueTimeout { up_servers: bool },
+    /// Every connection attempt failed.
+    ConnectFailed { attempts: u32, last: std::io::Error },
+}
+
+impl Proxy {
+    pub(super) async fn serve_client(
+        self: Arc<Self>,
+        listener: usize,
+        client: TcpStream,
+        peer: SocketAddr,
+        _global: OwnedSemaphorePermit,
+    ) {
+        let accepted = Instant::now();
+        let lname = &self.config.listeners[listener].name;
+        let (server, backend, _slot, connected) = match self.connect_backend(listener).await {
+            Ok(x) => x,
+            Err(refusal) => {
+                warn!(
+                    client = %peer, listener = %lname,
+                    wait_ms = accepted.elapsed().as_millis() as u64,
+                    "closing client: {}", refusal.describe()
+                );
+                return;
+            }
+        };
+        let sname = &self.config.listeners[listener].servers[server].name;
+        let backend_id = self.backend_id(listener, server);
+        let meta = SessionMeta {
+            backend_id,
+            listener: listener as u16,
+            idle_timeout: self
+                .config
+                .defaults
+                .timeout_client
+                .min(self.config.defaults.timeout_server),
+        };
+        let registered = self.sessions.register(backend_id);
+        self.backends.session_opened(backend_id);
+        let end = self
+            .dataplane
+            .run(client, backend, meta, &registered.kill)
+            .await;
+        self.backends.session_closed(backend_id);
+        drop(registered);
+        info!(
+            client = %peer, listener = %lname, server = %sname,
+            wait_ms = (connected - accepted).as_millis() as u64,
+            total_ms = accepted.elapsed().as_millis() as u64,
+            bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
+            path = self.dataplane.name(),
+            "session closed: {}", end.reason
+        );
+    }
+
+    /// Chooses a server (waiting in the queue while none is UP or all are full), then connects
+    /// with HAProxy's `retries`, turn-around delay and `option redispatch`.
+    async fn connect_backend(
+        &self,
+        listener: usize,
+    ) -> Result<(usize, TcpStream, Slot, Instant), Refusal> {
+        let d = &self.config.defaults;
+        let queue_deadline = Instant::now() + d.timeout_queue;
+        let turnaround = d.timeout_connect.min(Duration::from_secs(1));
+        let mut excluded = Vec::new();
+        let (mut server, mut slot) = self
+            .wait_for_slot(listener, &excluded, queue_deadline)
+            .await?;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let addr = self.config.listeners[listener].servers[server].address;
+            let err = match timeout(d.timeout_connect, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => return Ok((server, stream, slot, Instant::now())),
+                Ok(Err(e)) => e,
+                Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "timeout connect"),
+            };
+            let retries_left = d.retries + 1 - attempts;
+            if retries_left == 0 {
+                return Err(Refusal::ConnectFailed {
+                    attempts,
+                    last: err,
+                });
+            }
+            sleep(turnaround).await;
+            if retries_left == 1 && d.redispatch {
+                // The last retry may go elsewhere; fall back to the same server if none other.
+                excluded.push(server);
+                drop(slot);
+                let deadline = Instant::now() + d.timeout_queue;
+                (server, slot) = match self.wait_for_slot(listener, &excluded, deadline).await {
+                    Ok(x) => x,
+                    Err(_) => {
+                        excluded.clear();
+                        self.wait_for_slot(listener, &excluded, deadline).await?
+                    }
+                };
+            }
+        }
+    }
+
+    /// A server of `listener` and a slot on it, or `QueueTimeout` once `deadline` passes.
+    async fn wait_for_slot(
+        &self,
+        listener: usize,
+        excluded: &[usize],
+        deadline: Instant,
+    ) -> Result<(usize, Slot), Refusal> {
+        loop {
+            let Some(server) = self.pick(listener, excluded) else {
+                if !self.wait_for_change(deadline).await {
+                    return Err(Refusal::QueueTimeout { up_servers: false });
+                }
+                continue;
+            };
+            let id = self.backend_id(listener, server);
+            let wait = deadline.saturating_duration_since(Instant::now());
+            return match self.slots(id).acquire(wait).await {
+                Some(slot) => Ok((server, slot)),
+                None => Err(Refusal::QueueTimeout { up_servers: true }),
+            };
+        }
+    }
+}
+
+impl Refusal {
+    fn describe(&self) -> String {
+        match self {
+            Self::QueueTimeout { up_servers: false } => {
+                "timeout queue expired: no server is UP".into()
+            }
+            Self::QueueTimeout { up_servers: true } => {
+                "timeout queue expired: servers are at maxconn".into()
+            }
+            Self::ConnectFailed { attempts, last } => {
+                format!("connect failed after {attempts} attempt(s): {last}")
+            }
+        }
+    }
+}
