@@ -1,0 +1,224 @@
+//! In-process TCP backends for data-path tests: each records what it saw so a test can assert
+//! byte-exact delivery, FIN and RST propagation from the server's side.
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+
+/// How a backend connection ended, seen from the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The peer sent FIN after `bytes` bytes whose FNV-1a hash is `hash`.
+    Eof { bytes: u64, hash: u64 },
+    /// The peer reset the connection after `bytes` bytes.
+    Reset { bytes: u64 },
+    Error(String),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Behaviour {
+    /// Echo everything; FIN after the client's FIN.
+    Echo,
+    /// Read an 8-byte big-endian N, send N pattern bytes and FIN first, then read the client's
+    /// bytes to EOF.
+    ServerClosesFirst,
+    /// Read `after` bytes, then close with RST.
+    ResetAfter { after: u64 },
+    /// Accept and hold the connection open without reading until the client leaves.
+    Hold,
+}
+
+/// A listening backend running on the current tokio runtime.
+pub struct Backend {
+    pub addr: SocketAddr,
+    endings: Arc<Mutex<Vec<Ending>>>,
+}
+
+impl Backend {
+    pub async fn start(behaviour: Behaviour) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let endings = Arc::new(Mutex::new(Vec::new()));
+        let e = endings.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let e = e.clone();
+                tokio::spawn(async move {
+                    let ending = serve(stream, behaviour).await;
+                    e.lock().unwrap().push(ending);
+                });
+            }
+        });
+        Backend { addr, endings }
+    }
+
+    pub fn endings(&self) -> Vec<Ending> {
+        self.endings.lock().unwrap().clone()
+    }
+
+    /// Waits until the endings so far satisfy `done` (or `timeout`), returning them.
+    pub async fn wait_for(&self, done: impl Fn(&[Ending]) -> bool, timeout: Duration) -> Vec<Ending> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(&self.endings()) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.endings()
+    }
+}
+
+async fn serve(mut stream: TcpStream, behaviour: Behaviour) -> Ending {
+    match behaviour {
+        Behaviour::Echo => {
+            let (mut r, mut w) = stream.split();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut hash = Fnv::default();
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) => {
+                        let _ = w.shutdown().await;
+                        return Ending::Eof {
+                            bytes: hash.len,
+                            hash: hash.value(),
+                        };
+                    }
+                    Ok(n) => {
+                        hash.update(&buf[..n]);
+                        if let Err(e) = w.write_all(&buf[..n]).await {
+                            return io_ending(e, hash.len);
+                        }
+                    }
+                    Err(e) => return io_ending(e, hash.len),
+                }
+            }
+        }
+        Behaviour::ServerClosesFirst => {
+            let mut len = [0u8; 8];
+            if let Err(e) = stream.read_exact(&mut len).await {
+                return io_ending(e, 0);
+            }
+            let data = pattern(u64::from_be_bytes(len) as usize, 7);
+            if let Err(e) = stream.write_all(&data).await {
+                return io_ending(e, 8);
+            }
+            let _ = stream.shutdown().await;
+            read_to_end_hashed(&mut stream).await
+        }
+        Behaviour::ResetAfter { after } => {
+            let mut buf = vec![0u8; after as usize];
+            let _ = stream.read_exact(&mut buf).await;
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            drop(stream);
+            Ending::Reset { bytes: after }
+        }
+        Behaviour::Hold => read_to_end_hashed(&mut stream).await,
+    }
+}
+
+async fn read_to_end_hashed(stream: &mut TcpStream) -> Ending {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut hash = Fnv::default();
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => {
+                return Ending::Eof {
+                    bytes: hash.len,
+                    hash: hash.value(),
+                };
+            }
+            Ok(n) => hash.update(&buf[..n]),
+            Err(e) => return io_ending(e, hash.len),
+        }
+    }
+}
+
+fn io_ending(e: io::Error, bytes: u64) -> Ending {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Ending::Reset { bytes },
+        _ => Ending::Error(e.to_string()),
+    }
+}
+
+/// A listener whose accept queue is full, so further SYNs are dropped: connects time out.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: TcpListener,
+    _fillers: Vec<TcpStream>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        // backlog 0 admits one connection; one more makes sure the queue is full.
+        for _ in 0..2 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
+            {
+                fillers.push(s);
+            }
+        }
+        Blackhole {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
+/// Deterministic bytes for a test payload (xorshift64*), so both ends can regenerate them.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// FNV-1a 64: a cheap checksum both ends compute over a stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv {
+    state: u64,
+    pub len: u64,
+}
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv {
+            state: 0xcbf2_9ce4_8422_2325,
+            len: 0,
+        }
+    }
+}
+
+impl Fnv {
+    pub fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.state ^= u64::from(*b);
+            self.state = self.state.wrapping_mul(0x100_0000_01b3);
+        }
+        self.len += data.len() as u64;
+    }
+    pub fn value(&self) -> u64 {
+        self.state
+    }
+    pub fn of(data: &[u8]) -> u64 {
+        let mut f = Fnv::default();
+        f.update(data);
+        f.value()
+    }
+}

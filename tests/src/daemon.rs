@@ -1,0 +1,113 @@
+//! A patroxy daemon started by a test from a TOML config, stopped when dropped.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use crate::{
+    ports::wait_for_listen,
+    process::{ChildGuard, patroxy_bin},
+};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Patroxy {
+    pub child: ChildGuard,
+    pub config_path: PathBuf,
+    /// bpffs directory of this daemon's pinned maps (unique per test).
+    pub pin_path: PathBuf,
+}
+
+impl Patroxy {
+    /// A pin directory no other test uses.
+    pub fn unique_pin_path(test: &str) -> PathBuf {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        PathBuf::from(format!(
+            "/sys/fs/bpf/patroxy-test-{test}-{}-{n}",
+            std::process::id()
+        ))
+    }
+
+    /// Writes `config` to a file, starts `patroxy run` on it and waits until every address in
+    /// `listen` accepts connections.
+    pub fn start(name: &str, config: &str, pin_path: &Path, listen: &[SocketAddr]) -> Patroxy {
+        Self::start_with(name, config, pin_path, listen, |_| {})
+    }
+
+    /// Like `start`, letting the caller adjust the command (environment, user).
+    pub fn start_with(
+        name: &str,
+        config: &str,
+        pin_path: &Path,
+        listen: &[SocketAddr],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Patroxy {
+        let dir = std::env::temp_dir().join("patroxy-test-configs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let config_path = dir.join(format!("{name}-{}-{n}.toml", std::process::id()));
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(patroxy_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--drain-grace")
+            .arg("1s")
+            .env("PATROXY_LOG", "info,patroxy=debug");
+        adjust(&mut cmd);
+        let mut child = ChildGuard::spawn(name, &mut cmd).expect("spawn patroxy");
+        for addr in listen {
+            if !wait_for_listen(*addr, Duration::from_secs(10)) {
+                let status = child.try_wait().ok().flatten();
+                panic!(
+                    "patroxy did not listen on {addr} (exit: {status:?}); log:\n{}",
+                    child.log()
+                );
+            }
+        }
+        Patroxy {
+            child,
+            config_path,
+            pin_path: pin_path.to_owned(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    /// Waits until the log contains `needle`; false on timeout.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Counts log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// `bpftool -j map dump pinned <pin_path>/<map>` parsed as JSON.
+pub fn bpftool_dump(pin_path: &Path, map: &str) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin_path.join(map))
+        .output()
+        .expect("run bpftool (apt-get install bpftool; cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}

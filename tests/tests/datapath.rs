@@ -1,0 +1,322 @@
+//! The data path end to end, on both implementations: byte-exact transfer, half-close, RST,
+//! connect failures, limits and idle timeouts. Real sockets on loopback, real patroxy process.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Path_, Setup, echo_once, local, read_until_closed, send_all_then_read};
+use patroxy_tests::{
+    backend::{Backend, Behaviour, Blackhole, Ending, Fnv, pattern},
+    daemon::Patroxy,
+    ports::free_tcp_port,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Generates one #[tokio::test] per data path for a scenario `async fn name(path: Path_)`.
+macro_rules! on_both_paths {
+    ($($scenario:ident),* $(,)?) => {
+        mod sockmap {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    let path = super::Path_::Sockmap;
+                    if path.available(concat!("sockmap::", stringify!($scenario))) {
+                        super::$scenario(path).await;
+                    }
+                }
+            )*
+        }
+        mod fallback {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Path_::Fallback).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_paths!(
+    byte_exact_200_concurrent_sessions,
+    client_speaks_before_backend_is_connected,
+    server_half_closes_first,
+    client_reset_reaches_backend,
+    backend_reset_reaches_client,
+    backend_refusing_is_retried,
+    backend_blackholed_times_out_and_retries,
+    server_maxconn_queues_then_times_out,
+    global_maxconn_stops_accepting,
+    idle_sessions_time_out,
+);
+
+fn start(name: &str, setup: &Setup) -> Patroxy {
+    Patroxy::start(name, &setup.toml(), setup.pin, &[setup.bind])
+}
+
+/// Sizes from 1 byte to 8 MiB, log-uniform so small and large sessions both appear.
+fn sizes(n: usize) -> Vec<usize> {
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut out: Vec<usize> = (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let exp = (seed % 2300) as f64 / 100.0; // 2^0 .. 2^23
+            (2f64.powf(exp) as usize).clamp(1, 8 << 20)
+        })
+        .collect();
+    out[0] = 1;
+    out[1] = 8 << 20;
+    out
+}
+
+async fn byte_exact_200_concurrent_sessions(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("exact");
+    let setup = Setup::new(path, &pin, backend.addr);
+    let proxy = start("exact", &setup);
+    let bind = setup.bind;
+    let sizes = sizes(200);
+    let tasks: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            tokio::spawn(async move {
+                let data = pattern(len, i as u64 + 1);
+                let got = send_all_then_read(bind, &data).await.expect("session io");
+                assert_eq!(got.len(), data.len(), "session {i}: length");
+                assert!(Fnv::of(&got) == Fnv::of(&data), "session {i}: bytes differ");
+                len
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("sessions finish in time")
+            .expect("session task");
+    }
+    // The backend saw each stream complete and unchanged, closed by the client's FIN.
+    let endings = backend
+        .wait_for(|e| e.len() >= 200, Duration::from_secs(10))
+        .await;
+    for (i, &len) in sizes.iter().enumerate() {
+        let want = Ending::Eof {
+            bytes: len as u64,
+            hash: Fnv::of(&pattern(len, i as u64 + 1)),
+        };
+        assert!(endings.contains(&want), "backend never saw session {i} intact");
+    }
+    // The session log's byte counts (the kernel's counters on the sockmap path) match.
+    assert!(proxy.wait_for_log(&format!("bytes_in={}", 8 << 20), Duration::from_secs(5)));
+    assert!(proxy.log().contains(&format!("path=\"{}\"", path.name())));
+    eprintln!("{}: {total} bytes each way over 200 sessions", path.name());
+}
+
+async fn client_speaks_before_backend_is_connected(path: Path_) {
+    // A slow first connect (the backend is blackholed for the first attempt would be flaky);
+    // instead the client writes before patroxy has even accepted: its bytes sit in the client
+    // socket's receive queue until the pair is spliced and woken.
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("first");
+    let setup = Setup::new(path, &pin, backend.addr);
+    let _proxy = start("first", &setup);
+    for i in 0..20 {
+        let mut s = TcpStream::connect(setup.bind).await.unwrap();
+        let msg = format!("startup-packet-{i}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        // Nothing more is sent: only a forwarded pre-insertion payload can produce the echo.
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut buf))
+            .await
+            .expect("echo of the first bytes arrives")
+            .unwrap();
+        assert_eq!(buf, msg.as_bytes());
+    }
+}
+
+async fn server_half_closes_first(path: Path_) {
+    let backend = Backend::start(Behaviour::ServerClosesFirst).await;
+    let pin = Patroxy::unique_pin_path("srvfin");
+    let setup = Setup::new(path, &pin, backend.addr);
+    let _proxy = start("srvfin", &setup);
+    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let n = 300_000u64;
+    s.write_all(&n.to_be_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, pattern(n as usize, 7), "server's bytes then its FIN");
+    // Our direction is still open after the server's FIN.
+    let tail = pattern(500_000, 99);
+    s.write_all(&tail).await.unwrap();
+    s.shutdown().await.unwrap();
+    // The backend hashes what follows the 8-byte length it read first.
+    let want = Ending::Eof {
+        bytes: tail.len() as u64,
+        hash: Fnv::of(&tail),
+    };
+    let endings = backend
+        .wait_for(|e| e.contains(&want), Duration::from_secs(5))
+        .await;
+    assert!(endings.contains(&want), "backend got {endings:?}");
+}
+
+async fn client_reset_reaches_backend(path: Path_) {
+    let backend = Backend::start(Behaviour::Hold).await;
+    let pin = Patroxy::unique_pin_path("crst");
+    let setup = Setup::new(path, &pin, backend.addr);
+    let proxy = start("crst", &setup);
+    let s = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s = s;
+    s.write_all(&pattern(100_000, 3)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let endings = backend.endings();
+        if endings.iter().any(|e| matches!(e, Ending::Reset { .. })) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backend saw no reset: {endings:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(proxy.wait_for_log("client reset", Duration::from_secs(3)));
+}
+
+async fn backend_reset_reaches_client(path: Path_) {
+    let backend = Backend::start(Behaviour::ResetAfter { after: 1000 }).await;
+    let pin = Patroxy::unique_pin_path("srst");
+    let setup = Setup::new(path, &pin, backend.addr);
+    let proxy = start("srst", &setup);
+    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    s.write_all(&pattern(1000, 5)).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s))
+        .await
+        .expect("the client learns of the reset");
+    let err = res.expect_err("a reset, not a clean EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    assert!(proxy.wait_for_log("server reset", Duration::from_secs(3)));
+}
+
+async fn backend_refusing_is_retried(path: Path_) {
+    let refused = local(free_tcp_port());
+    let pin = Patroxy::unique_pin_path("refused");
+    let mut setup = Setup::new(path, &pin, refused);
+    setup.retries = 2;
+    setup.timeout_connect = "300ms";
+    let proxy = start("refused", &setup);
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let _ = s.write_all(b"hello").await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
+    let elapsed = t0.elapsed();
+    // 3 attempts with a 300 ms turn-around between them.
+    assert!(elapsed >= Duration::from_millis(590), "closed after {elapsed:?}");
+    assert!(
+        proxy.wait_for_log("connect failed after 3 attempt(s)", Duration::from_secs(2)),
+        "log:\n{}",
+        proxy.log()
+    );
+}
+
+async fn backend_blackholed_times_out_and_retries(path: Path_) {
+    let hole = Blackhole::start().await;
+    let pin = Patroxy::unique_pin_path("hole");
+    let mut setup = Setup::new(path, &pin, hole.addr);
+    setup.retries = 1;
+    setup.timeout_connect = "300ms";
+    let proxy = start("hole", &setup);
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let _ = s.write_all(b"hello").await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
+    let elapsed = t0.elapsed();
+    // Two attempts of 300 ms each plus a 300 ms turn-around.
+    assert!(elapsed >= Duration::from_millis(880), "closed after {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "closed after {elapsed:?}");
+    assert!(
+        proxy.wait_for_log("connect failed after 2 attempt(s): timeout connect", Duration::from_secs(2)),
+        "log:\n{}",
+        proxy.log()
+    );
+}
+
+async fn server_maxconn_queues_then_times_out(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("maxconn");
+    let mut setup = Setup::new(path, &pin, backend.addr);
+    setup.server_maxconn = Some(2);
+    setup.timeout_queue = Some("600ms");
+    let proxy = start("maxconn", &setup);
+    let within = Duration::from_secs(2);
+    let mut s1 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s2 = TcpStream::connect(setup.bind).await.unwrap();
+    assert!(echo_once(&mut s1, b"one", within).await);
+    assert!(echo_once(&mut s2, b"two", within).await);
+    // The third waits in the queue ...
+    let mut s3 = TcpStream::connect(setup.bind).await.unwrap();
+    assert!(!echo_once(&mut s3, b"three", Duration::from_millis(200)).await);
+    // ... and gets the slot s1 frees (its echo, sent while queued, is delivered then).
+    drop(s1);
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(within, s3.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"three");
+    // With both slots held, a fourth is closed when timeout queue expires.
+    let t0 = Instant::now();
+    let mut s4 = TcpStream::connect(setup.bind).await.unwrap();
+    let _ = s4.write_all(b"four").await;
+    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s4)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "s4 closed without data: {r:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(550), "after {:?}", t0.elapsed());
+    assert!(proxy.wait_for_log("servers are at maxconn", Duration::from_secs(2)));
+    drop((s2, s3));
+}
+
+async fn global_maxconn_stops_accepting(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("gmax");
+    let mut setup = Setup::new(path, &pin, backend.addr);
+    setup.global_maxconn = 2;
+    let _proxy = start("gmax", &setup);
+    // The readiness probe's connection may still hold a permit for a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let within = Duration::from_secs(2);
+    let mut s1 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s2 = TcpStream::connect(setup.bind).await.unwrap();
+    assert!(echo_once(&mut s1, b"one", within).await);
+    assert!(echo_once(&mut s2, b"two", within).await);
+    // The kernel completes the third handshake (backlog) but patroxy does not accept it.
+    let mut s3 = TcpStream::connect(setup.bind).await.unwrap();
+    assert!(!echo_once(&mut s3, b"three", Duration::from_millis(300)).await);
+    drop(s1);
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(within, s3.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"three");
+}
+
+async fn idle_sessions_time_out(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("idle");
+    let mut setup = Setup::new(path, &pin, backend.addr);
+    setup.timeout_idle = "700ms";
+    let proxy = start("idle", &setup);
+    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    // Activity keeps it open past the timeout ...
+    for _ in 0..4 {
+        assert!(echo_once(&mut s, b"ping", Duration::from_secs(1)).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // ... silence closes it.
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s)).await;
+    assert!(r.is_ok(), "the idle session was closed");
+    let idle = t0.elapsed();
+    assert!(idle >= Duration::from_millis(350) && idle < Duration::from_secs(3), "{idle:?}");
+    assert!(proxy.wait_for_log("idle timeout", Duration::from_secs(2)));
+}
