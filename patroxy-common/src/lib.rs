@@ -44,11 +44,14 @@ pub struct BackendEntry {
     pub port: u16,
     /// Index of the listener this backend serves.
     pub listener: u16,
-    /// `STATE_DOWN`, `STATE_UP`, ... Only `STATE_UP` lets bytes through.
+    /// `STATE_DOWN`, `STATE_UP`, ... as the health checker sees the server.
     pub state: u8,
     /// `ROLE_*` as last reported by Patroni.
     pub role: u8,
-    pub _pad: u16,
+    /// 1 = the verdict refuses to forward for this backend's sessions (set when the server is
+    /// marked down with on_marked_down = shutdown-sessions, just before they are reset).
+    pub fenced: u8,
+    pub _pad: u8,
     /// Sessions currently open to this backend.
     pub sessions: u32,
 }

@@ -4,7 +4,7 @@
 //! sockets of every established client<->backend pair sit in SOCKS keyed by their socket cookie;
 //! each skb arriving on one of them is redirected to the egress of its peer, so userspace never
 //! copies a byte. The program also keeps the per-socket counters in SESSIONS and refuses to forward
-//! for a session whose backend is no longer UP in BACKENDS (the mark-down fence).
+//! for a session whose backend is fenced in BACKENDS (the mark-down fence).
 #![no_std]
 #![no_main]
 
@@ -16,9 +16,7 @@ use aya_ebpf::{
     maps::SockHash,
     programs::SkBuffContext,
 };
-use patroxy_common::{
-    BackendEntry, MAX_BACKENDS, MAX_SOCKETS, STATE_UP, SessionEntry, SocketCookie,
-};
+use patroxy_common::{BackendEntry, MAX_BACKENDS, MAX_SOCKETS, SessionEntry, SocketCookie};
 
 /// Established sockets keyed by SO_COOKIE. A legacy map: the kernel refuses BTF on sockmaps.
 #[map]
@@ -52,7 +50,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let (peer, backend) = unsafe { ((*entry).peer, (*entry).backend) };
     // The fence: one write to BACKENDS stops every session of a marked-down server at once.
     match unsafe { BACKENDS.get(backend) } {
-        Some(b) if b.state == STATE_UP => {}
+        Some(b) if b.fenced == 0 => {}
         _ => return SK_DROP,
     }
     let Some(peer_entry) = SESSIONS.get_ptr_mut(peer) else {

@@ -9,9 +9,10 @@ use tracing::info;
 use crate::{
     config::Config,
     dataplane::{BackendTable, DataPlane},
+    patroni,
     proxy::{self, Proxy},
 };
-use patroxy_common::STATE_UP;
+use patroxy_common::{STATE_DOWN, STATE_UP};
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
 pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
@@ -20,12 +21,18 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         config.global.bpf,
         &config.global.pin_path,
     )?);
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let health = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
+    let initial = health.borrow().clone();
     let backends = Arc::new(BackendTable::new(
         dataplane.kernel().cloned(),
-        config.listeners.iter().enumerate().flat_map(|(i, l)| {
-            l.servers
-                .iter()
-                .map(move |s| (i as u16, s.address, STATE_UP))
+        initial.listeners.iter().enumerate().flat_map(|(i, l)| {
+            let listener = &config.listeners[i];
+            l.servers.iter().map(move |s| {
+                let state = if s.is_up() { STATE_UP } else { STATE_DOWN };
+                (i as u16, listener.servers[s.key.server].address, state)
+            })
         }),
     ));
     let listeners = config
@@ -37,9 +44,8 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let proxy = Proxy::new(config.clone(), dataplane.clone(), backends);
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let proxy = Proxy::new(config.clone(), dataplane.clone(), backends, health);
+    tracker.spawn(proxy.clone().follow_health(stop.clone()));
     proxy.serve(listeners, stop.clone(), &tracker);
     info!(
         data_path = dataplane.name(),

@@ -16,9 +16,14 @@ use tokio::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ending {
     /// The peer sent FIN after `bytes` bytes whose FNV-1a hash is `hash`.
-    Eof { bytes: u64, hash: u64 },
+    Eof {
+        bytes: u64,
+        hash: u64,
+    },
     /// The peer reset the connection after `bytes` bytes.
-    Reset { bytes: u64 },
+    Reset {
+        bytes: u64,
+    },
     Error(String),
 }
 
@@ -43,7 +48,9 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(behaviour: Behaviour) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let addr = listener.local_addr().unwrap();
         let endings = Arc::new(Mutex::new(Vec::new()));
         let e = endings.clone();
@@ -64,7 +71,11 @@ impl Backend {
     }
 
     /// Waits until the endings so far satisfy `done` (or `timeout`), returning them.
-    pub async fn wait_for(&self, done: impl Fn(&[Ending]) -> bool, timeout: Duration) -> Vec<Ending> {
+    pub async fn wait_for(
+        &self,
+        done: impl Fn(&[Ending]) -> bool,
+        timeout: Duration,
+    ) -> Vec<Ending> {
         let deadline = tokio::time::Instant::now() + timeout;
         while !done(&self.endings()) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

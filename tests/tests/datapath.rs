@@ -110,7 +110,10 @@ async fn byte_exact_200_concurrent_sessions(path: Path_) {
             bytes: len as u64,
             hash: Fnv::of(&pattern(len, i as u64 + 1)),
         };
-        assert!(endings.contains(&want), "backend never saw session {i} intact");
+        assert!(
+            endings.contains(&want),
+            "backend never saw session {i} intact"
+        );
     }
     // The session log's byte counts (the kernel's counters on the sockmap path) match.
     assert!(proxy.wait_for_log(&format!("bytes_in={}", 8 << 20), Duration::from_secs(5)));
@@ -183,7 +186,10 @@ async fn client_reset_reaches_backend(path: Path_) {
         if endings.iter().any(|e| matches!(e, Ending::Reset { .. })) {
             break;
         }
-        assert!(Instant::now() < deadline, "backend saw no reset: {endings:?}");
+        assert!(
+            Instant::now() < deadline,
+            "backend saw no reset: {endings:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(proxy.wait_for_log("client reset", Duration::from_secs(3)));
@@ -217,7 +223,10 @@ async fn backend_refusing_is_retried(path: Path_) {
     let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
     let elapsed = t0.elapsed();
     // 3 attempts with a 300 ms turn-around between them.
-    assert!(elapsed >= Duration::from_millis(590), "closed after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(590),
+        "closed after {elapsed:?}"
+    );
     assert!(
         proxy.wait_for_log("connect failed after 3 attempt(s)", Duration::from_secs(2)),
         "log:\n{}",
@@ -238,10 +247,16 @@ async fn backend_blackholed_times_out_and_retries(path: Path_) {
     let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
     let elapsed = t0.elapsed();
     // Two attempts of 300 ms each plus a 300 ms turn-around.
-    assert!(elapsed >= Duration::from_millis(880), "closed after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(880),
+        "closed after {elapsed:?}"
+    );
     assert!(elapsed < Duration::from_secs(5), "closed after {elapsed:?}");
     assert!(
-        proxy.wait_for_log("connect failed after 2 attempt(s): timeout connect", Duration::from_secs(2)),
+        proxy.wait_for_log(
+            "connect failed after 2 attempt(s): timeout connect",
+            Duration::from_secs(2)
+        ),
         "log:\n{}",
         proxy.log()
     );
@@ -265,15 +280,25 @@ async fn server_maxconn_queues_then_times_out(path: Path_) {
     // ... and gets the slot s1 frees (its echo, sent while queued, is delivered then).
     drop(s1);
     let mut buf = [0u8; 5];
-    tokio::time::timeout(within, s3.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(within, s3.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"three");
     // With both slots held, a fourth is closed when timeout queue expires.
     let t0 = Instant::now();
     let mut s4 = TcpStream::connect(setup.bind).await.unwrap();
     let _ = s4.write_all(b"four").await;
     let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s4)).await;
-    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "s4 closed without data: {r:?}");
-    assert!(t0.elapsed() >= Duration::from_millis(550), "after {:?}", t0.elapsed());
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "s4 closed without data: {r:?}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(550),
+        "after {:?}",
+        t0.elapsed()
+    );
     assert!(proxy.wait_for_log("servers are at maxconn", Duration::from_secs(2)));
     drop((s2, s3));
 }
@@ -296,7 +321,10 @@ async fn global_maxconn_stops_accepting(path: Path_) {
     assert!(!echo_once(&mut s3, b"three", Duration::from_millis(300)).await);
     drop(s1);
     let mut buf = [0u8; 5];
-    tokio::time::timeout(within, s3.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(within, s3.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"three");
 }
 
@@ -317,6 +345,9 @@ async fn idle_sessions_time_out(path: Path_) {
     let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s)).await;
     assert!(r.is_ok(), "the idle session was closed");
     let idle = t0.elapsed();
-    assert!(idle >= Duration::from_millis(350) && idle < Duration::from_secs(3), "{idle:?}");
+    assert!(
+        idle >= Duration::from_millis(350) && idle < Duration::from_secs(3),
+        "{idle:?}"
+    );
     assert!(proxy.wait_for_log("idle timeout", Duration::from_secs(2)));
 }

@@ -1,6 +1,6 @@
 //! The backend set as the kernel sees it: one BACKENDS entry per (listener, server), rewritten on
-//! every state or session-count change. The verdict program reads `state` to fence sessions of a
-//! server that is no longer UP; bpftool shows the whole table.
+//! every state or session-count change. The verdict program reads `fenced` to stop forwarding
+//! for a server marked down; bpftool shows the whole table.
 use std::{net::SocketAddr, sync::Arc, sync::Mutex};
 
 use patroxy_common::BackendEntry;
@@ -49,10 +49,12 @@ impl BackendTable {
         entries.get(id as usize - 1).copied()
     }
 
-    pub fn set_state(&self, id: u32, state: u8, role: u8) {
+    /// Records the checker's view; `fenced` makes the kernel stop forwarding for this backend.
+    pub fn set_state(&self, id: u32, state: u8, role: u8, fenced: bool) {
         self.update(id, |e| {
             e.state = state;
             e.role = role;
+            e.fenced = u8::from(fenced);
         });
     }
 

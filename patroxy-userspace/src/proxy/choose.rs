@@ -1,16 +1,34 @@
-//! Interim: the first configured server; replaced by health-driven routing.
-use tokio::time::Instant;
+//! Health-driven choice of a server for a new client, and waiting while none is eligible.
+use tokio::time::{Instant, timeout_at};
 
 use super::Proxy;
+use crate::routing::Load;
 
 impl Proxy {
+    /// A server of `listener` for a new client, per its balance algorithm over the current
+    /// health snapshot; `None` when no eligible server is UP.
     pub(super) fn pick(&self, listener: usize, excluded: &[usize]) -> Option<usize> {
-        (0..self.config.listeners[listener].servers.len()).find(|s| !excluded.contains(s))
+        let snapshot = self.health.borrow().clone();
+        let load = |server: usize| {
+            let id = self.backend_id(listener, server);
+            let entry = self.backends.get(id).unwrap_or_default();
+            Load {
+                sessions: entry.sessions
+                    + self
+                        .counters(id)
+                        .queued
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                maxconn: self.config.listeners[listener].servers[server].maxconn,
+            }
+        };
+        let mut router = self.routers[listener].lock().expect("router lock");
+        router.pick(snapshot.listener(listener), &load, excluded)
     }
 
-    /// Waits until the routing answer may have changed; false once `deadline` passed.
+    /// Waits until the health snapshot changes; false once `deadline` passed first.
     pub(super) async fn wait_for_change(&self, deadline: Instant) -> bool {
-        tokio::time::sleep_until(deadline).await;
-        false
+        let mut rx = self.health.clone();
+        rx.mark_unchanged();
+        matches!(timeout_at(deadline, rx.changed()).await, Ok(Ok(())))
     }
 }

@@ -1,22 +1,34 @@
 //! Accepting clients, choosing and connecting a backend under HAProxy's limits, and handing the
 //! established pair to the data path.
 mod choose;
+pub mod counters;
 mod listener;
+mod markdown;
 mod registry;
 mod session;
 mod slots;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 pub use listener::bind;
 pub use registry::SessionRegistry;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
+    patroni::HealthSnapshot,
+    routing::Router,
 };
+use counters::{BackendCounters, ListenerCounters};
 use slots::ServerSlots;
 
 /// Everything a session task needs, shared by all listeners.
@@ -25,6 +37,13 @@ pub struct Proxy {
     pub dataplane: Arc<DataPlane>,
     pub backends: Arc<BackendTable>,
     pub sessions: SessionRegistry,
+    /// The checker's latest view of every server.
+    pub health: watch::Receiver<Arc<HealthSnapshot>>,
+    /// Per listener: its round-robin cursor and current write target.
+    routers: Vec<Mutex<Router>>,
+    /// Per backend (index = backend id - 1) and per listener, for the stats.
+    backend_counters: Vec<BackendCounters>,
+    pub listener_counters: Vec<ListenerCounters>,
     /// Global maxconn: accept loops take a permit before accepting.
     global: Arc<Semaphore>,
     /// Per-backend maxconn (index = backend id - 1).
@@ -36,6 +55,7 @@ impl Proxy {
         config: Arc<Config>,
         dataplane: Arc<DataPlane>,
         backends: Arc<BackendTable>,
+        health: watch::Receiver<Arc<HealthSnapshot>>,
     ) -> Arc<Self> {
         let slots = config
             .listeners
@@ -43,7 +63,24 @@ impl Proxy {
             .flat_map(|l| l.servers.iter())
             .map(|s| ServerSlots::new(s.maxconn))
             .collect();
+        let routers = config
+            .listeners
+            .iter()
+            .map(|l| Mutex::new(Router::new(&l.name, l.balance)))
+            .collect();
+        let backend_counters = (0..config.listeners.iter().map(|l| l.servers.len()).sum())
+            .map(|_| BackendCounters::default())
+            .collect();
+        let listener_counters = config
+            .listeners
+            .iter()
+            .map(|_| ListenerCounters::default())
+            .collect();
         Arc::new(Self {
+            health,
+            routers,
+            backend_counters,
+            listener_counters,
             global: Arc::new(Semaphore::new(config.global.maxconn as usize)),
             config,
             dataplane,
@@ -81,13 +118,17 @@ impl Proxy {
         }
     }
 
-    /// The backend id of server `server` of listener `listener` (1-based, file order).
+    /// The backend id (BPF map key) of server `server` of listener `listener`.
     pub fn backend_id(&self, listener: usize, server: usize) -> u32 {
-        let before: usize = self.config.listeners[..listener]
-            .iter()
-            .map(|l| l.servers.len())
-            .sum();
-        (before + server + 1) as u32
+        crate::patroni::backend_id(
+            &self.config,
+            crate::patroni::BackendKey { listener, server },
+        )
+        .expect("listener and server indexes come from the config")
+    }
+
+    pub fn counters(&self, backend_id: u32) -> &BackendCounters {
+        &self.backend_counters[backend_id as usize - 1]
     }
 
     fn slots(&self, backend_id: u32) -> &ServerSlots {

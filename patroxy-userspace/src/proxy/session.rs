@@ -1,5 +1,12 @@
 //! One client's way through the proxy: wait for a server slot, connect with retries, splice.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use tokio::{
     net::TcpStream,
@@ -30,9 +37,17 @@ impl Proxy {
     ) {
         let accepted = Instant::now();
         let lname = &self.config.listeners[listener].name;
+        let lcounters = &self.listener_counters[listener];
+        lcounters.accepted.fetch_add(1, Relaxed);
         let (server, backend, _slot, connected) = match self.connect_backend(listener).await {
             Ok(x) => x,
             Err(refusal) => {
+                match &refusal {
+                    Refusal::QueueTimeout { up_servers: false } => &lcounters.no_server,
+                    Refusal::QueueTimeout { up_servers: true } => &lcounters.queue_full,
+                    Refusal::ConnectFailed { .. } => &lcounters.connect_failed,
+                }
+                .fetch_add(1, Relaxed);
                 warn!(
                     client = %peer, listener = %lname,
                     wait_ms = accepted.elapsed().as_millis() as u64,
@@ -54,11 +69,14 @@ impl Proxy {
         };
         let registered = self.sessions.register(backend_id);
         self.backends.session_opened(backend_id);
+        let counters = self.counters(backend_id);
+        counters.opened(self.backends.get(backend_id).map_or(0, |e| e.sessions));
         let end = self
             .dataplane
             .run(client, backend, meta, &registered.kill)
             .await;
         self.backends.session_closed(backend_id);
+        counters.closed(end.bytes_from_client, end.bytes_from_server);
         drop(registered);
         info!(
             client = %peer, listener = %lname, server = %sname,
@@ -92,6 +110,8 @@ impl Proxy {
                 Ok(Err(e)) => e,
                 Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "timeout connect"),
             };
+            let counters = self.counters(self.backend_id(listener, server));
+            counters.connect_errors.fetch_add(1, Relaxed);
             let retries_left = d.retries + 1 - attempts;
             if retries_left == 0 {
                 return Err(Refusal::ConnectFailed {
@@ -99,8 +119,10 @@ impl Proxy {
                     last: err,
                 });
             }
+            counters.retries.fetch_add(1, Relaxed);
             sleep(turnaround).await;
             if retries_left == 1 && d.redispatch {
+                counters.redispatches.fetch_add(1, Relaxed);
                 // The last retry may go elsewhere; fall back to the same server if none other.
                 excluded.push(server);
                 drop(slot);
@@ -125,6 +147,8 @@ impl Proxy {
     ) -> Result<(usize, Slot), Refusal> {
         loop {
             let Some(server) = self.pick(listener, excluded) else {
+                let _waiting =
+                    WaitingGuard::new(&self.listener_counters[listener].waiting_for_server);
                 if !self.wait_for_change(deadline).await {
                     return Err(Refusal::QueueTimeout { up_servers: false });
                 }
@@ -132,6 +156,7 @@ impl Proxy {
             };
             let id = self.backend_id(listener, server);
             let wait = deadline.saturating_duration_since(Instant::now());
+            let _queued = self.counters(id).enqueue();
             return match self.slots(id).acquire(wait).await {
                 Some(slot) => Ok((server, slot)),
                 None => Err(Refusal::QueueTimeout { up_servers: true }),
@@ -153,5 +178,21 @@ impl Refusal {
                 format!("connect failed after {attempts} attempt(s): {last}")
             }
         }
+    }
+}
+
+/// Counts a client waiting for any UP server while it lives.
+struct WaitingGuard<'a>(&'a AtomicU32);
+
+impl<'a> WaitingGuard<'a> {
+    fn new(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }

@@ -33,11 +33,4 @@ impl ServerSlots {
             _permit: Some(permit),
         })
     }
-
-    /// Sessions that can still start without queueing (`u32::MAX` when unlimited).
-    pub fn free(&self) -> u32 {
-        self.semaphore
-            .as_ref()
-            .map_or(u32::MAX, |s| s.available_permits() as u32)
-    }
 }

@@ -1,0 +1,86 @@
+//! Applies health changes to the data path: every snapshot is written to BACKENDS (state and
+//! role), and a server marked down has its sessions fenced in the kernel (the verdict stops
+//! forwarding the moment its BACKENDS state leaves UP) and then reset, per `on_marked_down`.
+use std::sync::Arc;
+
+use patroxy_common::{
+    ROLE_PRIMARY, ROLE_REPLICA, ROLE_STANDBY_LEADER, ROLE_UNKNOWN, STATE_DOWN, STATE_UP,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::Proxy;
+use crate::{
+    config::{OnMarkedDown, OnMarkedUp},
+    dataplane::KillReason,
+    patroni::{HealthSnapshot, Role, ServerSnapshot, health::Transition},
+};
+
+impl Proxy {
+    /// Runs until `stop`: mirrors every published snapshot into the data path.
+    pub async fn follow_health(self: Arc<Self>, stop: CancellationToken) {
+        let mut rx = self.health.clone();
+        let mut previous = rx.borrow_and_update().clone();
+        self.write_states(&previous);
+        loop {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            let current = rx.borrow_and_update().clone();
+            // Fence first: the kernel stops forwarding before userspace starts resetting.
+            self.write_states(&current);
+            for (key, transition) in current.changes_since(&previous) {
+                let spec = &self.config.listeners[key.listener].servers[key.server];
+                let id = self.backend_id(key.listener, key.server);
+                match transition {
+                    Transition::WentDown
+                        if spec.on_marked_down == OnMarkedDown::ShutdownSessions =>
+                    {
+                        let n = self.sessions.kill_backend(id, KillReason::MarkedDown);
+                        self.counters(id)
+                            .markdown_resets
+                            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        info!(
+                            listener = %self.config.listeners[key.listener].name,
+                            server = %spec.name, sessions = n,
+                            "server marked down: resetting its sessions"
+                        );
+                    }
+                    Transition::WentUp
+                        if spec.on_marked_up == OnMarkedUp::ShutdownBackupSessions =>
+                    {
+                        // patroxy has no backup servers: the sessions a returning server
+                        // supersedes are those left on servers of its listener that are not UP.
+                        let listener = current.listener(key.listener);
+                        for other in listener.iter().filter(|s| !s.is_up()) {
+                            self.sessions.kill_backend(other.id, KillReason::MarkedUp);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            previous = current;
+        }
+    }
+
+    fn write_states(&self, snapshot: &HealthSnapshot) {
+        for server in snapshot.listeners.iter().flat_map(|l| l.servers.iter()) {
+            let spec = &self.config.listeners[server.key.listener].servers[server.key.server];
+            let state = if server.is_up() { STATE_UP } else { STATE_DOWN };
+            // With on_marked_down = none, HAProxy keeps a down server's sessions: so do we.
+            let fenced = !server.is_up() && spec.on_marked_down == OnMarkedDown::ShutdownSessions;
+            self.backends
+                .set_state(server.id, state, role_code(server), fenced);
+        }
+    }
+}
+
+fn role_code(server: &ServerSnapshot) -> u8 {
+    match server.health.role {
+        Some(Role::Primary) => ROLE_PRIMARY,
+        Some(Role::Replica) => ROLE_REPLICA,
+        Some(Role::StandbyLeader) => ROLE_STANDBY_LEADER,
+        _ => ROLE_UNKNOWN,
+    }
+}

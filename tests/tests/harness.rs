@@ -1,0 +1,119 @@
+//! Tests of the test harness itself: if these fail, every integration test's failure is
+//! suspect.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::Command;
+use std::time::Duration;
+
+use patroxy_tests::ports::{free_tcp_port, is_listening, wait_for_listen};
+use patroxy_tests::postgres::{Postgres, PostgresOptions};
+use patroxy_tests::process::ChildGuard;
+
+#[test]
+fn postgres_starts_answers_and_cleans_up() {
+    let pg = Postgres::start(PostgresOptions::default().max_connections(50));
+    let port = pg.port();
+    assert_eq!(pg.psql(port, "SELECT 1"), "1");
+    assert_eq!(pg.psql(port, "SHOW max_connections"), "50");
+    assert_eq!(pg.psql(port, "SHOW listen_addresses"), "127.0.0.1");
+    let dir = pg.dir().to_path_buf();
+    assert!(dir.join("data").join("PG_VERSION").is_file());
+
+    drop(pg);
+    assert!(!dir.exists(), "{} still exists after drop", dir.display());
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    assert!(
+        !is_listening(addr),
+        "PostgreSQL still listens on {addr} after drop"
+    );
+}
+
+#[test]
+fn postgres_requires_the_password() {
+    let pg = Postgres::start(PostgresOptions::default().password("s3cret-harness"));
+    let mut psql = pg.client("psql", pg.port());
+    psql.env("PGPASSWORD", "wrong")
+        .args(["-X", "-h", "127.0.0.1", "-At", "-c", "SELECT 1"]);
+    let out = psql.output().expect("run psql");
+    assert!(
+        !out.status.success(),
+        "psql with a wrong password succeeded"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    assert_eq!(pg.psql(pg.port(), "SELECT current_user"), "postgres");
+}
+
+#[test]
+fn postgres_trust_and_clean_stop() {
+    let pg = Postgres::start(PostgresOptions::default().trust());
+    let mut psql = pg.client("psql", pg.port());
+    psql.env_remove("PGPASSWORD")
+        .args(["-X", "-h", "127.0.0.1", "-At", "-c", "SELECT 2"]);
+    let out = psql.output().expect("run psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    let dir = pg.dir().to_path_buf();
+    pg.stop().expect("pg_ctl stop -m fast");
+    assert!(!dir.exists());
+}
+
+#[test]
+fn pgbench_reports_tps() {
+    let pg = Postgres::start(PostgresOptions::default());
+    pg.pgbench_init(pg.port(), 1);
+    let tps = pg.pgbench(pg.port(), &["-S", "-n", "-c", "2", "-j", "1", "-T", "2"]);
+    assert!(tps > 0.0, "tps = {tps}");
+}
+
+#[test]
+fn free_port_is_bindable() {
+    let port = free_tcp_port();
+    assert_ne!(port, 0);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind the free port");
+    assert!(wait_for_listen(
+        listener.local_addr().unwrap(),
+        Duration::from_secs(1)
+    ));
+}
+
+#[test]
+fn child_guard_kills_on_drop_and_keeps_output() {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "echo to-stdout; echo to-stderr >&2; exec sleep 600"]);
+    let guard = ChildGuard::spawn("sleeper", &mut cmd).expect("spawn sh");
+    let pid = guard.id();
+    let log_path = guard.log_path().expect("captured").to_path_buf();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = guard.log();
+    assert!(
+        log.contains("to-stdout") && log.contains("to-stderr"),
+        "{log}"
+    );
+
+    drop(guard);
+    // SAFETY: signal 0 only checks whether the pid exists.
+    let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
+    assert!(!alive, "pid {pid} survived ChildGuard drop");
+    assert!(!log_path.exists(), "log of a passing test is removed");
+}
+
+#[test]
+fn child_guard_escalates_to_sigkill() {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "trap '' TERM; while :; do sleep 0.1; done"]);
+    let mut guard = ChildGuard::spawn("stubborn", &mut cmd)
+        .expect("spawn sh")
+        .with_grace(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(200));
+    let status = guard.stop().expect("stop");
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+}
