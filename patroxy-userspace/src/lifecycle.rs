@@ -23,8 +23,8 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     )?);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let health = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
-    let initial = health.borrow().clone();
+    let checks = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
+    let initial = checks.borrow().clone();
     let backends = Arc::new(BackendTable::new(
         dataplane.kernel().cloned(),
         initial.listeners.iter().enumerate().flat_map(|(i, l)| {
@@ -44,7 +44,7 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let proxy = Proxy::new(config.clone(), dataplane.clone(), backends, health);
+    let proxy = Proxy::new(config.clone(), dataplane.clone(), backends, checks);
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
     proxy.serve(listeners, stop.clone(), &tracker);
     info!(

@@ -44,6 +44,7 @@ pub enum Behaviour {
 pub struct Backend {
     pub addr: SocketAddr,
     endings: Arc<Mutex<Vec<Ending>>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Backend {
@@ -54,8 +55,11 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let endings = Arc::new(Mutex::new(Vec::new()));
         let e = endings.clone();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let e = e.clone();
                 tokio::spawn(async move {
                     let ending = serve(stream, behaviour).await;
@@ -63,7 +67,16 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, endings }
+        Backend {
+            addr,
+            endings,
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn endings(&self) -> Vec<Ending> {

@@ -97,7 +97,8 @@ impl Patroxy {
     }
 }
 
-/// `bpftool -j map dump pinned <pin_path>/<map>` parsed as JSON.
+/// `bpftool -j map dump pinned <pin_path>/<map>` parsed as JSON: an array of the typed
+/// `{"key": .., "value": {..}}` entries (bpftool's "formatted" form, from the maps' BTF).
 pub fn bpftool_dump(pin_path: &Path, map: &str) -> serde_json::Value {
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
@@ -109,5 +110,16 @@ pub fn bpftool_dump(pin_path: &Path, map: &str) -> serde_json::Value {
         "bpftool failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let entries = raw.as_array().expect("bpftool dumps an array");
+    serde_json::Value::Array(
+        entries
+            .iter()
+            .map(|e| {
+                e.get("formatted")
+                    .cloned()
+                    .unwrap_or_else(|| panic!("no BTF-typed entry in {e}"))
+            })
+            .collect(),
+    )
 }

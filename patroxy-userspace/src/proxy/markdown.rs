@@ -19,7 +19,7 @@ use crate::{
 impl Proxy {
     /// Runs until `stop`: mirrors every published snapshot into the data path.
     pub async fn follow_health(self: Arc<Self>, stop: CancellationToken) {
-        let mut rx = self.health.clone();
+        let mut rx = self.checks.clone();
         let mut previous = rx.borrow_and_update().clone();
         self.write_states(&previous);
         loop {
@@ -28,8 +28,10 @@ impl Proxy {
                 _ = stop.cancelled() => return,
             }
             let current = rx.borrow_and_update().clone();
-            // Fence first: the kernel stops forwarding before userspace starts resetting.
+            // Fence first: the kernel stops forwarding before userspace starts resetting; and
+            // routing sees a server UP only once its fence is lifted.
             self.write_states(&current);
+            self.applied.send_replace(current.clone());
             for (key, transition) in current.changes_since(&previous) {
                 let spec = &self.config.listeners[key.listener].servers[key.server];
                 let id = self.backend_id(key.listener, key.server);

@@ -37,8 +37,13 @@ pub struct Proxy {
     pub dataplane: Arc<DataPlane>,
     pub backends: Arc<BackendTable>,
     pub sessions: SessionRegistry,
-    /// The checker's latest view of every server.
+    /// The checker's view of every server once applied to the data path (BACKENDS written,
+    /// fences lifted or set): routing and stats read this, never the checker's raw output, so
+    /// no session is spliced to a server whose fence is still up.
     pub health: watch::Receiver<Arc<HealthSnapshot>>,
+    applied: watch::Sender<Arc<HealthSnapshot>>,
+    /// The checker's raw output, read only by `follow_health`.
+    checks: watch::Receiver<Arc<HealthSnapshot>>,
     /// Per listener: its round-robin cursor and current write target.
     routers: Vec<Mutex<Router>>,
     /// Per backend (index = backend id - 1) and per listener, for the stats.
@@ -55,8 +60,9 @@ impl Proxy {
         config: Arc<Config>,
         dataplane: Arc<DataPlane>,
         backends: Arc<BackendTable>,
-        health: watch::Receiver<Arc<HealthSnapshot>>,
+        checks: watch::Receiver<Arc<HealthSnapshot>>,
     ) -> Arc<Self> {
+        let (applied, health) = watch::channel(checks.borrow().clone());
         let slots = config
             .listeners
             .iter()
@@ -78,6 +84,8 @@ impl Proxy {
             .collect();
         Arc::new(Self {
             health,
+            applied,
+            checks,
             routers,
             backend_counters,
             listener_counters,

@@ -68,6 +68,13 @@ impl Proxy {
                 .min(self.config.defaults.timeout_server),
         };
         let registered = self.sessions.register(backend_id);
+        // A mark-down between our pick and this registration fenced the server without
+        // seeing us: reset now rather than sit behind the fence.
+        if self.backends.get(backend_id).is_some_and(|e| e.fenced != 0) {
+            registered
+                .kill
+                .kill(crate::dataplane::KillReason::MarkedDown);
+        }
         self.backends.session_opened(backend_id);
         let counters = self.counters(backend_id);
         counters.opened(self.backends.get(backend_id).map_or(0, |e| e.sessions));

@@ -1,0 +1,397 @@
+//! Health-driven routing end to end: a real patroxy whose servers are checked against scriptable
+//! fake Patroni REST APIs, with in-process TCP backends standing in for PostgreSQL (and one real
+//! PostgreSQL for psql).
+mod common;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use common::{Path_, echo_once, local, read_until_closed};
+use patroxy_tests::{
+    backend::{Backend, Behaviour},
+    daemon::{Patroxy, bpftool_dump},
+    fake_patroni::{FakePatroni, Reply},
+    ports::free_tcp_port,
+};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+/// One node of a fake cluster: a traffic backend and its fake Patroni API.
+struct Node {
+    backend: Backend,
+    api: FakePatroni,
+}
+
+impl Node {
+    async fn start() -> Node {
+        Node {
+            backend: Backend::start(Behaviour::Echo).await,
+            api: FakePatroni::start().await,
+        }
+    }
+}
+
+struct Cluster<'a> {
+    path: Path_,
+    pin: &'a std::path::Path,
+    bind: SocketAddr,
+    check_path: &'a str,
+    extra_defaults: &'a str,
+    on_marked_down: &'a str,
+}
+
+impl Cluster<'_> {
+    fn toml(&self, nodes: &[(&str, SocketAddr, u16)]) -> String {
+        let servers: String = nodes
+            .iter()
+            .map(|(name, addr, api_port)| {
+                format!("[[server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck_port = {api_port}\n\n")
+            })
+            .collect();
+        let names: Vec<String> = nodes.iter().map(|(n, _, _)| format!("\"{n}\"")).collect();
+        format!(
+            r#"
+[global]
+bpf = "{bpf}"
+pin_path = "{pin}"
+
+[defaults]
+retries = 1
+timeout_client = "30m"
+timeout_server = "30m"
+timeout_connect = "1s"
+timeout_check = "500ms"
+{extra}
+
+[default_server]
+inter = "200ms"
+fastinter = "50ms"
+downinter = "200ms"
+rise = 2
+fall = 3
+on_marked_down = "{omd}"
+
+{servers}
+[[listener]]
+name = "postgres_write"
+bind = "{bind}"
+servers = [{names}]
+[listener.check]
+path = "{check}"
+"#,
+            bpf = self.path.bpf(),
+            pin = self.pin.display(),
+            extra = self.extra_defaults,
+            omd = self.on_marked_down,
+            bind = self.bind,
+            names = names.join(", "),
+            check = self.check_path,
+        )
+    }
+}
+
+fn cluster<'a>(path: Path_, pin: &'a std::path::Path) -> Cluster<'a> {
+    Cluster {
+        path,
+        pin,
+        bind: local(free_tcp_port()),
+        check_path: "/primary",
+        extra_defaults: "timeout_queue = \"3s\"",
+        on_marked_down: "shutdown-sessions",
+    }
+}
+
+/// Which node's backend a new session reaches: each echo backend counts its connections.
+async fn session_lands_on(bind: SocketAddr, nodes: &[&Node]) -> Option<usize> {
+    let before: Vec<usize> = nodes.iter().map(|n| n.backend.accepted()).collect();
+    let mut s = TcpStream::connect(bind).await.ok()?;
+    if !echo_once(&mut s, b"where", Duration::from_secs(3)).await {
+        return None;
+    }
+    nodes
+        .iter()
+        .zip(before)
+        .position(|(n, b)| n.backend.accepted() > b)
+}
+
+macro_rules! on_both_paths {
+    ($($scenario:ident),* $(,)?) => {
+        mod sockmap {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    let path = super::Path_::Sockmap;
+                    if path.available(concat!("sockmap::", stringify!($scenario))) {
+                        super::$scenario(path).await;
+                    }
+                }
+            )*
+        }
+        mod fallback {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Path_::Fallback).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_paths!(
+    writes_follow_the_primary,
+    no_up_server_queues_then_serves_or_closes,
+    split_brain_routes_to_the_higher_timeline,
+    markdown_resets_1000_sessions,
+);
+
+async fn writes_follow_the_primary(path: Path_) {
+    let (a, b) = (Node::start().await, Node::start().await);
+    a.api.set("/primary", Reply::primary(1));
+    b.api.set("/primary", Reply::replica(503, 1));
+    let pin = Patroxy::unique_pin_path("follow");
+    let c = cluster(path, &pin);
+    let toml = c.toml(&[
+        ("a", a.backend.addr, a.api.addr().port()),
+        ("b", b.backend.addr, b.api.addr().port()),
+    ]);
+    let proxy = Patroxy::start("follow", &toml, &pin, &[c.bind]);
+    // Servers start DOWN: the first session waits in the queue until `rise` checks passed.
+    assert_eq!(session_lands_on(c.bind, &[&a, &b]).await, Some(0));
+    for _ in 0..5 {
+        assert_eq!(
+            session_lands_on(c.bind, &[&a, &b]).await,
+            Some(0),
+            "writes go to a"
+        );
+    }
+    let mut held = TcpStream::connect(c.bind).await.unwrap();
+    assert!(echo_once(&mut held, b"held", Duration::from_secs(2)).await);
+
+    // Switchover: a answers 503 (authoritative: down at once), b becomes primary.
+    let t0 = Instant::now();
+    a.api.set("/primary", Reply::replica(503, 2));
+    b.api.set("/primary", Reply::primary(2));
+    // The session on the demoted primary is reset, not left to write into a replica.
+    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut held)).await;
+    let err = r.expect("held session closed").expect_err("reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    let reset_after = t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if session_lands_on(c.bind, &[&a, &b]).await == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes never moved to b");
+    }
+    let moved_after = t0.elapsed();
+    for _ in 0..5 {
+        assert_eq!(
+            session_lands_on(c.bind, &[&a, &b]).await,
+            Some(1),
+            "writes stay on b"
+        );
+    }
+    assert!(proxy.log().contains("reset: server marked down"));
+    eprintln!(
+        "{}: old primary's session reset after {reset_after:?}, new sessions on b after {moved_after:?}",
+        path.name()
+    );
+}
+
+async fn no_up_server_queues_then_serves_or_closes(path: Path_) {
+    let a = Node::start().await;
+    a.api.set("/primary", Reply::replica(503, 1));
+    let pin = Patroxy::unique_pin_path("noup");
+    let mut c = cluster(path, &pin);
+    c.extra_defaults = "timeout_queue = \"800ms\"";
+    let toml = c.toml(&[("a", a.backend.addr, a.api.addr().port())]);
+    let proxy = Patroxy::start("noup", &toml, &pin, &[c.bind]);
+    // No primary: the client is closed when timeout queue expires.
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(c.bind).await.unwrap();
+    let _ = s.write_all(b"hello").await;
+    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(750),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(proxy.wait_for_log("no server is UP", Duration::from_secs(2)));
+    // A client queued while the primary appears is served as soon as it is UP.
+    let mut s = TcpStream::connect(c.bind).await.unwrap();
+    let _ = s.write_all(b"queued").await;
+    a.api.set("/primary", Reply::primary(1));
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf),
+    )
+    .await
+    .expect("served once a is UP")
+    .unwrap();
+    assert_eq!(&buf, b"queued");
+}
+
+async fn split_brain_routes_to_the_higher_timeline(path: Path_) {
+    let (a, b) = (Node::start().await, Node::start().await);
+    a.api.set("/primary", Reply::primary(3));
+    b.api.set("/primary", Reply::primary(4));
+    let pin = Patroxy::unique_pin_path("split");
+    let c = cluster(path, &pin);
+    let toml = c.toml(&[
+        ("a", a.backend.addr, a.api.addr().port()),
+        ("b", b.backend.addr, b.api.addr().port()),
+    ]);
+    let proxy = Patroxy::start("split", &toml, &pin, &[c.bind]);
+    // Let both rise, then every write goes to the higher timeline, never round-robin.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..8 {
+        assert_eq!(session_lands_on(c.bind, &[&a, &b]).await, Some(1));
+    }
+    assert_eq!(
+        proxy.count_log("split brain"),
+        1,
+        "warned once:\n{}",
+        proxy.log()
+    );
+}
+
+async fn markdown_resets_1000_sessions(path: Path_) {
+    const SESSIONS: usize = 1000;
+    let a = Node::start().await;
+    a.api.set("/primary", Reply::primary(1));
+    let pin = Patroxy::unique_pin_path("md1000");
+    let c = cluster(path, &pin);
+    let toml = c.toml(&[("a", a.backend.addr, a.api.addr().port())]);
+    let proxy = Patroxy::start("md1000", &toml, &pin, &[c.bind]);
+    let mut clients = Vec::with_capacity(SESSIONS);
+    for i in 0..SESSIONS {
+        let mut s = TcpStream::connect(c.bind).await.unwrap();
+        assert!(
+            echo_once(&mut s, b"up", Duration::from_secs(5)).await,
+            "session {i}"
+        );
+        clients.push(s);
+    }
+    let flipped = Instant::now();
+    a.api.set("/primary", Reply::replica(503, 2));
+    let waits: Vec<_> = clients
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let r =
+                    tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
+                (
+                    std::time::SystemTime::now(),
+                    r.map(|r| r.map_err(|e| e.kind())),
+                )
+            })
+        })
+        .collect();
+    let mut last = std::time::SystemTime::UNIX_EPOCH;
+    for w in waits {
+        let (at, r) = w.await.unwrap();
+        assert!(
+            matches!(r, Ok(Err(std::io::ErrorKind::ConnectionReset))),
+            "every session is reset: {r:?}"
+        );
+        last = last.max(at);
+    }
+    assert!(
+        proxy.wait_for_log("sessions=1000", Duration::from_secs(2)),
+        "{}",
+        proxy.log()
+    );
+    let marked = log_time(&proxy.log(), "is DOWN").expect("mark-down logged");
+    let markdown_to_last_reset = last.duration_since(marked).unwrap_or_default();
+    eprintln!(
+        "MEASURED {}: {SESSIONS} sessions: mark-down to last client reset {:?}; \
+         503 served to last reset {:?}",
+        path.name(),
+        markdown_to_last_reset,
+        flipped.elapsed()
+    );
+    assert!(markdown_to_last_reset < Duration::from_secs(5));
+}
+
+/// Wall-clock time of the first log line containing `needle` (tracing's RFC 3339 prefix).
+fn log_time(log: &str, needle: &str) -> Option<std::time::SystemTime> {
+    log.lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+}
+
+/// The kernel fence alone: with the verdict told a backend is fenced, no byte crosses, while
+/// userspace (not told) keeps the session open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kernel_fence_stops_forwarding() {
+    if !Path_::Sockmap.available("kernel_fence_stops_forwarding") {
+        return;
+    }
+    let a = Node::start().await;
+    a.api.set("/primary", Reply::primary(1));
+    let pin = Patroxy::unique_pin_path("fence");
+    let c = cluster(Path_::Sockmap, &pin);
+    let toml = c.toml(&[("a", a.backend.addr, a.api.addr().port())]);
+    let _proxy = Patroxy::start("fence", &toml, &pin, &[c.bind]);
+    let mut s = TcpStream::connect(c.bind).await.unwrap();
+    assert!(echo_once(&mut s, b"before", Duration::from_secs(5)).await);
+
+    let backends = bpftool_dump(&pin, "BACKENDS");
+    let entry = &backends[0]["value"];
+    assert_eq!(entry["fenced"], 0, "{backends}");
+    assert_eq!(entry["state"], 1, "UP: {backends}");
+    assert_eq!(entry["role"], 1, "primary: {backends}");
+    assert_eq!(entry["sessions"], 1, "{backends}");
+    let mut value = Vec::new();
+    value.extend_from_slice(&(entry["addr_v4"].as_u64().unwrap() as u32).to_ne_bytes());
+    value.extend_from_slice(&(entry["port"].as_u64().unwrap() as u16).to_ne_bytes());
+    value.extend_from_slice(&(entry["listener"].as_u64().unwrap() as u16).to_ne_bytes());
+    value.extend_from_slice(&[1, 1, 1, 0]); // state UP, role primary, fenced, pad
+    value.extend_from_slice(&1u32.to_ne_bytes());
+    let hex: Vec<String> = value.iter().map(|b| format!("0x{b:02x}")).collect();
+    let key: Vec<String> = 1u32
+        .to_ne_bytes()
+        .iter()
+        .map(|b| format!("0x{b:02x}"))
+        .collect();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(pin.join("BACKENDS"))
+        .arg("key")
+        .args(&key)
+        .arg("value")
+        .args(&hex)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let received_before = session_bytes(&pin);
+    assert!(
+        !echo_once(&mut s, b"after", Duration::from_millis(500)).await,
+        "bytes crossed the fence"
+    );
+    assert_eq!(
+        session_bytes(&pin),
+        received_before,
+        "the verdict forwarded after the fence"
+    );
+}
+
+/// Sum of bytes_rx over SESSIONS: bytes the verdict forwarded.
+fn session_bytes(pin: &std::path::Path) -> u64 {
+    bpftool_dump(pin, "SESSIONS")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["value"]["bytes_rx"].as_u64().unwrap())
+        .sum()
+}
