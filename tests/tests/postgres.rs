@@ -1,0 +1,261 @@
+//! patroxy in front of a real PostgreSQL (Debian's, started by the harness): psql and pgbench
+//! through both data paths, the pinned maps seen by bpftool, start-up rules for BPF and config.
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::{Path_, Setup, local};
+use patroxy_tests::{
+    daemon::{Patroxy, bpftool_dump},
+    fake_patroni::{FakePatroni, Reply},
+    ports::free_tcp_port,
+    postgres::{Postgres, PostgresOptions},
+    process::{ChildGuard, patroxy_bin, require_root},
+};
+
+fn psql_and_pgbench(path: Path_) {
+    let pg = Postgres::start(PostgresOptions::default());
+    let pin = Patroxy::unique_pin_path("pg");
+    let setup = Setup::new(path, &pin, pg.addr());
+    let proxy = Patroxy::start("pg", &setup.toml(), &pin, &[setup.bind]);
+    let port = setup.bind.port();
+    assert_eq!(
+        pg.psql(port, "SELECT inet_server_port(), pg_is_in_recovery()"),
+        format!("{}|f", pg.port()),
+        "psql reaches PostgreSQL through patroxy"
+    );
+    // A multi-statement session with a larger result, byte-exact through the proxy.
+    let sum = pg.psql(port, "SELECT sum(g) FROM generate_series(1, 200000) g");
+    assert_eq!(sum, "20000100000");
+    pg.pgbench_init(pg.port(), 1);
+    let direct = pg.pgbench(pg.port(), &["-S", "-c", "4", "-j", "2", "-T", "3"]);
+    let proxied = pg.pgbench(port, &["-S", "-c", "4", "-j", "2", "-T", "3"]);
+    eprintln!(
+        "MEASURED {}: pgbench -S -c 4 -T 3: direct {direct:.0} TPS, through patroxy {proxied:.0} TPS ({:.2} of direct)",
+        path.name(),
+        proxied / direct
+    );
+    assert!(proxied > 0.0);
+    assert!(proxy.log().contains(&format!("path=\"{}\"", path.name())));
+}
+
+#[test]
+fn psql_and_pgbench_through_sockmap() {
+    if require_root("psql_and_pgbench_through_sockmap") {
+        psql_and_pgbench(Path_::Sockmap);
+    }
+}
+
+#[test]
+fn psql_and_pgbench_through_fallback() {
+    psql_and_pgbench(Path_::Fallback);
+}
+
+/// Live sessions are visible, typed, in the pinned maps.
+#[test]
+fn bpftool_shows_live_sessions_with_typed_fields() {
+    if !require_root("bpftool_shows_live_sessions_with_typed_fields") {
+        return;
+    }
+    let pg = Postgres::start(PostgresOptions::default());
+    let pin = Patroxy::unique_pin_path("bpftool");
+    let setup = Setup::new(Path_::Sockmap, &pin, pg.addr());
+    let _proxy = Patroxy::start("bpftool", &setup.toml(), &pin, &[setup.bind]);
+    // A session that stays open while bpftool looks.
+    let mut psql = pg.client("psql", setup.bind.port());
+    psql.args(["-X", "-At", "-c", "SELECT 42", "-c", "SELECT pg_sleep(2)"]);
+    let _session = ChildGuard::spawn("psql-sleep", &mut psql).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let entries = loop {
+        let entries = bpftool_dump(&pin, "SESSIONS");
+        if entries.as_array().unwrap().len() == 2 {
+            break entries;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no live session: {entries}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let entries = entries.as_array().unwrap();
+    let client = entries
+        .iter()
+        .find(|e| e["value"]["side"] == 0)
+        .expect("client side");
+    let backend = entries
+        .iter()
+        .find(|e| e["value"]["side"] == 1)
+        .expect("backend side");
+    assert_eq!(client["value"]["peer"], backend["key"]);
+    assert_eq!(backend["value"]["peer"], client["key"]);
+    assert_eq!(client["value"]["backend"], 1);
+    assert_eq!(client["value"]["listener"], 0);
+    // The startup packet and queries went client->server; results came back.
+    assert!(client["value"]["bytes_rx"].as_u64().unwrap() > 0);
+    assert!(backend["value"]["bytes_rx"].as_u64().unwrap() > 0);
+    assert_eq!(client["value"]["bytes_tx"], backend["value"]["bytes_rx"]);
+    assert!(client["value"]["last_ns"].as_u64().unwrap() > 0);
+    let backends = bpftool_dump(&pin, "BACKENDS");
+    assert_eq!(backends[0]["value"]["port"], pg.port());
+    assert_eq!(backends[0]["value"]["sessions"], 1);
+}
+
+/// A crash leaves pins behind; the next start removes them instead of failing.
+#[test]
+fn stale_pins_do_not_stop_the_next_start() {
+    if !require_root("stale_pins_do_not_stop_the_next_start") {
+        return;
+    }
+    let pin = Patroxy::unique_pin_path("stale");
+    let setup = Setup::new(Path_::Sockmap, &pin, local(free_tcp_port()));
+    let mut first = Patroxy::start("stale1", &setup.toml(), &pin, &[setup.bind]);
+    first.child.signal(libc::SIGKILL).unwrap();
+    first.child.wait().unwrap();
+    assert!(
+        pin.join("SESSIONS").exists(),
+        "a killed daemon leaves its pins"
+    );
+    let second = Patroxy::start("stale2", &setup.toml(), &pin, &[setup.bind]);
+    assert!(second.wait_for_log("removed stale pins", Duration::from_secs(2)));
+    drop(second);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!pin.exists(), "a clean stop removes the pins");
+}
+
+/// Without privileges: `auto` falls back with one line saying why, `required` refuses.
+#[test]
+fn bpf_modes_without_privileges() {
+    if !require_root("bpf_modes_without_privileges (drops to nobody)") {
+        return;
+    }
+    let drop_privileges = |cmd: &mut Command| {
+        let program = cmd.get_program().to_owned();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        *cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(program)
+        .args(args)
+        .env("PATROXY_LOG", "info");
+    };
+    let pin = Patroxy::unique_pin_path("nopriv");
+    let mut setup = Setup::new(Path_::Sockmap, &pin, local(free_tcp_port()));
+    // required: refuses to start, saying why.
+    let config = setup.toml();
+    let dir = std::env::temp_dir().join("patroxy-test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let file = dir.join(format!("nopriv-{}.toml", std::process::id()));
+    std::fs::write(&file, &config).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut cmd = Command::new(patroxy_bin());
+    cmd.args(["run", "--config"]).arg(&file);
+    drop_privileges(&mut cmd);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "required must refuse: {stderr}");
+    assert!(
+        stderr.contains("bpf = \"required\"") && stderr.contains("not root"),
+        "{stderr}"
+    );
+
+    // auto: starts on the fallback path, one line saying why.
+    setup.path = Path_::Fallback;
+    let auto = setup.toml().replace("bpf = \"off\"", "bpf = \"auto\"");
+    let proxy = Patroxy::start_with("nopriv", &auto, &pin, &[setup.bind], drop_privileges);
+    assert!(proxy.wait_for_log("using the userspace fallback", Duration::from_secs(2)));
+    assert_eq!(proxy.count_log("sockmap data path unavailable"), 1);
+    assert!(proxy.log().contains("data_path=\"fallback\""));
+}
+
+/// Bad config: `check-config` and `run` both refuse with file:line:col and exit 64.
+#[test]
+fn bad_config_is_refused_with_its_position() {
+    let dir = std::env::temp_dir().join("patroxy-test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("bad-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        "[global]\nmaxconn = 0\n\n[defaults]\ntimeout_client = \"30m\"\ntimeout_server = \"30m\"\ntimeout_connect = \"4x\"\n",
+    )
+    .unwrap();
+    for args in [vec!["check-config"], vec!["run", "--config"]] {
+        let out = Command::new(patroxy_bin())
+            .args(&args)
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(&format!("{}:", file.display())), "{stderr}");
+        assert!(
+            stderr.contains(":7:19:") || stderr.contains(":2:11:"),
+            "position: {stderr}"
+        );
+    }
+    let out = Command::new(patroxy_bin())
+        .args(["check-config"])
+        .arg(patroxy_tests::process::workspace_root().join("patroxy.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the shipped patroxy.toml is valid");
+}
+
+/// Routing decided by (fake) Patroni answers, with real psql sessions to a real PostgreSQL:
+/// while the node is primary psql works; when it answers 503 psql is refused cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_routed_by_patroni_answers() {
+    let pg = Postgres::start(PostgresOptions::default());
+    let api = FakePatroni::start().await;
+    api.set("/primary", Reply::primary(1));
+    let bind = local(free_tcp_port());
+    let pin = Patroxy::unique_pin_path("psqlfake");
+    let toml = format!(
+        r#"
+[global]
+bpf = "auto"
+pin_path = "{pin}"
+[defaults]
+timeout_client = "30m"
+timeout_server = "30m"
+timeout_connect = "1s"
+timeout_queue = "1s"
+[default_server]
+inter = "200ms"
+fastinter = "50ms"
+on_marked_down = "shutdown-sessions"
+[[server]]
+name = "pg1"
+address = "{addr}"
+check_port = {api}
+[[listener]]
+name = "postgres_write"
+bind = "{bind}"
+servers = ["pg1"]
+[listener.check]
+path = "/primary"
+"#,
+        pin = pin.display(),
+        addr = pg.addr(),
+        api = api.addr().port(),
+    );
+    let proxy = Patroxy::start("psqlfake", &toml, &pin, &[bind]);
+    let pgr = &pg;
+    let port = bind.port();
+    let ok = tokio::task::block_in_place(|| pgr.psql(port, "SELECT 1"));
+    assert_eq!(ok, "1");
+    api.set("/primary", Reply::replica(503, 2));
+    assert!(proxy.wait_for_log("is DOWN", Duration::from_secs(3)));
+    let refused = tokio::task::block_in_place(|| pgr.try_psql(port, "SELECT 1"));
+    let err = refused.expect_err("no primary: psql is refused");
+    eprintln!("psql without a primary: {err}");
+    assert!(proxy.wait_for_log("no server is UP", Duration::from_secs(3)));
+    api.set("/primary", Reply::primary(2));
+    assert!(proxy.wait_for_log("is UP", Duration::from_secs(3)));
+    let back = tokio::task::block_in_place(|| pgr.psql(port, "SELECT 2"));
+    assert_eq!(back, "2");
+}
