@@ -17,6 +17,7 @@ use patroxy_common::{STATE_DOWN, STATE_UP};
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
 pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    raise_fd_limit(config.global.maxconn);
     let dataplane = Arc::new(DataPlane::select(
         config.global.bpf,
         &config.global.pin_path,
@@ -71,4 +72,30 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT received"),
     }
     Ok(())
+}
+
+/// Each session holds two sockets: like HAProxy, raise the soft fd limit to fit maxconn (up to
+/// the hard limit, which only an administrator can raise) and say so if it cannot.
+fn raise_fd_limit(maxconn: u32) {
+    let wanted = u64::from(maxconn) * 2 + 256;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid rlimit; only the soft limit changes.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+    if lim.rlim_cur < wanted {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            wanted,
+            "the open-files limit is below what maxconn needs (2 per session); raise LimitNOFILE"
+        );
+    }
 }

@@ -18,6 +18,17 @@ use tracing::{info, warn};
 use super::{Proxy, slots::Slot};
 use crate::dataplane::SessionMeta;
 
+/// A client's server, connected, with HAProxy's Tw (queue) and Tc (connect) milestones.
+struct Connected {
+    server: usize,
+    stream: TcpStream,
+    /// Held for the session's life: the per-server maxconn slot.
+    slot: Slot,
+    /// When the client left the queue (got a server and a slot).
+    dequeued: Instant,
+    connected: Instant,
+}
+
 /// Why a client was closed before reaching a server (HAProxy's termination flags in words).
 #[derive(Debug)]
 enum Refusal {
@@ -39,7 +50,13 @@ impl Proxy {
         let lname = &self.config.listeners[listener].name;
         let lcounters = &self.listener_counters[listener];
         lcounters.accepted.fetch_add(1, Relaxed);
-        let (server, backend, _slot, connected) = match self.connect_backend(listener).await {
+        let Connected {
+            server,
+            stream: backend,
+            slot: _slot,
+            dequeued,
+            connected,
+        } = match self.connect_backend(listener).await {
             Ok(x) => x,
             Err(refusal) => {
                 match &refusal {
@@ -87,7 +104,8 @@ impl Proxy {
         drop(registered);
         info!(
             client = %peer, listener = %lname, server = %sname,
-            wait_ms = (connected - accepted).as_millis() as u64,
+            queue_ms = (dequeued - accepted).as_millis() as u64,
+            connect_ms = (connected - dequeued).as_millis() as u64,
             total_ms = accepted.elapsed().as_millis() as u64,
             bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
             path = self.dataplane.name(),
@@ -97,10 +115,7 @@ impl Proxy {
 
     /// Chooses a server (waiting in the queue while none is UP or all are full), then connects
     /// with HAProxy's `retries`, turn-around delay and `option redispatch`.
-    async fn connect_backend(
-        &self,
-        listener: usize,
-    ) -> Result<(usize, TcpStream, Slot, Instant), Refusal> {
+    async fn connect_backend(&self, listener: usize) -> Result<Connected, Refusal> {
         let d = &self.config.defaults;
         let queue_deadline = Instant::now() + d.timeout_queue;
         let turnaround = d.timeout_connect.min(Duration::from_secs(1));
@@ -108,12 +123,21 @@ impl Proxy {
         let (mut server, mut slot) = self
             .wait_for_slot(listener, &excluded, queue_deadline)
             .await?;
+        let dequeued = Instant::now();
         let mut attempts = 0;
         loop {
             attempts += 1;
             let addr = self.config.listeners[listener].servers[server].address;
             let err = match timeout(d.timeout_connect, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => return Ok((server, stream, slot, Instant::now())),
+                Ok(Ok(stream)) => {
+                    return Ok(Connected {
+                        server,
+                        stream,
+                        slot,
+                        dequeued,
+                        connected: Instant::now(),
+                    });
+                }
                 Ok(Err(e)) => e,
                 Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "timeout connect"),
             };
