@@ -1,1 +1,6 @@
-
+pub mod backend;
+pub mod daemon;
+pub mod fake_patroni;
+pub mod ports;
+pub mod postgres;
+pub mod process;

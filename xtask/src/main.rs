@@ -1,1 +1,92 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's orchestration, kept out of the product crates.
+//!
+//! Every command that builds first runs `setup`, which installs whatever this machine lacks
+//! (nightly rust-src, bpf-linker, the Debian packages the tests and demo use, bpffs), so a
+//! fresh machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
+//!
+//! Layout: `setup.rs` (installs), `cargo.rs` (workspace paths, builds), `test.rs` (the test
+//! run and its summary), `demo.rs` (PostgreSQL + patroxy on an embedded config); the
+//! PostgreSQL and process harness is shared with the integration tests (tests/src).
+
+mod cargo;
+mod demo;
+mod setup;
+mod test;
+
+// The demo starts its PostgreSQL with the integration tests' harness. Its std+libc modules
+// are compiled in rather than depending on the patroxy-tests crate, so setup never waits on
+// (or breaks with) the rest of the test code and its dependencies.
+#[allow(dead_code)]
+#[path = "../../tests/src/ports.rs"]
+mod ports;
+#[allow(dead_code)]
+#[path = "../../tests/src/postgres.rs"]
+mod postgres;
+#[allow(dead_code)]
+#[path = "../../tests/src/process.rs"]
+mod process;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run, test and demo patroxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need, when missing (idempotent).
+    Setup,
+    /// Set up, then build the patroxy binary (debug unless --release).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build (release), then run target/release/patroxy with the arguments after `--`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, run every test of the workspace (release) and print a summary.
+    ///
+    /// Arguments after `--` go to `cargo test`; a second `--` separates test-binary
+    /// arguments, e.g. `cargo xtask test -- -p patroxy-tests -- --nocapture`.
+    Test {
+        /// Stop the test run (not the builds before it) after this many seconds.
+        #[arg(long, default_value_t = 1500)]
+        timeout: u64,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Start a local PostgreSQL with patroxy in front of it and show how to connect.
+    Demo {
+        /// Stop right after the proof query instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::setup().map(|_| ExitCode::SUCCESS),
+        Cmd::Build { release } => setup::setup()
+            .and_then(|env| cargo::build_patroxy(&env, release))
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Run { args } => cargo::run_patroxy(&args),
+        Cmd::Test { timeout, args } => test::test(&args, Duration::from_secs(timeout)),
+        Cmd::Demo { once } => demo::demo(once).map(|_| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
