@@ -8,6 +8,7 @@
 //! run and its summary), `demo.rs` (PostgreSQL + patroxy on an embedded config); the
 //! PostgreSQL and process harness is shared with the integration tests (tests/src).
 
+mod bench;
 mod cargo;
 mod demo;
 mod setup;
@@ -63,6 +64,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark direct vs patroxy (sockmap, fallback) vs HAProxy on loopback; writes
+    /// bench/results.md and bench/ratios.png.
+    Bench(bench::BenchArgs),
     /// Start a local PostgreSQL with patroxy in front of it and show how to connect.
     Demo {
         /// Stop right after the proof query instead of waiting for Ctrl-C.
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Cmd::Run { args } => cargo::run_patroxy(&args),
         Cmd::Test { timeout, args } => test::test(&args, Duration::from_secs(timeout)),
+        Cmd::Bench(args) => bench::bench(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Demo { once } => demo::demo(once).map(|_| ExitCode::SUCCESS),
     };
     match result {

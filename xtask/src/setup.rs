@@ -24,6 +24,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "chromium",
+    // The bench's chart labels (read at run time by plotters' pure-Rust text renderer).
+    "fonts-dejavu-core",
+    // perf, for profiling the data path.
+    "linux-perf",
 ];
 
 /// The bpf-linker release the recipe was verified with.
