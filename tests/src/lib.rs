@@ -4,3 +4,4 @@ pub mod fake_patroni;
 pub mod ports;
 pub mod postgres;
 pub mod process;
+pub mod stats_client;
