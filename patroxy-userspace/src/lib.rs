@@ -6,13 +6,14 @@
 //! checker in `patroni` owns check state and publishes server states; `routing` reads those states
 //! and picks a backend; `proxy` accepts clients, enforces limits and connects; `dataplane` splices
 //! each established pair (sockmap in the kernel, or the userspace fallback) and tears it down;
-//! `lifecycle` owns signals and shutdown.
+//! `lifecycle` owns signals and shutdown; `stats` only reads all of them.
 pub mod config;
 pub mod dataplane;
 pub mod lifecycle;
 pub mod patroni;
 pub mod proxy;
 pub mod routing;
+pub mod stats;
 
 /// The eBPF object built by build.rs (aya-build) from the patroxy-ebpf crate.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/patroxy"));

@@ -48,6 +48,10 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     let proxy = Proxy::new(config.clone(), dataplane.clone(), backends, checks);
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
     proxy.serve(listeners, stop.clone(), &tracker);
+    if let Some(stats) = &config.stats {
+        crate::stats::spawn(proxy.clone(), stats.bind, stop.clone(), &tracker)
+            .with_context(|| format!("stats: binding {}", stats.bind))?;
+    }
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),

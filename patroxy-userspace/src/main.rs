@@ -25,6 +25,27 @@ enum Command {
     },
     /// Validate a configuration file and exit (0 = valid, 64 = invalid).
     CheckConfig { file: PathBuf },
+    /// Show the running daemon's stats table (from its stats page's JSON).
+    Status {
+        /// The stats server; defaults to the `[stats]` bind of --config.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+    },
+    /// List open sockmap sessions from the pinned maps (needs root).
+    Sessions {
+        #[arg(long, default_value = "/sys/fs/bpf/patroxy")]
+        pin_path: PathBuf,
+        /// The daemon's config, to show listener and server names instead of ids.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the pinned maps and the bpftool commands to inspect them.
+    Maps {
+        #[arg(long, default_value = "/sys/fs/bpf/patroxy")]
+        pin_path: PathBuf,
+    },
 }
 
 /// sysexits' EX_CONFIG... HAProxy-compatible tooling expects 64 (EX_USAGE) for bad config.
@@ -55,6 +76,24 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Status { url, config } => report(
+            url.map_or_else(
+                || patroxy::stats::cli::url_from_config(&patroxy::config::load(&config)?),
+                Ok,
+            )
+            .and_then(|url| {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(patroxy::stats::cli::status(&url))
+            }),
+        ),
+        Command::Sessions { pin_path, config } => report(
+            config
+                .map(|c| patroxy::config::load(&c))
+                .transpose()
+                .map_err(anyhow::Error::from)
+                .and_then(|c| patroxy::stats::cli::sessions(&pin_path, c.as_ref())),
+        ),
+        Command::Maps { pin_path } => report(patroxy::stats::cli::maps(&pin_path)),
         Command::Run {
             config,
             drain_grace,
@@ -74,6 +113,17 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Exit status of an operator command: errors on stderr, exit 1.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("patroxy: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,208 @@
+//! Builds a [`StatsSnapshot`] from the daemon's state. Only reads: the checker's published
+//! snapshot, the backend table, the proxy's counters and (sockmap path) the kernel's SESSIONS.
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::atomic::Ordering::Relaxed,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use patroxy_common::{SIDE_CLIENT, STATE_DRAIN, STATE_MAINT, SessionEntry};
+use tokio::time::Instant;
+
+use super::{
+    model::{FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot},
+    track::Tracker,
+};
+use crate::{
+    config::model::{Balance, CheckMethod},
+    dataplane::loader::MAP_SESSIONS,
+    patroni::{Role, ServerHealth, ServerState},
+    proxy::Proxy,
+};
+
+/// Bytes of open sessions per backend id: (client->server, server->client).
+pub type LiveBytes = HashMap<u32, (u64, u64)>;
+
+/// Sums the kernel's counters of open sessions, per backend, from the pinned SESSIONS map.
+/// Opens its own handle on the pin, so the data path's map lock is never held by a stats
+/// request. Each session has two entries; the client side holds both directions.
+pub fn live_bytes(pin_dir: &Path) -> Result<LiveBytes, MapError> {
+    let map = Map::from_map_data(MapData::from_pin(pin_dir.join(MAP_SESSIONS))?)?;
+    let sessions: BpfHashMap<MapData, u64, SessionEntry> = BpfHashMap::try_from(map)?;
+    let mut out = LiveBytes::new();
+    // A session that ends during the walk makes `iter` report an error for its key: skip it.
+    for (_, e) in sessions.iter().flatten() {
+        if e.side == SIDE_CLIENT {
+            let b = out.entry(e.backend).or_default();
+            b.0 += e.bytes_rx;
+            b.1 += e.bytes_tx;
+        }
+    }
+    Ok(out)
+}
+
+pub fn snapshot(
+    proxy: &Proxy,
+    tracker: &Tracker,
+    live: &LiveBytes,
+    started: Instant,
+) -> StatsSnapshot {
+    let now = Instant::now();
+    let health = proxy.health.borrow().clone();
+    let config = &proxy.config;
+    let listeners = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(li, l)| {
+            let servers: Vec<ServerStats> = health
+                .listener(li)
+                .iter()
+                .map(|s| server(proxy, tracker, live, li, s.key.server, &s.health, now))
+                .collect();
+            let counters = &proxy.listener_counters[li];
+            let waiting = u64::from(counters.waiting_for_server.load(Relaxed));
+            let (rate, rate_max) = tracker.listener_rate(li);
+            ListenerStats {
+                name: l.name.clone(),
+                bind: l.bind.to_string(),
+                balance: match l.balance {
+                    Balance::First => "first",
+                    Balance::RoundRobin => "roundrobin",
+                    Balance::LeastConn => "leastconn",
+                }
+                .into(),
+                check: l.check.as_ref().map(|c| {
+                    let method = match c.method {
+                        CheckMethod::Get => "GET",
+                        CheckMethod::Head => "HEAD",
+                        CheckMethod::Options => "OPTIONS",
+                    };
+                    let scheme = if c.tls.is_some() { " (https)" } else { "" };
+                    format!("{method} {}{scheme}", c.path)
+                }),
+                primary_changes: tracker.primary_changes(li),
+                frontend: FrontendStats {
+                    scur: servers.iter().map(|s| s.scur + s.qcur).sum::<u64>() + waiting,
+                    stot: counters.accepted.load(Relaxed),
+                    rate,
+                    rate_max,
+                    waiting,
+                    no_server: counters.no_server.load(Relaxed),
+                    queue_full: counters.queue_full.load(Relaxed),
+                    connect_failed: counters.connect_failed.load(Relaxed),
+                },
+                servers,
+            }
+        })
+        .collect();
+    StatsSnapshot {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        data_path: proxy.dataplane.name().into(),
+        live_bytes: proxy.dataplane.kernel().is_some(),
+        uptime_secs: now.saturating_duration_since(started).as_secs(),
+        refresh_secs: config
+            .stats
+            .as_ref()
+            .map_or(5, |s| s.refresh.as_secs().max(1)),
+        generated_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        global_maxconn: config.global.maxconn,
+        listeners,
+    }
+}
+
+fn server(
+    proxy: &Proxy,
+    tracker: &Tracker,
+    live: &LiveBytes,
+    listener: usize,
+    index: usize,
+    health: &ServerHealth,
+    now: Instant,
+) -> ServerStats {
+    let spec = &proxy.config.listeners[listener].servers[index];
+    let checked = proxy.config.listeners[listener].check.is_some();
+    let id = proxy.backend_id(listener, index);
+    let entry = proxy.backends.get(id).unwrap_or_default();
+    let c = proxy.counters(id);
+    // Closed sessions first, then open ones: a session closing in between is missed for one
+    // request (and hidden by the floor), never counted twice.
+    let (closed_in, closed_out) = (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed));
+    let (live_in, live_out) = live.get(&id).copied().unwrap_or_default();
+    let (bin, bout) = tracker.monotonic_bytes(id, closed_in + live_in, closed_out + live_out);
+    let (rate, rate_max) = tracker.backend_rate(id);
+    let (status, class) = match entry.state {
+        STATE_MAINT => ("MAINT".to_string(), StateClass::Maint),
+        STATE_DRAIN => ("DRAIN".to_string(), StateClass::Drain),
+        _ => {
+            let state = health.server_state();
+            (state.to_string(), class_of(state))
+        }
+    };
+    ServerStats {
+        name: spec.name.clone(),
+        id,
+        sid: index as u32 + 1,
+        address: spec.address.to_string(),
+        check_address: checked.then(|| spec.check_addr.to_string()),
+        status,
+        class,
+        role: health.role.as_ref().map(role_name),
+        timeline: health.timeline,
+        last_check: health.last_check.as_ref().map(|l| LastCheckStats {
+            status: l.status.as_str().into(),
+            code: l.code,
+            duration_ms: l.duration.as_millis() as u64,
+            age_secs: now.saturating_duration_since(l.at).as_secs(),
+            desc: match &l.detail {
+                Some(d) => format!("{}: {d}", l.status.description()),
+                None => l.status.description().into(),
+            },
+        }),
+        rise: spec.timing.rise,
+        fall: spec.timing.fall,
+        scur: u64::from(entry.sessions),
+        smax: u64::from(c.max_sessions.load(Relaxed)),
+        slim: spec.maxconn,
+        stot: c.total_sessions.load(Relaxed),
+        rate,
+        rate_max,
+        qcur: u64::from(c.queued.load(Relaxed)),
+        qmax: u64::from(c.max_queued.load(Relaxed)),
+        bin,
+        bout,
+        econ: c.connect_errors.load(Relaxed),
+        wretr: c.retries.load(Relaxed),
+        wredis: c.redispatches.load(Relaxed),
+        markdown_resets: c.markdown_resets.load(Relaxed),
+        chkfail: health.failed_checks,
+        chkdown: health.down_transitions,
+        lastchg_secs: now.saturating_duration_since(health.last_change).as_secs(),
+        downtime_secs: health.downtime(now).as_secs(),
+        fenced: entry.fenced != 0,
+    }
+}
+
+fn class_of(state: ServerState) -> StateClass {
+    match state {
+        ServerState::Up => StateClass::Up,
+        ServerState::Down => StateClass::Down,
+        ServerState::GoingDown { .. } => StateClass::GoingDown,
+        ServerState::GoingUp { .. } => StateClass::GoingUp,
+        ServerState::NoCheck => StateClass::NoCheck,
+    }
+}
+
+pub fn role_name(role: &Role) -> String {
+    match role {
+        Role::Primary => "primary".into(),
+        Role::Replica => "replica".into(),
+        Role::StandbyLeader => "standby_leader".into(),
+        Role::Other(s) => s.clone(),
+    }
+}

@@ -1,0 +1,364 @@
+//! The stats as plain data: one [`StatsSnapshot`] is built per request from the proxy's state
+//! (see `collect`) and every renderer (HTML, CSV, JSON, Prometheus, the `status` command) takes
+//! only this struct, so rendering is tested without sockets, maps or clocks.
+use serde::{Deserialize, Serialize};
+
+/// Everything one stats page shows, at one moment. Times are already turned into ages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub version: String,
+    pub pid: u32,
+    /// "sockmap" or "fallback": which data path forwards the bytes.
+    pub data_path: String,
+    /// Whether bin/bout include the bytes of open sessions (the kernel's counters). On the
+    /// fallback path they count closed sessions only.
+    pub live_bytes: bool,
+    pub uptime_secs: u64,
+    /// The page reloads itself this often.
+    pub refresh_secs: u64,
+    /// Wall clock of the snapshot (seconds since the Unix epoch), shown in the page footer.
+    pub generated_unix: u64,
+    /// Global maxconn: the frontend's session limit.
+    pub global_maxconn: u32,
+    pub listeners: Vec<ListenerStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStats {
+    pub name: String,
+    pub bind: String,
+    /// "first", "roundrobin" or "leastconn".
+    pub balance: String,
+    /// The health check, e.g. "GET /primary"; `None` when the servers are not checked.
+    pub check: Option<String>,
+    /// Times the leader (UP server with Patroni role primary/standby leader) became another
+    /// server: failovers and switchovers seen by this listener.
+    pub primary_changes: u64,
+    pub frontend: FrontendStats,
+    pub servers: Vec<ServerStats>,
+}
+
+/// The listener's accepting side (HAProxy's FRONTEND row).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FrontendStats {
+    /// Clients accepted and not yet closed: in a session, queued or waiting for a server.
+    pub scur: u64,
+    /// Clients accepted since start.
+    pub stot: u64,
+    /// Accepted clients per second (10 s average) and the highest per-second rate seen.
+    pub rate: u64,
+    pub rate_max: u64,
+    /// Clients waiting for any server to come UP now.
+    pub waiting: u64,
+    /// Clients closed because no server was UP before `timeout queue`.
+    pub no_server: u64,
+    /// Clients closed because every server stayed at maxconn until `timeout queue`.
+    pub queue_full: u64,
+    /// Clients closed because every connection attempt failed.
+    pub connect_failed: u64,
+}
+
+/// How a server's status is coloured: the states of HAProxy's stats page legend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateClass {
+    Up,
+    /// UP but failing checks ("UP 1/3").
+    GoingDown,
+    /// DOWN but passing checks ("DOWN 1/2").
+    GoingUp,
+    Down,
+    NoCheck,
+    Maint,
+    Drain,
+}
+
+impl StateClass {
+    /// Whether the server takes new sessions in this state.
+    pub fn serving(self) -> bool {
+        matches!(self, Self::Up | Self::GoingDown | Self::NoCheck)
+    }
+
+    /// The state HAProxy's Prometheus exporter reports (`haproxy_server_status{state=...}`):
+    /// transitional states count as the side they are still on.
+    pub fn prometheus_state(self) -> &'static str {
+        match self {
+            Self::Up | Self::GoingDown | Self::NoCheck => "UP",
+            Self::Down | Self::GoingUp => "DOWN",
+            Self::Maint => "MAINT",
+            Self::Drain => "DRAIN",
+        }
+    }
+
+    pub fn css(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::GoingDown => "going-down",
+            Self::GoingUp => "going-up",
+            Self::Down => "down",
+            Self::NoCheck => "no-check",
+            Self::Maint => "maint",
+            Self::Drain => "drain",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastCheckStats {
+    /// HAProxy's code: L7OK, L7STS, L4CON, L4TOUT, ...
+    pub status: String,
+    /// The HTTP status, when an answer arrived.
+    pub code: Option<u16>,
+    pub duration_ms: u64,
+    pub age_secs: u64,
+    /// HAProxy's words for the status, plus the checker's detail if any.
+    pub desc: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerStats {
+    pub name: String,
+    /// BackendId in the BPF maps.
+    pub id: u32,
+    /// 1-based position in the listener (HAProxy's sid).
+    pub sid: u32,
+    pub address: String,
+    pub check_address: Option<String>,
+    /// As HAProxy writes it: "UP", "DOWN", "UP 1/3", "DOWN 1/2", "MAINT", "DRAIN", "no check".
+    pub status: String,
+    pub class: StateClass,
+    /// Patroni's view: role ("primary", "replica", ...) and timeline from the last check body.
+    pub role: Option<String>,
+    pub timeline: Option<u64>,
+    pub last_check: Option<LastCheckStats>,
+    pub rise: u32,
+    pub fall: u32,
+    /// Sessions: current, highest, limit (maxconn), total.
+    pub scur: u64,
+    pub smax: u64,
+    pub slim: Option<u32>,
+    pub stot: u64,
+    /// Sessions per second (10 s average) and the highest per-second rate seen.
+    pub rate: u64,
+    pub rate_max: u64,
+    /// Clients waiting for a slot on this server: now and at most.
+    pub qcur: u64,
+    pub qmax: u64,
+    /// Payload bytes client->server (bin) and server->client (bout).
+    pub bin: u64,
+    pub bout: u64,
+    /// Failed connects, retries, redispatches (HAProxy's econ, wretr, wredis).
+    pub econ: u64,
+    pub wretr: u64,
+    pub wredis: u64,
+    /// Sessions reset because the server was marked down.
+    pub markdown_resets: u64,
+    /// Failed checks (chkfail) and UP->DOWN transitions (chkdown).
+    pub chkfail: u64,
+    pub chkdown: u64,
+    /// Seconds since the last UP/DOWN change, and total time DOWN.
+    pub lastchg_secs: u64,
+    pub downtime_secs: u64,
+    /// The kernel refuses to forward this backend's bytes (marked down, sessions being reset).
+    pub fenced: bool,
+}
+
+/// HAProxy's BACKEND row: the servers of a listener added up.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BackendTotals {
+    pub up: bool,
+    pub active_servers: u64,
+    pub scur: u64,
+    pub stot: u64,
+    pub qcur: u64,
+    pub qmax: u64,
+    pub bin: u64,
+    pub bout: u64,
+    pub econ: u64,
+    pub wretr: u64,
+    pub wredis: u64,
+    pub rate: u64,
+    /// Seconds since the most recent UP/DOWN change of any of its servers.
+    pub lastchg_secs: Option<u64>,
+}
+
+impl ListenerStats {
+    pub fn backend(&self) -> BackendTotals {
+        let mut t = BackendTotals::default();
+        for s in &self.servers {
+            if s.class.serving() {
+                t.up = true;
+                t.active_servers += 1;
+            }
+            t.scur += s.scur;
+            t.stot += s.stot;
+            t.qcur += s.qcur;
+            t.qmax = t.qmax.max(s.qmax);
+            t.bin += s.bin;
+            t.bout += s.bout;
+            t.econ += s.econ;
+            t.wretr += s.wretr;
+            t.wredis += s.wredis;
+            t.rate += s.rate;
+            t.lastchg_secs = Some(
+                t.lastchg_secs
+                    .map_or(s.lastchg_secs, |l| l.min(s.lastchg_secs)),
+            );
+        }
+        t
+    }
+
+    /// The server the write traffic goes to, when there is a leader that is UP.
+    pub fn leader(&self) -> Option<&ServerStats> {
+        self.servers.iter().find(|s| {
+            s.class.serving() && matches!(s.role.as_deref(), Some("primary" | "standby_leader"))
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod sample {
+    //! A hand-built snapshot for the renderers' tests: a write listener with a primary UP, a
+    //! replica DOWN and one going down, a read listener without checks.
+    use super::*;
+
+    pub fn server(name: &str, id: u32, class: StateClass, status: &str) -> ServerStats {
+        ServerStats {
+            name: name.into(),
+            id,
+            sid: id,
+            address: format!("10.0.0.{id}:5432"),
+            check_address: Some(format!("10.0.0.{id}:8008")),
+            status: status.into(),
+            class,
+            role: None,
+            timeline: None,
+            last_check: None,
+            rise: 2,
+            fall: 3,
+            scur: 0,
+            smax: 0,
+            slim: Some(200),
+            stot: 0,
+            rate: 0,
+            rate_max: 0,
+            qcur: 0,
+            qmax: 0,
+            bin: 0,
+            bout: 0,
+            econ: 0,
+            wretr: 0,
+            wredis: 0,
+            markdown_resets: 0,
+            chkfail: 0,
+            chkdown: 0,
+            lastchg_secs: 95,
+            downtime_secs: 0,
+            fenced: false,
+        }
+    }
+
+    pub fn snapshot() -> StatsSnapshot {
+        let mut pg1 = server("pg1", 1, StateClass::Up, "UP");
+        pg1.role = Some("primary".into());
+        pg1.timeline = Some(4);
+        pg1.last_check = Some(LastCheckStats {
+            status: "L7OK".into(),
+            code: Some(200),
+            duration_ms: 3,
+            age_secs: 1,
+            desc: "Layer7 check passed".into(),
+        });
+        (pg1.scur, pg1.smax, pg1.stot, pg1.rate, pg1.rate_max) = (3, 7, 1234, 2, 9);
+        (pg1.bin, pg1.bout) = (5_000_000, 123_456_789);
+        (pg1.qcur, pg1.qmax) = (1, 4);
+        let mut pg2 = server("pg2", 2, StateClass::Down, "DOWN");
+        pg2.role = Some("replica".into());
+        pg2.timeline = Some(4);
+        pg2.last_check = Some(LastCheckStats {
+            status: "L7STS".into(),
+            code: Some(503),
+            duration_ms: 2,
+            age_secs: 0,
+            desc: "Layer7 wrong status".into(),
+        });
+        (pg2.chkfail, pg2.chkdown, pg2.downtime_secs, pg2.econ) = (5, 1, 3725, 2);
+        let mut pg3 = server("pg3", 3, StateClass::GoingDown, "UP 2/3");
+        pg3.last_check = Some(LastCheckStats {
+            status: "L4TOUT".into(),
+            code: None,
+            duration_ms: 1000,
+            age_secs: 2,
+            desc: "Layer4 timeout".into(),
+        });
+        pg3.chkfail = 1;
+        let mut r1 = server("pg1", 4, StateClass::NoCheck, "no check");
+        r1.sid = 1;
+        r1.slim = None;
+        StatsSnapshot {
+            version: "0.1.0".into(),
+            pid: 4242,
+            data_path: "sockmap".into(),
+            live_bytes: true,
+            uptime_secs: 90061,
+            refresh_secs: 5,
+            generated_unix: 1_700_000_000,
+            global_maxconn: 2000,
+            listeners: vec![
+                ListenerStats {
+                    name: "postgres_write".into(),
+                    bind: "0.0.0.0:5432".into(),
+                    balance: "first".into(),
+                    check: Some("GET /primary".into()),
+                    primary_changes: 1,
+                    frontend: FrontendStats {
+                        scur: 4,
+                        stot: 1300,
+                        rate: 2,
+                        rate_max: 9,
+                        no_server: 3,
+                        ..Default::default()
+                    },
+                    servers: vec![pg1, pg2, pg3],
+                },
+                ListenerStats {
+                    name: "postgres_read".into(),
+                    bind: "0.0.0.0:5433".into(),
+                    balance: "roundrobin".into(),
+                    check: None,
+                    primary_changes: 0,
+                    frontend: FrontendStats::default(),
+                    servers: vec![r1],
+                },
+            ],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_totals_add_up_servers() {
+        let snap = sample::snapshot();
+        let t = snap.listeners[0].backend();
+        assert!(t.up);
+        assert_eq!(t.active_servers, 2, "UP and UP 2/3 serve; DOWN does not");
+        assert_eq!((t.scur, t.stot, t.bin, t.econ), (3, 1234, 5_000_000, 2));
+        assert_eq!(
+            snap.listeners[0].leader().map(|s| s.name.as_str()),
+            Some("pg1")
+        );
+        assert_eq!(snap.listeners[1].leader(), None);
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let snap = sample::snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        assert!(json.contains(r#""class":"going_down""#), "{json}");
+        let back: StatsSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+    }
+}

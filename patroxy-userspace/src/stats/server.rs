@@ -1,0 +1,176 @@
+//! The stats HTTP server (axum): `/` HTML, `/;csv` or `/?format=csv` HAProxy's CSV, `/;json`
+//! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
+//! `/;csv;norefresh`, `/?stats;csv`.
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tokio::time::Instant;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use super::{
+    collect::{self, LiveBytes},
+    csv, html,
+    model::StatsSnapshot,
+    prometheus,
+    track::Tracker,
+};
+use crate::proxy::Proxy;
+
+struct Shared {
+    proxy: Arc<Proxy>,
+    tracker: Arc<Tracker>,
+    started: Instant,
+}
+
+/// Binds `bind` now (so a taken port fails the start-up) and serves on `tasks` until `stop`.
+/// Returns the bound address.
+pub fn spawn(
+    proxy: Arc<Proxy>,
+    bind: SocketAddr,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) -> std::io::Result<SocketAddr> {
+    let std_listener = std::net::TcpListener::bind(bind)?;
+    std_listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let addr = listener.local_addr()?;
+    let backends = proxy.config.listeners.iter().map(|l| l.servers.len()).sum();
+    let tracker = Arc::new(Tracker::new(backends, proxy.config.listeners.len()));
+    tasks.spawn(tracker.clone().run(proxy.clone(), stop.clone()));
+    let shared = Arc::new(Shared {
+        proxy,
+        tracker,
+        started: Instant::now(),
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(get(page))
+        .with_state(shared);
+    tasks.spawn(async move {
+        info!(%addr, "stats page listening");
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            warn!("stats server stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
+
+/// What `/` was asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    Html { refresh: bool },
+    Csv,
+    Json,
+}
+
+/// Reads HAProxy's `;csv`, `;json`, `;norefresh` options from the path or the query, and
+/// `format=csv|json|html` from the query. `None` for paths other than `/`.
+pub(crate) fn format(uri: &Uri) -> Option<Format> {
+    let mut parts = uri.path().split(';');
+    if parts.next() != Some("/") {
+        return None;
+    }
+    let query = uri.query().unwrap_or("");
+    let options: Vec<&str> = parts
+        .chain(query.split([';', '&']))
+        .map(|o| o.strip_prefix("format=").unwrap_or(o))
+        .collect();
+    Some(if options.contains(&"csv") {
+        Format::Csv
+    } else if options.contains(&"json") {
+        Format::Json
+    } else {
+        Format::Html {
+            refresh: !options.contains(&"norefresh"),
+        }
+    })
+}
+
+async fn page(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {
+    let Some(format) = format(&uri) else {
+        return (
+            StatusCode::NOT_FOUND,
+            "not found: try /, /;csv, /;json or /metrics\n",
+        )
+            .into_response();
+    };
+    let snap = snapshot(&shared).await;
+    let (content_type, body) = match format {
+        Format::Html { refresh } => ("text/html; charset=utf-8", html::render(&snap, refresh)),
+        Format::Csv => ("text/plain; charset=utf-8", csv::render(&snap)),
+        Format::Json => (
+            "application/json",
+            serde_json::to_string_pretty(&snap).expect("the snapshot serializes"),
+        ),
+    };
+    respond(content_type, body)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let snap = snapshot(&shared).await;
+    let body = prometheus::render(&snap, &shared.tracker.check_durations);
+    respond(prometheus::CONTENT_TYPE, body)
+}
+
+fn respond(content_type: &'static str, body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn snapshot(shared: &Shared) -> StatsSnapshot {
+    let live = match shared.proxy.dataplane.kernel() {
+        Some(kernel) => {
+            let dir = kernel.pin_dir().to_owned();
+            // Walking SESSIONS is one syscall per entry: keep it off the async workers.
+            match tokio::task::spawn_blocking(move || collect::live_bytes(&dir)).await {
+                Ok(Ok(live)) => live,
+                Ok(Err(e)) => {
+                    warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
+                    LiveBytes::new()
+                }
+                Err(e) => {
+                    warn!("stats: SESSIONS reader panicked: {e}");
+                    LiveBytes::new()
+                }
+            }
+        }
+        None => LiveBytes::new(),
+    };
+    collect::snapshot(&shared.proxy, &shared.tracker, &live, shared.started)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(uri: &str) -> Option<Format> {
+        format(&uri.parse().unwrap())
+    }
+
+    #[test]
+    fn haproxy_spellings() {
+        assert_eq!(f("/"), Some(Format::Html { refresh: true }));
+        assert_eq!(f("/;norefresh"), Some(Format::Html { refresh: false }));
+        assert_eq!(f("/;csv"), Some(Format::Csv));
+        assert_eq!(f("/;csv;norefresh"), Some(Format::Csv));
+        assert_eq!(f("/?format=csv"), Some(Format::Csv));
+        assert_eq!(f("/?stats;csv"), Some(Format::Csv));
+        assert_eq!(f("/;json"), Some(Format::Json));
+        assert_eq!(f("/?format=json"), Some(Format::Json));
+        assert_eq!(f("/favicon.ico"), None);
+    }
+}

@@ -1,0 +1,254 @@
+//! What the stats remember between requests: session rates, check-duration histograms, leader
+//! changes, and a floor that keeps the byte counters monotonic.
+//!
+//! One background task (`run`) samples session totals every second and follows the checker's
+//! snapshots; requests only read. Check durations are observed when a snapshot shows a newer
+//! `last_check` than the one before: a reader that skips a snapshot (two checks between two
+//! wake-ups) misses one observation, which a histogram of thousands of checks does not mind.
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        family::{Family, MetricConstructor},
+        histogram::{Histogram, exponential_buckets},
+    },
+};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    patroni::{HealthSnapshot, checker::ListenerSnapshot},
+    proxy::Proxy,
+};
+
+/// Rates are averaged over this many one-second samples.
+const RATE_WINDOW: usize = 10;
+
+/// HAProxy exporter's label names: `proxy` (the listener) and `server`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub proxy: String,
+    pub server: String,
+}
+
+/// Buckets from 0.5 ms to ~8 s: a healthy Patroni answers in milliseconds, a frozen one at the
+/// check timeout (seconds).
+#[derive(Clone, Copy, Debug)]
+pub struct CheckBuckets;
+
+impl MetricConstructor<Histogram> for CheckBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+    }
+}
+
+pub type CheckDurations = Family<ServerLabels, Histogram, CheckBuckets>;
+
+pub struct Tracker {
+    rates: Mutex<Rates>,
+    /// Seconds per health check, per server (patroxy_server_check_duration_seconds).
+    pub check_durations: CheckDurations,
+    /// Per listener: leader changes, and the last leader seen (index of the server).
+    primary_changes: Vec<AtomicU64>,
+    last_leader: Mutex<Vec<Option<usize>>>,
+    /// Per backend: the highest (bin, bout) reported. A session's bytes move from SESSIONS to
+    /// the closed-session counters in two steps; a request between them would see them in
+    /// neither, and a Prometheus counter must never go down.
+    bytes_floor: Mutex<Vec<(u64, u64)>>,
+}
+
+impl Tracker {
+    pub fn new(backends: usize, listeners: usize) -> Self {
+        Self {
+            rates: Mutex::new(Rates::new(backends + listeners)),
+            check_durations: CheckDurations::new_with_constructor(CheckBuckets),
+            primary_changes: (0..listeners).map(|_| AtomicU64::new(0)).collect(),
+            last_leader: Mutex::new(vec![None; listeners]),
+            bytes_floor: Mutex::new(vec![(0, 0); backends]),
+        }
+    }
+
+    /// Samples every second and follows the health snapshots until `stop`.
+    pub async fn run(self: Arc<Self>, proxy: Arc<Proxy>, stop: CancellationToken) {
+        let mut health = proxy.health.clone();
+        let mut prev = health.borrow_and_update().clone();
+        self.observe_health(&prev, &prev);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.sample(&proxy, Instant::now()),
+                changed = health.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let next = health.borrow_and_update().clone();
+                    self.observe_health(&prev, &next);
+                    prev = next;
+                }
+            }
+        }
+    }
+
+    fn sample(&self, proxy: &Proxy, now: Instant) {
+        let backends = self.bytes_floor.lock().expect("floor lock").len() as u32;
+        let totals = (1..=backends)
+            .map(|id| proxy.counters(id).total_sessions.load(Relaxed))
+            .chain(
+                proxy
+                    .listener_counters
+                    .iter()
+                    .map(|l| l.accepted.load(Relaxed)),
+            )
+            .collect();
+        self.rates.lock().expect("rates lock").record(now, totals);
+    }
+
+    /// (rate, rate_max) of backend `id`.
+    pub fn backend_rate(&self, id: u32) -> (u64, u64) {
+        self.rates.lock().expect("rates lock").get(id as usize - 1)
+    }
+
+    /// (rate, rate_max) of listener `index`.
+    pub fn listener_rate(&self, index: usize) -> (u64, u64) {
+        let backends = self.bytes_floor.lock().expect("floor lock").len();
+        self.rates.lock().expect("rates lock").get(backends + index)
+    }
+
+    pub fn primary_changes(&self, listener: usize) -> u64 {
+        self.primary_changes
+            .get(listener)
+            .map_or(0, |c| c.load(Relaxed))
+    }
+
+    /// `(bin, bout)` of backend `id`, never below what was reported before.
+    pub fn monotonic_bytes(&self, id: u32, bin: u64, bout: u64) -> (u64, u64) {
+        let mut floor = self.bytes_floor.lock().expect("floor lock");
+        let Some(f) = floor.get_mut(id as usize - 1) else {
+            return (bin, bout);
+        };
+        *f = (f.0.max(bin), f.1.max(bout));
+        *f
+    }
+
+    pub fn observe_health(&self, prev: &HealthSnapshot, next: &HealthSnapshot) {
+        let mut last_leader = self.last_leader.lock().expect("leader lock");
+        for (li, l) in next.listeners.iter().enumerate() {
+            for s in &l.servers {
+                let Some(check) = &s.health.last_check else {
+                    continue;
+                };
+                let before = prev
+                    .server(s.key)
+                    .and_then(|p| p.health.last_check.as_ref());
+                if before.is_none_or(|b| b.at != check.at) {
+                    self.check_durations
+                        .get_or_create(&ServerLabels {
+                            proxy: l.name.clone(),
+                            server: s.name.clone(),
+                        })
+                        .observe(check.duration.as_secs_f64());
+                }
+            }
+            let Some(leader) = leader(l) else { continue };
+            let Some(slot) = last_leader.get_mut(li) else {
+                continue;
+            };
+            if slot.is_some_and(|old| old != leader) {
+                self.primary_changes[li].fetch_add(1, Relaxed);
+            }
+            *slot = Some(leader);
+        }
+    }
+}
+
+/// The UP server that Patroni says leads the cluster. A gap without a leader (A fails, then B is
+/// promoted) is one change, not two.
+fn leader(l: &ListenerSnapshot) -> Option<usize> {
+    l.servers.iter().position(|s| {
+        s.health.is_checked() && s.is_up() && s.health.role.as_ref().is_some_and(|r| r.is_leader())
+    })
+}
+
+/// Totals sampled once a second; rates are deltas over the window.
+struct Rates {
+    samples: VecDeque<(Instant, Vec<u64>)>,
+    max: Vec<u64>,
+}
+
+impl Rates {
+    fn new(n: usize) -> Self {
+        Self {
+            samples: VecDeque::with_capacity(RATE_WINDOW + 1),
+            max: vec![0; n],
+        }
+    }
+
+    fn record(&mut self, now: Instant, totals: Vec<u64>) {
+        if let Some((at, last)) = self.samples.back() {
+            let secs = now.saturating_duration_since(*at).as_secs_f64();
+            if secs > 0.0 {
+                for (i, (t, l)) in totals.iter().zip(last).enumerate() {
+                    let r = (t.saturating_sub(*l) as f64 / secs).round() as u64;
+                    self.max[i] = self.max[i].max(r);
+                }
+            }
+        }
+        self.samples.push_back((now, totals));
+        while self.samples.len() > RATE_WINDOW + 1 {
+            self.samples.pop_front();
+        }
+    }
+
+    fn get(&self, i: usize) -> (u64, u64) {
+        let max = self.max.get(i).copied().unwrap_or(0);
+        let (Some((t0, first)), Some((t1, last))) = (self.samples.front(), self.samples.back())
+        else {
+            return (0, max);
+        };
+        let secs = t1.saturating_duration_since(*t0).as_secs_f64();
+        if secs <= 0.0 {
+            return (0, max);
+        }
+        let delta =
+            (last.get(i).copied().unwrap_or(0)).saturating_sub(first.get(i).copied().unwrap_or(0));
+        ((delta as f64 / secs).round() as u64, max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_average_the_window_and_keep_the_peak() {
+        let mut r = Rates::new(1);
+        let t0 = Instant::now();
+        assert_eq!(r.get(0), (0, 0));
+        r.record(t0, vec![0]);
+        r.record(t0 + Duration::from_secs(1), vec![10]);
+        r.record(t0 + Duration::from_secs(2), vec![12]);
+        assert_eq!(r.get(0), (6, 10));
+        for s in 3..30 {
+            r.record(t0 + Duration::from_secs(s), vec![12]);
+        }
+        assert_eq!(r.get(0), (0, 10), "old sessions leave the window");
+    }
+
+    #[test]
+    fn bytes_never_go_down() {
+        let t = Tracker::new(2, 1);
+        assert_eq!(t.monotonic_bytes(1, 100, 50), (100, 50));
+        assert_eq!(t.monotonic_bytes(1, 60, 70), (100, 70));
+        assert_eq!(t.monotonic_bytes(2, 1, 1), (1, 1));
+    }
+}

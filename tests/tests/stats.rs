@@ -1,0 +1,438 @@
+//! The stats server against a running patroxy in front of a fake two-node cluster (db1 answers
+//! 200 on /primary, db2 503): HAProxy's CSV, JSON, /metrics through an independent Prometheus
+//! parser, the page in real headless Chromium, the `status`/`sessions`/`maps` commands, and
+//! byte counters equal to the bytes a client actually sent.
+use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+
+use patroxy_tests::{
+    backend::{Backend, Behaviour, pattern},
+    daemon::Patroxy,
+    fake_patroni::{FakePatroni, Reply},
+    ports::free_tcp_port,
+    process::{patroxy_bin, require_root},
+    stats_client::{
+        artifacts_dir, chromium_available, get, get_ok, parse_csv, render_page, row, wait_for,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DataPath {
+    Sockmap,
+    Fallback,
+}
+
+impl DataPath {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sockmap => "sockmap",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fallback_stats_show_the_cluster() {
+    scenario(DataPath::Fallback).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sockmap_stats_show_the_cluster_and_kernel_bytes() {
+    if require_root("sockmap_stats_show_the_cluster_and_kernel_bytes") {
+        scenario(DataPath::Sockmap).await;
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+struct Cluster {
+    _primary: FakePatroni,
+    _replica: FakePatroni,
+    _backends: (Backend, Backend),
+    daemon: Patroxy,
+    bind: SocketAddr,
+    stats: SocketAddr,
+}
+
+async fn start(path: DataPath) -> Cluster {
+    let primary = FakePatroni::start().await;
+    primary.set("/primary", Reply::primary(3));
+    let replica = FakePatroni::start().await;
+    replica.set("/primary", Reply::replica(503, 3));
+    let b1 = Backend::start(Behaviour::Echo).await;
+    let b2 = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("stats");
+    let bind = local(free_tcp_port());
+    let stats = local(free_tcp_port());
+    let bpf = match path {
+        DataPath::Sockmap => "required",
+        DataPath::Fallback => "off",
+    };
+    let toml = format!(
+        r#"
+[global]
+maxconn = 100
+bpf = "{bpf}"
+pin_path = "{pin}"
+
+[defaults]
+retries = 1
+timeout_client = "30m"
+timeout_server = "30m"
+timeout_connect = "1s"
+timeout_check = "1s"
+
+[default_server]
+inter = "200ms"
+fastinter = "100ms"
+downinter = "200ms"
+rise = 1
+fall = 1
+
+[[server]]
+name = "db1"
+address = "{b1}"
+check_port = {p1}
+
+[[server]]
+name = "db2"
+address = "{b2}"
+check_port = {p2}
+maxconn = 50
+
+[[listener]]
+name = "postgres_write"
+bind = "{bind}"
+servers = ["db1", "db2"]
+[listener.check]
+path = "/primary"
+
+[stats]
+bind = "{stats}"
+refresh = "2s"
+"#,
+        pin = pin.display(),
+        b1 = b1.addr,
+        b2 = b2.addr,
+        p1 = primary.addr().port(),
+        p2 = replica.addr().port(),
+    );
+    let daemon = Patroxy::start("patroxy-stats", &toml, &pin, &[bind, stats]);
+    Cluster {
+        _primary: primary,
+        _replica: replica,
+        _backends: (b1, b2),
+        daemon,
+        bind,
+        stats,
+    }
+}
+
+async fn scenario(path: DataPath) {
+    let c = start(path).await;
+    let stats = c.stats;
+
+    // The checker settles: db1 UP (primary), db2 DOWN (503 on /primary).
+    let rows = wait_for(Duration::from_secs(10), || {
+        let rows = parse_csv(&get(stats, "/;csv").ok()?.2);
+        let status = |s| row(&rows, "postgres_write", s)["status"].clone();
+        // db2 starts DOWN (init_state): wait for its first check too.
+        let checked = row(&rows, "postgres_write", "db2")["check_code"] == "503";
+        (status("db1") == "UP" && status("db2") == "DOWN" && checked).then_some(rows)
+    })
+    .unwrap_or_else(|| panic!("db1 UP / db2 DOWN never shown:\n{}", c.daemon.log()));
+    csv_rows(&rows);
+    assert!(get_ok(stats, "/?format=csv").starts_with("# pxname,svname,qcur,"));
+
+    let json: serde_json::Value = serde_json::from_str(&get_ok(stats, "/;json")).unwrap();
+    assert_eq!(json["data_path"], path.name());
+    let db1 = &json["listeners"][0]["servers"][0];
+    assert_eq!(
+        (db1["name"].as_str(), db1["role"].as_str()),
+        (Some("db1"), Some("primary"))
+    );
+    assert_eq!(db1["timeline"], 3);
+
+    bytes_counted(&c, path).await;
+    metrics(stats);
+    cli(&c, path);
+    page(stats, path);
+    let (status, _, _) = get(stats, "/nope").unwrap();
+    assert_eq!(status, 404);
+}
+
+fn csv_rows(rows: &[std::collections::HashMap<String, String>]) {
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{}/{}", r["pxname"], r["svname"]))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "postgres_write/FRONTEND",
+            "postgres_write/db1",
+            "postgres_write/db2",
+            "postgres_write/BACKEND"
+        ]
+    );
+    let db1 = row(rows, "postgres_write", "db1");
+    assert_eq!(db1["check_status"], "L7OK");
+    assert_eq!(db1["check_code"], "200");
+    assert_eq!(db1["type"], "2");
+    assert_eq!(db1["slim"], "", "db1 has no maxconn");
+    let db2 = row(rows, "postgres_write", "db2");
+    assert_eq!(db2["check_status"], "L7STS");
+    assert_eq!(db2["check_code"], "503");
+    assert_eq!(db2["slim"], "50");
+    assert_eq!(row(rows, "postgres_write", "FRONTEND")["status"], "OPEN");
+    assert_eq!(row(rows, "postgres_write", "BACKEND")["status"], "UP");
+    assert_eq!(row(rows, "postgres_write", "BACKEND")["act"], "1");
+}
+
+/// (bin, bout) of db1 in the CSV.
+fn db1_bytes(stats: SocketAddr) -> (u64, u64) {
+    let rows = parse_csv(&get_ok(stats, "/;csv"));
+    let db1 = row(&rows, "postgres_write", "db1");
+    (db1["bin"].parse().unwrap(), db1["bout"].parse().unwrap())
+}
+
+/// One session stays open with `first` bytes echoed; on the sockmap path the kernel's counters
+/// show them at once. After it closes and a second one of `second` bytes, both paths count
+/// exactly what the client sent and got back.
+async fn bytes_counted(c: &Cluster, path: DataPath) {
+    let (first, second) = (300_001usize, 12_345usize);
+    let mut open = TcpStream::connect(c.bind).await.unwrap();
+    let data = pattern(first, 7);
+    open.write_all(&data).await.unwrap();
+    let mut echoed = vec![0u8; first];
+    open.read_exact(&mut echoed).await.unwrap();
+    assert!(echoed == data, "echo differs");
+    let expect_open = match path {
+        DataPath::Sockmap => (first as u64, first as u64),
+        // Documented: the fallback path counts bytes when a session closes.
+        DataPath::Fallback => (0, 0),
+    };
+    let seen = wait_for(Duration::from_secs(5), || {
+        let b = db1_bytes(c.stats);
+        (b == expect_open).then_some(b)
+    });
+    assert_eq!(
+        seen,
+        Some(expect_open),
+        "open session: {:?}",
+        db1_bytes(c.stats)
+    );
+    if path == DataPath::Sockmap {
+        sessions_command(c, first);
+    }
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    drop(open);
+
+    let mut s = TcpStream::connect(c.bind).await.unwrap();
+    s.write_all(&pattern(second, 9)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back.len(), second);
+
+    let total = (first + second) as u64;
+    let seen = wait_for(Duration::from_secs(5), || {
+        (db1_bytes(c.stats) == (total, total)).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "closed sessions: {:?}, want {total} each way",
+        db1_bytes(c.stats)
+    );
+    let rows = parse_csv(&get_ok(c.stats, "/;csv"));
+    // The harness's readiness probe (a bare connect, 0 bytes) is a client too, and becomes a
+    // session to db1 when db1 comes UP within its queue time.
+    for svname in ["db1", "FRONTEND"] {
+        let stot: u64 = row(&rows, "postgres_write", svname)["stot"]
+            .parse()
+            .unwrap();
+        assert!((2..=3).contains(&stot), "{svname} stot {stot}");
+    }
+}
+
+fn metrics(stats: SocketAddr) {
+    let (status, content_type, body) = get(stats, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text parses");
+    let value = |metric: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |c| c.count),
+                other => panic!("unexpected {other:?}"),
+            })
+    };
+    let server = |name| [("proxy", "postgres_write"), ("server", name)];
+    let status = |name, state| {
+        let mut l = server(name).to_vec();
+        l.push(("state", state));
+        value("patroxy_server_status", &l)
+    };
+    assert_eq!(status("db1", "UP"), Some(1.0), "{body}");
+    assert_eq!(status("db1", "DOWN"), Some(0.0));
+    assert_eq!(status("db2", "DOWN"), Some(1.0));
+    assert_eq!(status("db2", "UP"), Some(0.0));
+    let total = (300_001 + 12_345) as f64;
+    assert_eq!(
+        value("patroxy_server_bytes_in_total", &server("db1")),
+        Some(total)
+    );
+    assert_eq!(
+        value("patroxy_server_bytes_out_total", &server("db1")),
+        Some(total)
+    );
+    assert!(value("patroxy_server_sessions_total", &server("db1")).unwrap() >= 2.0);
+    // db2 started DOWN: like HAProxy, failures of a server already DOWN are not chkfail.
+    assert_eq!(
+        value("patroxy_server_check_failures_total", &server("db2")),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("patroxy_server_check_code", &server("db2")),
+        Some(503.0)
+    );
+    assert_eq!(value("patroxy_server_is_leader", &server("db1")), Some(1.0));
+    assert_eq!(
+        value(
+            "patroxy_listener_primary_changes_total",
+            &[("proxy", "postgres_write")]
+        ),
+        Some(0.0)
+    );
+    let checks = value("patroxy_server_check_duration_seconds", &server("db1"))
+        .expect("check duration histogram");
+    assert!(checks >= 1.0, "checks observed: {checks}");
+}
+
+fn run_cli(args: &[&str]) -> String {
+    let out = Command::new(patroxy_bin()).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "patroxy {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn cli(c: &Cluster, path: DataPath) {
+    // --config finds the stats bind by itself.
+    let config = c.daemon.config_path.to_str().unwrap();
+    let table = run_cli(&["status", "--config", config]);
+    assert!(
+        table.contains(&format!("data path {}", path.name())),
+        "{table}"
+    );
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{table}"))
+            .to_string()
+    };
+    assert!(
+        line("db1").contains(" UP ") && line("db1").contains("primary"),
+        "{table}"
+    );
+    assert!(
+        line("db2").contains(" DOWN ") && line("db2").contains("L7STS/503"),
+        "{table}"
+    );
+    let url = format!("http://{}", c.stats);
+    assert_eq!(run_cli(&["status", "--url", &url]), table);
+
+    if path == DataPath::Sockmap {
+        let maps = run_cli(&["maps", "--pin-path", c.daemon.pin_path.to_str().unwrap()]);
+        for needle in [
+            "SOCKS",
+            "SESSIONS",
+            "BACKENDS",
+            "bpftool map dump pinned",
+            "2 entries",
+        ] {
+            assert!(maps.contains(needle), "{needle} missing in\n{maps}");
+        }
+    }
+}
+
+fn sessions_command(c: &Cluster, bytes: usize) {
+    let out = run_cli(&[
+        "sessions",
+        "--pin-path",
+        c.daemon.pin_path.to_str().unwrap(),
+        "--config",
+        c.daemon.config_path.to_str().unwrap(),
+    ]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("postgres_write"))
+        .unwrap_or_else(|| panic!("no session listed:\n{out}"));
+    assert!(line.contains("db1 (#1)"), "{line}");
+    assert_eq!(
+        line.split_whitespace()
+            .filter(|w| *w == bytes.to_string())
+            .count(),
+        2,
+        "bytes each way in {line}"
+    );
+    assert!(out.contains("1 open session(s)"), "{out}");
+}
+
+fn page(stats: SocketAddr, path: DataPath) {
+    let html = get_ok(stats, "/");
+    assert!(html.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
+    if !chromium_available() {
+        panic!("/usr/bin/chromium is missing: apt-get install chromium (cargo xtask setup does)");
+    }
+    let url = format!("http://{stats}/");
+    let dir = artifacts_dir();
+    for (size, (w, h)) in [("wide", (1280, 800)), ("phone", (390, 844))] {
+        let png = dir.join(format!("stats-{}-{size}.png", path.name()));
+        let _ = std::fs::remove_file(&png);
+        let dom = render_page(&url, &png, w, h);
+        check_png(&png);
+        for needle in [
+            "class=\"srv up\" id=\"srv-postgres_write-db1\"",
+            "data-status=\"UP\"",
+            "class=\"srv down\" id=\"srv-postgres_write-db2\"",
+            "data-status=\"DOWN\"",
+            &format!("id=\"data-path\">{}</span>", path.name()),
+            "<span class=\"role primary\">primary</span>",
+            "L7STS",
+            "leader <b>db1</b>",
+        ] {
+            assert!(dom.contains(needle), "{needle} not in the DOM:\n{dom}");
+        }
+        eprintln!("screenshot: {}", png.display());
+    }
+}
+
+/// A real PNG of the page, not a blank or an error page: big enough to hold the tables.
+fn check_png(png: &Path) {
+    let bytes = std::fs::read(png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert!(
+        bytes.len() > 20_000,
+        "screenshot only {} bytes",
+        bytes.len()
+    );
+}
