@@ -144,7 +144,53 @@ on_both_paths!(
     no_up_server_queues_then_serves_or_closes,
     split_brain_routes_to_the_higher_timeline,
     markdown_resets_1000_sessions,
+    on_marked_down_none_keeps_sessions,
 );
+
+/// `on_marked_down = "none"` (HAProxy's default): a server marked down gets no new sessions,
+/// but the open ones keep working, in the kernel too (no fence).
+async fn on_marked_down_none_keeps_sessions(path: Path_) {
+    let (a, b) = (Node::start().await, Node::start().await);
+    a.api.set("/replica", Reply::replica(200, 1));
+    b.api.set("/replica", Reply::replica(200, 1));
+    let pin = Patroxy::unique_pin_path("mdnone");
+    let mut c = cluster(path, &pin);
+    c.check_path = "/replica";
+    c.on_marked_down = "none";
+    let toml = c.toml(&[
+        ("a", a.backend.addr, a.api.addr().port()),
+        ("b", b.backend.addr, b.api.addr().port()),
+    ]);
+    let proxy = Patroxy::start("mdnone", &toml, &pin, &[c.bind]);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Open sessions until one lands on a.
+    let mut on_a = None;
+    for _ in 0..6 {
+        let before = a.backend.accepted();
+        let mut s = TcpStream::connect(c.bind).await.unwrap();
+        assert!(echo_once(&mut s, b"hi", Duration::from_secs(3)).await);
+        if a.backend.accepted() > before {
+            on_a = Some(s);
+            break;
+        }
+    }
+    let mut on_a = on_a.expect("roundrobin reaches a");
+    a.api.set("/replica", Reply::replica(503, 1));
+    assert!(proxy.wait_for_log("postgres_write/a is DOWN", Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        echo_once(&mut on_a, b"still here", Duration::from_secs(2)).await,
+        "the session on the down server still works"
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            session_lands_on(c.bind, &[&a, &b]).await,
+            Some(1),
+            "new sessions avoid a"
+        );
+    }
+    assert!(!proxy.log().contains("resetting its sessions"));
+}
 
 async fn writes_follow_the_primary(path: Path_) {
     let (a, b) = (Node::start().await, Node::start().await);
