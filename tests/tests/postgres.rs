@@ -65,34 +65,28 @@ fn bpftool_shows_live_sessions_with_typed_fields() {
     let mut psql = pg.client("psql", setup.bind.port());
     psql.args(["-X", "-At", "-c", "SELECT 42", "-c", "SELECT pg_sleep(2)"]);
     let _session = ChildGuard::spawn("psql-sleep", &mut psql).unwrap();
+    // The pair is in the maps as soon as it is spliced; its counters move once the startup
+    // packet and the first query have crossed, so poll until both directions carried bytes.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let entries = loop {
+    let (client, backend) = loop {
         let entries = bpftool_dump(&pin, "SESSIONS");
-        if entries.as_array().unwrap().len() == 2 {
-            break entries;
+        let list = entries.as_array().unwrap().clone();
+        let side = |n: u64| list.iter().find(|e| e["value"]["side"] == n).cloned();
+        if let (Some(c), Some(b)) = (side(0), side(1)) {
+            let moved = |e: &serde_json::Value| e["value"]["bytes_rx"].as_u64().unwrap() > 0;
+            if moved(&c) && moved(&b) {
+                break (c, b);
+            }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no live session: {entries}"
-        );
+        assert!(std::time::Instant::now() < deadline, "no live session with traffic: {entries}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let entries = entries.as_array().unwrap();
-    let client = entries
-        .iter()
-        .find(|e| e["value"]["side"] == 0)
-        .expect("client side");
-    let backend = entries
-        .iter()
-        .find(|e| e["value"]["side"] == 1)
-        .expect("backend side");
     assert_eq!(client["value"]["peer"], backend["key"]);
     assert_eq!(backend["value"]["peer"], client["key"]);
     assert_eq!(client["value"]["backend"], 1);
     assert_eq!(client["value"]["listener"], 0);
-    // The startup packet and queries went client->server; results came back.
-    assert!(client["value"]["bytes_rx"].as_u64().unwrap() > 0);
-    assert!(backend["value"]["bytes_rx"].as_u64().unwrap() > 0);
+    // What arrived on one socket is what was sent out of the other.
+    assert_eq!(client["value"]["bytes_rx"], backend["value"]["bytes_tx"]);
     assert_eq!(client["value"]["bytes_tx"], backend["value"]["bytes_rx"]);
     assert!(client["value"]["last_ns"].as_u64().unwrap() > 0);
     let backends = bpftool_dump(&pin, "BACKENDS");
