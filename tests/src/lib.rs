@@ -4,4 +4,5 @@ pub mod fake_patroni;
 pub mod ports;
 pub mod postgres;
 pub mod process;
+pub mod cluster;
 pub mod stats_client;

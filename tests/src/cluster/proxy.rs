@@ -1,0 +1,303 @@
+//! The proxies in front of the cluster, in the root namespace: patroxy (the seed's settings
+//! plus `fastinter = "500ms"`) and HAProxy (the seed's settings exactly). Their pids are
+//! recorded in the state dir so `down` stops them after a crashed run too.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::patroni::Node;
+use super::{STATE_DIR, err};
+use crate::ports::wait_for_listen;
+use crate::postgres::PgError;
+
+/// Which proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Patroxy,
+    Haproxy,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Patroxy => "patroxy",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// patroxy's config for the cluster: the seed's (patroxy.toml) with the test hosts, local
+/// ports and `fastinter = "500ms"`.
+pub fn patroxy_config(
+    nodes: &[Node],
+    write_port: u16,
+    read_port: u16,
+    stats_port: u16,
+    bpf: &str,
+    pin_path: &Path,
+) -> String {
+    let servers: String = nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "[[server]]\nname = \"{}\"\naddress = \"{}:5432\"\ncheck_port = 8008\nmaxconn = 200\n\n",
+                n.name, n.ip
+            )
+        })
+        .collect();
+    let names = nodes
+        .iter()
+        .map(|n| format!("\"{}\"", n.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"# Written by the patroxy cluster harness: the seed's settings, test hosts, fastinter 500ms.
+[global]
+maxconn = 2000
+bpf = "{bpf}"
+pin_path = "{pin}"
+
+[defaults]
+retries = 2
+timeout_client = "30m"
+timeout_server = "30m"
+timeout_connect = "4s"
+timeout_check = "5s"
+
+[default_server]
+inter = "3s"
+fastinter = "500ms"
+fall = 3
+rise = 2
+on_marked_down = "shutdown-sessions"
+
+{servers}[[listener]]
+name = "postgres_write"
+bind = "127.0.0.1:{write_port}"
+servers = [{names}]
+[listener.check]
+method = "GET"
+path = "/primary"
+expect_status = 200
+
+[[listener]]
+name = "postgres_read"
+bind = "127.0.0.1:{read_port}"
+balance = "roundrobin"
+servers = [{names}]
+[listener.check]
+method = "GET"
+path = "/replica"
+expect_status = 200
+
+[stats]
+bind = "127.0.0.1:{stats_port}"
+refresh = "5s"
+"#,
+        pin = pin_path.display()
+    )
+}
+
+/// A proxy process in the root namespace, stopped when dropped (unless detached).
+pub struct Proxy {
+    pub kind: Kind,
+    pub write_port: u16,
+    pub read_port: u16,
+    pub stats_port: u16,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    pid_file: PathBuf,
+    detached: bool,
+}
+
+impl Proxy {
+    /// Starts patroxy (`bin`) with [`patroxy_config`].
+    pub fn start_patroxy(
+        bin: &Path,
+        nodes: &[Node],
+        ports: (u16, u16, u16),
+        bpf: &str,
+    ) -> Result<Proxy, PgError> {
+        let dir = Path::new(STATE_DIR);
+        let pin = PathBuf::from(format!("/sys/fs/bpf/patroxy-cluster-{}", ports.0));
+        let cfg = dir.join(format!("patroxy-{}.toml", ports.0));
+        std::fs::write(
+            &cfg,
+            patroxy_config(nodes, ports.0, ports.1, ports.2, bpf, &pin),
+        )?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("run").arg("--config").arg(&cfg);
+        cmd.env("PATROXY_LOG", "info");
+        Self::spawn(Kind::Patroxy, cmd, ports)
+    }
+
+    /// Starts Debian's HAProxy (foreground) with [`super::haproxy::config`].
+    pub fn start_haproxy(nodes: &[Node], ports: (u16, u16, u16)) -> Result<Proxy, PgError> {
+        let dir = Path::new(STATE_DIR);
+        let cfg = dir.join(format!("haproxy-{}.cfg", ports.0));
+        std::fs::write(
+            &cfg,
+            super::haproxy::config(nodes, ports.0, ports.1, ports.2),
+        )?;
+        let mut cmd = Command::new("/usr/sbin/haproxy");
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        Self::spawn(Kind::Haproxy, cmd, ports)
+    }
+
+    fn spawn(kind: Kind, mut cmd: Command, ports: (u16, u16, u16)) -> Result<Proxy, PgError> {
+        let dir = Path::new(STATE_DIR);
+        let log_path = dir.join(format!("{}-{}.log", kind.name(), ports.0));
+        let out = File::create(&log_path)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| err(format!("spawning {}: {e}", kind.name())))?;
+        let pid_file = dir.join(format!("{}-{}.pid", kind.name(), ports.0));
+        std::fs::write(&pid_file, child.id().to_string())?;
+        let mut proxy = Proxy {
+            kind,
+            write_port: ports.0,
+            read_port: ports.1,
+            stats_port: ports.2,
+            log_path,
+            child: Some(child),
+            pid_file,
+            detached: false,
+        };
+        for port in [ports.0, ports.1, ports.2] {
+            if !wait_for_listen(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(15),
+            ) {
+                let log = proxy.log();
+                proxy.stop();
+                return Err(err(format!(
+                    "{} did not listen on {port}:\n{log}",
+                    kind.name()
+                )));
+            }
+        }
+        Ok(proxy)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Leaves the process running when dropped (`cargo xtask cluster up`).
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&self.pid_file);
+        }
+    }
+
+    /// When this proxy logged a line containing `needle` after `since` (patroxy's RFC 3339
+    /// timestamps; for HAProxy, which logs none on stderr, the time the watcher saw it is
+    /// used by the caller instead). `None` if no such line.
+    pub fn logged_at(&self, needle: &str, since: SystemTime) -> Option<SystemTime> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .find_map(|l| {
+                let ts = l.split_whitespace().next()?;
+                let t = humantime::parse_rfc3339_weak(ts.trim_end_matches('Z')).ok()?;
+                (t >= since).then_some(t)
+            })
+    }
+
+    /// Waits until the log has a line containing `needle` written after `since`.
+    pub fn wait_logged(
+        &self,
+        needle: &str,
+        since: SystemTime,
+        timeout: Duration,
+    ) -> Option<SystemTime> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(t) = self.logged_at(needle, since) {
+                return Some(t);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "--- {} log tail:\n{}",
+                self.kind.name(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if !self.detached {
+            self.stop();
+        }
+    }
+}
+
+/// Stops proxies recorded in `dir/*.pid` by an earlier (possibly crashed) run, checking the
+/// pid still names a patroxy or haproxy process first.
+pub fn kill_recorded(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "pid") {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("patroxy") || cmdline.contains("haproxy") {
+            // SAFETY: kill(2) on a proxy this harness started and recorded.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}

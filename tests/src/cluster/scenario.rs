@@ -1,0 +1,284 @@
+//! The failover scenarios shared by the integration tests and `cargo xtask failover-bench`:
+//! an event on the primary under the continuous writer, measured through one proxy.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use super::netns;
+use super::patroni::http_get;
+use super::proxy::{Kind, Proxy};
+use super::writer::{self, ErrorKind, Report, Writer};
+use super::{Cluster, err};
+use crate::postgres::PgError;
+
+/// What happens to the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// `patronictl switchover --force` to the next node.
+    Switchover,
+    /// kill -9 of the primary's patroni and PostgreSQL.
+    Kill,
+    /// The primary's veth link down.
+    Partition,
+}
+
+impl Event {
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::Switchover => "switchover",
+            Event::Kill => "kill -9 primary",
+            Event::Partition => "primary link down",
+        }
+    }
+}
+
+/// The measurements of one scenario run through one proxy.
+#[derive(Debug)]
+pub struct Outcome {
+    pub event: Event,
+    pub proxy: Kind,
+    pub old: String,
+    pub new: String,
+    pub old_ip: String,
+    pub report: Report,
+    pub t_event: SystemTime,
+    /// When Patroni had a new leader answering 200 on /primary (Patroni's own floor).
+    pub patroni_new_primary: Option<Duration>,
+    /// When patroxy logged the old primary DOWN on the write listener (patroxy only).
+    pub t_old_down: Option<SystemTime>,
+    pub down_line: Option<String>,
+    /// Idle sessions opened on the old primary before the event that were not closed.
+    pub idle_left: usize,
+    pub idle_total: usize,
+}
+
+impl Outcome {
+    pub fn outage(&self) -> Duration {
+        self.report.outage().0
+    }
+
+    /// Read-only errors on sessions established after the proxy marked the old primary down.
+    pub fn ro_new_sessions_after_down(&self) -> Option<usize> {
+        self.t_old_down
+            .map(|t| self.report.count_connected_after(ErrorKind::ReadOnly, t))
+    }
+
+    /// Read-only errors (any session) after the proxy marked the old primary down.
+    pub fn ro_after_down(&self) -> Option<usize> {
+        self.t_old_down
+            .map(|t| self.report.count_after(ErrorKind::ReadOnly, t))
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} via {}: {} -> {}: {}; Patroni's new primary after {}; old DOWN at {}; \
+             read-only after DOWN {:?} (new sessions {:?}); idle sessions left on old \
+             primary {}/{}",
+            self.event.name(),
+            self.proxy.name(),
+            self.old,
+            self.new,
+            self.report.summary(),
+            self.patroni_new_primary
+                .map_or("?".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+            self.t_old_down.map_or("?".into(), |t| format!(
+                "+{:.2}s",
+                t.duration_since(self.t_event)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            )),
+            self.ro_after_down(),
+            self.ro_new_sessions_after_down(),
+            self.idle_left,
+            self.idle_total,
+        )
+    }
+}
+
+/// Runs `event` on the current primary with the writer going through `proxy`'s write port,
+/// waits for writes to resume on another node, restores the cluster to three healthy
+/// members, and returns the measurements.
+pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Outcome, PgError> {
+    let leader = cluster.wait_healthy(Duration::from_secs(120))?;
+    let candidate = (leader + 1) % 3;
+    let old = cluster.nodes[leader].clone();
+    // The proxy must route to this leader before we start (it may still be rising).
+    wait_routed(proxy.write_port, &old.ip, Duration::from_secs(30))?;
+
+    // Idle sessions on the old primary: must be closed by the proxy (or by the node) after.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut c = writer::connect(proxy.write_port, "ptx-idle").map_err(pg)?;
+        let row = writer::query_row(&mut c, "SELECT host(inet_server_addr())").map_err(pg)?;
+        if row.first().map(String::as_str) == Some(old.ip.as_str()) {
+            idle.push(c);
+        }
+    }
+    let idle_total = idle.len();
+
+    let w = Writer::start(proxy.write_port, Duration::from_millis(20));
+    if !w.wait_successes_on(None, 25, Duration::from_secs(10)) {
+        let r = w.stop();
+        return Err(err(format!(
+            "writer not writing before the event: {}\n{}",
+            r.summary(),
+            r.sample_errors()
+        )));
+    }
+    let t_event = SystemTime::now();
+    let started = Instant::now();
+    match event {
+        Event::Switchover => {
+            cluster.switchover(leader, candidate)?;
+        }
+        Event::Kill => cluster.kill_node(leader),
+        Event::Partition => netns::link_down(&old.ns)?,
+    }
+    // Patroni's own time to a new primary, polled directly (not through a proxy).
+    let mut patroni_new_primary = None;
+    let mut new_idx = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if patroni_new_primary.is_none() {
+            for (i, n) in cluster.nodes.iter().enumerate() {
+                if i != leader
+                    && matches!(
+                        http_get(n.api_addr(), "/primary", Duration::from_millis(300)),
+                        Ok((200, _))
+                    )
+                {
+                    patroni_new_primary = Some(started.elapsed());
+                    new_idx = Some(i);
+                }
+            }
+        }
+        if patroni_new_primary.is_some()
+            && w.wait_successes_since(Some(&old.ip), 10, t_event, Duration::from_millis(100))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let resumed = w.wait_successes_on(Some(&old.ip), 5, Duration::from_secs(5));
+    let report = w.stop();
+
+    // Idle sessions still answering (or hanging) on the old primary were left behind.
+    let idle_left = idle
+        .into_iter()
+        .map(|mut c| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let r = writer::query_row(&mut c, "SELECT host(inet_server_addr())");
+                let _ = tx.send(r.ok().and_then(|r| r.into_iter().next()));
+            });
+            match rx.recv_timeout(Duration::from_secs(3)) {
+                Ok(Some(_)) => 1, // still connected somewhere: not reset
+                Ok(None) => 0,
+                Err(_) => 1, // hanging on a node the proxy never let go of
+            }
+        })
+        .sum();
+
+    let (t_old_down, down_line) = if proxy.kind == Kind::Patroxy {
+        let needle = format!("Server postgres_write/{} is DOWN", old.name);
+        let line = proxy
+            .log()
+            .lines()
+            .find(|l| l.contains(&needle) && { proxy.logged_at(&needle, t_event).is_some() })
+            .map(str::to_owned);
+        (proxy.logged_at(&needle, t_event), line)
+    } else {
+        (None, None)
+    };
+
+    let new_name = new_idx.map_or("?".to_owned(), |i| cluster.nodes[i].name.clone());
+    // Restore three healthy members for what follows.
+    match event {
+        Event::Switchover => {}
+        Event::Kill => cluster.start_node(leader)?,
+        Event::Partition => netns::link_up(&old.ns)?,
+    }
+    if !resumed {
+        return Err(err(format!(
+            "writes did not resume on a new primary after {}: {}\n{}",
+            event.name(),
+            report.summary(),
+            report.sample_errors()
+        )));
+    }
+    cluster.wait_healthy(Duration::from_secs(120))?;
+    Ok(Outcome {
+        event,
+        proxy: proxy.kind,
+        old: old.name.clone(),
+        new: new_name,
+        old_ip: old.ip.clone(),
+        report,
+        t_event,
+        patroni_new_primary,
+        t_old_down,
+        down_line,
+        idle_left,
+        idle_total,
+    })
+}
+
+fn pg(e: postgres::Error) -> PgError {
+    err(e.to_string())
+}
+
+/// Waits until a new connection to 127.0.0.1:`port` lands on `ip`.
+pub fn wait_routed(port: u16, ip: &str, timeout: Duration) -> Result<(), PgError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match writer::connect(port, "ptx-harness")
+            .and_then(|mut c| writer::query_row(&mut c, "SELECT host(inet_server_addr())"))
+        {
+            Ok(row) if row.first().map(String::as_str) == Some(ip) => return Ok(()),
+            Ok(row) => last = format!("{row:?}"),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(err(format!(
+        "port {port} never routed to {ip} (last: {last})"
+    )))
+}
+
+/// `SELECT inet_server_addr(), pg_is_in_recovery()` through 127.0.0.1:`port`.
+pub fn whoami(port: u16) -> Result<(String, bool), PgError> {
+    let mut c = writer::connect(port, "ptx-harness").map_err(pg)?;
+    let row = writer::query_row(
+        &mut c,
+        "SELECT host(inet_server_addr()), pg_is_in_recovery()",
+    )
+    .map_err(pg)?;
+    Ok((row[0].clone(), row[1] == "t"))
+}
+
+/// The failover-bench table (markdown) for outcomes of both proxies.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut s = String::from(
+        "| scenario | proxy | write outage | Patroni new primary | refused | reset | read-only | \
+         read-only after 503/DOWN | idle sessions left on old primary |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        s += &format!(
+            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {}/{} |\n",
+            o.event.name(),
+            o.proxy.name(),
+            o.outage().as_secs_f64(),
+            o.patroni_new_primary
+                .map_or("?".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+            o.report.count(ErrorKind::Refused) + o.report.count(ErrorKind::Timeout),
+            o.report.count(ErrorKind::Reset),
+            o.report.count(ErrorKind::ReadOnly),
+            o.ro_after_down().map_or("n/a".into(), |n| n.to_string()),
+            o.idle_left,
+            o.idle_total,
+        );
+    }
+    s
+}

@@ -1,0 +1,360 @@
+//! The failover scenarios of issue 4 against a real Patroni cluster (etcd + 3 Patroni/
+//! PostgreSQL hosts in network namespaces the harness creates), patroxy in front.
+//!
+//! One test function runs the scenarios in order on one cluster (bringing a cluster up
+//! costs ~20 s; the suite must fit CI's budget). Needs root; `PTX_SCENARIOS=1,2` runs a subset.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use patroxy_tests::cluster::proxy::{Kind, Proxy};
+use patroxy_tests::cluster::scenario::{self, Event, whoami};
+use patroxy_tests::cluster::writer::{self, ErrorKind};
+use patroxy_tests::cluster::{Cluster, netns, patroni};
+use patroxy_tests::ports::free_tcp_port;
+use patroxy_tests::process::{patroxy_bin, require_root};
+
+/// Scenarios run by default: 1-3 have run green here. 4-7 (link down, replica lost, API
+/// frozen, whole cluster down) are written but not yet validated: opt in with PTX_SCENARIOS.
+const VALIDATED: &[u32] = &[1, 2, 3];
+
+fn wanted(n: u32) -> bool {
+    match std::env::var("PTX_SCENARIOS") {
+        Ok(list) => list.split(',').any(|s| s.trim() == n.to_string()),
+        Err(_) => VALIDATED.contains(&n),
+    }
+}
+
+fn step(name: &str) -> Instant {
+    eprintln!("=== {name}");
+    Instant::now()
+}
+
+#[test]
+fn patroni_cluster_scenarios() {
+    if !require_root("patroni_cluster_scenarios") {
+        return;
+    }
+    let t0 = Instant::now();
+    eprintln!(
+        "patroni: {}",
+        patroni::ensure_installed().expect("install Patroni 4.1")
+    );
+    let mut cluster = Cluster::up().expect("cluster up");
+    eprintln!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
+    let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let px = Proxy::start_patroxy(&patroxy_bin(), &cluster.nodes, ports, "auto").expect("patroxy");
+    let leader = cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+    scenario::wait_routed(
+        px.write_port,
+        &cluster.nodes[leader].ip,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    writer::prepare(px.write_port).unwrap();
+
+    if wanted(1) {
+        let t = step("1. seed verification");
+        seed_verification(&cluster, &px);
+        eprintln!("1. ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    for (n, event) in [
+        (2, Event::Switchover),
+        (3, Event::Kill),
+        (4, Event::Partition),
+    ] {
+        if !wanted(n) {
+            continue;
+        }
+        let t = step(&format!("{n}. {}", event.name()));
+        let o = scenario::failover(&mut cluster, &px, event).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{n}. {}", o.summary());
+        eprintln!("   DOWN line: {:?}", o.down_line);
+        assert!(
+            o.t_old_down.is_some(),
+            "patroxy never marked {} DOWN",
+            o.old
+        );
+        assert_eq!(
+            o.ro_new_sessions_after_down(),
+            Some(0),
+            "new sessions routed to the demoted primary after patroxy marked it DOWN"
+        );
+        let t_down = o.t_old_down.unwrap();
+        assert_eq!(
+            o.report.successes_on_after(&o.old_ip, t_down),
+            0,
+            "writes on {} after it was marked DOWN",
+            o.old
+        );
+        assert_eq!(o.idle_left, 0, "sessions left on the old primary {}", o.old);
+        if event == Event::Partition {
+            let line = o.down_line.clone().unwrap_or_default();
+            assert!(
+                !line.contains("code: 503"),
+                "a cut-off host cannot answer 503: {line}"
+            );
+        }
+        eprintln!("{n}. ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    if wanted(5) {
+        let t = step("5. replica lost and back");
+        replica_lost(&mut cluster, &px);
+        eprintln!("5. ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    if wanted(6) {
+        let t = step("6. patroni frozen on the primary");
+        patroni_frozen(&mut cluster, &px);
+        eprintln!("6. ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    if wanted(7) {
+        let t = step("7. whole cluster down then up");
+        whole_cluster(&mut cluster, &px);
+        eprintln!("7. ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    drop(px);
+    cluster.down();
+    assert!(!netns::exists(), "the bridge is gone after down");
+    eprintln!("all scenarios in {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+/// 1. The seed's "Start and verify": primary with f on the write port, a replica with t on
+/// the read port, reads spread over both replicas.
+fn seed_verification(cluster: &Cluster, px: &Proxy) {
+    let leader = cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+    let primary_ip = cluster.nodes[leader].ip.clone();
+    let (ip, in_recovery) = whoami(px.write_port).unwrap();
+    eprintln!("write port: {ip} in_recovery={in_recovery}");
+    assert_eq!((ip.as_str(), in_recovery), (primary_ip.as_str(), false));
+    let replicas: HashSet<String> = (0..3)
+        .filter(|&i| i != leader)
+        .map(|i| cluster.nodes[i].ip.clone())
+        .collect();
+    // Both replicas must have risen in patroxy (rise 2).
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while Instant::now() < deadline && (seen.len() < 2 || n < 10) {
+        let (ip, in_recovery) = whoami(px.read_port).unwrap();
+        assert!(in_recovery, "read port reached {ip}, not in recovery");
+        assert!(
+            replicas.contains(&ip),
+            "read port reached {ip}, not a replica"
+        );
+        seen.insert(ip);
+        n += 1;
+    }
+    eprintln!("read port: {n} connections over {seen:?}");
+    assert_eq!(seen, replicas, "reads spread over both replicas");
+}
+
+/// Reads (one new connection each ~50 ms) through the read port in a thread.
+struct Reader {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(SystemTime, Result<String, String>)>>,
+}
+
+impl Reader {
+    fn start(port: u16) -> Reader {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = whoami(port).map(|(ip, _)| ip).map_err(|e| e.to_string());
+                out.push((SystemTime::now(), r));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            out
+        });
+        Reader { stop, handle }
+    }
+    fn stop(self) -> Vec<(SystemTime, Result<String, String>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+/// 5. A replica lost (host crash) and back: reads continue on the other replica once patroxy
+/// marked the lost one DOWN, and it rejoins the read pool after `rise`.
+fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
+    let leader = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    let lost = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let lost_name = cluster.nodes[lost].name.clone();
+    let reader = Reader::start(px.read_port);
+    std::thread::sleep(Duration::from_secs(1));
+    let t_kill = SystemTime::now();
+    cluster.kill_node(lost);
+    let down = px
+        .wait_logged(
+            &format!("Server postgres_read/{lost_name} is DOWN"),
+            t_kill,
+            Duration::from_secs(30),
+        )
+        .expect("patroxy marks the lost replica DOWN");
+    std::thread::sleep(Duration::from_secs(3));
+    let t_restart = SystemTime::now();
+    cluster.start_node(lost).unwrap();
+    cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    let t_healthy = SystemTime::now();
+    let up = px
+        .wait_logged(
+            &format!("Server postgres_read/{lost_name} is UP"),
+            t_restart,
+            Duration::from_secs(30),
+        )
+        .expect("patroxy brings the replica back UP");
+    std::thread::sleep(Duration::from_secs(2));
+    let reads = reader.stop();
+    let secs = |a: SystemTime, b: SystemTime| {
+        b.duration_since(a)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(-a.duration_since(b).unwrap_or_default().as_secs_f64())
+    };
+    let failed_before_down = reads
+        .iter()
+        .filter(|(t, r)| *t <= down && r.is_err())
+        .count();
+    let failed_after_down: Vec<_> = reads
+        .iter()
+        .filter(|(t, r)| *t > down && r.is_err())
+        .collect();
+    let other_ip = &cluster.nodes[other].ip;
+    let lost_ip = &cluster.nodes[lost].ip;
+    let while_down_elsewhere = reads
+        .iter()
+        .filter(|(t, r)| *t > down && *t < up && matches!(r, Ok(ip) if ip != other_ip))
+        .count();
+    let back = reads
+        .iter()
+        .filter(|(t, r)| *t > up && matches!(r, Ok(ip) if ip == lost_ip))
+        .count();
+    eprintln!(
+        "5. {} reads; DOWN +{:.2}s after kill, {failed_before_down} failed before DOWN, {} after; \
+         UP {:.2}s after Patroni reported it healthy again; {back} reads on it after UP",
+        reads.len(),
+        secs(t_kill, down),
+        failed_after_down.len(),
+        secs(t_healthy, up),
+    );
+    assert!(
+        failed_after_down.is_empty(),
+        "reads failed after DOWN: {failed_after_down:?}"
+    );
+    assert_eq!(
+        while_down_elsewhere, 0,
+        "reads went elsewhere than {other_ip} while {lost_name} was down"
+    );
+    assert!(
+        back > 0,
+        "no read reached {lost_name} after it came back UP"
+    );
+}
+
+/// 6. Patroni frozen (SIGSTOP) on the primary, PostgreSQL still up. Behaviour: the REST
+/// API accepts connections but never answers, so every check waits `timeout check` (5 s);
+/// patroxy marks the primary DOWN after `fall` timed-out checks (a timeout is not an
+/// authoritative 503). Meanwhile the leader lock expires after ttl (10 s) and a replica is
+/// promoted; writes move there once the frozen node is DOWN. On SIGCONT the old Patroni
+/// finds it lost the lock, demotes its PostgreSQL and rejoins as a replica.
+fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
+    let leader = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    let old = cluster.nodes[leader].clone();
+    let w = writer::Writer::start(px.write_port, Duration::from_millis(20));
+    assert!(w.wait_successes_on(None, 25, Duration::from_secs(10)));
+    let t_stop = SystemTime::now();
+    cluster.signal_patroni(leader, libc::SIGSTOP).unwrap();
+    let down = px.wait_logged(
+        &format!("Server postgres_write/{} is DOWN", old.name),
+        t_stop,
+        Duration::from_secs(60),
+    );
+    let resumed = w.wait_successes_on(Some(&old.ip), 10, Duration::from_secs(60));
+    let report = w.stop();
+    cluster.signal_patroni(leader, libc::SIGCONT).unwrap();
+    let line = px
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("Server postgres_write/{} is DOWN", old.name)))
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    let on_old_after_down = down.map(|d| report.successes_on_after(&old.ip, d));
+    eprintln!(
+        "6. {}; old DOWN at {:?}; writes on old primary after DOWN {:?}; line: {line}",
+        report.summary(),
+        down.map(|d| d.duration_since(t_stop).unwrap_or_default()),
+        on_old_after_down,
+    );
+    let down = down.expect("patroxy marks the frozen primary DOWN");
+    let after = down.duration_since(t_stop).unwrap().as_secs_f64();
+    assert!(
+        after >= 5.0,
+        "marked DOWN after {after:.1}s: a hung check cannot fail before timeout check"
+    );
+    assert!(
+        !line.contains("code: 503"),
+        "a frozen Patroni cannot answer 503: {line}"
+    );
+    assert!(resumed, "writes resumed on the new primary");
+    assert_eq!(on_old_after_down, Some(0));
+    // The old node rejoins as a replica.
+    cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    assert_ne!(
+        cluster.leader(),
+        Some(leader),
+        "the frozen node lost the leader lock"
+    );
+    let _ = report.count(ErrorKind::ReadOnly);
+}
+
+/// 7. Whole cluster down then up: clients get a prompt refusal while nothing is up, then
+/// service resumes without restarting patroxy.
+fn whole_cluster(cluster: &mut Cluster, px: &Proxy) {
+    cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    let pid = px.pid();
+    for i in 0..3 {
+        cluster.stop_node(i).unwrap();
+    }
+    let t_all_down = SystemTime::now();
+    px.wait_logged(
+        "proxy postgres_write has no server available",
+        t_all_down - Duration::from_secs(30),
+        Duration::from_secs(30),
+    )
+    .expect("patroxy reports no server for writes");
+    px.wait_logged(
+        "proxy postgres_read has no server available",
+        t_all_down - Duration::from_secs(30),
+        Duration::from_secs(30),
+    )
+    .expect("patroxy reports no server for reads");
+    for port in [px.write_port, px.read_port] {
+        let t = Instant::now();
+        let r = writer::connect(port, "ptx-harness");
+        let took = t.elapsed();
+        let e = r.err().expect("no server: the connection is refused");
+        eprintln!("7. port {port}: refused in {:?}: {e}", took);
+        assert!(took < Duration::from_secs(2), "refusal took {took:?}");
+    }
+    let t_start = Instant::now();
+    for i in 0..3 {
+        cluster.start_node(i).unwrap();
+    }
+    let leader = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    scenario::wait_routed(
+        px.write_port,
+        &cluster.nodes[leader].ip,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    eprintln!(
+        "7. writes served again {:.1}s after the nodes were started",
+        t_start.elapsed().as_secs_f64()
+    );
+    let (_, in_recovery) = whoami(px.read_port).unwrap();
+    assert!(in_recovery);
+    assert_eq!(px.pid(), pid, "same patroxy process");
+    let _ = Kind::Patroxy;
+}
