@@ -33,6 +33,8 @@ pub enum LoadError {
     Map(&'static str, aya::maps::MapError),
     #[error("verdict program: {0} (kernel without sockmap support?)")]
     Program(#[from] aya::programs::ProgramError),
+    #[error("creating the close watcher's epoll set: {0}")]
+    Epoll(std::io::Error),
     #[error("pin directory {}: {msg}", path.display())]
     Pin { path: PathBuf, msg: String },
 }

@@ -4,6 +4,7 @@
 //! propagated, idle timeout, kill on demand): `sockmap` splices in the kernel, `fallback` copies in
 //! userspace. `DataPlane::select` picks one from the config's `bpf` mode.
 mod backends;
+mod closewatch;
 mod fallback;
 pub mod loader;
 mod sockmap;
@@ -110,7 +111,11 @@ pub struct SessionEnd {
 
 /// The data path chosen at start-up.
 pub enum DataPlane {
-    Sockmap(Arc<KernelMaps>),
+    Sockmap {
+        maps: Arc<KernelMaps>,
+        /// Tells spliced sessions about FIN/RST without waking them per message.
+        closes: Arc<closewatch::CloseWatcher>,
+    },
     Fallback,
 }
 
@@ -127,8 +132,15 @@ impl DataPlane {
         if mode == BpfMode::Off {
             return Ok(Self::Fallback);
         }
-        match KernelMaps::load(pin_dir) {
-            Ok(maps) => Ok(Self::Sockmap(Arc::new(maps))),
+        let loaded = KernelMaps::load(pin_dir).and_then(|maps| {
+            let closes = closewatch::CloseWatcher::new().map_err(loader::LoadError::Epoll)?;
+            Ok((maps, closes))
+        });
+        match loaded {
+            Ok((maps, closes)) => Ok(Self::Sockmap {
+                maps: Arc::new(maps),
+                closes,
+            }),
             Err(e) if mode == BpfMode::Required => Err(RequiredButUnavailable(e)),
             Err(e) => {
                 warn!("sockmap data path unavailable ({e}); using the userspace fallback");
@@ -139,14 +151,14 @@ impl DataPlane {
 
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Sockmap(_) => "sockmap",
+            Self::Sockmap { .. } => "sockmap",
             Self::Fallback => "fallback",
         }
     }
 
     pub fn kernel(&self) -> Option<&Arc<KernelMaps>> {
         match self {
-            Self::Sockmap(k) => Some(k),
+            Self::Sockmap { maps, .. } => Some(maps),
             Self::Fallback => None,
         }
     }
@@ -162,23 +174,27 @@ impl DataPlane {
         let _ = client.set_nodelay(true);
         let _ = backend.set_nodelay(true);
         match self {
-            Self::Sockmap(maps) if too_much_queued(&client) => {
-                debug!("client sent more than {SPLICE_QUEUE_LIMIT} bytes before its backend connected; serving it on the fallback path");
+            Self::Sockmap { .. } if too_much_queued(&client) => {
+                debug!(
+                    "client sent more than {SPLICE_QUEUE_LIMIT} bytes before its backend connected; serving it on the fallback path"
+                );
                 fallback::run(client, backend, meta, kill).await
             }
-            Self::Sockmap(maps) => match sockmap::Spliced::insert(maps, &client, &backend, meta) {
-                Ok(spliced) => spliced.run(client, backend, kill).await,
-                Err(e) => {
-                    // EOPNOTSUPP: a socket no longer established (the client already closed);
-                    // the fallback path still serves whatever it sent.
-                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        error!(
-                            "sockmap insert failed ({e}); serving the session on the fallback path"
-                        );
+            Self::Sockmap { maps, closes } => {
+                match sockmap::Spliced::insert(maps, &client, &backend, meta) {
+                    Ok(spliced) => spliced.run(client, backend, closes, kill).await,
+                    Err(e) => {
+                        // EOPNOTSUPP: a socket no longer established (the client already closed);
+                        // the fallback path still serves whatever it sent.
+                        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                            error!(
+                                "sockmap insert failed ({e}); serving the session on the fallback path"
+                            );
+                        }
+                        fallback::run(client, backend, meta, kill).await
                     }
-                    fallback::run(client, backend, meta, kill).await
                 }
-            },
+            }
             Self::Fallback => fallback::run(client, backend, meta, kill).await,
         }
     }
@@ -218,7 +234,7 @@ impl Side {
 }
 
 /// Closes both sockets with RST (SO_LINGER 0), as HAProxy's shutdown-sessions does.
-fn reset_both(client: TcpStream, backend: TcpStream) {
+fn reset_both(client: impl std::os::fd::AsFd, backend: impl std::os::fd::AsFd) {
     let _ = sockopt::arm_reset(&client);
     let _ = sockopt::arm_reset(&backend);
 }

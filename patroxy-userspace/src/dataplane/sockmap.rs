@@ -7,14 +7,17 @@
 use std::{os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use patroxy_common::{SIDE_BACKEND, SIDE_CLIENT, SessionEntry};
+use std::net::TcpStream as StdTcpStream;
+
 use tokio::{
-    io::{Interest, Ready},
     net::TcpStream,
     time::{Instant, sleep, sleep_until},
 };
 
 use super::{
-    EndReason, KernelMaps, KillSwitch, SessionEnd, SessionMeta, Side, reset_both,
+    EndReason, KernelMaps, KillSwitch, SessionEnd, SessionMeta, Side,
+    closewatch::{CloseWatcher, Watch},
+    reset_both,
     sockopt::{self, TcpCounters},
 };
 
@@ -79,16 +82,30 @@ impl Spliced {
         self,
         client: TcpStream,
         backend: TcpStream,
+        closes: &Arc<CloseWatcher>,
         kill: &KillSwitch,
     ) -> SessionEnd {
-        let reason = self.watch(&client, &backend, kill).await;
-        let (bytes_from_client, bytes_from_server) = self.counters();
+        // Leave tokio's reactor: it would be woken for every spliced message. The close
+        // watcher reports only FIN, RST and HUP.
+        let (client, backend) = match (client.into_std(), backend.into_std()) {
+            (Ok(c), Ok(b)) => (c, b),
+            _ => return self.end(EndReason::Error("leaving the reactor failed".into())),
+        };
+        let reason = match (closes.watch(&client), closes.watch(&backend)) {
+            (Ok(cw), Ok(bw)) => self.watch(&client, &backend, &cw, &bw, kill).await,
+            (Err(e), _) | (_, Err(e)) => EndReason::Error(format!("watching for close: {e}")),
+        };
         match &reason {
             EndReason::Killed(_) | EndReason::ClientReset | EndReason::ServerReset => {
                 reset_both(client, backend)
             }
             _ => drop((client, backend)),
         }
+        self.end(reason)
+    }
+
+    fn end(&self, reason: EndReason) -> SessionEnd {
+        let (bytes_from_client, bytes_from_server) = self.counters();
         SessionEnd {
             reason,
             bytes_from_client,
@@ -96,7 +113,14 @@ impl Spliced {
         }
     }
 
-    async fn watch(&self, client: &TcpStream, backend: &TcpStream, kill: &KillSwitch) -> EndReason {
+    async fn watch(
+        &self,
+        client: &StdTcpStream,
+        backend: &StdTcpStream,
+        client_closes: &Watch,
+        backend_closes: &Watch,
+        kill: &KillSwitch,
+    ) -> EndReason {
         let mut client_open = true;
         let mut backend_open = true;
         let mut first_close = None;
@@ -105,9 +129,9 @@ impl Spliced {
             if !client_open && !backend_open {
                 return first_close.unwrap_or(EndReason::ClientClose);
             }
-            let (side, ready) = tokio::select! {
-                r = client.ready(Interest::READABLE), if client_open => (Side::Client, r),
-                r = backend.ready(Interest::READABLE), if backend_open => (Side::Server, r),
+            let (side, events) = tokio::select! {
+                e = client_closes.next(), if client_open => (Side::Client, e),
+                e = backend_closes.next(), if backend_open => (Side::Server, e),
                 reason = kill.killed() => return EndReason::Killed(reason),
                 _ = sleep_until(idle_deadline) => {
                     idle_deadline = self.idle_deadline();
@@ -121,7 +145,7 @@ impl Spliced {
                 Side::Client => (client, backend),
                 Side::Server => (backend, client),
             };
-            let event = classify(this, ready);
+            let event = classify(this, events);
             tracing::debug!(?side, ?event, "sockmap session event");
             match event {
                 Event::Reset => return side.reset_reason(),
@@ -148,8 +172,8 @@ impl Spliced {
     /// TCP send queue; a shutdown before that would cut off bytes still in the sockmap's queue.
     async fn deliver_then_shutdown(
         &self,
-        from: &TcpStream,
-        peer: &TcpStream,
+        from: &StdTcpStream,
+        peer: &StdTcpStream,
     ) -> Result<(), EndReason> {
         let deadline = Instant::now() + self.meta.idle_timeout;
         let mut pause = Duration::from_micros(200);
@@ -218,25 +242,18 @@ impl Drop for Spliced {
 enum Event {
     Fin,
     Reset,
-    /// Readable without EOF: bytes the verdict passed up (never expected); nothing to do.
+    /// An event with neither FIN nor error (not expected with the bits we watch).
     Spurious,
 }
 
-fn classify(stream: &TcpStream, ready: std::io::Result<Ready>) -> Event {
-    let ready = match ready {
-        Ok(r) => r,
-        Err(_) => return Event::Reset,
-    };
-    if ready.is_error() || matches!(stream.take_error(), Ok(Some(_)) | Err(_)) {
+fn classify(stream: &StdTcpStream, events: u32) -> Event {
+    let error = events & libc::EPOLLERR as u32 != 0;
+    if error || matches!(stream.take_error(), Ok(Some(_)) | Err(_)) {
         return Event::Reset;
     }
-    if ready.is_read_closed() {
+    if events & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
         return Event::Fin;
     }
-    // Clear tokio's readiness so the next wait needs a new event.
-    let _ = stream.try_io(Interest::READABLE, || {
-        Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-    });
     Event::Spurious
 }
 

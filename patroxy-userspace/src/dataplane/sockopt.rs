@@ -1,11 +1,14 @@
 //! The socket options and kernel queries the data path needs, in one place.
-use std::{io, os::fd::AsRawFd, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    time::Duration,
+};
 
 use socket2::SockRef;
-use tokio::net::TcpStream;
 
 /// The kernel's socket cookie: the key of the socket in SOCKS and SESSIONS.
-pub fn cookie(stream: &TcpStream) -> io::Result<u64> {
+pub fn cookie(stream: &impl AsFd) -> io::Result<u64> {
     SockRef::from(stream).cookie()
 }
 
@@ -23,13 +26,13 @@ pub struct TcpCounters {
     pub state: u8,
 }
 
-pub fn tcp_counters(stream: &TcpStream) -> io::Result<TcpCounters> {
+pub fn tcp_counters(stream: &impl AsFd) -> io::Result<TcpCounters> {
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a properly sized, writable tcp_info and `len` its size.
     let rc = unsafe {
         libc::getsockopt(
-            stream.as_raw_fd(),
+            stream.as_fd().as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&raw mut info).cast(),
@@ -50,12 +53,12 @@ pub fn tcp_counters(stream: &TcpStream) -> io::Result<TcpCounters> {
 
 /// Wakes a socket that was just inserted into the sockmap so the verdict program sees bytes that
 /// arrived before the insertion (setting SO_RCVLOWAT calls the socket's data_ready).
-pub fn kick(stream: &TcpStream) -> io::Result<()> {
+pub fn kick(stream: &impl AsFd) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: plain setsockopt with an int option.
     let rc = unsafe {
         libc::setsockopt(
-            stream.as_raw_fd(),
+            stream.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
             (&raw const one).cast(),
@@ -69,12 +72,12 @@ pub fn kick(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// Arms SO_LINGER {1, 0}: the close that follows sends RST instead of FIN.
-pub fn arm_reset(stream: &TcpStream) -> io::Result<()> {
+pub fn arm_reset(stream: &impl AsFd) -> io::Result<()> {
     SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
 /// Half-closes our sending side (FIN to the peer) after the bytes already queued.
-pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+pub fn shutdown_write(stream: &impl AsFd) -> io::Result<()> {
     SockRef::from(stream).shutdown(std::net::Shutdown::Write)
 }
 
@@ -90,10 +93,10 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Bytes waiting in the socket's receive queue (FIONREAD/SIOCINQ).
-pub fn queued_bytes(stream: &TcpStream) -> io::Result<usize> {
+pub fn queued_bytes(stream: &impl AsFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    let rc = unsafe { libc::ioctl(stream.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
