@@ -15,7 +15,10 @@ fn systemd_unit_verifies() {
     let unit = unit
         .replace("/usr/local/bin/patroxy", bin.to_str().unwrap())
         .replace("/etc/patroxy/patroxy.toml", config.to_str().unwrap());
-    assert!(unit.contains("Type=notify"), "readiness comes from sd_notify");
+    assert!(
+        unit.contains("Type=notify"),
+        "readiness comes from sd_notify"
+    );
     let path = dir.join("patroxy.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze")

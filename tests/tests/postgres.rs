@@ -78,7 +78,10 @@ fn bpftool_shows_live_sessions_with_typed_fields() {
                 break (c, b);
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no live session with traffic: {entries}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no live session with traffic: {entries}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(client["value"]["peer"], backend["key"]);
