@@ -137,7 +137,7 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour) -> Ending {
         Behaviour::ResetAfter { after } => {
             let mut buf = vec![0u8; after as usize];
             let _ = stream.read_exact(&mut buf).await;
-            let _ = stream.set_linger(Some(Duration::ZERO));
+            let _ = stream.set_zero_linger();
             drop(stream);
             Ending::Reset { bytes: after }
         }

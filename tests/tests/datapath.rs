@@ -1,5 +1,6 @@
 //! The data path end to end, on both implementations: byte-exact transfer, half-close, RST,
 //! connect failures, limits and idle timeouts. Real sockets on loopback, real patroxy process.
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -14,31 +15,6 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-
-/// Generates one #[tokio::test] per data path for a scenario `async fn name(path: Path_)`.
-macro_rules! on_both_paths {
-    ($($scenario:ident),* $(,)?) => {
-        mod sockmap {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    let path = super::Path_::Sockmap;
-                    if path.available(concat!("sockmap::", stringify!($scenario))) {
-                        super::$scenario(path).await;
-                    }
-                }
-            )*
-        }
-        mod fallback {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    super::$scenario(super::Path_::Fallback).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_paths!(
     byte_exact_200_concurrent_sessions,
@@ -178,7 +154,7 @@ async fn client_reset_reaches_backend(path: Path_) {
     let mut s = s;
     s.write_all(&pattern(100_000, 3)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    s.set_linger(Some(Duration::ZERO)).unwrap();
+    s.set_zero_linger().unwrap();
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -1,6 +1,7 @@
 //! Health-driven routing end to end: a real patroxy whose servers are checked against scriptable
 //! fake Patroni REST APIs, with in-process TCP backends standing in for PostgreSQL (and one real
 //! PostgreSQL for psql).
+#[macro_use]
 mod common;
 
 use std::{
@@ -113,30 +114,6 @@ async fn session_lands_on(bind: SocketAddr, nodes: &[&Node]) -> Option<usize> {
         .iter()
         .zip(before)
         .position(|(n, b)| n.backend.accepted() > b)
-}
-
-macro_rules! on_both_paths {
-    ($($scenario:ident),* $(,)?) => {
-        mod sockmap {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    let path = super::Path_::Sockmap;
-                    if path.available(concat!("sockmap::", stringify!($scenario))) {
-                        super::$scenario(path).await;
-                    }
-                }
-            )*
-        }
-        mod fallback {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    super::$scenario(super::Path_::Fallback).await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_paths!(

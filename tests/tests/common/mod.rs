@@ -1,5 +1,5 @@
 //! Shared pieces of the data-path tests: configs and client helpers.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -152,3 +152,29 @@ pub async fn read_until_closed(stream: &mut TcpStream) -> std::io::Result<usize>
         }
     }
 }
+
+/// Generates one #[tokio::test] per data path for a scenario `async fn name(path: Path_)`.
+macro_rules! on_both_paths {
+    ($($scenario:ident),* $(,)?) => {
+        mod sockmap {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    let path = super::Path_::Sockmap;
+                    if path.available(concat!("sockmap::", stringify!($scenario))) {
+                        super::$scenario(path).await;
+                    }
+                }
+            )*
+        }
+        mod fallback {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Path_::Fallback).await;
+                }
+            )*
+        }
+    };
+}
+
