@@ -4,11 +4,9 @@
 //! forwards every byte. What userspace still does is what the kernel does not: propagate FIN
 //! (the verdict leaves zero-length skbs on their socket) once the bytes before it were delivered,
 //! propagate RST, expire idle sessions and reset on demand.
-use std::{os::fd::AsRawFd as _, sync::Arc, time::Duration};
+use std::{net::TcpStream as StdTcpStream, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use patroxy_common::{SIDE_BACKEND, SIDE_CLIENT, SessionEntry};
-use std::net::TcpStream as StdTcpStream;
-
 use tokio::{
     net::TcpStream,
     time::{Instant, sleep, sleep_until},
