@@ -177,4 +177,3 @@ macro_rules! on_both_paths {
         }
     };
 }
-
