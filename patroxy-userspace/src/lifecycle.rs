@@ -12,7 +12,6 @@ use crate::{
     patroni,
     proxy::{self, Proxy},
 };
-use patroxy_common::{STATE_DOWN, STATE_UP};
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
 pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
@@ -25,16 +24,13 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let checks = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
-    let initial = checks.borrow().clone();
     let backends = Arc::new(BackendTable::new(
         dataplane.kernel().cloned(),
-        initial.listeners.iter().enumerate().flat_map(|(i, l)| {
-            let listener = &config.listeners[i];
-            l.servers.iter().map(move |s| {
-                let state = if s.is_up() { STATE_UP } else { STATE_DOWN };
-                (i as u16, listener.servers[s.key.server].address, state)
-            })
-        }),
+        config
+            .listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| l.servers.iter().map(move |s| (i as u16, s.address))),
     ));
     let listeners = config
         .listeners

@@ -15,21 +15,21 @@ pub struct BackendTable {
 }
 
 impl BackendTable {
-    /// `backends` lists (listener index, traffic address, initial state) in backend-id order.
+    /// `backends` lists (listener index, traffic address) in backend-id order; every entry starts
+    /// DOWN until the first `set_state`.
     pub fn new(
         kernel: Option<Arc<KernelMaps>>,
-        backends: impl IntoIterator<Item = (u16, SocketAddr, u8)>,
+        backends: impl IntoIterator<Item = (u16, SocketAddr)>,
     ) -> Self {
         let entries: Vec<BackendEntry> = backends
             .into_iter()
-            .map(|(listener, addr, state)| BackendEntry {
+            .map(|(listener, addr)| BackendEntry {
                 addr_v4: match addr {
                     SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()),
                     SocketAddr::V6(_) => 0,
                 },
                 port: addr.port(),
                 listener,
-                state,
                 ..Default::default()
             })
             .collect();

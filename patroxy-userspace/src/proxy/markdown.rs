@@ -19,9 +19,10 @@ use crate::{
 impl Proxy {
     /// Runs until `stop`: mirrors every published snapshot into the data path.
     pub async fn follow_health(self: Arc<Self>, stop: CancellationToken) {
+        // Start from what `Proxy::new` applied; anything the checker published since makes the
+        // first `changed()` fire at once.
         let mut rx = self.checks.clone();
-        let mut previous = rx.borrow_and_update().clone();
-        self.write_states(&previous);
+        let mut previous = self.health.borrow().clone();
         loop {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
@@ -66,7 +67,7 @@ impl Proxy {
         }
     }
 
-    fn write_states(&self, snapshot: &HealthSnapshot) {
+    pub(super) fn write_states(&self, snapshot: &HealthSnapshot) {
         for server in snapshot.listeners.iter().flat_map(|l| l.servers.iter()) {
             let spec = &self.config.listeners[server.key.listener].servers[server.key.server];
             let state = if server.is_up() { STATE_UP } else { STATE_DOWN };

@@ -82,7 +82,7 @@ impl Proxy {
             .iter()
             .map(|_| ListenerCounters::default())
             .collect();
-        Arc::new(Self {
+        let proxy = Arc::new(Self {
             health,
             applied,
             checks,
@@ -95,7 +95,11 @@ impl Proxy {
             backends,
             sessions: SessionRegistry::default(),
             slots,
-        })
+        });
+        // BACKENDS starts as what routing sees first: one writer, `write_states`.
+        let initial = proxy.health.borrow().clone();
+        proxy.write_states(&initial);
+        proxy
     }
 
     /// Accepts on every listener until `stop` is cancelled; session tasks go to `tracker`.

@@ -68,11 +68,6 @@ impl SessionRegistry {
             .map(|b| self.kill_backend(b, reason))
             .sum()
     }
-
-    pub fn count(&self) -> usize {
-        let map = self.by_backend.lock().expect("registry lock");
-        map.values().map(HashMap::len).sum()
-    }
 }
 
 impl Drop for Registered<'_> {
