@@ -203,7 +203,8 @@ fn bad_config_is_refused_with_its_position() {
 }
 
 /// Routing decided by (fake) Patroni answers, with real psql sessions to a real PostgreSQL:
-/// while the node is primary psql works; when it answers 503 psql is refused cleanly.
+/// while the node is primary psql works; when it answers 503 psql is refused cleanly, with a
+/// PostgreSQL error saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_routed_by_patroni_answers() {
     let pg = Postgres::start(PostgresOptions::default());
@@ -248,8 +249,16 @@ path = "/primary"
     api.set("/primary", Reply::replica(503, 2));
     assert!(proxy.wait_for_log("is DOWN", Duration::from_secs(3)));
     let refused = tokio::task::block_in_place(|| pgr.try_psql(port, "SELECT 1"));
-    let err = refused.expect_err("no primary: psql is refused");
+    let err = refused
+        .expect_err("no primary: psql is refused")
+        .to_string();
     eprintln!("psql without a primary: {err}");
+    // A PostgreSQL error the user can read, not "server closed the connection unexpectedly".
+    assert!(
+        err.contains("FATAL")
+            && err.contains("patroxy: postgres_write: timeout queue expired: no server is UP"),
+        "{err}"
+    );
     assert!(proxy.wait_for_log("no server is UP", Duration::from_secs(3)));
     api.set("/primary", Reply::primary(2));
     assert!(proxy.wait_for_log("is UP", Duration::from_secs(3)));

@@ -4,6 +4,7 @@ mod choose;
 pub mod counters;
 mod listener;
 mod markdown;
+mod refusal;
 mod registry;
 mod session;
 mod slots;

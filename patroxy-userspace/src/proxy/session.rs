@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Proxy, slots::Slot};
+use super::{Proxy, refusal, slots::Slot};
 use crate::dataplane::SessionMeta;
 
 /// A client's server, connected, with HAProxy's Tw (queue) and Tc (connect) milestones.
@@ -70,6 +70,8 @@ impl Proxy {
                     wait_ms = accepted.elapsed().as_millis() as u64,
                     "closing client: {}", refusal.describe()
                 );
+                let message = format!("patroxy: {lname}: {}", refusal.describe());
+                refusal::refuse(client, refusal.sqlstate(), &message).await;
                 return;
             }
         };
@@ -197,6 +199,15 @@ impl Proxy {
 }
 
 impl Refusal {
+    /// The SQLSTATE the client is told (see [`refusal::sqlstate`]).
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            Self::QueueTimeout { up_servers: false } => refusal::sqlstate::CANNOT_CONNECT_NOW,
+            Self::QueueTimeout { up_servers: true } => refusal::sqlstate::TOO_MANY_CONNECTIONS,
+            Self::ConnectFailed { .. } => refusal::sqlstate::CONNECTION_FAILURE,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Self::QueueTimeout { up_servers: false } => {
