@@ -7,21 +7,20 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
-use patroxy_tests::cluster::proxy::{Kind, Proxy};
+use patroxy_tests::cluster::proxy::Proxy;
 use patroxy_tests::cluster::scenario::{self, Event, whoami};
-use patroxy_tests::cluster::writer::{self, ErrorKind};
+use patroxy_tests::cluster::writer;
 use patroxy_tests::cluster::{Cluster, netns, patroni};
 use patroxy_tests::ports::free_tcp_port;
 use patroxy_tests::process::{patroxy_bin, require_root};
 
-/// Scenarios run by default: 1-3 have run green here. 4-7 (link down, replica lost, API
-/// frozen, whole cluster down) are written but not yet validated: opt in with PTX_SCENARIOS.
-const VALIDATED: &[u32] = &[1, 2, 3];
+/// Every scenario runs by default; `PTX_SCENARIOS=2,3` runs a subset (in this order).
+const ALL: &[u32] = &[1, 2, 3, 4, 5, 6, 7];
 
 fn wanted(n: u32) -> bool {
     match std::env::var("PTX_SCENARIOS") {
         Ok(list) => list.split(',').any(|s| s.trim() == n.to_string()),
-        Err(_) => VALIDATED.contains(&n),
+        Err(_) => ALL.contains(&n),
     }
 }
 
@@ -36,10 +35,13 @@ fn patroni_cluster_scenarios() {
         return;
     }
     let t0 = Instant::now();
-    eprintln!(
-        "patroni: {}",
-        patroni::ensure_installed().expect("install Patroni 4.1")
-    );
+    // Debian's Patroni by default; PTX_PATRONI=venv installs and uses PyPI's 4.1 instead
+    // (see patroni::patroni_bin for why it is not the default).
+    if std::env::var("PTX_PATRONI").as_deref() == Ok("venv") {
+        let status = patroni::ensure_installed().expect("install Patroni 4.1");
+        eprintln!("patroni: {status}");
+    }
+    eprintln!("patroni: {}", patroni::patroni_bin().display());
     let mut cluster = Cluster::up().expect("cluster up");
     eprintln!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
     let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
@@ -148,7 +150,8 @@ fn seed_verification(cluster: &Cluster, px: &Proxy) {
     assert_eq!(seen, replicas, "reads spread over both replicas");
 }
 
-/// Reads (one new connection each ~50 ms) through the read port in a thread.
+/// Reads (one new connection each ~50 ms) through the read port in a thread, each with the
+/// time it started.
 struct Reader {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: std::thread::JoinHandle<Vec<(SystemTime, Result<String, String>)>>,
@@ -161,8 +164,11 @@ impl Reader {
         let handle = std::thread::spawn(move || {
             let mut out = Vec::new();
             while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                // Stamped when the read starts: a connection attempted before the mark-down
+                // may fail after it.
+                let started = SystemTime::now();
                 let r = whoami(port).map(|(ip, _)| ip).map_err(|e| e.to_string());
-                out.push((SystemTime::now(), r));
+                out.push((started, r));
                 std::thread::sleep(Duration::from_millis(50));
             }
             out
@@ -182,6 +188,22 @@ fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
     let lost = (leader + 1) % 3;
     let other = (leader + 2) % 3;
     let lost_name = cluster.nodes[lost].name.clone();
+    // Both replicas must be UP in patroxy first (servers start DOWN and rise after checks).
+    let replicas = HashSet::from([
+        cluster.nodes[lost].ip.clone(),
+        cluster.nodes[other].ip.clone(),
+    ]);
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen != replicas && Instant::now() < deadline {
+        if let Ok((ip, _)) = whoami(px.read_port) {
+            seen.insert(ip);
+        }
+    }
+    assert_eq!(
+        seen, replicas,
+        "reads reach both replicas before one is lost"
+    );
     let reader = Reader::start(px.read_port);
     std::thread::sleep(Duration::from_secs(1));
     let t_kill = SystemTime::now();
@@ -231,7 +253,7 @@ fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
         .filter(|(t, r)| *t > up && matches!(r, Ok(ip) if ip == lost_ip))
         .count();
     eprintln!(
-        "5. {} reads; DOWN +{:.2}s after kill, {failed_before_down} failed before DOWN, {} after; \
+        "5. {} reads; DOWN +{:.2}s after kill, {failed_before_down} reads started before DOWN failed, {} started after; \
          UP {:.2}s after Patroni reported it healthy again; {back} reads on it after UP",
         reads.len(),
         secs(t_kill, down),
@@ -240,7 +262,7 @@ fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
     );
     assert!(
         failed_after_down.is_empty(),
-        "reads failed after DOWN: {failed_after_down:?}"
+        "reads started after DOWN failed: {failed_after_down:?}"
     );
     assert_eq!(
         while_down_elsewhere, 0,
@@ -299,22 +321,38 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
     );
     assert!(resumed, "writes resumed on the new primary");
     assert_eq!(on_old_after_down, Some(0));
-    // The old node rejoins as a replica.
-    cluster.wait_healthy(Duration::from_secs(120)).unwrap();
-    assert_ne!(
-        cluster.leader(),
-        Some(leader),
-        "the frozen node lost the leader lock"
+    // Patroni settles on one leader again and patroxy follows it, whichever node that is.
+    // Debian's Patroni 3.0.2 has the frozen node take its lock back on SIGCONT (it rewrites
+    // the leader key unconditionally; fixed upstream in Patroni PR 2689), so the promoted
+    // node is demoted again: recorded here, not asserted, as it is Patroni's choice.
+    let leader_after = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    scenario::wait_routed(
+        px.write_port,
+        &cluster.nodes[leader_after].ip,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    eprintln!(
+        "6. after SIGCONT Patroni's leader is {} ({}); patroxy routes writes to it",
+        cluster.nodes[leader_after].name,
+        if leader_after == leader {
+            "the frozen node took its lock back: Patroni 3.0.2's known bug"
+        } else {
+            "the frozen node rejoined as a replica"
+        }
     );
-    let _ = report.count(ErrorKind::ReadOnly);
 }
 
-/// 7. Whole cluster down then up: clients get a prompt refusal while nothing is up, then
-/// service resumes without restarting patroxy.
+/// 7. Whole cluster down then up: clients get a clean refusal (a PostgreSQL error after
+/// `timeout queue`) while nothing is up, then service resumes without restarting patroxy.
 fn whole_cluster(cluster: &mut Cluster, px: &Proxy) {
-    cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    let leader = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
     let pid = px.pid();
-    for i in 0..3 {
+    // The way an operator restarts a Patroni cluster: replicas down first, the leader last;
+    // up again leader first. (Started all at once, Debian's Patroni 3.0.2 may start a replica
+    // without primary_conninfo while there is no leader and leave it "starting" for good.)
+    let replicas: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    for &i in replicas.iter().chain([&leader]) {
         cluster.stop_node(i).unwrap();
     }
     let t_all_down = SystemTime::now();
@@ -330,16 +368,31 @@ fn whole_cluster(cluster: &mut Cluster, px: &Proxy) {
         Duration::from_secs(30),
     )
     .expect("patroxy reports no server for reads");
+    // Clients wait `timeout queue` (the seed's timeout connect, 4 s) for a server to come
+    // back, then get a PostgreSQL error saying why.
     for port in [px.write_port, px.read_port] {
         let t = Instant::now();
         let r = writer::connect(port, "ptx-harness");
         let took = t.elapsed();
         let e = r.err().expect("no server: the connection is refused");
-        eprintln!("7. port {port}: refused in {:?}: {e}", took);
-        assert!(took < Duration::from_secs(2), "refusal took {took:?}");
+        eprintln!(
+            "7. port {port}: refused after {took:?}: {}",
+            e.as_db_error().map_or(e.to_string(), |d| d.to_string())
+        );
+        assert!(
+            took >= Duration::from_millis(3900) && took < Duration::from_secs(6),
+            "refused after {took:?}, expected timeout queue (4 s)"
+        );
+        let db = e
+            .as_db_error()
+            .expect("a PostgreSQL error, not a bare close");
+        assert_eq!(db.code().code(), "57P03", "cannot_connect_now: {db}");
+        assert!(db.message().contains("no server is UP"), "{db}");
     }
     let t_start = Instant::now();
-    for i in 0..3 {
+    cluster.start_node(leader).unwrap();
+    cluster.wait_leader(Duration::from_secs(60)).unwrap();
+    for &i in &replicas {
         cluster.start_node(i).unwrap();
     }
     let leader = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
@@ -356,5 +409,4 @@ fn whole_cluster(cluster: &mut Cluster, px: &Proxy) {
     let (_, in_recovery) = whoami(px.read_port).unwrap();
     assert!(in_recovery);
     assert_eq!(px.pid(), pid, "same patroxy process");
-    let _ = Kind::Patroxy;
 }

@@ -187,6 +187,11 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// The exit status if the process has exited (it is then reaped).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

@@ -43,7 +43,9 @@ pub struct Outcome {
     pub t_event: SystemTime,
     /// When Patroni had a new leader answering 200 on /primary (Patroni's own floor).
     pub patroni_new_primary: Option<Duration>,
-    /// When patroxy logged the old primary DOWN on the write listener (patroxy only).
+    /// When the proxy marked the old primary DOWN on the write listener: patroxy's log
+    /// timestamp, or for HAProxy (no timestamps on stderr) when the harness saw the line,
+    /// polling every 50 ms.
     pub t_old_down: Option<SystemTime>,
     pub down_line: Option<String>,
     /// Idle sessions opened on the old primary before the event that were not closed.
@@ -124,6 +126,8 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
             r.sample_errors()
         )));
     }
+    let down_needle = format!("Server postgres_write/{} is DOWN", old.name);
+    let mut down_watch = DownWatch::new(proxy, &down_needle);
     let t_event = SystemTime::now();
     let started = Instant::now();
     match event {
@@ -138,6 +142,7 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
     let mut new_idx = None;
     let deadline = Instant::now() + Duration::from_secs(90);
     while Instant::now() < deadline {
+        down_watch.poll(proxy);
         if patroni_new_primary.is_none() {
             for (i, n) in cluster.nodes.iter().enumerate() {
                 if i != leader
@@ -160,6 +165,13 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
     }
     std::thread::sleep(Duration::from_secs(1));
     let resumed = w.wait_successes_on(Some(&old.ip), 5, Duration::from_secs(5));
+    // HAProxy may mark the old primary DOWN well after writes resumed elsewhere (fall x
+    // inter); keep the writer running until then so its read-only errors are counted.
+    let down_deadline = Instant::now() + Duration::from_secs(30);
+    while !down_watch.seen() && Instant::now() < down_deadline {
+        down_watch.poll(proxy);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let report = w.stop();
 
     // Idle sessions still answering (or hanging) on the old primary were left behind.
@@ -180,15 +192,19 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
         .sum();
 
     let (t_old_down, down_line) = if proxy.kind == Kind::Patroxy {
-        let needle = format!("Server postgres_write/{} is DOWN", old.name);
-        let line = proxy
-            .log()
-            .lines()
-            .find(|l| l.contains(&needle) && { proxy.logged_at(&needle, t_event).is_some() })
-            .map(str::to_owned);
-        (proxy.logged_at(&needle, t_event), line)
+        // patroxy stamps its log lines: the exact time it marked the old primary DOWN.
+        let t = proxy.logged_at(&down_needle, t_event);
+        let line = t.and_then(|_| {
+            proxy
+                .log()
+                .lines()
+                .filter(|l| l.contains(&down_needle))
+                .last()
+                .map(str::to_owned)
+        });
+        (t, line)
     } else {
-        (None, None)
+        (down_watch.seen_at, down_watch.line)
     };
 
     let new_name = new_idx.map_or("?".to_owned(), |i| cluster.nodes[i].name.clone());
@@ -221,6 +237,49 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
         idle_left,
         idle_total,
     })
+}
+
+/// Watches a proxy's log for a new line containing a needle (HAProxy's log lines carry no
+/// timestamp on stderr, so the time the harness first saw the line stands in for it).
+struct DownWatch {
+    needle: String,
+    before: usize,
+    seen_at: Option<SystemTime>,
+    line: Option<String>,
+}
+
+impl DownWatch {
+    fn new(proxy: &Proxy, needle: &str) -> DownWatch {
+        DownWatch {
+            needle: needle.to_owned(),
+            before: Self::matching(proxy, needle).len(),
+            seen_at: None,
+            line: None,
+        }
+    }
+
+    fn matching(proxy: &Proxy, needle: &str) -> Vec<String> {
+        proxy
+            .log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn poll(&mut self, proxy: &Proxy) {
+        if self.seen_at.is_none() {
+            let lines = Self::matching(proxy, &self.needle);
+            if lines.len() > self.before {
+                self.seen_at = Some(SystemTime::now());
+                self.line = lines.into_iter().nth(self.before);
+            }
+        }
+    }
+
+    fn seen(&self) -> bool {
+        self.seen_at.is_some()
+    }
 }
 
 fn pg(e: postgres::Error) -> PgError {
