@@ -5,27 +5,21 @@
 //! fresh machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
 //!
 //! Layout: `setup.rs` (installs), `cargo.rs` (workspace paths, builds), `test.rs` (the test
-//! run and its summary), `demo.rs` (PostgreSQL + patroxy on an embedded config); the
-//! PostgreSQL and process harness is shared with the integration tests (tests/src).
+//! run and its summary), `cluster.rs` (the namespaced Patroni cluster with patroxy in front),
+//! `demo.rs` (that cluster, verified with the seed's queries), `bench/` (throughput, latency,
+//! memory, CPU), `failover_bench.rs` (failovers through patroxy and HAProxy); the PostgreSQL,
+//! process and cluster harness is the integration tests' (the patroxy-tests crate).
 
 mod bench;
 mod cargo;
+mod cluster;
 mod demo;
+mod failover_bench;
 mod setup;
 mod test;
 
-// The demo starts its PostgreSQL with the integration tests' harness. Its std+libc modules
-// are compiled in rather than depending on the patroxy-tests crate, so setup never waits on
-// (or breaks with) the rest of the test code and its dependencies.
-#[allow(dead_code)]
-#[path = "../../tests/src/ports.rs"]
-mod ports;
-#[allow(dead_code)]
-#[path = "../../tests/src/postgres.rs"]
-mod postgres;
-#[allow(dead_code)]
-#[path = "../../tests/src/process.rs"]
-mod process;
+// The integration tests' harness (PostgreSQL, processes, ports, the Patroni cluster).
+use patroxy_tests::{ports, postgres, process};
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -67,7 +61,15 @@ enum Cmd {
     /// Benchmark direct vs patroxy (sockmap, fallback) vs HAProxy on loopback; writes
     /// bench/results.md and bench/ratios.png.
     Bench(bench::BenchArgs),
-    /// Start a local PostgreSQL with patroxy in front of it and show how to connect.
+    /// Measure failovers (switchover, kill -9, link down) through patroxy and HAProxy side
+    /// by side on the test cluster; writes bench/failover.md.
+    FailoverBench(failover_bench::FailoverArgs),
+    /// The test cluster (etcd + 3 Patroni/PostgreSQL hosts in namespaces) with patroxy in
+    /// front, to play with.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// Bring up a Patroni cluster with patroxy in front (5432 writes, 5433 reads, 7000 stats),
+    /// verify it with the seed's queries and show how to connect; Ctrl-C stops everything.
     Demo {
         /// Stop right after the proof query instead of waiting for Ctrl-C.
         #[arg(long)]
@@ -85,6 +87,10 @@ fn main() -> ExitCode {
         Cmd::Run { args } => cargo::run_patroxy(&args),
         Cmd::Test { timeout, args } => test::test(&args, Duration::from_secs(timeout)),
         Cmd::Bench(args) => bench::bench(&args).map(|_| ExitCode::SUCCESS),
+        Cmd::FailoverBench(args) => {
+            failover_bench::failover_bench(&args).map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Cluster(cmd) => cluster::run(cmd).map(|_| ExitCode::SUCCESS),
         Cmd::Demo { once } => demo::demo(once).map(|_| ExitCode::SUCCESS),
     };
     match result {

@@ -1,0 +1,160 @@
+//! `cargo xtask failover-bench`: scenarios 2-4 of the cluster issue (switchover, kill -9 of the
+//! primary, primary cut off) through patroxy and through Debian's HAProxy with the seed's
+//! config, side by side on one cluster in one run, under the continuous writer. Prints the
+//! table and writes bench/failover.md.
+//!
+//! A benchmark, not a test: it reports and does not fail on a number.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow};
+use patroxy_tests::cluster::proxy::Proxy;
+use patroxy_tests::cluster::scenario::{self, Event, Outcome};
+use patroxy_tests::cluster::{Cluster, writer};
+use patroxy_tests::ports::free_tcp_port;
+
+use crate::cargo::{build_patroxy, workspace_root};
+use crate::setup;
+
+#[derive(clap::Args)]
+pub struct FailoverArgs {
+    /// Rounds of the three scenarios through both proxies (the table shows every run).
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+}
+
+pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
+    let env = setup::setup()?;
+    let bin = build_patroxy(&env, true)?;
+    let t0 = Instant::now();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("failover-bench: bringing the cluster up (etcd + 3 Patroni nodes in namespaces)");
+    let mut cluster = Cluster::up().map_err(|e| anyhow!("bringing the cluster up: {e}"))?;
+    let ports = || (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let patroxy = Proxy::start_patroxy(&bin, &cluster.nodes, ports(), "auto")
+        .map_err(|e| anyhow!("starting patroxy: {e}"))?;
+    let haproxy = Proxy::start_haproxy(&cluster.nodes, ports())
+        .map_err(|e| anyhow!("starting HAProxy: {e}"))?;
+    let leader = cluster
+        .wait_healthy(Duration::from_secs(90))
+        .map_err(|e| anyhow!("{e}"))?;
+    for p in [&patroxy, &haproxy] {
+        scenario::wait_routed(
+            p.write_port,
+            &cluster.nodes[leader].ip,
+            Duration::from_secs(30),
+        )
+        .map_err(|e| anyhow!("{}: {e}", p.kind.name()))?;
+    }
+    writer::prepare(patroxy.write_port).map_err(|e| anyhow!("creating the writer's table: {e}"))?;
+
+    let mut outcomes = Vec::new();
+    for round in 1..=args.rounds {
+        for event in [Event::Switchover, Event::Kill, Event::Partition] {
+            // Alternate which proxy goes first so neither always meets a freshly healed node.
+            let order: [&Proxy; 2] = if round % 2 == 1 {
+                [&patroxy, &haproxy]
+            } else {
+                [&haproxy, &patroxy]
+            };
+            for proxy in order {
+                println!(
+                    "failover-bench: round {round}: {} through {}",
+                    event.name(),
+                    proxy.kind.name()
+                );
+                let o = scenario::failover(&mut cluster, proxy, event)
+                    .map_err(|e| anyhow!("{} through {}: {e}", event.name(), proxy.kind.name()))?;
+                println!("  {}", o.summary());
+                outcomes.push(o);
+            }
+        }
+    }
+    drop(patroxy);
+    drop(haproxy);
+    cluster.down();
+
+    let report = render(&outcomes, t0.elapsed(), load.trim());
+    println!("\n{report}");
+    let path = workspace_root().join("bench/failover.md");
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    println!("failover-bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// The first line a command prints (empty if it fails).
+fn command_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let out = String::from_utf8_lossy(&o.stdout);
+            out.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
+    let mut s = String::from("# Failover through patroxy and HAProxy, side by side\n\n");
+    let _ = writeln!(s, "Written by `cargo xtask failover-bench`.\n");
+    let _ = writeln!(
+        s,
+        "- date: {}",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+    let _ = writeln!(s, "- kernel: {}", command_line("uname", &["-srm"]));
+    let _ = writeln!(
+        s,
+        "- cluster: etcd + 3 × Debian Patroni 3.0.2 / PostgreSQL 15 in network namespaces \
+         (ttl 10, loop_wait 1, retry_timeout 4); proxies in the root namespace"
+    );
+    let _ = writeln!(
+        s,
+        "- HAProxy: Debian's, the seed's haproxy.cfg (inter 3s fall 3 rise 2, timeout check 5s, \
+         connect 4s, retries 2, on-marked-down shutdown-sessions)"
+    );
+    let _ = writeln!(
+        s,
+        "- patroxy: the same settings plus `fastinter = \"500ms\"`; a 503 from Patroni marks a \
+         server DOWN at once (authoritative), servers start DOWN"
+    );
+    let _ = writeln!(
+        s,
+        "- writer: one INSERT every 20 ms through the write port, reconnecting after an error; \
+         outage = the longest gap between two successful writes"
+    );
+    let _ = writeln!(
+        s,
+        "- \"read-only after DOWN\": writes failing with `cannot execute INSERT in a read-only \
+         transaction` after the proxy marked the old primary DOWN (HAProxy: when the harness saw \
+         its log line); idle sessions: 3 opened on the old primary before the event, counted \
+         if still open after it"
+    );
+    let _ = writeln!(s, "- haproxy: {}", command_line("haproxy", &["-v"]));
+    let _ = writeln!(s, "- load average at the start: {load}");
+    let _ = writeln!(s, "- run took {:.0} s\n", took.as_secs_f64());
+    s += &scenario::table(outcomes);
+    s += "\n## Outage ratio patroxy ÷ HAProxy (goal ≤ 0.5)\n\n| scenario | patroxy | haproxy | ratio |\n|---|--:|--:|--:|\n";
+    for event in [Event::Switchover, Event::Kill, Event::Partition] {
+        let median = |kind: &str| {
+            let mut v: Vec<f64> = outcomes
+                .iter()
+                .filter(|o| o.event == event && o.proxy.name() == kind)
+                .map(|o| o.outage().as_secs_f64())
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        if let (Some(p), Some(h)) = (median("patroxy"), median("haproxy")) {
+            let _ = writeln!(
+                s,
+                "| {} | {p:.2} s | {h:.2} s | {:.2} |",
+                event.name(),
+                p / h
+            );
+        }
+    }
+    s
+}
