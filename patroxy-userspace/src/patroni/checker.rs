@@ -115,9 +115,9 @@ impl HealthSnapshot {
     /// True while a server of the listener is between UP and DOWN: then the whole listener is
     /// checked at `fastinter`.
     fn listener_changing(&self, listener: usize) -> bool {
-        self.listener(listener)
-            .iter()
-            .any(|s| !s.health.is_stable())
+        let servers = self.listener(listener);
+        servers.iter().any(|s| !s.health.is_stable())
+            || servers.iter().all(|s| !s.health.is_up())
     }
 }
 

@@ -329,6 +329,31 @@ async fn a_changing_peer_puts_the_listener_on_fastinter() {
 }
 
 #[tokio::test]
+async fn a_listener_without_an_up_server_is_checked_at_fastinter() {
+    // A killed primary: the only candidate is DOWN (503) until Patroni promotes it.
+    let a = FakePatroni::start().await;
+    a.set("/primary", Reply::replica(503, 1));
+    let t = timing(300, 40, 5000, 2, 3);
+    let l: Listener = listener(
+        "postgres_write",
+        Some(check("/primary", false)),
+        vec![server("a", a.addr(), t)],
+    );
+    let mut run = Running::start(&config(vec![l], None));
+    run.until("A checked", |s| {
+        s.server(K00).unwrap().health.last_check.is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Promoted: found at fastinter (40 ms), not after downinter (5 s).
+    a.set("/primary", Reply::primary(2));
+    let promoted = tokio::time::Instant::now();
+    run.until("A UP", up(K00)).await;
+    let took = promoted.elapsed();
+    assert!(took < Duration::from_millis(1000), "A found in {took:?}");
+}
+
+#[tokio::test]
 async fn unchecked_listeners_are_up_and_cancel_stops_checks() {
     let node = FakePatroni::start().await;
     node.set("/primary", Reply::primary(1));
