@@ -118,7 +118,9 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     let _ = writeln!(
         s,
         "- patroxy: the same settings plus `fastinter = \"500ms\"`; a 503 from Patroni marks a \
-         server DOWN at once (authoritative), servers start DOWN"
+         server DOWN at once (authoritative), servers start DOWN, a listener with no UP server \
+         (or a server changing state) is checked at fastinter; clients wait up to `timeout \
+         queue` for a server instead of being refused at once"
     );
     let _ = writeln!(
         s,
@@ -136,23 +138,32 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     let _ = writeln!(s, "- load average at the start: {load}");
     let _ = writeln!(s, "- run took {:.0} s\n", took.as_secs_f64());
     s += &scenario::table(outcomes);
-    s += "\n## Outage ratio patroxy ÷ HAProxy (goal ≤ 0.5)\n\n| scenario | patroxy | haproxy | ratio |\n|---|--:|--:|--:|\n";
+    s += "\n## Medians, patroxy ÷ HAProxy (goal: outage ratio ≤ 0.5)\n\n\
+          `past Patroni` = write outage minus Patroni's own time to a new primary answering \
+          /primary: the part of the outage a proxy controls.\n\n\
+          | scenario | patroxy outage | haproxy outage | ratio | patroxy past Patroni | \
+          haproxy past Patroni |\n|---|--:|--:|--:|--:|--:|\n";
     for event in [Event::Switchover, Event::Kill, Event::Partition] {
-        let median = |kind: &str| {
+        let median = |kind: &str, f: &dyn Fn(&Outcome) -> Option<f64>| {
             let mut v: Vec<f64> = outcomes
                 .iter()
                 .filter(|o| o.event == event && o.proxy.name() == kind)
-                .map(|o| o.outage().as_secs_f64())
+                .filter_map(f)
                 .collect();
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied()
         };
-        if let (Some(p), Some(h)) = (median("patroxy"), median("haproxy")) {
+        let outage = |o: &Outcome| Some(o.outage().as_secs_f64());
+        let past = |o: &Outcome| o.outage_past_patroni();
+        if let (Some(p), Some(h)) = (median("patroxy", &outage), median("haproxy", &outage)) {
+            let fmt = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.2} s"));
             let _ = writeln!(
                 s,
-                "| {} | {p:.2} s | {h:.2} s | {:.2} |",
+                "| {} | {p:.2} s | {h:.2} s | {:.2} | {} | {} |",
                 event.name(),
-                p / h
+                p / h,
+                fmt(median("patroxy", &past)),
+                fmt(median("haproxy", &past)),
             );
         }
     }

@@ -58,6 +58,14 @@ impl Outcome {
         self.report.outage().0
     }
 
+    /// How much longer writes were out than Patroni took to have a new primary answering
+    /// /primary: the part of the outage a proxy controls (negative when writes continued on
+    /// the old primary during part of a switchover).
+    pub fn outage_past_patroni(&self) -> Option<f64> {
+        self.patroni_new_primary
+            .map(|p| self.outage().as_secs_f64() - p.as_secs_f64())
+    }
+
     /// Read-only errors on sessions established after the proxy marked the old primary down.
     pub fn ro_new_sessions_after_down(&self) -> Option<usize> {
         self.t_old_down
@@ -286,22 +294,34 @@ fn pg(e: postgres::Error) -> PgError {
     err(e.to_string())
 }
 
-/// Waits until a new connection to 127.0.0.1:`port` lands on `ip`.
+/// Waits until new connections to 127.0.0.1:`port` land on `ip`, five in a row: a proxy
+/// that still has a stale server UP (HAProxy round-robins over every UP server, and starts
+/// them UP) must have settled before a scenario starts, or it would be measured with that
+/// handicap.
 pub fn wait_routed(port: u16, ip: &str, timeout: Duration) -> Result<(), PgError> {
+    const IN_A_ROW: usize = 5;
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
+    let mut in_a_row = 0;
     while Instant::now() < deadline {
         match writer::connect(port, "ptx-harness")
             .and_then(|mut c| writer::query_row(&mut c, "SELECT host(inet_server_addr())"))
         {
-            Ok(row) if row.first().map(String::as_str) == Some(ip) => return Ok(()),
+            Ok(row) if row.first().map(String::as_str) == Some(ip) => {
+                in_a_row += 1;
+                if in_a_row == IN_A_ROW {
+                    return Ok(());
+                }
+                continue;
+            }
             Ok(row) => last = format!("{row:?}"),
             Err(e) => last = e.to_string(),
         }
+        in_a_row = 0;
         std::thread::sleep(Duration::from_millis(200));
     }
     Err(err(format!(
-        "port {port} never routed to {ip} (last: {last})"
+        "port {port} never routed to {ip} {IN_A_ROW} times in a row (last: {last})"
     )))
 }
 
@@ -319,18 +339,20 @@ pub fn whoami(port: u16) -> Result<(String, bool), PgError> {
 /// The failover-bench table (markdown) for outcomes of both proxies.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::from(
-        "| scenario | proxy | write outage | Patroni new primary | refused | reset | read-only | \
-         read-only after 503/DOWN | idle sessions left on old primary |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | proxy | write outage | Patroni new primary | outage past it | refused | \
+         reset | read-only | read-only after DOWN | idle sessions left on old primary |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         s += &format!(
-            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {}/{} |\n",
+            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {} | {}/{} |\n",
             o.event.name(),
             o.proxy.name(),
             o.outage().as_secs_f64(),
             o.patroni_new_primary
                 .map_or("?".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+            o.outage_past_patroni()
+                .map_or("?".into(), |d| format!("{d:.2} s")),
             o.report.count(ErrorKind::Refused) + o.report.count(ErrorKind::Timeout),
             o.report.count(ErrorKind::Reset),
             o.report.count(ErrorKind::ReadOnly),
