@@ -22,7 +22,7 @@ pub struct SessionEntry {
     pub bytes_tx: u64,
     /// `bpf_ktime_get_ns` of the last byte in either direction (CLOCK_MONOTONIC).
     pub last_ns: u64,
-    /// The backend this session goes to; the verdict refuses to forward unless it is UP.
+    /// The backend this session goes to; the verdict refuses to forward while it is fenced.
     pub backend: BackendId,
     /// Index of the listener that accepted the session.
     pub listener: u16,
@@ -44,7 +44,8 @@ pub struct BackendEntry {
     pub port: u16,
     /// Index of the listener this backend serves.
     pub listener: u16,
-    /// `STATE_DOWN`, `STATE_UP`, ... as the health checker sees the server.
+    /// `STATE_*` as routing sees the server: MAINT (the operator's) whatever its checks say,
+    /// else DOWN by its checks, else DRAIN (the operator's: no new sessions), else UP.
     pub state: u8,
     /// `ROLE_*` as last reported by Patroni.
     pub role: u8,
@@ -58,7 +59,9 @@ pub struct BackendEntry {
 
 pub const STATE_DOWN: u8 = 0;
 pub const STATE_UP: u8 = 1;
+/// `patroxy set-state ... maint`: out of rotation, fenced like DOWN per on_marked_down.
 pub const STATE_MAINT: u8 = 2;
+/// `patroxy set-state ... drain`: UP, no new sessions, open ones still forwarded.
 pub const STATE_DRAIN: u8 = 3;
 
 pub const ROLE_UNKNOWN: u8 = 0;

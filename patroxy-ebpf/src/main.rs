@@ -5,17 +5,23 @@
 //! each skb arriving on one of them is redirected to the egress of its peer, so userspace never
 //! copies a byte. The program also keeps the per-socket counters in SESSIONS and refuses to forward
 //! for a session whose backend is fenced in BACKENDS (the mark-down fence).
+//!
+//! For debugging it can say what it decided (aya-log, target `patroxy::ebpf`): off unless the
+//! loader sets `PATROXY_LOG`, and rate-limited per CPU by a token bucket in LOG_LIMIT so a bulk
+//! transfer cannot flood the log ring buffer.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
+    Global,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    btf_maps::HashMap,
+    btf_maps::{HashMap, PerCpuArray},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{btf_map, map, stream_verdict},
     maps::SockHash,
     programs::SkBuffContext,
 };
+use aya_log_ebpf::info;
 use patroxy_common::{BackendEntry, MAX_BACKENDS, MAX_SOCKETS, SessionEntry, SocketCookie};
 
 /// Established sockets keyed by SO_COOKIE. A legacy map: the kernel refuses BTF on sockmaps.
@@ -30,6 +36,75 @@ static SESSIONS: HashMap<SocketCookie, SessionEntry, { MAX_SOCKETS as usize }> =
 #[btf_map]
 static BACKENDS: HashMap<u32, BackendEntry, { MAX_BACKENDS as usize }> = HashMap::new();
 
+/// 1 = log decisions, set by the loader from `bpf_log`. It lives in .rodata, which aya freezes:
+/// the verifier then knows its value and removes the logging code when it is 0, so a program
+/// without logging pays nothing for it.
+#[unsafe(no_mangle)]
+static PATROXY_LOG: Global<u8> = Global::new(0);
+
+/// Lines per second per CPU (`bpf_log_rate`); also the burst, one second's worth.
+#[unsafe(no_mangle)]
+static PATROXY_LOG_RATE: Global<u64> = Global::new(100);
+
+/// Token bucket of the log lines, one per CPU so no two programs race on it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LogLimit {
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+    /// Available lines, in units of 1/NS_PER_SEC line (refilled by `rate` per elapsed ns).
+    pub credit: u64,
+    /// Lines handed to the ring buffer.
+    pub printed: u64,
+    /// Lines over the rate, counted instead of printed.
+    pub suppressed: u64,
+}
+
+#[btf_map]
+static LOG_LIMIT: PerCpuArray<LogLimit, 1> = PerCpuArray::new();
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+const LOG_TARGET: &str = "patroxy::ebpf";
+
+/// Whether to print one line now: logging is on and this CPU's bucket has a line left.
+#[inline(always)]
+fn logging() -> bool {
+    PATROXY_LOG.load() != 0 && take_token()
+}
+
+#[inline(always)]
+fn take_token() -> bool {
+    let Some(bucket) = LOG_LIMIT.get_ptr_mut(0) else {
+        return false;
+    };
+    let rate = PATROXY_LOG_RATE.load();
+    let full = rate * NS_PER_SEC;
+    let now = unsafe { bpf_ktime_get_ns() };
+    // The verdict can run in process context and in softirq on one CPU; a lost update here only
+    // miscounts a debug line.
+    unsafe {
+        let elapsed = now.wrapping_sub((*bucket).last_ns);
+        // A second or more since the last line refills the bucket; below that the product fits
+        // in u64 for any rate the config accepts.
+        let credit = if elapsed >= NS_PER_SEC {
+            full
+        } else {
+            let c = (*bucket).credit + elapsed * rate;
+            if c > full { full } else { c }
+        };
+        (*bucket).last_ns = now;
+        if credit >= NS_PER_SEC {
+            (*bucket).credit = credit - NS_PER_SEC;
+            (*bucket).printed += 1;
+            true
+        } else {
+            (*bucket).credit = credit;
+            (*bucket).suppressed += 1;
+            false
+        }
+    }
+}
+
 #[stream_verdict]
 pub fn patroxy_verdict(ctx: SkBuffContext) -> u32 {
     try_verdict(&ctx)
@@ -40,21 +115,42 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let len = ctx.len() as u64;
     // A zero-length skb carries a FIN: it must stay on its own socket so userspace sees EOF.
     if len == 0 {
+        if logging() {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+            info!(ctx, target: LOG_TARGET, "pass FIN on cookie {}", cookie);
+        }
         return SK_PASS;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let Some(entry) = SESSIONS.get_ptr_mut(cookie) else {
         // Not a session we spliced (yet): leave the bytes to the socket's owner.
+        if logging() {
+            info!(ctx, target: LOG_TARGET, "pass {} bytes on cookie {}: session unknown", len, cookie);
+        }
         return SK_PASS;
     };
     let (peer, backend) = unsafe { ((*entry).peer, (*entry).backend) };
     // The fence: one write to BACKENDS stops every session of a marked-down server at once.
     match unsafe { BACKENDS.get(backend) } {
         Some(b) if b.fenced == 0 => {}
-        _ => return SK_DROP,
+        Some(_) => {
+            if logging() {
+                info!(ctx, target: LOG_TARGET, "drop {} bytes from cookie {}: backend {} fenced", len, cookie, backend);
+            }
+            return SK_DROP;
+        }
+        None => {
+            if logging() {
+                info!(ctx, target: LOG_TARGET, "drop {} bytes from cookie {}: backend {} unknown", len, cookie, backend);
+            }
+            return SK_DROP;
+        }
     }
     let Some(peer_entry) = SESSIONS.get_ptr_mut(peer) else {
         // Redirecting to a missing key drops the skb; keep the bytes instead.
+        if logging() {
+            info!(ctx, target: LOG_TARGET, "pass {} bytes on cookie {}: peer {} unknown", len, cookie, peer);
+        }
         return SK_PASS;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -68,7 +164,15 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         (*peer_entry).last_ns = now;
     }
     let mut key = peer;
-    SOCKS.redirect_skb(ctx, &mut key, 0) as u32
+    let verdict = SOCKS.redirect_skb(ctx, &mut key, 0) as u32;
+    if logging() {
+        if verdict == SK_PASS {
+            info!(ctx, target: LOG_TARGET, "redirect {} bytes from cookie {} to {}", len, cookie, peer);
+        } else {
+            info!(ctx, target: LOG_TARGET, "drop {} bytes from cookie {}: peer {} not in SOCKS", len, cookie, peer);
+        }
+    }
+    verdict
 }
 
 #[cfg(not(test))]

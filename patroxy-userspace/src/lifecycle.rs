@@ -8,7 +8,7 @@ use tracing::info;
 
 use crate::{
     config::Config,
-    dataplane::{BackendTable, DataPlane},
+    dataplane::{BackendTable, DataPlane, KernelLog},
     patroni,
     proxy::{self, Proxy},
 };
@@ -20,6 +20,7 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     let dataplane = Arc::new(DataPlane::select(
         config.global.bpf,
         &config.global.pin_path,
+        KernelLog::from_config(&config.global)?,
     )?);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -33,6 +33,20 @@ enum Command {
         #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
         config: PathBuf,
     },
+    /// Set a server's admin state, like HAProxy's `set server <backend>/<server> state`: ready
+    /// (back to what its checks say), drain (no new sessions), maint (out of rotation, its
+    /// sessions handled like a mark-down). Kept in memory only: a restart makes every server ready.
+    SetState {
+        /// `<listener>/<server>`, as named in the configuration.
+        target: String,
+        /// ready | drain | maint
+        state: patroxy::admin::AdminState,
+        /// The stats server; defaults to the `[stats]` bind of --config.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+    },
     /// List open sockmap sessions from the pinned maps (needs root).
     Sessions {
         #[arg(long, default_value = "/sys/fs/bpf/patroxy")]
@@ -76,16 +90,19 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Status { url, config } => report(
-            url.map_or_else(
-                || patroxy::stats::cli::url_from_config(&patroxy::config::load(&config)?),
-                Ok,
-            )
-            .and_then(|url| {
-                let runtime = tokio::runtime::Runtime::new()?;
-                runtime.block_on(patroxy::stats::cli::status(&url))
-            }),
-        ),
+        Command::Status { url, config } => report(stats_url(url, &config).and_then(|url| {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(patroxy::stats::cli::status(&url))
+        })),
+        Command::SetState {
+            target,
+            state,
+            url,
+            config,
+        } => report(stats_url(url, &config).and_then(|url| {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(patroxy::stats::cli::set_state(&url, &target, state))
+        })),
         Command::Sessions { pin_path, config } => report(
             config
                 .map(|c| patroxy::config::load(&c))
@@ -114,6 +131,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// The daemon's stats URL: `--url`, or the `[stats]` bind of the config file.
+fn stats_url(url: Option<String>, config: &std::path::Path) -> anyhow::Result<String> {
+    match url {
+        Some(url) => Ok(url),
+        None => patroxy::stats::cli::url_from_config(&patroxy::config::load(config)?),
     }
 }
 

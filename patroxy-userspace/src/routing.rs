@@ -5,6 +5,8 @@
 //! at once is a split brain; the higher timeline is the newer promotion and wins, and among
 //! equals the current pick is kept, so writes never alternate between two primaries. Reads
 //! (`roundrobin`, `leastconn`) spread over UP servers, skipping full ones while another has room.
+//! A server the operator drains (DRAIN) gets no new client from any algorithm; one in
+//! maintenance (MAINT) is DOWN as far as routing is concerned.
 use tracing::warn;
 
 use crate::config::model::Balance;
@@ -89,16 +91,21 @@ impl Router {
         exclude: &[usize],
     ) -> Option<usize> {
         let eligible: Vec<usize> = (0..servers.len())
-            .filter(|&i| servers[i].is_up() && !exclude.contains(&i))
+            .filter(|&i| servers[i].takes_new_sessions() && !exclude.contains(&i))
             .collect();
         match self.balance {
-            Balance::First => self.pick_first(servers, &eligible),
+            Balance::First => self.pick_first(servers, &eligible, exclude),
             Balance::RoundRobin => self.pick_round_robin(&eligible, load),
             Balance::LeastConn => self.pick_least_conn(&eligible, load),
         }
     }
 
-    fn pick_first(&mut self, servers: &[ServerSnapshot], eligible: &[usize]) -> Option<usize> {
+    fn pick_first(
+        &mut self,
+        servers: &[ServerSnapshot],
+        eligible: &[usize],
+        exclude: &[usize],
+    ) -> Option<usize> {
         let is_leader = |i: &usize| {
             servers[*i]
                 .health
@@ -115,18 +122,23 @@ impl Router {
             self.current = eligible.first().copied();
             return self.current;
         }
-        // A leader is known: only leaders take writes, even when the leader is excluded
-        // (then the caller retries or queues rather than write to a replica).
+        // A leader is known: only leaders take writes, even when the leader is excluded or
+        // drained (then the caller retries or queues rather than write to a replica). A drained
+        // leader still counts for the newest timeline: writes queue rather than go to an older
+        // primary.
         let timeline = |i: usize| servers[i].health.timeline;
         let leaders: Vec<usize> = up_leaders
             .into_iter()
-            .filter(|i| eligible.contains(i))
+            .filter(|i| !exclude.contains(i))
             .collect();
         let best = leaders.iter().map(|&i| timeline(i)).max()?;
         let top: Vec<usize> = leaders
             .into_iter()
-            .filter(|&i| timeline(i) == best)
+            .filter(|&i| timeline(i) == best && eligible.contains(&i))
             .collect();
+        if top.is_empty() {
+            return None;
+        }
         let pick = match self.current {
             Some(c) if top.contains(&c) => c,
             _ => top[0],
@@ -209,6 +221,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+    use crate::admin::AdminState;
     use crate::config::model::{CheckTiming, InitState};
     use crate::patroni::{BackendKey, Role, ServerHealth};
 
@@ -233,6 +246,7 @@ mod tests {
             id: i as u32 + 1,
             name: format!("pg{i}"),
             health,
+            admin: AdminState::Ready,
         }
     }
 
@@ -401,6 +415,80 @@ mod tests {
             Some(1),
             "only a full one left: queue"
         );
+    }
+
+    fn with(mut s: ServerSnapshot, admin: AdminState) -> ServerSnapshot {
+        s.admin = admin;
+        s
+    }
+
+    #[test]
+    fn drain_and_maint_take_no_new_sessions_in_any_balance() {
+        for balance in [Balance::RoundRobin, Balance::LeastConn] {
+            let mut r = Router::new("r", balance);
+            let servers = [
+                with(replica(0, true), AdminState::Drain),
+                replica(1, true),
+                with(replica(2, true), AdminState::Maint),
+            ];
+            assert_eq!(
+                picks(&mut r, &servers, &idle, 20),
+                HashMap::from([(1, 20)]),
+                "{balance:?}"
+            );
+            let all_out = [
+                with(replica(0, true), AdminState::Drain),
+                with(replica(1, true), AdminState::Maint),
+            ];
+            assert_eq!(r.pick(&all_out, &idle, &[]), None, "{balance:?}: queue");
+            // READY again: back in the rotation.
+            let back = [replica(0, true), replica(1, true)];
+            assert_eq!(
+                picks(&mut r, &back, &idle, 20),
+                HashMap::from([(0, 10), (1, 10)])
+            );
+        }
+    }
+
+    #[test]
+    fn first_with_the_primary_drained_or_in_maint_queues_writes() {
+        let mut r = Router::new("w", Balance::First);
+        // The replicas of a /primary listener are DOWN: nobody takes writes, clients queue.
+        for admin in [AdminState::Drain, AdminState::Maint] {
+            let servers = [with(primary(0, 3), admin), replica(1, false)];
+            assert_eq!(r.pick(&servers, &idle, &[]), None, "{admin:?}");
+        }
+        // A drained primary is still the known leader: even a replica wrongly UP gets no
+        // writes. MAINT is DOWN for routing, exactly as a primary whose checks fail.
+        let servers = [with(primary(0, 3), AdminState::Drain), replica(1, true)];
+        assert_eq!(r.pick(&servers, &idle, &[]), None);
+        let servers = [with(primary(0, 3), AdminState::Maint), replica(1, true)];
+        let down = [
+            srv(0, false, Some(Role::Primary), Some(3)),
+            replica(1, true),
+        ];
+        assert_eq!(r.pick(&servers, &idle, &[]), r.pick(&down, &idle, &[]));
+        assert_eq!(
+            r.pick(&[primary(0, 3), replica(1, true)], &idle, &[]),
+            Some(0)
+        );
+        // Without role information: the next UP server in file order, as HAProxy's `first`.
+        let no_roles = [
+            with(srv(0, true, None, None), AdminState::Maint),
+            srv(1, true, None, None),
+        ];
+        assert_eq!(r.pick(&no_roles, &idle, &[]), Some(1));
+    }
+
+    #[test]
+    fn a_drained_newer_primary_is_not_replaced_by_an_older_timeline() {
+        let mut r = Router::new("w", Balance::First);
+        let servers = [primary(0, 4), with(primary(1, 5), AdminState::Drain)];
+        assert_eq!(r.pick(&servers, &idle, &[]), None);
+        assert_eq!(r.split_brain_episodes(), 1, "still two leaders");
+        // In MAINT it is DOWN for routing: the remaining primary takes writes.
+        let servers = [primary(0, 4), with(primary(1, 5), AdminState::Maint)];
+        assert_eq!(r.pick(&servers, &idle, &[]), Some(0));
     }
 
     #[test]

@@ -11,11 +11,39 @@ use std::{
 
 /// `GET path` with `Connection: close`; returns (status, content type, body).
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
+    request(addr, "GET", path, &[], "")
+}
+
+/// `POST path` with a form body and extra headers; returns (status, content type, body).
+pub fn post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    form: &str,
+) -> std::io::Result<(u16, String, String)> {
+    let mut all = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    all.extend_from_slice(headers);
+    request(addr, "POST", path, &all, form)
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

@@ -19,6 +19,11 @@ pub struct Global {
     pub bpf: BpfMode,
     /// Directory under bpffs where the maps are pinned (default /sys/fs/bpf/patroxy).
     pub pin_path: PathBuf,
+    /// Debug lines from the verdict program (aya-log, target `patroxy::ebpf`); off by default,
+    /// and then the program pays nothing for them. `PATROXY_BPF_LOG` overrides it for one run.
+    pub bpf_log: bool,
+    /// Most verdict lines printed per second per CPU; the kernel counts the rest.
+    pub bpf_log_rate: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,4 +145,17 @@ pub enum InitState {
 pub struct Stats {
     pub bind: SocketAddr,
     pub refresh: Duration,
+    /// Who may change servers' admin state (READY/DRAIN/MAINT) through the stats server.
+    pub admin: AdminAccess,
+}
+
+/// HAProxy's `stats admin if <cond>`; there is no authentication, so the peer address decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// Nobody: the admin endpoint answers 403.
+    Off,
+    /// Clients on this host only (loopback, or the address they connected to): the default.
+    Local,
+    /// Any client that reaches the stats bind (a trusted management network only).
+    Any,
 }

@@ -32,6 +32,8 @@ pub(crate) struct RawGlobal {
     pub maxconn: Option<Spanned<u32>>,
     pub bpf: Option<RawBpf>,
     pub pin_path: Option<Spanned<PathBuf>>,
+    pub bpf_log: Option<Spanned<bool>>,
+    pub bpf_log_rate: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -168,4 +170,13 @@ pub(crate) struct RawTls {
 pub(crate) struct RawStats {
     pub bind: Spanned<String>,
     pub refresh: Option<Spanned<Dur>>,
+    pub admin: Option<RawAdminAccess>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawAdminAccess {
+    Off,
+    Local,
+    Any,
 }

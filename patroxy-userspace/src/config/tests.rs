@@ -33,6 +33,10 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
     assert_eq!(config.global.maxconn, 2000);
     assert_eq!(config.global.bpf, BpfMode::Auto);
     assert_eq!(config.global.pin_path, PathBuf::from("/sys/fs/bpf/patroxy"));
+    assert_eq!(
+        (config.global.bpf_log, config.global.bpf_log_rate),
+        (false, 100)
+    );
     let d = &config.defaults;
     assert_eq!((d.retries, d.redispatch), (2, false));
     assert_eq!(
@@ -45,6 +49,11 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
     );
     let stats = config.stats.as_ref().expect("stats");
     assert_eq!((stats.bind, stats.refresh), (sa("0.0.0.0:7000"), secs(5)));
+    assert_eq!(
+        stats.admin,
+        AdminAccess::Local,
+        "only this host may set server states"
+    );
 
     let [write, read] = &config.listeners[..] else {
         panic!("two listeners expected")
@@ -134,6 +143,10 @@ fn invalid_fixtures_fail_where_and_how_they_say() {
 fn everything_fixture_values() {
     let config = load(&manifest_dir().join("src/config/fixtures/valid/everything.toml")).unwrap();
     assert_eq!(config.global.bpf, BpfMode::Required);
+    assert_eq!(
+        (config.global.bpf_log, config.global.bpf_log_rate),
+        (true, 50)
+    );
     assert_eq!(config.defaults.timeout_server, secs(5400));
     assert_eq!(config.defaults.timeout_queue, secs(1));
     let leader = &config.listeners[0];
@@ -172,7 +185,8 @@ fn everything_fixture_values() {
     assert_eq!(replicas.balance, Balance::LeastConn);
     assert_eq!(replicas.check.as_ref().unwrap().path, "/replica?lag=16MB");
     assert_eq!(config.listeners[2].check, None);
-    assert_eq!(config.stats.as_ref().unwrap().refresh, secs(5));
+    let stats = config.stats.as_ref().unwrap();
+    assert_eq!((stats.refresh, stats.admin), (secs(5), AdminAccess::Any));
 }
 
 #[test]
@@ -180,6 +194,10 @@ fn defaults_follow_haproxy() {
     let config = load(&manifest_dir().join("src/config/fixtures/valid/minimal.toml")).unwrap();
     assert_eq!(config.global.maxconn, 2000);
     assert_eq!(config.global.bpf, BpfMode::Auto);
+    assert_eq!(
+        (config.global.bpf_log, config.global.bpf_log_rate),
+        (false, 100)
+    );
     assert_eq!(
         (config.defaults.retries, config.defaults.timeout_check),
         (3, None)

@@ -15,6 +15,10 @@ use super::raw::*;
 /// `balance first`, since there is one primary and spreading writes makes no sense.
 const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
 
+/// Highest `bpf_log_rate`: past a few thousand lines a second per CPU the log is no longer
+/// readable and printing it costs more than the forwarding it describes.
+const MAX_BPF_LOG_RATE: u32 = 10_000;
+
 pub(crate) fn validate(raw: &RawConfig, src: &Source) -> Result<Config, Vec<Diagnostic>> {
     let mut v = Validator {
         src,
@@ -76,6 +80,11 @@ impl Validator<'_> {
                 .refresh
                 .as_ref()
                 .map_or(Duration::from_secs(5), |d| self.positive(d, "refresh")),
+            admin: match s.admin.unwrap_or(RawAdminAccess::Local) {
+                RawAdminAccess::Off => AdminAccess::Off,
+                RawAdminAccess::Local => AdminAccess::Local,
+                RawAdminAccess::Any => AdminAccess::Any,
+            },
         });
         Config {
             global,
@@ -98,17 +107,38 @@ impl Validator<'_> {
                 p.get_ref().clone()
             }
         };
+        let bpf = match raw.bpf.unwrap_or(RawBpf::Auto) {
+            RawBpf::Auto => BpfMode::Auto,
+            RawBpf::Required => BpfMode::Required,
+            RawBpf::Off => BpfMode::Off,
+        };
+        let bpf_log = raw.bpf_log.as_ref().is_some_and(|b| *b.get_ref());
+        if let Some(b) = &raw.bpf_log
+            && bpf_log
+            && bpf == BpfMode::Off
+        {
+            self.error(
+                b.span(),
+                "bpf_log = true needs the eBPF data path, but bpf = \"off\"",
+            );
+        }
         Global {
             maxconn: raw
                 .maxconn
                 .as_ref()
                 .map_or(2000, |m| self.nonzero(m, "global maxconn")),
-            bpf: match raw.bpf.unwrap_or(RawBpf::Auto) {
-                RawBpf::Auto => BpfMode::Auto,
-                RawBpf::Required => BpfMode::Required,
-                RawBpf::Off => BpfMode::Off,
-            },
+            bpf,
             pin_path,
+            bpf_log,
+            bpf_log_rate: raw.bpf_log_rate.as_ref().map_or(100, |r| {
+                if !(1..=MAX_BPF_LOG_RATE).contains(r.get_ref()) {
+                    self.error(
+                        r.span(),
+                        format!("bpf_log_rate must be 1..={MAX_BPF_LOG_RATE} lines per second"),
+                    );
+                }
+                *r.get_ref()
+            }),
         }
     }
 
@@ -341,7 +371,8 @@ impl Validator<'_> {
         addr
     }
 
-    /// Names show up in logs, stats CSV and metric labels: non-empty, no spaces or commas.
+    /// Names show up in logs, stats CSV and metric labels: non-empty, no spaces or commas; and
+    /// no `/`, which separates listener and server in `patroxy set-state <listener>/<server>`.
     fn name(&mut self, raw: &Spanned<String>, what: &str) {
         let name = raw.get_ref();
         if name.is_empty()
@@ -350,6 +381,11 @@ impl Validator<'_> {
             self.error(
                 raw.span(),
                 format!("{what} name {name:?} must be non-empty without spaces or commas"),
+            );
+        } else if name.contains('/') {
+            self.error(
+                raw.span(),
+                format!("{what} name {name:?} must not contain `/` (it separates listener/server)"),
             );
         }
     }

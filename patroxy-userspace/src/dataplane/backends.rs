@@ -49,7 +49,8 @@ impl BackendTable {
         entries.get(id as usize - 1).copied()
     }
 
-    /// Records the checker's view; `fenced` makes the kernel stop forwarding for this backend.
+    /// Records routing's view (checks and admin state); `fenced` makes the kernel stop
+    /// forwarding for this backend.
     pub fn set_state(&self, id: u32, state: u8, role: u8, fenced: bool) {
         self.update(id, |e| {
             e.state = state;

@@ -13,11 +13,15 @@ use aya::{
 use patroxy_common::{BackendEntry, SessionEntry};
 use tracing::{info, warn};
 
+use super::kernel_log::{KernelLog, MAP_LOG_LIMIT};
+
 /// Names of the maps, as in patroxy-ebpf and under the pin directory.
 pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_SESSIONS: &str = "SESSIONS";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 const PROGRAM: &str = "patroxy_verdict";
+/// The maps pinned under the pin directory.
+const PINNED: [&str; 4] = [MAP_SOCKS, MAP_SESSIONS, MAP_BACKENDS, MAP_LOG_LIMIT];
 /// statfs magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -50,13 +54,14 @@ pub struct KernelMaps {
 }
 
 impl KernelMaps {
-    pub fn load(pin_dir: &Path) -> Result<Self, LoadError> {
+    /// Loads and attaches the program; with `log`, also starts printing its debug lines.
+    pub fn load(pin_dir: &Path, log: Option<KernelLog>) -> Result<Self, LoadError> {
         if !privileged() {
             return Err(LoadError::NotPrivileged);
         }
-        let mut ebpf = Ebpf::load(crate::EBPF_OBJECT)?;
+        let mut ebpf = KernelLog::load_object(log, crate::EBPF_OBJECT)?;
         prepare_pin_dir(pin_dir)?;
-        for name in [MAP_SOCKS, MAP_SESSIONS, MAP_BACKENDS] {
+        for name in PINNED {
             let map = ebpf.map(name).ok_or(LoadError::Missing(name))?;
             map.pin(pin_dir.join(name)).map_err(|e| LoadError::Pin {
                 path: pin_dir.join(name),
@@ -73,6 +78,12 @@ impl KernelMaps {
             .try_into()?;
         program.load()?;
         program.attach(socks.fd())?;
+        if let Some(log) = log
+            && let Err(e) = log.start(&mut ebpf)
+        {
+            // The data path works without its debug log; say why there are no eBPF lines.
+            warn!("eBPF debug log requested but not started: {e}");
+        }
         info!(pin_dir = %pin_dir.display(), "sockmap data path loaded; maps pinned");
         Ok(Self {
             socks: Mutex::new(socks),
@@ -154,7 +165,7 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
 
 /// Removes patroxy's pins from `dir`, returning how many there were.
 fn remove_pins(dir: &Path) -> usize {
-    [MAP_SOCKS, MAP_SESSIONS, MAP_BACKENDS]
+    PINNED
         .iter()
         .filter(|name| fs::remove_file(dir.join(name)).is_ok())
         .count()

@@ -6,6 +6,7 @@
 mod backends;
 mod closewatch;
 mod fallback;
+mod kernel_log;
 pub mod loader;
 mod sockmap;
 pub mod sockopt;
@@ -17,6 +18,7 @@ use std::{
 };
 
 pub use backends::BackendTable;
+pub use kernel_log::KernelLog;
 pub use loader::KernelMaps;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -68,6 +70,8 @@ pub enum KillReason {
     MarkedDown,
     /// on-marked-up shutdown-backup-sessions.
     MarkedUp,
+    /// on-marked-down shutdown-sessions, for a server the operator set to MAINT.
+    Maintenance,
     /// The daemon stops and the drain grace time is over.
     Shutdown,
 }
@@ -77,6 +81,7 @@ impl fmt::Display for KillReason {
         f.write_str(match self {
             Self::MarkedDown => "reset: server marked down",
             Self::MarkedUp => "reset: server marked up",
+            Self::Maintenance => "reset: server set to MAINT",
             Self::Shutdown => "reset: shutdown",
         })
     }
@@ -125,14 +130,16 @@ pub struct RequiredButUnavailable(pub loader::LoadError);
 
 impl DataPlane {
     /// Loads the sockmap path unless `mode` says off; `auto` falls back with one log line why.
+    /// `log` turns on the verdict program's debug lines.
     pub fn select(
         mode: BpfMode,
         pin_dir: &std::path::Path,
+        log: Option<KernelLog>,
     ) -> Result<Self, RequiredButUnavailable> {
         if mode == BpfMode::Off {
             return Ok(Self::Fallback);
         }
-        let loaded = KernelMaps::load(pin_dir).and_then(|maps| {
+        let loaded = KernelMaps::load(pin_dir, log).and_then(|maps| {
             let closes = closewatch::CloseWatcher::new().map_err(loader::LoadError::Epoll)?;
             Ok((maps, closes))
         });

@@ -19,7 +19,10 @@ use super::{
     client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError},
     health::{ServerHealth, Transition},
 };
-use crate::config::model::{CheckMethod, CheckTiming, CheckTls, Config};
+use crate::{
+    admin::AdminState,
+    config::model::{CheckMethod, CheckTiming, CheckTls, Config},
+};
 
 /// The state of every backend at one moment. Published whole on every check result.
 #[derive(Clone, Debug)]
@@ -43,11 +46,21 @@ pub struct ServerSnapshot {
     pub id: u32,
     pub name: String,
     pub health: ServerHealth,
+    /// The operator's state ([`crate::admin`]). The checker always publishes READY; the proxy
+    /// overlays the operator's before routing, the data path and the stats read the snapshot.
+    pub admin: AdminState,
 }
 
 impl ServerSnapshot {
+    /// UP by its checks and not in maintenance: MAINT counts as DOWN for routing, the mark-down
+    /// of sessions and the fence.
     pub fn is_up(&self) -> bool {
-        self.health.is_up()
+        self.health.is_up() && self.admin != AdminState::Maint
+    }
+
+    /// Whether load balancing may send it a new session: UP and not draining.
+    pub fn takes_new_sessions(&self) -> bool {
+        self.is_up() && self.admin == AdminState::Ready
     }
 }
 
@@ -75,6 +88,7 @@ impl HealthSnapshot {
                 id,
                 name: spec.name.clone(),
                 health,
+                admin: AdminState::Ready,
             });
         }
         HealthSnapshot {
@@ -112,12 +126,13 @@ impl HealthSnapshot {
         out
     }
 
-    /// True while a server of the listener is between UP and DOWN: then the whole listener is
-    /// checked at `fastinter`.
+    /// True while a server of the listener is between UP and DOWN, or while none of its
+    /// checked servers is UP (clients wait in the queue for the new primary Patroni is about to
+    /// promote): then the whole listener is checked at `fastinter`, so the server clients are
+    /// waiting for is found within one fast interval instead of `downinter`.
     fn listener_changing(&self, listener: usize) -> bool {
         let servers = self.listener(listener);
-        servers.iter().any(|s| !s.health.is_stable())
-            || servers.iter().all(|s| !s.health.is_up())
+        servers.iter().any(|s| !s.health.is_stable()) || servers.iter().all(|s| !s.health.is_up())
     }
 }
 

@@ -113,6 +113,8 @@ pub(crate) mod test_config {
                 maxconn: 100,
                 bpf: BpfMode::Off,
                 pin_path: "/sys/fs/bpf/patroxy".into(),
+                bpf_log: false,
+                bpf_log_rate: 100,
             },
             defaults: Defaults {
                 retries: 3,

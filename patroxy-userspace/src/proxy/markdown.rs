@@ -1,34 +1,40 @@
-//! Applies health changes to the data path: every snapshot is written to BACKENDS (state and
-//! role), and a server marked down has its sessions fenced in the kernel (the verdict stops
-//! forwarding the moment its BACKENDS state leaves UP) and then reset, per `on_marked_down`.
+//! Applies health changes to the data path: the checker's snapshot, with the operator's admin
+//! states folded in, is written to BACKENDS (state and role), and a server marked down (by its
+//! checks or set to MAINT) has its sessions fenced in the kernel (the verdict stops forwarding
+//! the moment its BACKENDS entry is fenced) and then reset, per `on_marked_down`.
 use std::sync::Arc;
 
 use patroxy_common::{
-    ROLE_PRIMARY, ROLE_REPLICA, ROLE_STANDBY_LEADER, ROLE_UNKNOWN, STATE_DOWN, STATE_UP,
+    ROLE_PRIMARY, ROLE_REPLICA, ROLE_STANDBY_LEADER, ROLE_UNKNOWN, STATE_DOWN, STATE_DRAIN,
+    STATE_MAINT, STATE_UP,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::Proxy;
 use crate::{
+    admin::{AdminState, overlay},
     config::{OnMarkedDown, OnMarkedUp},
     dataplane::KillReason,
     patroni::{HealthSnapshot, Role, ServerSnapshot, health::Transition},
 };
 
 impl Proxy {
-    /// Runs until `stop`: mirrors every published snapshot into the data path.
+    /// Runs until `stop`: mirrors every published snapshot and every admin change into the
+    /// data path, then publishes the combined view to routing and the stats.
     pub async fn follow_health(self: Arc<Self>, stop: CancellationToken) {
-        // Start from what `Proxy::new` applied; anything the checker published since makes the
-        // first `changed()` fire at once.
+        // Start from what `Proxy::new` applied; anything the checker or the operator published
+        // since makes the first `changed()` fire at once.
         let mut rx = self.checks.clone();
+        let mut admin = self.admin_states.clone();
         let mut previous = self.health.borrow().clone();
         loop {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
+                changed = admin.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
             }
-            let current = rx.borrow_and_update().clone();
+            let current = Arc::new(overlay(&rx.borrow_and_update(), &admin.borrow_and_update()));
             // Fence first: the kernel stops forwarding before userspace starts resetting; and
             // routing sees a server UP only once its fence is lifted.
             self.write_states(&current);
@@ -40,14 +46,22 @@ impl Proxy {
                     Transition::WentDown
                         if spec.on_marked_down == OnMarkedDown::ShutdownSessions =>
                     {
-                        let n = self.sessions.kill_backend(id, KillReason::MarkedDown);
+                        let maint = current
+                            .server(key)
+                            .is_some_and(|s| s.admin == AdminState::Maint);
+                        let (reason, why) = if maint {
+                            (KillReason::Maintenance, "server set to MAINT")
+                        } else {
+                            (KillReason::MarkedDown, "server marked down")
+                        };
+                        let n = self.sessions.kill_backend(id, reason);
                         self.counters(id)
                             .markdown_resets
                             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                         info!(
                             listener = %self.config.listeners[key.listener].name,
                             server = %spec.name, sessions = n,
-                            "server marked down: resetting its sessions"
+                            "{why}: resetting its sessions"
                         );
                     }
                     Transition::WentUp
@@ -70,12 +84,23 @@ impl Proxy {
     pub(super) fn write_states(&self, snapshot: &HealthSnapshot) {
         for server in snapshot.listeners.iter().flat_map(|l| l.servers.iter()) {
             let spec = &self.config.listeners[server.key.listener].servers[server.key.server];
-            let state = if server.is_up() { STATE_UP } else { STATE_DOWN };
             // With on_marked_down = none, HAProxy keeps a down server's sessions: so do we.
+            // MAINT is down here (`is_up`), so it fences exactly like a mark-down.
             let fenced = !server.is_up() && spec.on_marked_down == OnMarkedDown::ShutdownSessions;
             self.backends
-                .set_state(server.id, state, role_code(server), fenced);
+                .set_state(server.id, state_code(server), role_code(server), fenced);
         }
+    }
+}
+
+/// BACKENDS' `state`, with the precedence of HAProxy's stats: MAINT whatever the checks say,
+/// then DOWN, then DRAIN (a draining server that fails its checks shows DOWN), then UP.
+fn state_code(server: &ServerSnapshot) -> u8 {
+    match (server.admin, server.health.is_up()) {
+        (AdminState::Maint, _) => STATE_MAINT,
+        (_, false) => STATE_DOWN,
+        (AdminState::Drain, true) => STATE_DRAIN,
+        (AdminState::Ready, true) => STATE_UP,
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admin::{Admin, AdminStates, overlay},
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
     patroni::HealthSnapshot,
@@ -38,13 +39,18 @@ pub struct Proxy {
     pub dataplane: Arc<DataPlane>,
     pub backends: Arc<BackendTable>,
     pub sessions: SessionRegistry,
-    /// The checker's view of every server once applied to the data path (BACKENDS written,
-    /// fences lifted or set): routing and stats read this, never the checker's raw output, so
-    /// no session is spliced to a server whose fence is still up.
+    /// The checker's view of every server with the operator's admin states folded in, once
+    /// applied to the data path (BACKENDS written, fences lifted or set): routing and stats read
+    /// this, never the checker's raw output, so no session is spliced to a server whose fence is
+    /// still up.
     pub health: watch::Receiver<Arc<HealthSnapshot>>,
     applied: watch::Sender<Arc<HealthSnapshot>>,
     /// The checker's raw output, read only by `follow_health`.
     checks: watch::Receiver<Arc<HealthSnapshot>>,
+    /// The operator's READY/DRAIN/MAINT states: set through the stats server's admin endpoint.
+    pub admin: Admin,
+    /// The admin states as `follow_health` last folded them in.
+    admin_states: watch::Receiver<Arc<AdminStates>>,
     /// Per listener: its round-robin cursor and current write target.
     routers: Vec<Mutex<Router>>,
     /// Per backend (index = backend id - 1) and per listener, for the stats.
@@ -63,7 +69,10 @@ impl Proxy {
         backends: Arc<BackendTable>,
         checks: watch::Receiver<Arc<HealthSnapshot>>,
     ) -> Arc<Self> {
-        let (applied, health) = watch::channel(checks.borrow().clone());
+        let admin = Admin::new(config.clone());
+        let admin_states = admin.subscribe();
+        let initial = Arc::new(overlay(&checks.borrow(), &admin_states.borrow()));
+        let (applied, health) = watch::channel(initial);
         let slots = config
             .listeners
             .iter()
@@ -87,6 +96,8 @@ impl Proxy {
             health,
             applied,
             checks,
+            admin,
+            admin_states,
             routers,
             backend_counters,
             listener_counters,

@@ -1,6 +1,6 @@
 //! The operator's commands: `patroxy status` (the stats table from the running daemon),
 //! `patroxy sessions` (open sessions from the pinned maps), `patroxy maps` (pinned paths and the
-//! bpftool commands to look inside).
+//! bpftool commands to look inside), `patroxy set-state` (a server's READY/DRAIN/MAINT).
 use std::{
     collections::HashMap,
     io::IsTerminal as _,
@@ -17,6 +17,7 @@ use super::{
     model::{StateClass, StatsSnapshot},
 };
 use crate::{
+    admin::AdminState,
     config::Config,
     dataplane::{
         loader::{MAP_BACKENDS, MAP_SESSIONS, MAP_SOCKS},
@@ -51,6 +52,37 @@ pub async fn status(url: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("reading {url}"))?;
     print!("{}", status_table(&snap, std::io::stdout().is_terminal()));
+    Ok(())
+}
+
+/// `patroxy set-state <listener>/<server> <state>`: posts to the daemon's admin endpoint and
+/// prints its answer; a refusal (unknown name, bad state, forbidden) is an error with the
+/// daemon's reason.
+pub async fn set_state(url: &str, target: &str, state: AdminState) -> anyhow::Result<()> {
+    let Some((listener, server)) = target.split_once('/') else {
+        bail!("expected <listener>/<server>, got {target:?}");
+    };
+    let mut endpoint =
+        reqwest::Url::parse(url).with_context(|| format!("{url} is not a valid URL"))?;
+    endpoint
+        .path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("{url} cannot take a path"))?
+        .pop_if_empty()
+        .extend(["admin", "servers", listener, server]);
+    endpoint
+        .query_pairs_mut()
+        .append_pair("state", state.as_str());
+    let response = reqwest::Client::new()
+        .post(endpoint.clone())
+        .send()
+        .await
+        .with_context(|| format!("posting to {endpoint} (is patroxy running with [stats]?)"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{status}: {}", text.trim_end());
+    }
+    print!("{text}");
     Ok(())
 }
 
@@ -144,7 +176,9 @@ fn table(rows: &[Vec<String>], classes: &[Option<StateClass>], color: bool) -> S
                         StateClass::GoingUp => "33;1",
                         StateClass::Down => "31;1",
                         StateClass::NoCheck => "90",
-                        StateClass::Maint | StateClass::Drain => "34",
+                        // HAProxy's colours: brown (256-colour 130) and blue.
+                        StateClass::Maint => "38;5;130",
+                        StateClass::Drain => "34",
                     };
                     line.push_str(&format!("\x1b[{code}m{padded}\x1b[0m"));
                 }

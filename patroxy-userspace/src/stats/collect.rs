@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use patroxy_common::{SIDE_CLIENT, STATE_DRAIN, STATE_MAINT, SessionEntry};
+use patroxy_common::{SIDE_CLIENT, SessionEntry};
 use tokio::time::Instant;
 
 use super::{
@@ -16,9 +16,10 @@ use super::{
     track::Tracker,
 };
 use crate::{
+    admin::AdminState,
     config::model::{Balance, CheckMethod},
     dataplane::loader::MAP_SESSIONS,
-    patroni::{Role, ServerHealth, ServerState},
+    patroni::{Role, ServerSnapshot, ServerState},
     proxy::Proxy,
 };
 
@@ -60,7 +61,7 @@ pub fn snapshot(
             let servers: Vec<ServerStats> = health
                 .listener(li)
                 .iter()
-                .map(|s| server(proxy, tracker, live, li, s.key.server, &s.health, now))
+                .map(|s| server(proxy, tracker, live, s, now))
                 .collect();
             let counters = &proxy.listener_counters[li];
             let waiting = u64::from(counters.waiting_for_server.load(Relaxed));
@@ -120,11 +121,10 @@ fn server(
     proxy: &Proxy,
     tracker: &Tracker,
     live: &LiveBytes,
-    listener: usize,
-    index: usize,
-    health: &ServerHealth,
+    snap: &ServerSnapshot,
     now: Instant,
 ) -> ServerStats {
+    let (listener, index, health) = (snap.key.listener, snap.key.server, &snap.health);
     let spec = &proxy.config.listeners[listener].servers[index];
     let checked = proxy.config.listeners[listener].check.is_some();
     let id = proxy.backend_id(listener, index);
@@ -136,14 +136,7 @@ fn server(
     let (live_in, live_out) = live.get(&id).copied().unwrap_or_default();
     let (bin, bout) = tracker.monotonic_bytes(id, closed_in + live_in, closed_out + live_out);
     let (rate, rate_max) = tracker.backend_rate(id);
-    let (status, class) = match entry.state {
-        STATE_MAINT => ("MAINT".to_string(), StateClass::Maint),
-        STATE_DRAIN => ("DRAIN".to_string(), StateClass::Drain),
-        _ => {
-            let state = health.server_state();
-            (state.to_string(), class_of(state))
-        }
-    };
+    let (status, class) = status(snap.admin, health.server_state());
     ServerStats {
         name: spec.name.clone(),
         id,
@@ -152,6 +145,7 @@ fn server(
         check_address: checked.then(|| spec.check_addr.to_string()),
         status,
         class,
+        admin: snap.admin.as_str().into(),
         role: health.role.as_ref().map(role_name),
         timeline: health.timeline,
         last_check: health.last_check.as_ref().map(|l| LastCheckStats {
@@ -188,6 +182,22 @@ fn server(
     }
 }
 
+/// The status column, as HAProxy's stats write it: MAINT whatever the checks say; DRAIN (or
+/// "DRAIN n/m" while failing checks) for a draining server its checks hold UP; otherwise the
+/// check state, so a draining server that went DOWN shows DOWN.
+fn status(admin: AdminState, state: ServerState) -> (String, StateClass) {
+    match (admin, state) {
+        (AdminState::Maint, _) => ("MAINT".into(), StateClass::Maint),
+        (AdminState::Drain, ServerState::Up | ServerState::NoCheck) => {
+            ("DRAIN".into(), StateClass::Drain)
+        }
+        (AdminState::Drain, ServerState::GoingDown { n, m }) => {
+            (format!("DRAIN {n}/{m}"), StateClass::Drain)
+        }
+        _ => (state.to_string(), class_of(state)),
+    }
+}
+
 fn class_of(state: ServerState) -> StateClass {
     match state {
         ServerState::Up => StateClass::Up,
@@ -204,5 +214,44 @@ pub fn role_name(role: &Role) -> String {
         Role::Replica => "replica".into(),
         Role::StandbyLeader => "standby_leader".into(),
         Role::Other(s) => s.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_admin_state_like_haproxy() {
+        use AdminState::{Drain, Maint, Ready};
+        let s = |admin, state| status(admin, state);
+        let going_down = ServerState::GoingDown { n: 2, m: 3 };
+        let going_up = ServerState::GoingUp { n: 1, m: 2 };
+        assert_eq!(s(Ready, ServerState::Up), ("UP".into(), StateClass::Up));
+        for state in [
+            ServerState::Up,
+            ServerState::Down,
+            going_up,
+            ServerState::NoCheck,
+        ] {
+            assert_eq!(s(Maint, state), ("MAINT".into(), StateClass::Maint));
+        }
+        assert_eq!(
+            s(Drain, ServerState::Up),
+            ("DRAIN".into(), StateClass::Drain)
+        );
+        assert_eq!(
+            s(Drain, ServerState::NoCheck),
+            ("DRAIN".into(), StateClass::Drain)
+        );
+        assert_eq!(
+            s(Drain, going_down),
+            ("DRAIN 2/3".into(), StateClass::Drain)
+        );
+        assert_eq!(
+            s(Drain, ServerState::Down),
+            ("DOWN".into(), StateClass::Down)
+        );
+        assert_eq!(s(Drain, going_up), ("DOWN 1/2".into(), StateClass::GoingUp));
     }
 }

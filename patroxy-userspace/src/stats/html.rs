@@ -1,5 +1,6 @@
 //! The stats page: one table per listener, a row per server, coloured like HAProxy's page
-//! (green UP, yellow going down, orange going up, red DOWN, grey not checked, blue MAINT/DRAIN).
+//! (green UP, yellow going down, orange going up, red DOWN, grey not checked, brown MAINT, blue
+//! DRAIN).
 //! One self-contained document with inline CSS and no script or external asset, so it works on
 //! a network without internet; the table scrolls sideways on a phone with the server column
 //! pinned.
@@ -33,8 +34,8 @@ pub fn render(snap: &StatsSnapshot, refresh: bool) -> String {
 
 const STYLE: &str = r#"<style>
 :root{--up:#c0ffc0;--up-s:#1e9e3a;--gd:#ffffa0;--gd-s:#c9b400;--gu:#ffd020;--gu-s:#d97e00;
---down:#ff9090;--down-s:#d62b2b;--nc:#e0e0e0;--nc-s:#777;--maint:#c8c8ff;--maint-s:#5a5ad6;
---drain:#a8dcff;--drain-s:#1b7fc4;--ink:#1d2330;--mute:#5b6475;--line:#d5dae3;--head:#2f3b52}
+--down:#ff9090;--down-s:#d62b2b;--nc:#e0e0e0;--nc-s:#777;--maint:#e3b378;--maint-s:#9a5a14;
+--drain:#8fcbff;--drain-s:#1479c9;--ink:#1d2330;--mute:#5b6475;--line:#d5dae3;--head:#2f3b52}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);background:#f4f6f9}
 header{background:var(--head);color:#fff;padding:12px 16px;display:flex;flex-wrap:wrap;align-items:baseline;gap:6px 18px}
@@ -129,12 +130,12 @@ const HEAD: &str = "<thead><tr class=\"group\"><th class=\"name\" rowspan=\"2\">
 <th title=\"time since the last UP/DOWN change\">Last chg</th><th>Downtime</th></tr></thead>\n";
 
 fn listener(h: &mut String, snap: &StatsSnapshot, l: &ListenerStats) {
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<section class=\"listener\" id=\"listener-{n}\" data-listener=\"{n}\"><h2>{n}</h2>\
          <div class=\"about\"><span>bind <b>{}</b></span><span>balance <b>{}</b></span>\
          <span>check <b>{}</b></span><span>leader <b>{}</b></span>\
-         <span>leader changes <b>{}</b></span><span>data path <b>{}</b></span></div>\n",
+         <span>leader changes <b>{}</b></span><span>data path <b>{}</b></span></div>",
         esc(&l.bind),
         esc(&l.balance),
         l.check.as_deref().map_or("none".into(), esc),
@@ -257,11 +258,11 @@ fn footer(h: &mut String, s: &StatsSnapshot) {
     } else {
         "Bytes count closed sessions only on the fallback data path."
     };
-    let _ = write!(
+    let _ = writeln!(
         h,
         "</main><footer>{bytes_note} Rates are sessions per second over the last 10 s. \
          Also as <a href=\"/;csv\">CSV</a> (HAProxy's format), <a href=\"/;json\">JSON</a> and \
-         <a href=\"/metrics\">Prometheus metrics</a>.</footer>\n"
+         <a href=\"/metrics\">Prometheus metrics</a>.</footer>"
     );
 }
 
@@ -360,6 +361,22 @@ mod tests {
             "no external asset"
         );
         assert!(!render(&sample::snapshot(), false).contains("http-equiv=\"refresh\""));
+    }
+
+    #[test]
+    fn maint_and_drain_rows_have_their_own_colours() {
+        let mut snap = sample::snapshot();
+        let servers = &mut snap.listeners[0].servers;
+        (servers[1].status, servers[1].class) = ("MAINT".into(), StateClass::Maint);
+        (servers[2].status, servers[2].class) = ("DRAIN 2/3".into(), StateClass::Drain);
+        let page = render(&snap, false);
+        assert!(page.contains("<tr class=\"srv maint\" id=\"srv-postgres_write-pg2\""));
+        assert!(page.contains("<span class=\"st maint\">MAINT</span>"));
+        assert!(page.contains("<tr class=\"srv drain\" id=\"srv-postgres_write-pg3\""));
+        assert!(page.contains("data-status=\"DRAIN 2/3\""));
+        // HAProxy's legend colours: brown for maintenance, blue for draining.
+        assert!(page.contains("--maint:#e3b378") && page.contains("--drain:#8fcbff"));
+        assert!(page.contains("tr.srv.maint{background:var(--maint)}"));
     }
 
     #[test]

@@ -103,6 +103,10 @@ impl StateClass {
     }
 }
 
+fn ready() -> String {
+    "ready".into()
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LastCheckStats {
     /// HAProxy's code: L7OK, L7STS, L4CON, L4TOUT, ...
@@ -124,9 +128,14 @@ pub struct ServerStats {
     pub sid: u32,
     pub address: String,
     pub check_address: Option<String>,
-    /// As HAProxy writes it: "UP", "DOWN", "UP 1/3", "DOWN 1/2", "MAINT", "DRAIN", "no check".
+    /// As HAProxy writes it: "UP", "DOWN", "UP 1/3", "DOWN 1/2", "MAINT", "DRAIN",
+    /// "DRAIN 1/3" (draining and failing checks), "no check".
     pub status: String,
     pub class: StateClass,
+    /// The operator's state (`patroxy set-state`): "ready", "drain" or "maint". A draining
+    /// server that fails its checks shows `status` DOWN, as in HAProxy; this still says "drain".
+    #[serde(default = "ready")]
+    pub admin: String,
     /// Patroni's view: role ("primary", "replica", ...) and timeline from the last check body.
     pub role: Option<String>,
     pub timeline: Option<u64>,
@@ -231,6 +240,12 @@ pub(crate) mod sample {
             check_address: Some(format!("10.0.0.{id}:8008")),
             status: status.into(),
             class,
+            admin: match class {
+                StateClass::Maint => "maint",
+                StateClass::Drain => "drain",
+                _ => "ready",
+            }
+            .into(),
             role: None,
             timeline: None,
             last_check: None,

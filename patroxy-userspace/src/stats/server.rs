@@ -1,20 +1,22 @@
 //! The stats HTTP server (axum): `/` HTML, `/;csv` or `/?format=csv` HAProxy's CSV, `/;json`
 //! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
-//! `/;csv;norefresh`, `/?stats;csv`.
+//! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
+//! endpoint (see `admin`).
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Router,
-    extract::State,
-    http::{StatusCode, Uri, header},
+    extract::{ConnectInfo, Path, State},
+    http::{HeaderMap, StatusCode, Uri, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{
+    admin::{self, Peer},
     collect::{self, LiveBytes},
     csv, html,
     model::StatsSnapshot,
@@ -51,8 +53,10 @@ pub fn spawn(
     });
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/admin/servers/{listener}/{server}", post(set_state))
         .fallback(get(page))
-        .with_state(shared);
+        .with_state(shared)
+        .into_make_service_with_connect_info::<Peer>();
     tasks.spawn(async move {
         info!(%addr, "stats page listening");
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
@@ -112,6 +116,42 @@ async fn page(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {
         ),
     };
     respond(content_type, body)
+}
+
+async fn set_state(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path((listener, server)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: String,
+) -> Response {
+    let proxy = &shared.proxy;
+    let access = proxy
+        .config
+        .stats
+        .as_ref()
+        .map_or(crate::config::AdminAccess::Off, |s| s.admin);
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let request = admin::Request {
+        peer,
+        origin: header(header::ORIGIN),
+        host: header(header::HOST),
+        listener: &listener,
+        server: &server,
+        query: uri.query(),
+        body: &body,
+    };
+    let (status, text) = admin::set_state(access, &proxy.admin, &request);
+    if status != StatusCode::OK {
+        info!(peer = %peer.remote, status = status.as_u16(), "admin request refused: {}", text.trim_end());
+    }
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text,
+    )
+        .into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

@@ -1,0 +1,220 @@
+//! The verdict program's debug log (aya-log, `bpf_log`): its lines reach patroxy's stderr when
+//! it is on, nothing is logged (or even counted) by default, `PATROXY_BPF_LOG` overrides the
+//! file, and the in-kernel token bucket bounds how many lines a busy session can print. The
+//! sockmap path only, so every test needs root.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Path_, Setup, echo_once};
+use patroxy_tests::{
+    backend::{Backend, Behaviour},
+    daemon::{Patroxy, bpftool_dump},
+    process::require_root,
+};
+use tokio::net::TcpStream;
+
+/// How an eBPF line starts in patroxy's log: tracing's fmt output of target `patroxy::ebpf`.
+const EBPF: &str = " patroxy::ebpf: ";
+
+/// The one-listener test config, with `bpf_log` on at `rate` lines per second per CPU.
+fn config(setup: &Setup<'_>, log_rate: Option<u32>) -> String {
+    let toml = setup.toml();
+    match log_rate {
+        Some(rate) => toml.replacen(
+            "[global]\n",
+            &format!("[global]\nbpf_log = true\nbpf_log_rate = {rate}\n"),
+            1,
+        ),
+        None => toml,
+    }
+}
+
+/// Cookies of the open session's (client, backend) sockets, from the pinned SESSIONS map.
+fn session_cookies(proxy: &Patroxy) -> (u64, u64) {
+    let sessions = bpftool_dump(&proxy.pin_path, "SESSIONS");
+    let client = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["value"]["side"] == 0)
+        .unwrap_or_else(|| panic!("no client socket in SESSIONS: {sessions}"));
+    (
+        client["key"].as_u64().unwrap(),
+        client["value"]["peer"].as_u64().unwrap(),
+    )
+}
+
+/// (printed, suppressed, CPUs) summed over the per-CPU token buckets in LOG_LIMIT.
+fn log_limit(proxy: &Patroxy) -> (u64, u64, u64) {
+    let dump = bpftool_dump(&proxy.pin_path, "LOG_LIMIT");
+    let values = dump[0]["values"]
+        .as_array()
+        .unwrap_or_else(|| panic!("LOG_LIMIT is per CPU: {dump}"));
+    let sum = |field: &str| -> u64 {
+        values
+            .iter()
+            .map(|v| v["value"][field].as_u64().unwrap())
+            .sum()
+    };
+    (sum("printed"), sum("suppressed"), values.len() as u64)
+}
+
+/// Splices one echo session, sends `n` bytes in one write and returns the session's cookies.
+async fn echo_session(proxy: &Patroxy, setup: &Setup<'_>, n: usize) -> (TcpStream, (u64, u64)) {
+    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    // The first echo means both sockets are in SOCKS and SESSIONS.
+    assert!(echo_once(&mut s, b"hello", Duration::from_secs(3)).await);
+    let cookies = session_cookies(proxy);
+    assert!(echo_once(&mut s, &vec![b'x'; n], Duration::from_secs(3)).await);
+    (s, cookies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redirects_are_logged_with_their_byte_counts() {
+    if !require_root("redirects_are_logged_with_their_byte_counts") {
+        return;
+    }
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("bpflog");
+    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
+    let proxy = Patroxy::start("bpflog", &config(&setup, Some(1000)), &pin, &[setup.bind]);
+    let (s, (client, server)) = echo_session(&proxy, &setup, 1234).await;
+    for line in [
+        format!("{EBPF}redirect 1234 bytes from cookie {client} to {server}"),
+        format!("{EBPF}redirect 1234 bytes from cookie {server} to {client}"),
+    ] {
+        assert!(
+            proxy.wait_for_log(&line, Duration::from_secs(3)),
+            "no `{line}` in:\n{}",
+            proxy.log()
+        );
+    }
+    drop(s);
+    let fin = format!("{EBPF}pass FIN on cookie {client}");
+    assert!(
+        proxy.wait_for_log(&fin, Duration::from_secs(3)),
+        "no `{fin}`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_is_logged_by_default() {
+    if !require_root("nothing_is_logged_by_default") {
+        return;
+    }
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("bpflogoff");
+    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
+    let proxy = Patroxy::start("bpflogoff", &config(&setup, None), &pin, &[setup.bind]);
+    let (s, _) = echo_session(&proxy, &setup, 1234).await;
+    drop(s);
+    assert!(proxy.wait_for_log("session closed", Duration::from_secs(3)));
+    // Give a (wrongly) running logger time to print what the FINs would have produced.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = proxy.log();
+    assert_eq!(proxy.count_log(EBPF), 0, "eBPF lines while off:\n{log}");
+    assert!(!log.contains("eBPF debug log on"), "{log}");
+    // Off, the limiter never ran either: the verifier removed the logging code.
+    let (printed, suppressed, _) = log_limit(&proxy);
+    assert_eq!((printed, suppressed), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn env_var_overrides_the_file_both_ways() {
+    if !require_root("env_var_overrides_the_file_both_ways") {
+        return;
+    }
+    let backend = Backend::start(Behaviour::Echo).await;
+    for (file, env, want_lines) in [(None, "1", true), (Some(100), "off", false)] {
+        let pin = Patroxy::unique_pin_path("bpflogenv");
+        let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
+        let proxy = Patroxy::start_with(
+            "bpflogenv",
+            &config(&setup, file),
+            &pin,
+            &[setup.bind],
+            |cmd| {
+                cmd.env("PATROXY_BPF_LOG", env);
+            },
+        );
+        let (s, (client, server)) = echo_session(&proxy, &setup, 777).await;
+        drop(s);
+        let line = format!("{EBPF}redirect 777 bytes from cookie {client} to {server}");
+        assert_eq!(
+            proxy.wait_for_log(&line, Duration::from_secs(if want_lines { 3 } else { 1 })),
+            want_lines,
+            "PATROXY_BPF_LOG={env}, bpf_log in the file: {}; log:\n{}",
+            file.is_some(),
+            proxy.log()
+        );
+        if !want_lines {
+            assert_eq!(proxy.count_log(EBPF), 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limit_bounds_printed_lines() {
+    if !require_root("rate_limit_bounds_printed_lines") {
+        return;
+    }
+    const MESSAGES: usize = 5000;
+    const RATE: u64 = 10;
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("bpflograte");
+    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
+    let proxy = Patroxy::start(
+        "bpflograte",
+        &config(&setup, Some(RATE as u32)),
+        &pin,
+        &[setup.bind],
+    );
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    // One small message at a time, each echoed before the next: a separate skb (and verdict
+    // run) per message each way.
+    for i in 0..MESSAGES {
+        let msg = format!("msg{i:06}");
+        assert!(
+            echo_once(&mut s, msg.as_bytes(), Duration::from_secs(3)).await,
+            "message {i} not echoed"
+        );
+    }
+    drop(s);
+    assert!(proxy.wait_for_log("session closed", Duration::from_secs(3)));
+    // Every line the kernel let through reaches the log (the ring buffer is far from full).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (printed, suppressed, cpus) = loop {
+        let counts = log_limit(&proxy);
+        if proxy.count_log(EBPF) as u64 >= counts.0 || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let elapsed = t0.elapsed().as_secs_f64();
+    let lines = proxy.count_log(EBPF) as u64;
+    // Per CPU: a full bucket (one second's worth) at the start, then RATE per second.
+    let bound = (cpus as f64 * RATE as f64 * (1.0 + elapsed)).ceil() as u64;
+    eprintln!(
+        "{MESSAGES} messages in {elapsed:.2}s on {cpus} CPUs: {lines} lines printed, \
+         {suppressed} counted, bound {bound}"
+    );
+    assert_eq!(
+        lines, printed,
+        "every line the kernel allowed is in the log"
+    );
+    assert!(lines >= RATE, "the first burst is printed: {lines}");
+    assert!(lines <= bound, "{lines} lines > bound {bound}");
+    assert!(
+        lines * 10 < MESSAGES as u64,
+        "{lines} lines for {MESSAGES} messages"
+    );
+    // Each message was a verdict run each way; all but the printed ones were counted.
+    assert!(
+        printed + suppressed >= 2 * MESSAGES as u64,
+        "{printed} + {suppressed}"
+    );
+}
