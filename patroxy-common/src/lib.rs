@@ -69,6 +69,21 @@ pub const ROLE_PRIMARY: u8 = 1;
 pub const ROLE_REPLICA: u8 = 2;
 pub const ROLE_STANDBY_LEADER: u8 = 3;
 
+/// Value of the one-entry per-CPU LOG_LIMIT map: the token bucket that rate-limits the verdict
+/// program's debug log lines on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogLimit {
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+    /// Available lines, in units of 1/1e9 line (refilled by `rate` per elapsed ns).
+    pub credit: u64,
+    /// Lines handed to the ring buffer.
+    pub printed: u64,
+    /// Lines over the rate, counted instead of printed.
+    pub suppressed: u64,
+}
+
 /// Capacity of the SOCKS/SESSIONS maps (two entries per session).
 pub const MAX_SOCKETS: u32 = 65_536;
 /// Capacity of BACKENDS.
@@ -76,7 +91,9 @@ pub const MAX_BACKENDS: u32 = 1_024;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both are repr(C) with explicit padding and no pointers; every bit pattern is valid.
+    // SAFETY: all are repr(C) with explicit padding (or none needed) and no pointers; every bit
+    // pattern is valid.
     unsafe impl aya::Pod for super::SessionEntry {}
     unsafe impl aya::Pod for super::BackendEntry {}
+    unsafe impl aya::Pod for super::LogLimit {}
 }

@@ -22,7 +22,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::info;
-use patroxy_common::{BackendEntry, MAX_BACKENDS, MAX_SOCKETS, SessionEntry, SocketCookie};
+use patroxy_common::{
+    BackendEntry, LogLimit, MAX_BACKENDS, MAX_SOCKETS, SessionEntry, SocketCookie,
+};
 
 /// Established sockets keyed by SO_COOKIE. A legacy map: the kernel refuses BTF on sockmaps.
 #[map]
@@ -47,19 +49,6 @@ static PATROXY_LOG: Global<u8> = Global::new(0);
 static PATROXY_LOG_RATE: Global<u64> = Global::new(100);
 
 /// Token bucket of the log lines, one per CPU so no two programs race on it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct LogLimit {
-    /// `bpf_ktime_get_ns` of the last refill.
-    pub last_ns: u64,
-    /// Available lines, in units of 1/NS_PER_SEC line (refilled by `rate` per elapsed ns).
-    pub credit: u64,
-    /// Lines handed to the ring buffer.
-    pub printed: u64,
-    /// Lines over the rate, counted instead of printed.
-    pub suppressed: u64,
-}
-
 #[btf_map]
 static LOG_LIMIT: PerCpuArray<LogLimit, 1> = PerCpuArray::new();
 

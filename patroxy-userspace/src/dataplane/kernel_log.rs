@@ -15,10 +15,10 @@ use aya_log::EbpfLogger;
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{info, warn};
 
+use super::loader::MAP_LOG_LIMIT;
 use crate::config::Global;
+use patroxy_common::LogLimit;
 
-/// Map of the per-CPU token buckets, as in patroxy-ebpf and under the pin directory.
-pub const MAP_LOG_LIMIT: &str = "LOG_LIMIT";
 /// aya-log-ebpf's ring buffer.
 const MAP_LOG_RING: &str = "AYA_LOGS";
 /// Turns `bpf_log` on or off for one run without editing the config file.
@@ -113,20 +113,6 @@ impl KernelLog {
         Ok(())
     }
 }
-
-/// LOG_LIMIT's value as patroxy-ebpf defines it (read here only for the count of suppressed
-/// lines).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct LogLimit {
-    last_ns: u64,
-    credit: u64,
-    printed: u64,
-    suppressed: u64,
-}
-
-// SAFETY: repr(C), four u64s, no padding; every bit pattern is valid.
-unsafe impl aya::Pod for LogLimit {}
 
 /// Logs how many lines the kernel counted instead of printing since `reported`; returns the new
 /// total.

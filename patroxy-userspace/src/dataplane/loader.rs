@@ -13,12 +13,13 @@ use aya::{
 use patroxy_common::{BackendEntry, SessionEntry};
 use tracing::{info, warn};
 
-use super::kernel_log::{KernelLog, MAP_LOG_LIMIT};
+use super::kernel_log::KernelLog;
 
 /// Names of the maps, as in patroxy-ebpf and under the pin directory.
 pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_SESSIONS: &str = "SESSIONS";
 pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_LOG_LIMIT: &str = "LOG_LIMIT";
 const PROGRAM: &str = "patroxy_verdict";
 /// The maps pinned under the pin directory.
 const PINNED: [&str; 4] = [MAP_SOCKS, MAP_SESSIONS, MAP_BACKENDS, MAP_LOG_LIMIT];

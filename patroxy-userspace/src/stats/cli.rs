@@ -20,7 +20,7 @@ use crate::{
     admin::AdminState,
     config::Config,
     dataplane::{
-        loader::{MAP_BACKENDS, MAP_SESSIONS, MAP_SOCKS},
+        loader::{MAP_BACKENDS, MAP_LOG_LIMIT, MAP_SESSIONS, MAP_SOCKS},
         sockopt::monotonic_ns,
     },
 };
@@ -277,6 +277,10 @@ pub fn maps(pin_dir: &Path) -> anyhow::Result<()> {
         (
             MAP_BACKENDS,
             "per backend id: address, listener, state, role, fenced, sessions",
+        ),
+        (
+            MAP_LOG_LIMIT,
+            "per CPU: the debug log's token bucket, lines printed and suppressed (bpf_log)",
         ),
     ] {
         let path = pin_dir.join(name);
