@@ -1,7 +1,12 @@
-//! The userspace data path: the same session semantics as `sockmap`, with the bytes copied by
-//! tokio (used when BPF is off or unavailable, and for a pair the sockmap could not take).
+//! The userspace data path: the same session semantics as `sockmap` (used when BPF is off or
+//! unavailable, and for a pair the sockmap could not take). Driven by tokio's readiness, each
+//! direction reads a small message through a stack buffer and writes it straight on; larger
+//! transfers go socket -> pipe -> socket by splice(2), one pipe per direction, without a copy to
+//! userspace. No userspace buffer lives with a session (idle RSS ~3 KiB per session instead of
+//! copy_bidirectional's 2 x 8 KiB); when no pipe can be had (fd limit), tokio copies instead.
 use std::{
     io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     pin::Pin,
     sync::{
         Arc,
@@ -12,7 +17,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
     net::TcpStream,
     time::{Instant, sleep_until},
 };
@@ -28,8 +33,20 @@ pub(super) async fn run(
     let activity = Arc::new(Activity::default());
     let mut c = Counted::new(client, activity.clone(), Side::Client);
     let mut b = Counted::new(backend, activity.clone(), Side::Server);
+    let pipes = Pipe::new().and_then(|up| Ok((up, Pipe::new()?))).ok();
     let outcome = {
-        let copy = tokio::io::copy_bidirectional(&mut c, &mut b);
+        let copy = async {
+            match &pipes {
+                Some((up, down)) => {
+                    let (c, b, a) = (&c.inner, &b.inner, &activity);
+                    tokio::try_join!(
+                        pump(c, b, up, Side::Client, a),
+                        pump(b, c, down, Side::Server, a)
+                    )
+                }
+                None => tokio::io::copy_bidirectional(&mut c, &mut b).await,
+            }
+        };
         tokio::pin!(copy);
         loop {
             let deadline = activity.idle_deadline(meta.idle_timeout);
@@ -44,12 +61,13 @@ pub(super) async fn run(
             }
         }
     };
+    drop(pipes);
     let reason = match outcome {
         Outcome::Copied(Ok(_)) => match activity.first_eof() {
             Some(Side::Server) => EndReason::ServerClose,
             _ => EndReason::ClientClose,
         },
-        // copy_bidirectional does not say which side failed; `Counted` noted it.
+        // Neither path says which side failed; `pump` and `Counted` noted it.
         Outcome::Copied(Err(e)) => match activity.first_error() {
             Some(side) if is_reset(&e) => side.reset_reason(),
             _ => EndReason::Error(e.to_string()),
@@ -216,4 +234,160 @@ impl AsyncWrite for Counted {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// One direction's kernel buffer: splice(2) moves socket pages in and out of it.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+/// Bytes moved per splice: the default pipe capacity (16 pages).
+const CHUNK: usize = 64 * 1024;
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are fresh and owned only here.
+        Ok(unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on fds the caller keeps open; no offsets (sockets and pipes).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Bytes a first read copies through the stack: a PostgreSQL request or reply usually fits, and
+/// read+write costs less than splicing it (splice gives each small skb a page of its own).
+const SMALL: usize = 2048;
+
+/// Moves bytes from `src` to `dst` until `src` reaches EOF, then half-closes `dst` (after the
+/// bytes before the EOF, like copy_bidirectional). Each round reads up to `SMALL` bytes and
+/// writes them straight on; what `dst` does not take waits in `pipe`, and a full read means
+/// more is queued, which goes socket -> pipe -> socket by splice. The pipe is empty whenever a
+/// round starts, so writes into it never block and a blocked splice into it means `src` has
+/// nothing to read.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    from: Side,
+    activity: &Activity,
+) -> io::Result<u64> {
+    let to = match from {
+        Side::Client => Side::Server,
+        Side::Server => Side::Client,
+    };
+    let failed = |side, e| {
+        activity.record_error(side);
+        e
+    };
+    let mut total = 0u64;
+    loop {
+        let (n, mut queued) = loop {
+            src.readable().await.map_err(|e| failed(from, e))?;
+            match src.try_io(Interest::READABLE, || small_round(src, dst, pipe)) {
+                Ok(r) => break r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(failed(from, e)),
+            }
+        };
+        activity.record(from, n);
+        if n == 0 {
+            sockopt::shutdown_write(dst)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        if n == SMALL && queued == 0 {
+            // More is probably waiting: splice it (WouldBlock here just means it was not).
+            match splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK) {
+                Ok(m) => {
+                    activity.record(from, m);
+                    if m == 0 {
+                        sockopt::shutdown_write(dst)?;
+                        return Ok(total);
+                    }
+                    total += m as u64;
+                    queued = m;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(failed(from, e)),
+            }
+        }
+        while queued > 0 {
+            dst.writable().await.map_err(|e| failed(to, e))?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), queued)
+            }) {
+                Ok(m) => queued -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(failed(to, e)),
+            }
+        }
+    }
+}
+
+/// Reads up to `SMALL` bytes from `src` and writes them to `dst`; what `dst` does not take now
+/// goes into the (empty) pipe. Returns (bytes read, bytes left in the pipe); WouldBlock means
+/// `src` had nothing. A failed write leaves the bytes in the pipe for the splice loop, which
+/// reports the error.
+fn small_round(src: &TcpStream, dst: &TcpStream, pipe: &Pipe) -> io::Result<(usize, usize)> {
+    let mut buf = [0u8; SMALL];
+    // SAFETY: reading into a stack buffer of SMALL bytes.
+    let n = unsafe { libc::read(src.as_raw_fd(), buf.as_mut_ptr().cast(), SMALL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n == 0 {
+        return Ok((0, 0));
+    }
+    // SAFETY: writing n initialized bytes; MSG_NOSIGNAL: a reset peer gives EPIPE, not SIGPIPE.
+    let w = unsafe {
+        libc::send(
+            dst.as_raw_fd(),
+            buf.as_ptr().cast(),
+            n,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    let written = if w < 0 { 0 } else { w as usize };
+    if written < n {
+        // SAFETY: the pipe is empty and holds CHUNK > SMALL bytes: this write takes everything.
+        let p = unsafe {
+            libc::write(
+                pipe.write.as_raw_fd(),
+                buf[written..n].as_ptr().cast(),
+                n - written,
+            )
+        };
+        if p != (n - written) as isize {
+            return Err(io::Error::other("pipe took less than it holds"));
+        }
+    }
+    Ok((n, n - written))
 }

@@ -122,7 +122,8 @@ impl Spliced {
         let mut client_open = true;
         let mut backend_open = true;
         let mut first_close = None;
-        let mut idle_deadline = self.idle_deadline();
+        // `insert` just stamped both entries with the current time: no need to read them back.
+        let mut idle_deadline = Instant::now() + self.meta.idle_timeout;
         loop {
             if !client_open && !backend_open {
                 return first_close.unwrap_or(EndReason::ClientClose);

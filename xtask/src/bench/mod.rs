@@ -16,6 +16,8 @@
 //! Layout: `mod.rs` (options, processes), `workloads.rs` (the five workloads and the /proc
 //! counters), `report.rs` (medians, ratios, `bench/results.md`, the PNG chart).
 
+mod ab;
+mod profile;
 mod report;
 mod workloads;
 
@@ -72,6 +74,18 @@ pub struct BenchArgs {
     /// Use this patroxy binary instead of setting up and building the release one.
     #[arg(long)]
     pub patroxy_bin: Option<PathBuf>,
+    /// Profile instead of benchmarking: pgbench -S (8 and 1 clients) and COPY both ways through
+    /// patroxy-bpf and HAProxy under `perf record -a -g` and `perf stat`; writes
+    /// bench/profile.md (CPU per transaction by group: kworker, softirq, postgres, pgbench,
+    /// proxy).
+    #[arg(long)]
+    pub profile: bool,
+    /// A/B mode: compare patroxy variants (interleaved rounds, direct as the reference) instead
+    /// of the four standard targets. Repeat per variant: `NAME=MODE[@BIN][:KEY=VALUE]...`, MODE
+    /// `bpf` or `fallback`, BIN a patroxy binary (default: the one built), KEY=VALUE extra
+    /// environment; `haproxy` alone adds HAProxy. Prints the table, writes nothing.
+    #[arg(long)]
+    pub ab: Vec<String>,
 }
 
 /// The settings one run uses, with the defaults and --quick applied.
@@ -148,7 +162,7 @@ impl Plan {
 /// One of the four things a workload connects to.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// "direct", "patroxy-bpf", "patroxy-fallback", "haproxy".
+    /// "direct", "patroxy-bpf", "patroxy-fallback", "haproxy" (or an A/B variant's name).
     pub name: &'static str,
     /// Port on 127.0.0.1.
     pub port: u16,
@@ -164,6 +178,8 @@ pub struct Lab {
     /// each guard stops its own child.
     _children: Vec<ChildGuard>,
     pub work_dir: PathBuf,
+    /// The proxies' BPF pin directories, removed on drop.
+    pins: Vec<PathBuf>,
 }
 
 impl Drop for Lab {
@@ -171,8 +187,8 @@ impl Drop for Lab {
         // The proxies first (ChildGuard's drop), then PostgreSQL (its own drop).
         self._children.clear();
         let _ = std::fs::remove_dir_all(&self.work_dir);
-        for name in ["bpf", "fallback"] {
-            let _ = std::fs::remove_dir_all(pin_path(name));
+        for pin in &self.pins {
+            let _ = std::fs::remove_dir_all(pin);
         }
     }
 }
@@ -258,7 +274,63 @@ fn raise_nofile() {
     }
 }
 
-fn start_lab(plan: &Plan, bin: &Path) -> Result<Lab> {
+/// One patroxy process the bench starts.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: &'static str,
+    pub bin: PathBuf,
+    /// patroxy's `bpf` setting: "required" (sockmap) or "off" (fallback).
+    pub bpf: &'static str,
+    /// Extra environment for this process.
+    pub env: Vec<(String, String)>,
+}
+
+impl Variant {
+    /// Parses `NAME=MODE[@BIN][:KEY=VALUE]...` (see `BenchArgs::ab`).
+    fn parse(spec: &str, default_bin: &Path) -> Result<Variant> {
+        let (name, rest) = spec
+            .split_once('=')
+            .with_context(|| format!("--ab {spec:?}: expected NAME=MODE[@BIN][:KEY=VALUE]..."))?;
+        let mut parts = rest.split(':');
+        let head = parts.next().unwrap_or("");
+        let (mode, bin) = match head.split_once('@') {
+            Some((m, b)) => (m, PathBuf::from(b)),
+            None => (head, default_bin.to_path_buf()),
+        };
+        let bpf = match mode {
+            "bpf" => "required",
+            "fallback" => "off",
+            other => bail!("--ab {spec:?}: mode {other:?} is not bpf or fallback"),
+        };
+        let env = parts
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .with_context(|| format!("--ab {spec:?}: {kv:?} is not KEY=VALUE"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Variant {
+            name: Box::leak(name.to_owned().into_boxed_str()),
+            bin,
+            bpf,
+            env,
+        })
+    }
+
+    fn standard(bin: &Path) -> Vec<Variant> {
+        [("patroxy-bpf", "required"), ("patroxy-fallback", "off")]
+            .into_iter()
+            .map(|(name, bpf)| Variant {
+                name,
+                bin: bin.to_path_buf(),
+                bpf,
+                env: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+fn start_lab(variants: &[Variant], haproxy: bool) -> Result<Lab> {
     let work_dir = std::env::temp_dir().join(format!("patroxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir)?;
 
@@ -272,32 +344,47 @@ fn start_lab(plan: &Plan, bin: &Path) -> Result<Lab> {
             .conf("checkpoint_timeout = 30min"),
     )
     .map_err(|e| anyhow::anyhow!("starting PostgreSQL: {e}"))?;
-    println!("bench: pgbench -i -s {} on port {}", plan.scale, pg.port());
-    pg.pgbench_init(pg.port(), plan.scale);
+    Ok(Lab {
+        targets: vec![Target {
+            name: "direct",
+            port: pg.port(),
+            pid: None,
+        }],
+        pg,
+        _children: Vec::new(),
+        work_dir,
+        pins: Vec::new(),
+    })
+    .and_then(|mut lab| {
+        for v in variants {
+            lab.spawn_patroxy(v)?;
+        }
+        if haproxy {
+            lab.spawn_haproxy()?;
+        }
+        lab.check_targets()?;
+        Ok(lab)
+    })
+}
 
-    let mut children = Vec::new();
-    let mut targets = vec![Target {
-        name: "direct",
-        port: pg.port(),
-        pid: None,
-    }];
-    for (name, bpf, kind) in [
-        ("patroxy-bpf", "required", "bpf"),
-        ("patroxy-fallback", "off", "fallback"),
-    ] {
+impl Lab {
+    fn spawn_patroxy(&mut self, v: &Variant) -> Result<()> {
+        let name = v.name;
         let port = free_tcp_port();
-        let pin = pin_path(kind);
+        let pin = pin_path(name);
         let _ = std::fs::remove_dir_all(&pin);
-        let cfg = work_dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, patroxy_toml(bpf, &pin, port, pg.port()))?;
-        let mut cmd = Command::new(bin);
+        self.pins.push(pin.clone());
+        let cfg = self.work_dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, patroxy_toml(v.bpf, &pin, port, self.pg.port()))?;
+        let mut cmd = Command::new(&v.bin);
         cmd.arg("run")
             .arg("--config")
             .arg(&cfg)
             .arg("--drain-grace")
             .arg("1s")
             // Per-session logging would be part of what is measured; warnings only.
-            .env("PATROXY_LOG", "warn");
+            .env("PATROXY_LOG", "warn")
+            .envs(v.env.iter().map(|(k, val)| (k, val)));
         let mut child = ChildGuard::spawn(name, &mut cmd)?;
         if !wait_for_listen(local(port), Duration::from_secs(15)) {
             let status = child.try_wait().ok().flatten();
@@ -306,56 +393,62 @@ fn start_lab(plan: &Plan, bin: &Path) -> Result<Lab> {
                 child.log()
             );
         }
-        targets.push(Target {
+        self.targets.push(Target {
             name,
             port,
             pid: Some(child.id()),
         });
-        children.push(child);
+        self._children.push(child);
+        Ok(())
     }
 
-    let haproxy = setup::find_on_path("haproxy")
-        .context("haproxy is not installed (apt-get install haproxy; `cargo xtask setup`)")?;
-    let port = free_tcp_port();
-    let cfg = work_dir.join("haproxy.cfg");
-    std::fs::write(&cfg, haproxy_cfg(port, pg.port()))?;
-    let mut cmd = Command::new(haproxy);
-    cmd.arg("-db").arg("-f").arg(&cfg);
-    let mut child = ChildGuard::spawn("haproxy", &mut cmd)?;
-    if !wait_for_listen(local(port), Duration::from_secs(15)) {
-        let status = child.try_wait().ok().flatten();
-        bail!(
-            "haproxy did not listen on 127.0.0.1:{port} (exit {status:?}); log:\n{}",
-            child.log()
-        );
-    }
-    targets.push(Target {
-        name: "haproxy",
-        port,
-        pid: Some(child.id()),
-    });
-    children.push(child);
-
-    for t in &targets {
-        let out = pg
-            .try_psql(t.port, "select 1")
-            .map_err(|e| anyhow::anyhow!("psql through {}: {e}", t.name))?;
-        if out != "1" {
-            bail!("psql through {} returned {out:?}", t.name);
+    fn spawn_haproxy(&mut self) -> Result<()> {
+        let haproxy = setup::find_on_path("haproxy")
+            .context("haproxy is not installed (apt-get install haproxy; `cargo xtask setup`)")?;
+        let port = free_tcp_port();
+        let cfg = self.work_dir.join("haproxy.cfg");
+        std::fs::write(&cfg, haproxy_cfg(port, self.pg.port()))?;
+        let mut cmd = Command::new(haproxy);
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        let mut child = ChildGuard::spawn("haproxy", &mut cmd)?;
+        if !wait_for_listen(local(port), Duration::from_secs(15)) {
+            let status = child.try_wait().ok().flatten();
+            bail!(
+                "haproxy did not listen on 127.0.0.1:{port} (exit {status:?}); log:\n{}",
+                child.log()
+            );
         }
-        println!(
-            "bench: {:<17} 127.0.0.1:{:<5} {}",
-            t.name,
-            t.port,
-            t.pid.map(|p| format!("pid {p}")).unwrap_or_default()
-        );
+        self.targets.push(Target {
+            name: "haproxy",
+            port,
+            pid: Some(child.id()),
+        });
+        self._children.push(child);
+        Ok(())
     }
-    Ok(Lab {
-        pg,
-        targets,
-        _children: children,
-        work_dir,
-    })
+
+    fn check_targets(&self) -> Result<()> {
+        for t in &self.targets {
+            let out = self
+                .pg
+                .try_psql(t.port, "select 1")
+                .map_err(|e| anyhow::anyhow!("psql through {}: {e}", t.name))?;
+            if out != "1" {
+                bail!("psql through {} returned {out:?}", t.name);
+            }
+            println!(
+                "bench: {:<17} 127.0.0.1:{:<5} {}",
+                t.name,
+                t.port,
+                t.pid.map(|p| format!("pid {p}")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
 }
 
 /// `cargo xtask bench`.
@@ -386,8 +479,31 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     println!("bench: plan {plan:?}");
 
+    if !args.ab.is_empty() {
+        let variants = args
+            .ab
+            .iter()
+            .filter(|s| s.as_str() != "haproxy")
+            .map(|s| Variant::parse(s, &bin))
+            .collect::<Result<Vec<_>>>()?;
+        let lab = start_lab(&variants, args.ab.iter().any(|s| s == "haproxy"))?;
+        lab.pg.pgbench_init(lab.pg.port(), plan.scale);
+        workloads::warm_up(&lab)?;
+        return ab::run(&lab, &plan);
+    }
+    let lab = start_lab(&Variant::standard(&bin), true)?;
+    println!(
+        "bench: pgbench -i -s {} on port {}",
+        plan.scale,
+        lab.pg.port()
+    );
+    lab.pg.pgbench_init(lab.pg.port(), plan.scale);
+    if args.profile {
+        workloads::warm_up(&lab)?;
+        return profile::run(&lab, &plan, &out_dir);
+    }
+
     let started = std::time::Instant::now();
-    let lab = start_lab(&plan, &bin)?;
     let mut results = report::Results::new();
     let env = report::Environment::collect(&lab, &bin);
     workloads::warm_up(&lab)?;

@@ -27,7 +27,7 @@ use super::report::{Better, Results};
 use super::{Lab, Plan, Target};
 
 /// Clock ticks per second (USER_HZ) for /proc times.
-fn clk_tck() -> f64 {
+pub fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
@@ -159,10 +159,10 @@ fn delta(a: &Counters, b: &Counters) -> CpuDelta {
 
 /// What pgbench printed that the bench uses.
 #[derive(Debug, Clone, Copy)]
-struct PgbenchOut {
-    tps: f64,
-    transactions: u64,
-    latency_ms: f64,
+pub struct PgbenchOut {
+    pub tps: f64,
+    pub transactions: u64,
+    pub latency_ms: f64,
 }
 
 fn parse_pgbench(out: &str) -> Option<PgbenchOut> {
@@ -182,7 +182,7 @@ fn parse_pgbench(out: &str) -> Option<PgbenchOut> {
     })
 }
 
-fn pgbench(lab: &Lab, t: &Target, args: &[String], timeout: Duration) -> Result<PgbenchOut> {
+pub fn pgbench(lab: &Lab, t: &Target, args: &[String], timeout: Duration) -> Result<PgbenchOut> {
     let mut cmd = lab.pg.client("pgbench", t.port);
     cmd.args([
         "-h",
@@ -208,7 +208,7 @@ fn pgbench(lab: &Lab, t: &Target, args: &[String], timeout: Duration) -> Result<
         .ok_or_else(|| anyhow!("pgbench through {}: unexpected output:\n{stdout}", t.name))
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
+pub fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
@@ -443,7 +443,7 @@ pub const BULK: &str = "3. bulk COPY through psql";
 
 /// Runs psql with `sql`, stdin from `stdin` (or nothing) and stdout to /dev/null; returns
 /// the elapsed time and psql's stderr+status on failure.
-fn psql_timed(
+pub fn psql_timed(
     lab: &Lab,
     t: &Target,
     sql: &str,
@@ -480,14 +480,15 @@ fn psql_timed(
     Ok(elapsed)
 }
 
-/// Workload 3: COPY TO STDOUT and COPY FROM STDIN of the same text.
-pub fn bulk(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
+/// Creates `bench_bulk` (about `bytes` of COPY text) and the empty `bench_bulk_in`, and writes
+/// the COPY text to a file for COPY FROM STDIN; returns the file.
+pub fn prepare_bulk(lab: &Lab, bytes: u64) -> Result<std::path::PathBuf> {
     let direct = &lab.targets[0];
     // One row of COPY text is ~ 7 (id) + 1 + 32 (md5) + 170 + 1 = ~211 bytes.
-    let rows = plan.bulk_bytes / 211 + 1;
+    let rows = bytes / 211 + 1;
     println!(
-        "bench: workload 3 — creating a {rows}-row table (~{} MB of COPY text)",
-        plan.bulk_bytes / 1_000_000
+        "bench: creating a {rows}-row table (~{} MB of COPY text)",
+        bytes / 1_000_000
     );
     lab.pg
         .try_psql(
@@ -504,23 +505,41 @@ pub fn bulk(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
         .try_psql(direct.port, "VACUUM ANALYZE bench_bulk")
         .map_err(|e| anyhow!("vacuuming the bulk table: {e}"))?;
     let file = lab.work_dir.join("bulk.copy");
-    {
-        let mut cmd = lab.pg.client("psql", direct.port);
-        cmd.args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &direct.port.to_string(),
-        ])
-        .args(["-c", "COPY bench_bulk TO STDOUT"])
-        .stdout(File::create(&file)?);
-        let status = cmd.status()?;
-        if !status.success() {
-            bail!("writing {}: psql {status}", file.display());
-        }
+    let mut cmd = lab.pg.client("psql", direct.port);
+    cmd.args([
+        "-X",
+        "-q",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &direct.port.to_string(),
+    ])
+    .args(["-c", "COPY bench_bulk TO STDOUT"])
+    .stdout(File::create(&file)?);
+    let status = cmd.status()?;
+    if !status.success() {
+        bail!("writing {}: psql {status}", file.display());
     }
+    Ok(file)
+}
+
+/// Drops what `prepare_bulk` created.
+pub fn drop_bulk(lab: &Lab, file: &std::path::Path) -> Result<()> {
+    let _ = std::fs::remove_file(file);
+    lab.pg
+        .try_psql(
+            lab.targets[0].port,
+            "DROP TABLE IF EXISTS bench_bulk, bench_bulk_in",
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Workload 3: COPY TO STDOUT and COPY FROM STDIN of the same text.
+pub fn bulk(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
+    let direct = &lab.targets[0];
+    println!("bench: workload 3 — bulk COPY");
+    let file = prepare_bulk(lab, plan.bulk_bytes)?;
     let bytes = std::fs::metadata(&file)?.len();
     let mb = bytes as f64 / 1e6;
     println!("bench: bulk file {} ({mb:.1} MB)", file.display());
@@ -588,14 +607,7 @@ pub fn bulk(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_file(&file);
-    lab.pg
-        .try_psql(
-            direct.port,
-            "DROP TABLE IF EXISTS bench_bulk, bench_bulk_in",
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-    Ok(())
+    drop_bulk(lab, &file)
 }
 
 pub const IDLE: &str = "4. idle sessions";
@@ -641,7 +653,7 @@ fn open_session(port: u16) -> Result<TcpStream> {
 }
 
 /// Opens `n` sessions through `port` with 4 threads.
-fn open_sessions(port: u16, n: u32) -> (Vec<TcpStream>, u32, Option<String>) {
+pub fn open_sessions(port: u16, n: u32) -> (Vec<TcpStream>, u32, Option<String>) {
     let threads = 4;
     let handles: Vec<_> = (0..threads)
         .map(|k| {
@@ -678,7 +690,7 @@ fn open_sessions(port: u16, n: u32) -> (Vec<TcpStream>, u32, Option<String>) {
 }
 
 /// Waits until PostgreSQL has no client backends but the counting psql.
-fn wait_backends_gone(lab: &Lab) -> Result<()> {
+pub fn wait_backends_gone(lab: &Lab) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let n: u64 = lab
