@@ -120,7 +120,7 @@ fn patroni_cluster_scenarios() {
     eprintln!("all scenarios in {:.1}s", t0.elapsed().as_secs_f64());
 }
 
-/// 1. The seed's "Start and verify": primary with f on the write port, a replica with t on
+/// Scenario 1: The seed's "Start and verify": primary with f on the write port, a replica with t on
 /// the read port, reads spread over both replicas.
 fn seed_verification(cluster: &Cluster, px: &Proxy) {
     let leader = cluster.wait_healthy(Duration::from_secs(60)).unwrap();
@@ -181,7 +181,7 @@ impl Reader {
     }
 }
 
-/// 5. A replica lost (host crash) and back: reads continue on the other replica once patroxy
+/// Scenario 5: A replica lost (host crash) and back: reads continue on the other replica once patroxy
 /// marked the lost one DOWN, and it rejoins the read pool after `rise`.
 fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
     let leader = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
@@ -274,7 +274,7 @@ fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
     );
 }
 
-/// 6. Patroni frozen (SIGSTOP) on the primary, PostgreSQL still up. Behaviour: the REST
+/// Scenario 6: Patroni frozen (SIGSTOP) on the primary, PostgreSQL still up. Behaviour: the REST
 /// API accepts connections but never answers, so every check waits `timeout check` (5 s);
 /// patroxy marks the primary DOWN after `fall` timed-out checks (a timeout is not an
 /// authoritative 503). Meanwhile the leader lock expires after ttl (10 s) and a replica is
@@ -298,8 +298,7 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
     let line = px
         .log()
         .lines()
-        .filter(|l| l.contains(&format!("Server postgres_write/{} is DOWN", old.name)))
-        .last()
+        .rfind(|l| l.contains(&format!("Server postgres_write/{} is DOWN", old.name)))
         .unwrap_or_default()
         .to_owned();
     let on_old_after_down = down.map(|d| report.successes_on_after(&old.ip, d));
@@ -343,7 +342,7 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
     );
 }
 
-/// 7. Whole cluster down then up: clients get a clean refusal (a PostgreSQL error after
+/// Scenario 7: Whole cluster down then up: clients get a clean refusal (a PostgreSQL error after
 /// `timeout queue`) while nothing is up, then service resumes without restarting patroxy.
 fn whole_cluster(cluster: &mut Cluster, px: &Proxy) {
     let leader = cluster.wait_healthy(Duration::from_secs(120)).unwrap();

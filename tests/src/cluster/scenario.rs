@@ -206,8 +206,7 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
             proxy
                 .log()
                 .lines()
-                .filter(|l| l.contains(&down_needle))
-                .last()
+                .rfind(|l| l.contains(&down_needle))
                 .map(str::to_owned)
         });
         (t, line)
