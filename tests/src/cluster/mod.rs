@@ -295,9 +295,15 @@ impl Cluster {
             for &i in which {
                 let api = self.nodes[i].api_addr();
                 let t = Duration::from_millis(800);
+                // Patroni may answer from a cached role while its PostgreSQL is unusable (3.0.2
+                // after a partition heals), so a member counts only if it also answers SQL.
                 if let Ok((200, _)) = patroni::http_get(api, "/primary", t) {
-                    leader = Some(i);
-                } else if let Ok((200, _)) = patroni::http_get(api, "/replica", t) {
+                    if self.answers_sql(i) {
+                        leader = Some(i);
+                    }
+                } else if let Ok((200, _)) = patroni::http_get(api, "/replica", t)
+                    && self.answers_sql(i)
+                {
                     replicas += 1;
                 }
             }
@@ -319,6 +325,25 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Whether node `i`'s PostgreSQL answers `SELECT 1` on its own address.
+    pub fn answers_sql(&self, i: usize) -> bool {
+        writer::connect_host(&self.nodes[i].ip, 5432)
+            .and_then(|mut c| writer::query_row(&mut c, "SELECT 1"))
+            .is_ok()
+    }
+
+    /// Rebuilds replica `i` from scratch, as an operator would a host Patroni left confused:
+    /// every process in its namespace killed, its data directory removed, Patroni started
+    /// again (it clones a fresh replica from the leader).
+    pub fn rebuild_node(&mut self, i: usize) -> Result<(), PgError> {
+        self.kill_node(i);
+        let data = self.nodes[i].data_dir();
+        if data.exists() {
+            std::fs::remove_dir_all(&data)?;
+        }
+        self.start_node(i)
     }
 
     /// `patronictl switchover --leader <current> --candidate <node> --force`.

@@ -229,6 +229,20 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
             report.sample_errors()
         )));
     }
+    if event == Event::Partition
+        && cluster.wait_healthy(Duration::from_secs(40)).is_err()
+        && !cluster.answers_sql(leader)
+    {
+        // Debian's Patroni 3.0.2 sometimes leaves the healed old primary with a stale
+        // postmaster and a half-removed data directory while reporting it a healthy replica.
+        // The scenario is over; rebuild that replica so the next one starts from a sound
+        // cluster.
+        eprintln!(
+            "{} does not answer SQL after the partition healed; rebuilding it",
+            old.name
+        );
+        cluster.rebuild_node(leader)?;
+    }
     cluster.wait_healthy(Duration::from_secs(120))?;
     Ok(Outcome {
         event,
