@@ -84,16 +84,9 @@ pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
     Ok(())
 }
 
-/// The first line a command prints (empty if it fails).
+/// The first line `program args` prints (empty if it fails).
 fn command_line(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
-            let out = String::from_utf8_lossy(&o.stdout);
-            out.lines().next().unwrap_or("").trim().to_owned()
-        })
-        .unwrap_or_default()
+    crate::bench::first_line(std::process::Command::new(program).args(args))
 }
 
 fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow};
 
 use super::workloads::{
-    self, open_sessions, pgbench, proc_ticks, psql_timed, rss_kib, strings, wait_backends_gone,
+    self, open_sessions, pgbench, proc_ticks, psql_timed, rss_kib, wait_backends_gone,
 };
 use super::{Lab, Plan, Workload};
 
@@ -60,16 +60,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                 match w {
                     Workload::Select => {
                         for &c in &plan.clients {
-                            let args = strings(&[
-                                "-n",
-                                "-S",
-                                "-c",
-                                &c.to_string(),
-                                "-j",
-                                &c.min(2).to_string(),
-                                "-T",
-                                &plan.duration.to_string(),
-                            ]);
+                            let args = workloads::select_args(plan, c);
                             let cpu0 = target.pid.map(proc_ticks);
                             let out = pgbench(
                                 lab,
@@ -99,17 +90,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                         }
                     }
                     Workload::Connect => {
-                        let args = strings(&[
-                            "-n",
-                            "-S",
-                            "-C",
-                            "-c",
-                            "8",
-                            "-j",
-                            "2",
-                            "-T",
-                            &plan.connect_duration.to_string(),
-                        ]);
+                        let args = workloads::connect_args(plan);
                         let cpu0 = target.pid.map(proc_ticks);
                         let out = pgbench(
                             lab,

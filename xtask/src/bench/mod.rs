@@ -19,6 +19,7 @@
 mod ab;
 mod profile;
 mod report;
+pub(crate) use report::first_line;
 mod workloads;
 
 use std::net::{Ipv4Addr, SocketAddr};

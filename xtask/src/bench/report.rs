@@ -125,7 +125,7 @@ pub struct Environment {
     pub load: String,
 }
 
-fn first_line(cmd: &mut Command) -> String {
+pub(crate) fn first_line(cmd: &mut Command) -> String {
     cmd.output()
         .ok()
         .map(|o| {

@@ -239,6 +239,35 @@ struct PerKtx {
 pub const SELECT: &str = "1. select-only (pgbench -S)";
 pub const CPU: &str = "5. CPU per 1000 transactions (workload 1)";
 
+/// pgbench arguments of workload 1 with `clients` clients (at most 2 threads: 2 cores).
+pub fn select_args(plan: &Plan, clients: u32) -> Vec<String> {
+    strings(&[
+        "-n",
+        "-S",
+        "-c",
+        &clients.to_string(),
+        "-j",
+        &clients.min(2).to_string(),
+        "-T",
+        &plan.duration.to_string(),
+    ])
+}
+
+/// pgbench arguments of workload 2: a new connection per transaction, 8 clients.
+pub fn connect_args(plan: &Plan) -> Vec<String> {
+    strings(&[
+        "-n",
+        "-S",
+        "-C",
+        "-c",
+        "8",
+        "-j",
+        "2",
+        "-T",
+        &plan.connect_duration.to_string(),
+    ])
+}
+
 /// Workload 1 (and 5: CPU per 1000 transactions).
 pub fn select(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
     println!(
@@ -247,17 +276,7 @@ pub fn select(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
     );
     for &c in &plan.clients {
         let case = format!("-c {c}");
-        let jobs = c.min(2);
-        let args = strings(&[
-            "-n",
-            "-S",
-            "-c",
-            &c.to_string(),
-            "-j",
-            &jobs.to_string(),
-            "-T",
-            &plan.duration.to_string(),
-        ]);
+        let args = select_args(plan, c);
         for round in 1..=plan.rounds {
             let mut direct: Option<(f64, PerKtx)> = None;
             for (i, t) in lab.targets.iter().enumerate() {
@@ -374,17 +393,7 @@ pub fn connect(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
         plan.connect_duration
     );
     let case = "-C -c 8";
-    let args = strings(&[
-        "-n",
-        "-S",
-        "-C",
-        "-c",
-        "8",
-        "-j",
-        "2",
-        "-T",
-        &plan.connect_duration.to_string(),
-    ]);
+    let args = connect_args(plan);
     for round in 1..=plan.rounds {
         for (i, t) in lab.targets.iter().enumerate() {
             let a = Counters::take(t);
