@@ -40,6 +40,8 @@ struct Cluster<'a> {
     check_path: &'a str,
     extra_defaults: &'a str,
     on_marked_down: &'a str,
+    /// Extra lines for `[default_server]`, such as `maxconn = 1`.
+    extra_server: &'a str,
 }
 
 impl Cluster<'_> {
@@ -72,6 +74,7 @@ downinter = "200ms"
 rise = 2
 fall = 3
 on_marked_down = "{omd}"
+{extra_server}
 
 {servers}
 [[listener]]
@@ -85,6 +88,7 @@ path = "{check}"
             pin = self.pin.display(),
             extra = self.extra_defaults,
             omd = self.on_marked_down,
+            extra_server = self.extra_server,
             bind = self.bind,
             names = names.join(", "),
             check = self.check_path,
@@ -100,6 +104,7 @@ fn cluster<'a>(path: Path_, pin: &'a std::path::Path) -> Cluster<'a> {
         check_path: "/primary",
         extra_defaults: "timeout_queue = \"3s\"",
         on_marked_down: "shutdown-sessions",
+        extra_server: "",
     }
 }
 
@@ -118,6 +123,7 @@ async fn session_lands_on(bind: SocketAddr, nodes: &[&Node]) -> Option<usize> {
 
 on_both_paths!(
     writes_follow_the_primary,
+    queued_writes_follow_the_primary,
     no_up_server_queues_then_serves_or_closes,
     split_brain_routes_to_the_higher_timeline,
     markdown_resets_1000_sessions,
@@ -221,6 +227,66 @@ async fn writes_follow_the_primary(path: Path_) {
         "{}: old primary's session reset after {reset_after:?}, new sessions on b after {moved_after:?}",
         path.name()
     );
+}
+
+/// A client queued on a full primary (maxconn) when the primary is marked down goes back to
+/// choosing, as HAProxy redistributes a down server's queue: it is served by the new primary
+/// instead of taking the slot the reset freed on the old one.
+async fn queued_writes_follow_the_primary(path: Path_) {
+    let (a, b) = (Node::start().await, Node::start().await);
+    a.api.set("/primary", Reply::primary(1));
+    b.api.set("/primary", Reply::replica(503, 1));
+    let pin = Patroxy::unique_pin_path("queuemove");
+    let mut c = cluster(path, &pin);
+    c.extra_defaults = "timeout_queue = \"10s\"";
+    c.extra_server = "maxconn = 1";
+    let toml = c.toml(&[
+        ("a", a.backend.addr, a.api.addr().port()),
+        ("b", b.backend.addr, b.api.addr().port()),
+    ]);
+    let proxy = Patroxy::start("queuemove", &toml, &pin, &[c.bind]);
+    // The harness's readiness probe is a client too: let it reach a and end first.
+    assert!(proxy.wait_for_log("session closed", Duration::from_secs(10)));
+    let a_before = a.backend.accepted();
+    let mut held = TcpStream::connect(c.bind).await.unwrap();
+    assert!(echo_once(&mut held, b"held", Duration::from_secs(5)).await);
+    assert_eq!(
+        a.backend.accepted(),
+        a_before + 1,
+        "the held session is on a"
+    );
+    let mut queued = TcpStream::connect(c.bind).await.unwrap();
+    queued.write_all(b"queued").await.unwrap();
+    let mut buf = [0u8; 6];
+    let early = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read_exact(&mut queued, &mut buf),
+    )
+    .await;
+    assert!(early.is_err(), "a is at maxconn 1: the second client waits");
+
+    a.api.set("/primary", Reply::replica(503, 2));
+    b.api.set("/primary", Reply::primary(2));
+    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut held)).await;
+    assert!(
+        r.expect("held session closed").is_err(),
+        "held session reset"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_exact(&mut queued, &mut buf),
+    )
+    .await
+    .expect("the queued client is served")
+    .expect("by the new primary, not reset on the old one");
+    assert_eq!(&buf, b"queued");
+    assert_eq!(b.backend.accepted(), 1, "served by b");
+    assert_eq!(
+        a.backend.accepted(),
+        a_before + 1,
+        "no second connection to a"
+    );
+    assert!(proxy.log().contains("reset: server marked down"));
 }
 
 async fn no_up_server_queues_then_serves_or_closes(path: Path_) {

@@ -25,6 +25,25 @@ impl Proxy {
         router.pick(snapshot.listener(listener), &load, excluded)
     }
 
+    /// Whether `server` of `listener` may get a new session now: UP and READY.
+    pub(super) fn takes_new_sessions(&self, listener: usize, server: usize) -> bool {
+        self.health.borrow().listener(listener)[server].takes_new_sessions()
+    }
+
+    /// Returns once `server` of `listener` stops taking new sessions (DOWN, DRAIN or MAINT);
+    /// never while the daemon's health feed lives and the server stays eligible.
+    pub(super) async fn until_closed_to_new_sessions(&self, listener: usize, server: usize) {
+        let mut rx = self.health.clone();
+        loop {
+            if !rx.borrow_and_update().listener(listener)[server].takes_new_sessions() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Waits until the health snapshot changes; false once `deadline` passed first.
     pub(super) async fn wait_for_change(&self, deadline: Instant) -> bool {
         let mut rx = self.health.clone();

@@ -190,7 +190,15 @@ impl Proxy {
             let id = self.backend_id(listener, server);
             let wait = deadline.saturating_duration_since(Instant::now());
             let _queued = self.counters(id).enqueue();
-            return match self.slots(id).acquire(wait).await {
+            // As HAProxy redistributes a server's queue when it goes DOWN or to MAINT/DRAIN, a
+            // client queued on it chooses again. Checked after the slot too: a mark-down frees
+            // slots by resetting sessions only after routing sees the server down.
+            let slot = tokio::select! {
+                slot = self.slots(id).acquire(wait) => slot,
+                () = self.until_closed_to_new_sessions(listener, server) => continue,
+            };
+            return match slot {
+                Some(_) if !self.takes_new_sessions(listener, server) => continue,
                 Some(slot) => Ok((server, slot)),
                 None => Err(Refusal::QueueTimeout { up_servers: true }),
             };
