@@ -206,6 +206,23 @@ impl Router {
     }
 }
 
+/// The UP leaders on an older timeline than another UP leader: a split brain's losing side.
+/// Patroni promoted the newer one, so what is written on an older one is lost when it rejoins;
+/// [`Router::pick`] sends it no writes, and the data path fences and resets its sessions as on
+/// a mark-down. Leaders without a known timeline are never superseded.
+pub fn superseded_leaders(servers: &[ServerSnapshot]) -> Vec<usize> {
+    let leader_timeline = |s: &ServerSnapshot| {
+        let leads = s.is_up() && s.health.role.as_ref().is_some_and(|r| r.is_leader());
+        leads.then_some(s.health.timeline).flatten()
+    };
+    let Some(newest) = servers.iter().filter_map(leader_timeline).max() else {
+        return Vec::new();
+    };
+    (0..servers.len())
+        .filter(|&i| leader_timeline(&servers[i]).is_some_and(|t| t < newest))
+        .collect()
+}
+
 /// When every eligible server is full: the one with the lowest fullness, to queue on.
 fn least_full(eligible: &[usize], load: &impl ServerLoad) -> Option<usize> {
     eligible
@@ -297,6 +314,24 @@ mod tests {
         assert_eq!(r.pick(&healed, &idle, &[]), Some(1));
         assert_eq!(r.pick(&servers, &idle, &[]), Some(1));
         assert_eq!(r.split_brain_episodes(), 2);
+    }
+
+    #[test]
+    fn superseded_leaders_are_the_up_leaders_on_older_timelines() {
+        let servers = [
+            primary(0, 5),
+            primary(1, 6),
+            primary(2, 4),
+            replica(3, true),
+        ];
+        assert_eq!(superseded_leaders(&servers), vec![0, 2]);
+        // Equal timelines, unknown timelines, DOWN leaders and replicas supersede nobody.
+        assert!(superseded_leaders(&[primary(0, 6), primary(1, 6)]).is_empty());
+        let unknown = srv(1, true, Some(Role::Primary), None);
+        assert!(superseded_leaders(&[primary(0, 5), unknown]).is_empty());
+        let down = srv(1, false, Some(Role::Primary), Some(7));
+        assert!(superseded_leaders(&[primary(0, 5), down]).is_empty());
+        assert!(superseded_leaders(&[primary(0, 5), replica(1, true)]).is_empty());
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub enum KillReason {
     MarkedUp,
     /// on-marked-down shutdown-sessions, for a server the operator set to MAINT.
     Maintenance,
+    /// on-marked-down shutdown-sessions, for a primary on an older timeline than another UP
+    /// primary (split brain: what it takes is lost when it rejoins).
+    Superseded,
     /// The daemon stops and the drain grace time is over.
     Shutdown,
 }
@@ -82,6 +85,7 @@ impl fmt::Display for KillReason {
             Self::MarkedDown => "reset: server marked down",
             Self::MarkedUp => "reset: server marked up",
             Self::Maintenance => "reset: server set to MAINT",
+            Self::Superseded => "reset: primary superseded by a newer timeline",
             Self::Shutdown => "reset: shutdown",
         })
     }

@@ -1,7 +1,8 @@
 //! Applies health changes to the data path: the checker's snapshot, with the operator's admin
 //! states folded in, is written to BACKENDS (state and role), and a server marked down (by its
 //! checks or set to MAINT) has its sessions fenced in the kernel (the verdict stops forwarding
-//! the moment its BACKENDS entry is fenced) and then reset, per `on_marked_down`.
+//! the moment its BACKENDS entry is fenced) and then reset, per `on_marked_down`. So has a
+//! primary superseded by a newer timeline (split brain), though its checks still pass.
 use std::sync::Arc;
 
 use patroxy_common::{
@@ -9,7 +10,7 @@ use patroxy_common::{
     STATE_MAINT, STATE_UP,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Proxy;
 use crate::{
@@ -17,6 +18,7 @@ use crate::{
     config::{OnMarkedDown, OnMarkedUp},
     dataplane::KillReason,
     patroni::{HealthSnapshot, Role, ServerSnapshot, health::Transition},
+    routing::superseded_leaders,
 };
 
 impl Proxy {
@@ -77,18 +79,50 @@ impl Proxy {
                     _ => {}
                 }
             }
+            self.reset_superseded(&current, &previous);
             previous = current;
         }
     }
 
+    /// Resets the sessions of primaries that became superseded by a newer timeline since
+    /// `previous` (a split brain appeared): their writes would be lost, and HAProxy, blind to
+    /// timelines, would keep them until the old primary's checks fail.
+    fn reset_superseded(&self, current: &HealthSnapshot, previous: &HealthSnapshot) {
+        for (li, listener) in current.listeners.iter().enumerate() {
+            let before = superseded_leaders(previous.listener(li));
+            for index in superseded_leaders(&listener.servers) {
+                let spec = &self.config.listeners[li].servers[index];
+                if before.contains(&index) || spec.on_marked_down != OnMarkedDown::ShutdownSessions
+                {
+                    continue;
+                }
+                let id = self.backend_id(li, index);
+                let n = self.sessions.kill_backend(id, KillReason::Superseded);
+                self.counters(id)
+                    .markdown_resets
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    listener = %self.config.listeners[li].name,
+                    server = %spec.name, sessions = n,
+                    "split brain: primary on an older timeline than another UP primary: \
+                     fencing and resetting its sessions"
+                );
+            }
+        }
+    }
+
     pub(super) fn write_states(&self, snapshot: &HealthSnapshot) {
-        for server in snapshot.listeners.iter().flat_map(|l| l.servers.iter()) {
-            let spec = &self.config.listeners[server.key.listener].servers[server.key.server];
-            // With on_marked_down = none, HAProxy keeps a down server's sessions: so do we.
-            // MAINT is down here (`is_up`), so it fences exactly like a mark-down.
-            let fenced = !server.is_up() && spec.on_marked_down == OnMarkedDown::ShutdownSessions;
-            self.backends
-                .set_state(server.id, state_code(server), role_code(server), fenced);
+        for (li, listener) in snapshot.listeners.iter().enumerate() {
+            let superseded = superseded_leaders(&listener.servers);
+            for (index, server) in listener.servers.iter().enumerate() {
+                let spec = &self.config.listeners[li].servers[index];
+                // With on_marked_down = none, HAProxy keeps a down server's sessions: so do we.
+                // MAINT is down here (`is_up`), so it fences exactly like a mark-down.
+                let unwanted = !server.is_up() || superseded.contains(&index);
+                let fenced = unwanted && spec.on_marked_down == OnMarkedDown::ShutdownSessions;
+                self.backends
+                    .set_state(server.id, state_code(server), role_code(server), fenced);
+            }
         }
     }
 }
