@@ -49,9 +49,14 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(behaviour: Behaviour) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        // A backlog for hundreds of simultaneous connects (`TcpListener::bind` takes 128): an
+        // overflow drops the SYN, and patroxy's connect waits for the retransmit, a second or
+        // more, a delay the tests do not mean to add.
+        let socket = TcpSocket::new_v4().expect("backend socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
             .expect("bind backend");
+        let listener = socket.listen(1024).expect("listen backend");
         let addr = listener.local_addr().unwrap();
         let endings = Arc::new(Mutex::new(Vec::new()));
         let e = endings.clone();

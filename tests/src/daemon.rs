@@ -33,6 +33,10 @@ impl Patroxy {
 
     /// Writes `config` to a file, starts `patroxy run` on it and waits until every address in
     /// `listen` accepts connections.
+    ///
+    /// That readiness probe is a bare TCP connect, closed at once: the daemon serves it as a
+    /// client like any other (a server slot and a global permit while it lasts, then a "session
+    /// closed" line, or a refusal line if no server takes it within `timeout queue`).
     pub fn start(name: &str, config: &str, pin_path: &Path, listen: &[SocketAddr]) -> Patroxy {
         Self::start_with(name, config, pin_path, listen, |_| {})
     }
@@ -94,6 +98,24 @@ impl Patroxy {
     /// Counts log lines containing `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
         self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until at least `n` log lines contain `needle`; false on timeout.
+    ///
+    /// To wait for a new line, count first (`count_log`) and wait for one more: `wait_for_log`
+    /// also matches an earlier line, such as the one `start`'s readiness probe leaves (the
+    /// probe is a bare connect, and so a client session of its own).
+    pub fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.count_log(needle) >= n {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -55,10 +55,16 @@ struct Setup {
 
 impl Setup {
     async fn start(path: Path_, name: &str, admin: &str) -> Setup {
-        Self::start_with(path, name, admin, "shutdown-sessions").await
+        Self::start_with(path, name, admin, "shutdown-sessions", "800ms").await
     }
 
-    async fn start_with(path: Path_, name: &str, admin: &str, on_marked_down: &str) -> Setup {
+    async fn start_with(
+        path: Path_,
+        name: &str,
+        admin: &str,
+        on_marked_down: &str,
+        timeout_queue: &str,
+    ) -> Setup {
         let nodes = [Node::start(true).await, Node::start(false).await];
         let pin = Patroxy::unique_pin_path(name);
         let (read, write, stats) = (
@@ -85,7 +91,7 @@ timeout_client = "30m"
 timeout_server = "30m"
 timeout_connect = "1s"
 timeout_check = "500ms"
-timeout_queue = "800ms"
+timeout_queue = "{timeout_queue}"
 
 [default_server]
 inter = "200ms"
@@ -215,7 +221,7 @@ on_both_paths!(
 /// With `on_marked_down = "none"` MAINT is a mark-down that keeps the open sessions (no fence,
 /// no reset), as HAProxy does; new sessions still avoid the server.
 async fn maint_with_on_marked_down_none_keeps_sessions(path: Path_) {
-    let c = Setup::start_with(path, "admin-none", "local", "none").await;
+    let c = Setup::start_with(path, "admin-none", "local", "none", "800ms").await;
     c.wait_status("postgres_read", "a", "UP");
     c.wait_status("postgres_read", "b", "UP");
     let mut held = c.session_on(1).await;
@@ -325,20 +331,25 @@ async fn drain_maint_ready_on_a_read_listener(path: Path_) {
 /// MAINT on the primary of a `first` listener is a DOWN primary: writes queue, and are closed
 /// at `timeout queue` or served once it is READY (and UP) again.
 async fn maint_on_the_primary_queues_writes(path: Path_) {
-    let c = Setup::start(path, "admin-write", "local").await;
+    // The queued write below waits while `patroxy set-state` is forked and run: room for that
+    // on a loaded machine.
+    let c = Setup::start_with(path, "admin-write", "local", "shutdown-sessions", "3s").await;
     c.wait_status("postgres_write", "a", "UP");
     assert_eq!(c.lands_on(c.write).await, Some(0));
     let out = c.set_state("postgres_write/a", "maint");
     assert!(out.status.success(), "{}", stderr(&out));
     c.wait_status("postgres_write", "a", "MAINT");
 
+    // The readiness probe may have waited for a UP primary longer than `timeout queue` and
+    // logged the same refusal: count this one's.
+    let refused = c.daemon.count_log("no server is UP");
     let mut s = TcpStream::connect(c.write).await.unwrap();
     let _ = s.write_all(b"hello").await;
-    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s)).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
     assert!(
         c.daemon
-            .wait_for_log("no server is UP", Duration::from_secs(2)),
+            .wait_for_log_count("no server is UP", refused + 1, Duration::from_secs(2)),
         "{}",
         c.daemon.log()
     );
@@ -352,7 +363,7 @@ async fn maint_on_the_primary_queues_writes(path: Path_) {
     assert!(out.status.success(), "{}", stderr(&out));
     let mut buf = [0u8; 6];
     tokio::time::timeout(
-        Duration::from_secs(3),
+        Duration::from_secs(5),
         tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf),
     )
     .await
@@ -366,6 +377,8 @@ async fn maint_on_the_primary_queues_writes(path: Path_) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_endpoint_refuses_bad_requests() {
     let c = Setup::start(Path_::Fallback, "admin-bad", "local").await;
+    // Servers start DOWN and rise after their checks.
+    c.wait_status("postgres_read", "a", "UP");
     let out = c.set_state("postgres_read/nope", "maint");
     assert!(!out.status.success());
     assert!(

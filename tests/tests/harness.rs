@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use patroxy_tests::ports::{free_tcp_port, is_listening, wait_for_listen};
 use patroxy_tests::postgres::{Postgres, PostgresOptions};
@@ -84,6 +84,18 @@ fn free_port_is_bindable() {
     ));
 }
 
+/// Polls the child's log until `done` holds for it (or 10 s pass); returns the last log.
+fn wait_log(guard: &ChildGuard, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = guard.log();
+        if done(&log) || Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn child_guard_kills_on_drop_and_keeps_output() {
     let mut cmd = Command::new("sh");
@@ -91,12 +103,9 @@ fn child_guard_kills_on_drop_and_keeps_output() {
     let guard = ChildGuard::spawn("sleeper", &mut cmd).expect("spawn sh");
     let pid = guard.id();
     let log_path = guard.log_path().expect("captured").to_path_buf();
-    std::thread::sleep(Duration::from_millis(300));
-    let log = guard.log();
-    assert!(
-        log.contains("to-stdout") && log.contains("to-stderr"),
-        "{log}"
-    );
+    let both = |log: &str| log.contains("to-stdout") && log.contains("to-stderr");
+    let log = wait_log(&guard, both);
+    assert!(both(&log), "{log}");
 
     drop(guard);
     // SAFETY: signal 0 only checks whether the pid exists.
@@ -108,11 +117,16 @@ fn child_guard_kills_on_drop_and_keeps_output() {
 #[test]
 fn child_guard_escalates_to_sigkill() {
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", "trap '' TERM; while :; do sleep 0.1; done"]);
+    cmd.args([
+        "-c",
+        "trap '' TERM; echo ignoring-term; while :; do sleep 0.1; done",
+    ]);
     let mut guard = ChildGuard::spawn("stubborn", &mut cmd)
         .expect("spawn sh")
         .with_grace(Duration::from_millis(300));
-    std::thread::sleep(Duration::from_millis(200));
+    // SIGTERM only once the shell ignores it (before the trap it would die of it).
+    let log = wait_log(&guard, |log| log.contains("ignoring-term"));
+    assert!(log.contains("ignoring-term"), "{log}");
     let status = guard.stop().expect("stop");
     use std::os::unix::process::ExitStatusExt as _;
     assert_eq!(status.signal(), Some(libc::SIGKILL));

@@ -61,28 +61,32 @@ fn bpftool_shows_live_sessions_with_typed_fields() {
     let pin = Patroxy::unique_pin_path("bpftool");
     let setup = Setup::new(Path_::Sockmap, &pin, pg.addr());
     let _proxy = Patroxy::start("bpftool", &setup.toml(), &pin, &[setup.bind]);
-    // A session that stays open while bpftool looks.
+    // A session that stays open while bpftool looks (psql is killed when the test ends).
     let mut psql = pg.client("psql", setup.bind.port());
-    psql.args(["-X", "-At", "-c", "SELECT 42", "-c", "SELECT pg_sleep(2)"]);
+    psql.args(["-X", "-At", "-c", "SELECT 42", "-c", "SELECT pg_sleep(30)"]);
     let _session = ChildGuard::spawn("psql-sleep", &mut psql).unwrap();
     // The pair is in the maps as soon as it is spliced; its counters move once the startup
-    // packet and the first query have crossed, so poll until both directions carried bytes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // packet and the first query have crossed. bpftool reads the entries one at a time, so a
+    // message may cross between the two: poll until both directions carried bytes and two
+    // dumps in a row are the same (the session is quiet in pg_sleep), and compare that one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut previous = None;
     let (client, backend) = loop {
         let entries = bpftool_dump(&pin, "SESSIONS");
         let list = entries.as_array().unwrap().clone();
         let side = |n: u64| list.iter().find(|e| e["value"]["side"] == n).cloned();
         if let (Some(c), Some(b)) = (side(0), side(1)) {
             let moved = |e: &serde_json::Value| e["value"]["bytes_rx"].as_u64().unwrap() > 0;
-            if moved(&c) && moved(&b) {
+            if moved(&c) && moved(&b) && previous.as_ref() == Some(&entries) {
                 break (c, b);
             }
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no live session with traffic: {entries}"
+            "no quiet live session with traffic: {entries}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        previous = Some(entries);
+        std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(client["value"]["peer"], backend["key"]);
     assert_eq!(backend["value"]["peer"], client["key"]);
@@ -244,10 +248,18 @@ path = "/primary"
     let proxy = Patroxy::start("psqlfake", &toml, &pin, &[bind]);
     let pgr = &pg;
     let port = bind.port();
+    // The server's transitions, counted before each change (its first UP precedes them).
+    let (down, up) = (
+        "Server postgres_write/pg1 is DOWN",
+        "Server postgres_write/pg1 is UP",
+    );
     let ok = tokio::task::block_in_place(|| pgr.psql(port, "SELECT 1"));
     assert_eq!(ok, "1");
+    let downs = proxy.count_log(down);
     api.set("/primary", Reply::replica(503, 2));
-    assert!(proxy.wait_for_log("is DOWN", Duration::from_secs(3)));
+    assert!(proxy.wait_for_log_count(down, downs + 1, Duration::from_secs(3)));
+    // The readiness probe may have been refused the same way, before pg1 first came UP.
+    let refusals = proxy.count_log("no server is UP");
     let refused = tokio::task::block_in_place(|| pgr.try_psql(port, "SELECT 1"));
     let err = refused
         .expect_err("no primary: psql is refused")
@@ -259,9 +271,10 @@ path = "/primary"
             && err.contains("patroxy: postgres_write: timeout queue expired: no server is UP"),
         "{err}"
     );
-    assert!(proxy.wait_for_log("no server is UP", Duration::from_secs(3)));
+    assert!(proxy.wait_for_log_count("no server is UP", refusals + 1, Duration::from_secs(3)));
+    let ups = proxy.count_log(up);
     api.set("/primary", Reply::primary(2));
-    assert!(proxy.wait_for_log("is UP", Duration::from_secs(3)));
+    assert!(proxy.wait_for_log_count(up, ups + 1, Duration::from_secs(3)));
     let back = tokio::task::block_in_place(|| pgr.psql(port, "SELECT 2"));
     assert_eq!(back, "2");
 }

@@ -296,13 +296,15 @@ impl Cluster {
                 let api = self.nodes[i].api_addr();
                 let t = Duration::from_millis(800);
                 // Patroni may answer from a cached role while its PostgreSQL is unusable (3.0.2
-                // after a partition heals), so a member counts only if it also answers SQL.
+                // after a partition heals), so a member counts only if it also answers SQL; a
+                // replica only once it streams from the leader (a healed old primary answers
+                // SQL for a while before Patroni stops it to rewind).
                 if let Ok((200, _)) = patroni::http_get(api, "/primary", t) {
                     if self.answers_sql(i) {
                         leader = Some(i);
                     }
                 } else if let Ok((200, _)) = patroni::http_get(api, "/replica", t)
-                    && self.answers_sql(i)
+                    && self.streams(i)
                 {
                     replicas += 1;
                 }
@@ -332,6 +334,13 @@ impl Cluster {
         writer::connect_host(&self.nodes[i].ip, 5432)
             .and_then(|mut c| writer::query_row(&mut c, "SELECT 1"))
             .is_ok()
+    }
+
+    /// Whether node `i`'s PostgreSQL answers SQL and its WAL receiver streams.
+    pub fn streams(&self, i: usize) -> bool {
+        writer::connect_host(&self.nodes[i].ip, 5432)
+            .and_then(|mut c| writer::query_row(&mut c, "SELECT status FROM pg_stat_wal_receiver"))
+            .is_ok_and(|row| row.first().is_some_and(|s| s == "streaming"))
     }
 
     /// Rebuilds replica `i` from scratch, as an operator would a host Patroni left confused:

@@ -231,14 +231,15 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
     }
     if event == Event::Partition
         && cluster.wait_healthy(Duration::from_secs(40)).is_err()
-        && !cluster.answers_sql(leader)
+        && !cluster.streams(leader)
     {
         // Debian's Patroni 3.0.2 sometimes leaves the healed old primary with a stale
         // postmaster and a half-removed data directory while reporting it a healthy replica.
         // The scenario is over; rebuild that replica so the next one starts from a sound
         // cluster.
         eprintln!(
-            "{} does not answer SQL after the partition healed; rebuilding it",
+            "{} does not stream from the new primary 40 s after the partition healed; \
+             rebuilding it",
             old.name
         );
         cluster.rebuild_node(leader)?;

@@ -30,6 +30,9 @@ pub enum ErrorKind {
 
 #[derive(Clone, Debug)]
 pub struct Success {
+    /// When the INSERT was sent: what routed it is the proxy's state then, not at `at`.
+    pub sent_at: SystemTime,
+    /// When its answer arrived.
     pub at: SystemTime,
     /// When the session that wrote was established.
     pub connected_at: SystemTime,
@@ -245,11 +248,13 @@ fn run(port: u16, interval: Duration, stop: &AtomicBool, log: &Mutex<Log>) {
         }
         let (client, connected_at) = session.as_mut().expect("connected above");
         let connected_at = *connected_at;
+        let sent_at = SystemTime::now();
         match query_row(
             client,
             "INSERT INTO ptx_writes (node) VALUES (host(inet_server_addr())) RETURNING node",
         ) {
             Ok(row) => log.lock().unwrap().successes.push(Success {
+                sent_at,
                 at: SystemTime::now(),
                 connected_at,
                 server: row.into_iter().next().unwrap_or_default(),
@@ -314,11 +319,12 @@ impl Report {
             .count()
     }
 
-    /// Successful writes taken by `server` after `t`.
+    /// Successful writes taken by `server` that were sent after `t` (one sent before `t` may
+    /// be answered after it).
     pub fn successes_on_after(&self, server: &str, t: SystemTime) -> usize {
         self.successes
             .iter()
-            .filter(|s| s.server == server && s.at > t)
+            .filter(|s| s.server == server && s.sent_at > t)
             .count()
     }
 

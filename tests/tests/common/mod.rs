@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use patroxy_tests::{ports::free_tcp_port, process::require_root};
+use patroxy_tests::{daemon::Patroxy, ports::free_tcp_port, process::require_root};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -112,17 +112,27 @@ servers = ["db1"]
     }
 }
 
-/// Sends `data`, half-closes, and returns everything received until EOF.
+/// Sends `data`, half-closes, and returns everything received until EOF. For an echo
+/// backend: the first byte goes alone and its echo is awaited before the rest, as a PostgreSQL
+/// client waits for the answer to its startup packet. By then the session is spliced, so the
+/// bulk crosses the data path under test (the sockmap daemon serves a session on its fallback
+/// path when more than 64 KiB arrived before its backend connected).
 pub async fn send_all_then_read(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let stream = TcpStream::connect(addr).await?;
     let (mut r, mut w) = stream.into_split();
-    let data = data.to_vec();
+    let mut received = Vec::new();
+    let split = data.len().min(1);
+    if split > 0 {
+        w.write_all(&data[..split]).await?;
+        received.resize(split, 0);
+        r.read_exact(&mut received).await?;
+    }
+    let data = data[split..].to_vec();
     let writer = tokio::spawn(async move {
         w.write_all(&data).await?;
         w.shutdown().await?;
         Ok::<_, std::io::Error>(w)
     });
-    let mut received = Vec::new();
     r.read_to_end(&mut received).await?;
     let _w = writer.await.expect("writer task")?;
     Ok(received)
@@ -138,6 +148,17 @@ pub async fn echo_once(stream: &mut TcpStream, msg: &[u8], within: Duration) -> 
         tokio::time::timeout(within, stream.read_exact(&mut buf)).await,
         Ok(Ok(_)) if buf == msg
     )
+}
+
+/// Waits until the session of `Patroxy::start`'s readiness probe has ended (the only earlier
+/// session of a one-listener config whose server is always UP), so that a test counting
+/// server slots or global permits starts with none taken.
+pub fn wait_probe_closed(proxy: &Patroxy) {
+    assert!(
+        proxy.wait_for_log_count("session closed", 1, Duration::from_secs(10)),
+        "the readiness probe's session never closed:\n{}",
+        proxy.log()
+    );
 }
 
 /// Reads until EOF or error, returning how it ended and after how long.
