@@ -315,11 +315,31 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
         .unwrap_or_default()
         .to_owned();
     let on_old_after_down = down.map(|d| report.successes_on_after(&old.ip, d + ROUTING_LAG));
+    // Once the promoted replica (a newer timeline) is UP while the frozen node's checks still
+    // pass on its last good answer, the frozen primary is superseded: patroxy resets its
+    // sessions before its checks fail.
+    let superseded = px.logged_at(
+        &format!(
+            "fencing and resetting its sessions listener=postgres_write server={}",
+            old.name
+        ),
+        t_stop,
+    );
+    let on_old_after_superseded =
+        superseded.map(|t| report.successes_on_after(&old.ip, t + ROUTING_LAG));
     eprintln!(
-        "6. {}; old DOWN at {:?}; writes on old primary after DOWN {:?}; line: {line}",
+        "6. {}; old superseded at {:?} (writes on it after that {:?}); old DOWN at {:?}; \
+         writes on old primary after DOWN {:?}; line: {line}",
         report.summary(),
+        superseded.map(|d| d.duration_since(t_stop).unwrap_or_default()),
+        on_old_after_superseded,
         down.map(|d| d.duration_since(t_stop).unwrap_or_default()),
         on_old_after_down,
+    );
+    assert_eq!(
+        on_old_after_superseded.unwrap_or(0),
+        0,
+        "writes on the frozen primary after it was superseded"
     );
     let down = down.expect("patroxy marks the frozen primary DOWN");
     let after = down.duration_since(t_stop).unwrap().as_secs_f64();
