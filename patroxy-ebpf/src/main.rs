@@ -102,13 +102,20 @@ pub fn patroxy_verdict(ctx: SkBuffContext) -> u32 {
 #[inline(always)]
 fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let len = ctx.len() as u64;
-    // A zero-length skb carries a FIN: it must stay on its own socket so userspace sees EOF.
+    // A zero-length skb carries a FIN alone. TCP already recorded the FIN (RCV_SHUTDOWN, so
+    // EPOLLRDHUP fires for the close watcher) before the verdict runs; the skb carries no byte,
+    // so drop it. Neither SK_PASS nor a redirect is safe: SK_PASS queues it on this socket's
+    // psock behind the peer's bytes still waiting to be sent here (a client that half-closes
+    // while its echo is in flight), and the psock backlog then takes the zero-length
+    // enqueue for a hard error: EPIPE on this socket, its psock stops sending, every byte still
+    // queued for it is dropped (Linux 6.18, net/core/skmsg.c sk_psock_backlog: ret <= 0 and
+    // not -EAGAIN breaks the pipe). A redirect fails the same way on the peer.
     if len == 0 {
         if logging() {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-            info!(ctx, target: LOG_TARGET, "pass FIN on cookie {}", cookie);
+            info!(ctx, target: LOG_TARGET, "drop bare FIN skb on cookie {}", cookie);
         }
-        return SK_PASS;
+        return SK_DROP;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let Some(entry) = SESSIONS.get_ptr_mut(cookie) else {

@@ -97,7 +97,7 @@ async fn redirects_are_logged_with_their_byte_counts() {
         );
     }
     drop(s);
-    let fin = format!("{EBPF}pass FIN on cookie {client}");
+    let fin = format!("{EBPF}drop bare FIN skb on cookie {client}");
     assert!(
         proxy.wait_for_log(&fin, Duration::from_secs(3)),
         "no `{fin}`"

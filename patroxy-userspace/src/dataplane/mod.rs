@@ -215,7 +215,9 @@ impl DataPlane {
 /// to the fallback path. Measured here: megabytes queued before insertion (a client streaming
 /// while the backend connect took a SYN retransmit) made the kernel's psock backlog fail the
 /// reverse direction with EPIPE under load (Linux 6.18). PostgreSQL clients send a startup or
-/// SSL request packet (< 1 KiB) and wait, so real sessions never come near this.
+/// SSL request packet (< 1 KiB) and wait, so real sessions never come near this. (That EPIPE
+/// was most likely the bare-FIN one the verdict now avoids; the limit stays as a guard until
+/// measured again without it.)
 const SPLICE_QUEUE_LIMIT: usize = 64 * 1024;
 
 fn too_much_queued(client: &TcpStream) -> bool {
@@ -230,6 +232,12 @@ enum Side {
 }
 
 impl Side {
+    fn peer(self) -> Side {
+        match self {
+            Self::Client => Self::Server,
+            Self::Server => Self::Client,
+        }
+    }
     fn reset_reason(self) -> EndReason {
         match self {
             Self::Client => EndReason::ClientReset,

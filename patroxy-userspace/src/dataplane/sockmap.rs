@@ -2,8 +2,8 @@
 //!
 //! Userspace never reads or writes these sockets once they are in SOCKS: the verdict program
 //! forwards every byte. What userspace still does is what the kernel does not: propagate FIN
-//! (the verdict leaves zero-length skbs on their socket) once the bytes before it were delivered,
-//! propagate RST, expire idle sessions and reset on demand.
+//! (the verdict drops bare FIN skbs; TCP has recorded the FIN) once the bytes before it were
+//! delivered, propagate RST, expire idle sessions and reset on demand.
 use std::{net::TcpStream as StdTcpStream, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use patroxy_common::{SIDE_BACKEND, SIDE_CLIENT, SessionEntry};
@@ -151,7 +151,7 @@ impl Spliced {
                 Event::Spurious => continue,
                 Event::Fin => {
                     let delivered = tokio::select! {
-                        r = self.deliver_then_shutdown(this, peer) => r,
+                        r = self.deliver_then_shutdown(this, peer, side.peer()) => r,
                         reason = kill.killed() => Err(EndReason::Killed(reason)),
                     };
                     if let Err(reason) = delivered {
@@ -173,10 +173,18 @@ impl Spliced {
         &self,
         from: &StdTcpStream,
         peer: &StdTcpStream,
+        peer_side: Side,
     ) -> Result<(), EndReason> {
         let deadline = Instant::now() + self.meta.idle_timeout;
         let mut pause = Duration::from_micros(200);
         loop {
+            // A hard error in the peer's psock (it reports it as the peer's socket error) stops
+            // all forwarding to the peer: the bytes will never arrive, so waiting would only
+            // stall the session until the idle timeout and then end it with a clean-looking
+            // FIN. The watch loop no longer watches a side after its FIN, so look here.
+            if matches!(peer.take_error(), Ok(Some(_)) | Err(_)) {
+                return Err(peer_side.reset_reason());
+            }
             let (Ok(src), Ok(dst)) = (sockopt::tcp_counters(from), sockopt::tcp_counters(peer))
             else {
                 return Err(EndReason::Error("TCP_INFO failed".into()));
