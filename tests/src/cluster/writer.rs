@@ -63,9 +63,9 @@ pub struct Writer {
     pub started: SystemTime,
 }
 
-fn config(port: u16, app: &str) -> Config {
+fn config(host: &str, port: u16, app: &str) -> Config {
     let mut c = Config::new();
-    c.host("127.0.0.1")
+    c.host(host)
         .port(port)
         .user("postgres")
         .password(DEFAULT_PASSWORD)
@@ -79,14 +79,13 @@ fn config(port: u16, app: &str) -> Config {
 
 /// Connects to 127.0.0.1:`port` as the superuser.
 pub fn connect(port: u16, app: &str) -> Result<Client, postgres::Error> {
-    config(port, app).connect(NoTls)
+    config("127.0.0.1", port, app).connect(NoTls)
 }
 
-/// Connects to a node directly (host in the harness's /24).
+/// Connects to a node directly (host in the harness's /24), never through a proxy: only that
+/// host (a second `Config::host` would be tried after the first, which may be a proxy).
 pub fn connect_host(host: &str, port: u16) -> Result<Client, postgres::Error> {
-    let mut c = config(port, "ptx-harness");
-    c.host(host);
-    c.connect(NoTls)
+    config(host, port, "ptx-harness").connect(NoTls)
 }
 
 /// The first row of `sql` as text columns (NULL as "").
