@@ -2,7 +2,10 @@
 use tokio::time::{Instant, timeout_at};
 
 use super::Proxy;
-use crate::routing::Load;
+use crate::{
+    patroni::ServerSnapshot,
+    routing::{Load, superseded_leaders},
+};
 
 impl Proxy {
     /// A server of `listener` for a new client, per its balance algorithm over the current
@@ -25,17 +28,18 @@ impl Proxy {
         router.pick(snapshot.listener(listener), &load, excluded)
     }
 
-    /// Whether `server` of `listener` may get a new session now: UP and READY.
+    /// Whether `server` of `listener` may get a new session now: UP, READY and not a primary
+    /// superseded by a newer timeline.
     pub(super) fn takes_new_sessions(&self, listener: usize, server: usize) -> bool {
-        self.health.borrow().listener(listener)[server].takes_new_sessions()
+        takes_new_sessions(self.health.borrow().listener(listener), server)
     }
 
-    /// Returns once `server` of `listener` stops taking new sessions (DOWN, DRAIN or MAINT);
-    /// never while the daemon's health feed lives and the server stays eligible.
+    /// Returns once `server` of `listener` stops taking new sessions (DOWN, DRAIN, MAINT or
+    /// superseded); never while the daemon's health feed lives and the server stays eligible.
     pub(super) async fn until_closed_to_new_sessions(&self, listener: usize, server: usize) {
         let mut rx = self.health.clone();
         loop {
-            if !rx.borrow_and_update().listener(listener)[server].takes_new_sessions() {
+            if !takes_new_sessions(rx.borrow_and_update().listener(listener), server) {
                 return;
             }
             if rx.changed().await.is_err() {
@@ -50,4 +54,8 @@ impl Proxy {
         rx.mark_unchanged();
         matches!(timeout_at(deadline, rx.changed()).await, Ok(Ok(())))
     }
+}
+
+fn takes_new_sessions(servers: &[ServerSnapshot], server: usize) -> bool {
+    servers[server].takes_new_sessions() && !superseded_leaders(servers).contains(&server)
 }
