@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::workloads::{self, pgbench, psql_timed, strings};
+use super::workloads::{self, pgbench, psql_timed};
 use super::{Lab, Plan, Target};
 use crate::process::ChildGuard;
 
@@ -106,16 +106,7 @@ pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
             format!("pgbench -S -c {clients}")
         };
         for t in &targets {
-            let mut args = strings(&[
-                "-n",
-                "-S",
-                "-c",
-                &clients.to_string(),
-                "-j",
-                &clients.min(2).to_string(),
-                "-T",
-                &plan.duration.to_string(),
-            ]);
+            let mut args = workloads::select_args(plan, clients);
             if connect {
                 args.push("-C".into());
             }
