@@ -202,17 +202,22 @@ impl Cluster {
     }
 
     /// A host crash: SIGKILL to every process in node `i`'s namespace (patroni and
-    /// PostgreSQL).
+    /// PostgreSQL), until none is left (at most 10 s).
     pub fn kill_node(&mut self, i: usize) {
         let ns = self.nodes[i].ns.clone();
-        for _ in 0..3 {
-            for pid in netns::pids(&ns) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.reap();
+            let pids = netns::pids(&ns);
+            if pids.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for pid in pids {
                 // SAFETY: kill(2) on a process inside a namespace the harness created.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.reap();
     }
 
     /// Stops node `i` cleanly (SIGTERM to patroni, which stops PostgreSQL).
@@ -341,6 +346,41 @@ impl Cluster {
         writer::connect_host(&self.nodes[i].ip, 5432)
             .and_then(|mut c| writer::query_row(&mut c, "SELECT status FROM pg_stat_wal_receiver"))
             .is_ok_and(|row| row.first().is_some_and(|s| s == "streaming"))
+    }
+
+    /// Brings the cluster back to a leader and two streaming replicas after a scenario, as an
+    /// operator would: waits [`SETTLE`] for Patroni to heal it, then rebuilds each replica
+    /// that still does not stream from the leader (twice at most) and waits again. Debian's
+    /// Patroni 3.0.2 leaves a healed old primary with a stale postmaster over a removed data
+    /// directory, or a replica on a timeline the leader does not have (two promotions to the
+    /// same timeline ID); patroxy is not involved. Returns the leader's index.
+    pub fn restore(&mut self) -> Result<usize, PgError> {
+        const SETTLE: Duration = Duration::from_secs(45);
+        const ATTEMPTS: usize = 2;
+        if let Ok(leader) = self.wait_healthy(SETTLE) {
+            return Ok(leader);
+        }
+        for attempt in 1..=ATTEMPTS {
+            let leader = self.wait_leader(Duration::from_secs(60))?;
+            for i in (0..self.nodes.len()).filter(|&i| i != leader) {
+                if !self.streams(i) {
+                    eprintln!(
+                        "{} does not stream from the leader {}; rebuilding it (attempt \
+                         {attempt}); members {:?}",
+                        self.nodes[i].name,
+                        self.nodes[leader].name,
+                        self.members()
+                    );
+                    self.rebuild_node(i)?;
+                }
+            }
+            match self.wait_healthy(Duration::from_secs(90)) {
+                Ok(leader) => return Ok(leader),
+                Err(e) if attempt == ATTEMPTS => return Err(e),
+                Err(_) => {}
+            }
+        }
+        unreachable!("the last attempt returns")
     }
 
     /// Rebuilds replica `i` from scratch, as an operator would a host Patroni left confused:

@@ -108,7 +108,7 @@ impl Outcome {
 /// waits for writes to resume on another node, restores the cluster to three healthy
 /// members, and returns the measurements.
 pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Outcome, PgError> {
-    let leader = cluster.wait_healthy(Duration::from_secs(120))?;
+    let leader = cluster.restore()?;
     let candidate = (leader + 1) % 3;
     let old = cluster.nodes[leader].clone();
     // The proxy must route to this leader before we start (it may still be rising).
@@ -229,22 +229,7 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
             report.sample_errors()
         )));
     }
-    if event == Event::Partition
-        && cluster.wait_healthy(Duration::from_secs(40)).is_err()
-        && !cluster.streams(leader)
-    {
-        // Debian's Patroni 3.0.2 sometimes leaves the healed old primary with a stale
-        // postmaster and a half-removed data directory while reporting it a healthy replica.
-        // The scenario is over; rebuild that replica so the next one starts from a sound
-        // cluster.
-        eprintln!(
-            "{} does not stream from the new primary 40 s after the partition healed; \
-             rebuilding it",
-            old.name
-        );
-        cluster.rebuild_node(leader)?;
-    }
-    cluster.wait_healthy(Duration::from_secs(120))?;
+    cluster.restore()?;
     Ok(Outcome {
         event,
         proxy: proxy.kind,
