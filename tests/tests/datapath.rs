@@ -15,13 +15,14 @@ use patroxy_tests::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 
 on_both_paths!(
     byte_exact_200_concurrent_sessions,
     client_speaks_before_backend_is_connected,
     server_half_closes_first,
+    client_half_closes_with_echo_queued,
     client_reset_reaches_backend,
     backend_reset_reaches_client,
     backend_refusing_is_retried,
@@ -157,6 +158,77 @@ async fn server_half_closes_first(path: Path_) {
         .wait_for(|e| e.contains(&want), Duration::from_secs(5))
         .await;
     assert!(endings.contains(&want), "backend got {endings:?}");
+}
+
+/// A client half-closes while the echo of what it sent is still queued inside the proxy (its
+/// receive buffer is small and it does not read yet): every byte still comes back, then EOF.
+/// Its FIN goes out alone, after all its bytes were acknowledged, so on the sockmap path it
+/// arrives as a zero-length skb while the echo waits in the psock of the same socket; a
+/// verdict that passed that skb on (instead of dropping it) had the kernel queue it behind the
+/// echo and then fail the socket with EPIPE (Linux 6.18 `sk_psock_backlog`): the client was
+/// reset or stalled.
+async fn client_half_closes_with_echo_queued(path: Path_) {
+    const SESSIONS: usize = 20;
+    const LEN: usize = 8 << 20;
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("cltfin");
+    let setup = Setup::new(path, &pin, backend.addr);
+    let proxy = start("cltfin", &setup);
+    let bind = setup.bind;
+    let tasks: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = pattern(LEN, 1000 + i as u64);
+                let socket = TcpSocket::new_v4().unwrap();
+                socket.set_recv_buffer_size(4096).unwrap();
+                let mut stream = socket.connect(bind).await.unwrap();
+                // One byte and its echo first: the pair is spliced before the rest.
+                let mut got = vec![0u8; 1];
+                stream.write_all(&data[..1]).await.unwrap();
+                stream.read_exact(&mut got).await.unwrap();
+                stream.write_all(&data[1..]).await.unwrap();
+                let alone = wait_all_acked(&stream, Duration::from_secs(10)).await;
+                // The sockmap path takes every byte off the client socket at once (the psock
+                // queues are not bounded by the backend's pace); the fallback path only as
+                // fast as the backend reads, then its FIN may ride on the last bytes.
+                assert!(
+                    alone || path == Path_::Fallback,
+                    "session {i}: bytes still unacknowledged after 10 s"
+                );
+                stream.shutdown().await.unwrap();
+                stream.read_to_end(&mut got).await.expect("echo until EOF");
+                assert_eq!(got.len(), LEN, "session {i}: length");
+                assert!(Fnv::of(&got) == Fnv::of(&data), "session {i}: bytes differ");
+            })
+        })
+        .collect();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("sessions finish in time")
+            .expect("session task");
+    }
+    assert_no_session_diverted(&proxy);
+}
+
+/// Waits until the peer acknowledged everything written on `stream` (SIOCOUTQ is 0), so that a
+/// shutdown sends a FIN of its own; false if that did not happen within `limit`.
+async fn wait_all_acked(stream: &TcpStream, limit: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut unacked: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int through the pointer, on a socket we own.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unacked) };
+        assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+        if unacked == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn client_reset_reaches_backend(path: Path_) {
