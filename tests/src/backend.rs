@@ -49,20 +49,33 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(behaviour: Behaviour) -> Backend {
-        // A backlog for hundreds of simultaneous connects (`TcpListener::bind` takes 128): an
-        // overflow drops the SYN, and patroxy's connect waits for the retransmit, a second or
-        // more, a delay the tests do not mean to add.
-        let socket = TcpSocket::new_v4().expect("backend socket");
-        socket
-            .bind("127.0.0.1:0".parse().unwrap())
-            .expect("bind backend");
-        let listener = socket.listen(1024).expect("listen backend");
+        let listener = listen("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
+        Self::serve_on(addr, async { listener }, behaviour)
+    }
+
+    /// Like [`Backend::start`], but nothing listens on its address for `delay`: connects are
+    /// refused until then, as while a server restarts.
+    pub async fn start_after(delay: Duration, behaviour: Behaviour) -> Backend {
+        let addr = SocketAddr::from(([127, 0, 0, 1], crate::ports::free_tcp_port()));
+        let listener = async move {
+            tokio::time::sleep(delay).await;
+            listen(addr)
+        };
+        Self::serve_on(addr, listener, behaviour)
+    }
+
+    fn serve_on(
+        addr: SocketAddr,
+        listener: impl Future<Output = TcpListener> + Send + 'static,
+        behaviour: Behaviour,
+    ) -> Backend {
         let endings = Arc::new(Mutex::new(Vec::new()));
         let e = endings.clone();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = accepted.clone();
         tokio::spawn(async move {
+            let listener = listener.await;
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let e = e.clone();
@@ -100,6 +113,15 @@ impl Backend {
         }
         self.endings()
     }
+}
+
+/// A listener with a backlog for hundreds of simultaneous connects (`TcpListener::bind` takes
+/// 128): an overflow drops the SYN, and patroxy's connect waits for the retransmit, a second or
+/// more, a delay the tests do not mean to add.
+fn listen(addr: SocketAddr) -> TcpListener {
+    let socket = TcpSocket::new_v4().expect("backend socket");
+    socket.bind(addr).expect("bind backend");
+    socket.listen(1024).expect("listen backend")
 }
 
 async fn serve(mut stream: TcpStream, behaviour: Behaviour) -> Ending {

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Path_, Setup, echo_once, local, read_until_closed, send_all_then_read, wait_probe_closed,
+    Path_, Setup, Start, echo_once, local, read_until_closed, send_all_then_read, wait_probe_closed,
 };
 use patroxy_tests::{
     backend::{Backend, Behaviour, Blackhole, Ending, Fnv, pattern},
@@ -23,6 +23,7 @@ on_both_paths!(
     client_speaks_before_backend_is_connected,
     server_half_closes_first,
     client_half_closes_with_echo_queued,
+    client_streams_before_backend_listens,
     client_reset_reaches_backend,
     backend_reset_reaches_client,
     backend_refusing_is_retried,
@@ -36,9 +37,9 @@ fn start(name: &str, setup: &Setup) -> Patroxy {
     Patroxy::start(name, &setup.toml(), setup.pin, &[setup.bind])
 }
 
-/// The sockmap daemon serves a session on the fallback path when more than 64 KiB arrived
-/// before its backend connected, or when the sockmap insert fails, and says so in its log: a
-/// sockmap test that does not check this may be testing the fallback path.
+/// The sockmap daemon serves a session on the fallback path when the sockmap insert fails, and
+/// says so in its log: a sockmap test that does not check this may be testing the fallback
+/// path.
 fn assert_no_session_diverted(proxy: &Patroxy) {
     let log = proxy.log();
     assert!(
@@ -77,7 +78,9 @@ async fn byte_exact_200_concurrent_sessions(path: Path_) {
         .map(|(i, &len)| {
             tokio::spawn(async move {
                 let data = pattern(len, i as u64 + 1);
-                let got = send_all_then_read(bind, &data).await.expect("session io");
+                let got = send_all_then_read(bind, &data, Start::EchoFirst)
+                    .await
+                    .expect("session io");
                 assert_eq!(got.len(), data.len(), "session {i}: length");
                 assert!(Fnv::of(&got) == Fnv::of(&data), "session {i}: bytes differ");
                 len
@@ -231,6 +234,63 @@ async fn wait_all_acked(stream: &TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// Clients stream megabytes at once while patroxy's first connect is refused (the backend
+/// listens only after 400 ms): their bytes wait in patroxy's socket, far more than a PostgreSQL
+/// startup packet, and are spliced with the session when a retry connects. Every byte comes
+/// back. On the sockmap path the queued bytes go through the verdict when the pair is inserted;
+/// with the bare-FIN bug fixed in 7e9520b such sessions were reset, which is why they were
+/// served on the fallback path until this test showed that no longer happens.
+async fn client_streams_before_backend_listens(path: Path_) {
+    const SESSIONS: usize = 50;
+    const LEN: usize = 4 << 20;
+    let backend = Backend::start_after(Duration::from_millis(400), Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("early");
+    let mut setup = Setup::new(path, &pin, backend.addr);
+    setup.timeout_connect = "300ms";
+    setup.retries = 3;
+    let proxy = start("early", &setup);
+    let bind = setup.bind;
+    let tasks: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = pattern(LEN, 2000 + i as u64);
+                let got = send_all_then_read(bind, &data, Start::AllAtOnce)
+                    .await
+                    .expect("session io");
+                assert_eq!(got.len(), LEN, "session {i}: length");
+                assert!(Fnv::of(&got) == Fnv::of(&data), "session {i}: bytes differ");
+            })
+        })
+        .collect();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("sessions finish in time")
+            .expect("session task");
+    }
+    // Each session connected on a retry, its bytes waiting meanwhile.
+    assert!(proxy.wait_for_log_count("session closed", SESSIONS, Duration::from_secs(5)));
+    let retried = proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains("session closed"))
+        .filter_map(|l| {
+            l.split("connect_ms=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|&ms: &u64| ms >= 300)
+        .count();
+    assert!(
+        retried >= SESSIONS,
+        "{retried} sessions connected on a retry"
+    );
+    assert_no_session_diverted(&proxy);
+}
+
 async fn client_reset_reaches_backend(path: Path_) {
     let backend = Backend::start(Behaviour::Hold).await;
     let pin = Patroxy::unique_pin_path("crst");
@@ -239,9 +299,7 @@ async fn client_reset_reaches_backend(path: Path_) {
     let s = TcpStream::connect(setup.bind).await.unwrap();
     let mut s = s;
     // This backend does not answer, so the client cannot wait for the splice as it does with
-    // an echo: it sends no more than the 64 KiB a session may queue before its backend
-    // connected and still be spliced (more and the sockmap daemon serves it on the fallback
-    // path).
+    // an echo: it sends and waits for the bytes to cross.
     s.write_all(&pattern(60_000, 3)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     s.set_zero_linger().unwrap();

@@ -112,16 +112,30 @@ servers = ["db1"]
     }
 }
 
-/// Sends `data`, half-closes, and returns everything received until EOF. For an echo
-/// backend: the first byte goes alone and its echo is awaited before the rest, as a PostgreSQL
-/// client waits for the answer to its startup packet. By then the session is spliced, so the
-/// bulk crosses the data path under test (the sockmap daemon serves a session on its fallback
-/// path when more than 64 KiB arrived before its backend connected).
-pub async fn send_all_then_read(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+/// How [`send_all_then_read`] starts a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The first byte goes alone and its echo is awaited before the rest, as a PostgreSQL
+    /// client waits for the answer to its startup packet: the bulk crosses a spliced session.
+    EchoFirst,
+    /// Everything at once, whether or not the proxy has connected the backend yet.
+    AllAtOnce,
+}
+
+/// Sends `data`, half-closes, and returns everything received until EOF (from an echo
+/// backend).
+pub async fn send_all_then_read(
+    addr: SocketAddr,
+    data: &[u8],
+    start: Start,
+) -> std::io::Result<Vec<u8>> {
     let stream = TcpStream::connect(addr).await?;
     let (mut r, mut w) = stream.into_split();
     let mut received = Vec::new();
-    let split = data.len().min(1);
+    let split = match start {
+        Start::EchoFirst => data.len().min(1),
+        Start::AllAtOnce => 0,
+    };
     if split > 0 {
         w.write_all(&data[..split]).await?;
         received.resize(split, 0);
