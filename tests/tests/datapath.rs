@@ -48,6 +48,26 @@ fn assert_no_session_diverted(proxy: &Patroxy) {
     );
 }
 
+/// Waits for every session task, each within `limit`, and returns their results.
+async fn join_sessions<T>(tasks: Vec<tokio::task::JoinHandle<T>>, limit: Duration) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(
+            tokio::time::timeout(limit, t)
+                .await
+                .expect("sessions finish in time")
+                .expect("session task"),
+        );
+    }
+    out
+}
+
+/// Session `i` got back exactly what it sent.
+fn assert_same(i: usize, got: &[u8], sent: &[u8]) {
+    assert_eq!(got.len(), sent.len(), "session {i}: length");
+    assert!(Fnv::of(got) == Fnv::of(sent), "session {i}: bytes differ");
+}
+
 /// Sizes from 1 byte to 8 MiB, log-uniform so small and large sessions both appear.
 fn sizes(n: usize) -> Vec<usize> {
     let mut seed = 0x1234_5678_9abc_def0u64;
@@ -81,19 +101,15 @@ async fn byte_exact_200_concurrent_sessions(path: Path_) {
                 let got = send_all_then_read(bind, &data, Start::EchoFirst)
                     .await
                     .expect("session io");
-                assert_eq!(got.len(), data.len(), "session {i}: length");
-                assert!(Fnv::of(&got) == Fnv::of(&data), "session {i}: bytes differ");
+                assert_same(i, &got, &data);
                 len
             })
         })
         .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .expect("sessions finish in time")
-            .expect("session task");
-    }
+    let total: usize = join_sessions(tasks, Duration::from_secs(120))
+        .await
+        .into_iter()
+        .sum();
     // The backend saw each stream complete and unchanged, closed by the client's FIN.
     let endings = backend
         .wait_for(|e| e.len() >= 200, Duration::from_secs(10))
@@ -200,17 +216,11 @@ async fn client_half_closes_with_echo_queued(path: Path_) {
                 );
                 stream.shutdown().await.unwrap();
                 stream.read_to_end(&mut got).await.expect("echo until EOF");
-                assert_eq!(got.len(), LEN, "session {i}: length");
-                assert!(Fnv::of(&got) == Fnv::of(&data), "session {i}: bytes differ");
+                assert_same(i, &got, &data);
             })
         })
         .collect();
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .expect("sessions finish in time")
-            .expect("session task");
-    }
+    join_sessions(tasks, Duration::from_secs(60)).await;
     assert_no_session_diverted(&proxy);
 }
 
@@ -257,17 +267,11 @@ async fn client_streams_before_backend_listens(path: Path_) {
                 let got = send_all_then_read(bind, &data, Start::AllAtOnce)
                     .await
                     .expect("session io");
-                assert_eq!(got.len(), LEN, "session {i}: length");
-                assert!(Fnv::of(&got) == Fnv::of(&data), "session {i}: bytes differ");
+                assert_same(i, &got, &data);
             })
         })
         .collect();
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .expect("sessions finish in time")
-            .expect("session task");
-    }
+    join_sessions(tasks, Duration::from_secs(60)).await;
     // Each session connected on a retry, its bytes waiting meanwhile.
     assert!(proxy.wait_for_log_count("session closed", SESSIONS, Duration::from_secs(5)));
     let retried = proxy
