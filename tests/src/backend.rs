@@ -54,15 +54,16 @@ impl Backend {
         Self::serve_on(addr, async { listener }, behaviour)
     }
 
-    /// Like [`Backend::start`], but nothing listens on its address for `delay`: connects are
-    /// refused until then, as while a server restarts.
-    pub async fn start_after(delay: Duration, behaviour: Behaviour) -> Backend {
+    /// Like [`Backend::start`], but nothing listens on its address until [`Opener::open`]:
+    /// connects are refused until then, as while a server restarts.
+    pub async fn start_closed(behaviour: Behaviour) -> (Backend, Opener) {
         let addr = SocketAddr::from(([127, 0, 0, 1], crate::ports::free_tcp_port()));
+        let (open, opened) = tokio::sync::oneshot::channel();
         let listener = async move {
-            tokio::time::sleep(delay).await;
+            let _ = opened.await;
             listen(addr)
         };
-        Self::serve_on(addr, listener, behaviour)
+        (Self::serve_on(addr, listener, behaviour), Opener(open))
     }
 
     fn serve_on(
@@ -112,6 +113,15 @@ impl Backend {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.endings()
+    }
+}
+
+/// Starts the listening of a [`Backend::start_closed`] backend.
+pub struct Opener(tokio::sync::oneshot::Sender<()>);
+
+impl Opener {
+    pub fn open(self) {
+        let _ = self.0.send(());
     }
 }
 

@@ -98,7 +98,8 @@ async fn byte_exact_200_concurrent_sessions(path: Path_) {
         .map(|(i, &len)| {
             tokio::spawn(async move {
                 let data = pattern(len, i as u64 + 1);
-                let got = send_all_then_read(bind, &data, Start::EchoFirst)
+                let stream = TcpStream::connect(bind).await.expect("connect");
+                let got = send_all_then_read(stream, &data, Start::EchoFirst)
                     .await
                     .expect("session io");
                 assert_same(i, &got, &data);
@@ -244,33 +245,41 @@ async fn wait_all_acked(stream: &TcpStream, limit: Duration) -> bool {
     }
 }
 
-/// Clients stream megabytes at once while patroxy's first connect is refused (the backend
-/// listens only after 400 ms): their bytes wait in patroxy's socket, far more than a PostgreSQL
-/// startup packet, and are spliced with the session when a retry connects. Every byte comes
-/// back. On the sockmap path the queued bytes go through the verdict when the pair is inserted;
-/// with the bare-FIN bug fixed in 7e9520b such sessions were reset, which is why they were
-/// served on the fallback path until this test showed that no longer happens.
+/// Clients stream megabytes at once while patroxy's connects are refused (the backend listens
+/// only a second after every client connected): their bytes wait in patroxy's socket, far more
+/// than a PostgreSQL startup packet, and are spliced with the session when a retry connects.
+/// Every byte comes back. On the sockmap path the queued bytes go through the verdict when the
+/// pair is inserted; with the bare-FIN bug fixed in 7e9520b such sessions were reset, which is
+/// why they were served on the fallback path until this test showed that no longer happens.
 async fn client_streams_before_backend_listens(path: Path_) {
     const SESSIONS: usize = 50;
     const LEN: usize = 4 << 20;
-    let backend = Backend::start_after(Duration::from_millis(400), Behaviour::Echo).await;
+    let (backend, opener) = Backend::start_closed(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("early");
     let mut setup = Setup::new(path, &pin, backend.addr);
+    // Refused connects are retried every 300 ms for up to 3 s.
     setup.timeout_connect = "300ms";
-    setup.retries = 3;
+    setup.retries = 10;
     let proxy = start("early", &setup);
     let bind = setup.bind;
+    let connected = std::sync::Arc::new(tokio::sync::Barrier::new(SESSIONS + 1));
     let tasks: Vec<_> = (0..SESSIONS)
         .map(|i| {
+            let connected = connected.clone();
             tokio::spawn(async move {
                 let data = pattern(LEN, 2000 + i as u64);
-                let got = send_all_then_read(bind, &data, Start::AllAtOnce)
+                let stream = TcpStream::connect(bind).await.expect("connect");
+                connected.wait().await;
+                let got = send_all_then_read(stream, &data, Start::AllAtOnce)
                     .await
                     .expect("session io");
                 assert_same(i, &got, &data);
             })
         })
         .collect();
+    connected.wait().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    opener.open();
     join_sessions(tasks, Duration::from_secs(60)).await;
     // Each session connected on a retry, its bytes waiting meanwhile.
     assert!(proxy.wait_for_log_count("session closed", SESSIONS, Duration::from_secs(5)));

@@ -122,14 +122,13 @@ pub enum Start {
     AllAtOnce,
 }
 
-/// Sends `data`, half-closes, and returns everything received until EOF (from an echo
-/// backend).
+/// Sends `data` on a connected `stream`, half-closes, and returns everything received until
+/// EOF (from an echo backend).
 pub async fn send_all_then_read(
-    addr: SocketAddr,
+    stream: TcpStream,
     data: &[u8],
     start: Start,
 ) -> std::io::Result<Vec<u8>> {
-    let stream = TcpStream::connect(addr).await?;
     let (mut r, mut w) = stream.into_split();
     let mut received = Vec::new();
     let split = match start {
