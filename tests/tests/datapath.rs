@@ -37,9 +37,9 @@ fn start(name: &str, setup: &Setup) -> Patroxy {
     Patroxy::start(name, &setup.toml(), setup.pin, &[setup.bind])
 }
 
-/// The sockmap daemon serves a session on the fallback path when the sockmap insert fails, and
-/// says so in its log: a sockmap test that does not check this may be testing the fallback
-/// path.
+/// The sockmap daemon serves a session on the fallback path when more than 64 KiB arrived
+/// before its backend connected, or when the sockmap insert fails, and says so in its log: a
+/// sockmap test that does not check this may be testing the fallback path.
 fn assert_no_session_diverted(proxy: &Patroxy) {
     let log = proxy.log();
     assert!(
@@ -247,10 +247,10 @@ async fn wait_all_acked(stream: &TcpStream, limit: Duration) -> bool {
 
 /// Clients stream megabytes at once while patroxy's connects are refused (the backend listens
 /// only a second after every client connected): their bytes wait in patroxy's socket, far more
-/// than a PostgreSQL startup packet, and are spliced with the session when a retry connects.
-/// Every byte comes back. On the sockmap path the queued bytes go through the verdict when the
-/// pair is inserted; with the bare-FIN bug fixed in 7e9520b such sessions were reset, which is
-/// why they were served on the fallback path until this test showed that no longer happens.
+/// than a PostgreSQL startup packet, and are served when a retry connects. Every byte comes
+/// back. The sockmap daemon serves such sessions on its fallback path: more than 64 KiB queued
+/// before the splice got sessions reset on the sockmap path (the bare-FIN bug fixed in
+/// 7e9520b, and once more in a loaded CI-like run after it).
 async fn client_streams_before_backend_listens(path: Path_) {
     const SESSIONS: usize = 50;
     const LEN: usize = 4 << 20;
@@ -301,7 +301,13 @@ async fn client_streams_before_backend_listens(path: Path_) {
         retried >= SESSIONS,
         "{retried} sessions connected on a retry"
     );
-    assert_no_session_diverted(&proxy);
+    if path == Path_::Sockmap {
+        let diverted = proxy.count_log("bytes before its backend connected");
+        assert!(
+            diverted >= SESSIONS,
+            "{diverted} sessions on the fallback path"
+        );
+    }
 }
 
 async fn client_reset_reaches_backend(path: Path_) {
@@ -312,7 +318,9 @@ async fn client_reset_reaches_backend(path: Path_) {
     let s = TcpStream::connect(setup.bind).await.unwrap();
     let mut s = s;
     // This backend does not answer, so the client cannot wait for the splice as it does with
-    // an echo: it sends and waits for the bytes to cross.
+    // an echo: it sends no more than the 64 KiB a session may queue before its backend
+    // connected and still be spliced (more and the sockmap daemon serves it on the fallback
+    // path).
     s.write_all(&pattern(60_000, 3)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     s.set_zero_linger().unwrap();

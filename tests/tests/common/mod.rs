@@ -116,7 +116,9 @@ servers = ["db1"]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Start {
     /// The first byte goes alone and its echo is awaited before the rest, as a PostgreSQL
-    /// client waits for the answer to its startup packet: the bulk crosses a spliced session.
+    /// client waits for the answer to its startup packet: the bulk crosses a spliced session
+    /// (the sockmap daemon serves a session on its fallback path when more than 64 KiB arrived
+    /// before its backend connected).
     EchoFirst,
     /// Everything at once, whether or not the proxy has connected the backend yet.
     AllAtOnce,
