@@ -352,8 +352,8 @@ impl Cluster {
     /// operator would: waits [`SETTLE`] for Patroni to heal it, then rebuilds each replica
     /// that still does not stream from the leader (twice at most) and waits again. Debian's
     /// Patroni 3.0.2 leaves a healed old primary with a stale postmaster over a removed data
-    /// directory, or a replica on a timeline the leader does not have (two promotions to the
-    /// same timeline ID); patroxy is not involved. Returns the leader's index.
+    /// directory, or (seen once in CI) a replica asking the leader for WAL past the leader's
+    /// own; patroxy is not involved. Returns the leader's index.
     pub fn restore(&mut self) -> Result<usize, PgError> {
         const SETTLE: Duration = Duration::from_secs(45);
         const ATTEMPTS: usize = 2;
