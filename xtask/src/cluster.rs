@@ -6,6 +6,7 @@
 //! `--haproxy` Debian's HAProxy with the seed's config on :6432/:6433/:7001 next to it. The
 //! other commands attach to the running cluster by its namespace and state directory.
 
+use std::net::{Ipv4Addr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
 
@@ -127,7 +128,7 @@ pub fn start(bin: &std::path::Path, with_haproxy: bool) -> Result<Running> {
     let ports = std::iter::once(PATROXY_PORTS).chain(with_haproxy.then_some(HAPROXY_PORTS));
     for (w, r, s) in ports {
         for port in [w, r, s] {
-            crate::demo::ensure_free(port)?;
+            ensure_free(port)?;
         }
     }
     println!(
@@ -162,6 +163,28 @@ pub fn start(bin: &std::path::Path, with_haproxy: bool) -> Result<Running> {
         patroxy,
         haproxy,
     })
+}
+
+/// The ports must be free; say who holds one if not (often a Debian cluster on 5432).
+fn ensure_free(port: u16) -> Result<()> {
+    if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        return Ok(());
+    }
+    let who = Command::new("ss")
+        .args(["-Hltnp", &format!("sport = :{port}")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    bail!(
+        "127.0.0.1:{port} is already in use{}; the demo needs ports 5432, 5433 and 7000 (a \
+         packaged PostgreSQL cluster? see `pg_lsclusters`; a cluster left by `cargo xtask \
+         cluster up`? run `cargo xtask cluster down`)",
+        if who.is_empty() {
+            String::new()
+        } else {
+            format!(" ({who})")
+        }
+    )
 }
 
 impl Running {

@@ -4,7 +4,6 @@
 //! queries are run through it and printed for the user to repeat; everything stops cleanly on
 //! Ctrl-C (or right after the proof with `--once`).
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -100,26 +99,4 @@ fn wait_for_stop(stop: &mpsc::Receiver<()>, running: &mut Running) -> Result<()>
             );
         }
     }
-}
-
-/// The ports must be free; say who holds one if not (often a Debian cluster on 5432).
-pub fn ensure_free(port: u16) -> Result<()> {
-    if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-        return Ok(());
-    }
-    let who = Command::new("ss")
-        .args(["-Hltnp", &format!("sport = :{port}")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    bail!(
-        "127.0.0.1:{port} is already in use{}; the demo needs ports 5432, 5433 and 7000 (a \
-         packaged PostgreSQL cluster? see `pg_lsclusters`; a cluster left by `cargo xtask \
-         cluster up`? run `cargo xtask cluster down`)",
-        if who.is_empty() {
-            String::new()
-        } else {
-            format!(" ({who})")
-        }
-    )
 }
