@@ -18,9 +18,6 @@ mod failover_bench;
 mod setup;
 mod test;
 
-// The integration tests' harness (PostgreSQL, processes, ports, the Patroni cluster).
-use patroxy_tests::{ports, postgres, process};
-
 use std::process::ExitCode;
 use std::time::Duration;
 

@@ -9,8 +9,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::process::is_root;
 use anyhow::{Context as _, Result, bail};
+use patroxy_tests::process::is_root;
 
 /// Debian packages the tests and the demo use; later issues add theirs here.
 pub const DEBIAN_PACKAGES: &[&str] = &[

@@ -27,10 +27,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::ports::{free_tcp_port, wait_for_listen};
-use crate::postgres::{Postgres, PostgresOptions};
-use crate::process::ChildGuard;
 use anyhow::{Context as _, Result, bail};
+use patroxy_tests::ports::{free_tcp_port, wait_for_listen};
+use patroxy_tests::postgres::{Postgres, PostgresOptions};
+use patroxy_tests::process::ChildGuard;
 
 use crate::cargo::{build_patroxy, patroxy_path, workspace_root};
 use crate::setup;
@@ -455,7 +455,7 @@ impl Lab {
 /// `cargo xtask bench`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let plan = Plan::from_args(args)?;
-    if !crate::process::is_root() {
+    if !patroxy_tests::process::is_root() {
         bail!("the bench needs root: patroxy-bpf loads a BPF program (bpf = \"required\")");
     }
     raise_nofile();

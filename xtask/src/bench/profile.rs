@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use super::workloads::{self, pgbench, psql_timed};
 use super::{Lab, Plan, Target};
-use crate::process::ChildGuard;
+use patroxy_tests::process::ChildGuard;
 
 /// Sampling frequency of `perf record` (per CPU).
 const FREQ: u32 = 999;

@@ -20,8 +20,8 @@ use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::postgres::run_with_timeout;
 use anyhow::{Context as _, Result, anyhow, bail};
+use patroxy_tests::postgres::run_with_timeout;
 
 use super::report::{Better, Results};
 use super::{Lab, Plan, Target};
@@ -172,7 +172,7 @@ fn parse_pgbench(out: &str) -> Option<PgbenchOut> {
             .and_then(|r| r.split_whitespace().next())
     };
     Some(PgbenchOut {
-        tps: crate::postgres::parse_pgbench_tps(out)?,
+        tps: patroxy_tests::postgres::parse_pgbench_tps(out)?,
         transactions: after("number of transactions actually processed:")?
             .split('/')
             .next()?
