@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::command;
 use crate::setup::{self, BuildEnv};
 
 /// The workspace root (the parent of this crate).
@@ -58,8 +59,8 @@ pub fn build_patroxy(env: &BuildEnv, release: bool) -> Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
-    println!("xtask: {}", setup::describe(&cmd));
-    setup::run(&mut cmd).context("building patroxy")?;
+    println!("xtask: {}", command::describe(&cmd));
+    command::run(&mut cmd).context("building patroxy")?;
     let bin = patroxy_path(release);
     if !bin.is_file() {
         bail!("the build succeeded but {} is missing", bin.display());

@@ -86,7 +86,7 @@ pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
 
 /// The first line `program args` prints (empty if it fails).
 fn command_line(program: &str, args: &[&str]) -> String {
-    crate::bench::first_line(std::process::Command::new(program).args(args))
+    crate::command::first_line(std::process::Command::new(program).args(args))
 }
 
 fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {

@@ -13,6 +13,7 @@
 mod bench;
 mod cargo;
 mod cluster;
+mod command;
 mod demo;
 mod failover_bench;
 mod setup;

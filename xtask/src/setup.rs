@@ -12,6 +12,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, Result, bail};
 use patroxy_tests::process::is_root;
 
+use crate::command::{describe, find_on_path, output, run};
+
 /// Debian packages the tests and the demo use; later issues add theirs here.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "postgresql",
@@ -336,53 +338,8 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
-/// The first `name` found in a PATH directory.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn path_contains(dir: &Path) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d == dir))
         .unwrap_or(false)
-}
-
-/// Runs `cmd` with inherited stdio; fails with the command line if it fails.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {}", describe(cmd)))?;
-    if !status.success() {
-        bail!("{} failed ({status})", describe(cmd));
-    }
-    Ok(())
-}
-
-/// Runs `cmd` and returns its stdout; fails with its stderr.
-pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `program arg arg ...` for messages.
-pub fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

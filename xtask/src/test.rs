@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 
 use crate::cargo::{build_patroxy, cargo};
+use crate::command;
 use crate::setup::{self, BuildEnv};
 
 /// Two cores: more test threads only make the timing-sensitive proxy tests flaky.
@@ -50,7 +51,7 @@ pub fn test(args: &[String], timeout: Duration) -> Result<ExitCode> {
     println!(
         "xtask: PATROXY_BIN={} {}",
         bin.display(),
-        setup::describe(&cmd)
+        command::describe(&cmd)
     );
 
     // cargo and the test binaries get their own process group, so a hung run can be

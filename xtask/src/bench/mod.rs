@@ -19,7 +19,6 @@
 mod ab;
 mod profile;
 mod report;
-pub(crate) use report::first_line;
 mod workloads;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -404,7 +403,7 @@ impl Lab {
     }
 
     fn spawn_haproxy(&mut self) -> Result<()> {
-        let haproxy = setup::find_on_path("haproxy")
+        let haproxy = crate::command::find_on_path("haproxy")
             .context("haproxy is not installed (apt-get install haproxy; `cargo xtask setup`)")?;
         let port = free_tcp_port();
         let cfg = self.work_dir.join("haproxy.cfg");

@@ -87,7 +87,8 @@ struct Profile {
 }
 
 pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
-    let perf = crate::setup::find_on_path("perf").context("perf is not installed (linux-perf)")?;
+    let perf =
+        crate::command::find_on_path("perf").context("perf is not installed (linux-perf)")?;
     let dir = lab.work_dir.join("perf");
     std::fs::create_dir_all(&dir)?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

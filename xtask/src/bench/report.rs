@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result, anyhow};
 
 use super::workloads::{BULK, CONNECT, CPU, IDLE, SELECT};
 use super::{Lab, Plan};
+use crate::command::first_line;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {
@@ -123,20 +124,6 @@ pub struct Environment {
     pub patroxy: String,
     /// /proc/loadavg when the bench started: other work on the machine skews every number.
     pub load: String,
-}
-
-pub(crate) fn first_line(cmd: &mut Command) -> String {
-    cmd.output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_owned()
-        })
-        .unwrap_or_default()
 }
 
 impl Environment {
