@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
+use super::results::median;
 use super::workloads::{
     self, open_sessions, pgbench, proc_ticks, psql_timed, rss_kib, wait_backends_gone,
 };
@@ -160,7 +161,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
     println!("| metric | {} | ratios ÷ {} |", names.join(" | "), names[1]);
     println!("|---|{}---|", "--:|".repeat(names.len()));
     for m in &t.metrics {
-        let med: Vec<Option<f64>> = m.samples.iter().map(|s| super::report::median(s)).collect();
+        let med: Vec<Option<f64>> = m.samples.iter().map(|s| median(s)).collect();
         let base = med.get(1).copied().flatten();
         let ratios: Vec<String> = med
             .iter()

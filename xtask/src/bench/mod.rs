@@ -19,6 +19,7 @@
 mod ab;
 mod profile;
 mod report;
+mod results;
 mod workloads;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -504,7 +505,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
 
     let started = std::time::Instant::now();
-    let mut results = report::Results::new();
+    let mut results = results::Results::new();
     let env = report::Environment::collect(&lab, &bin);
     workloads::warm_up(&lab)?;
     for w in &plan.workloads {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use patroxy_tests::postgres::run_with_timeout;
 
-use super::report::{Better, Results};
+use super::results::{Better, Results};
 use super::{Lab, Plan, Target};
 
 /// Clock ticks per second (USER_HZ) for /proc times.
