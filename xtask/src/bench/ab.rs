@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
+use super::lab::Lab;
+use super::plan::{Plan, Workload};
 use super::results::median;
 use super::workloads::{
     self, open_sessions, pgbench, proc_ticks, psql_timed, rss_kib, wait_backends_gone,
 };
-use super::{Lab, Plan, Workload};
 
 /// Samples of one metric: per target, one value per round.
 struct Metric {

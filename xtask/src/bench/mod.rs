@@ -17,10 +17,14 @@
 //! counters), `report.rs` (medians, ratios, `bench/results.md`, the PNG chart).
 
 mod ab;
+mod lab;
+mod plan;
 mod profile;
 mod report;
 mod results;
 mod workloads;
+
+pub use plan::BenchArgs;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -34,165 +38,8 @@ use patroxy_tests::process::ChildGuard;
 
 use crate::cargo::{build_patroxy, patroxy_path, workspace_root};
 use crate::setup;
-
-/// `cargo xtask bench` options. Durations are in seconds.
-#[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
-    /// Smoke run: 1 round, short runs, a small bulk table, 200 idle sessions.
-    #[arg(long)]
-    pub quick: bool,
-    /// Rounds of A B C D per workload (medians are taken over them). Default 3 (1 with --quick).
-    #[arg(long)]
-    pub rounds: Option<u32>,
-    /// Seconds per pgbench -S run (workload 1). Default 6 (3 with --quick).
-    #[arg(long)]
-    pub duration: Option<u64>,
-    /// Seconds per pgbench -S -C run (workload 2). Default 5 (3 with --quick).
-    #[arg(long)]
-    pub connect_duration: Option<u64>,
-    /// Megabytes (10^6 bytes) of COPY text for the bulk workload. Default 210 (20 with --quick).
-    #[arg(long)]
-    pub bulk_mb: Option<u64>,
-    /// Concurrent idle sessions per proxy (at most the seed's global maxconn, 2000).
-    /// Default 2000 (200 with --quick).
-    #[arg(long)]
-    pub idle_sessions: Option<u32>,
-    /// Seconds the idle sessions are held open before they are counted and closed.
-    #[arg(long, default_value_t = 3)]
-    pub idle_hold: u64,
-    /// Client counts for workload 1, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
-    pub clients: Vec<u32>,
-    /// pgbench scale factor (pgbench -i -s).
-    #[arg(long, default_value_t = 10)]
-    pub scale: u32,
-    /// Workloads to run, comma-separated: select, connect, bulk, idle (default: all).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
-    /// Directory for results.md and ratios.png (default: <workspace>/bench).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Use this patroxy binary instead of setting up and building the release one.
-    #[arg(long)]
-    pub patroxy_bin: Option<PathBuf>,
-    /// Profile instead of benchmarking: pgbench -S (8 and 1 clients) and COPY both ways through
-    /// patroxy-bpf and HAProxy under `perf record -a -g` and `perf stat`; writes
-    /// bench/profile.md (CPU per transaction by group: kworker, softirq, postgres, pgbench,
-    /// proxy).
-    #[arg(long)]
-    pub profile: bool,
-    /// A/B mode: compare patroxy variants (interleaved rounds, direct as the reference) instead
-    /// of the four standard targets. Repeat per variant: `NAME=MODE[@BIN][:KEY=VALUE]...`, MODE
-    /// `bpf` or `fallback`, BIN a patroxy binary (default: the one built), KEY=VALUE extra
-    /// environment; `haproxy` alone adds HAProxy. Prints the table, writes nothing.
-    #[arg(long)]
-    pub ab: Vec<String>,
-}
-
-/// The settings one run uses, with the defaults and --quick applied.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub quick: bool,
-    pub rounds: u32,
-    pub duration: u64,
-    pub connect_duration: u64,
-    pub bulk_bytes: u64,
-    pub idle_sessions: u32,
-    pub idle_hold: Duration,
-    pub clients: Vec<u32>,
-    pub scale: u32,
-    pub workloads: Vec<Workload>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Workload {
-    Select,
-    Connect,
-    Bulk,
-    Idle,
-}
-
-impl Workload {
-    const ALL: [Workload; 4] = [
-        Workload::Select,
-        Workload::Connect,
-        Workload::Bulk,
-        Workload::Idle,
-    ];
-    fn parse(s: &str) -> Result<Workload> {
-        Ok(match s.trim() {
-            "select" | "1" | "5" => Workload::Select,
-            "connect" | "2" => Workload::Connect,
-            "bulk" | "copy" | "3" => Workload::Bulk,
-            "idle" | "4" => Workload::Idle,
-            other => bail!("unknown workload {other:?} (select, connect, bulk, idle)"),
-        })
-    }
-}
-
-impl Plan {
-    fn from_args(a: &BenchArgs) -> Result<Plan> {
-        let q = a.quick;
-        let workloads = if a.only.is_empty() {
-            Workload::ALL.to_vec()
-        } else {
-            a.only
-                .iter()
-                .map(|s| Workload::parse(s))
-                .collect::<Result<_>>()?
-        };
-        let idle_sessions = a.idle_sessions.unwrap_or(if q { 200 } else { 2000 });
-        if idle_sessions > 2000 {
-            bail!("--idle-sessions {idle_sessions}: the proxies' global maxconn is 2000");
-        }
-        Ok(Plan {
-            quick: q,
-            rounds: a.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
-            duration: a.duration.unwrap_or(if q { 3 } else { 6 }).max(1),
-            connect_duration: a.connect_duration.unwrap_or(if q { 3 } else { 5 }).max(1),
-            bulk_bytes: a.bulk_mb.unwrap_or(if q { 20 } else { 210 }).max(1) * 1_000_000,
-            idle_sessions,
-            idle_hold: Duration::from_secs(a.idle_hold),
-            clients: a.clients.clone(),
-            scale: a.scale.max(1),
-            workloads,
-        })
-    }
-}
-
-/// One of the four things a workload connects to.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// "direct", "patroxy-bpf", "patroxy-fallback", "haproxy" (or an A/B variant's name).
-    pub name: &'static str,
-    /// Port on 127.0.0.1.
-    pub port: u16,
-    /// The proxy's process id (None for direct).
-    pub pid: Option<u32>,
-}
-
-/// Everything the bench started; dropping it stops the proxies and PostgreSQL.
-pub struct Lab {
-    pub pg: Postgres,
-    pub targets: Vec<Target>,
-    /// Holds the proxies (stopped on drop); kept after `pg` in drop order is irrelevant:
-    /// each guard stops its own child.
-    _children: Vec<ChildGuard>,
-    pub work_dir: PathBuf,
-    /// The proxies' BPF pin directories, removed on drop.
-    pins: Vec<PathBuf>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // The proxies first (ChildGuard's drop), then PostgreSQL (its own drop).
-        self._children.clear();
-        let _ = std::fs::remove_dir_all(&self.work_dir);
-        for pin in &self.pins {
-            let _ = std::fs::remove_dir_all(pin);
-        }
-    }
-}
+use lab::{Lab, Target};
+use plan::{Plan, Workload};
 
 fn pin_path(kind: &str) -> PathBuf {
     PathBuf::from(format!(
@@ -445,10 +292,6 @@ impl Lab {
             );
         }
         Ok(())
-    }
-
-    pub fn target(&self, name: &str) -> Option<&Target> {
-        self.targets.iter().find(|t| t.name == name)
     }
 }
 

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+use super::lab::{Lab, Target};
+use super::plan::Plan;
 use super::workloads::{self, pgbench, psql_timed};
-use super::{Lab, Plan, Target};
 use patroxy_tests::process::ChildGuard;
 
 /// Sampling frequency of `perf record` (per CPU).

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 
+use super::lab::Lab;
+use super::plan::Plan;
 use super::results::{Better, Results, Row, ratio};
 use super::workloads::{BULK, CONNECT, CPU, IDLE, SELECT};
-use super::{Lab, Plan};
 use crate::command::first_line;
 
 /// Where and on what the bench ran.

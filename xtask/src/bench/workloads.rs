@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use patroxy_tests::postgres::run_with_timeout;
 
+use super::lab::{Lab, Target};
+use super::plan::Plan;
 use super::results::{Better, Results};
-use super::{Lab, Plan, Target};
 
 /// Clock ticks per second (USER_HZ) for /proc times.
 pub fn clk_tck() -> f64 {
