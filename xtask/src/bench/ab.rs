@@ -7,11 +7,14 @@ use std::time::Duration;
 use anyhow::{Result, anyhow};
 
 use super::lab::Lab;
+use super::pgbench;
 use super::plan::{Plan, Workload};
+use super::procfs::{clk_tck, proc_ticks, rss_kib};
 use super::results::median;
-use super::workloads::{
-    self, open_sessions, pgbench, proc_ticks, psql_timed, rss_kib, wait_backends_gone,
-};
+use super::workloads::bulk::{self, psql_timed};
+use super::workloads::connect;
+use super::workloads::idle::{open_sessions, wait_backends_gone};
+use super::workloads::select;
 
 /// Samples of one metric: per target, one value per round.
 struct Metric {
@@ -49,7 +52,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
         metrics: Vec::new(),
     };
     let bulk = if plan.workloads.contains(&Workload::Bulk) {
-        let f = workloads::prepare_bulk(lab, plan.bulk_bytes)?;
+        let f = bulk::prepare(lab, plan.bulk_bytes)?;
         let mb = std::fs::metadata(&f)?.len() as f64 / 1e6;
         Some((f, mb))
     } else {
@@ -62,9 +65,9 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                 match w {
                     Workload::Select => {
                         for &c in &plan.clients {
-                            let args = workloads::select_args(plan, c);
+                            let args = select::pgbench_args(plan, c);
                             let cpu0 = target.pid.map(proc_ticks);
-                            let out = pgbench(
+                            let out = pgbench::run(
                                 lab,
                                 target,
                                 &args,
@@ -79,7 +82,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                                 out.latency_ms * 1000.0,
                             );
                             if let (Some(a), Some(b)) = (cpu0, cpu1) {
-                                let ms = (b - a) as f64 * 1000.0 / workloads::clk_tck() * 1000.0
+                                let ms = (b - a) as f64 * 1000.0 / clk_tck() * 1000.0
                                     / out.transactions.max(1) as f64;
                                 t.add(&format!("-c {c} proxy ms/1000tx"), false, i, ms);
                             }
@@ -92,9 +95,9 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                         }
                     }
                     Workload::Connect => {
-                        let args = workloads::connect_args(plan);
+                        let args = connect::pgbench_args(plan);
                         let cpu0 = target.pid.map(proc_ticks);
-                        let out = pgbench(
+                        let out = pgbench::run(
                             lab,
                             target,
                             &args,
@@ -103,7 +106,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                         let cpu1 = target.pid.map(proc_ticks);
                         t.add("-C conn/s", true, i, out.tps);
                         if let (Some(a), Some(b)) = (cpu0, cpu1) {
-                            let ms = (b - a) as f64 * 1000.0 / workloads::clk_tck() * 1000.0
+                            let ms = (b - a) as f64 * 1000.0 / clk_tck() * 1000.0
                                 / out.transactions.max(1) as f64;
                             t.add("-C proxy ms/1000conn", false, i, ms);
                         }
@@ -151,7 +154,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
         }
     }
     if let Some((f, _)) = &bulk {
-        workloads::drop_bulk(lab, f)?;
+        bulk::drop_table(lab, f)?;
     }
     println!(
         "\nA/B: {} round(s), medians; load average at the start {}",

@@ -18,7 +18,9 @@
 
 mod ab;
 mod lab;
+mod pgbench;
 mod plan;
+mod procfs;
 mod profile;
 mod report;
 mod results;
@@ -353,10 +355,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     workloads::warm_up(&lab)?;
     for w in &plan.workloads {
         match w {
-            Workload::Select => workloads::select(&lab, &plan, &mut results)?,
-            Workload::Connect => workloads::connect(&lab, &plan, &mut results)?,
-            Workload::Bulk => workloads::bulk(&lab, &plan, &mut results)?,
-            Workload::Idle => workloads::idle(&lab, &plan, &mut results)?,
+            Workload::Select => workloads::select::run(&lab, &plan, &mut results)?,
+            Workload::Connect => workloads::connect::run(&lab, &plan, &mut results)?,
+            Workload::Bulk => workloads::bulk::run(&lab, &plan, &mut results)?,
+            Workload::Idle => workloads::idle::run(&lab, &plan, &mut results)?,
         }
     }
     let elapsed = started.elapsed();

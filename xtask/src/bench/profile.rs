@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use super::lab::{Lab, Target};
+use super::pgbench;
 use super::plan::Plan;
-use super::workloads::{self, pgbench, psql_timed};
+use super::workloads::bulk::{self, psql_timed};
+use super::workloads::select;
 use patroxy_tests::process::ChildGuard;
 
 /// Sampling frequency of `perf record` (per CPU).
@@ -98,7 +100,7 @@ pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
         .iter()
         .filter_map(|n| lab.target(n))
         .collect();
-    let bulk_file = workloads::prepare_bulk(lab, plan.bulk_bytes)?;
+    let bulk_file = bulk::prepare(lab, plan.bulk_bytes)?;
     let bulk_mb = std::fs::metadata(&bulk_file)?.len() as f64 / 1e6;
     let mut profiles = Vec::new();
     for (clients, connect) in [(8u32, false), (1, false), (8, true)] {
@@ -108,12 +110,12 @@ pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
             format!("pgbench -S -c {clients}")
         };
         for t in &targets {
-            let mut args = workloads::select_args(plan, clients);
+            let mut args = select::pgbench_args(plan, clients);
             if connect {
                 args.push("-C".into());
             }
             let timeout = Duration::from_secs(plan.duration + 120);
-            let (out, rec) = under_perf(&perf, &dir, || pgbench(lab, t, &args, timeout))?;
+            let (out, rec) = under_perf(&perf, &dir, || pgbench::run(lab, t, &args, timeout))?;
             let outcome = format!("{:.0} tps, {:.1} us", out.tps, out.latency_ms * 1000.0);
             println!("  [{case}] {:<12} {outcome}", t.name);
             profiles.push(rec.analyse(&perf, &case, t, Per::KiloTx(out.transactions), outcome)?);
@@ -137,7 +139,7 @@ pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
             profiles.push(rec.analyse(&perf, case, t, Per::HundredMb(bulk_mb), outcome)?);
         }
     }
-    workloads::drop_bulk(lab, &bulk_file)?;
+    bulk::drop_table(lab, &bulk_file)?;
     let mut md = markdown(&profiles, load.trim(), started.elapsed());
     let path = out_dir.join("profile.md");
     // The hand-written reading of the numbers survives a re-run.

@@ -9,7 +9,10 @@ use anyhow::{Context as _, Result, anyhow};
 use super::lab::Lab;
 use super::plan::Plan;
 use super::results::{Better, Results, Row, ratio};
-use super::workloads::{BULK, CONNECT, CPU, IDLE, SELECT};
+use super::workloads::bulk::BULK;
+use super::workloads::connect::CONNECT;
+use super::workloads::idle::IDLE;
+use super::workloads::select::{CPU, SELECT};
 use crate::command::first_line;
 
 /// Where and on what the bench ran.

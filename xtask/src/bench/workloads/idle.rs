@@ -1,0 +1,222 @@
+//! Workload 4: idle sessions, each a raw TCP connection that completes the PostgreSQL startup
+//! (StartupMessage, trust auth, until ReadyForQuery) and is held open.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+
+use crate::bench::lab::Lab;
+use crate::bench::plan::Plan;
+use crate::bench::procfs::{Counters, delta, meminfo_kib, rss_kib};
+use crate::bench::results::{Better, Results};
+
+pub const IDLE: &str = "4. idle sessions";
+
+/// The StartupMessage of protocol 3.0 for user and database `postgres`.
+fn startup_message() -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for s in [
+        "user",
+        "postgres",
+        "database",
+        "postgres",
+        "application_name",
+        "bench-idle",
+    ] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    msg
+}
+
+/// Connects, sends the StartupMessage and reads until ReadyForQuery (trust auth).
+fn open_session(port: u16) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(&startup_message())?;
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        s.read_exact(&mut body)?;
+        match head[0] {
+            b'Z' => return Ok(s),
+            b'E' => bail!("server error: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// Opens `n` sessions through `port` with 4 threads.
+pub fn open_sessions(port: u16, n: u32) -> (Vec<TcpStream>, u32, Option<String>) {
+    let threads = 4;
+    let handles: Vec<_> = (0..threads)
+        .map(|k| {
+            let count = n / threads + u32::from(k < n % threads);
+            std::thread::spawn(move || {
+                let mut ok = Vec::new();
+                let mut failed = 0;
+                let mut first_err = None;
+                for _ in 0..count {
+                    match open_session(port) {
+                        Ok(s) => ok.push(s),
+                        Err(e) => {
+                            failed += 1;
+                            first_err.get_or_insert(e.to_string());
+                        }
+                    }
+                }
+                (ok, failed, first_err)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut failed = 0;
+    let mut err = None;
+    for h in handles {
+        let (ok, f, e) = h.join().expect("session thread");
+        all.extend(ok);
+        failed += f;
+        if err.is_none() {
+            err = e;
+        }
+    }
+    (all, failed, err)
+}
+
+/// Waits until PostgreSQL has no client backends but the counting psql.
+pub fn wait_backends_gone(lab: &Lab) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: u64 = lab
+            .pg
+            .try_psql(
+                lab.targets[0].port,
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            )
+            .map_err(|e| anyhow!("{e}"))?
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX);
+        if n <= 1 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{n} PostgreSQL client backends still there after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Workload 4: N concurrent idle sessions through each target.
+pub fn run(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
+    let n = plan.idle_sessions;
+    println!(
+        "bench: workload 4 — {n} idle sessions (StartupMessage + ReadyForQuery), held {} s",
+        plan.idle_hold.as_secs()
+    );
+    let case = format!("{n} sessions");
+    // RSS growth is counted from before the first round: an allocator keeps what a previous
+    // round freed, so a later round's own growth would understate the cost.
+    let mut baseline: HashMap<usize, u64> = HashMap::new();
+    for round in 1..=plan.rounds {
+        for (i, t) in lab.targets.iter().enumerate() {
+            wait_backends_gone(lab)?;
+            std::thread::sleep(Duration::from_millis(500));
+            let rss0 = t.pid.map(rss_kib).unwrap_or(0);
+            let base = *baseline.entry(i).or_insert(rss0);
+            let slab0 = meminfo_kib("Slab");
+            let a = Counters::take(t.pid);
+            let start = Instant::now();
+            let (sessions, failed, err) = open_sessions(t.port, n);
+            let open_s = start.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_secs(1));
+            let rss1 = t.pid.map(rss_kib).unwrap_or(0);
+            let slab1 = meminfo_kib("Slab");
+            std::thread::sleep(plan.idle_hold);
+            let open = sessions.len() as f64;
+            for mut s in sessions {
+                // Terminate ('X'), then close.
+                let _ = s.write_all(&[b'X', 0, 0, 0, 4]);
+            }
+            wait_backends_gone(lab)?;
+            let b = Counters::take(t.pid);
+            let d = delta(&a, &b);
+            let slab_per = (slab1 as f64 - slab0 as f64) / open.max(1.0);
+            println!(
+                "  [idle r{round}] {:<17} {} open ({failed} failed) in {open_s:.1} s | RSS {} -> {} KiB ({:.2} KiB/session from {base}) | slab {:+.2} KiB/session | proxy CPU {:.2} s",
+                t.name,
+                sessions_len(open),
+                rss0,
+                rss1,
+                (rss1 as f64 - base as f64) / open.max(1.0),
+                slab_per,
+                d.proxy_ms.unwrap_or(0.0) / 1000.0
+            );
+            if let Some(e) = err {
+                eprintln!("    first failure through {}: {e}", t.name);
+            }
+            res.add(IDLE, &case, "sessions opened", "", Better::Higher, i, open);
+            res.add(
+                IDLE,
+                &case,
+                "time to open all",
+                "s",
+                Better::Lower,
+                i,
+                open_s,
+            );
+            res.add(
+                IDLE,
+                &case,
+                "kernel slab growth per session (system-wide)",
+                "KiB",
+                Better::Lower,
+                i,
+                slab_per,
+            );
+            if t.pid.is_some() {
+                res.add(
+                    IDLE,
+                    &case,
+                    "proxy RSS with sessions open",
+                    "MiB",
+                    Better::Lower,
+                    i,
+                    rss1 as f64 / 1024.0,
+                );
+                res.add(
+                    IDLE,
+                    &case,
+                    "proxy RSS growth per session",
+                    "KiB",
+                    Better::Lower,
+                    i,
+                    (rss1 as f64 - base as f64) / open.max(1.0),
+                );
+                res.add(
+                    IDLE,
+                    &case,
+                    "proxy CPU (open, hold, close)",
+                    "s",
+                    Better::Lower,
+                    i,
+                    d.proxy_ms.unwrap_or(0.0) / 1000.0,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sessions_len(open: f64) -> u64 {
+    open as u64
+}
