@@ -17,12 +17,14 @@
 //! counters), `report.rs` (medians, ratios, `bench/results.md`, the PNG chart).
 
 mod ab;
+mod chart;
+mod environment;
 mod lab;
+mod markdown;
 mod pgbench;
 mod plan;
 mod procfs;
 mod profile;
-mod report;
 mod results;
 mod workloads;
 
@@ -40,8 +42,10 @@ use patroxy_tests::process::ChildGuard;
 
 use crate::cargo::{build_patroxy, patroxy_path, workspace_root};
 use crate::setup;
+use environment::Environment;
 use lab::{Lab, Target};
 use plan::{Plan, Workload};
+use results::Results;
 
 fn pin_path(kind: &str) -> PathBuf {
     PathBuf::from(format!(
@@ -350,8 +354,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
 
     let started = std::time::Instant::now();
-    let mut results = results::Results::new();
-    let env = report::Environment::collect(&lab, &bin);
+    let mut results = Results::new();
+    let env = Environment::collect(&lab, &bin);
     workloads::warm_up(&lab)?;
     for w in &plan.workloads {
         match w {
@@ -364,13 +368,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let elapsed = started.elapsed();
     drop(lab);
 
-    let md = report::markdown(&results, &plan, &env, elapsed);
+    let md = markdown::render(&results, &plan, &env, elapsed);
     println!("\n{md}");
     let md_path = out_dir.join("results.md");
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     println!("bench: wrote {}", md_path.display());
     let png = out_dir.join("ratios.png");
-    match report::chart(&results, &png) {
+    match chart::draw(&results, &png) {
         Ok(()) => println!("bench: wrote {}", png.display()),
         Err(e) => eprintln!("bench: no chart ({e:#})"),
     }

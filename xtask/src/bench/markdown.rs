@@ -1,0 +1,224 @@
+//! `bench/results.md`: the goals of issue 6 and every measured row, medians and ratios.
+
+use std::time::Duration;
+
+use super::environment::Environment;
+use super::plan::Plan;
+use super::results::{Better, Results, ratio};
+use super::workloads::bulk::BULK;
+use super::workloads::connect::CONNECT;
+use super::workloads::idle::IDLE;
+use super::workloads::select::{CPU, SELECT};
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "—".to_owned(),
+        Some(v) if v.abs() >= 1000.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+fn fmt_ratio(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}"))
+        .unwrap_or_else(|| "—".to_owned())
+}
+
+/// One goal of issue 6 and whether this run met it.
+struct Goal {
+    text: &'static str,
+    value: Option<f64>,
+    target: f64,
+    at_least: bool,
+}
+
+fn goals(r: &Results) -> Vec<Goal> {
+    let m = |sec: &str, case: &str, metric: &str, t: usize| {
+        r.find(sec, case, metric).and_then(|row| row.median(t))
+    };
+    let (bpf, hap) = (1, 3);
+    let mut g = vec![
+        Goal {
+            text: "patroxy-bpf TPS at 8 clients ÷ direct ≥ 0.95",
+            value: ratio(m(SELECT, "-c 8", "TPS", bpf), m(SELECT, "-c 8", "TPS", 0)),
+            target: 0.95,
+            at_least: true,
+        },
+        Goal {
+            text: "patroxy-bpf TPS at 8 clients ÷ HAProxy ≥ 1.25",
+            value: ratio(m(SELECT, "-c 8", "TPS", bpf), m(SELECT, "-c 8", "TPS", hap)),
+            target: 1.25,
+            at_least: true,
+        },
+        Goal {
+            text: "patroxy-bpf added latency at 1 client ÷ HAProxy's ≤ 0.33",
+            value: ratio(
+                m(SELECT, "-c 1", "latency added over direct", bpf),
+                m(SELECT, "-c 1", "latency added over direct", hap),
+            ),
+            target: 1.0 / 3.0,
+            at_least: false,
+        },
+        Goal {
+            text: "patroxy-bpf connection rate ÷ direct ≥ 0.97",
+            value: ratio(
+                m(CONNECT, "", "connections/s", bpf),
+                m(CONNECT, "", "connections/s", 0),
+            ),
+            target: 0.97,
+            at_least: true,
+        },
+        Goal {
+            text: "patroxy-bpf COPY TO STDOUT ÷ direct ≥ 0.95",
+            value: ratio(
+                m(BULK, "COPY TO", "throughput", bpf),
+                m(BULK, "COPY TO", "throughput", 0),
+            ),
+            target: 0.95,
+            at_least: true,
+        },
+        Goal {
+            text: "patroxy-bpf COPY FROM STDIN ÷ direct ≥ 0.95",
+            value: ratio(
+                m(BULK, "COPY FROM", "throughput", bpf),
+                m(BULK, "COPY FROM", "throughput", 0),
+            ),
+            target: 0.95,
+            at_least: true,
+        },
+        Goal {
+            text: "patroxy-bpf RSS growth per idle session ≤ 4 KiB",
+            value: m(IDLE, "", "proxy RSS growth per session", bpf),
+            target: 4.0,
+            at_least: false,
+        },
+    ];
+    for c in ["-c 1", "-c 8", "-c 64"] {
+        if r.find(CPU, c, "proxy process (user+sys)").is_none() {
+            continue;
+        }
+        g.push(Goal {
+            text: match c {
+                "-c 1" => "patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 (1 client)",
+                "-c 8" => "patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 (8 clients)",
+                _ => "patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 (64 clients)",
+            },
+            value: ratio(
+                m(CPU, c, "proxy incl. softirq+kworker above direct", bpf),
+                m(CPU, c, "proxy incl. softirq+kworker above direct", hap),
+            ),
+            target: 0.2,
+            at_least: false,
+        });
+    }
+    g.push(Goal {
+        text: "patroxy-fallback TPS at 8 clients ÷ HAProxy ≥ 1.0 (\"at least match HAProxy\")",
+        value: ratio(m(SELECT, "-c 8", "TPS", 2), m(SELECT, "-c 8", "TPS", hap)),
+        target: 1.0,
+        at_least: true,
+    });
+    g
+}
+
+/// The whole report as Markdown.
+pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) -> String {
+    let mut s = String::new();
+    s.push_str("# patroxy benchmark: direct vs patroxy (sockmap, fallback) vs HAProxy\n\n");
+    s.push_str("Written by `cargo xtask bench`");
+    if plan.quick {
+        s.push_str(" --quick (a smoke run: one round, short runs — not for comparison)");
+    }
+    s.push_str(".\n\n");
+    s.push_str(&format!(
+        "- date: {}\n- machine: {}, {}\n- kernel: {}\n- {}\n- {}\n- patroxy: {}\n\
+         - load average at the start (1/5/15 min): {} (anything else running skews every number)\n",
+        env.date, env.cpu, env.memory, env.kernel, env.postgres, env.haproxy, env.patroxy, env.load
+    ));
+    s.push_str(&format!(
+        "- plan: {} round(s) of direct, patroxy-bpf, patroxy-fallback, haproxy interleaved per workload; \
+         pgbench -S runs of {} s (clients {:?}), -C runs of {} s, pgbench scale {}, {} idle sessions held {} s; \
+         total {:.0} s\n",
+        plan.rounds,
+        plan.duration,
+        plan.clients,
+        plan.connect_duration,
+        plan.scale,
+        plan.idle_sessions,
+        plan.idle_hold.as_secs(),
+        elapsed.as_secs_f64()
+    ));
+    s.push_str(
+        "- setup: everything on loopback on the same machine (pgbench, psql, PostgreSQL and the proxy share the CPUs). \
+         PostgreSQL 127.0.0.1, fsync off, trust auth (so connection setup measures the proxy, not SCRAM), \
+         shared_buffers 512MB, max_connections 2100. Proxies: global maxconn 2000, retries 2, timeouts \
+         connect 4s / client 30m / server 30m, one server without health check and without per-server maxconn; \
+         patroxy logs at `warn`, HAProxy logs nothing.\n",
+    );
+    s.push_str(
+        "- each cell is the median over the rounds; ratios are of medians. \"÷ direct\" and \"÷ haproxy\" \
+         compare a proxy with the direct connection and with HAProxy.\n\n",
+    );
+
+    s.push_str("## Goals (issue 6)\n\n| goal | this run | met |\n|---|---|---|\n");
+    for g in goals(r) {
+        let met = match g.value {
+            None => "—",
+            Some(v) if (g.at_least && v >= g.target) || (!g.at_least && v <= g.target) => "yes",
+            Some(_) => "**no**",
+        };
+        s.push_str(&format!(
+            "| {} | {} | {met} |\n",
+            g.text,
+            fmt_ratio(g.value)
+        ));
+    }
+    s.push('\n');
+
+    // Sections in the order they were first measured, each with its rows in order.
+    let mut sections: Vec<&str> = Vec::new();
+    for row in &r.rows {
+        if !sections.contains(&row.section) {
+            sections.push(row.section);
+        }
+    }
+    let ordered = sections
+        .iter()
+        .flat_map(|sec| r.rows.iter().filter(move |row| row.section == *sec));
+    let mut section = "";
+    for row in ordered {
+        if row.section != section {
+            section = row.section;
+            s.push_str(&format!("\n## {section}\n\n"));
+            s.push_str(
+                "| case | metric | unit | direct | patroxy-bpf | patroxy-fallback | haproxy \
+                 | bpf ÷ direct | fallback ÷ direct | haproxy ÷ direct | bpf ÷ haproxy | fallback ÷ haproxy |\n",
+            );
+            s.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        }
+        let med: Vec<Option<f64>> = (0..4).map(|t| row.median(t)).collect();
+        let unit = if row.unit.is_empty() { "" } else { row.unit };
+        let arrow = match row.better {
+            Better::Higher => "↑",
+            Better::Lower => "↓",
+        };
+        s.push_str(&format!(
+            "| {} | {} {arrow} | {unit} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            row.case,
+            row.metric,
+            fmt(med[0]),
+            fmt(med[1]),
+            fmt(med[2]),
+            fmt(med[3]),
+            fmt_ratio(ratio(med[1], med[0])),
+            fmt_ratio(ratio(med[2], med[0])),
+            fmt_ratio(ratio(med[3], med[0])),
+            fmt_ratio(ratio(med[1], med[3])),
+            fmt_ratio(ratio(med[2], med[3])),
+        ));
+    }
+    s.push_str(
+        "\n↑ higher is better, ↓ lower is better. Per-round samples are printed on the console while \
+         the bench runs.\n\nChart: `ratios.png` (top: throughput ÷ direct; bottom: cost ÷ HAProxy's).\n",
+    );
+    s
+}
