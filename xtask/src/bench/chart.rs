@@ -5,10 +5,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, anyhow};
 
 use super::results::{Results, Row, ratio};
-use super::workloads::bulk::BULK;
-use super::workloads::connect::CONNECT;
-use super::workloads::idle::IDLE;
-use super::workloads::select::{CPU, SELECT};
+use super::workloads::{bulk, connect, idle, select};
 
 /// Finds a TrueType font plotters can draw text with (Debian's fonts-dejavu-core).
 fn load_font() -> Result<&'static [u8]> {
@@ -50,13 +47,13 @@ fn panels(r: &Results) -> (Panel, Panel) {
             s.2.push(ratio(row.median(k + 1), row.median(0)));
         }
     };
-    for row in r.rows_of(SELECT, "TPS") {
+    for row in r.rows_of(select::TPS) {
         push_top(format!("TPS {}", row.case), row);
     }
-    for row in r.rows_of(CONNECT, "connections/s") {
+    for row in r.rows_of(connect::CONNECTIONS) {
         push_top("conn/s (-C)".to_owned(), row);
     }
-    for row in r.rows_of(BULK, "throughput") {
+    for row in r.rows_of(bulk::THROUGHPUT) {
         let label = if row.case.starts_with("COPY TO") {
             "COPY out MB/s"
         } else {
@@ -79,13 +76,13 @@ fn panels(r: &Results) -> (Panel, Panel) {
             s.2.push(ratio(row.median(k + 1), row.median(3)));
         }
     };
-    for row in r.rows_of(SELECT, "latency added over direct") {
+    for row in r.rows_of(select::LATENCY_ADDED) {
         push_bottom(format!("added lat {}", row.case), row);
     }
-    for row in r.rows_of(CPU, "proxy incl. softirq+kworker above direct") {
+    for row in r.rows_of(select::PROXY_TOTAL) {
         push_bottom(format!("CPU/tx {}", row.case), row);
     }
-    for row in r.rows_of(IDLE, "proxy RSS growth per session") {
+    for row in r.rows_of(idle::RSS_PER_SESSION) {
         push_bottom("RSS/session".to_owned(), row);
     }
     (top, bottom)

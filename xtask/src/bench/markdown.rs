@@ -4,11 +4,8 @@ use std::time::Duration;
 
 use super::environment::Environment;
 use super::plan::Plan;
-use super::results::{Better, Results, ratio};
-use super::workloads::bulk::BULK;
-use super::workloads::connect::CONNECT;
-use super::workloads::idle::IDLE;
-use super::workloads::select::{CPU, SELECT};
+use super::results::{Better, Metric, Results, ratio};
+use super::workloads::{bulk, connect, idle, select};
 
 fn fmt(v: Option<f64>) -> String {
     match v {
@@ -33,28 +30,27 @@ struct Goal {
 }
 
 fn goals(r: &Results) -> Vec<Goal> {
-    let m = |sec: &str, case: &str, metric: &str, t: usize| {
-        r.find(sec, case, metric).and_then(|row| row.median(t))
-    };
+    let m =
+        |metric: Metric, case: &str, t: usize| r.find(metric, case).and_then(|row| row.median(t));
     let (bpf, hap) = (1, 3);
     let mut g = vec![
         Goal {
             text: "patroxy-bpf TPS at 8 clients ÷ direct ≥ 0.95",
-            value: ratio(m(SELECT, "-c 8", "TPS", bpf), m(SELECT, "-c 8", "TPS", 0)),
+            value: ratio(m(select::TPS, "-c 8", bpf), m(select::TPS, "-c 8", 0)),
             target: 0.95,
             at_least: true,
         },
         Goal {
             text: "patroxy-bpf TPS at 8 clients ÷ HAProxy ≥ 1.25",
-            value: ratio(m(SELECT, "-c 8", "TPS", bpf), m(SELECT, "-c 8", "TPS", hap)),
+            value: ratio(m(select::TPS, "-c 8", bpf), m(select::TPS, "-c 8", hap)),
             target: 1.25,
             at_least: true,
         },
         Goal {
             text: "patroxy-bpf added latency at 1 client ÷ HAProxy's ≤ 0.33",
             value: ratio(
-                m(SELECT, "-c 1", "latency added over direct", bpf),
-                m(SELECT, "-c 1", "latency added over direct", hap),
+                m(select::LATENCY_ADDED, "-c 1", bpf),
+                m(select::LATENCY_ADDED, "-c 1", hap),
             ),
             target: 1.0 / 3.0,
             at_least: false,
@@ -62,8 +58,8 @@ fn goals(r: &Results) -> Vec<Goal> {
         Goal {
             text: "patroxy-bpf connection rate ÷ direct ≥ 0.97",
             value: ratio(
-                m(CONNECT, "", "connections/s", bpf),
-                m(CONNECT, "", "connections/s", 0),
+                m(connect::CONNECTIONS, "", bpf),
+                m(connect::CONNECTIONS, "", 0),
             ),
             target: 0.97,
             at_least: true,
@@ -71,8 +67,8 @@ fn goals(r: &Results) -> Vec<Goal> {
         Goal {
             text: "patroxy-bpf COPY TO STDOUT ÷ direct ≥ 0.95",
             value: ratio(
-                m(BULK, "COPY TO", "throughput", bpf),
-                m(BULK, "COPY TO", "throughput", 0),
+                m(bulk::THROUGHPUT, "COPY TO", bpf),
+                m(bulk::THROUGHPUT, "COPY TO", 0),
             ),
             target: 0.95,
             at_least: true,
@@ -80,21 +76,21 @@ fn goals(r: &Results) -> Vec<Goal> {
         Goal {
             text: "patroxy-bpf COPY FROM STDIN ÷ direct ≥ 0.95",
             value: ratio(
-                m(BULK, "COPY FROM", "throughput", bpf),
-                m(BULK, "COPY FROM", "throughput", 0),
+                m(bulk::THROUGHPUT, "COPY FROM", bpf),
+                m(bulk::THROUGHPUT, "COPY FROM", 0),
             ),
             target: 0.95,
             at_least: true,
         },
         Goal {
             text: "patroxy-bpf RSS growth per idle session ≤ 4 KiB",
-            value: m(IDLE, "", "proxy RSS growth per session", bpf),
+            value: m(idle::RSS_PER_SESSION, "", bpf),
             target: 4.0,
             at_least: false,
         },
     ];
     for c in ["-c 1", "-c 8", "-c 64"] {
-        if r.find(CPU, c, "proxy process (user+sys)").is_none() {
+        if r.find(select::PROXY_PROCESS, c).is_none() {
             continue;
         }
         g.push(Goal {
@@ -104,8 +100,8 @@ fn goals(r: &Results) -> Vec<Goal> {
                 _ => "patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 (64 clients)",
             },
             value: ratio(
-                m(CPU, c, "proxy incl. softirq+kworker above direct", bpf),
-                m(CPU, c, "proxy incl. softirq+kworker above direct", hap),
+                m(select::PROXY_TOTAL, c, bpf),
+                m(select::PROXY_TOTAL, c, hap),
             ),
             target: 0.2,
             at_least: false,
@@ -113,7 +109,7 @@ fn goals(r: &Results) -> Vec<Goal> {
     }
     g.push(Goal {
         text: "patroxy-fallback TPS at 8 clients ÷ HAProxy ≥ 1.0 (\"at least match HAProxy\")",
-        value: ratio(m(SELECT, "-c 8", "TPS", 2), m(SELECT, "-c 8", "TPS", hap)),
+        value: ratio(m(select::TPS, "-c 8", 2), m(select::TPS, "-c 8", hap)),
         target: 1.0,
         at_least: true,
     });
@@ -177,17 +173,17 @@ pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) ->
     // Sections in the order they were first measured, each with its rows in order.
     let mut sections: Vec<&str> = Vec::new();
     for row in &r.rows {
-        if !sections.contains(&row.section) {
-            sections.push(row.section);
+        if !sections.contains(&row.metric.section) {
+            sections.push(row.metric.section);
         }
     }
     let ordered = sections
         .iter()
-        .flat_map(|sec| r.rows.iter().filter(move |row| row.section == *sec));
+        .flat_map(|sec| r.rows.iter().filter(move |row| row.metric.section == *sec));
     let mut section = "";
     for row in ordered {
-        if row.section != section {
-            section = row.section;
+        if row.metric.section != section {
+            section = row.metric.section;
             s.push_str(&format!("\n## {section}\n\n"));
             s.push_str(
                 "| case | metric | unit | direct | patroxy-bpf | patroxy-fallback | haproxy \
@@ -196,15 +192,15 @@ pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) ->
             s.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         }
         let med: Vec<Option<f64>> = (0..4).map(|t| row.median(t)).collect();
-        let unit = if row.unit.is_empty() { "" } else { row.unit };
-        let arrow = match row.better {
+        let unit = row.metric.unit;
+        let arrow = match row.metric.better {
             Better::Higher => "↑",
             Better::Lower => "↓",
         };
         s.push_str(&format!(
             "| {} | {} {arrow} | {unit} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.case,
-            row.metric,
+            row.metric.name,
             fmt(med[0]),
             fmt(med[1]),
             fmt(med[2]),

@@ -1,20 +1,54 @@
 //! What the workloads measured (every round's sample, per target) and the medians and ratios
 //! the report and the A/B table take of it.
 
+/// Which way a metric improves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {
     Higher,
     Lower,
 }
 
-/// One measured quantity of one case: the samples of every round, per target.
-#[derive(Debug, Clone)]
-pub struct Row {
+/// A measured quantity: the report's section it is listed in, its name there, its unit, and
+/// which way is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metric {
     pub section: &'static str,
-    pub case: String,
-    pub metric: &'static str,
+    pub name: &'static str,
     pub unit: &'static str,
     pub better: Better,
+}
+
+impl Metric {
+    /// A quantity of which more is better (a rate).
+    pub const fn higher(section: &'static str, name: &'static str, unit: &'static str) -> Metric {
+        Metric {
+            section,
+            name,
+            unit,
+            better: Better::Higher,
+        }
+    }
+
+    /// A quantity of which less is better (a cost).
+    pub const fn lower(section: &'static str, name: &'static str, unit: &'static str) -> Metric {
+        Metric {
+            section,
+            name,
+            unit,
+            better: Better::Lower,
+        }
+    }
+
+    fn is(&self, other: &Metric) -> bool {
+        self.section == other.section && self.name == other.name
+    }
+}
+
+/// One metric of one case: the samples of every round, per target.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub metric: Metric,
+    pub case: String,
     pub samples: [Vec<f64>; 4],
 }
 
@@ -35,30 +69,18 @@ impl Results {
         Results::default()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn add(
-        &mut self,
-        section: &'static str,
-        case: &str,
-        metric: &'static str,
-        unit: &'static str,
-        better: Better,
-        target: usize,
-        value: f64,
-    ) {
+    /// One sample of `metric` for `case`, measured through the `target`th target.
+    pub fn add(&mut self, case: &str, metric: Metric, target: usize, value: f64) {
         let row = match self
             .rows
-            .iter_mut()
-            .position(|r| r.section == section && r.case == case && r.metric == metric)
+            .iter()
+            .position(|r| r.metric.is(&metric) && r.case == case)
         {
             Some(i) => &mut self.rows[i],
             None => {
                 self.rows.push(Row {
-                    section,
-                    case: case.to_owned(),
                     metric,
-                    unit,
-                    better,
+                    case: case.to_owned(),
                     samples: Default::default(),
                 });
                 self.rows.last_mut().expect("just pushed")
@@ -67,20 +89,16 @@ impl Results {
         row.samples[target].push(value);
     }
 
-    pub fn find(&self, section: &str, case_prefix: &str, metric: &str) -> Option<&Row> {
+    /// The first row of `metric` whose case starts with `case_prefix`.
+    pub fn find(&self, metric: Metric, case_prefix: &str) -> Option<&Row> {
         self.rows
             .iter()
-            .find(|r| r.section == section && r.case.starts_with(case_prefix) && r.metric == metric)
+            .find(|r| r.metric.is(&metric) && r.case.starts_with(case_prefix))
     }
 
-    pub fn rows_of<'a>(
-        &'a self,
-        section: &'a str,
-        metric: &'a str,
-    ) -> impl Iterator<Item = &'a Row> {
-        self.rows
-            .iter()
-            .filter(move |r| r.section == section && r.metric == metric)
+    /// The rows of `metric`, one per case.
+    pub fn rows_of(&self, metric: Metric) -> impl Iterator<Item = &Row> {
+        self.rows.iter().filter(move |r| r.metric.is(&metric))
     }
 }
 

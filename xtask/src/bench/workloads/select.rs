@@ -8,10 +8,27 @@ use crate::bench::lab::Lab;
 use crate::bench::pgbench::{self, strings};
 use crate::bench::plan::Plan;
 use crate::bench::procfs::{Counters, delta};
-use crate::bench::results::{Better, Results};
+use crate::bench::results::{Metric, Results};
 
-pub const SELECT: &str = "1. select-only (pgbench -S)";
-pub const CPU: &str = "5. CPU per 1000 transactions (workload 1)";
+// Workload 1's section of results.md and its metrics; the `pub` ones are read by the goals
+// and the chart too.
+const SECTION: &str = "1. select-only (pgbench -S)";
+pub const TPS: Metric = Metric::higher(SECTION, "TPS", "tx/s");
+const LATENCY: Metric = Metric::lower(SECTION, "latency avg", "us");
+pub const LATENCY_ADDED: Metric = Metric::lower(SECTION, "latency added over direct", "us");
+
+// Workload 5 (the CPU of workload 1's runs) has its own section.
+const CPU_SECTION: &str = "5. CPU per 1000 transactions (workload 1)";
+pub const PROXY_PROCESS: Metric = Metric::lower(CPU_SECTION, "proxy process (user+sys)", "ms");
+const SOFTIRQ: Metric = Metric::lower(CPU_SECTION, "softirq (system-wide)", "ms");
+const KTHREADS: Metric = Metric::lower(CPU_SECTION, "kworker+ksoftirqd (system-wide)", "ms");
+const BUSY: Metric = Metric::lower(CPU_SECTION, "all CPUs busy (system-wide)", "ms");
+pub const PROXY_TOTAL: Metric = Metric::lower(
+    CPU_SECTION,
+    "proxy incl. softirq+kworker above direct",
+    "ms",
+);
+const BUSY_ADDED: Metric = Metric::lower(CPU_SECTION, "all CPUs busy above direct", "ms");
 
 /// Per-1000-transaction CPU of one run, in ms.
 #[derive(Debug, Clone, Copy)]
@@ -70,81 +87,25 @@ pub fn run(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
                     cpu.kthreads,
                     cpu.busy,
                 );
-                res.add(SELECT, &case, "TPS", "tx/s", Better::Higher, i, out.tps);
-                res.add(SELECT, &case, "latency avg", "us", Better::Lower, i, lat_us);
+                res.add(&case, TPS, i, out.tps);
+                res.add(&case, LATENCY, i, lat_us);
                 if let Some(p) = cpu.proxy {
-                    res.add(
-                        CPU,
-                        &case,
-                        "proxy process (user+sys)",
-                        "ms",
-                        Better::Lower,
-                        i,
-                        p,
-                    );
+                    res.add(&case, PROXY_PROCESS, i, p);
                 }
-                res.add(
-                    CPU,
-                    &case,
-                    "softirq (system-wide)",
-                    "ms",
-                    Better::Lower,
-                    i,
-                    cpu.softirq,
-                );
-                res.add(
-                    CPU,
-                    &case,
-                    "kworker+ksoftirqd (system-wide)",
-                    "ms",
-                    Better::Lower,
-                    i,
-                    cpu.kthreads,
-                );
-                res.add(
-                    CPU,
-                    &case,
-                    "all CPUs busy (system-wide)",
-                    "ms",
-                    Better::Lower,
-                    i,
-                    cpu.busy,
-                );
+                res.add(&case, SOFTIRQ, i, cpu.softirq);
+                res.add(&case, KTHREADS, i, cpu.kthreads);
+                res.add(&case, BUSY, i, cpu.busy);
                 if i == 0 {
                     direct = Some((lat_us, cpu));
                 } else if let Some((dlat, dcpu)) = direct {
-                    res.add(
-                        SELECT,
-                        &case,
-                        "latency added over direct",
-                        "us",
-                        Better::Lower,
-                        i,
-                        lat_us - dlat,
-                    );
+                    res.add(&case, LATENCY_ADDED, i, lat_us - dlat);
                     // The proxy's whole cost: its process plus the softirq and kernel-thread
                     // time above this round's direct run.
                     let total = cpu.proxy.unwrap_or(0.0)
                         + (cpu.softirq - dcpu.softirq)
                         + (cpu.kthreads - dcpu.kthreads);
-                    res.add(
-                        CPU,
-                        &case,
-                        "proxy incl. softirq+kworker above direct",
-                        "ms",
-                        Better::Lower,
-                        i,
-                        total,
-                    );
-                    res.add(
-                        CPU,
-                        &case,
-                        "all CPUs busy above direct",
-                        "ms",
-                        Better::Lower,
-                        i,
-                        cpu.busy - dcpu.busy,
-                    );
+                    res.add(&case, PROXY_TOTAL, i, total);
+                    res.add(&case, BUSY_ADDED, i, cpu.busy - dcpu.busy);
                 }
             }
         }
