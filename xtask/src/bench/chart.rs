@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
 
-use super::results::{Results, Row, ratio};
+use super::results::{DIRECT, HAPROXY, Results, Row, ratio};
 use super::workloads::{bulk, connect, idle, select};
 
 /// Finds a TrueType font plotters can draw text with (Debian's fonts-dejavu-core).
@@ -44,7 +44,7 @@ fn panels(r: &Results) -> (Panel, Panel) {
     let mut push_top = |label: String, row: &Row| {
         top.cats.push(label);
         for (k, s) in top.series.iter_mut().enumerate() {
-            s.2.push(ratio(row.median(k + 1), row.median(0)));
+            s.2.push(ratio(row.median(k + 1), row.median(DIRECT)));
         }
     };
     for row in r.rows_of(select::TPS) {
@@ -73,7 +73,7 @@ fn panels(r: &Results) -> (Panel, Panel) {
     let mut push_bottom = |label: String, row: &Row| {
         bottom.cats.push(label);
         for (k, s) in bottom.series.iter_mut().enumerate() {
-            s.2.push(ratio(row.median(k + 1), row.median(3)));
+            s.2.push(ratio(row.median(k + 1), row.median(HAPROXY)));
         }
     };
     for row in r.rows_of(select::LATENCY_ADDED) {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::environment::Environment;
 use super::plan::Plan;
-use super::results::{Better, Metric, Results, ratio};
+use super::results::{BPF, Better, DIRECT, FALLBACK, HAPROXY, Results, ratio};
 use super::workloads::{bulk, connect, idle, select};
 
 fn fmt(v: Option<f64>) -> String {
@@ -23,96 +23,103 @@ fn fmt_ratio(v: Option<f64>) -> String {
 
 /// One goal of issue 6 and whether this run met it.
 struct Goal {
-    text: &'static str,
+    text: String,
     value: Option<f64>,
     target: f64,
     at_least: bool,
 }
 
+impl Goal {
+    fn at_least(text: &str, value: Option<f64>, target: f64) -> Goal {
+        Goal {
+            text: text.to_owned(),
+            value,
+            target,
+            at_least: true,
+        }
+    }
+
+    fn at_most(text: &str, value: Option<f64>, target: f64) -> Goal {
+        Goal {
+            at_least: false,
+            ..Goal::at_least(text, value, target)
+        }
+    }
+
+    /// "yes", "**no**", or "—" when this run did not measure it.
+    fn met(&self) -> &'static str {
+        match self.value {
+            None => "—",
+            Some(v)
+                if (self.at_least && v >= self.target) || (!self.at_least && v <= self.target) =>
+            {
+                "yes"
+            }
+            Some(_) => "**no**",
+        }
+    }
+}
+
 fn goals(r: &Results) -> Vec<Goal> {
-    let m =
-        |metric: Metric, case: &str, t: usize| r.find(metric, case).and_then(|row| row.median(t));
-    let (bpf, hap) = (1, 3);
+    let m = |metric, case: &str, t| r.find(metric, case).and_then(|row| row.median(t));
+    // One metric's median for one case through target `a` ÷ through target `b`.
+    let vs = |metric, case: &str, a, b| ratio(m(metric, case, a), m(metric, case, b));
     let mut g = vec![
-        Goal {
-            text: "patroxy-bpf TPS at 8 clients ÷ direct ≥ 0.95",
-            value: ratio(m(select::TPS, "-c 8", bpf), m(select::TPS, "-c 8", 0)),
-            target: 0.95,
-            at_least: true,
-        },
-        Goal {
-            text: "patroxy-bpf TPS at 8 clients ÷ HAProxy ≥ 1.25",
-            value: ratio(m(select::TPS, "-c 8", bpf), m(select::TPS, "-c 8", hap)),
-            target: 1.25,
-            at_least: true,
-        },
-        Goal {
-            text: "patroxy-bpf added latency at 1 client ÷ HAProxy's ≤ 0.33",
-            value: ratio(
-                m(select::LATENCY_ADDED, "-c 1", bpf),
-                m(select::LATENCY_ADDED, "-c 1", hap),
-            ),
-            target: 1.0 / 3.0,
-            at_least: false,
-        },
-        Goal {
-            text: "patroxy-bpf connection rate ÷ direct ≥ 0.97",
-            value: ratio(
-                m(connect::CONNECTIONS, "", bpf),
-                m(connect::CONNECTIONS, "", 0),
-            ),
-            target: 0.97,
-            at_least: true,
-        },
-        Goal {
-            text: "patroxy-bpf COPY TO STDOUT ÷ direct ≥ 0.95",
-            value: ratio(
-                m(bulk::THROUGHPUT, "COPY TO", bpf),
-                m(bulk::THROUGHPUT, "COPY TO", 0),
-            ),
-            target: 0.95,
-            at_least: true,
-        },
-        Goal {
-            text: "patroxy-bpf COPY FROM STDIN ÷ direct ≥ 0.95",
-            value: ratio(
-                m(bulk::THROUGHPUT, "COPY FROM", bpf),
-                m(bulk::THROUGHPUT, "COPY FROM", 0),
-            ),
-            target: 0.95,
-            at_least: true,
-        },
-        Goal {
-            text: "patroxy-bpf RSS growth per idle session ≤ 4 KiB",
-            value: m(idle::RSS_PER_SESSION, "", bpf),
-            target: 4.0,
-            at_least: false,
-        },
+        Goal::at_least(
+            "patroxy-bpf TPS at 8 clients ÷ direct ≥ 0.95",
+            vs(select::TPS, "-c 8", BPF, DIRECT),
+            0.95,
+        ),
+        Goal::at_least(
+            "patroxy-bpf TPS at 8 clients ÷ HAProxy ≥ 1.25",
+            vs(select::TPS, "-c 8", BPF, HAPROXY),
+            1.25,
+        ),
+        Goal::at_most(
+            "patroxy-bpf added latency at 1 client ÷ HAProxy's ≤ 0.33",
+            vs(select::LATENCY_ADDED, "-c 1", BPF, HAPROXY),
+            1.0 / 3.0,
+        ),
+        Goal::at_least(
+            "patroxy-bpf connection rate ÷ direct ≥ 0.97",
+            vs(connect::CONNECTIONS, "", BPF, DIRECT),
+            0.97,
+        ),
+        Goal::at_least(
+            "patroxy-bpf COPY TO STDOUT ÷ direct ≥ 0.95",
+            vs(bulk::THROUGHPUT, "COPY TO", BPF, DIRECT),
+            0.95,
+        ),
+        Goal::at_least(
+            "patroxy-bpf COPY FROM STDIN ÷ direct ≥ 0.95",
+            vs(bulk::THROUGHPUT, "COPY FROM", BPF, DIRECT),
+            0.95,
+        ),
+        Goal::at_most(
+            "patroxy-bpf RSS growth per idle session ≤ 4 KiB",
+            m(idle::RSS_PER_SESSION, "", BPF),
+            4.0,
+        ),
     ];
-    for c in ["-c 1", "-c 8", "-c 64"] {
-        if r.find(select::PROXY_PROCESS, c).is_none() {
+    for (case, clients) in [
+        ("-c 1", "1 client"),
+        ("-c 8", "8 clients"),
+        ("-c 64", "64 clients"),
+    ] {
+        if r.find(select::PROXY_PROCESS, case).is_none() {
             continue;
         }
-        g.push(Goal {
-            text: match c {
-                "-c 1" => "patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 (1 client)",
-                "-c 8" => "patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 (8 clients)",
-                _ => "patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 (64 clients)",
-            },
-            value: ratio(
-                m(select::PROXY_TOTAL, c, bpf),
-                m(select::PROXY_TOTAL, c, hap),
-            ),
-            target: 0.2,
-            at_least: false,
-        });
+        g.push(Goal::at_most(
+            &format!("patroxy-bpf CPU/tx incl. softirq+kworker ÷ HAProxy's ≤ 0.2 ({clients})"),
+            vs(select::PROXY_TOTAL, case, BPF, HAPROXY),
+            0.2,
+        ));
     }
-    g.push(Goal {
-        text: "patroxy-fallback TPS at 8 clients ÷ HAProxy ≥ 1.0 (\"at least match HAProxy\")",
-        value: ratio(m(select::TPS, "-c 8", 2), m(select::TPS, "-c 8", hap)),
-        target: 1.0,
-        at_least: true,
-    });
+    g.push(Goal::at_least(
+        "patroxy-fallback TPS at 8 clients ÷ HAProxy ≥ 1.0 (\"at least match HAProxy\")",
+        vs(select::TPS, "-c 8", FALLBACK, HAPROXY),
+        1.0,
+    ));
     g
 }
 
@@ -157,15 +164,11 @@ pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) ->
 
     s.push_str("## Goals (issue 6)\n\n| goal | this run | met |\n|---|---|---|\n");
     for g in goals(r) {
-        let met = match g.value {
-            None => "—",
-            Some(v) if (g.at_least && v >= g.target) || (!g.at_least && v <= g.target) => "yes",
-            Some(_) => "**no**",
-        };
         s.push_str(&format!(
-            "| {} | {} | {met} |\n",
+            "| {} | {} | {} |\n",
             g.text,
-            fmt_ratio(g.value)
+            fmt_ratio(g.value),
+            g.met()
         ));
     }
     s.push('\n');

@@ -1,6 +1,12 @@
 //! What the workloads measured (every round's sample, per target) and the medians and ratios
 //! the report and the A/B table take of it.
 
+/// The columns of a row: the four standard targets, in the order the lab starts them.
+pub const DIRECT: usize = 0;
+pub const BPF: usize = 1;
+pub const FALLBACK: usize = 2;
+pub const HAPROXY: usize = 3;
+
 /// Which way a metric improves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {
