@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
-use super::lab::Lab;
-use super::pgbench;
+use super::lab::{Lab, Target};
+use super::pgbench::{self, PgbenchOut};
 use super::plan::{Plan, Workload};
 use super::procfs::{clk_tck, proc_ticks, rss_kib};
 use super::results::median;
@@ -66,14 +66,8 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                     Workload::Select => {
                         for &c in &plan.clients {
                             let args = select::pgbench_args(plan, c);
-                            let cpu0 = target.pid.map(proc_ticks);
-                            let out = pgbench::run(
-                                lab,
-                                target,
-                                &args,
-                                Duration::from_secs(plan.duration + 120),
-                            )?;
-                            let cpu1 = target.pid.map(proc_ticks);
+                            let timeout = Duration::from_secs(plan.duration + 120);
+                            let (out, cpu) = pgbench_with_cpu(lab, target, &args, timeout)?;
                             t.add(&format!("-c {c} TPS"), true, i, out.tps);
                             t.add(
                                 &format!("-c {c} latency us"),
@@ -81,9 +75,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                                 i,
                                 out.latency_ms * 1000.0,
                             );
-                            if let (Some(a), Some(b)) = (cpu0, cpu1) {
-                                let ms = (b - a) as f64 * 1000.0 / clk_tck() * 1000.0
-                                    / out.transactions.max(1) as f64;
+                            if let Some(ms) = cpu {
                                 t.add(&format!("-c {c} proxy ms/1000tx"), false, i, ms);
                             }
                             println!(
@@ -96,18 +88,10 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                     }
                     Workload::Connect => {
                         let args = connect::pgbench_args(plan);
-                        let cpu0 = target.pid.map(proc_ticks);
-                        let out = pgbench::run(
-                            lab,
-                            target,
-                            &args,
-                            Duration::from_secs(plan.connect_duration + 120),
-                        )?;
-                        let cpu1 = target.pid.map(proc_ticks);
+                        let timeout = Duration::from_secs(plan.connect_duration + 120);
+                        let (out, cpu) = pgbench_with_cpu(lab, target, &args, timeout)?;
                         t.add("-C conn/s", true, i, out.tps);
-                        if let (Some(a), Some(b)) = (cpu0, cpu1) {
-                            let ms = (b - a) as f64 * 1000.0 / clk_tck() * 1000.0
-                                / out.transactions.max(1) as f64;
+                        if let Some(ms) = cpu {
                             t.add("-C proxy ms/1000conn", false, i, ms);
                         }
                         println!(
@@ -187,4 +171,21 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs pgbench through `target`; with it the proxy's CPU per 1000 transactions in ms (None
+/// for direct).
+fn pgbench_with_cpu(
+    lab: &Lab,
+    target: &Target,
+    args: &[String],
+    timeout: Duration,
+) -> Result<(PgbenchOut, Option<f64>)> {
+    let before = target.pid.map(proc_ticks);
+    let out = pgbench::run(lab, target, args, timeout)?;
+    let after = target.pid.map(proc_ticks);
+    let ms = before.zip(after).map(|(a, b)| {
+        (b - a) as f64 * 1000.0 / clk_tck() * 1000.0 / out.transactions.max(1) as f64
+    });
+    Ok((out, ms))
 }
