@@ -23,35 +23,53 @@ fn load_font() -> Result<&'static [u8]> {
     ))
 }
 
+/// One half of the chart: bars of each proxy's median ÷ the reference target's, per category.
 struct Panel {
     title: &'static str,
+    /// The target the ratios are taken to.
+    reference: usize,
     /// Category labels.
     cats: Vec<String>,
     /// Series name, colour index, one value per category.
     series: Vec<(&'static str, usize, Vec<Option<f64>>)>,
 }
 
-fn panels(r: &Results) -> (Panel, Panel) {
-    let mut top = Panel {
-        title: "Throughput ÷ direct (higher is better; 1 = no proxy)",
-        cats: Vec::new(),
-        series: vec![
-            ("patroxy-bpf", 0, Vec::new()),
-            ("patroxy-fallback", 1, Vec::new()),
-            ("haproxy", 2, Vec::new()),
-        ],
-    };
-    let mut push_top = |label: String, row: &Row| {
-        top.cats.push(label);
-        for (k, s) in top.series.iter_mut().enumerate() {
-            s.2.push(ratio(row.median(k + 1), row.median(DIRECT)));
+impl Panel {
+    /// A panel of the targets after direct, in order, named by `series`.
+    fn new(title: &'static str, reference: usize, series: &[&'static str]) -> Panel {
+        Panel {
+            title,
+            reference,
+            cats: Vec::new(),
+            series: series
+                .iter()
+                .enumerate()
+                .map(|(k, name)| (*name, k, Vec::new()))
+                .collect(),
         }
-    };
+    }
+
+    /// One category: every series' median of `row` ÷ the reference's.
+    fn push(&mut self, label: String, row: &Row) {
+        self.cats.push(label);
+        let reference = row.median(self.reference);
+        for (k, s) in self.series.iter_mut().enumerate() {
+            s.2.push(ratio(row.median(k + 1), reference));
+        }
+    }
+}
+
+fn panels(r: &Results) -> (Panel, Panel) {
+    let mut top = Panel::new(
+        "Throughput ÷ direct (higher is better; 1 = no proxy)",
+        DIRECT,
+        &["patroxy-bpf", "patroxy-fallback", "haproxy"],
+    );
     for row in r.rows_of(select::TPS) {
-        push_top(format!("TPS {}", row.case), row);
+        top.push(format!("TPS {}", row.case), row);
     }
     for row in r.rows_of(connect::CONNECTIONS) {
-        push_top("conn/s (-C)".to_owned(), row);
+        top.push("conn/s (-C)".to_owned(), row);
     }
     for row in r.rows_of(bulk::THROUGHPUT) {
         let label = if row.case.starts_with("COPY TO") {
@@ -59,31 +77,22 @@ fn panels(r: &Results) -> (Panel, Panel) {
         } else {
             "COPY in MB/s"
         };
-        push_top(label.to_owned(), row);
+        top.push(label.to_owned(), row);
     }
 
-    let mut bottom = Panel {
-        title: "Cost ÷ HAProxy's (lower is better; 1 = as costly as HAProxy)",
-        cats: Vec::new(),
-        series: vec![
-            ("patroxy-bpf", 0, Vec::new()),
-            ("patroxy-fallback", 1, Vec::new()),
-        ],
-    };
-    let mut push_bottom = |label: String, row: &Row| {
-        bottom.cats.push(label);
-        for (k, s) in bottom.series.iter_mut().enumerate() {
-            s.2.push(ratio(row.median(k + 1), row.median(HAPROXY)));
-        }
-    };
+    let mut bottom = Panel::new(
+        "Cost ÷ HAProxy's (lower is better; 1 = as costly as HAProxy)",
+        HAPROXY,
+        &["patroxy-bpf", "patroxy-fallback"],
+    );
     for row in r.rows_of(select::LATENCY_ADDED) {
-        push_bottom(format!("added lat {}", row.case), row);
+        bottom.push(format!("added lat {}", row.case), row);
     }
     for row in r.rows_of(select::PROXY_TOTAL) {
-        push_bottom(format!("CPU/tx {}", row.case), row);
+        bottom.push(format!("CPU/tx {}", row.case), row);
     }
     for row in r.rows_of(idle::RSS_PER_SESSION) {
-        push_bottom("RSS/session".to_owned(), row);
+        bottom.push("RSS/session".to_owned(), row);
     }
     (top, bottom)
 }
