@@ -166,7 +166,7 @@ pub fn run(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
             println!(
                 "  [idle r{round}] {:<17} {} open ({failed} failed) in {open_s:.1} s | RSS {} -> {} KiB ({:.2} KiB/session from {base}) | slab {:+.2} KiB/session | proxy CPU {:.2} s",
                 t.name,
-                sessions_len(open),
+                open as u64,
                 rss0,
                 rss1,
                 (rss1 as f64 - base as f64) / open.max(1.0),
@@ -192,8 +192,4 @@ pub fn run(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn sessions_len(open: f64) -> u64 {
-    open as u64
 }
