@@ -4,11 +4,13 @@
 //! (nightly rust-src, bpf-linker, the Debian packages the tests and demo use, bpffs), so a
 //! fresh machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
 //!
-//! Layout: `setup.rs` (installs), `cargo.rs` (workspace paths, builds), `test.rs` (the test
-//! run and its summary), `cluster.rs` (the namespaced Patroni cluster with patroxy in front),
-//! `demo.rs` (that cluster, verified with the seed's queries), `bench/` (throughput, latency,
-//! memory, CPU), `failover_bench.rs` (failovers through patroxy and HAProxy); the PostgreSQL,
-//! process and cluster harness is the integration tests' (the patroxy-tests crate).
+//! Layout: `setup.rs` (installs), `command.rs` (finding and running commands), `cargo.rs`
+//! (workspace paths, builds), `test.rs` (the test run and its summary), `cluster.rs` (the
+//! namespaced Patroni cluster with patroxy in front), `demo.rs` (that cluster, verified with
+//! the seed's queries), `bench/` (throughput, latency, memory, CPU), `failover_bench.rs`
+//! (failovers through patroxy and HAProxy); the PostgreSQL, process and cluster harness is the
+//! integration tests' (the patroxy-tests crate). Imports go one way (demo -> cluster -> cargo
+//! -> setup -> command); nothing uses `main.rs`.
 
 mod bench;
 mod cargo;

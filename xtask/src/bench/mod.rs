@@ -13,8 +13,12 @@
 //! patroxy-fallback, haproxy, repeated for `--rounds` rounds (interleaved, so a drift of the
 //! machine hits every target alike); the report takes medians over the rounds.
 //!
-//! Layout: `mod.rs` (options, processes), `workloads.rs` (the five workloads and the /proc
-//! counters), `report.rs` (medians, ratios, `bench/results.md`, the PNG chart).
+//! Layout: `mod.rs` (starts PostgreSQL and the proxies with their configs, runs the bench),
+//! `plan.rs` (options), `lab.rs` (the targets and the processes behind them), `workloads/`
+//! (one file per workload), `pgbench.rs` and `procfs.rs` (what the workloads run and read),
+//! `results.rs` (samples, medians, ratios), `environment.rs`, `markdown.rs` and `chart.rs`
+//! (`bench/results.md`, `bench/ratios.png`), `ab.rs` (`--ab`), `profile.rs` (`--profile`).
+//! Imports go one way: no file here uses `mod.rs`.
 
 mod ab;
 mod chart;
