@@ -63,3 +63,27 @@ pub fn run(lab: &Lab, t: &Target, args: &[String], timeout: Duration) -> Result<
 pub fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pgbench;
+
+    #[test]
+    fn reads_tps_transactions_and_latency() {
+        let out = "transaction type: <builtin: select only>\n\
+                   number of clients: 8\n\
+                   number of transactions actually processed: 123456\n\
+                   number of failed transactions: 0 (0.000%)\n\
+                   latency average = 0.389 ms\n\
+                   initial connection time = 12.345 ms\n\
+                   tps = 20567.123456 (without initial connection time)\n";
+        let p = parse_pgbench(out).expect("parsed");
+        assert_eq!(p.tps, 20567.123456);
+        assert_eq!(p.transactions, 123456);
+        assert_eq!(p.latency_ms, 0.389);
+        // With -t, pgbench prints "done/planned": the first number counts.
+        let limited = out.replace("processed: 123456", "processed: 1000/1000");
+        assert_eq!(parse_pgbench(&limited).expect("parsed").transactions, 1000);
+        assert!(parse_pgbench("tps = 1.0\n").is_none());
+    }
+}

@@ -133,3 +133,16 @@ pub fn delta(a: &Counters, b: &Counters) -> CpuDelta {
         kthreads_ms: kt as f64 * ms,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::stat_ticks;
+
+    #[test]
+    fn stat_ticks_sums_utime_and_stime_after_the_command_name() {
+        // The command name may hold spaces and parentheses; utime and stime are fields 14, 15.
+        let stat = "4242 (my (odd) proc) S 1 4242 4242 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 3 0";
+        assert_eq!(stat_ticks(stat), Some(12));
+        assert_eq!(stat_ticks("4242 (short) S 1"), None);
+    }
+}
