@@ -79,7 +79,8 @@ pub struct HealthCheck {
     pub path: String,
     pub expect_status: u16,
     pub tls: Option<CheckTls>,
-    /// A well-formed "not this role" answer marks a server down at once (patroxy extension).
+    /// Patroni's own "not this role" answer (its 503) marks a server down at once (patroxy
+    /// extension); other failed checks count toward `fall`.
     pub authoritative: bool,
 }
 

@@ -402,6 +402,7 @@ fn changes_since_reports_skipped_flaps() {
         state: None,
         timeline: None,
         detail: None,
+        from_patroni: true,
     };
     let h = &mut cur.listeners[0].servers[0].health;
     h.record(&ok, now);

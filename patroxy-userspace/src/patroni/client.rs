@@ -108,6 +108,11 @@ pub struct CheckOutcome {
     pub timeline: Option<u64>,
     /// A short error text for the log and stats ("connection refused", "body too large").
     pub detail: Option<String>,
+    /// Whether the answer is recognisably Patroni's own, which an authoritative check needs
+    /// before it trusts a 503: on GET, a JSON body carrying Patroni's `state` and `role`; on
+    /// HEAD and OPTIONS any complete HTTP answer, since Patroni sends those a bare status line
+    /// (no headers, no body) and the status is all there is to judge.
+    pub from_patroni: bool,
 }
 
 impl CheckOutcome {
@@ -120,6 +125,7 @@ impl CheckOutcome {
             state: None,
             timeline: None,
             detail: Some(detail.into()),
+            from_patroni: false,
         }
     }
 }
@@ -180,6 +186,9 @@ pub struct CheckClient {
     total: Duration,
 }
 
+/// Patroni's status JSON. Every GET on a health endpoint carries `state` and `role`, also when
+/// PostgreSQL is down (then little else), so their presence is what tells Patroni's answer from
+/// anything else listening on the port.
 #[derive(Deserialize)]
 struct PatroniBody {
     role: Option<String>,
@@ -266,6 +275,8 @@ impl CheckClient {
             state: None,
             timeline: None,
             detail: None,
+            // HEAD and OPTIONS: Patroni's answer is the status line alone (see the field's doc).
+            from_patroni: self.method != Method::GET,
         };
         if self.method == Method::GET && resp.status() != StatusCode::NO_CONTENT {
             let mut body = Vec::new();
@@ -292,9 +303,14 @@ impl CheckClient {
             // A body that is not Patroni's JSON leaves the role unknown; the status still
             // decides the check, as in HAProxy.
             if let Ok(p) = serde_json::from_slice::<PatroniBody>(&body) {
+                outcome.from_patroni = p.role.is_some() && p.state.is_some();
                 outcome.role = p.role.as_deref().map(Role::parse);
                 outcome.state = p.state;
                 outcome.timeline = p.timeline;
+            }
+            if !outcome.from_patroni && outcome.status == CheckStatus::L7Sts {
+                // Says in the log and stats why this status counts toward `fall` only.
+                outcome.detail = Some("not Patroni's status JSON".into());
             }
         }
         outcome.duration = start.elapsed();
@@ -354,6 +370,13 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
     use super::*;
 
     #[test]
@@ -368,6 +391,97 @@ mod tests {
         // unset: inter bounds everything.
         let t = CheckTimeouts::new(s(3), ms(500), None);
         assert_eq!((t.connect, t.read, t.total), (s(3), None, s(3)));
+    }
+
+    /// A node whose REST API writes `answer` to every request, then closes.
+    async fn node_answering(answer: String) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// An answer the way Patroni's REST API writes one to a GET: HTTP/1.0, no length, the
+    /// body ending with the connection.
+    fn get_answer(status: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.0 {status}\r\nServer: BaseHTTP/0.6 Python/3.11\r\n\
+             Content-Type: application/json\r\n\r\n{body}"
+        )
+    }
+
+    async fn check_once(addr: SocketAddr, method: CheckMethod) -> CheckOutcome {
+        let mut check = crate::patroni::test_config::check("/primary", true);
+        check.method = method;
+        let timeouts = CheckTimeouts::new(Duration::from_secs(2), Duration::from_secs(1), None);
+        let client = CheckClient::new(addr, &check, timeouts).unwrap();
+        client.check().await
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_patronis_when_its_body_is_patronis_status() {
+        let replica = r#"{"state": "running", "role": "replica", "timeline": 3, "patroni": {"version": "3.0.2", "scope": "demo"}}"#;
+        let primary = r#"{"state": "running", "role": "primary", "timeline": 3}"#;
+        // PostgreSQL down: Patroni still says who it is, and little else.
+        let stopped = r#"{"state": "stopped", "role": "replica"}"#;
+        for (answer, from_patroni) in [
+            (get_answer("503 Service Unavailable", replica), true),
+            (get_answer("200 OK", primary), true),
+            (get_answer("503 Service Unavailable", stopped), true),
+            (get_answer("503 Service Unavailable", "{}"), false),
+            (
+                get_answer("503 Service Unavailable", "<html>busy</html>"),
+                false,
+            ),
+            (
+                get_answer("500 Internal Server Error", "<html>oops</html>"),
+                false,
+            ),
+            (get_answer("404 Not Found", ""), false),
+        ] {
+            let o = check_once(node_answering(answer.clone()).await, CheckMethod::Get).await;
+            assert_eq!(o.from_patroni, from_patroni, "{answer}");
+            if !from_patroni {
+                assert_eq!(o.status, CheckStatus::L7Sts, "{answer}");
+                assert_eq!(o.detail.as_deref(), Some("not Patroni's status JSON"));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn head_and_options_answers_are_judged_by_status_alone() {
+        // Patroni's whole answer to HEAD and OPTIONS: a status line, no headers, no body.
+        let node = node_answering("HTTP/1.0 503 Service Unavailable\r\n\r\n".into()).await;
+        for method in [CheckMethod::Head, CheckMethod::Options] {
+            let o = check_once(node, method).await;
+            assert_eq!(
+                (o.status, o.code, o.from_patroni),
+                (CheckStatus::L7Sts, Some(503), true),
+                "{method:?}"
+            );
+        }
+        // No answer at all is nobody's.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let o = check_once(addr, CheckMethod::Head).await;
+        assert_eq!((o.status, o.from_patroni), (CheckStatus::L4Con, false));
     }
 
     #[test]

@@ -5,16 +5,21 @@
 //! and dropping below `rise` jumps to 0 (fully DOWN). So a DOWN server needs `rise` successes in
 //! a row and an UP one `fall` failures in a row: one odd answer never flips a server.
 //!
-//! patroxy adds authoritative answers: a well-formed HTTP status that is not the expected one
-//! (Patroni's 503 on /primary: "I am not the primary") is Patroni telling us the truth, not a
-//! glitch, so it drops the server at once instead of letting writes reach a demoted primary for
-//! `fall * inter`. Timeouts, refusals and garbage still count against `fall`.
+//! patroxy adds authoritative answers: Patroni's own 503 (on /primary: "I am not the primary")
+//! is Patroni telling us the truth, not a glitch, so it drops the server at once instead of
+//! letting writes reach a demoted primary for `fall * inter`. Only that answer: a 503 that is
+//! recognisably Patroni's (see [`CheckOutcome::from_patroni`]). Any other unexpected status (a
+//! 500 from a failing handler, a 404 from something else on the port, a 503 from a proxy),
+//! timeouts, refusals and garbage count against `fall`, as HAProxy counts them.
 use std::{fmt, time::Duration};
 
 use tokio::time::Instant;
 
 use super::client::{CheckOutcome, CheckStatus, Role};
 use crate::config::model::{CheckTiming, InitState};
+
+/// Patroni's "not this role" status, the one answer an authoritative check acts on at once.
+const NOT_THIS_ROLE: u16 = 503;
 
 /// What the stats show for a server, HAProxy style.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,8 +229,7 @@ impl ServerHealth {
         } else if self.health > 0 {
             self.failed_checks += 1;
             self.health -= 1;
-            let authoritative = self.authoritative && outcome.status == CheckStatus::L7Sts;
-            if self.health < self.rise || authoritative {
+            if self.health < self.rise || (self.authoritative && says_not_this_role(outcome)) {
                 self.health = 0;
             }
         }
@@ -245,6 +249,13 @@ impl ServerHealth {
     }
 }
 
+/// Whether `outcome` is Patroni itself answering "not this role".
+fn says_not_this_role(outcome: &CheckOutcome) -> bool {
+    outcome.status == CheckStatus::L7Sts
+        && outcome.code == Some(NOT_THIS_ROLE)
+        && outcome.from_patroni
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +270,7 @@ mod tests {
         }
     }
 
+    /// A check ending in `status`; an L7STS is Patroni's own 503.
     fn outcome(status: CheckStatus) -> CheckOutcome {
         CheckOutcome {
             status,
@@ -272,19 +284,38 @@ mod tests {
             state: None,
             timeline: None,
             detail: None,
+            from_patroni: matches!(status, CheckStatus::L7Ok | CheckStatus::L7Sts),
         }
+    }
+
+    /// An HTTP answer with an unexpected status: `from_patroni` as the client decided it.
+    fn wrong_status(code: u16, from_patroni: bool) -> CheckOutcome {
+        CheckOutcome {
+            code: Some(code),
+            from_patroni,
+            ..outcome(CheckStatus::L7Sts)
+        }
+    }
+
+    /// Feeds `outcomes` one second apart; returns the states shown after each and the transitions.
+    fn run_outcomes(
+        h: &mut ServerHealth,
+        outcomes: &[CheckOutcome],
+    ) -> (Vec<String>, Vec<Transition>) {
+        let now = Instant::now();
+        let mut states = Vec::new();
+        let mut transitions = Vec::new();
+        for (i, o) in outcomes.iter().enumerate() {
+            transitions.extend(h.record(o, now + Duration::from_secs(i as u64)));
+            states.push(h.server_state().to_string());
+        }
+        (states, transitions)
     }
 
     /// Feeds `statuses` and returns the states shown after each, plus the transitions seen.
     fn run(h: &mut ServerHealth, statuses: &[CheckStatus]) -> (Vec<String>, Vec<Transition>) {
-        let now = Instant::now();
-        let mut states = Vec::new();
-        let mut transitions = Vec::new();
-        for (i, s) in statuses.iter().enumerate() {
-            transitions.extend(h.record(&outcome(*s), now + Duration::from_secs(i as u64)));
-            states.push(h.server_state().to_string());
-        }
-        (states, transitions)
+        let outcomes: Vec<CheckOutcome> = statuses.iter().map(|s| outcome(*s)).collect();
+        run_outcomes(h, &outcomes)
     }
 
     use CheckStatus::{L4Con, L4Tout, L7Ok, L7Rsp, L7Sts, L7Tout};
@@ -352,6 +383,30 @@ mod tests {
             assert_eq!(states, ["UP 2/3", "UP 1/3", "DOWN"], "{failure:?}");
             assert_eq!(tr, [Transition::WentDown]);
         }
+    }
+
+    #[test]
+    fn only_patronis_503_is_authoritative() {
+        for other in [
+            wrong_status(500, true),
+            wrong_status(404, true),
+            wrong_status(502, true),
+            // A 503 whose body is not Patroni's JSON: a proxy or another service on the port.
+            wrong_status(503, false),
+        ] {
+            let what = format!("{:?} from_patroni={}", other.code, other.from_patroni);
+            let mut h = ServerHealth::new(&timing(2, 3), InitState::Up, true, Instant::now());
+            let (states, tr) = run_outcomes(&mut h, &[other.clone(), other.clone()]);
+            assert_eq!(states, ["UP 2/3", "UP 1/3"], "{what}");
+            assert!(tr.is_empty(), "{what}");
+            let (states, tr) = run_outcomes(&mut h, &[other]);
+            assert_eq!(states, ["DOWN"], "{what}");
+            assert_eq!(tr, [Transition::WentDown], "{what}");
+            assert_eq!(h.failed_checks, 3, "{what}");
+        }
+        let mut h = ServerHealth::new(&timing(2, 3), InitState::Up, true, Instant::now());
+        let (states, _) = run_outcomes(&mut h, &[wrong_status(503, true)]);
+        assert_eq!(states, ["DOWN"]);
     }
 
     #[test]
