@@ -7,9 +7,14 @@ use std::{fmt, time::Duration};
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
 /// A duration read from the config; zero is accepted here and refused by validation, which knows
-/// which settings may be zero.
+/// which settings may be zero and how short each may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Dur(pub Duration);
+
+/// The longest duration accepted anywhere: 2^31-1 ms (24.8 days), HAProxy's own limit. Without
+/// one, "3000000000000000h" parsed and then overflowed every deadline computed from it (a panic
+/// in each client session, or in the checker).
+pub(crate) const MAX: Duration = Duration::from_millis(i32::MAX as u64);
 
 const HINT: &str =
     "write a duration like \"4s\", \"30m\", \"1h30m\", \"250ms\" or an integer of milliseconds";
@@ -30,20 +35,30 @@ impl Visitor<'_> for DurVisitor {
     }
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| E::custom(format!("invalid duration `{s}`: {e}; {HINT}")))
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| E::custom(format!("invalid duration `{s}`: {e}; {HINT}")))?;
+        at_most_max(d, format_args!("`{s}`"))
     }
 
     fn visit_i64<E: de::Error>(self, ms: i64) -> Result<Dur, E> {
-        u64::try_from(ms)
-            .map(|ms| Dur(Duration::from_millis(ms)))
-            .map_err(|_| E::custom(format!("invalid duration {ms}: negative; {HINT}")))
+        let ms = u64::try_from(ms)
+            .map_err(|_| E::custom(format!("invalid duration {ms}: negative; {HINT}")))?;
+        self.visit_u64(ms)
     }
 
     fn visit_u64<E: de::Error>(self, ms: u64) -> Result<Dur, E> {
-        Ok(Dur(Duration::from_millis(ms)))
+        at_most_max(Duration::from_millis(ms), ms)
     }
+}
+
+fn at_most_max<E: de::Error>(d: Duration, written: impl fmt::Display) -> Result<Dur, E> {
+    if d > MAX {
+        return Err(E::custom(format!(
+            "invalid duration {written}: longer than the most, {} (2^31-1 ms, as in HAProxy)",
+            humantime::format_duration(MAX)
+        )));
+    }
+    Ok(Dur(d))
 }
 
 #[cfg(test)]
@@ -81,5 +96,21 @@ mod tests {
         assert!(parse("-5").unwrap_err().contains("negative"));
         assert!(parse("1.5").is_err());
         assert!(parse("true").is_err());
+    }
+
+    #[test]
+    fn refuses_what_would_overflow_a_deadline() {
+        assert_eq!(
+            parse("2147483647"),
+            Ok(Duration::from_millis(2_147_483_647))
+        );
+        assert_eq!(
+            parse("\"24days 20h 31m 23s 647ms\""),
+            Ok(Duration::from_millis(2_147_483_647))
+        );
+        for too_long in ["2147483648", "\"25d\"", "\"3000000000000000h\""] {
+            let err = parse(too_long).unwrap_err();
+            assert!(err.contains("longer than the most"), "{too_long}: {err}");
+        }
     }
 }

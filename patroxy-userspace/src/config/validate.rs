@@ -19,6 +19,16 @@ const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", 
 /// readable and printing it costs more than the forwarding it describes.
 const MAX_BPF_LOG_RATE: u32 = 10_000;
 
+/// Shortest check interval (`inter`, `fastinter`, `downinter`). Every check costs Patroni a
+/// request and a PostgreSQL query, and a bare number is milliseconds (`inter = 3` is 3 ms, not
+/// 3 s), so a few milliseconds is a mistake; 50 ms still finds a new primary within a blink.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+/// Shortest timeout: below it a connect, a check's answer or an idle session fails on ordinary
+/// scheduling delay, and a bare number meant as seconds (`timeout_connect = 4`) is caught.
+const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// Shortest stats `refresh`: the page reloads itself in whole seconds.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+
 pub(crate) fn validate(raw: &RawConfig, src: &Source) -> Result<Config, Vec<Diagnostic>> {
     let mut v = Validator {
         src,
@@ -76,10 +86,9 @@ impl Validator<'_> {
         }
         let stats = raw.stats.as_ref().map(|s| Stats {
             bind: self.bind(&s.bind, "[stats]".to_string()),
-            refresh: s
-                .refresh
-                .as_ref()
-                .map_or(Duration::from_secs(5), |d| self.positive(d, "refresh")),
+            refresh: s.refresh.as_ref().map_or(Duration::from_secs(5), |d| {
+                self.duration(d, "refresh", MIN_REFRESH)
+            }),
             admin: match s.admin.unwrap_or(RawAdminAccess::Local) {
                 RawAdminAccess::Off => AdminAccess::Off,
                 RawAdminAccess::Local => AdminAccess::Local,
@@ -143,41 +152,50 @@ impl Validator<'_> {
     }
 
     fn defaults(&mut self, raw: &RawDefaults) -> Defaults {
-        let timeout_connect = self.positive(&raw.timeout_connect, "timeout_connect");
+        let mut timeout = |d: &Spanned<Dur>, what: &str| self.duration(d, what, MIN_TIMEOUT);
+        let timeout_client = timeout(&raw.timeout_client, "timeout_client");
+        let timeout_server = timeout(&raw.timeout_server, "timeout_server");
+        let timeout_connect = timeout(&raw.timeout_connect, "timeout_connect");
+        let timeout_check = raw
+            .timeout_check
+            .as_ref()
+            .map(|d| timeout(d, "timeout_check"));
+        let timeout_queue = raw
+            .timeout_queue
+            .as_ref()
+            .map_or(timeout_connect, |d| timeout(d, "timeout_queue"));
         Defaults {
             retries: raw.retries.unwrap_or(3),
             redispatch: raw.redispatch.unwrap_or(false),
-            timeout_client: self.positive(&raw.timeout_client, "timeout_client"),
-            timeout_server: self.positive(&raw.timeout_server, "timeout_server"),
+            timeout_client,
+            timeout_server,
             timeout_connect,
-            timeout_check: raw
-                .timeout_check
-                .as_ref()
-                .map(|d| self.positive(d, "timeout_check")),
-            timeout_queue: raw
-                .timeout_queue
-                .as_ref()
-                .map_or(timeout_connect, |d| self.positive(d, "timeout_queue")),
+            timeout_check,
+            timeout_queue,
         }
     }
 
     /// Every `[[server]]` with `[default_server]` merged in, by name.
     fn servers<'r>(&mut self, raw: &'r RawConfig) -> HashMap<&'r str, ServerSpec> {
         let ds = &raw.default_server;
+        let mut interval =
+            |d: &Spanned<Dur>, what: &str| self.duration(d, what, MIN_CHECK_INTERVAL);
         let inter = ds
             .inter
             .as_ref()
-            .map_or(Duration::from_secs(2), |d| self.positive(d, "inter"));
+            .map_or(Duration::from_secs(2), |d| interval(d, "inter"));
+        let fastinter = ds
+            .fastinter
+            .as_ref()
+            .map_or(inter, |d| interval(d, "fastinter"));
+        let downinter = ds
+            .downinter
+            .as_ref()
+            .map_or(inter, |d| interval(d, "downinter"));
         let timing = CheckTiming {
             inter,
-            fastinter: ds
-                .fastinter
-                .as_ref()
-                .map_or(inter, |d| self.positive(d, "fastinter")),
-            downinter: ds
-                .downinter
-                .as_ref()
-                .map_or(inter, |d| self.positive(d, "downinter")),
+            fastinter,
+            downinter,
             fall: ds.fall.as_ref().map_or(3, |n| self.nonzero(n, "fall")),
             rise: ds.rise.as_ref().map_or(2, |n| self.nonzero(n, "rise")),
         };
@@ -390,10 +408,20 @@ impl Validator<'_> {
         }
     }
 
-    fn positive(&mut self, raw: &Spanned<Dur>, what: &str) -> Duration {
+    /// A duration no shorter than `min` (the longest was bounded when it was read).
+    fn duration(&mut self, raw: &Spanned<Dur>, what: &str, min: Duration) -> Duration {
         let d = raw.get_ref().0;
         if d.is_zero() {
             self.error(raw.span(), format!("{what} must be greater than zero"));
+        } else if d < min {
+            self.error(
+                raw.span(),
+                format!(
+                    "{what} must be at least {}, not {} (bare numbers are milliseconds)",
+                    humantime::format_duration(min),
+                    humantime::format_duration(d)
+                ),
+            );
         }
         d
     }
