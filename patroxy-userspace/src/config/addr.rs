@@ -4,7 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 /// `*:port` (all IPv4 addresses, like HAProxy's `bind *:port`), `IP:port` or `[IPv6]:port`.
-/// Port 0 is allowed: the kernel picks one, which tests use.
+/// Port 0 is refused: the kernel would pick a random port that no client knows (and the logs
+/// and stats would show 0).
 pub(crate) fn parse_bind(s: &str) -> Result<SocketAddr, String> {
     let parsed = match s.strip_prefix("*:") {
         Some(port) => port
@@ -13,14 +14,20 @@ pub(crate) fn parse_bind(s: &str) -> Result<SocketAddr, String> {
             .map(|p| (Ipv4Addr::UNSPECIFIED, p).into()),
         None => s.parse::<SocketAddr>().ok(),
     };
-    parsed.ok_or_else(|| format!("bad bind `{s}`: expected `*:port`, `IP:port` or `[IPv6]:port`"))
+    let addr = parsed
+        .ok_or_else(|| format!("bad bind `{s}`: expected `*:port`, `IP:port` or `[IPv6]:port`"))?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "bad bind `{s}`: port 0 would listen on a random port; give the port clients use"
+        ));
+    }
+    Ok(addr)
 }
 
 /// Whether two binds would fight for the same port: same address, or a wildcard covering the
 /// other. `[::]` also covers IPv4 (Linux's default `bindv6only=0`); `0.0.0.0` covers only IPv4.
-/// Port 0 never conflicts, each such bind gets its own port.
 pub(crate) fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    if a.port() != b.port() || a.port() == 0 {
+    if a.port() != b.port() {
         return false;
     }
     let covers = |wild: IpAddr, other: IpAddr| {
@@ -96,6 +103,9 @@ mod tests {
             "localhost:5432",
             ":5432",
             "1.2.3.4",
+            "127.0.0.1:0",
+            "*:0",
+            "[::]:0",
         ] {
             assert!(parse_bind(bad).is_err(), "{bad}");
         }
@@ -110,7 +120,6 @@ mod tests {
         assert!(!binds_overlap(sa("0.0.0.0:1"), sa("[::1]:1")));
         assert!(!binds_overlap(sa("127.0.0.1:1"), sa("127.0.0.2:1")));
         assert!(!binds_overlap(sa("0.0.0.0:1"), sa("0.0.0.0:2")));
-        assert!(!binds_overlap(sa("0.0.0.0:0"), sa("0.0.0.0:0")));
     }
 
     #[test]
