@@ -5,14 +5,18 @@
 //! - `duration`, `addr`: how durations, binds and server addresses are written.
 //! - `validate`: raw -> `model` in one pass, every default applied and every reference resolved.
 //! - `model`: the typed `Config` the rest of the daemon uses.
+//! - `tls`: the checks' PEM files, read the same way by validation and by the checker.
 //! - `error`: `ConfigError`, whose messages read `file:line:column: problem`.
 //!
 //! Nothing is bound or loaded before `load` succeeds, so a bad file never half-starts the proxy.
+//! Validation also looks at this host where the file names something on it (server host names,
+//! TLS files, the pin directory's parent), so `check-config` refuses what `run` would.
 mod addr;
 mod duration;
 mod error;
 pub mod model;
 mod raw;
+pub mod tls;
 mod validate;
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ impl<'de> Deserialize<'de> for RawMethod {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTls {
-    pub ca_file: PathBuf,
+    pub ca_file: Spanned<PathBuf>,
     pub client_cert: Option<Spanned<PathBuf>>,
     pub client_key: Option<Spanned<PathBuf>>,
 }

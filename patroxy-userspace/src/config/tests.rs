@@ -158,7 +158,10 @@ fn everything_fixture_values() {
         (CheckMethod::Head, false)
     );
     let tls = check.tls.as_ref().unwrap();
-    assert_eq!(tls.client_key, Some(PathBuf::from("/etc/patroni/k.pem")));
+    assert_eq!(
+        tls.client_key,
+        Some(PathBuf::from("src/config/fixtures/tls/client-key.pem"))
+    );
     let [v4, v6, named] = &leader.servers[..] else {
         panic!()
     };

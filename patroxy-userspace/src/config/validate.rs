@@ -10,6 +10,7 @@ use super::duration::Dur;
 use super::error::{Diagnostic, Source};
 use super::model::*;
 use super::raw::*;
+use super::tls;
 
 /// Check paths whose 200 means "this is the writable node": listeners checking them default to
 /// `balance first`, since there is one primary and spreading writes makes no sense.
@@ -352,8 +353,9 @@ impl Validator<'_> {
                 ),
                 _ => {}
             }
+            self.tls_files(t);
             CheckTls {
-                ca_file: t.ca_file.clone(),
+                ca_file: t.ca_file.get_ref().clone(),
                 client_cert: t.client_cert.as_ref().map(|c| c.get_ref().clone()),
                 client_key: t.client_key.as_ref().map(|k| k.get_ref().clone()),
             }
@@ -368,6 +370,23 @@ impl Validator<'_> {
             expect_status,
             tls,
             authoritative: raw.authoritative.unwrap_or(true),
+        }
+    }
+
+    /// Reads the TLS files as the checker will, reporting each problem at the setting naming
+    /// the file: a check that cannot load them would stop `run` (or fail every check).
+    fn tls_files(&mut self, raw: &RawTls) {
+        if let Err(e) = tls::ca_certificates(raw.ca_file.get_ref()) {
+            self.error(raw.ca_file.span(), e.to_string());
+        }
+        if let (Some(cert), Some(key)) = (&raw.client_cert, &raw.client_key)
+            && let Err(e) = tls::identity(cert.get_ref(), key.get_ref())
+        {
+            let span = match e.setting() {
+                tls::TlsSetting::ClientCert => cert.span(),
+                _ => key.span(),
+            };
+            self.error(span, e.to_string());
         }
     }
 

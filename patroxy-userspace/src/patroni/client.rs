@@ -10,7 +10,10 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::config::model::{CheckMethod, CheckTls, HealthCheck};
+use crate::config::{
+    model::{CheckMethod, CheckTls, HealthCheck},
+    tls::{self, TlsFileError},
+};
 
 /// The most of a body a check reads. Patroni's answers are ~1 KiB; a bigger body is not Patroni
 /// and must not make the checker buffer it.
@@ -132,11 +135,8 @@ impl CheckOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("reading check TLS file {path}: {source}")]
-    TlsFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    TlsFile(#[from] TlsFileError),
     #[error("building the check HTTP client: {0}")]
     Build(#[from] reqwest::Error),
 }
@@ -318,28 +318,18 @@ impl CheckClient {
     }
 }
 
+/// Trusts only `ca_file`; presents the client certificate when one is set (validation makes
+/// sure client_cert and client_key come together).
 fn with_tls(
     b: reqwest::ClientBuilder,
     tls: &CheckTls,
 ) -> Result<reqwest::ClientBuilder, ClientError> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|source| ClientError::TlsFile {
-            path: p.to_path_buf(),
-            source,
-        })
-    };
     let mut b = b.tls_built_in_root_certs(false);
-    for cert in reqwest::Certificate::from_pem_bundle(&read(&tls.ca_file)?)? {
+    for cert in tls::ca_certificates(&tls.ca_file)? {
         b = b.add_root_certificate(cert);
     }
-    if let Some(cert) = &tls.client_cert {
-        // rustls wants key and certificate in one PEM buffer; the key may sit in the cert file.
-        let mut pem = read(cert)?;
-        if let Some(key) = &tls.client_key {
-            pem.push(b'\n');
-            pem.extend(read(key)?);
-        }
-        b = b.identity(reqwest::Identity::from_pem(&pem)?);
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        b = b.identity(tls::identity(cert, key)?);
     }
     Ok(b)
 }
