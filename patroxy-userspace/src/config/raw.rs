@@ -30,7 +30,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawGlobal {
     pub maxconn: Option<Spanned<u32>>,
-    pub bpf: Option<RawBpf>,
+    pub bpf: Option<Spanned<RawBpf>>,
     pub pin_path: Option<Spanned<PathBuf>>,
     pub bpf_log: Option<Spanned<bool>>,
     pub bpf_log_rate: Option<Spanned<u32>>,

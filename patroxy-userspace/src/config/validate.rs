@@ -117,11 +117,30 @@ impl Validator<'_> {
                 p.get_ref().clone()
             }
         };
-        let bpf = match raw.bpf.unwrap_or(RawBpf::Auto) {
+        let bpf = match raw.bpf.as_ref().map_or(RawBpf::Auto, |b| *b.get_ref()) {
             RawBpf::Auto => BpfMode::Auto,
             RawBpf::Required => BpfMode::Required,
             RawBpf::Off => BpfMode::Off,
         };
+        // Only "required" refuses to start without the maps pinned. "auto" falls back to the
+        // userspace path with a log line saying why, which is what it is for (one file may
+        // serve hosts with and without bpffs), so there a missing directory is not an error.
+        if bpf == BpfMode::Required
+            && pin_path.is_absolute()
+            && let Some(problem) = pin_parent_problem(&pin_path)
+        {
+            let span = match (&raw.pin_path, &raw.bpf) {
+                (Some(p), _) => p.span(),
+                (None, Some(b)) => b.span(),
+                (None, None) => 0..0,
+            };
+            self.error(
+                span,
+                format!(
+                    "pin_path {pin_path:?}: {problem}, and bpf = \"required\" pins the maps there"
+                ),
+            );
+        }
         let bpf_log = raw.bpf_log.as_ref().is_some_and(|b| *b.get_ref());
         if let Some(b) = &raw.bpf_log
             && bpf_log
@@ -463,5 +482,21 @@ impl Validator<'_> {
     fn fallback(&mut self, span: Range<usize>, message: String) -> SocketAddr {
         self.error(span, message);
         SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+}
+
+/// Why the maps could not be pinned at `pin_path` for lack of its parent directory, if so.
+/// Whether that directory is a mounted bpffs is the host's state at start-up (the daemon mounts
+/// /sys/fs/bpf itself), so that is left to `run`.
+fn pin_parent_problem(pin_path: &std::path::Path) -> Option<String> {
+    match pin_path.parent() {
+        None => Some("has no parent directory".into()),
+        Some(parent) if !parent.exists() => {
+            Some(format!("its parent directory {parent:?} does not exist"))
+        }
+        Some(parent) if !parent.is_dir() => {
+            Some(format!("its parent {parent:?} is not a directory"))
+        }
+        Some(_) => None,
     }
 }

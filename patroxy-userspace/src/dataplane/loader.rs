@@ -143,6 +143,12 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
     let parent = dir
         .parent()
         .ok_or_else(|| err("has no parent directory".into()))?;
+    if !parent.exists() {
+        return Err(err(format!(
+            "its parent directory {} does not exist",
+            parent.display()
+        )));
+    }
     if !is_bpffs(parent) && parent == Path::new("/sys/fs/bpf") {
         mount_bpffs(parent).map_err(|e| err(format!("mounting bpffs on /sys/fs/bpf: {e}")))?;
     }
@@ -200,4 +206,19 @@ fn mount_bpffs(target: &Path) -> std::io::Result<()> {
     }
     info!(target = %target.to_string_lossy(), "mounted bpffs");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_parent_is_named_as_missing() {
+        let err = prepare_pin_dir(Path::new("/nonexistent/patroxy/maps")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pin directory /nonexistent/patroxy/maps: its parent directory /nonexistent/patroxy \
+             does not exist"
+        );
+    }
 }
