@@ -47,7 +47,7 @@ pub(crate) enum RawBpf {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDefaults {
-    pub retries: Option<u32>,
+    pub retries: Option<Spanned<u32>>,
     pub redispatch: Option<bool>,
     pub timeout_client: Spanned<Dur>,
     pub timeout_server: Spanned<Dur>,

@@ -20,6 +20,10 @@ const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", 
 /// readable and printing it costs more than the forwarding it describes.
 const MAX_BPF_LOG_RATE: u32 = 10_000;
 
+/// Most connect `retries`. Each waits a turn-around of up to a second, so a hundred already hold
+/// a client for minutes (and 2^32-1 overflowed the session's count of attempts).
+const MAX_RETRIES: u32 = 100;
+
 /// Shortest check interval (`inter`, `fastinter`, `downinter`). Every check costs Patroni a
 /// request and a PostgreSQL query, and a bare number is milliseconds (`inter = 3` is 3 ms, not
 /// 3 s), so a few milliseconds is a mistake; 50 ms still finds a new primary within a blink.
@@ -185,7 +189,12 @@ impl Validator<'_> {
             .as_ref()
             .map_or(timeout_connect, |d| timeout(d, "timeout_queue"));
         Defaults {
-            retries: raw.retries.unwrap_or(3),
+            retries: raw.retries.as_ref().map_or(3, |r| {
+                if *r.get_ref() > MAX_RETRIES {
+                    self.error(r.span(), format!("retries must be at most {MAX_RETRIES}"));
+                }
+                *r.get_ref()
+            }),
             redispatch: raw.redispatch.unwrap_or(false),
             timeout_client,
             timeout_server,
