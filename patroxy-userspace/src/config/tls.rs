@@ -56,13 +56,24 @@ impl TlsFileError {
 /// server could ever be verified and every check would fail.
 pub fn ca_certificates(path: &Path) -> Result<Vec<reqwest::Certificate>, TlsFileError> {
     let pem = read(TlsSetting::CaFile, path)?;
-    certificates(TlsSetting::CaFile, path, &pem)?
+    let unusable = |e: &dyn std::error::Error| {
+        content(
+            TlsSetting::CaFile,
+            path,
+            format!("is unusable: {}", root_cause(e)),
+        )
+    };
+    let roots = certificates(TlsSetting::CaFile, path, &pem)?
         .iter()
-        .map(|der| {
-            reqwest::Certificate::from_der(der)
-                .map_err(|e| content(TlsSetting::CaFile, path, format!("is unusable: {e}")))
-        })
-        .collect()
+        .map(|der| reqwest::Certificate::from_der(der).map_err(|e| unusable(&e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The TLS library parses a root only when it is added to a configuration.
+    roots
+        .iter()
+        .fold(tls_client(), |b, root| b.add_root_certificate(root.clone()))
+        .build()
+        .map_err(|e| unusable(&e))?;
+    Ok(roots)
 }
 
 /// The client identity of `client_cert` and `client_key`, checked the way the TLS library
@@ -88,13 +99,18 @@ pub fn identity(cert: &Path, key: &Path) -> Result<reqwest::Identity, TlsFileErr
     let identity = reqwest::Identity::from_pem(&pem).map_err(|e| unusable(&e))?;
     // Only building a TLS configuration checks that the key is the certificate's (and that the
     // TLS library takes both): do it now rather than at the first check.
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
+    tls_client()
         .identity(identity.clone())
         .build()
         .map_err(|e| unusable(&e))?;
     Ok(identity)
+}
+
+/// A client builder with the checker's TLS library and no other roots, to try material on.
+fn tls_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
 }
 
 fn read(setting: TlsSetting, path: &Path) -> Result<Vec<u8>, TlsFileError> {
