@@ -1,5 +1,6 @@
 pub mod backend;
 pub mod cluster;
+pub mod config;
 pub mod daemon;
 pub mod fake_patroni;
 pub mod ports;
