@@ -7,7 +7,6 @@
 //! dropped unless [`Cluster::detach`] was called (`cargo xtask cluster up` leaves it running).
 
 pub mod etcd;
-pub mod haproxy;
 pub mod netns;
 pub mod patroni;
 pub mod proxy;

@@ -1,6 +1,8 @@
-//! The proxies in front of the cluster, in the root namespace: patroxy (the seed's settings
-//! plus `fastinter = "500ms"`) and HAProxy (the seed's settings exactly). Their pids are
-//! recorded in the state dir so `down` stops them after a crashed run too.
+//! The proxies in front of the cluster, in the root namespace, listening on 127.0.0.1: patroxy
+//! (the seed's settings plus `fastinter = "500ms"`) and Debian's HAProxy (the seed's settings
+//! exactly: inter 3s fall 3 rise 2, timeout check 5s, connect 4s, retries 2, HAProxy's default
+//! fastinter = inter; only the binds and logging differ from reference/haproxy.cfg). Their pids
+//! are recorded in the state dir so `down` stops them after a crashed run too.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -11,6 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::patroni::Node;
 use super::{STATE_DIR, err};
+use crate::config::{
+    Balance, Bpf, CheckConfig, HaproxyLog, ListenerConfig, Method, ProxyConfig, ServerConfig,
+    StatsConfig,
+};
 use crate::ports::wait_for_listen;
 use crate::postgres::PgError;
 
@@ -30,76 +36,62 @@ impl Kind {
     }
 }
 
-/// patroxy's config for the cluster: the seed's (patroxy.toml) with the test hosts, local
-/// ports and `fastinter = "500ms"`.
-pub fn patroxy_config(
-    nodes: &[Node],
-    write_port: u16,
-    read_port: u16,
-    stats_port: u16,
-    bpf: &str,
-    pin_path: &Path,
-) -> String {
-    let servers: String = nodes
+/// Both proxies' config for the cluster: the seed's settings (patroxy.toml, reference/haproxy.cfg)
+/// with the test hosts and the local ports `(write, read, stats)`.
+pub fn seed_config(nodes: &[Node], ports: (u16, u16, u16)) -> ProxyConfig {
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    let servers = nodes
         .iter()
         .map(|n| {
-            format!(
-                "[[server]]\nname = \"{}\"\naddress = \"{}:5432\"\ncheck_port = 8008\nmaxconn = 200\n\n",
-                n.name, n.ip
-            )
+            let ip = n.ip.parse().expect("a node's ip is an IP address");
+            ServerConfig::new(&n.name, SocketAddr::new(ip, 5432))
+                .check_port(8008)
+                .maxconn(200)
         })
         .collect();
-    let names = nodes
-        .iter()
-        .map(|n| format!("\"{}\"", n.name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"# Written by the patroxy cluster harness: the seed's settings, test hosts, fastinter 500ms.
-[global]
-maxconn = 2000
-bpf = "{bpf}"
-pin_path = "{pin}"
-
-[defaults]
-retries = 2
-timeout_client = "30m"
-timeout_server = "30m"
-timeout_connect = "4s"
-timeout_check = "5s"
-
-[default_server]
-inter = "3s"
-fastinter = "500ms"
-fall = 3
-rise = 2
-on_marked_down = "shutdown-sessions"
-
-{servers}[[listener]]
-name = "postgres_write"
-bind = "127.0.0.1:{write_port}"
-servers = [{names}]
-[listener.check]
-method = "GET"
-path = "/primary"
-expect_status = 200
-
-[[listener]]
-name = "postgres_read"
-bind = "127.0.0.1:{read_port}"
-balance = "roundrobin"
-servers = [{names}]
-[listener.check]
-method = "GET"
-path = "/replica"
-expect_status = 200
-
-[stats]
-bind = "127.0.0.1:{stats_port}"
-refresh = "5s"
-"#,
-        pin = pin_path.display()
+    let check = |path| {
+        CheckConfig::new(path)
+            .method(Method::Get)
+            .expect_status(200)
+    };
+    ProxyConfig {
+        servers,
+        ..ProxyConfig::seed()
+    }
+    .listener(
+        ListenerConfig::new("postgres_write", local(ports.0), names.clone())
+            .check(check("/primary")),
     )
+    .listener(
+        ListenerConfig::new("postgres_read", local(ports.1), names)
+            .balance(Balance::RoundRobin)
+            .check(check("/replica")),
+    )
+    .stats(StatsConfig::new(local(ports.2)).refresh(Duration::from_secs(5)))
+}
+
+/// patroxy's config for the cluster: [`seed_config`] with `fastinter = "500ms"`, data path
+/// `bpf` and its maps pinned at `pin_path`.
+pub fn patroxy_config(nodes: &[Node], ports: (u16, u16, u16), bpf: Bpf, pin_path: &Path) -> String {
+    let mut config = seed_config(nodes, ports).data_path(bpf, pin_path);
+    config.default_server.fastinter = Some(Duration::from_millis(500));
+    format!(
+        "# Written by the patroxy cluster harness: the seed's settings, test hosts, fastinter 500ms.\n{}",
+        config.to_toml()
+    )
+}
+
+/// HAProxy's config for the cluster: [`seed_config`] exactly (HAProxy's default fastinter is
+/// inter), logging to stderr instead of /dev/log so the harness keeps its log.
+pub fn haproxy_config(nodes: &[Node], ports: (u16, u16, u16)) -> String {
+    format!(
+        "# Written by the patroxy cluster harness from the seed's haproxy.cfg.\n{}",
+        seed_config(nodes, ports).to_haproxy_cfg(HaproxyLog::Stderr)
+    )
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// A proxy process in the root namespace, stopped when dropped (unless detached).
@@ -123,26 +115,21 @@ impl Proxy {
         bpf: &str,
     ) -> Result<Proxy, PgError> {
         let dir = Path::new(STATE_DIR);
+        let bpf: Bpf = bpf.parse().map_err(err)?;
         let pin = PathBuf::from(format!("/sys/fs/bpf/patroxy-cluster-{}", ports.0));
         let cfg = dir.join(format!("patroxy-{}.toml", ports.0));
-        std::fs::write(
-            &cfg,
-            patroxy_config(nodes, ports.0, ports.1, ports.2, bpf, &pin),
-        )?;
+        std::fs::write(&cfg, patroxy_config(nodes, ports, bpf, &pin))?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("--config").arg(&cfg);
         cmd.env("PATROXY_LOG", "info");
         Self::spawn(Kind::Patroxy, cmd, ports)
     }
 
-    /// Starts Debian's HAProxy (foreground) with [`super::haproxy::config`].
+    /// Starts Debian's HAProxy (foreground) with [`haproxy_config`].
     pub fn start_haproxy(nodes: &[Node], ports: (u16, u16, u16)) -> Result<Proxy, PgError> {
         let dir = Path::new(STATE_DIR);
         let cfg = dir.join(format!("haproxy-{}.cfg", ports.0));
-        std::fs::write(
-            &cfg,
-            super::haproxy::config(nodes, ports.0, ports.1, ports.2),
-        )?;
+        std::fs::write(&cfg, haproxy_config(nodes, ports))?;
         let mut cmd = Command::new("/usr/sbin/haproxy");
         cmd.arg("-db").arg("-f").arg(&cfg);
         Self::spawn(Kind::Haproxy, cmd, ports)
