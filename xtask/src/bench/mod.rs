@@ -40,6 +40,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use patroxy_tests::config::{
+    Bpf, DefaultServer, HaproxyLog, ListenerConfig, ProxyConfig, ServerConfig,
+};
 use patroxy_tests::ports::{free_tcp_port, wait_for_listen};
 use patroxy_tests::postgres::{Postgres, PostgresOptions};
 use patroxy_tests::process::ChildGuard;
@@ -62,57 +65,39 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// patroxy's config for one data path: the seed's globals and defaults, one listener, one
-/// server without a health check (so it is always up) and without a per-server maxconn
-/// (the seed's 200 per server would queue the 2000 idle sessions on one server).
-fn patroxy_toml(bpf: &str, pin: &Path, bind: u16, pg_port: u16) -> String {
-    format!(
-        r#"# Written by `cargo xtask bench`.
-[global]
-maxconn = 2000
-bpf = "{bpf}"
-pin_path = "{pin}"
-
-[defaults]
-retries = 2
-timeout_client = "30m"
-timeout_server = "30m"
-timeout_connect = "4s"
-timeout_check = "5s"
-
-[[server]]
-name = "pg-bench"
-address = "127.0.0.1:{pg_port}"
-
-[[listener]]
-name = "postgres_write"
-bind = "127.0.0.1:{bind}"
-servers = ["pg-bench"]
-"#,
-        pin = pin.display()
-    )
+/// Both proxies' config: the seed's globals and defaults, one listener, one server without a
+/// health check (so it is always up, and none of the seed's check timing applies) and without
+/// a per-server maxconn (the seed's 200 per server would queue the 2000 idle sessions on one
+/// server).
+fn bench_config(bind: u16, pg_port: u16) -> ProxyConfig {
+    ProxyConfig {
+        default_server: DefaultServer::default(),
+        ..ProxyConfig::seed()
+    }
+    .server(ServerConfig::new("pg-bench", local(pg_port)))
+    .listener(ListenerConfig::new(
+        "postgres_write",
+        local(bind),
+        ["pg-bench"],
+    ))
 }
 
-/// HAProxy's config: the seed's global/defaults, one TCP listener with the one server
-/// (no `check`, no per-server maxconn, like patroxy's), no logging, no stats page.
+/// patroxy's config for one data path: [`bench_config`] with `bpf` ("required" or "off") and
+/// its maps pinned at `pin`.
+fn patroxy_toml(bpf: &str, pin: &Path, bind: u16, pg_port: u16) -> Result<String> {
+    let bpf: Bpf = bpf.parse().map_err(anyhow::Error::msg)?;
+    let config = bench_config(bind, pg_port).data_path(bpf, pin);
+    Ok(format!(
+        "# Written by `cargo xtask bench`.\n{}",
+        config.to_toml()
+    ))
+}
+
+/// HAProxy's config: [`bench_config`], no logging, no stats page.
 fn haproxy_cfg(bind: u16, pg_port: u16) -> String {
     format!(
-        r#"# Written by `cargo xtask bench`: the seed's settings (reference/haproxy.cfg), one server.
-global
-    maxconn 2000
-
-defaults
-    mode tcp
-    retries 2
-    timeout client 30m
-    timeout connect 4s
-    timeout server 30m
-    timeout check 5s
-
-listen postgres_write
-    bind 127.0.0.1:{bind}
-    server pg-bench 127.0.0.1:{pg_port}
-"#
+        "# Written by `cargo xtask bench`: the seed's settings (reference/haproxy.cfg), one server.\n{}",
+        bench_config(bind, pg_port).to_haproxy_cfg(HaproxyLog::Off)
     )
 }
 
@@ -233,7 +218,7 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&pin);
         self.pins.push(pin.clone());
         let cfg = self.work_dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, patroxy_toml(v.bpf, &pin, port, self.pg.port()))?;
+        std::fs::write(&cfg, patroxy_toml(v.bpf, &pin, port, self.pg.port())?)?;
         let mut cmd = Command::new(&v.bin);
         cmd.arg("run")
             .arg("--config")
