@@ -1,6 +1,5 @@
-//! A patroxy daemon started by a test from a TOML config, stopped when dropped.
+//! A patroxy daemon started by a test from a [`ProxyConfig`], stopped when dropped.
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -8,6 +7,7 @@ use std::{
 };
 
 use crate::{
+    config::ProxyConfig,
     ports::wait_for_listen,
     process::{ChildGuard, patroxy_bin},
 };
@@ -31,29 +31,32 @@ impl Patroxy {
         ))
     }
 
-    /// Writes `config` to a file, starts `patroxy run` on it and waits until every address in
-    /// `listen` accepts connections.
+    /// Writes `config` to a file, starts `patroxy run` on it and waits until every address it
+    /// listens on (its listeners', then the stats server's) accepts connections.
     ///
     /// That readiness probe is a bare TCP connect, closed at once: the daemon serves it as a
     /// client like any other (a server slot and a global permit while it lasts, then a "session
     /// closed" line, or a refusal line if no server takes it within `timeout queue`).
-    pub fn start(name: &str, config: &str, pin_path: &Path, listen: &[SocketAddr]) -> Patroxy {
-        Self::start_with(name, config, pin_path, listen, |_| {})
+    pub fn start(name: &str, config: &ProxyConfig) -> Patroxy {
+        Self::start_with(name, config, |_| {})
     }
 
     /// Like `start`, letting the caller adjust the command (environment, user).
     pub fn start_with(
         name: &str,
-        config: &str,
-        pin_path: &Path,
-        listen: &[SocketAddr],
+        config: &ProxyConfig,
         adjust: impl FnOnce(&mut Command),
     ) -> Patroxy {
+        let pin_path = config
+            .global
+            .pin_path
+            .clone()
+            .expect("a test config sets its pin path (ProxyConfig::data_path)");
         let dir = std::env::temp_dir().join("patroxy-test-configs");
         std::fs::create_dir_all(&dir).unwrap();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let config_path = dir.join(format!("{name}-{}-{n}.toml", std::process::id()));
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, config.to_toml()).unwrap();
         let mut cmd = Command::new(patroxy_bin());
         cmd.arg("run")
             .arg("--config")
@@ -63,8 +66,8 @@ impl Patroxy {
             .env("PATROXY_LOG", "info,patroxy=debug");
         adjust(&mut cmd);
         let mut child = ChildGuard::spawn(name, &mut cmd).expect("spawn patroxy");
-        for addr in listen {
-            if !wait_for_listen(*addr, Duration::from_secs(10)) {
+        for addr in config.listen_addrs() {
+            if !wait_for_listen(addr, Duration::from_secs(10)) {
                 let status = child.try_wait().ok().flatten();
                 panic!(
                     "patroxy did not listen on {addr} (exit: {status:?}); log:\n{}",
@@ -75,7 +78,7 @@ impl Patroxy {
         Patroxy {
             child,
             config_path,
-            pin_path: pin_path.to_owned(),
+            pin_path,
         }
     }
 

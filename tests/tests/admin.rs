@@ -6,41 +6,30 @@ mod common;
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use common::{Path_, echo_once, local, read_until_closed};
+use common::{Node, Path_, echo_once, fast_checks, local, read_until_closed};
 use patroxy_tests::{
-    backend::{Backend, Behaviour},
+    config::{AdminAccess, Balance, CheckConfig, ListenerConfig, OnMarkedDown, StatsConfig},
     daemon::{Patroxy, bpftool_dump},
-    fake_patroni::{FakePatroni, Reply},
+    fake_patroni::Reply,
     ports::free_tcp_port,
     process::patroxy_bin,
     stats_client::{get, parse_csv, post, row, wait_for},
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-/// One node of the fake cluster: a traffic backend and its fake Patroni API.
-struct Node {
-    backend: Backend,
-    api: FakePatroni,
-}
-
-impl Node {
-    /// A node that answers 200 on /replica and `primary` on /primary.
-    async fn start(primary: bool) -> Node {
-        let api = FakePatroni::start().await;
-        api.set("/replica", Reply::replica(200, 1));
-        api.set(
-            "/primary",
-            if primary {
-                Reply::primary(1)
-            } else {
-                Reply::replica(503, 1)
-            },
-        );
-        Node {
-            backend: Backend::start(Behaviour::Echo).await,
-            api,
-        }
-    }
+/// A node that answers 200 on /replica and `primary` on /primary.
+async fn node(primary: bool) -> Node {
+    let node = Node::start().await;
+    node.api.set("/replica", Reply::replica(200, 1));
+    node.api.set(
+        "/primary",
+        if primary {
+            Reply::primary(1)
+        } else {
+            Reply::replica(503, 1)
+        },
+    );
+    node
 }
 
 /// A daemon with a roundrobin read listener (ids 1, 2) and a `first` write listener (ids 3, 4)
@@ -54,80 +43,48 @@ struct Setup {
 }
 
 impl Setup {
-    async fn start(path: Path_, name: &str, admin: &str) -> Setup {
-        Self::start_with(path, name, admin, "shutdown-sessions", "800ms").await
+    async fn start(path: Path_, name: &str, admin: AdminAccess) -> Setup {
+        let on_marked_down = OnMarkedDown::ShutdownSessions;
+        Self::start_with(
+            path,
+            name,
+            admin,
+            on_marked_down,
+            Duration::from_millis(800),
+        )
+        .await
     }
 
     async fn start_with(
         path: Path_,
         name: &str,
-        admin: &str,
-        on_marked_down: &str,
-        timeout_queue: &str,
+        admin: AdminAccess,
+        on_marked_down: OnMarkedDown,
+        timeout_queue: Duration,
     ) -> Setup {
-        let nodes = [Node::start(true).await, Node::start(false).await];
+        let nodes = [node(true).await, node(false).await];
         let pin = Patroxy::unique_pin_path(name);
         let (read, write, stats) = (
             local(free_tcp_port()),
             local(free_tcp_port()),
             local(free_tcp_port()),
         );
-        let server = |n: &str, node: &Node| {
-            format!(
-                "[[server]]\nname = \"{n}\"\naddress = \"{}\"\ncheck_port = {}\n",
-                node.backend.addr,
-                node.api.addr().port()
+        let mut config = fast_checks(path, &pin)
+            .server(nodes[0].server("a"))
+            .server(nodes[1].server("b"))
+            .listener(
+                ListenerConfig::new("postgres_read", read, ["a", "b"])
+                    .balance(Balance::RoundRobin)
+                    .check(CheckConfig::new("/replica")),
             )
-        };
-        let toml = format!(
-            r#"
-[global]
-bpf = "{bpf}"
-pin_path = "{pin}"
-
-[defaults]
-retries = 1
-timeout_client = "30m"
-timeout_server = "30m"
-timeout_connect = "1s"
-timeout_check = "500ms"
-timeout_queue = "{timeout_queue}"
-
-[default_server]
-inter = "200ms"
-fastinter = "50ms"
-downinter = "200ms"
-rise = 2
-fall = 3
-on_marked_down = "{on_marked_down}"
-
-{a}
-{b}
-[[listener]]
-name = "postgres_read"
-bind = "{read}"
-balance = "roundrobin"
-servers = ["a", "b"]
-[listener.check]
-path = "/replica"
-
-[[listener]]
-name = "postgres_write"
-bind = "{write}"
-servers = ["a", "b"]
-[listener.check]
-path = "/primary"
-
-[stats]
-bind = "{stats}"
-admin = "{admin}"
-"#,
-            bpf = path.bpf(),
-            pin = pin.display(),
-            a = server("a", &nodes[0]),
-            b = server("b", &nodes[1]),
-        );
-        let daemon = Patroxy::start(name, &toml, &pin, &[read, write, stats]);
+            .listener(
+                ListenerConfig::new("postgres_write", write, ["a", "b"])
+                    .check(CheckConfig::new("/primary")),
+            )
+            .stats(StatsConfig::new(stats).admin(admin));
+        config.defaults.timeout_queue = Some(timeout_queue);
+        config.default_server.on_marked_down = Some(on_marked_down);
+        let daemon = Patroxy::start(name, &config);
         Setup {
             nodes,
             daemon,
@@ -221,7 +178,14 @@ on_both_paths!(
 /// With `on_marked_down = "none"` MAINT is a mark-down that keeps the open sessions (no fence,
 /// no reset), as HAProxy does; new sessions still avoid the server.
 async fn maint_with_on_marked_down_none_keeps_sessions(path: Path_) {
-    let c = Setup::start_with(path, "admin-none", "local", "none", "800ms").await;
+    let c = Setup::start_with(
+        path,
+        "admin-none",
+        AdminAccess::Local,
+        OnMarkedDown::Nothing,
+        Duration::from_millis(800),
+    )
+    .await;
     c.wait_status("postgres_read", "a", "UP");
     c.wait_status("postgres_read", "b", "UP");
     let mut held = c.session_on(1).await;
@@ -245,7 +209,7 @@ async fn maint_with_on_marked_down_none_keeps_sessions(path: Path_) {
 /// DRAIN: no new sessions, the open one goes on. MAINT: its session is reset and nothing is
 /// routed to it although its check still answers 200. READY: back in the rotation.
 async fn drain_maint_ready_on_a_read_listener(path: Path_) {
-    let c = Setup::start(path, "admin-read", "local").await;
+    let c = Setup::start(path, "admin-read", AdminAccess::Local).await;
     c.wait_status("postgres_read", "a", "UP");
     c.wait_status("postgres_read", "b", "UP");
     let mut held = c.session_on(1).await;
@@ -333,7 +297,14 @@ async fn drain_maint_ready_on_a_read_listener(path: Path_) {
 async fn maint_on_the_primary_queues_writes(path: Path_) {
     // The queued write below waits while `patroxy set-state` is forked and run: room for that
     // on a loaded machine.
-    let c = Setup::start_with(path, "admin-write", "local", "shutdown-sessions", "3s").await;
+    let c = Setup::start_with(
+        path,
+        "admin-write",
+        AdminAccess::Local,
+        OnMarkedDown::ShutdownSessions,
+        Duration::from_secs(3),
+    )
+    .await;
     c.wait_status("postgres_write", "a", "UP");
     assert_eq!(c.lands_on(c.write).await, Some(0));
     let out = c.set_state("postgres_write/a", "maint");
@@ -376,7 +347,7 @@ async fn maint_on_the_primary_queues_writes(path: Path_) {
 /// HAProxy-like reasons, over HTTP and through `patroxy set-state` (non-zero exit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_endpoint_refuses_bad_requests() {
-    let c = Setup::start(Path_::Fallback, "admin-bad", "local").await;
+    let c = Setup::start(Path_::Fallback, "admin-bad", AdminAccess::Local).await;
     // Servers start DOWN and rise after their checks.
     c.wait_status("postgres_read", "a", "UP");
     let out = c.set_state("postgres_read/nope", "maint");
@@ -425,7 +396,7 @@ async fn admin_endpoint_refuses_bad_requests() {
     );
     assert_eq!(c.status("postgres_read", "a"), "UP", "nothing changed");
 
-    let off = Setup::start(Path_::Fallback, "admin-off", "off").await;
+    let off = Setup::start(Path_::Fallback, "admin-off", AdminAccess::Off).await;
     let out = off.set_state("postgres_read/a", "maint");
     assert!(!out.status.success());
     assert!(

@@ -6,7 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Path_, Setup, Start, echo_once, local, read_until_closed, send_all_then_read, wait_probe_closed,
+    Path_, Start, echo_once, local, one_listener, read_until_closed, send_all_then_read,
+    wait_probe_closed,
 };
 use patroxy_tests::{
     backend::{Backend, Behaviour, Blackhole, Ending, Fnv, pattern},
@@ -32,10 +33,6 @@ on_both_paths!(
     global_maxconn_stops_accepting,
     idle_sessions_time_out,
 );
-
-fn start(name: &str, setup: &Setup) -> Patroxy {
-    Patroxy::start(name, &setup.toml(), setup.pin, &[setup.bind])
-}
 
 /// The sockmap daemon serves a session on the fallback path when more than 64 KiB arrived
 /// before its backend connected, or when the sockmap insert fails, and says so in its log: a
@@ -88,9 +85,9 @@ fn sizes(n: usize) -> Vec<usize> {
 async fn byte_exact_200_concurrent_sessions(path: Path_) {
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("exact");
-    let setup = Setup::new(path, &pin, backend.addr);
-    let proxy = start("exact", &setup);
-    let bind = setup.bind;
+    let config = one_listener(path, &pin, backend.addr);
+    let proxy = Patroxy::start("exact", &config);
+    let bind = config.bind();
     let sizes = sizes(200);
     let tasks: Vec<_> = sizes
         .iter()
@@ -138,10 +135,10 @@ async fn client_speaks_before_backend_is_connected(path: Path_) {
     // socket's receive queue until the pair is spliced and woken.
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("first");
-    let setup = Setup::new(path, &pin, backend.addr);
-    let _proxy = start("first", &setup);
+    let config = one_listener(path, &pin, backend.addr);
+    let _proxy = Patroxy::start("first", &config);
     for i in 0..20 {
-        let mut s = TcpStream::connect(setup.bind).await.unwrap();
+        let mut s = TcpStream::connect(config.bind()).await.unwrap();
         let msg = format!("startup-packet-{i}");
         s.write_all(msg.as_bytes()).await.unwrap();
         // Nothing more is sent: only a forwarded pre-insertion payload can produce the echo.
@@ -157,9 +154,9 @@ async fn client_speaks_before_backend_is_connected(path: Path_) {
 async fn server_half_closes_first(path: Path_) {
     let backend = Backend::start(Behaviour::ServerClosesFirst).await;
     let pin = Patroxy::unique_pin_path("srvfin");
-    let setup = Setup::new(path, &pin, backend.addr);
-    let _proxy = start("srvfin", &setup);
-    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let config = one_listener(path, &pin, backend.addr);
+    let _proxy = Patroxy::start("srvfin", &config);
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
     let n = 300_000u64;
     s.write_all(&n.to_be_bytes()).await.unwrap();
     let mut got = Vec::new();
@@ -192,9 +189,9 @@ async fn client_half_closes_with_echo_queued(path: Path_) {
     const LEN: usize = 8 << 20;
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("cltfin");
-    let setup = Setup::new(path, &pin, backend.addr);
-    let proxy = start("cltfin", &setup);
-    let bind = setup.bind;
+    let config = one_listener(path, &pin, backend.addr);
+    let proxy = Patroxy::start("cltfin", &config);
+    let bind = config.bind();
     let tasks: Vec<_> = (0..SESSIONS)
         .map(|i| {
             tokio::spawn(async move {
@@ -256,12 +253,12 @@ async fn client_streams_before_backend_listens(path: Path_) {
     const LEN: usize = 4 << 20;
     let (backend, opener) = Backend::start_closed(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("early");
-    let mut setup = Setup::new(path, &pin, backend.addr);
+    let mut config = one_listener(path, &pin, backend.addr);
     // Refused connects are retried every 300 ms for up to 3 s.
-    setup.timeout_connect = "300ms";
-    setup.retries = 10;
-    let proxy = start("early", &setup);
-    let bind = setup.bind;
+    config.defaults.timeout_connect = Duration::from_millis(300);
+    config.defaults.retries = Some(10);
+    let proxy = Patroxy::start("early", &config);
+    let bind = config.bind();
     let connected = std::sync::Arc::new(tokio::sync::Barrier::new(SESSIONS + 1));
     let tasks: Vec<_> = (0..SESSIONS)
         .map(|i| {
@@ -313,9 +310,9 @@ async fn client_streams_before_backend_listens(path: Path_) {
 async fn client_reset_reaches_backend(path: Path_) {
     let backend = Backend::start(Behaviour::Hold).await;
     let pin = Patroxy::unique_pin_path("crst");
-    let setup = Setup::new(path, &pin, backend.addr);
-    let proxy = start("crst", &setup);
-    let s = TcpStream::connect(setup.bind).await.unwrap();
+    let config = one_listener(path, &pin, backend.addr);
+    let proxy = Patroxy::start("crst", &config);
+    let s = TcpStream::connect(config.bind()).await.unwrap();
     let mut s = s;
     // This backend does not answer, so the client cannot wait for the splice as it does with
     // an echo: it sends no more than the 64 KiB a session may queue before its backend
@@ -344,9 +341,9 @@ async fn client_reset_reaches_backend(path: Path_) {
 async fn backend_reset_reaches_client(path: Path_) {
     let backend = Backend::start(Behaviour::ResetAfter { after: 1000 }).await;
     let pin = Patroxy::unique_pin_path("srst");
-    let setup = Setup::new(path, &pin, backend.addr);
-    let proxy = start("srst", &setup);
-    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let config = one_listener(path, &pin, backend.addr);
+    let proxy = Patroxy::start("srst", &config);
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
     s.write_all(&pattern(1000, 5)).await.unwrap();
     let res = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s))
         .await
@@ -359,12 +356,12 @@ async fn backend_reset_reaches_client(path: Path_) {
 async fn backend_refusing_is_retried(path: Path_) {
     let refused = local(free_tcp_port());
     let pin = Patroxy::unique_pin_path("refused");
-    let mut setup = Setup::new(path, &pin, refused);
-    setup.retries = 2;
-    setup.timeout_connect = "300ms";
-    let proxy = start("refused", &setup);
+    let mut config = one_listener(path, &pin, refused);
+    config.defaults.retries = Some(2);
+    config.defaults.timeout_connect = Duration::from_millis(300);
+    let proxy = Patroxy::start("refused", &config);
     let t0 = Instant::now();
-    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
     let _ = s.write_all(b"hello").await;
     let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
     let elapsed = t0.elapsed();
@@ -383,12 +380,12 @@ async fn backend_refusing_is_retried(path: Path_) {
 async fn backend_blackholed_times_out_and_retries(path: Path_) {
     let hole = Blackhole::start().await;
     let pin = Patroxy::unique_pin_path("hole");
-    let mut setup = Setup::new(path, &pin, hole.addr);
-    setup.retries = 1;
-    setup.timeout_connect = "300ms";
-    let proxy = start("hole", &setup);
+    let mut config = one_listener(path, &pin, hole.addr);
+    config.defaults.retries = Some(1);
+    config.defaults.timeout_connect = Duration::from_millis(300);
+    let proxy = Patroxy::start("hole", &config);
     let t0 = Instant::now();
-    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
     let _ = s.write_all(b"hello").await;
     let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
     let elapsed = t0.elapsed();
@@ -411,20 +408,20 @@ async fn backend_blackholed_times_out_and_retries(path: Path_) {
 async fn server_maxconn_queues_then_times_out(path: Path_) {
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("maxconn");
-    let mut setup = Setup::new(path, &pin, backend.addr);
-    setup.server_maxconn = Some(2);
+    let mut config = one_listener(path, &pin, backend.addr);
+    config.servers[0].maxconn = Some(2);
     // Long enough for s3, queued, to still be waiting when s1 leaves on a loaded machine.
-    setup.timeout_queue = Some("2s");
-    let proxy = start("maxconn", &setup);
+    config.defaults.timeout_queue = Some(Duration::from_secs(2));
+    let proxy = Patroxy::start("maxconn", &config);
     // The readiness probe's session must not hold one of the two slots.
     wait_probe_closed(&proxy);
     let within = Duration::from_secs(2);
-    let mut s1 = TcpStream::connect(setup.bind).await.unwrap();
-    let mut s2 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s1 = TcpStream::connect(config.bind()).await.unwrap();
+    let mut s2 = TcpStream::connect(config.bind()).await.unwrap();
     assert!(echo_once(&mut s1, b"one", within).await);
     assert!(echo_once(&mut s2, b"two", within).await);
     // The third waits in the queue ...
-    let mut s3 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s3 = TcpStream::connect(config.bind()).await.unwrap();
     assert!(!echo_once(&mut s3, b"three", Duration::from_millis(200)).await);
     // ... and gets the slot s1 frees (its echo, sent while queued, is delivered then).
     drop(s1);
@@ -436,7 +433,7 @@ async fn server_maxconn_queues_then_times_out(path: Path_) {
     assert_eq!(&buf, b"three");
     // With both slots held, a fourth is closed when timeout queue expires.
     let t0 = Instant::now();
-    let mut s4 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s4 = TcpStream::connect(config.bind()).await.unwrap();
     let _ = s4.write_all(b"four").await;
     let r = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s4)).await;
     let waited = t0.elapsed();
@@ -453,18 +450,18 @@ async fn server_maxconn_queues_then_times_out(path: Path_) {
 async fn global_maxconn_stops_accepting(path: Path_) {
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("gmax");
-    let mut setup = Setup::new(path, &pin, backend.addr);
-    setup.global_maxconn = 2;
-    let proxy = start("gmax", &setup);
+    let mut config = one_listener(path, &pin, backend.addr);
+    config.global.maxconn = Some(2);
+    let proxy = Patroxy::start("gmax", &config);
     // The readiness probe's session must not hold one of the two permits.
     wait_probe_closed(&proxy);
     let within = Duration::from_secs(2);
-    let mut s1 = TcpStream::connect(setup.bind).await.unwrap();
-    let mut s2 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s1 = TcpStream::connect(config.bind()).await.unwrap();
+    let mut s2 = TcpStream::connect(config.bind()).await.unwrap();
     assert!(echo_once(&mut s1, b"one", within).await);
     assert!(echo_once(&mut s2, b"two", within).await);
     // The kernel completes the third handshake (backlog) but patroxy does not accept it.
-    let mut s3 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s3 = TcpStream::connect(config.bind()).await.unwrap();
     assert!(!echo_once(&mut s3, b"three", Duration::from_millis(300)).await);
     drop(s1);
     let mut buf = [0u8; 5];
@@ -478,10 +475,11 @@ async fn global_maxconn_stops_accepting(path: Path_) {
 async fn idle_sessions_time_out(path: Path_) {
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("idle");
-    let mut setup = Setup::new(path, &pin, backend.addr);
-    setup.timeout_idle = "700ms";
-    let proxy = start("idle", &setup);
-    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let mut config = one_listener(path, &pin, backend.addr);
+    config.defaults.timeout_client = Duration::from_millis(700);
+    config.defaults.timeout_server = Duration::from_millis(700);
+    let proxy = Patroxy::start("idle", &config);
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
     // Activity keeps it open past the timeout ...
     let mut last = Instant::now();
     for i in 0..4 {

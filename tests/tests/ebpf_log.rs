@@ -4,11 +4,16 @@
 //! sockmap path only, so every test needs root.
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use common::{Path_, Setup, echo_once, wait_probe_closed};
+use common::{Path_, echo_once, one_listener, wait_probe_closed};
 use patroxy_tests::{
     backend::{Backend, Behaviour},
+    config::ProxyConfig,
     daemon::{Patroxy, bpftool_dump},
     process::require_root,
 };
@@ -17,17 +22,15 @@ use tokio::net::TcpStream;
 /// How an eBPF line starts in patroxy's log: tracing's fmt output of target `patroxy::ebpf`.
 const EBPF: &str = " patroxy::ebpf: ";
 
-/// The one-listener test config, with `bpf_log` on at `rate` lines per second per CPU.
-fn config(setup: &Setup<'_>, log_rate: Option<u32>) -> String {
-    let toml = setup.toml();
-    match log_rate {
-        Some(rate) => toml.replacen(
-            "[global]\n",
-            &format!("[global]\nbpf_log = true\nbpf_log_rate = {rate}\n"),
-            1,
-        ),
-        None => toml,
+/// The one-listener test config on the sockmap path, with `bpf_log` on at `rate` lines per
+/// second per CPU.
+fn log_config(pin: &Path, backend: SocketAddr, log_rate: Option<u32>) -> ProxyConfig {
+    let mut config = one_listener(Path_::Sockmap, pin, backend);
+    if let Some(rate) = log_rate {
+        config.global.bpf_log = Some(true);
+        config.global.bpf_log_rate = Some(rate);
     }
+    config
 }
 
 /// Cookies of the open session's (client, backend) sockets, from the pinned SESSIONS map.
@@ -64,10 +67,10 @@ fn log_limit(proxy: &Patroxy) -> (u64, u64, u64) {
 }
 
 /// Splices one echo session, sends `n` bytes in one write and returns the session's cookies.
-async fn echo_session(proxy: &Patroxy, setup: &Setup<'_>, n: usize) -> (TcpStream, (u64, u64)) {
+async fn echo_session(proxy: &Patroxy, bind: SocketAddr, n: usize) -> (TcpStream, (u64, u64)) {
     // The readiness probe's session must be out of SESSIONS (and done logging).
     wait_probe_closed(proxy);
-    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s = TcpStream::connect(bind).await.unwrap();
     s.set_nodelay(true).unwrap();
     // The first echo means both sockets are in SOCKS and SESSIONS.
     assert!(echo_once(&mut s, b"hello", Duration::from_secs(3)).await);
@@ -83,9 +86,9 @@ async fn redirects_are_logged_with_their_byte_counts() {
     }
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("bpflog");
-    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
-    let proxy = Patroxy::start("bpflog", &config(&setup, Some(1000)), &pin, &[setup.bind]);
-    let (s, (client, server)) = echo_session(&proxy, &setup, 1234).await;
+    let config = log_config(&pin, backend.addr, Some(1000));
+    let proxy = Patroxy::start("bpflog", &config);
+    let (s, (client, server)) = echo_session(&proxy, config.bind(), 1234).await;
     for line in [
         format!("{EBPF}redirect 1234 bytes from cookie {client} to {server}"),
         format!("{EBPF}redirect 1234 bytes from cookie {server} to {client}"),
@@ -111,9 +114,9 @@ async fn nothing_is_logged_by_default() {
     }
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("bpflogoff");
-    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
-    let proxy = Patroxy::start("bpflogoff", &config(&setup, None), &pin, &[setup.bind]);
-    let (s, _) = echo_session(&proxy, &setup, 1234).await;
+    let config = log_config(&pin, backend.addr, None);
+    let proxy = Patroxy::start("bpflogoff", &config);
+    let (s, _) = echo_session(&proxy, config.bind(), 1234).await;
     // The readiness probe's session logged its "session closed" line too: wait for this one's.
     let closed = proxy.count_log("session closed");
     drop(s);
@@ -136,17 +139,11 @@ async fn env_var_overrides_the_file_both_ways() {
     let backend = Backend::start(Behaviour::Echo).await;
     for (file, env, want_lines) in [(None, "1", true), (Some(100), "off", false)] {
         let pin = Patroxy::unique_pin_path("bpflogenv");
-        let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
-        let proxy = Patroxy::start_with(
-            "bpflogenv",
-            &config(&setup, file),
-            &pin,
-            &[setup.bind],
-            |cmd| {
-                cmd.env("PATROXY_BPF_LOG", env);
-            },
-        );
-        let (s, (client, server)) = echo_session(&proxy, &setup, 777).await;
+        let config = log_config(&pin, backend.addr, file);
+        let proxy = Patroxy::start_with("bpflogenv", &config, |cmd| {
+            cmd.env("PATROXY_BPF_LOG", env);
+        });
+        let (s, (client, server)) = echo_session(&proxy, config.bind(), 777).await;
         drop(s);
         let line = format!("{EBPF}redirect 777 bytes from cookie {client} to {server}");
         assert_eq!(
@@ -171,18 +168,13 @@ async fn rate_limit_bounds_printed_lines() {
     const RATE: u64 = 10;
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("bpflograte");
-    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
+    let config = log_config(&pin, backend.addr, Some(RATE as u32));
     // Before the start: every line counted below (the readiness probe's too) comes after.
     let t0 = Instant::now();
-    let proxy = Patroxy::start(
-        "bpflograte",
-        &config(&setup, Some(RATE as u32)),
-        &pin,
-        &[setup.bind],
-    );
+    let proxy = Patroxy::start("bpflograte", &config);
     wait_probe_closed(&proxy);
     let t_echo = Instant::now();
-    let mut s = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
     s.set_nodelay(true).unwrap();
     // One small message at a time, each echoed before the next: a separate skb (and verdict
     // run) per message each way.

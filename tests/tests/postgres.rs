@@ -4,8 +4,12 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{Path_, Setup, local};
+use common::{Path_, local, one_listener};
 use patroxy_tests::{
+    config::{
+        Bpf, CheckConfig, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig,
+        ServerConfig,
+    },
     daemon::{Patroxy, bpftool_dump},
     fake_patroni::{FakePatroni, Reply},
     ports::free_tcp_port,
@@ -16,9 +20,9 @@ use patroxy_tests::{
 fn psql_and_pgbench(path: Path_) {
     let pg = Postgres::start(PostgresOptions::default());
     let pin = Patroxy::unique_pin_path("pg");
-    let setup = Setup::new(path, &pin, pg.addr());
-    let proxy = Patroxy::start("pg", &setup.toml(), &pin, &[setup.bind]);
-    let port = setup.bind.port();
+    let config = one_listener(path, &pin, pg.addr());
+    let proxy = Patroxy::start("pg", &config);
+    let port = config.bind().port();
     assert_eq!(
         pg.psql(port, "SELECT inet_server_port(), pg_is_in_recovery()"),
         format!("{}|f", pg.port()),
@@ -59,10 +63,10 @@ fn bpftool_shows_live_sessions_with_typed_fields() {
     }
     let pg = Postgres::start(PostgresOptions::default());
     let pin = Patroxy::unique_pin_path("bpftool");
-    let setup = Setup::new(Path_::Sockmap, &pin, pg.addr());
-    let _proxy = Patroxy::start("bpftool", &setup.toml(), &pin, &[setup.bind]);
+    let config = one_listener(Path_::Sockmap, &pin, pg.addr());
+    let _proxy = Patroxy::start("bpftool", &config);
     // A session that stays open while bpftool looks (psql is killed when the test ends).
-    let mut psql = pg.client("psql", setup.bind.port());
+    let mut psql = pg.client("psql", config.bind().port());
     psql.args(["-X", "-At", "-c", "SELECT 42", "-c", "SELECT pg_sleep(30)"]);
     let _session = ChildGuard::spawn("psql-sleep", &mut psql).unwrap();
     // The pair is in the maps as soon as it is spliced; its counters move once the startup
@@ -108,15 +112,15 @@ fn stale_pins_do_not_stop_the_next_start() {
         return;
     }
     let pin = Patroxy::unique_pin_path("stale");
-    let setup = Setup::new(Path_::Sockmap, &pin, local(free_tcp_port()));
-    let mut first = Patroxy::start("stale1", &setup.toml(), &pin, &[setup.bind]);
+    let config = one_listener(Path_::Sockmap, &pin, local(free_tcp_port()));
+    let mut first = Patroxy::start("stale1", &config);
     first.child.signal(libc::SIGKILL).unwrap();
     first.child.wait().unwrap();
     assert!(
         pin.join("SESSIONS").exists(),
         "a killed daemon leaves its pins"
     );
-    let second = Patroxy::start("stale2", &setup.toml(), &pin, &[setup.bind]);
+    let second = Patroxy::start("stale2", &config);
     assert!(second.wait_for_log("removed stale pins", Duration::from_secs(2)));
     drop(second);
     std::thread::sleep(Duration::from_millis(300));
@@ -144,14 +148,13 @@ fn bpf_modes_without_privileges() {
         .env("PATROXY_LOG", "info");
     };
     let pin = Patroxy::unique_pin_path("nopriv");
-    let mut setup = Setup::new(Path_::Sockmap, &pin, local(free_tcp_port()));
+    let mut config = one_listener(Path_::Sockmap, &pin, local(free_tcp_port()));
     // required: refuses to start, saying why.
-    let config = setup.toml();
     let dir = std::env::temp_dir().join("patroxy-test-configs");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let file = dir.join(format!("nopriv-{}.toml", std::process::id()));
-    std::fs::write(&file, &config).unwrap();
+    std::fs::write(&file, config.to_toml()).unwrap();
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let mut cmd = Command::new(patroxy_bin());
     cmd.args(["run", "--config"]).arg(&file);
@@ -165,9 +168,8 @@ fn bpf_modes_without_privileges() {
     );
 
     // auto: starts on the fallback path, one line saying why.
-    setup.path = Path_::Fallback;
-    let auto = setup.toml().replace("bpf = \"off\"", "bpf = \"auto\"");
-    let proxy = Patroxy::start_with("nopriv", &auto, &pin, &[setup.bind], drop_privileges);
+    config.global.bpf = Some(Bpf::Auto);
+    let proxy = Patroxy::start_with("nopriv", &config, drop_privileges);
     assert!(proxy.wait_for_log("using the userspace fallback", Duration::from_secs(2)));
     assert_eq!(proxy.count_log("sockmap data path unavailable"), 1);
     assert!(proxy.log().contains("data_path=\"fallback\""));
@@ -216,36 +218,22 @@ async fn psql_routed_by_patroni_answers() {
     api.set("/primary", Reply::primary(1));
     let bind = local(free_tcp_port());
     let pin = Patroxy::unique_pin_path("psqlfake");
-    let toml = format!(
-        r#"
-[global]
-bpf = "auto"
-pin_path = "{pin}"
-[defaults]
-timeout_client = "30m"
-timeout_server = "30m"
-timeout_connect = "1s"
-timeout_queue = "1s"
-[default_server]
-inter = "200ms"
-fastinter = "50ms"
-on_marked_down = "shutdown-sessions"
-[[server]]
-name = "pg1"
-address = "{addr}"
-check_port = {api}
-[[listener]]
-name = "postgres_write"
-bind = "{bind}"
-servers = ["pg1"]
-[listener.check]
-path = "/primary"
-"#,
-        pin = pin.display(),
-        addr = pg.addr(),
-        api = api.addr().port(),
+    let config = ProxyConfig::new(
+        Defaults::new(Duration::from_secs(30 * 60), Duration::from_secs(1))
+            .timeout_queue(Duration::from_secs(1)),
+    )
+    .data_path(Bpf::Auto, &pin)
+    .default_server(DefaultServer {
+        inter: Some(Duration::from_millis(200)),
+        fastinter: Some(Duration::from_millis(50)),
+        on_marked_down: Some(OnMarkedDown::ShutdownSessions),
+        ..DefaultServer::default()
+    })
+    .server(ServerConfig::new("pg1", pg.addr()).check_port(api.addr().port()))
+    .listener(
+        ListenerConfig::new("postgres_write", bind, ["pg1"]).check(CheckConfig::new("/primary")),
     );
-    let proxy = Patroxy::start("psqlfake", &toml, &pin, &[bind]);
+    let proxy = Patroxy::start("psqlfake", &config);
     let pgr = &pg;
     let port = bind.port();
     // The server's transitions, counted before each change (its first UP precedes them).

@@ -9,103 +9,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Path_, echo_once, local, read_until_closed};
+use common::{Node, Path_, echo_once, fast_checks, local, read_until_closed};
 use patroxy_tests::{
-    backend::{Backend, Behaviour},
+    config::{CheckConfig, ListenerConfig, OnMarkedDown, ProxyConfig},
     daemon::{Patroxy, bpftool_dump},
-    fake_patroni::{FakePatroni, Reply},
+    fake_patroni::Reply,
     ports::free_tcp_port,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-/// One node of a fake cluster: a traffic backend and its fake Patroni API.
-struct Node {
-    backend: Backend,
-    api: FakePatroni,
-}
-
-impl Node {
-    async fn start() -> Node {
-        Node {
-            backend: Backend::start(Behaviour::Echo).await,
-            api: FakePatroni::start().await,
-        }
-    }
-}
-
-struct Cluster<'a> {
-    path: Path_,
-    pin: &'a std::path::Path,
-    bind: SocketAddr,
-    check_path: &'a str,
-    extra_defaults: &'a str,
-    on_marked_down: &'a str,
-    /// Extra lines for `[default_server]`, such as `maxconn = 1`.
-    extra_server: &'a str,
-}
-
-impl Cluster<'_> {
-    fn toml(&self, nodes: &[(&str, SocketAddr, u16)]) -> String {
-        let servers: String = nodes
-            .iter()
-            .map(|(name, addr, api_port)| {
-                format!("[[server]]\nname = \"{name}\"\naddress = \"{addr}\"\ncheck_port = {api_port}\n\n")
-            })
-            .collect();
-        let names: Vec<String> = nodes.iter().map(|(n, _, _)| format!("\"{n}\"")).collect();
-        format!(
-            r#"
-[global]
-bpf = "{bpf}"
-pin_path = "{pin}"
-
-[defaults]
-retries = 1
-timeout_client = "30m"
-timeout_server = "30m"
-timeout_connect = "1s"
-timeout_check = "500ms"
-{extra}
-
-[default_server]
-inter = "200ms"
-fastinter = "50ms"
-downinter = "200ms"
-rise = 2
-fall = 3
-on_marked_down = "{omd}"
-{extra_server}
-
-{servers}
-[[listener]]
-name = "postgres_write"
-bind = "{bind}"
-servers = [{names}]
-[listener.check]
-path = "{check}"
-"#,
-            bpf = self.path.bpf(),
-            pin = self.pin.display(),
-            extra = self.extra_defaults,
-            omd = self.on_marked_down,
-            extra_server = self.extra_server,
-            bind = self.bind,
-            names = names.join(", "),
-            check = self.check_path,
-        )
-    }
-}
-
-fn cluster<'a>(path: Path_, pin: &'a std::path::Path) -> Cluster<'a> {
-    Cluster {
-        path,
-        pin,
-        bind: local(free_tcp_port()),
-        check_path: "/primary",
-        extra_defaults: "timeout_queue = \"3s\"",
-        on_marked_down: "shutdown-sessions",
-        extra_server: "",
-    }
+/// The routing tests' config: [`common::fast_checks`] with a 3 s `timeout_queue` and one
+/// listener, `postgres_write` on a free port checking `/primary`, over `nodes` by name.
+fn cluster(path: Path_, pin: &std::path::Path, nodes: &[(&str, &Node)]) -> ProxyConfig {
+    let names = nodes.iter().map(|(name, _)| *name);
+    let listener = ListenerConfig::new("postgres_write", local(free_tcp_port()), names)
+        .check(CheckConfig::new("/primary"));
+    let mut config = fast_checks(path, pin);
+    config.defaults.timeout_queue = Some(Duration::from_secs(3));
+    config.servers = nodes.iter().map(|(name, n)| n.server(name)).collect();
+    config.listener(listener)
 }
 
 /// Which node's backend a new session reaches: each echo backend counts its connections.
@@ -137,20 +59,17 @@ async fn on_marked_down_none_keeps_sessions(path: Path_) {
     a.api.set("/replica", Reply::replica(200, 1));
     b.api.set("/replica", Reply::replica(200, 1));
     let pin = Patroxy::unique_pin_path("mdnone");
-    let mut c = cluster(path, &pin);
-    c.check_path = "/replica";
-    c.on_marked_down = "none";
-    let toml = c.toml(&[
-        ("a", a.backend.addr, a.api.addr().port()),
-        ("b", b.backend.addr, b.api.addr().port()),
-    ]);
-    let proxy = Patroxy::start("mdnone", &toml, &pin, &[c.bind]);
+    let mut config = cluster(path, &pin, &[("a", &a), ("b", &b)]);
+    config.listeners[0].check = Some(CheckConfig::new("/replica"));
+    config.default_server.on_marked_down = Some(OnMarkedDown::Nothing);
+    let proxy = Patroxy::start("mdnone", &config);
+    let bind = config.bind();
     tokio::time::sleep(Duration::from_millis(600)).await;
     // Open sessions until one lands on a.
     let mut on_a = None;
     for _ in 0..6 {
         let before = a.backend.accepted();
-        let mut s = TcpStream::connect(c.bind).await.unwrap();
+        let mut s = TcpStream::connect(bind).await.unwrap();
         assert!(echo_once(&mut s, b"hi", Duration::from_secs(3)).await);
         if a.backend.accepted() > before {
             on_a = Some(s);
@@ -167,7 +86,7 @@ async fn on_marked_down_none_keeps_sessions(path: Path_) {
     );
     for _ in 0..4 {
         assert_eq!(
-            session_lands_on(c.bind, &[&a, &b]).await,
+            session_lands_on(bind, &[&a, &b]).await,
             Some(1),
             "new sessions avoid a"
         );
@@ -180,22 +99,19 @@ async fn writes_follow_the_primary(path: Path_) {
     a.api.set("/primary", Reply::primary(1));
     b.api.set("/primary", Reply::replica(503, 1));
     let pin = Patroxy::unique_pin_path("follow");
-    let c = cluster(path, &pin);
-    let toml = c.toml(&[
-        ("a", a.backend.addr, a.api.addr().port()),
-        ("b", b.backend.addr, b.api.addr().port()),
-    ]);
-    let proxy = Patroxy::start("follow", &toml, &pin, &[c.bind]);
+    let config = cluster(path, &pin, &[("a", &a), ("b", &b)]);
+    let proxy = Patroxy::start("follow", &config);
+    let bind = config.bind();
     // Servers start DOWN: the first session waits in the queue until `rise` checks passed.
-    assert_eq!(session_lands_on(c.bind, &[&a, &b]).await, Some(0));
+    assert_eq!(session_lands_on(bind, &[&a, &b]).await, Some(0));
     for _ in 0..5 {
         assert_eq!(
-            session_lands_on(c.bind, &[&a, &b]).await,
+            session_lands_on(bind, &[&a, &b]).await,
             Some(0),
             "writes go to a"
         );
     }
-    let mut held = TcpStream::connect(c.bind).await.unwrap();
+    let mut held = TcpStream::connect(bind).await.unwrap();
     assert!(echo_once(&mut held, b"held", Duration::from_secs(2)).await);
 
     // Switchover: a answers 503 (authoritative: down at once), b becomes primary.
@@ -209,7 +125,7 @@ async fn writes_follow_the_primary(path: Path_) {
     let reset_after = t0.elapsed();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if session_lands_on(c.bind, &[&a, &b]).await == Some(1) {
+        if session_lands_on(bind, &[&a, &b]).await == Some(1) {
             break;
         }
         assert!(Instant::now() < deadline, "writes never moved to b");
@@ -217,7 +133,7 @@ async fn writes_follow_the_primary(path: Path_) {
     let moved_after = t0.elapsed();
     for _ in 0..5 {
         assert_eq!(
-            session_lands_on(c.bind, &[&a, &b]).await,
+            session_lands_on(bind, &[&a, &b]).await,
             Some(1),
             "writes stay on b"
         );
@@ -237,25 +153,22 @@ async fn queued_writes_follow_the_primary(path: Path_) {
     a.api.set("/primary", Reply::primary(1));
     b.api.set("/primary", Reply::replica(503, 1));
     let pin = Patroxy::unique_pin_path("queuemove");
-    let mut c = cluster(path, &pin);
-    c.extra_defaults = "timeout_queue = \"10s\"";
-    c.extra_server = "maxconn = 1";
-    let toml = c.toml(&[
-        ("a", a.backend.addr, a.api.addr().port()),
-        ("b", b.backend.addr, b.api.addr().port()),
-    ]);
-    let proxy = Patroxy::start("queuemove", &toml, &pin, &[c.bind]);
+    let mut config = cluster(path, &pin, &[("a", &a), ("b", &b)]);
+    config.defaults.timeout_queue = Some(Duration::from_secs(10));
+    config.default_server.maxconn = Some(1);
+    let proxy = Patroxy::start("queuemove", &config);
+    let bind = config.bind();
     // The harness's readiness probe is a client too: let it reach a and end first.
     assert!(proxy.wait_for_log("session closed", Duration::from_secs(10)));
     let a_before = a.backend.accepted();
-    let mut held = TcpStream::connect(c.bind).await.unwrap();
+    let mut held = TcpStream::connect(bind).await.unwrap();
     assert!(echo_once(&mut held, b"held", Duration::from_secs(5)).await);
     assert_eq!(
         a.backend.accepted(),
         a_before + 1,
         "the held session is on a"
     );
-    let mut queued = TcpStream::connect(c.bind).await.unwrap();
+    let mut queued = TcpStream::connect(bind).await.unwrap();
     queued.write_all(b"queued").await.unwrap();
     let mut buf = [0u8; 6];
     let early = tokio::time::timeout(
@@ -293,13 +206,13 @@ async fn no_up_server_queues_then_serves_or_closes(path: Path_) {
     let a = Node::start().await;
     a.api.set("/primary", Reply::replica(503, 1));
     let pin = Patroxy::unique_pin_path("noup");
-    let mut c = cluster(path, &pin);
-    c.extra_defaults = "timeout_queue = \"2s\"";
-    let toml = c.toml(&[("a", a.backend.addr, a.api.addr().port())]);
-    let proxy = Patroxy::start("noup", &toml, &pin, &[c.bind]);
+    let mut config = cluster(path, &pin, &[("a", &a)]);
+    config.defaults.timeout_queue = Some(Duration::from_secs(2));
+    let proxy = Patroxy::start("noup", &config);
+    let bind = config.bind();
     // No primary: the client is closed when timeout queue expires.
     let t0 = Instant::now();
-    let mut s = TcpStream::connect(c.bind).await.unwrap();
+    let mut s = TcpStream::connect(bind).await.unwrap();
     let _ = s.write_all(b"hello").await;
     let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
@@ -310,7 +223,7 @@ async fn no_up_server_queues_then_serves_or_closes(path: Path_) {
     );
     assert!(proxy.wait_for_log("no server is UP", Duration::from_secs(2)));
     // A client queued while the primary appears is served as soon as it is UP.
-    let mut s = TcpStream::connect(c.bind).await.unwrap();
+    let mut s = TcpStream::connect(bind).await.unwrap();
     let _ = s.write_all(b"queued").await;
     a.api.set("/primary", Reply::primary(1));
     let mut buf = [0u8; 6];
@@ -332,15 +245,12 @@ async fn split_brain_routes_to_the_higher_timeline(path: Path_) {
     a.api.set("/primary", Reply::primary(3));
     b.api.set("/primary", Reply::replica(503, 3));
     let pin = Patroxy::unique_pin_path("split");
-    let c = cluster(path, &pin);
-    let toml = c.toml(&[
-        ("a", a.backend.addr, a.api.addr().port()),
-        ("b", b.backend.addr, b.api.addr().port()),
-    ]);
-    let proxy = Patroxy::start("split", &toml, &pin, &[c.bind]);
-    let mut held = TcpStream::connect(c.bind).await.unwrap();
+    let config = cluster(path, &pin, &[("a", &a), ("b", &b)]);
+    let proxy = Patroxy::start("split", &config);
+    let bind = config.bind();
+    let mut held = TcpStream::connect(bind).await.unwrap();
     assert!(echo_once(&mut held, b"held", Duration::from_secs(5)).await);
-    assert_eq!(session_lands_on(c.bind, &[&a, &b]).await, Some(0));
+    assert_eq!(session_lands_on(bind, &[&a, &b]).await, Some(0));
 
     // b is promoted (timeline 4) while a, cut off from the DCS, still claims the lock.
     b.api.set("/primary", Reply::primary(4));
@@ -351,7 +261,7 @@ async fn split_brain_routes_to_the_higher_timeline(path: Path_) {
         "the session on the older primary is reset"
     );
     for _ in 0..8 {
-        assert_eq!(session_lands_on(c.bind, &[&a, &b]).await, Some(1));
+        assert_eq!(session_lands_on(bind, &[&a, &b]).await, Some(1));
     }
     let log = proxy.log();
     assert!(
@@ -371,12 +281,12 @@ async fn markdown_resets_1000_sessions(path: Path_) {
     let a = Node::start().await;
     a.api.set("/primary", Reply::primary(1));
     let pin = Patroxy::unique_pin_path("md1000");
-    let c = cluster(path, &pin);
-    let toml = c.toml(&[("a", a.backend.addr, a.api.addr().port())]);
-    let proxy = Patroxy::start("md1000", &toml, &pin, &[c.bind]);
+    let config = cluster(path, &pin, &[("a", &a)]);
+    let proxy = Patroxy::start("md1000", &config);
+    let bind = config.bind();
     let mut clients = Vec::with_capacity(SESSIONS);
     for i in 0..SESSIONS {
-        let mut s = TcpStream::connect(c.bind).await.unwrap();
+        let mut s = TcpStream::connect(bind).await.unwrap();
         assert!(
             echo_once(&mut s, b"up", Duration::from_secs(5)).await,
             "session {i}"
@@ -449,12 +359,12 @@ async fn kernel_fence_stops_forwarding() {
     let a = Node::start().await;
     a.api.set("/primary", Reply::primary(1));
     let pin = Patroxy::unique_pin_path("fence");
-    let c = cluster(Path_::Sockmap, &pin);
-    let toml = c.toml(&[("a", a.backend.addr, a.api.addr().port())]);
-    let proxy = Patroxy::start("fence", &toml, &pin, &[c.bind]);
+    let config = cluster(Path_::Sockmap, &pin, &[("a", &a)]);
+    let proxy = Patroxy::start("fence", &config);
+    let bind = config.bind();
     // The harness's readiness probe is a session too: let it end before counting sessions.
     assert!(proxy.wait_for_log("session closed", Duration::from_secs(10)));
-    let mut s = TcpStream::connect(c.bind).await.unwrap();
+    let mut s = TcpStream::connect(bind).await.unwrap();
     assert!(echo_once(&mut s, b"before", Duration::from_secs(5)).await);
 
     let backends = bpftool_dump(&pin, "BACKENDS");

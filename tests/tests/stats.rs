@@ -2,12 +2,16 @@
 //! 200 on /primary, db2 503): HAProxy's CSV, JSON, /metrics through an independent Prometheus
 //! parser, the page in real headless Chromium, the `status`/`sessions`/`maps` commands, and
 //! byte counters equal to the bytes a client actually sent.
+mod common;
+
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
+use common::{Node, Path_, fast_checks, local};
 use patroxy_tests::{
-    backend::{Backend, Behaviour, pattern},
+    backend::pattern,
+    config::{CheckConfig, ListenerConfig, StatsConfig},
     daemon::Patroxy,
-    fake_patroni::{FakePatroni, Reply},
+    fake_patroni::Reply,
     ports::free_tcp_port,
     process::{patroxy_bin, require_root},
     stats_client::{
@@ -19,124 +23,58 @@ use tokio::{
     net::TcpStream,
 };
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum DataPath {
-    Sockmap,
-    Fallback,
-}
-
-impl DataPath {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Sockmap => "sockmap",
-            Self::Fallback => "fallback",
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fallback_stats_show_the_cluster() {
-    scenario(DataPath::Fallback).await;
+    scenario(Path_::Fallback).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sockmap_stats_show_the_cluster_and_kernel_bytes() {
     if require_root("sockmap_stats_show_the_cluster_and_kernel_bytes") {
-        scenario(DataPath::Sockmap).await;
+        scenario(Path_::Sockmap).await;
     }
 }
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 struct Cluster {
-    _primary: FakePatroni,
-    _replica: FakePatroni,
-    _backends: (Backend, Backend),
+    _nodes: [Node; 2],
     daemon: Patroxy,
     bind: SocketAddr,
     stats: SocketAddr,
 }
 
-async fn start(path: DataPath) -> Cluster {
-    let primary = FakePatroni::start().await;
-    primary.set("/primary", Reply::primary(3));
-    let replica = FakePatroni::start().await;
-    replica.set("/primary", Reply::replica(503, 3));
-    let b1 = Backend::start(Behaviour::Echo).await;
-    let b2 = Backend::start(Behaviour::Echo).await;
+async fn start(path: Path_) -> Cluster {
+    let nodes = [Node::start().await, Node::start().await];
+    nodes[0].api.set("/primary", Reply::primary(3));
+    nodes[1].api.set("/primary", Reply::replica(503, 3));
     let pin = Patroxy::unique_pin_path("stats");
     let bind = local(free_tcp_port());
     let stats = local(free_tcp_port());
-    let bpf = match path {
-        DataPath::Sockmap => "required",
-        DataPath::Fallback => "off",
-    };
-    let toml = format!(
-        r#"
-[global]
-maxconn = 100
-bpf = "{bpf}"
-pin_path = "{pin}"
-
-[defaults]
-retries = 1
-timeout_client = "30m"
-timeout_server = "30m"
-timeout_connect = "1s"
-# A check slowed down by the machine (Chromium starting on two cores) is not a failure, and
-# three failures in a row take db1 DOWN: one odd check must not flap it (the assertions expect
-# no primary change). db2 starts DOWN whatever fall is.
-timeout_check = "3s"
-
-[default_server]
-inter = "200ms"
-fastinter = "100ms"
-downinter = "200ms"
-rise = 1
-fall = 3
-
-[[server]]
-name = "db1"
-address = "{b1}"
-check_port = {p1}
-
-[[server]]
-name = "db2"
-address = "{b2}"
-check_port = {p2}
-maxconn = 50
-
-[[listener]]
-name = "postgres_write"
-bind = "{bind}"
-servers = ["db1", "db2"]
-[listener.check]
-path = "/primary"
-
-[stats]
-bind = "{stats}"
-refresh = "2s"
-"#,
-        pin = pin.display(),
-        b1 = b1.addr,
-        b2 = b2.addr,
-        p1 = primary.addr().port(),
-        p2 = replica.addr().port(),
-    );
-    let daemon = Patroxy::start("patroxy-stats", &toml, &pin, &[bind, stats]);
+    let mut config = fast_checks(path, &pin)
+        .server(nodes[0].server("db1"))
+        .server(nodes[1].server("db2").maxconn(50))
+        .listener(
+            ListenerConfig::new("postgres_write", bind, ["db1", "db2"])
+                .check(CheckConfig::new("/primary")),
+        )
+        .stats(StatsConfig::new(stats).refresh(Duration::from_secs(2)));
+    config.global.maxconn = Some(100);
+    // A check slowed down by the machine (Chromium starting on two cores) is not a failure, and
+    // three failures in a row take db1 DOWN: one odd check must not flap it (the assertions expect
+    // no primary change). db2 starts DOWN whatever fall is.
+    config.defaults.timeout_check = Some(Duration::from_secs(3));
+    config.default_server.fastinter = Some(Duration::from_millis(100));
+    config.default_server.rise = Some(1);
+    config.default_server.on_marked_down = None;
+    let daemon = Patroxy::start("patroxy-stats", &config);
     Cluster {
-        _primary: primary,
-        _replica: replica,
-        _backends: (b1, b2),
+        _nodes: nodes,
         daemon,
         bind,
         stats,
     }
 }
 
-async fn scenario(path: DataPath) {
+async fn scenario(path: Path_) {
     let c = start(path).await;
     let stats = c.stats;
 
@@ -207,7 +145,7 @@ fn db1_bytes(stats: SocketAddr) -> (u64, u64) {
 /// One session stays open with `first` bytes echoed; on the sockmap path the kernel's counters
 /// show them at once. After it closes and a second one of `second` bytes, both paths count
 /// exactly what the client sent and got back.
-async fn bytes_counted(c: &Cluster, path: DataPath) {
+async fn bytes_counted(c: &Cluster, path: Path_) {
     let (first, second) = (300_001usize, 12_345usize);
     let mut open = TcpStream::connect(c.bind).await.unwrap();
     let data = pattern(first, 7);
@@ -221,9 +159,9 @@ async fn bytes_counted(c: &Cluster, path: DataPath) {
     open.read_exact(&mut echoed[1..]).await.unwrap();
     assert!(echoed == data, "echo differs");
     let expect_open = match path {
-        DataPath::Sockmap => (first as u64, first as u64),
+        Path_::Sockmap => (first as u64, first as u64),
         // Documented: the fallback path counts bytes when a session closes.
-        DataPath::Fallback => (0, 0),
+        Path_::Fallback => (0, 0),
     };
     let seen = wait_for(Duration::from_secs(5), || {
         let b = db1_bytes(c.stats);
@@ -235,7 +173,7 @@ async fn bytes_counted(c: &Cluster, path: DataPath) {
         "open session: {:?}",
         db1_bytes(c.stats)
     );
-    if path == DataPath::Sockmap {
+    if path == Path_::Sockmap {
         sessions_command(c, first);
     }
     open.shutdown().await.unwrap();
@@ -342,7 +280,7 @@ fn run_cli(args: &[&str]) -> String {
     text
 }
 
-fn cli(c: &Cluster, path: DataPath) {
+fn cli(c: &Cluster, path: Path_) {
     // --config finds the stats bind by itself.
     let config = c.daemon.config_path.to_str().unwrap();
     let table = run_cli(&["status", "--config", config]);
@@ -378,7 +316,7 @@ fn cli(c: &Cluster, path: DataPath) {
     assert_eq!(stable(&by_url), stable(&table), "{by_url}");
     assert_eq!(stable(&table).len(), 2, "{table}");
 
-    if path == DataPath::Sockmap {
+    if path == Path_::Sockmap {
         let maps = run_cli(&["maps", "--pin-path", c.daemon.pin_path.to_str().unwrap()]);
         for needle in [
             "SOCKS",
@@ -415,7 +353,7 @@ fn sessions_command(c: &Cluster, bytes: usize) {
     assert!(out.contains("1 open session(s)"), "{out}");
 }
 
-fn page(stats: SocketAddr, path: DataPath) {
+fn page(stats: SocketAddr, path: Path_) {
     let html = get_ok(stats, "/");
     assert!(html.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
     if !chromium_available() {

@@ -1,9 +1,19 @@
-//! Shared pieces of the data-path tests: configs and client helpers.
+//! Shared pieces of the integration tests: the data paths, configs, fake cluster nodes and
+//! client helpers.
 #![allow(dead_code, unused_macros)]
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use patroxy_tests::{daemon::Patroxy, ports::free_tcp_port, process::require_root};
+use patroxy_tests::{
+    backend::{Backend, Behaviour},
+    config::{
+        Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, ServerConfig,
+    },
+    daemon::Patroxy,
+    fake_patroni::FakePatroni,
+    ports::free_tcp_port,
+    process::require_root,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -17,10 +27,10 @@ pub enum Path_ {
 }
 
 impl Path_ {
-    pub fn bpf(self) -> &'static str {
+    pub fn bpf(self) -> Bpf {
         match self {
-            Self::Sockmap => "required",
-            Self::Fallback => "off",
+            Self::Sockmap => Bpf::Required,
+            Self::Fallback => Bpf::Off,
         }
     }
     pub fn name(self) -> &'static str {
@@ -39,76 +49,62 @@ pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Knobs of a one-listener test config.
-pub struct Setup<'a> {
-    pub path: Path_,
-    pub pin: &'a Path,
-    pub bind: SocketAddr,
-    pub server: SocketAddr,
-    pub global_maxconn: u32,
-    pub server_maxconn: Option<u32>,
-    pub retries: u32,
-    pub timeout_connect: &'a str,
-    pub timeout_idle: &'a str,
-    pub timeout_queue: Option<&'a str>,
+/// The data-path tests' config: one listener, `postgres_write` on a free port, in front of one
+/// unchecked (so always UP) server `db1` at `server`; global maxconn 2000, 2 retries, idle
+/// timeouts 30m, connect 1s.
+pub fn one_listener(path: Path_, pin: &Path, server: SocketAddr) -> ProxyConfig {
+    let defaults = Defaults::new(Duration::from_secs(30 * 60), Duration::from_secs(1)).retries(2);
+    let mut config = ProxyConfig::new(defaults)
+        .data_path(path.bpf(), pin)
+        .server(ServerConfig::new("db1", server))
+        .listener(ListenerConfig::new(
+            "postgres_write",
+            local(free_tcp_port()),
+            ["db1"],
+        ));
+    config.global.maxconn = Some(2000);
+    config
 }
 
-impl<'a> Setup<'a> {
-    pub fn new(path: Path_, pin: &'a Path, server: SocketAddr) -> Self {
-        Setup {
-            path,
-            pin,
-            bind: local(free_tcp_port()),
-            server,
-            global_maxconn: 2000,
-            server_maxconn: None,
-            retries: 2,
-            timeout_connect: "1s",
-            timeout_idle: "30m",
-            timeout_queue: None,
+/// The config of tests in front of fake Patroni nodes, with quick checks: every 200 ms (50 ms
+/// while a server's state is changing), a 500 ms check timeout, rise 2, fall 3, and a server's
+/// sessions shut down when it is marked down; one retry, connect 1s, idle timeouts 30m. No
+/// servers or listeners yet.
+pub fn fast_checks(path: Path_, pin: &Path) -> ProxyConfig {
+    let defaults = Defaults::new(Duration::from_secs(30 * 60), Duration::from_secs(1))
+        .retries(1)
+        .timeout_check(Duration::from_millis(500));
+    ProxyConfig::new(defaults)
+        .data_path(path.bpf(), pin)
+        .default_server(DefaultServer {
+            inter: Some(Duration::from_millis(200)),
+            fastinter: Some(Duration::from_millis(50)),
+            downinter: Some(Duration::from_millis(200)),
+            rise: Some(2),
+            fall: Some(3),
+            on_marked_down: Some(OnMarkedDown::ShutdownSessions),
+            ..DefaultServer::default()
+        })
+}
+
+/// One node of a fake cluster: a traffic backend (echo, counting its connections) and its
+/// fake Patroni API.
+pub struct Node {
+    pub backend: Backend,
+    pub api: FakePatroni,
+}
+
+impl Node {
+    pub async fn start() -> Node {
+        Node {
+            backend: Backend::start(Behaviour::Echo).await,
+            api: FakePatroni::start().await,
         }
     }
 
-    pub fn toml(&self) -> String {
-        let maxconn = self
-            .server_maxconn
-            .map(|m| format!("maxconn = {m}\n"))
-            .unwrap_or_default();
-        let queue = self
-            .timeout_queue
-            .map(|q| format!("timeout_queue = \"{q}\"\n"))
-            .unwrap_or_default();
-        format!(
-            r#"
-[global]
-maxconn = {gmax}
-bpf = "{bpf}"
-pin_path = "{pin}"
-
-[defaults]
-retries = {retries}
-timeout_client = "{idle}"
-timeout_server = "{idle}"
-timeout_connect = "{connect}"
-{queue}
-[[server]]
-name = "db1"
-address = "{server}"
-{maxconn}
-[[listener]]
-name = "postgres_write"
-bind = "{bind}"
-servers = ["db1"]
-"#,
-            gmax = self.global_maxconn,
-            bpf = self.path.bpf(),
-            pin = self.pin.display(),
-            retries = self.retries,
-            idle = self.timeout_idle,
-            connect = self.timeout_connect,
-            server = self.server,
-            bind = self.bind,
-        )
+    /// The node as a `[[server]]` named `name`: traffic to its backend, checks to its API.
+    pub fn server(&self, name: &str) -> ServerConfig {
+        ServerConfig::new(name, self.backend.addr).check_port(self.api.addr().port())
     }
 }
 
