@@ -3,7 +3,10 @@
 #[macro_use]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use common::{
     Path_, Start, echo_once, local, one_listener, read_until_closed, send_all_then_read,
@@ -11,6 +14,7 @@ use common::{
 };
 use patroxy_tests::{
     backend::{Backend, Behaviour, Blackhole, Ending, Fnv, pattern},
+    config::ProxyConfig,
     daemon::Patroxy,
     ports::free_tcp_port,
 };
@@ -356,15 +360,7 @@ async fn backend_reset_reaches_client(path: Path_) {
 async fn backend_refusing_is_retried(path: Path_) {
     let refused = local(free_tcp_port());
     let pin = Patroxy::unique_pin_path("refused");
-    let mut config = one_listener(path, &pin, refused);
-    config.defaults.retries = Some(2);
-    config.defaults.timeout_connect = Duration::from_millis(300);
-    let proxy = Patroxy::start("refused", &config);
-    let t0 = Instant::now();
-    let mut s = TcpStream::connect(config.bind()).await.unwrap();
-    let _ = s.write_all(b"hello").await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
-    let elapsed = t0.elapsed();
+    let (proxy, elapsed) = given_up_after("refused", one_listener(path, &pin, refused), 2).await;
     // 3 attempts with a 300 ms turn-around between them.
     assert!(
         elapsed >= Duration::from_millis(590),
@@ -380,15 +376,7 @@ async fn backend_refusing_is_retried(path: Path_) {
 async fn backend_blackholed_times_out_and_retries(path: Path_) {
     let hole = Blackhole::start().await;
     let pin = Patroxy::unique_pin_path("hole");
-    let mut config = one_listener(path, &pin, hole.addr);
-    config.defaults.retries = Some(1);
-    config.defaults.timeout_connect = Duration::from_millis(300);
-    let proxy = Patroxy::start("hole", &config);
-    let t0 = Instant::now();
-    let mut s = TcpStream::connect(config.bind()).await.unwrap();
-    let _ = s.write_all(b"hello").await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
-    let elapsed = t0.elapsed();
+    let (proxy, elapsed) = given_up_after("hole", one_listener(path, &pin, hole.addr), 1).await;
     // Two attempts of 300 ms each plus a 300 ms turn-around.
     assert!(
         elapsed >= Duration::from_millis(880),
@@ -405,6 +393,20 @@ async fn backend_blackholed_times_out_and_retries(path: Path_) {
     );
 }
 
+/// Starts patroxy on `config` with `retries` and a 300 ms `timeout connect`, opens a session
+/// that sends a few bytes, and returns the proxy and how long it took to close the session
+/// (at most 10 s).
+async fn given_up_after(name: &str, mut config: ProxyConfig, retries: u32) -> (Patroxy, Duration) {
+    config.defaults.retries = Some(retries);
+    config.defaults.timeout_connect = Duration::from_millis(300);
+    let proxy = Patroxy::start(name, &config);
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
+    let _ = s.write_all(b"hello").await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
+    (proxy, t0.elapsed())
+}
+
 async fn server_maxconn_queues_then_times_out(path: Path_) {
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("maxconn");
@@ -413,24 +415,10 @@ async fn server_maxconn_queues_then_times_out(path: Path_) {
     // Long enough for s3, queued, to still be waiting when s1 leaves on a loaded machine.
     config.defaults.timeout_queue = Some(Duration::from_secs(2));
     let proxy = Patroxy::start("maxconn", &config);
-    // The readiness probe's session must not hold one of the two slots.
-    wait_probe_closed(&proxy);
-    let within = Duration::from_secs(2);
-    let mut s1 = TcpStream::connect(config.bind()).await.unwrap();
-    let mut s2 = TcpStream::connect(config.bind()).await.unwrap();
-    assert!(echo_once(&mut s1, b"one", within).await);
-    assert!(echo_once(&mut s2, b"two", within).await);
-    // The third waits in the queue ...
-    let mut s3 = TcpStream::connect(config.bind()).await.unwrap();
-    assert!(!echo_once(&mut s3, b"three", Duration::from_millis(200)).await);
-    // ... and gets the slot s1 frees (its echo, sent while queued, is delivered then).
-    drop(s1);
-    let mut buf = [0u8; 5];
-    tokio::time::timeout(within, s3.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"three");
+    // The third waits in the queue and gets the slot s1 frees (its echo, sent while queued, is
+    // delivered then).
+    let (s2, s3) =
+        third_session_waits_for_the_first(&proxy, config.bind(), Duration::from_millis(200)).await;
     // With both slots held, a fourth is closed when timeout queue expires.
     let t0 = Instant::now();
     let mut s4 = TcpStream::connect(config.bind()).await.unwrap();
@@ -453,16 +441,29 @@ async fn global_maxconn_stops_accepting(path: Path_) {
     let mut config = one_listener(path, &pin, backend.addr);
     config.global.maxconn = Some(2);
     let proxy = Patroxy::start("gmax", &config);
-    // The readiness probe's session must not hold one of the two permits.
-    wait_probe_closed(&proxy);
+    // The kernel completes the third handshake (backlog) but patroxy does not accept it until
+    // s1 leaves.
+    let _sessions =
+        third_session_waits_for_the_first(&proxy, config.bind(), Duration::from_millis(300)).await;
+}
+
+/// On a proxy that serves two sessions at once (server slots or global permits): two sessions
+/// are echoed, a third is not within `waits`, then gets the echo of what it sent meanwhile once
+/// the first one leaves. Returns the second and third sessions, still open.
+async fn third_session_waits_for_the_first(
+    proxy: &Patroxy,
+    bind: SocketAddr,
+    waits: Duration,
+) -> (TcpStream, TcpStream) {
+    // The readiness probe's session must not hold one of the two places.
+    wait_probe_closed(proxy);
     let within = Duration::from_secs(2);
-    let mut s1 = TcpStream::connect(config.bind()).await.unwrap();
-    let mut s2 = TcpStream::connect(config.bind()).await.unwrap();
+    let mut s1 = TcpStream::connect(bind).await.unwrap();
+    let mut s2 = TcpStream::connect(bind).await.unwrap();
     assert!(echo_once(&mut s1, b"one", within).await);
     assert!(echo_once(&mut s2, b"two", within).await);
-    // The kernel completes the third handshake (backlog) but patroxy does not accept it.
-    let mut s3 = TcpStream::connect(config.bind()).await.unwrap();
-    assert!(!echo_once(&mut s3, b"three", Duration::from_millis(300)).await);
+    let mut s3 = TcpStream::connect(bind).await.unwrap();
+    assert!(!echo_once(&mut s3, b"three", waits).await);
     drop(s1);
     let mut buf = [0u8; 5];
     tokio::time::timeout(within, s3.read_exact(&mut buf))
@@ -470,6 +471,7 @@ async fn global_maxconn_stops_accepting(path: Path_) {
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"three");
+    (s2, s3)
 }
 
 async fn idle_sessions_time_out(path: Path_) {
