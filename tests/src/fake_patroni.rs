@@ -5,9 +5,8 @@
 //! and records how many were in flight at once, so tests can assert that the checker never
 //! stacks checks on Patroni's small request queue.
 //!
-//! Plain tokio + a minimal HTTP/1.1 parser, one request per connection (`Connection: close`),
-//! and only std + tokio, so the file can also be compiled into other crates' unit tests with
-//! `#[path]`.
+//! Plain tokio + a minimal HTTP/1.1 parser, one request per connection (`Connection: close`).
+//! patroxy's checker tests use it too (patroxy-tests is a dev-dependency of patroxy).
 use std::{
     collections::HashMap,
     net::SocketAddr,

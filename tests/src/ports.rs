@@ -1,8 +1,5 @@
 //! Free loopback ports for test servers. Tests never use fixed ports: two suites (or a
 //! developer's demo) running at once must not collide.
-//!
-//! xtask compiles this file in too (`#[path]`, for the demo): keep it to std and libc, and
-//! refer to its siblings only as `crate::{ports, postgres, process}`.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};

@@ -5,9 +5,6 @@
 //! tools run as the `postgres` OS user that Debian's package creates; otherwise they run as the
 //! current user. Client tools (psql, pgbench) run as the caller and connect over TCP with the
 //! superuser password, as a patroxy client would.
-//!
-//! xtask compiles this file in too (`#[path]`, for the demo): keep it to std and libc, and
-//! refer to its siblings only as `crate::{ports, postgres, process}`.
 
 use std::ffi::CString;
 use std::fmt;

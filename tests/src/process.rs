@@ -1,8 +1,5 @@
 //! Child processes owned by a test: killed when the test ends however it ends, with their
 //! output kept in a file the test prints when it fails.
-//!
-//! xtask compiles this file in too (`#[path]`, for the demo): keep it to std and libc, and
-//! refer to its siblings only as `crate::{ports, postgres, process}`.
 
 use std::fs::File;
 use std::io::{self, Write as _};

@@ -1,6 +1,7 @@
 //! The checker against a fake Patroni, in real (short) time: HTTP needs real sockets.
 use std::{sync::Arc, time::Duration};
 
+use patroxy_tests::fake_patroni::{FakePatroni, Reply};
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -11,11 +12,6 @@ use crate::patroni::{
     health::ServerState,
     test_config::*,
 };
-
-#[allow(dead_code)]
-#[path = "../../../tests/src/fake_patroni.rs"]
-mod fake_patroni;
-use fake_patroni::{FakePatroni, Reply};
 
 struct Running {
     rx: watch::Receiver<Arc<HealthSnapshot>>,
