@@ -20,7 +20,7 @@ use crate::{
     admin::AdminState,
     config::Config,
     dataplane::{
-        loader::{MAP_BACKENDS, MAP_LOG_LIMIT, MAP_SESSIONS, MAP_SOCKS},
+        maps::{MAP_BACKENDS, MAP_LOG_LIMIT, MAP_SESSIONS, MAP_SOCKS},
         sockopt::monotonic_ns,
     },
 };

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     admin::AdminState,
     config::model::{Balance, CheckMethod},
-    dataplane::loader::MAP_SESSIONS,
+    dataplane::maps::MAP_SESSIONS,
     patroni::{Role, ServerSnapshot, ServerState},
     proxy::Proxy,
 };
