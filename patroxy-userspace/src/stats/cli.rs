@@ -9,8 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use patroxy_common::{BackendEntry, SIDE_CLIENT, SessionEntry};
+use patroxy_common::{BackendEntry, SessionEntry};
 
 use super::{
     html::{bytes, duration},
@@ -20,7 +19,7 @@ use crate::{
     admin::AdminState,
     config::Config,
     dataplane::{
-        maps::{MAP_BACKENDS, MAP_LOG_LIMIT, MAP_SESSIONS, MAP_SOCKS},
+        maps::{MAP_BACKENDS, MAP_LOG_LIMIT, MAP_SESSIONS, MAP_SOCKS, OpenSessions, open_pinned},
         sockopt::monotonic_ns,
     },
 };
@@ -192,25 +191,15 @@ fn table(rows: &[Vec<String>], classes: &[Option<StateClass>], color: bool) -> S
     out
 }
 
-fn open_hash<V: aya::Pod>(
-    pin_dir: &Path,
-    name: &str,
-) -> anyhow::Result<BpfHashMap<MapData, u64, V>> {
-    let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening {} (is patroxy running with the sockmap data path? root needed)",
-            path.display()
-        )
-    })?;
-    Ok(BpfHashMap::try_from(Map::from_map_data(data)?)?)
-}
-
 /// `patroxy sessions`: one line per open sockmap session from the pinned SESSIONS map. With the
 /// daemon's config, listener and backend ids are shown as names.
 pub fn sessions(pin_dir: &Path, config: Option<&Config>) -> anyhow::Result<()> {
-    let map = open_hash::<SessionEntry>(pin_dir, MAP_SESSIONS)?;
-    let entries: HashMap<u64, SessionEntry> = map.iter().flatten().collect();
+    let sessions = OpenSessions::read(pin_dir).with_context(|| {
+        format!(
+            "opening {} (is patroxy running with the sockmap data path? root needed)",
+            pin_dir.join(MAP_SESSIONS).display()
+        )
+    })?;
     let names: HashMap<u32, (String, String)> = config.map_or_else(HashMap::new, |c| {
         crate::patroni::backends(c)
             .map(|(k, id)| {
@@ -233,15 +222,10 @@ pub fn sessions(pin_dir: &Path, config: Option<&Config>) -> anyhow::Result<()> {
         .map(String::from)
         .to_vec(),
     ];
-    let mut clients: Vec<(&u64, &SessionEntry)> = entries
-        .iter()
-        .filter(|(_, e)| e.side == SIDE_CLIENT)
-        .collect();
-    clients.sort_by_key(|(cookie, _)| **cookie);
+    let mut clients: Vec<(u64, &SessionEntry)> = sessions.clients().collect();
+    clients.sort_by_key(|(cookie, _)| *cookie);
     for (cookie, e) in clients {
-        let last = entries
-            .get(&e.peer)
-            .map_or(e.last_ns, |p| p.last_ns.max(e.last_ns));
+        let last = sessions.last_activity_ns(e);
         let (listener, backend) = match names.get(&e.backend) {
             Some((l, s)) => (l.clone(), format!("{s} (#{})", e.backend)),
             None => (e.listener.to_string(), format!("#{}", e.backend)),
@@ -285,13 +269,11 @@ pub fn maps(pin_dir: &Path) -> anyhow::Result<()> {
     ] {
         let path = pin_dir.join(name);
         let count = match name {
-            MAP_SESSIONS => open_hash::<SessionEntry>(pin_dir, name)
+            MAP_SESSIONS => open_pinned::<u64, SessionEntry>(pin_dir, name)
                 .ok()
                 .map(|m| m.keys().count()),
-            MAP_BACKENDS => MapData::from_pin(&path)
+            MAP_BACKENDS => open_pinned::<u32, BackendEntry>(pin_dir, name)
                 .ok()
-                .and_then(|d| Map::from_map_data(d).ok())
-                .and_then(|m| BpfHashMap::<MapData, u32, BackendEntry>::try_from(m).ok())
                 .map(|m| m.keys().count()),
             _ => None,
         };

@@ -1,14 +1,10 @@
 //! Builds a [`StatsSnapshot`] from the daemon's state. Only reads: the checker's published
 //! snapshot, the backend table, the proxy's counters and (sockmap path) the kernel's SESSIONS.
 use std::{
-    collections::HashMap,
-    path::Path,
     sync::atomic::Ordering::Relaxed,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use patroxy_common::{SIDE_CLIENT, SessionEntry};
 use tokio::time::Instant;
 
 use super::{
@@ -18,31 +14,10 @@ use super::{
 use crate::{
     admin::AdminState,
     config::model::{Balance, CheckMethod},
-    dataplane::maps::MAP_SESSIONS,
+    dataplane::maps::LiveBytes,
     patroni::{Role, ServerSnapshot, ServerState},
     proxy::Proxy,
 };
-
-/// Bytes of open sessions per backend id: (client->server, server->client).
-pub type LiveBytes = HashMap<u32, (u64, u64)>;
-
-/// Sums the kernel's counters of open sessions, per backend, from the pinned SESSIONS map.
-/// Opens its own handle on the pin, so the data path's map lock is never held by a stats
-/// request. Each session has two entries; the client side holds both directions.
-pub fn live_bytes(pin_dir: &Path) -> Result<LiveBytes, MapError> {
-    let map = Map::from_map_data(MapData::from_pin(pin_dir.join(MAP_SESSIONS))?)?;
-    let sessions: BpfHashMap<MapData, u64, SessionEntry> = BpfHashMap::try_from(map)?;
-    let mut out = LiveBytes::new();
-    // A session that ends during the walk makes `iter` report an error for its key: skip it.
-    for (_, e) in sessions.iter().flatten() {
-        if e.side == SIDE_CLIENT {
-            let b = out.entry(e.backend).or_default();
-            b.0 += e.bytes_rx;
-            b.1 += e.bytes_tx;
-        }
-    }
-    Ok(out)
-}
 
 pub fn snapshot(
     proxy: &Proxy,

@@ -17,13 +17,15 @@ use tracing::{info, warn};
 
 use super::{
     admin::{self, Peer},
-    collect::{self, LiveBytes},
-    csv, html,
+    collect, csv, html,
     model::StatsSnapshot,
     prometheus,
     track::Tracker,
 };
-use crate::proxy::Proxy;
+use crate::{
+    dataplane::maps::{LiveBytes, OpenSessions},
+    proxy::Proxy,
+};
 
 struct Shared {
     proxy: Arc<Proxy>,
@@ -176,7 +178,8 @@ async fn snapshot(shared: &Shared) -> StatsSnapshot {
         Some(kernel) => {
             let dir = kernel.pin_dir().to_owned();
             // Walking SESSIONS is one syscall per entry: keep it off the async workers.
-            match tokio::task::spawn_blocking(move || collect::live_bytes(&dir)).await {
+            let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
+            match tokio::task::spawn_blocking(read).await {
                 Ok(Ok(live)) => live,
                 Ok(Err(e)) => {
                     warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
