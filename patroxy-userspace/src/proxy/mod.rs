@@ -3,7 +3,7 @@
 mod choose;
 pub mod counters;
 mod listener;
-mod markdown;
+mod mark_down;
 mod refusal;
 mod registry;
 mod session;
