@@ -8,8 +8,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
+    history::StatsHistory,
     model::{FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot},
-    track::Tracker,
 };
 use crate::{
     admin::AdminState,
@@ -21,7 +21,7 @@ use crate::{
 
 pub fn snapshot(
     proxy: &Proxy,
-    tracker: &Tracker,
+    history: &StatsHistory,
     live: &LiveBytes,
     started: Instant,
 ) -> StatsSnapshot {
@@ -36,11 +36,11 @@ pub fn snapshot(
             let servers: Vec<ServerStats> = health
                 .listener(li)
                 .iter()
-                .map(|s| server(proxy, tracker, live, s, now))
+                .map(|s| server(proxy, history, live, s, now))
                 .collect();
             let counters = &proxy.listener_counters[li];
             let waiting = u64::from(counters.waiting_for_server.load(Relaxed));
-            let (rate, rate_max) = tracker.listener_rate(li);
+            let (rate, rate_max) = history.listener_rate(li);
             ListenerStats {
                 name: l.name.clone(),
                 bind: l.bind.to_string(),
@@ -59,7 +59,7 @@ pub fn snapshot(
                     let scheme = if c.tls.is_some() { " (https)" } else { "" };
                     format!("{method} {}{scheme}", c.path)
                 }),
-                primary_changes: tracker.primary_changes(li),
+                primary_changes: history.primary_changes(li),
                 frontend: FrontendStats {
                     scur: servers.iter().map(|s| s.scur + s.qcur).sum::<u64>() + waiting,
                     stot: counters.accepted.load(Relaxed),
@@ -94,7 +94,7 @@ pub fn snapshot(
 
 fn server(
     proxy: &Proxy,
-    tracker: &Tracker,
+    history: &StatsHistory,
     live: &LiveBytes,
     snap: &ServerSnapshot,
     now: Instant,
@@ -109,8 +109,8 @@ fn server(
     // request (and hidden by the floor), never counted twice.
     let (closed_in, closed_out) = (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed));
     let (live_in, live_out) = live.get(&id).copied().unwrap_or_default();
-    let (bin, bout) = tracker.monotonic_bytes(id, closed_in + live_in, closed_out + live_out);
-    let (rate, rate_max) = tracker.backend_rate(id);
+    let (bin, bout) = history.monotonic_bytes(id, closed_in + live_in, closed_out + live_out);
+    let (rate, rate_max) = history.backend_rate(id);
     let (status, class) = status(snap.admin, health.server_state());
     ServerStats {
         name: spec.name.clone(),

@@ -6,7 +6,7 @@
 //! - `model`: [`StatsSnapshot`], plain serializable data every renderer takes.
 //! - `collect`: builds a snapshot from the proxy (health snapshot, backend table, counters) and
 //!   the kernel's SESSIONS map (bytes of open sockmap sessions).
-//! - `track`: what is remembered between requests: session rates, check-duration histograms,
+//! - `history`: what is remembered between requests: session rates, check-duration histograms,
 //!   leader changes, monotonic byte counters.
 //! - `html`, `csv`, `prometheus`: the renderers, pure functions of a snapshot.
 //! - `server`: the axum HTTP server.
@@ -16,11 +16,11 @@ pub mod admin;
 pub mod cli;
 pub mod collect;
 pub mod csv;
+pub mod history;
 pub mod html;
 pub mod model;
 pub mod prometheus;
 pub mod server;
-pub mod track;
 
 pub use model::StatsSnapshot;
 pub use server::spawn;

@@ -4,7 +4,8 @@
 //! mark-down resets, the data path) have their own names.
 //!
 //! A registry is built per scrape from the snapshot; only the check-duration histograms live
-//! longer (they accumulate observations in the [`Tracker`](super::track::Tracker)).
+//! longer (they accumulate observations in the [`StatsHistory`](super::history::StatsHistory)
+//! between scrapes).
 use prometheus_client::{
     encoding::prometheus_text,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -13,8 +14,8 @@ use prometheus_client::{
 use std::sync::atomic::AtomicU64;
 
 use super::{
+    history::CheckDurations,
     model::{ListenerStats, ServerStats, StatsSnapshot},
-    track::CheckDurations,
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -339,12 +340,12 @@ fn listeners(reg: &mut Registry, snap: &StatsSnapshot) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{model::sample, track::ServerLabels};
+    use super::super::{history::ServerLabels, model::sample};
     use super::*;
 
     #[test]
     fn haproxy_exporter_names_and_values() {
-        let durations = CheckDurations::new_with_constructor(super::super::track::CheckBuckets);
+        let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
         durations
             .get_or_create(&ServerLabels {
                 proxy: "postgres_write".into(),

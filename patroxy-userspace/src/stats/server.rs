@@ -17,10 +17,11 @@ use tracing::{info, warn};
 
 use super::{
     admin::{self, Peer},
-    collect, csv, html,
+    collect, csv,
+    history::StatsHistory,
+    html,
     model::StatsSnapshot,
     prometheus,
-    track::Tracker,
 };
 use crate::{
     dataplane::maps::{LiveBytes, OpenSessions},
@@ -29,7 +30,7 @@ use crate::{
 
 struct Shared {
     proxy: Arc<Proxy>,
-    tracker: Arc<Tracker>,
+    history: Arc<StatsHistory>,
     started: Instant,
 }
 
@@ -46,11 +47,11 @@ pub fn spawn(
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
     let addr = listener.local_addr()?;
     let backends = proxy.config.listeners.iter().map(|l| l.servers.len()).sum();
-    let tracker = Arc::new(Tracker::new(backends, proxy.config.listeners.len()));
-    tasks.spawn(tracker.clone().run(proxy.clone(), stop.clone()));
+    let history = Arc::new(StatsHistory::new(backends, proxy.config.listeners.len()));
+    tasks.spawn(history.clone().run(proxy.clone(), stop.clone()));
     let shared = Arc::new(Shared {
         proxy,
-        tracker,
+        history,
         started: Instant::now(),
     });
     let app = Router::new()
@@ -158,7 +159,7 @@ async fn set_state(
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let snap = snapshot(&shared).await;
-    let body = prometheus::render(&snap, &shared.tracker.check_durations);
+    let body = prometheus::render(&snap, &shared.history.check_durations);
     respond(prometheus::CONTENT_TYPE, body)
 }
 
@@ -193,7 +194,7 @@ async fn snapshot(shared: &Shared) -> StatsSnapshot {
         }
         None => LiveBytes::new(),
     };
-    collect::snapshot(&shared.proxy, &shared.tracker, &live, shared.started)
+    collect::snapshot(&shared.proxy, &shared.history, &live, shared.started)
 }
 
 #[cfg(test)]

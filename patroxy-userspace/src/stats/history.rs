@@ -52,7 +52,8 @@ impl MetricConstructor<Histogram> for CheckBuckets {
 
 pub type CheckDurations = Family<ServerLabels, Histogram, CheckBuckets>;
 
-pub struct Tracker {
+/// What the stats remember between requests (see the module doc): one per stats server.
+pub struct StatsHistory {
     rates: Mutex<Rates>,
     /// Seconds per health check, per server (patroxy_server_check_duration_seconds).
     pub check_durations: CheckDurations,
@@ -65,7 +66,7 @@ pub struct Tracker {
     bytes_floor: Mutex<Vec<(u64, u64)>>,
 }
 
-impl Tracker {
+impl StatsHistory {
     pub fn new(backends: usize, listeners: usize) -> Self {
         Self {
             rates: Mutex::new(Rates::new(backends + listeners)),
@@ -246,7 +247,7 @@ mod tests {
 
     #[test]
     fn bytes_never_go_down() {
-        let t = Tracker::new(2, 1);
+        let t = StatsHistory::new(2, 1);
         assert_eq!(t.monotonic_bytes(1, 100, 50), (100, 50));
         assert_eq!(t.monotonic_bytes(1, 60, 70), (100, 70));
         assert_eq!(t.monotonic_bytes(2, 1, 1), (1, 1));
