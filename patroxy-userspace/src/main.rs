@@ -40,7 +40,7 @@ enum Command {
         /// `<listener>/<server>`, as named in the configuration.
         target: String,
         /// ready | drain | maint
-        state: patroxy::admin::AdminState,
+        state: patroxy::operator_state::AdminState,
         /// The stats server; defaults to the `[stats]` bind of --config.
         #[arg(long)]
         url: Option<String>,

@@ -238,8 +238,8 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::admin::AdminState;
     use crate::config::model::{CheckTiming, InitState};
+    use crate::operator_state::AdminState;
     use crate::patroni::{BackendKey, Role, ServerHealth};
 
     fn srv(i: usize, up: bool, role: Option<Role>, timeline: Option<u64>) -> ServerSnapshot {

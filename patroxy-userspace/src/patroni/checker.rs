@@ -20,8 +20,8 @@ use super::{
     health::{ServerHealth, Transition},
 };
 use crate::{
-    admin::AdminState,
     config::model::{CheckMethod, CheckTiming, CheckTls, Config},
+    operator_state::AdminState,
 };
 
 /// The state of every backend at one moment. Published whole on every check result.
@@ -46,8 +46,9 @@ pub struct ServerSnapshot {
     pub id: u32,
     pub name: String,
     pub health: ServerHealth,
-    /// The operator's state ([`crate::admin`]). The checker always publishes READY; the proxy
-    /// overlays the operator's before routing, the data path and the stats read the snapshot.
+    /// The operator's state ([`crate::operator_state`]). The checker always publishes READY;
+    /// the proxy overlays the operator's before routing, the data path and the stats read the
+    /// snapshot.
     pub admin: AdminState,
 }
 

@@ -14,9 +14,9 @@ use tracing::{info, warn};
 
 use super::Proxy;
 use crate::{
-    admin::{AdminState, overlay},
     config::{OnMarkedDown, OnMarkedUp},
     dataplane::KillReason,
+    operator_state::{AdminState, overlay},
     patroni::{HealthSnapshot, Role, ServerSnapshot, health::Transition},
     routing::superseded_leaders,
 };

@@ -24,9 +24,9 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admin::{Admin, AdminStates, overlay},
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
+    operator_state::{AdminStates, AdminWriter, overlay},
     patroni::HealthSnapshot,
     routing::Router,
 };
@@ -48,7 +48,7 @@ pub struct Proxy {
     /// The checker's raw output, read only by `follow_health`.
     checks: watch::Receiver<Arc<HealthSnapshot>>,
     /// The operator's READY/DRAIN/MAINT states: set through the stats server's admin endpoint.
-    pub admin: Admin,
+    pub admin: AdminWriter,
     /// The admin states as `follow_health` last folded them in.
     admin_states: watch::Receiver<Arc<AdminStates>>,
     /// Per listener: its round-robin cursor and current write target.
@@ -69,7 +69,7 @@ impl Proxy {
         backends: Arc<BackendTable>,
         checks: watch::Receiver<Arc<HealthSnapshot>>,
     ) -> Arc<Self> {
-        let admin = Admin::new(config.clone());
+        let admin = AdminWriter::new(config.clone());
         let admin_states = admin.subscribe();
         let initial = Arc::new(overlay(&checks.borrow(), &admin_states.borrow()));
         let (applied, health) = watch::channel(initial);

@@ -16,12 +16,12 @@ use super::{
     model::{StateClass, StatsSnapshot},
 };
 use crate::{
-    admin::AdminState,
     config::Config,
     dataplane::{
         maps::{MAP_BACKENDS, MAP_LOG_LIMIT, MAP_SESSIONS, MAP_SOCKS, OpenSessions, open_pinned},
         sockopt::monotonic_ns,
     },
+    operator_state::AdminState,
 };
 
 /// The stats URL of the daemon configured in `config`: its `[stats]` bind, with an unspecified

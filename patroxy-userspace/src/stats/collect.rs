@@ -12,9 +12,9 @@ use super::{
     model::{FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot},
 };
 use crate::{
-    admin::AdminState,
     config::model::{Balance, CheckMethod},
     dataplane::maps::LiveBytes,
+    operator_state::AdminState,
     patroni::{Role, ServerSnapshot, ServerState},
     proxy::Proxy,
 };

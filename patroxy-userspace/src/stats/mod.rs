@@ -1,6 +1,6 @@
 //! Observability: the stats page (HTML), HAProxy's CSV, JSON, Prometheus metrics and the
 //! operator's CLI commands. Stats only read the daemon's state, with one exception: the admin
-//! endpoint, which sets servers' READY/DRAIN/MAINT states in [`crate::admin`].
+//! endpoint, which sets servers' READY/DRAIN/MAINT states in [`crate::operator_state`].
 //!
 //! # Layout
 //! - `model`: [`StatsSnapshot`], plain serializable data every renderer takes.
@@ -10,9 +10,9 @@
 //!   leader changes, monotonic byte counters.
 //! - `html`, `csv`, `prometheus`: the renderers, pure functions of a snapshot.
 //! - `server`: the axum HTTP server.
-//! - `admin`: `POST /admin/servers/{listener}/{server}` and who may call it.
+//! - `admin_endpoint`: `POST /admin/servers/{listener}/{server}` and who may call it.
 //! - `cli`: `patroxy status`, `patroxy sessions`, `patroxy maps`, `patroxy set-state`.
-pub mod admin;
+pub mod admin_endpoint;
 pub mod cli;
 pub mod collect;
 pub mod csv;

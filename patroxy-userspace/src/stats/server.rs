@@ -1,7 +1,7 @@
 //! The stats HTTP server (axum): `/` HTML, `/;csv` or `/?format=csv` HAProxy's CSV, `/;json`
 //! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
 //! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
-//! endpoint (see `admin`).
+//! endpoint (see `admin_endpoint`).
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{
-    admin::{self, Peer},
+    admin_endpoint::{self, Peer},
     collect, csv,
     history::StatsHistory,
     html,
@@ -136,7 +136,7 @@ async fn set_state(
         .as_ref()
         .map_or(crate::config::AdminAccess::Off, |s| s.admin);
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    let request = admin::Request {
+    let request = admin_endpoint::Request {
         peer,
         origin: header(header::ORIGIN),
         host: header(header::HOST),
@@ -145,7 +145,7 @@ async fn set_state(
         query: uri.query(),
         body: &body,
     };
-    let (status, text) = admin::set_state(access, &proxy.admin, &request);
+    let (status, text) = admin_endpoint::set_state(access, &proxy.admin, &request);
     if status != StatusCode::OK {
         info!(peer = %peer.remote, status = status.as_u16(), "admin request refused: {}", text.trim_end());
     }

@@ -124,12 +124,12 @@ pub struct Change {
 }
 
 /// The one writer of the admin states.
-pub struct Admin {
+pub struct AdminWriter {
     config: Arc<Config>,
     tx: watch::Sender<Arc<AdminStates>>,
 }
 
-impl Admin {
+impl AdminWriter {
     pub fn new(config: Arc<Config>) -> Self {
         let (tx, _) = watch::channel(Arc::new(AdminStates::ready(&config)));
         Self { config, tx }
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn set_publishes_and_reports_the_previous_state() {
-        let admin = Admin::new(two_listeners());
+        let admin = AdminWriter::new(two_listeners());
         let mut rx = admin.subscribe();
         let key = BackendKey {
             listener: 1,
@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn unknown_names_are_refused_and_change_nothing() {
-        let admin = Admin::new(two_listeners());
+        let admin = AdminWriter::new(two_listeners());
         let rx = admin.subscribe();
         assert_eq!(
             admin.set("x", "a", AdminState::Maint, "test"),
@@ -282,7 +282,7 @@ mod tests {
     fn overlay_sets_each_servers_state_and_keeps_the_checks() {
         let config = two_listeners();
         let health = HealthSnapshot::initial(&config, Instant::now());
-        let admin = Admin::new(config.clone());
+        let admin = AdminWriter::new(config.clone());
         admin.set("w", "b", AdminState::Drain, "test").unwrap();
         let view = overlay(&health, &admin.subscribe().borrow());
         let states: Vec<AdminState> = view
