@@ -17,6 +17,7 @@ pub mod patroni;
 pub mod proxy;
 pub mod routing;
 pub mod stats;
+pub mod view;
 
 /// The eBPF object built by build.rs (aya-build) from the patroxy-ebpf crate.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/patroxy"));

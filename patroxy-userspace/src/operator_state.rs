@@ -2,8 +2,8 @@
 //! state ready|drain|maint`, taken from the stats server's admin endpoint (`patroxy set-state`).
 //!
 //! The checker knows nothing of it. This module owns the states and publishes them whole on a
-//! watch channel; the proxy folds them into the checker's snapshot ([`overlay`]) before routing,
-//! the data path and the stats see it, so every reader agrees on one combined view:
+//! watch channel; the proxy folds them into the checker's snapshot ([`crate::view`]) before
+//! routing, the data path and the stats see it, so every reader agrees on one combined view:
 //! - READY: the server is what its checks say.
 //! - DRAIN: load balancing sends it no new session; open ones go on; checks go on ("DRAIN").
 //! - MAINT: no new session, checks go on but are ignored ("MAINT" whatever they say), and the
@@ -18,10 +18,7 @@ use std::{fmt, str::FromStr, sync::Arc};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::{
-    config::Config,
-    patroni::{BackendKey, HealthSnapshot},
-};
+use crate::{config::Config, patroni::BackendKey};
 
 /// What the operator set a server to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -94,16 +91,6 @@ impl AdminStates {
             .copied()
             .unwrap_or_default()
     }
-}
-
-/// The checker's `health` with the operator's states folded in: what routing, the data path and
-/// the stats read.
-pub fn overlay(health: &HealthSnapshot, admin: &AdminStates) -> HealthSnapshot {
-    let mut out = health.clone();
-    for server in out.listeners.iter_mut().flat_map(|l| l.servers.iter_mut()) {
-        server.admin = admin.get(server.key);
-    }
-    out
 }
 
 /// Why a state change was refused: the names do not exist in the configuration.
@@ -195,8 +182,6 @@ impl AdminWriter {
 mod tests {
     use std::net::SocketAddr;
 
-    use tokio::time::Instant;
-
     use super::*;
     use crate::patroni::test_config::*;
 
@@ -276,28 +261,5 @@ mod tests {
             })
         );
         assert!(!rx.has_changed().unwrap());
-    }
-
-    #[test]
-    fn overlay_sets_each_servers_state_and_keeps_the_checks() {
-        let config = two_listeners();
-        let health = HealthSnapshot::initial(&config, Instant::now());
-        let admin = AdminWriter::new(config.clone());
-        admin.set("w", "b", AdminState::Drain, "test").unwrap();
-        let view = overlay(&health, &admin.subscribe().borrow());
-        let states: Vec<AdminState> = view
-            .listeners
-            .iter()
-            .flat_map(|l| l.servers.iter().map(|s| s.admin))
-            .collect();
-        assert_eq!(
-            states,
-            [AdminState::Ready, AdminState::Drain, AdminState::Ready]
-        );
-        for (v, h) in view.listeners.iter().zip(&health.listeners) {
-            for (vs, hs) in v.servers.iter().zip(&h.servers) {
-                assert_eq!(vs.health, hs.health);
-            }
-        }
     }
 }

@@ -26,9 +26,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
-    operator_state::{AdminStates, AdminWriter, overlay},
+    operator_state::{AdminStates, AdminWriter},
     patroni::HealthSnapshot,
     routing::Router,
+    view::View,
 };
 use counters::{BackendCounters, ListenerCounters};
 use slots::ServerSlots;
@@ -39,12 +40,11 @@ pub struct Proxy {
     pub dataplane: Arc<DataPlane>,
     pub backends: Arc<BackendTable>,
     pub sessions: SessionRegistry,
-    /// The checker's view of every server with the operator's admin states folded in, once
-    /// applied to the data path (BACKENDS written, fences lifted or set): routing and stats read
-    /// this, never the checker's raw output, so no session is spliced to a server whose fence is
-    /// still up.
-    pub health: watch::Receiver<Arc<HealthSnapshot>>,
-    applied: watch::Sender<Arc<HealthSnapshot>>,
+    /// The checker's snapshot with the operator's admin states folded in, once applied to the
+    /// data path (BACKENDS written, fences lifted or set): routing and stats read this, never
+    /// the checker's raw output, so no session is spliced to a server whose fence is still up.
+    pub view: watch::Receiver<Arc<View>>,
+    applied: watch::Sender<Arc<View>>,
     /// The checker's raw output, read only by `follow_health`.
     checks: watch::Receiver<Arc<HealthSnapshot>>,
     /// The operator's READY/DRAIN/MAINT states: set through the stats server's admin endpoint.
@@ -71,8 +71,8 @@ impl Proxy {
     ) -> Arc<Self> {
         let admin = AdminWriter::new(config.clone());
         let admin_states = admin.subscribe();
-        let initial = Arc::new(overlay(&checks.borrow(), &admin_states.borrow()));
-        let (applied, health) = watch::channel(initial);
+        let initial = Arc::new(View::fold(&checks.borrow(), &admin_states.borrow()));
+        let (applied, view) = watch::channel(initial);
         let slots = config
             .listeners
             .iter()
@@ -93,7 +93,7 @@ impl Proxy {
             .map(|_| ListenerCounters::default())
             .collect();
         let proxy = Arc::new(Self {
-            health,
+            view,
             applied,
             checks,
             admin,
@@ -109,7 +109,7 @@ impl Proxy {
             slots,
         });
         // BACKENDS starts as what routing sees first: one writer, `write_states`.
-        let initial = proxy.health.borrow().clone();
+        let initial = proxy.view.borrow().clone();
         proxy.write_states(&initial);
         proxy
     }

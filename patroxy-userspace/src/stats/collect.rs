@@ -15,8 +15,9 @@ use crate::{
     config::model::{Balance, CheckMethod},
     dataplane::maps::LiveBytes,
     operator_state::AdminState,
-    patroni::{Role, ServerSnapshot, ServerState},
+    patroni::{Role, ServerState},
     proxy::Proxy,
+    view::ServerView,
 };
 
 pub fn snapshot(
@@ -26,14 +27,14 @@ pub fn snapshot(
     started: Instant,
 ) -> StatsSnapshot {
     let now = Instant::now();
-    let health = proxy.health.borrow().clone();
+    let view = proxy.view.borrow().clone();
     let config = &proxy.config;
     let listeners = config
         .listeners
         .iter()
         .enumerate()
         .map(|(li, l)| {
-            let servers: Vec<ServerStats> = health
+            let servers: Vec<ServerStats> = view
                 .listener(li)
                 .iter()
                 .map(|s| server(proxy, history, live, s, now))
@@ -96,7 +97,7 @@ fn server(
     proxy: &Proxy,
     history: &StatsHistory,
     live: &LiveBytes,
-    snap: &ServerSnapshot,
+    snap: &ServerView,
     now: Instant,
 ) -> ServerStats {
     let (listener, index, health) = (snap.key.listener, snap.key.server, &snap.health);

@@ -1,9 +1,9 @@
 //! What the stats remember between requests: session rates, check-duration histograms, leader
 //! changes, and a floor that keeps the byte counters monotonic.
 //!
-//! One background task (`run`) samples session totals every second and follows the checker's
-//! snapshots; requests only read. Check durations are observed when a snapshot shows a newer
-//! `last_check` than the one before: a reader that skips a snapshot (two checks between two
+//! One background task (`run`) samples session totals every second and follows the proxy's
+//! view; requests only read. Check durations are observed when a view shows a newer
+//! `last_check` than the one before: a reader that skips a view (two checks between two
 //! wake-ups) misses one observation, which a histogram of thousands of checks does not mind.
 use std::{
     collections::VecDeque,
@@ -25,8 +25,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    patroni::{HealthSnapshot, checker::ListenerSnapshot},
     proxy::Proxy,
+    view::{ListenerView, View},
 };
 
 /// Rates are averaged over this many one-second samples.
@@ -77,10 +77,10 @@ impl StatsHistory {
         }
     }
 
-    /// Samples every second and follows the health snapshots until `stop`.
+    /// Samples every second and follows the proxy's view until `stop`.
     pub async fn run(self: Arc<Self>, proxy: Arc<Proxy>, stop: CancellationToken) {
-        let mut health = proxy.health.clone();
-        let mut prev = health.borrow_and_update().clone();
+        let mut view = proxy.view.clone();
+        let mut prev = view.borrow_and_update().clone();
         self.observe_health(&prev, &prev);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -88,11 +88,11 @@ impl StatsHistory {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => self.sample(&proxy, Instant::now()),
-                changed = health.changed() => {
+                changed = view.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    let next = health.borrow_and_update().clone();
+                    let next = view.borrow_and_update().clone();
                     self.observe_health(&prev, &next);
                     prev = next;
                 }
@@ -141,7 +141,7 @@ impl StatsHistory {
         *f
     }
 
-    pub fn observe_health(&self, prev: &HealthSnapshot, next: &HealthSnapshot) {
+    pub fn observe_health(&self, prev: &View, next: &View) {
         let mut last_leader = self.last_leader.lock().expect("leader lock");
         for (li, l) in next.listeners.iter().enumerate() {
             for s in &l.servers {
@@ -174,7 +174,7 @@ impl StatsHistory {
 
 /// The UP server that Patroni says leads the cluster. A gap without a leader (A fails, then B is
 /// promoted) is one change, not two.
-fn leader(l: &ListenerSnapshot) -> Option<usize> {
+fn leader(l: &ListenerView) -> Option<usize> {
     l.servers.iter().position(|s| {
         s.health.is_checked() && s.is_up() && s.health.role.as_ref().is_some_and(|r| r.is_leader())
     })
