@@ -1,5 +1,6 @@
-//! Builds a [`StatsSnapshot`] from the daemon's state. Only reads: the checker's published
-//! snapshot, the backend table, the proxy's counters and (sockmap path) the kernel's SESSIONS.
+//! Builds a [`StatsSnapshot`] from the daemon's state. Only reads, through [`StatsSource`]: the
+//! proxy's view of the servers, the backend table, the proxy's counters, and (sockmap path) the
+//! bytes of open sessions the caller read from the kernel's SESSIONS.
 use std::{
     sync::atomic::Ordering::Relaxed,
     time::{SystemTime, UNIX_EPOCH},
@@ -16,19 +17,19 @@ use crate::{
     dataplane::maps::LiveBytes,
     operator_state::AdminState,
     patroni::{Role, ServerState},
-    proxy::Proxy,
+    proxy::StatsSource,
     view::ServerView,
 };
 
 pub fn snapshot(
-    proxy: &Proxy,
+    source: &dyn StatsSource,
     history: &StatsHistory,
     live: &LiveBytes,
     started: Instant,
 ) -> StatsSnapshot {
     let now = Instant::now();
-    let view = proxy.view.borrow().clone();
-    let config = &proxy.config;
+    let view = source.view().borrow().clone();
+    let config = source.config();
     let listeners = config
         .listeners
         .iter()
@@ -37,9 +38,9 @@ pub fn snapshot(
             let servers: Vec<ServerStats> = view
                 .listener(li)
                 .iter()
-                .map(|s| server(proxy, history, live, s, now))
+                .map(|s| server(source, history, live, s, now))
                 .collect();
-            let counters = &proxy.listener_counters[li];
+            let counters = source.listener_counters(li);
             let waiting = u64::from(counters.waiting_for_server.load(Relaxed));
             let (rate, rate_max) = history.listener_rate(li);
             ListenerStats {
@@ -78,8 +79,8 @@ pub fn snapshot(
     StatsSnapshot {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
-        data_path: proxy.dataplane.name().into(),
-        live_bytes: proxy.dataplane.kernel().is_some(),
+        data_path: source.data_path().into(),
+        live_bytes: source.pin_dir().is_some(),
         uptime_secs: now.saturating_duration_since(started).as_secs(),
         refresh_secs: config
             .stats
@@ -94,18 +95,18 @@ pub fn snapshot(
 }
 
 fn server(
-    proxy: &Proxy,
+    source: &dyn StatsSource,
     history: &StatsHistory,
     live: &LiveBytes,
     snap: &ServerView,
     now: Instant,
 ) -> ServerStats {
     let (listener, index, health) = (snap.key.listener, snap.key.server, &snap.health);
-    let spec = &proxy.config.listeners[listener].servers[index];
-    let checked = proxy.config.listeners[listener].check.is_some();
-    let id = proxy.backend_id(listener, index);
-    let entry = proxy.backends.get(id).unwrap_or_default();
-    let c = proxy.counters(id);
+    let spec = &source.config().listeners[listener].servers[index];
+    let checked = source.config().listeners[listener].check.is_some();
+    let id = snap.id;
+    let entry = source.backend_entry(id);
+    let c = source.backend_counters(id);
     // Closed sessions first, then open ones: a session closing in between is missed for one
     // request (and hidden by the floor), never counted twice.
     let (closed_in, closed_out) = (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed));

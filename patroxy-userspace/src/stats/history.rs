@@ -25,7 +25,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    proxy::Proxy,
+    proxy::StatsSource,
     view::{ListenerView, View},
 };
 
@@ -78,8 +78,8 @@ impl StatsHistory {
     }
 
     /// Samples every second and follows the proxy's view until `stop`.
-    pub async fn run(self: Arc<Self>, proxy: Arc<Proxy>, stop: CancellationToken) {
-        let mut view = proxy.view.clone();
+    pub async fn run(self: Arc<Self>, source: Arc<dyn StatsSource>, stop: CancellationToken) {
+        let mut view = source.view();
         let mut prev = view.borrow_and_update().clone();
         self.observe_health(&prev, &prev);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -87,7 +87,7 @@ impl StatsHistory {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => self.sample(&proxy, Instant::now()),
+                _ = tick.tick() => self.sample(source.as_ref(), Instant::now()),
                 changed = view.changed() => {
                     if changed.is_err() {
                         return;
@@ -100,15 +100,13 @@ impl StatsHistory {
         }
     }
 
-    fn sample(&self, proxy: &Proxy, now: Instant) {
+    fn sample(&self, source: &dyn StatsSource, now: Instant) {
         let backends = self.bytes_floor.lock().expect("floor lock").len() as u32;
         let totals = (1..=backends)
-            .map(|id| proxy.counters(id).total_sessions.load(Relaxed))
+            .map(|id| source.backend_counters(id).total_sessions.load(Relaxed))
             .chain(
-                proxy
-                    .listener_counters
-                    .iter()
-                    .map(|l| l.accepted.load(Relaxed)),
+                (0..source.config().listeners.len())
+                    .map(|l| source.listener_counters(l).accepted.load(Relaxed)),
             )
             .collect();
         self.rates.lock().expect("rates lock").record(now, totals);

@@ -2,7 +2,7 @@
 //! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
 //! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
 //! endpoint (see `admin_endpoint`).
-use std::{net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use axum::{
     Router,
@@ -11,7 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use tokio::time::Instant;
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -24,33 +24,40 @@ use super::{
     prometheus,
 };
 use crate::{
+    config::AdminAccess,
     dataplane::maps::{LiveBytes, OpenSessions},
-    proxy::Proxy,
+    operator_state::AdminWriter,
+    proxy::StatsSource,
 };
 
 struct Shared {
-    proxy: Arc<Proxy>,
+    source: Arc<dyn StatsSource>,
+    /// The one writer of the operator's states, for the admin endpoint.
+    admin: Arc<AdminWriter>,
     history: Arc<StatsHistory>,
     started: Instant,
 }
 
-/// Binds `bind` now (so a taken port fails the start-up) and serves on `tasks` until `stop`.
-/// Returns the bound address.
+/// Binds `bind` now (so a taken port fails the start-up) and serves the stats of `source`, and
+/// the admin endpoint through `admin`, on `tasks` until `stop`. Returns the bound address.
 pub fn spawn(
-    proxy: Arc<Proxy>,
+    source: Arc<dyn StatsSource>,
+    admin: Arc<AdminWriter>,
     bind: SocketAddr,
     stop: CancellationToken,
     tasks: &TaskTracker,
-) -> std::io::Result<SocketAddr> {
+) -> io::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(bind)?;
     std_listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let listener = TcpListener::from_std(std_listener)?;
     let addr = listener.local_addr()?;
-    let backends = proxy.config.listeners.iter().map(|l| l.servers.len()).sum();
-    let history = Arc::new(StatsHistory::new(backends, proxy.config.listeners.len()));
-    tasks.spawn(history.clone().run(proxy.clone(), stop.clone()));
+    let config = source.config();
+    let backends = config.listeners.iter().map(|l| l.servers.len()).sum();
+    let history = Arc::new(StatsHistory::new(backends, config.listeners.len()));
+    tasks.spawn(history.clone().run(source.clone(), stop.clone()));
     let shared = Arc::new(Shared {
-        proxy,
+        source,
+        admin,
         history,
         started: Instant::now(),
     });
@@ -129,12 +136,12 @@ async fn set_state(
     uri: Uri,
     body: String,
 ) -> Response {
-    let proxy = &shared.proxy;
-    let access = proxy
-        .config
+    let access = shared
+        .source
+        .config()
         .stats
         .as_ref()
-        .map_or(crate::config::AdminAccess::Off, |s| s.admin);
+        .map_or(AdminAccess::Off, |s| s.admin);
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let request = admin_endpoint::Request {
         peer,
@@ -145,7 +152,7 @@ async fn set_state(
         query: uri.query(),
         body: &body,
     };
-    let (status, text) = admin_endpoint::set_state(access, &proxy.admin, &request);
+    let (status, text) = admin_endpoint::set_state(access, &shared.admin, &request);
     if status != StatusCode::OK {
         info!(peer = %peer.remote, status = status.as_u16(), "admin request refused: {}", text.trim_end());
     }
@@ -175,9 +182,9 @@ fn respond(content_type: &'static str, body: String) -> Response {
 }
 
 async fn snapshot(shared: &Shared) -> StatsSnapshot {
-    let live = match shared.proxy.dataplane.kernel() {
-        Some(kernel) => {
-            let dir = kernel.pin_dir().to_owned();
+    let live = match shared.source.pin_dir() {
+        Some(dir) => {
+            let dir = dir.to_owned();
             // Walking SESSIONS is one syscall per entry: keep it off the async workers.
             let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
             match tokio::task::spawn_blocking(read).await {
@@ -194,7 +201,12 @@ async fn snapshot(shared: &Shared) -> StatsSnapshot {
         }
         None => LiveBytes::new(),
     };
-    collect::snapshot(&shared.proxy, &shared.history, &live, shared.started)
+    collect::snapshot(
+        shared.source.as_ref(),
+        &shared.history,
+        &live,
+        shared.started,
+    )
 }
 
 #[cfg(test)]
