@@ -43,6 +43,11 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
                 .with_context(|| format!("listener {}: binding {}", l.name, l.bind))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Bound before any client is accepted: a taken stats port fails the start-up.
+    let stats_listener = match &config.stats {
+        Some(s) => Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?),
+        None => None,
+    };
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.
@@ -55,11 +60,16 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         admin.subscribe(),
     );
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
-    proxy.serve(listeners, stop.clone(), &tracker);
-    if let Some(s) = &config.stats {
-        stats::spawn(proxy.clone(), admin.clone(), s.bind, stop.clone(), &tracker)
-            .with_context(|| format!("stats: binding {}", s.bind))?;
+    if let Some(listener) = stats_listener {
+        stats::serve(
+            listener,
+            proxy.clone(),
+            admin.clone(),
+            stop.clone(),
+            &tracker,
+        );
     }
+    proxy.serve(listeners, stop.clone(), &tracker);
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),

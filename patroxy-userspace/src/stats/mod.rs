@@ -23,4 +23,4 @@ pub mod prometheus;
 pub mod server;
 
 pub use model::StatsSnapshot;
-pub use server::spawn;
+pub use server::{bind, serve};

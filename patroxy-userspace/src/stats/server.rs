@@ -38,19 +38,23 @@ struct Shared {
     started: Instant,
 }
 
-/// Binds `bind` now (so a taken port fails the start-up) and serves the stats of `source`, and
-/// the admin endpoint through `admin`, on `tasks` until `stop`. Returns the bound address.
-pub fn spawn(
+/// Binds the stats server's socket. The daemon does this before it accepts any client, so a
+/// taken port fails the start-up rather than a proxy already in service.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    TcpListener::from_std(std_listener)
+}
+
+/// Serves the stats of `source` on `listener` (from [`bind`]), and the admin endpoint through
+/// `admin`, on `tasks` until `stop`.
+pub fn serve(
+    listener: TcpListener,
     source: Arc<dyn StatsSource>,
     admin: Arc<AdminWriter>,
-    bind: SocketAddr,
     stop: CancellationToken,
     tasks: &TaskTracker,
-) -> io::Result<SocketAddr> {
-    let std_listener = std::net::TcpListener::bind(bind)?;
-    std_listener.set_nonblocking(true)?;
-    let listener = TcpListener::from_std(std_listener)?;
-    let addr = listener.local_addr()?;
+) {
     let config = source.config();
     let backends = config.listeners.iter().map(|l| l.servers.len()).sum();
     let history = Arc::new(StatsHistory::new(backends, config.listeners.len()));
@@ -68,13 +72,14 @@ pub fn spawn(
         .with_state(shared)
         .into_make_service_with_connect_info::<Peer>();
     tasks.spawn(async move {
-        info!(%addr, "stats page listening");
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "stats page listening");
+        }
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
             warn!("stats server stopped: {e}");
         }
     });
-    Ok(addr)
 }
 
 /// What `/` was asked for.
