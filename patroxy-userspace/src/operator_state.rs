@@ -179,13 +179,14 @@ impl AdminWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::SocketAddr;
 
     use super::*;
     use crate::patroni::test_config::*;
 
-    fn two_listeners() -> Arc<Config> {
+    /// Listener "w" with servers "a" and "b", listener "r" with a server "b" of its own.
+    pub(crate) fn two_listeners() -> Arc<Config> {
         let a: SocketAddr = "127.0.0.1:8008".parse().unwrap();
         let t = timing(100, 50, 100, 2, 3);
         Arc::new(config(

@@ -111,7 +111,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        operator_state::AdminWriter,
+        operator_state::{AdminWriter, tests::two_listeners},
         patroni::{CheckOutcome, CheckStatus, test_config::*},
     };
 
@@ -119,18 +119,6 @@ mod tests {
         listener: 0,
         server: 0,
     };
-
-    fn two_listeners() -> Arc<Config> {
-        let a = "127.0.0.1:8008".parse().unwrap();
-        let t = timing(100, 50, 100, 2, 3);
-        Arc::new(config(
-            vec![
-                listener("w", None, vec![server("a", a, t), server("b", a, t)]),
-                listener("r", None, vec![server("b", a, t)]),
-            ],
-            None,
-        ))
-    }
 
     /// One checked server that goes UP after one good check.
     fn one_checked_server() -> Config {
