@@ -10,7 +10,10 @@ use tokio::time::Instant;
 
 use super::{
     history::StatsHistory,
-    model::{FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot},
+    model::{
+        FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot,
+        Traffic,
+    },
 };
 use crate::{
     config::model::{Balance, CheckMethod},
@@ -63,7 +66,11 @@ pub fn snapshot(
                 }),
                 primary_changes: history.primary_changes(li),
                 frontend: FrontendStats {
-                    scur: servers.iter().map(|s| s.scur + s.qcur).sum::<u64>() + waiting,
+                    scur: servers
+                        .iter()
+                        .map(|s| s.traffic.scur + s.traffic.qcur)
+                        .sum::<u64>()
+                        + waiting,
                     stot: counters.accepted.load(Relaxed),
                     rate,
                     rate_max,
@@ -137,19 +144,21 @@ fn server(
         }),
         rise: spec.timing.rise,
         fall: spec.timing.fall,
-        scur: u64::from(entry.sessions),
+        traffic: Traffic {
+            scur: u64::from(entry.sessions),
+            stot: c.total_sessions.load(Relaxed),
+            rate,
+            qcur: u64::from(c.queued.load(Relaxed)),
+            qmax: u64::from(c.max_queued.load(Relaxed)),
+            bin,
+            bout,
+            econ: c.connect_errors.load(Relaxed),
+            wretr: c.retries.load(Relaxed),
+            wredis: c.redispatches.load(Relaxed),
+        },
         smax: u64::from(c.max_sessions.load(Relaxed)),
         slim: spec.maxconn,
-        stot: c.total_sessions.load(Relaxed),
-        rate,
         rate_max,
-        qcur: u64::from(c.queued.load(Relaxed)),
-        qmax: u64::from(c.max_queued.load(Relaxed)),
-        bin,
-        bout,
-        econ: c.connect_errors.load(Relaxed),
-        wretr: c.retries.load(Relaxed),
-        wredis: c.redispatches.load(Relaxed),
         markdown_resets: c.markdown_resets.load(Relaxed),
         chkfail: health.failed_checks,
         chkdown: health.down_transitions,

@@ -117,7 +117,7 @@ fn servers(reg: &mut Registry, snap: &StatsSnapshot) {
         snap,
         "server_current_sessions",
         "Current sessions",
-        |s| g(s.scur),
+        |s| g(s.traffic.scur),
     );
     server_gauge(
         reg,
@@ -130,17 +130,17 @@ fn servers(reg: &mut Registry, snap: &StatsSnapshot) {
         s.slim.map(i64::from)
     });
     server_gauge(reg, snap, "server_current_queue", "Clients queued", |s| {
-        g(s.qcur)
+        g(s.traffic.qcur)
     });
     server_gauge(reg, snap, "server_max_queue", "Most clients queued", |s| {
-        g(s.qmax)
+        g(s.traffic.qmax)
     });
     server_gauge(
         reg,
         snap,
         "server_current_session_rate",
         "Sessions per second over the last 10 seconds",
-        |s| g(s.rate),
+        |s| g(s.traffic.rate),
     );
     server_gauge(
         reg,
@@ -178,38 +178,38 @@ fn servers(reg: &mut Registry, snap: &StatsSnapshot) {
         |s| Some(i64::from(s.fenced)),
     );
     server_counter(reg, snap, "server_sessions", "Sessions established", |s| {
-        s.stot
+        s.traffic.stot
     });
     server_counter(
         reg,
         snap,
         "server_bytes_in",
         "Bytes client to server",
-        |s| s.bin,
+        |s| s.traffic.bin,
     );
     server_counter(
         reg,
         snap,
         "server_bytes_out",
         "Bytes server to client",
-        |s| s.bout,
+        |s| s.traffic.bout,
     );
     server_counter(
         reg,
         snap,
         "server_connection_errors",
         "Failed connects",
-        |s| s.econ,
+        |s| s.traffic.econ,
     );
     server_counter(reg, snap, "server_retry_warnings", "Connect retries", |s| {
-        s.wretr
+        s.traffic.wretr
     });
     server_counter(
         reg,
         snap,
         "server_redispatch_warnings",
         "Retries sent to another server",
-        |s| s.wredis,
+        |s| s.traffic.wredis,
     );
     server_counter(reg, snap, "server_check_failures", "Failed checks", |s| {
         s.chkfail
@@ -303,13 +303,13 @@ fn listeners(reg: &mut Registry, snap: &StatsSnapshot) {
     counter(
         "frontend_bytes_in",
         "Bytes client to server",
-        &|l| l.backend().bin,
+        &|l| l.backend().traffic.bin,
         reg,
     );
     counter(
         "frontend_bytes_out",
         "Bytes server to client",
-        &|l| l.backend().bout,
+        &|l| l.backend().traffic.bout,
         reg,
     );
     counter(
