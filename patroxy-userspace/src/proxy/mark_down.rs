@@ -1,5 +1,5 @@
 //! Applies health changes to the data path: the checker's snapshot, with the operator's admin
-//! states folded in, is written to BACKENDS (state and role), and a server marked down (by its
+//! states folded in (a [`View`]), is written to BACKENDS (state and role), and a server marked down (by its
 //! checks or set to MAINT) has its sessions fenced in the kernel (the verdict stops forwarding
 //! the moment its BACKENDS entry is fenced) and then reset, per `on_marked_down`. So has a
 //! primary superseded by a newer timeline (split brain), though its checks still pass.
