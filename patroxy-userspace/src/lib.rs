@@ -2,21 +2,35 @@
 //! the kernel.
 //!
 //! # Layout
-//! State flows one way: `config` is parsed and validated once into typed values; the health
-//! checker in `patroni` owns check state and publishes server states; `admin` holds the
-//! operator's READY/DRAIN/MAINT states, which the proxy folds into the checker's view; `routing`
-//! reads that view and picks a backend; `proxy` accepts clients, enforces limits and connects;
-//! `dataplane` splices each established pair (sockmap in the kernel, or the userspace fallback)
-//! and tears it down; `lifecycle` owns signals and shutdown; `stats` reads all of them (its admin
-//! endpoint is the one writer of `admin`).
-pub mod admin;
+//! State flows one way, and so do the imports (a module uses only those before it here):
+//! - `config`: the file, parsed and validated once into typed values.
+//! - `patroni`: the health checker; it owns check state and publishes a `HealthSnapshot` of
+//!   what the checks say, and nothing else.
+//! - `operator_state`: the operator's READY/DRAIN/MAINT of each server and their one writer
+//!   (`AdminWriter`), which the stats server's admin endpoint drives.
+//! - `view`: the checker's snapshot with the operator's states folded in: the one `View` of
+//!   the servers that routing, the data path and the stats read.
+//! - `routing`: picks a backend from the view, a pure function.
+//! - `dataplane`: splices each established pair (sockmap in the kernel, or the userspace
+//!   fallback) and tears it down; `dataplane::maps` names the kernel's maps and reads the
+//!   pinned ones for the stats and the operator's commands.
+//! - `proxy`: accepts clients, enforces limits and connects; it applies each new view to the
+//!   data path (mark-down) before publishing it, and offers the stats a read-only
+//!   `StatsSource`.
+//! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
+//! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
+//!
+//! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
+//! binary's `cli` module, on top of this library.
 pub mod config;
 pub mod dataplane;
 pub mod lifecycle;
+pub mod operator_state;
 pub mod patroni;
 pub mod proxy;
 pub mod routing;
 pub mod stats;
+pub mod view;
 
 /// The eBPF object built by build.rs (aya-build) from the patroxy-ebpf crate.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/patroxy"));

@@ -9,8 +9,10 @@ use tracing::info;
 use crate::{
     config::Config,
     dataplane::{BackendTable, DataPlane, KernelLog},
+    operator_state::AdminWriter,
     patroni,
     proxy::{self, Proxy},
+    stats,
 };
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
@@ -41,14 +43,33 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
                 .with_context(|| format!("listener {}: binding {}", l.name, l.bind))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Bound before any client is accepted: a taken stats port fails the start-up.
+    let stats_listener = match &config.stats {
+        Some(s) => Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?),
+        None => None,
+    };
 
-    let proxy = Proxy::new(config.clone(), dataplane.clone(), backends, checks);
+    // The one writer of the operator's states, held to the end of `run`: the proxy stops
+    // following the checks once no writer is left.
+    let admin = Arc::new(AdminWriter::new(config.clone()));
+    let proxy = Proxy::new(
+        config.clone(),
+        dataplane.clone(),
+        backends,
+        checks,
+        admin.subscribe(),
+    );
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
-    proxy.serve(listeners, stop.clone(), &tracker);
-    if let Some(stats) = &config.stats {
-        crate::stats::spawn(proxy.clone(), stats.bind, stop.clone(), &tracker)
-            .with_context(|| format!("stats: binding {}", stats.bind))?;
+    if let Some(listener) = stats_listener {
+        stats::serve(
+            listener,
+            proxy.clone(),
+            admin.clone(),
+            stop.clone(),
+            &tracker,
+        );
     }
+    proxy.serve(listeners, stop.clone(), &tracker);
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),

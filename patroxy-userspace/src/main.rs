@@ -1,4 +1,6 @@
-//! The `patroxy` binary: the daemon (`run`) and the operator's commands.
+//! The `patroxy` binary: the daemon (`run`) and the operator's commands ([`cli`]).
+mod cli;
+
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
@@ -40,7 +42,7 @@ enum Command {
         /// `<listener>/<server>`, as named in the configuration.
         target: String,
         /// ready | drain | maint
-        state: patroxy::admin::AdminState,
+        state: patroxy::operator_state::AdminState,
         /// The stats server; defaults to the `[stats]` bind of --config.
         #[arg(long)]
         url: Option<String>,
@@ -90,27 +92,27 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Status { url, config } => report(stats_url(url, &config).and_then(|url| {
+        Command::Status { url, config } => report(cli::stats_url(url, &config).and_then(|url| {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(patroxy::stats::cli::status(&url))
+            runtime.block_on(cli::status::run(&url))
         })),
         Command::SetState {
             target,
             state,
             url,
             config,
-        } => report(stats_url(url, &config).and_then(|url| {
+        } => report(cli::stats_url(url, &config).and_then(|url| {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(patroxy::stats::cli::set_state(&url, &target, state))
+            runtime.block_on(cli::set_state::run(&url, &target, state))
         })),
         Command::Sessions { pin_path, config } => report(
             config
                 .map(|c| patroxy::config::load(&c))
                 .transpose()
                 .map_err(anyhow::Error::from)
-                .and_then(|c| patroxy::stats::cli::sessions(&pin_path, c.as_ref())),
+                .and_then(|c| cli::sessions::run(&pin_path, c.as_ref())),
         ),
-        Command::Maps { pin_path } => report(patroxy::stats::cli::maps(&pin_path)),
+        Command::Maps { pin_path } => report(cli::maps::run(&pin_path)),
         Command::Run {
             config,
             drain_grace,
@@ -131,14 +133,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-/// The daemon's stats URL: `--url`, or the `[stats]` bind of the config file.
-fn stats_url(url: Option<String>, config: &std::path::Path) -> anyhow::Result<String> {
-    match url {
-        Some(url) => Ok(url),
-        None => patroxy::stats::cli::url_from_config(&patroxy::config::load(config)?),
     }
 }
 

@@ -1,5 +1,5 @@
 //! Which server of a listener gets the next client: a pure choice over the published
-//! [`HealthSnapshot`](crate::patroni::HealthSnapshot) (no I/O, no clock).
+//! [`View`](crate::view::View) (no I/O, no clock).
 //!
 //! Writes (`first`) go to exactly one server: the UP server that Patroni reports as leader. Two
 //! at once is a split brain; the higher timeline is the newer promotion and wins, and among
@@ -10,7 +10,7 @@
 use tracing::warn;
 
 use crate::config::model::Balance;
-use crate::patroni::ServerSnapshot;
+use crate::view::ServerView;
 
 /// A server's current load as the data path sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,7 +86,7 @@ impl Router {
     /// ignores maxconn: writes have one target and queue on it rather than spill elsewhere.
     pub fn pick(
         &mut self,
-        servers: &[ServerSnapshot],
+        servers: &[ServerView],
         load: &impl ServerLoad,
         exclude: &[usize],
     ) -> Option<usize> {
@@ -102,7 +102,7 @@ impl Router {
 
     fn pick_first(
         &mut self,
-        servers: &[ServerSnapshot],
+        servers: &[ServerView],
         eligible: &[usize],
         exclude: &[usize],
     ) -> Option<usize> {
@@ -147,7 +147,7 @@ impl Router {
         Some(pick)
     }
 
-    fn note_split_brain(&mut self, servers: &[ServerSnapshot], up_leaders: &[usize]) {
+    fn note_split_brain(&mut self, servers: &[ServerView], up_leaders: &[usize]) {
         if up_leaders.len() < 2 {
             self.in_split_brain = false;
             return;
@@ -210,8 +210,8 @@ impl Router {
 /// Patroni promoted the newer one, so what is written on an older one is lost when it rejoins;
 /// [`Router::pick`] sends it no writes, and the data path fences and resets its sessions as on
 /// a mark-down. Leaders without a known timeline are never superseded.
-pub fn superseded_leaders(servers: &[ServerSnapshot]) -> Vec<usize> {
-    let leader_timeline = |s: &ServerSnapshot| {
+pub fn superseded_leaders(servers: &[ServerView]) -> Vec<usize> {
+    let leader_timeline = |s: &ServerView| {
         let leads = s.is_up() && s.health.role.as_ref().is_some_and(|r| r.is_leader());
         leads.then_some(s.health.timeline).flatten()
     };
@@ -238,11 +238,11 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::admin::AdminState;
     use crate::config::model::{CheckTiming, InitState};
+    use crate::operator_state::AdminState;
     use crate::patroni::{BackendKey, Role, ServerHealth};
 
-    fn srv(i: usize, up: bool, role: Option<Role>, timeline: Option<u64>) -> ServerSnapshot {
+    fn srv(i: usize, up: bool, role: Option<Role>, timeline: Option<u64>) -> ServerView {
         let t = Duration::from_secs(1);
         let timing = CheckTiming {
             inter: t,
@@ -255,7 +255,7 @@ mod tests {
         let mut health = ServerHealth::new(&timing, init, true, Instant::now());
         health.role = role;
         health.timeline = timeline;
-        ServerSnapshot {
+        ServerView {
             key: BackendKey {
                 listener: 0,
                 server: i,
@@ -267,11 +267,11 @@ mod tests {
         }
     }
 
-    fn primary(i: usize, tl: u64) -> ServerSnapshot {
+    fn primary(i: usize, tl: u64) -> ServerView {
         srv(i, true, Some(Role::Primary), Some(tl))
     }
 
-    fn replica(i: usize, up: bool) -> ServerSnapshot {
+    fn replica(i: usize, up: bool) -> ServerView {
         srv(i, up, Some(Role::Replica), Some(1))
     }
 
@@ -281,7 +281,7 @@ mod tests {
 
     fn picks(
         r: &mut Router,
-        servers: &[ServerSnapshot],
+        servers: &[ServerView],
         load: &impl ServerLoad,
         n: usize,
     ) -> HashMap<usize, usize> {
@@ -452,7 +452,7 @@ mod tests {
         );
     }
 
-    fn with(mut s: ServerSnapshot, admin: AdminState) -> ServerSnapshot {
+    fn with(mut s: ServerView, admin: AdminState) -> ServerView {
         s.admin = admin;
         s
     }

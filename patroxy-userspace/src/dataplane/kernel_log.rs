@@ -15,12 +15,10 @@ use aya_log::EbpfLogger;
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{info, warn};
 
-use super::loader::MAP_LOG_LIMIT;
+use super::maps::{MAP_LOG_LIMIT, MAP_LOG_RING};
 use crate::config::Global;
 use patroxy_common::LogLimit;
 
-/// aya-log-ebpf's ring buffer.
-const MAP_LOG_RING: &str = "AYA_LOGS";
 /// Turns `bpf_log` on or off for one run without editing the config file.
 pub const ENV: &str = "PATROXY_BPF_LOG";
 /// How often the count of lines over the rate is reported (when it grew).

@@ -13,16 +13,11 @@ use aya::{
 use patroxy_common::{BackendEntry, SessionEntry};
 use tracing::{info, warn};
 
-use super::kernel_log::KernelLog;
+use super::{
+    kernel_log::KernelLog,
+    maps::{MAP_BACKENDS, MAP_SESSIONS, MAP_SOCKS, PINNED, PROGRAM},
+};
 
-/// Names of the maps, as in patroxy-ebpf and under the pin directory.
-pub const MAP_SOCKS: &str = "SOCKS";
-pub const MAP_SESSIONS: &str = "SESSIONS";
-pub const MAP_BACKENDS: &str = "BACKENDS";
-pub const MAP_LOG_LIMIT: &str = "LOG_LIMIT";
-const PROGRAM: &str = "patroxy_verdict";
-/// The maps pinned under the pin directory.
-const PINNED: [&str; 4] = [MAP_SOCKS, MAP_SESSIONS, MAP_BACKENDS, MAP_LOG_LIMIT];
 /// statfs magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

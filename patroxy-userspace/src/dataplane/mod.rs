@@ -8,6 +8,7 @@ mod closewatch;
 mod fallback;
 mod kernel_log;
 pub mod loader;
+pub mod maps;
 mod sockmap;
 pub mod sockopt;
 

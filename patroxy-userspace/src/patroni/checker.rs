@@ -19,10 +19,7 @@ use super::{
     client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError},
     health::{ServerHealth, Transition},
 };
-use crate::{
-    admin::AdminState,
-    config::model::{CheckMethod, CheckTiming, CheckTls, Config},
-};
+use crate::config::model::{CheckMethod, CheckTiming, CheckTls, Config};
 
 /// The state of every backend at one moment. Published whole on every check result.
 #[derive(Clone, Debug)]
@@ -46,21 +43,12 @@ pub struct ServerSnapshot {
     pub id: u32,
     pub name: String,
     pub health: ServerHealth,
-    /// The operator's state ([`crate::admin`]). The checker always publishes READY; the proxy
-    /// overlays the operator's before routing, the data path and the stats read the snapshot.
-    pub admin: AdminState,
 }
 
 impl ServerSnapshot {
-    /// UP by its checks and not in maintenance: MAINT counts as DOWN for routing, the mark-down
-    /// of sessions and the fence.
+    /// UP by its checks.
     pub fn is_up(&self) -> bool {
-        self.health.is_up() && self.admin != AdminState::Maint
-    }
-
-    /// Whether load balancing may send it a new session: UP and not draining.
-    pub fn takes_new_sessions(&self) -> bool {
-        self.is_up() && self.admin == AdminState::Ready
+        self.health.is_up()
     }
 }
 
@@ -88,7 +76,6 @@ impl HealthSnapshot {
                 id,
                 name: spec.name.clone(),
                 health,
-                admin: AdminState::Ready,
             });
         }
         HealthSnapshot {
@@ -103,27 +90,6 @@ impl HealthSnapshot {
 
     pub fn server(&self, key: BackendKey) -> Option<&ServerSnapshot> {
         self.listener(key.listener).get(key.server)
-    }
-
-    /// UP/DOWN crossings between `prev` and `self`, for a reader that may have skipped
-    /// snapshots: a server that went down and came back up in between reports both, so the
-    /// data path still shuts down the sessions it had before the mark-down.
-    pub fn changes_since(&self, prev: &HealthSnapshot) -> Vec<(BackendKey, Transition)> {
-        let mut out = Vec::new();
-        for s in self.listeners.iter().flat_map(|l| &l.servers) {
-            let Some(p) = prev.server(s.key) else {
-                continue;
-            };
-            let went_down =
-                s.health.down_transitions > p.health.down_transitions || (p.is_up() && !s.is_up());
-            if went_down {
-                out.push((s.key, Transition::WentDown));
-            }
-            if s.is_up() && (went_down || !p.is_up()) {
-                out.push((s.key, Transition::WentUp));
-            }
-        }
-        out
     }
 
     /// True while a server of the listener is between UP and DOWN, or while none of its

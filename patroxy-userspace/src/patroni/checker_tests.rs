@@ -383,52 +383,6 @@ async fn unchecked_listeners_are_up_and_cancel_stops_checks() {
     assert_eq!(node.requests("/primary"), n, "no checks after cancel");
 }
 
-#[test]
-fn changes_since_reports_skipped_flaps() {
-    let addr = "127.0.0.1:8008".parse().unwrap();
-    let cfg = one_server_at(addr);
-    let now = tokio::time::Instant::now();
-    let prev = HealthSnapshot::initial(&cfg, now);
-    let mut cur = prev.clone();
-    let ok = crate::patroni::client::CheckOutcome {
-        status: CheckStatus::L7Ok,
-        code: Some(200),
-        duration: Duration::ZERO,
-        role: None,
-        state: None,
-        timeline: None,
-        detail: None,
-        from_patroni: true,
-    };
-    let h = &mut cur.listeners[0].servers[0].health;
-    h.record(&ok, now);
-    assert_eq!(cur.changes_since(&prev), [(K00, Transition::WentUp)]);
-    let up = cur.clone();
-    let h = &mut cur.listeners[0].servers[0].health;
-    h.record(
-        &CheckOutcome {
-            status: CheckStatus::L7Sts,
-            ..ok.clone()
-        },
-        now,
-    );
-    h.record(&ok, now);
-    // DOWN and back UP between two snapshots: both are reported.
-    assert_eq!(
-        cur.changes_since(&up),
-        [(K00, Transition::WentDown), (K00, Transition::WentUp)]
-    );
-    assert!(cur.changes_since(&cur).is_empty());
-}
-
-fn one_server_at(addr: std::net::SocketAddr) -> Config {
-    let servers = vec![server("pg1", addr, timing(100, 30, 30, 1, 1))];
-    config(
-        vec![listener("w", Some(check("/primary", true)), servers)],
-        None,
-    )
-}
-
 #[tokio::test]
 async fn client_methods_queries_and_bad_tls_files() {
     use crate::config::model::{CheckMethod, CheckTls};

@@ -3,15 +3,15 @@ use tokio::time::{Instant, timeout_at};
 
 use super::Proxy;
 use crate::{
-    patroni::ServerSnapshot,
     routing::{Load, superseded_leaders},
+    view::ServerView,
 };
 
 impl Proxy {
     /// A server of `listener` for a new client, per its balance algorithm over the current
-    /// health snapshot; `None` when no eligible server is UP.
+    /// view; `None` when no eligible server is UP.
     pub(super) fn pick(&self, listener: usize, excluded: &[usize]) -> Option<usize> {
-        let snapshot = self.health.borrow().clone();
+        let view = self.view.borrow().clone();
         let load = |server: usize| {
             let id = self.backend_id(listener, server);
             let entry = self.backends.get(id).unwrap_or_default();
@@ -25,19 +25,19 @@ impl Proxy {
             }
         };
         let mut router = self.routers[listener].lock().expect("router lock");
-        router.pick(snapshot.listener(listener), &load, excluded)
+        router.pick(view.listener(listener), &load, excluded)
     }
 
     /// Whether `server` of `listener` may get a new session now: UP, READY and not a primary
     /// superseded by a newer timeline.
     pub(super) fn takes_new_sessions(&self, listener: usize, server: usize) -> bool {
-        takes_new_sessions(self.health.borrow().listener(listener), server)
+        takes_new_sessions(self.view.borrow().listener(listener), server)
     }
 
     /// Returns once `server` of `listener` stops taking new sessions (DOWN, DRAIN, MAINT or
     /// superseded); never while the daemon's health feed lives and the server stays eligible.
     pub(super) async fn until_closed_to_new_sessions(&self, listener: usize, server: usize) {
-        let mut rx = self.health.clone();
+        let mut rx = self.view.clone();
         loop {
             if !takes_new_sessions(rx.borrow_and_update().listener(listener), server) {
                 return;
@@ -48,14 +48,14 @@ impl Proxy {
         }
     }
 
-    /// Waits until the health snapshot changes; false once `deadline` passed first.
+    /// Waits until the view changes; false once `deadline` passed first.
     pub(super) async fn wait_for_change(&self, deadline: Instant) -> bool {
-        let mut rx = self.health.clone();
+        let mut rx = self.view.clone();
         rx.mark_unchanged();
         matches!(timeout_at(deadline, rx.changed()).await, Ok(Ok(())))
     }
 }
 
-fn takes_new_sessions(servers: &[ServerSnapshot], server: usize) -> bool {
+fn takes_new_sessions(servers: &[ServerView], server: usize) -> bool {
     servers[server].takes_new_sessions() && !superseded_leaders(servers).contains(&server)
 }

@@ -3,11 +3,12 @@
 mod choose;
 pub mod counters;
 mod listener;
-mod markdown;
+mod mark_down;
 mod refusal;
 mod registry;
 mod session;
 mod slots;
+mod stats_source;
 
 use std::{
     net::SocketAddr,
@@ -17,6 +18,7 @@ use std::{
 
 pub use listener::bind;
 pub use registry::SessionRegistry;
+pub use stats_source::StatsSource;
 use tokio::{
     net::TcpListener,
     sync::{Semaphore, watch},
@@ -24,38 +26,37 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admin::{Admin, AdminStates, overlay},
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
+    operator_state::AdminStates,
     patroni::HealthSnapshot,
     routing::Router,
+    view::View,
 };
 use counters::{BackendCounters, ListenerCounters};
 use slots::ServerSlots;
 
 /// Everything a session task needs, shared by all listeners.
 pub struct Proxy {
-    pub config: Arc<Config>,
-    pub dataplane: Arc<DataPlane>,
-    pub backends: Arc<BackendTable>,
-    pub sessions: SessionRegistry,
-    /// The checker's view of every server with the operator's admin states folded in, once
-    /// applied to the data path (BACKENDS written, fences lifted or set): routing and stats read
-    /// this, never the checker's raw output, so no session is spliced to a server whose fence is
-    /// still up.
-    pub health: watch::Receiver<Arc<HealthSnapshot>>,
-    applied: watch::Sender<Arc<HealthSnapshot>>,
+    config: Arc<Config>,
+    dataplane: Arc<DataPlane>,
+    backends: Arc<BackendTable>,
+    sessions: SessionRegistry,
+    /// The checker's snapshot with the operator's admin states folded in, once applied to the
+    /// data path (BACKENDS written, fences lifted or set): routing and stats read this, never
+    /// the checker's raw output, so no session is spliced to a server whose fence is still up.
+    view: watch::Receiver<Arc<View>>,
+    applied: watch::Sender<Arc<View>>,
     /// The checker's raw output, read only by `follow_health`.
     checks: watch::Receiver<Arc<HealthSnapshot>>,
-    /// The operator's READY/DRAIN/MAINT states: set through the stats server's admin endpoint.
-    pub admin: Admin,
-    /// The admin states as `follow_health` last folded them in.
+    /// The operator's READY/DRAIN/MAINT states (set through the stats server's admin
+    /// endpoint), as `follow_health` last folded them in.
     admin_states: watch::Receiver<Arc<AdminStates>>,
     /// Per listener: its round-robin cursor and current write target.
     routers: Vec<Mutex<Router>>,
     /// Per backend (index = backend id - 1) and per listener, for the stats.
     backend_counters: Vec<BackendCounters>,
-    pub listener_counters: Vec<ListenerCounters>,
+    listener_counters: Vec<ListenerCounters>,
     /// Global maxconn: accept loops take a permit before accepting.
     global: Arc<Semaphore>,
     /// Per-backend maxconn (index = backend id - 1).
@@ -63,16 +64,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `checks` is the checker's output, `admin_states` the operator's states
+    /// ([`AdminWriter::subscribe`](crate::operator_state::AdminWriter::subscribe)).
     pub fn new(
         config: Arc<Config>,
         dataplane: Arc<DataPlane>,
         backends: Arc<BackendTable>,
         checks: watch::Receiver<Arc<HealthSnapshot>>,
+        admin_states: watch::Receiver<Arc<AdminStates>>,
     ) -> Arc<Self> {
-        let admin = Admin::new(config.clone());
-        let admin_states = admin.subscribe();
-        let initial = Arc::new(overlay(&checks.borrow(), &admin_states.borrow()));
-        let (applied, health) = watch::channel(initial);
+        let initial = Arc::new(View::fold(&checks.borrow(), &admin_states.borrow()));
+        let (applied, view) = watch::channel(initial);
         let slots = config
             .listeners
             .iter()
@@ -93,10 +95,9 @@ impl Proxy {
             .map(|_| ListenerCounters::default())
             .collect();
         let proxy = Arc::new(Self {
-            health,
+            view,
             applied,
             checks,
-            admin,
             admin_states,
             routers,
             backend_counters,
@@ -109,7 +110,7 @@ impl Proxy {
             slots,
         });
         // BACKENDS starts as what routing sees first: one writer, `write_states`.
-        let initial = proxy.health.borrow().clone();
+        let initial = proxy.view.borrow().clone();
         proxy.write_states(&initial);
         proxy
     }
@@ -143,7 +144,7 @@ impl Proxy {
     }
 
     /// The backend id (BPF map key) of server `server` of listener `listener`.
-    pub fn backend_id(&self, listener: usize, server: usize) -> u32 {
+    fn backend_id(&self, listener: usize, server: usize) -> u32 {
         crate::patroni::backend_id(
             &self.config,
             crate::patroni::BackendKey { listener, server },
@@ -151,7 +152,7 @@ impl Proxy {
         .expect("listener and server indexes come from the config")
     }
 
-    pub fn counters(&self, backend_id: u32) -> &BackendCounters {
+    fn counters(&self, backend_id: u32) -> &BackendCounters {
         &self.backend_counters[backend_id as usize - 1]
     }
 

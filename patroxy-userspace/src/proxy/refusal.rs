@@ -1,4 +1,5 @@
-//! A client patroxy cannot serve gets a PostgreSQL error it can show, not a bare close.
+//! A client patroxy cannot serve: why ([`Refusal`]), and the PostgreSQL error it gets instead
+//! of a bare close.
 //!
 //! HAProxy in TCP mode just closes the connection, which psql reports as "server closed the
 //! connection unexpectedly". patroxy speaks just enough of the protocol's start to say why:
@@ -21,13 +22,48 @@ const GSSENC_REQUEST: u32 = 80_877_104;
 const PROTOCOL_3: u32 = 3 << 16;
 
 /// SQLSTATEs of the refusals, as PostgreSQL itself would use them.
-pub(super) mod sqlstate {
+mod sqlstate {
     /// cannot_connect_now: no server can take the session (none UP); retry later.
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     /// too_many_connections: every server is at its maxconn.
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     /// connection_failure: connecting to the chosen server failed.
     pub const CONNECTION_FAILURE: &str = "08006";
+}
+
+/// Why a client was closed before reaching a server (HAProxy's termination flags in words).
+#[derive(Debug)]
+pub(super) enum Refusal {
+    /// `timeout queue` expired with no UP server or no free slot.
+    QueueTimeout { up_servers: bool },
+    /// Every connection attempt failed.
+    ConnectFailed { attempts: u32, last: std::io::Error },
+}
+
+impl Refusal {
+    /// The SQLSTATE the client is told (see [`sqlstate`]).
+    pub(super) fn sqlstate(&self) -> &'static str {
+        match self {
+            Self::QueueTimeout { up_servers: false } => sqlstate::CANNOT_CONNECT_NOW,
+            Self::QueueTimeout { up_servers: true } => sqlstate::TOO_MANY_CONNECTIONS,
+            Self::ConnectFailed { .. } => sqlstate::CONNECTION_FAILURE,
+        }
+    }
+
+    /// The reason in words, for the log line and the client's message.
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Self::QueueTimeout { up_servers: false } => {
+                "timeout queue expired: no server is UP".into()
+            }
+            Self::QueueTimeout { up_servers: true } => {
+                "timeout queue expired: servers are at maxconn".into()
+            }
+            Self::ConnectFailed { attempts, last } => {
+                format!("connect failed after {attempts} attempt(s): {last}")
+            }
+        }
+    }
 }
 
 /// Answers a PostgreSQL client's start with a FATAL error, then closes. Returns whether the

@@ -15,7 +15,11 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Proxy, refusal, slots::Slot};
+use super::{
+    Proxy,
+    refusal::{self, Refusal},
+    slots::Slot,
+};
 use crate::dataplane::SessionMeta;
 
 /// A client's server, connected, with HAProxy's Tw (queue) and Tc (connect) milestones.
@@ -27,15 +31,6 @@ struct Connected {
     /// When the client left the queue (got a server and a slot).
     dequeued: Instant,
     connected: Instant,
-}
-
-/// Why a client was closed before reaching a server (HAProxy's termination flags in words).
-#[derive(Debug)]
-enum Refusal {
-    /// `timeout queue` expired with no UP server or no free slot.
-    QueueTimeout { up_servers: bool },
-    /// Every connection attempt failed.
-    ConnectFailed { attempts: u32, last: std::io::Error },
 }
 
 impl Proxy {
@@ -202,31 +197,6 @@ impl Proxy {
                 Some(slot) => Ok((server, slot)),
                 None => Err(Refusal::QueueTimeout { up_servers: true }),
             };
-        }
-    }
-}
-
-impl Refusal {
-    /// The SQLSTATE the client is told (see [`refusal::sqlstate`]).
-    fn sqlstate(&self) -> &'static str {
-        match self {
-            Self::QueueTimeout { up_servers: false } => refusal::sqlstate::CANNOT_CONNECT_NOW,
-            Self::QueueTimeout { up_servers: true } => refusal::sqlstate::TOO_MANY_CONNECTIONS,
-            Self::ConnectFailed { .. } => refusal::sqlstate::CONNECTION_FAILURE,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Self::QueueTimeout { up_servers: false } => {
-                "timeout queue expired: no server is UP".into()
-            }
-            Self::QueueTimeout { up_servers: true } => {
-                "timeout queue expired: servers are at maxconn".into()
-            }
-            Self::ConnectFailed { attempts, last } => {
-                format!("connect failed after {attempts} attempt(s): {last}")
-            }
         }
     }
 }

@@ -1,71 +1,51 @@
-//! Builds a [`StatsSnapshot`] from the daemon's state. Only reads: the checker's published
-//! snapshot, the backend table, the proxy's counters and (sockmap path) the kernel's SESSIONS.
+//! Builds a [`StatsSnapshot`] from the daemon's state. Only reads, through [`StatsSource`]: the
+//! proxy's view of the servers, the backend table, the proxy's counters, and (sockmap path) the
+//! bytes of open sessions the caller read from the kernel's SESSIONS.
 use std::{
-    collections::HashMap,
-    path::Path,
     sync::atomic::Ordering::Relaxed,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use patroxy_common::{SIDE_CLIENT, SessionEntry};
 use tokio::time::Instant;
 
 use super::{
-    model::{FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot},
-    track::Tracker,
+    history::StatsHistory,
+    model::{
+        FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot,
+        Traffic,
+    },
 };
 use crate::{
-    admin::AdminState,
     config::model::{Balance, CheckMethod},
-    dataplane::loader::MAP_SESSIONS,
-    patroni::{Role, ServerSnapshot, ServerState},
-    proxy::Proxy,
+    dataplane::maps::LiveBytes,
+    operator_state::AdminState,
+    patroni::{Role, ServerState},
+    proxy::StatsSource,
+    view::ServerView,
 };
 
-/// Bytes of open sessions per backend id: (client->server, server->client).
-pub type LiveBytes = HashMap<u32, (u64, u64)>;
-
-/// Sums the kernel's counters of open sessions, per backend, from the pinned SESSIONS map.
-/// Opens its own handle on the pin, so the data path's map lock is never held by a stats
-/// request. Each session has two entries; the client side holds both directions.
-pub fn live_bytes(pin_dir: &Path) -> Result<LiveBytes, MapError> {
-    let map = Map::from_map_data(MapData::from_pin(pin_dir.join(MAP_SESSIONS))?)?;
-    let sessions: BpfHashMap<MapData, u64, SessionEntry> = BpfHashMap::try_from(map)?;
-    let mut out = LiveBytes::new();
-    // A session that ends during the walk makes `iter` report an error for its key: skip it.
-    for (_, e) in sessions.iter().flatten() {
-        if e.side == SIDE_CLIENT {
-            let b = out.entry(e.backend).or_default();
-            b.0 += e.bytes_rx;
-            b.1 += e.bytes_tx;
-        }
-    }
-    Ok(out)
-}
-
 pub fn snapshot(
-    proxy: &Proxy,
-    tracker: &Tracker,
+    source: &dyn StatsSource,
+    history: &StatsHistory,
     live: &LiveBytes,
     started: Instant,
 ) -> StatsSnapshot {
     let now = Instant::now();
-    let health = proxy.health.borrow().clone();
-    let config = &proxy.config;
+    let view = source.view().borrow().clone();
+    let config = source.config();
     let listeners = config
         .listeners
         .iter()
         .enumerate()
         .map(|(li, l)| {
-            let servers: Vec<ServerStats> = health
+            let servers: Vec<ServerStats> = view
                 .listener(li)
                 .iter()
-                .map(|s| server(proxy, tracker, live, s, now))
+                .map(|s| server(source, history, live, s, now))
                 .collect();
-            let counters = &proxy.listener_counters[li];
+            let counters = source.listener_counters(li);
             let waiting = u64::from(counters.waiting_for_server.load(Relaxed));
-            let (rate, rate_max) = tracker.listener_rate(li);
+            let (rate, rate_max) = history.listener_rate(li);
             ListenerStats {
                 name: l.name.clone(),
                 bind: l.bind.to_string(),
@@ -84,9 +64,13 @@ pub fn snapshot(
                     let scheme = if c.tls.is_some() { " (https)" } else { "" };
                     format!("{method} {}{scheme}", c.path)
                 }),
-                primary_changes: tracker.primary_changes(li),
+                primary_changes: history.primary_changes(li),
                 frontend: FrontendStats {
-                    scur: servers.iter().map(|s| s.scur + s.qcur).sum::<u64>() + waiting,
+                    scur: servers
+                        .iter()
+                        .map(|s| s.traffic.scur + s.traffic.qcur)
+                        .sum::<u64>()
+                        + waiting,
                     stot: counters.accepted.load(Relaxed),
                     rate,
                     rate_max,
@@ -102,8 +86,8 @@ pub fn snapshot(
     StatsSnapshot {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
-        data_path: proxy.dataplane.name().into(),
-        live_bytes: proxy.dataplane.kernel().is_some(),
+        data_path: source.data_path().into(),
+        live_bytes: source.pin_dir().is_some(),
         uptime_secs: now.saturating_duration_since(started).as_secs(),
         refresh_secs: config
             .stats
@@ -118,24 +102,24 @@ pub fn snapshot(
 }
 
 fn server(
-    proxy: &Proxy,
-    tracker: &Tracker,
+    source: &dyn StatsSource,
+    history: &StatsHistory,
     live: &LiveBytes,
-    snap: &ServerSnapshot,
+    snap: &ServerView,
     now: Instant,
 ) -> ServerStats {
     let (listener, index, health) = (snap.key.listener, snap.key.server, &snap.health);
-    let spec = &proxy.config.listeners[listener].servers[index];
-    let checked = proxy.config.listeners[listener].check.is_some();
-    let id = proxy.backend_id(listener, index);
-    let entry = proxy.backends.get(id).unwrap_or_default();
-    let c = proxy.counters(id);
+    let spec = &source.config().listeners[listener].servers[index];
+    let checked = source.config().listeners[listener].check.is_some();
+    let id = snap.id;
+    let entry = source.backend_entry(id);
+    let c = source.backend_counters(id);
     // Closed sessions first, then open ones: a session closing in between is missed for one
     // request (and hidden by the floor), never counted twice.
     let (closed_in, closed_out) = (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed));
     let (live_in, live_out) = live.get(&id).copied().unwrap_or_default();
-    let (bin, bout) = tracker.monotonic_bytes(id, closed_in + live_in, closed_out + live_out);
-    let (rate, rate_max) = tracker.backend_rate(id);
+    let (bin, bout) = history.monotonic_bytes(id, closed_in + live_in, closed_out + live_out);
+    let (rate, rate_max) = history.backend_rate(id);
     let (status, class) = status(snap.admin, health.server_state());
     ServerStats {
         name: spec.name.clone(),
@@ -160,19 +144,21 @@ fn server(
         }),
         rise: spec.timing.rise,
         fall: spec.timing.fall,
-        scur: u64::from(entry.sessions),
+        traffic: Traffic {
+            scur: u64::from(entry.sessions),
+            stot: c.total_sessions.load(Relaxed),
+            rate,
+            qcur: u64::from(c.queued.load(Relaxed)),
+            qmax: u64::from(c.max_queued.load(Relaxed)),
+            bin,
+            bout,
+            econ: c.connect_errors.load(Relaxed),
+            wretr: c.retries.load(Relaxed),
+            wredis: c.redispatches.load(Relaxed),
+        },
         smax: u64::from(c.max_sessions.load(Relaxed)),
         slim: spec.maxconn,
-        stot: c.total_sessions.load(Relaxed),
-        rate,
         rate_max,
-        qcur: u64::from(c.queued.load(Relaxed)),
-        qmax: u64::from(c.max_queued.load(Relaxed)),
-        bin,
-        bout,
-        econ: c.connect_errors.load(Relaxed),
-        wretr: c.retries.load(Relaxed),
-        wredis: c.redispatches.load(Relaxed),
         markdown_resets: c.markdown_resets.load(Relaxed),
         chkfail: health.failed_checks,
         chkdown: health.down_transitions,

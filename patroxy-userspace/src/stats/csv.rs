@@ -5,7 +5,7 @@
 //! proxy.
 use std::fmt::Write as _;
 
-use super::model::{ListenerStats, ServerStats, StatsSnapshot};
+use super::model::{ListenerStats, ServerStats, StatsSnapshot, Traffic};
 
 /// HAProxy's fields 0..=99 in order (doc/management.txt, "9.1. CSV format").
 pub const FIELDS: [&str; 100] = [
@@ -138,9 +138,15 @@ pub fn render(snap: &StatsSnapshot) -> String {
 struct Row(Vec<String>);
 
 impl Row {
-    fn new(pxname: &str, svname: &str) -> Self {
-        let r = Row(vec![String::new(); FIELDS.len()]);
-        r.set("pxname", pxname).set("svname", svname)
+    /// A row of listener `l` (the `iid`th): the fields every row has.
+    fn new(snap: &StatsSnapshot, l: &ListenerStats, iid: usize, svname: &str, kind: u8) -> Self {
+        Row(vec![String::new(); FIELDS.len()])
+            .set("pxname", &l.name)
+            .set("svname", svname)
+            .set("pid", snap.pid)
+            .set("iid", iid)
+            .set("type", kind)
+            .set("mode", "tcp")
     }
 
     fn set(mut self, field: &str, value: impl ToString) -> Self {
@@ -158,6 +164,28 @@ impl Row {
             None => self,
         }
     }
+
+    /// The fields a server row and a BACKEND row both fill from their [`Traffic`].
+    fn traffic(self, t: &Traffic) -> Self {
+        self.set("qcur", t.qcur)
+            .set("qmax", t.qmax)
+            .set("scur", t.scur)
+            .set("stot", t.stot)
+            .set("lbtot", t.stot)
+            .set("rate", t.rate)
+            .set("bin", t.bin)
+            .set("bout", t.bout)
+            .set("econ", t.econ)
+            .set("eresp", 0)
+            .set("wretr", t.wretr)
+            .set("wredis", t.wredis)
+    }
+
+    /// HAProxy's weight and act: `n` active servers (a server row counts itself); no backup
+    /// servers (bck).
+    fn active(self, n: u64) -> Self {
+        self.set("weight", n).set("act", n).set("bck", 0)
+    }
 }
 
 fn line(out: &mut String, row: Row) {
@@ -174,59 +202,34 @@ fn line(out: &mut String, row: Row) {
 
 fn frontend(snap: &StatsSnapshot, l: &ListenerStats, iid: usize) -> Row {
     let f = &l.frontend;
-    let (bin, bout) = l
-        .servers
-        .iter()
-        .fold((0, 0), |(i, o), s| (i + s.bin, o + s.bout));
-    Row::new(&l.name, "FRONTEND")
+    let bytes = l.backend().traffic;
+    Row::new(snap, l, iid, "FRONTEND", TYPE_FRONTEND)
         .set("scur", f.scur)
         .set("slim", snap.global_maxconn)
         .set("stot", f.stot)
-        .set("bin", bin)
-        .set("bout", bout)
+        .set("bin", bytes.bin)
+        .set("bout", bytes.bout)
         .set("status", "OPEN")
-        .set("pid", snap.pid)
-        .set("iid", iid)
         .set("sid", 0)
-        .set("type", TYPE_FRONTEND)
         .set("rate", f.rate)
         .set("rate_max", f.rate_max)
-        .set("mode", "tcp")
         .set("conn_rate", f.rate)
         .set("conn_rate_max", f.rate_max)
         .set("conn_tot", f.stot)
 }
 
 fn server(snap: &StatsSnapshot, l: &ListenerStats, s: &ServerStats, iid: usize) -> Row {
-    let checked = l.check.is_some();
-    let mut row = Row::new(&l.name, &s.name)
-        .set("qcur", s.qcur)
-        .set("qmax", s.qmax)
-        .set("scur", s.scur)
+    let mut row = Row::new(snap, l, iid, &s.name, TYPE_SERVER)
+        .traffic(&s.traffic)
+        .active(1)
         .set("smax", s.smax)
         .opt("slim", s.slim)
-        .set("stot", s.stot)
-        .set("bin", s.bin)
-        .set("bout", s.bout)
-        .set("econ", s.econ)
-        .set("eresp", 0)
-        .set("wretr", s.wretr)
-        .set("wredis", s.wredis)
         .set("status", &s.status)
-        .set("weight", 1)
-        .set("act", 1)
-        .set("bck", 0)
         .set("lastchg", s.lastchg_secs)
-        .set("pid", snap.pid)
-        .set("iid", iid)
         .set("sid", s.sid)
-        .set("lbtot", s.stot)
-        .set("type", TYPE_SERVER)
-        .set("rate", s.rate)
         .set("rate_max", s.rate_max)
-        .set("addr", &s.address)
-        .set("mode", "tcp");
-    if checked {
+        .set("addr", &s.address);
+    if l.check.is_some() {
         row = row
             .set("chkfail", s.chkfail)
             .set("chkdown", s.chkdown)
@@ -247,30 +250,13 @@ fn server(snap: &StatsSnapshot, l: &ListenerStats, s: &ServerStats, iid: usize) 
 
 fn backend(snap: &StatsSnapshot, l: &ListenerStats, iid: usize) -> Row {
     let t = l.backend();
-    Row::new(&l.name, "BACKEND")
-        .set("qcur", t.qcur)
-        .set("qmax", t.qmax)
-        .set("scur", t.scur)
+    Row::new(snap, l, iid, "BACKEND", TYPE_BACKEND)
+        .traffic(&t.traffic)
+        .active(t.active_servers)
         .set("slim", snap.global_maxconn)
-        .set("stot", t.stot)
-        .set("bin", t.bin)
-        .set("bout", t.bout)
-        .set("econ", t.econ)
-        .set("eresp", 0)
-        .set("wretr", t.wretr)
-        .set("wredis", t.wredis)
         .set("status", if t.up { "UP" } else { "DOWN" })
-        .set("weight", t.active_servers)
-        .set("act", t.active_servers)
-        .set("bck", 0)
         .opt("lastchg", t.lastchg_secs)
-        .set("pid", snap.pid)
-        .set("iid", iid)
         .set("sid", 0)
-        .set("lbtot", t.stot)
-        .set("type", TYPE_BACKEND)
-        .set("rate", t.rate)
-        .set("mode", "tcp")
         .set("algo", &l.balance)
 }
 

@@ -148,7 +148,8 @@ fn listener(h: &mut String, snap: &StatsSnapshot, l: &ListenerStats) {
     h.push_str(HEAD);
     h.push_str("<tbody>\n");
     let f = &l.frontend;
-    let (bin, bout) = (l.backend().bin, l.backend().bout);
+    let backend = l.backend();
+    let t = &backend.traffic;
     let _ = writeln!(
         h,
         "<tr class=\"fe\"><td class=\"name\">Frontend</td><td><span class=\"st up\">OPEN</span></td>\
@@ -163,22 +164,21 @@ fn listener(h: &mut String, snap: &StatsSnapshot, l: &ListenerStats) {
         snap.global_maxconn,
         f.stot,
         f.rate,
-        bytes(bin),
-        bytes(bout),
+        bytes(t.bin),
+        bytes(t.bout),
     );
     for s in &l.servers {
         server(h, l, s);
     }
-    let t = l.backend();
     let _ = writeln!(
         h,
         "<tr class=\"be\"><td class=\"name\">Backend</td><td><span class=\"st {}\">{}</span></td>\
          <td colspan=\"6\" class=\"l\">{} of {} servers active</td><td>{}</td><td></td><td></td>\
          <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
          <td>{}</td><td colspan=\"4\"></td></tr>",
-        if t.up { "up" } else { "down" },
-        if t.up { "UP" } else { "DOWN" },
-        t.active_servers,
+        if backend.up { "up" } else { "down" },
+        if backend.up { "UP" } else { "DOWN" },
+        backend.active_servers,
         l.servers.len(),
         t.scur,
         t.stot,
@@ -215,6 +215,7 @@ fn server(h: &mut String, l: &ListenerStats, s: &ServerStats) {
         None => Default::default(),
     };
     let checked = l.check.is_some();
+    let t = &s.traffic;
     let health = |v: String| if checked { v } else { String::new() };
     let _ = writeln!(
         h,
@@ -231,20 +232,20 @@ fn server(h: &mut String, l: &ListenerStats, s: &ServerStats) {
         status = esc(&s.status),
         addr = esc(&s.address),
         tl = s.timeline.map_or(String::new(), |t| t.to_string()),
-        scur = s.scur,
+        scur = t.scur,
         smax = s.smax,
         slim = s.slim.map_or("-".into(), |l| l.to_string()),
-        stot = s.stot,
-        rate = s.rate,
-        qcur = s.qcur,
-        qmax = s.qmax,
-        bin = s.bin,
-        bout = s.bout,
-        hbin = bytes(s.bin),
-        hbout = bytes(s.bout),
-        econ = s.econ,
-        wretr = s.wretr,
-        wredis = s.wredis,
+        stot = t.stot,
+        rate = t.rate,
+        qcur = t.qcur,
+        qmax = t.qmax,
+        bin = t.bin,
+        bout = t.bout,
+        hbin = bytes(t.bin),
+        hbout = bytes(t.bout),
+        econ = t.econ,
+        wretr = t.wretr,
+        wredis = t.wredis,
         chkfail = health(s.chkfail.to_string()),
         chkdown = health(s.chkdown.to_string()),
         lastchg = duration(s.lastchg_secs),

@@ -107,6 +107,43 @@ fn ready() -> String {
     "ready".into()
 }
 
+/// The traffic a server row and its listener's BACKEND row (its servers added up) both show,
+/// under HAProxy's names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Sessions: current and total.
+    pub scur: u64,
+    pub stot: u64,
+    /// Sessions per second (10 s average).
+    pub rate: u64,
+    /// Clients waiting for a slot: now and at most.
+    pub qcur: u64,
+    pub qmax: u64,
+    /// Payload bytes client->server (bin) and server->client (bout).
+    pub bin: u64,
+    pub bout: u64,
+    /// Failed connects, retries, redispatches (HAProxy's econ, wretr, wredis).
+    pub econ: u64,
+    pub wretr: u64,
+    pub wredis: u64,
+}
+
+impl Traffic {
+    /// Adds a server's traffic to a BACKEND total: counts add up, the queue peak is the highest.
+    fn add(&mut self, s: &Traffic) {
+        self.scur += s.scur;
+        self.stot += s.stot;
+        self.rate += s.rate;
+        self.qcur += s.qcur;
+        self.qmax = self.qmax.max(s.qmax);
+        self.bin += s.bin;
+        self.bout += s.bout;
+        self.econ += s.econ;
+        self.wretr += s.wretr;
+        self.wredis += s.wredis;
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LastCheckStats {
     /// HAProxy's code: L7OK, L7STS, L4CON, L4TOUT, ...
@@ -142,24 +179,14 @@ pub struct ServerStats {
     pub last_check: Option<LastCheckStats>,
     pub rise: u32,
     pub fall: u32,
-    /// Sessions: current, highest, limit (maxconn), total.
-    pub scur: u64,
+    /// Serialized flat, as HAProxy's fields: `scur`, `stot`, ... beside the others.
+    #[serde(flatten)]
+    pub traffic: Traffic,
+    /// Sessions: highest and limit (maxconn).
     pub smax: u64,
     pub slim: Option<u32>,
-    pub stot: u64,
-    /// Sessions per second (10 s average) and the highest per-second rate seen.
-    pub rate: u64,
+    /// The highest per-second session rate seen.
     pub rate_max: u64,
-    /// Clients waiting for a slot on this server: now and at most.
-    pub qcur: u64,
-    pub qmax: u64,
-    /// Payload bytes client->server (bin) and server->client (bout).
-    pub bin: u64,
-    pub bout: u64,
-    /// Failed connects, retries, redispatches (HAProxy's econ, wretr, wredis).
-    pub econ: u64,
-    pub wretr: u64,
-    pub wredis: u64,
     /// Sessions reset because the server was marked down.
     pub markdown_resets: u64,
     /// Failed checks (chkfail) and UP->DOWN transitions (chkdown).
@@ -177,16 +204,7 @@ pub struct ServerStats {
 pub struct BackendTotals {
     pub up: bool,
     pub active_servers: u64,
-    pub scur: u64,
-    pub stot: u64,
-    pub qcur: u64,
-    pub qmax: u64,
-    pub bin: u64,
-    pub bout: u64,
-    pub econ: u64,
-    pub wretr: u64,
-    pub wredis: u64,
-    pub rate: u64,
+    pub traffic: Traffic,
     /// Seconds since the most recent UP/DOWN change of any of its servers.
     pub lastchg_secs: Option<u64>,
 }
@@ -199,16 +217,7 @@ impl ListenerStats {
                 t.up = true;
                 t.active_servers += 1;
             }
-            t.scur += s.scur;
-            t.stot += s.stot;
-            t.qcur += s.qcur;
-            t.qmax = t.qmax.max(s.qmax);
-            t.bin += s.bin;
-            t.bout += s.bout;
-            t.econ += s.econ;
-            t.wretr += s.wretr;
-            t.wredis += s.wredis;
-            t.rate += s.rate;
+            t.traffic.add(&s.traffic);
             t.lastchg_secs = Some(
                 t.lastchg_secs
                     .map_or(s.lastchg_secs, |l| l.min(s.lastchg_secs)),
@@ -251,19 +260,10 @@ pub(crate) mod sample {
             last_check: None,
             rise: 2,
             fall: 3,
-            scur: 0,
+            traffic: Traffic::default(),
             smax: 0,
             slim: Some(200),
-            stot: 0,
-            rate: 0,
             rate_max: 0,
-            qcur: 0,
-            qmax: 0,
-            bin: 0,
-            bout: 0,
-            econ: 0,
-            wretr: 0,
-            wredis: 0,
             markdown_resets: 0,
             chkfail: 0,
             chkdown: 0,
@@ -284,9 +284,10 @@ pub(crate) mod sample {
             age_secs: 1,
             desc: "Layer7 check passed".into(),
         });
-        (pg1.scur, pg1.smax, pg1.stot, pg1.rate, pg1.rate_max) = (3, 7, 1234, 2, 9);
-        (pg1.bin, pg1.bout) = (5_000_000, 123_456_789);
-        (pg1.qcur, pg1.qmax) = (1, 4);
+        let t = &mut pg1.traffic;
+        (t.scur, pg1.smax, t.stot, t.rate, pg1.rate_max) = (3, 7, 1234, 2, 9);
+        (t.bin, t.bout) = (5_000_000, 123_456_789);
+        (t.qcur, t.qmax) = (1, 4);
         let mut pg2 = server("pg2", 2, StateClass::Down, "DOWN");
         pg2.role = Some("replica".into());
         pg2.timeline = Some(4);
@@ -297,7 +298,8 @@ pub(crate) mod sample {
             age_secs: 0,
             desc: "Layer7 wrong status".into(),
         });
-        (pg2.chkfail, pg2.chkdown, pg2.downtime_secs, pg2.econ) = (5, 1, 3725, 2);
+        (pg2.chkfail, pg2.chkdown, pg2.downtime_secs) = (5, 1, 3725);
+        pg2.traffic.econ = 2;
         let mut pg3 = server("pg3", 3, StateClass::GoingDown, "UP 2/3");
         pg3.last_check = Some(LastCheckStats {
             status: "L4TOUT".into(),
@@ -360,7 +362,11 @@ mod tests {
         let t = snap.listeners[0].backend();
         assert!(t.up);
         assert_eq!(t.active_servers, 2, "UP and UP 2/3 serve; DOWN does not");
-        assert_eq!((t.scur, t.stot, t.bin, t.econ), (3, 1234, 5_000_000, 2));
+        let traffic = &t.traffic;
+        assert_eq!(
+            (traffic.scur, traffic.stot, traffic.bin, traffic.econ),
+            (3, 1234, 5_000_000, 2)
+        );
         assert_eq!(
             snap.listeners[0].leader().map(|s| s.name.as_str()),
             Some("pg1")

@@ -4,17 +4,19 @@
 //! mark-down resets, the data path) have their own names.
 //!
 //! A registry is built per scrape from the snapshot; only the check-duration histograms live
-//! longer (they accumulate observations in the [`Tracker`](super::track::Tracker)).
+//! longer (they accumulate observations in the [`StatsHistory`](super::history::StatsHistory)
+//! between scrapes).
+use std::{fmt, sync::atomic::AtomicU64};
+
 use prometheus_client::{
-    encoding::prometheus_text,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeMetric, prometheus_text},
+    metrics::{TypedMetric, counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
-use std::sync::atomic::AtomicU64;
 
 use super::{
+    history::CheckDurations,
     model::{ListenerStats, ServerStats, StatsSnapshot},
-    track::CheckDurations,
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -53,44 +55,230 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
     out
 }
 
+/// Gauges (a value now) or counters (a total since start, `_total` in the name).
+#[derive(Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// A family with one series per server: its kind, name, help, and the server's value (`None`:
+/// no series for that server).
+type PerServer = (
+    Kind,
+    &'static str,
+    &'static str,
+    fn(&ServerStats) -> Option<u64>,
+);
+/// A family with one series per listener.
+type PerListener = (
+    Kind,
+    &'static str,
+    &'static str,
+    fn(&StatsSnapshot, &ListenerStats) -> u64,
+);
+
+/// The families with a series per server (after `server_status`), in the order of the text.
+const SERVER_METRICS: [PerServer; 20] = [
+    (
+        Kind::Gauge,
+        "server_current_sessions",
+        "Current sessions",
+        |s| Some(s.traffic.scur),
+    ),
+    (
+        Kind::Gauge,
+        "server_max_sessions",
+        "Highest concurrent sessions",
+        |s| Some(s.smax),
+    ),
+    (
+        Kind::Gauge,
+        "server_limit_sessions",
+        "Server maxconn",
+        |s| s.slim.map(u64::from),
+    ),
+    (Kind::Gauge, "server_current_queue", "Clients queued", |s| {
+        Some(s.traffic.qcur)
+    }),
+    (
+        Kind::Gauge,
+        "server_max_queue",
+        "Most clients queued",
+        |s| Some(s.traffic.qmax),
+    ),
+    (
+        Kind::Gauge,
+        "server_current_session_rate",
+        "Sessions per second over the last 10 seconds",
+        |s| Some(s.traffic.rate),
+    ),
+    (
+        Kind::Gauge,
+        "server_check_last_change_seconds",
+        "Seconds since the last UP/DOWN change",
+        |s| Some(s.lastchg_secs),
+    ),
+    (
+        Kind::Gauge,
+        "server_check_code",
+        "HTTP status of the last health check",
+        |s| s.last_check.as_ref()?.code.map(u64::from),
+    ),
+    (Kind::Gauge, "server_timeline", "Patroni's timeline", |s| {
+        s.timeline
+    }),
+    (
+        Kind::Gauge,
+        "server_is_leader",
+        "1 when Patroni reports the primary (or standby leader) role",
+        |s| {
+            Some(u64::from(matches!(
+                s.role.as_deref()?,
+                "primary" | "standby_leader"
+            )))
+        },
+    ),
+    (
+        Kind::Gauge,
+        "server_fenced",
+        "1 while the kernel refuses to forward for this server",
+        |s| Some(u64::from(s.fenced)),
+    ),
+    (
+        Kind::Counter,
+        "server_sessions",
+        "Sessions established",
+        |s| Some(s.traffic.stot),
+    ),
+    (
+        Kind::Counter,
+        "server_bytes_in",
+        "Bytes client to server",
+        |s| Some(s.traffic.bin),
+    ),
+    (
+        Kind::Counter,
+        "server_bytes_out",
+        "Bytes server to client",
+        |s| Some(s.traffic.bout),
+    ),
+    (
+        Kind::Counter,
+        "server_connection_errors",
+        "Failed connects",
+        |s| Some(s.traffic.econ),
+    ),
+    (
+        Kind::Counter,
+        "server_retry_warnings",
+        "Connect retries",
+        |s| Some(s.traffic.wretr),
+    ),
+    (
+        Kind::Counter,
+        "server_redispatch_warnings",
+        "Retries sent to another server",
+        |s| Some(s.traffic.wredis),
+    ),
+    (
+        Kind::Counter,
+        "server_check_failures",
+        "Failed checks",
+        |s| Some(s.chkfail),
+    ),
+    (
+        Kind::Counter,
+        "server_check_up_down",
+        "UP to DOWN transitions",
+        |s| Some(s.chkdown),
+    ),
+    (
+        Kind::Counter,
+        "server_markdown_resets",
+        "Sessions reset because the server was marked down",
+        |s| Some(s.markdown_resets),
+    ),
+];
+
+/// The families with a series per listener, in the order of the text.
+const LISTENER_METRICS: [PerListener; 12] = [
+    (
+        Kind::Gauge,
+        "frontend_current_sessions",
+        "Clients connected: in a session, queued or waiting",
+        |_, l| l.frontend.scur,
+    ),
+    (
+        Kind::Gauge,
+        "frontend_limit_sessions",
+        "Global maxconn",
+        |snap, _| u64::from(snap.global_maxconn),
+    ),
+    (
+        Kind::Gauge,
+        "frontend_current_session_rate",
+        "Clients accepted per second over the last 10 seconds",
+        |_, l| l.frontend.rate,
+    ),
+    (
+        Kind::Gauge,
+        "listener_waiting_clients",
+        "Clients waiting for any server to come UP",
+        |_, l| l.frontend.waiting,
+    ),
+    (
+        Kind::Gauge,
+        "backend_active_servers",
+        "Servers taking new sessions",
+        |_, l| l.backend().active_servers,
+    ),
+    (
+        Kind::Counter,
+        "frontend_sessions",
+        "Clients accepted",
+        |_, l| l.frontend.stot,
+    ),
+    (
+        Kind::Counter,
+        "frontend_bytes_in",
+        "Bytes client to server",
+        |_, l| l.backend().traffic.bin,
+    ),
+    (
+        Kind::Counter,
+        "frontend_bytes_out",
+        "Bytes server to client",
+        |_, l| l.backend().traffic.bout,
+    ),
+    (
+        Kind::Counter,
+        "listener_primary_changes",
+        "Times the UP leader became another server (failovers, switchovers)",
+        |_, l| l.primary_changes,
+    ),
+    (
+        Kind::Counter,
+        "listener_no_server",
+        "Clients closed: no server UP before timeout queue",
+        |_, l| l.frontend.no_server,
+    ),
+    (
+        Kind::Counter,
+        "listener_queue_timeouts",
+        "Clients closed: servers at maxconn until timeout queue",
+        |_, l| l.frontend.queue_full,
+    ),
+    (
+        Kind::Counter,
+        "listener_connect_failures",
+        "Clients closed: every connect attempt failed",
+        |_, l| l.frontend.connect_failed,
+    ),
+];
+
 fn server_labels(l: &ListenerStats, s: &ServerStats) -> Labels {
     vec![("proxy", l.name.clone()), ("server", s.name.clone())]
-}
-
-/// Registers a gauge family with one value per server.
-fn server_gauge(
-    reg: &mut Registry,
-    snap: &StatsSnapshot,
-    name: &str,
-    help: &str,
-    value: impl Fn(&ServerStats) -> Option<i64>,
-) {
-    let family: Family<Labels, Gauge> = Family::default();
-    for l in &snap.listeners {
-        for s in &l.servers {
-            if let Some(v) = value(s) {
-                family.get_or_create(&server_labels(l, s)).set(v);
-            }
-        }
-    }
-    reg.register(name, help, family);
-}
-
-/// Registers a counter family (`<name>_total`) with one value per server.
-fn server_counter(
-    reg: &mut Registry,
-    snap: &StatsSnapshot,
-    name: &str,
-    help: &str,
-    value: impl Fn(&ServerStats) -> u64,
-) {
-    let family: Family<Labels, Counter> = Family::default();
-    for l in &snap.listeners {
-        for s in &l.servers {
-            family.get_or_create(&server_labels(l, s)).inc_by(value(s));
-        }
-    }
-    reg.register(name, help, family);
 }
 
 fn servers(reg: &mut Registry, snap: &StatsSnapshot) {
@@ -110,123 +298,16 @@ fn servers(reg: &mut Registry, snap: &StatsSnapshot) {
         "Current status of the server (1 for the state it is in)",
         status,
     );
-    let g = |s: u64| Some(s as i64);
-    server_gauge(
-        reg,
-        snap,
-        "server_current_sessions",
-        "Current sessions",
-        |s| g(s.scur),
-    );
-    server_gauge(
-        reg,
-        snap,
-        "server_max_sessions",
-        "Highest concurrent sessions",
-        |s| g(s.smax),
-    );
-    server_gauge(reg, snap, "server_limit_sessions", "Server maxconn", |s| {
-        s.slim.map(i64::from)
-    });
-    server_gauge(reg, snap, "server_current_queue", "Clients queued", |s| {
-        g(s.qcur)
-    });
-    server_gauge(reg, snap, "server_max_queue", "Most clients queued", |s| {
-        g(s.qmax)
-    });
-    server_gauge(
-        reg,
-        snap,
-        "server_current_session_rate",
-        "Sessions per second over the last 10 seconds",
-        |s| g(s.rate),
-    );
-    server_gauge(
-        reg,
-        snap,
-        "server_check_last_change_seconds",
-        "Seconds since the last UP/DOWN change",
-        |s| g(s.lastchg_secs),
-    );
-    server_gauge(
-        reg,
-        snap,
-        "server_check_code",
-        "HTTP status of the last health check",
-        |s| s.last_check.as_ref()?.code.map(i64::from),
-    );
-    server_gauge(reg, snap, "server_timeline", "Patroni's timeline", |s| {
-        s.timeline.map(|t| t as i64)
-    });
-    server_gauge(
-        reg,
-        snap,
-        "server_is_leader",
-        "1 when Patroni reports the primary (or standby leader) role",
-        |s| {
-            s.role
-                .as_deref()
-                .map(|r| i64::from(matches!(r, "primary" | "standby_leader")))
-        },
-    );
-    server_gauge(
-        reg,
-        snap,
-        "server_fenced",
-        "1 while the kernel refuses to forward for this server",
-        |s| Some(i64::from(s.fenced)),
-    );
-    server_counter(reg, snap, "server_sessions", "Sessions established", |s| {
-        s.stot
-    });
-    server_counter(
-        reg,
-        snap,
-        "server_bytes_in",
-        "Bytes client to server",
-        |s| s.bin,
-    );
-    server_counter(
-        reg,
-        snap,
-        "server_bytes_out",
-        "Bytes server to client",
-        |s| s.bout,
-    );
-    server_counter(
-        reg,
-        snap,
-        "server_connection_errors",
-        "Failed connects",
-        |s| s.econ,
-    );
-    server_counter(reg, snap, "server_retry_warnings", "Connect retries", |s| {
-        s.wretr
-    });
-    server_counter(
-        reg,
-        snap,
-        "server_redispatch_warnings",
-        "Retries sent to another server",
-        |s| s.wredis,
-    );
-    server_counter(reg, snap, "server_check_failures", "Failed checks", |s| {
-        s.chkfail
-    });
-    server_counter(
-        reg,
-        snap,
-        "server_check_up_down",
-        "UP to DOWN transitions",
-        |s| s.chkdown,
-    );
-    server_counter(
-        reg,
-        snap,
-        "server_markdown_resets",
-        "Sessions reset because the server was marked down",
-        |s| s.markdown_resets,
-    );
+    let per_server = |value: fn(&ServerStats) -> Option<u64>| {
+        let all = snap
+            .listeners
+            .iter()
+            .flat_map(|l| l.servers.iter().map(move |s| (l, s)));
+        all.filter_map(move |(l, s)| Some((server_labels(l, s), value(s)?)))
+    };
+    for (kind, name, help, value) in SERVER_METRICS {
+        register(reg, kind, name, help, per_server(value));
+    }
     let downtime: Family<Labels, Counter<f64, AtomicU64>> = Family::default();
     for l in &snap.listeners {
         for s in &l.servers {
@@ -244,107 +325,52 @@ fn servers(reg: &mut Registry, snap: &StatsSnapshot) {
 }
 
 fn listeners(reg: &mut Registry, snap: &StatsSnapshot) {
-    let gauge = |name: &str, help: &str, v: &dyn Fn(&ListenerStats) -> u64, reg: &mut Registry| {
-        let family: Family<Labels, Gauge> = Family::default();
-        for l in &snap.listeners {
-            family
-                .get_or_create(&vec![("proxy", l.name.clone())])
-                .set(v(l) as i64);
-        }
-        reg.register(name, help, family);
-    };
-    let counter =
-        |name: &str, help: &str, v: &dyn Fn(&ListenerStats) -> u64, reg: &mut Registry| {
-            let family: Family<Labels, Counter> = Family::default();
-            for l in &snap.listeners {
-                family
-                    .get_or_create(&vec![("proxy", l.name.clone())])
-                    .inc_by(v(l));
-            }
-            reg.register(name, help, family);
-        };
-    gauge(
-        "frontend_current_sessions",
-        "Clients connected: in a session, queued or waiting",
-        &|l| l.frontend.scur,
-        reg,
-    );
-    gauge(
-        "frontend_limit_sessions",
-        "Global maxconn",
-        &|_| u64::from(snap.global_maxconn),
-        reg,
-    );
-    gauge(
-        "frontend_current_session_rate",
-        "Clients accepted per second over the last 10 seconds",
-        &|l| l.frontend.rate,
-        reg,
-    );
-    gauge(
-        "listener_waiting_clients",
-        "Clients waiting for any server to come UP",
-        &|l| l.frontend.waiting,
-        reg,
-    );
-    gauge(
-        "backend_active_servers",
-        "Servers taking new sessions",
-        &|l| l.backend().active_servers,
-        reg,
-    );
-    counter(
-        "frontend_sessions",
-        "Clients accepted",
-        &|l| l.frontend.stot,
-        reg,
-    );
-    counter(
-        "frontend_bytes_in",
-        "Bytes client to server",
-        &|l| l.backend().bin,
-        reg,
-    );
-    counter(
-        "frontend_bytes_out",
-        "Bytes server to client",
-        &|l| l.backend().bout,
-        reg,
-    );
-    counter(
-        "listener_primary_changes",
-        "Times the UP leader became another server (failovers, switchovers)",
-        &|l| l.primary_changes,
-        reg,
-    );
-    counter(
-        "listener_no_server",
-        "Clients closed: no server UP before timeout queue",
-        &|l| l.frontend.no_server,
-        reg,
-    );
-    counter(
-        "listener_queue_timeouts",
-        "Clients closed: servers at maxconn until timeout queue",
-        &|l| l.frontend.queue_full,
-        reg,
-    );
-    counter(
-        "listener_connect_failures",
-        "Clients closed: every connect attempt failed",
-        &|l| l.frontend.connect_failed,
-        reg,
-    );
+    for (kind, name, help, value) in LISTENER_METRICS {
+        let series = snap
+            .listeners
+            .iter()
+            .map(|l| (vec![("proxy", l.name.clone())], value(snap, l)));
+        register(reg, kind, name, help, series);
+    }
+}
+
+/// Registers family `name` with one series per labels and value.
+fn register(
+    reg: &mut Registry,
+    kind: Kind,
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (Labels, u64)>,
+) {
+    match kind {
+        Kind::Gauge => reg.register(name, help, family(series, |g: &Gauge, v| g.set(v as i64))),
+        Kind::Counter => reg.register(name, help, family(series, |c: &Counter, v| c.inc_by(v))),
+    }
+}
+
+/// A family of metrics `M`, each given its value by `put`.
+fn family<M, T>(
+    series: impl Iterator<Item = (Labels, u64)>,
+    put: fn(&M, u64) -> T,
+) -> Family<Labels, M>
+where
+    M: EncodeMetric + TypedMetric + Default + fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::default();
+    for (labels, value) in series {
+        put(&family.get_or_create(&labels), value);
+    }
+    family
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{model::sample, track::ServerLabels};
+    use super::super::{history::ServerLabels, model::sample};
     use super::*;
 
     #[test]
     fn haproxy_exporter_names_and_values() {
-        let durations = CheckDurations::new_with_constructor(super::super::track::CheckBuckets);
+        let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
         durations
             .get_or_create(&ServerLabels {
                 proxy: "postgres_write".into(),

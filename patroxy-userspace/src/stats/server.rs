@@ -1,8 +1,8 @@
 //! The stats HTTP server (axum): `/` HTML, `/;csv` or `/?format=csv` HAProxy's CSV, `/;json`
 //! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
 //! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
-//! endpoint (see `admin`).
-use std::{net::SocketAddr, sync::Arc};
+//! endpoint (see `admin_endpoint`).
+use std::{io, net::SocketAddr, sync::Arc};
 
 use axum::{
     Router,
@@ -11,44 +11,58 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use tokio::time::Instant;
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{
-    admin::{self, Peer},
-    collect::{self, LiveBytes},
-    csv, html,
+    admin_endpoint::{self, Peer},
+    collect, csv,
+    history::StatsHistory,
+    html,
     model::StatsSnapshot,
     prometheus,
-    track::Tracker,
 };
-use crate::proxy::Proxy;
+use crate::{
+    config::AdminAccess,
+    dataplane::maps::{LiveBytes, OpenSessions},
+    operator_state::AdminWriter,
+    proxy::StatsSource,
+};
 
 struct Shared {
-    proxy: Arc<Proxy>,
-    tracker: Arc<Tracker>,
+    source: Arc<dyn StatsSource>,
+    /// The one writer of the operator's states, for the admin endpoint.
+    admin: Arc<AdminWriter>,
+    history: Arc<StatsHistory>,
     started: Instant,
 }
 
-/// Binds `bind` now (so a taken port fails the start-up) and serves on `tasks` until `stop`.
-/// Returns the bound address.
-pub fn spawn(
-    proxy: Arc<Proxy>,
-    bind: SocketAddr,
+/// Binds the stats server's socket. The daemon does this before it accepts any client, so a
+/// taken port fails the start-up rather than a proxy already in service.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    TcpListener::from_std(std_listener)
+}
+
+/// Serves the stats of `source` on `listener` (from [`bind`]), and the admin endpoint through
+/// `admin`, on `tasks` until `stop`.
+pub fn serve(
+    listener: TcpListener,
+    source: Arc<dyn StatsSource>,
+    admin: Arc<AdminWriter>,
     stop: CancellationToken,
     tasks: &TaskTracker,
-) -> std::io::Result<SocketAddr> {
-    let std_listener = std::net::TcpListener::bind(bind)?;
-    std_listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(std_listener)?;
-    let addr = listener.local_addr()?;
-    let backends = proxy.config.listeners.iter().map(|l| l.servers.len()).sum();
-    let tracker = Arc::new(Tracker::new(backends, proxy.config.listeners.len()));
-    tasks.spawn(tracker.clone().run(proxy.clone(), stop.clone()));
+) {
+    let config = source.config();
+    let backends = config.listeners.iter().map(|l| l.servers.len()).sum();
+    let history = Arc::new(StatsHistory::new(backends, config.listeners.len()));
+    tasks.spawn(history.clone().run(source.clone(), stop.clone()));
     let shared = Arc::new(Shared {
-        proxy,
-        tracker,
+        source,
+        admin,
+        history,
         started: Instant::now(),
     });
     let app = Router::new()
@@ -58,13 +72,14 @@ pub fn spawn(
         .with_state(shared)
         .into_make_service_with_connect_info::<Peer>();
     tasks.spawn(async move {
-        info!(%addr, "stats page listening");
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "stats page listening");
+        }
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
             warn!("stats server stopped: {e}");
         }
     });
-    Ok(addr)
 }
 
 /// What `/` was asked for.
@@ -126,14 +141,14 @@ async fn set_state(
     uri: Uri,
     body: String,
 ) -> Response {
-    let proxy = &shared.proxy;
-    let access = proxy
-        .config
+    let access = shared
+        .source
+        .config()
         .stats
         .as_ref()
-        .map_or(crate::config::AdminAccess::Off, |s| s.admin);
+        .map_or(AdminAccess::Off, |s| s.admin);
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    let request = admin::Request {
+    let request = admin_endpoint::Request {
         peer,
         origin: header(header::ORIGIN),
         host: header(header::HOST),
@@ -142,7 +157,7 @@ async fn set_state(
         query: uri.query(),
         body: &body,
     };
-    let (status, text) = admin::set_state(access, &proxy.admin, &request);
+    let (status, text) = admin_endpoint::set_state(access, &shared.admin, &request);
     if status != StatusCode::OK {
         info!(peer = %peer.remote, status = status.as_u16(), "admin request refused: {}", text.trim_end());
     }
@@ -156,7 +171,7 @@ async fn set_state(
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let snap = snapshot(&shared).await;
-    let body = prometheus::render(&snap, &shared.tracker.check_durations);
+    let body = prometheus::render(&snap, &shared.history.check_durations);
     respond(prometheus::CONTENT_TYPE, body)
 }
 
@@ -172,11 +187,12 @@ fn respond(content_type: &'static str, body: String) -> Response {
 }
 
 async fn snapshot(shared: &Shared) -> StatsSnapshot {
-    let live = match shared.proxy.dataplane.kernel() {
-        Some(kernel) => {
-            let dir = kernel.pin_dir().to_owned();
+    let live = match shared.source.pin_dir() {
+        Some(dir) => {
+            let dir = dir.to_owned();
             // Walking SESSIONS is one syscall per entry: keep it off the async workers.
-            match tokio::task::spawn_blocking(move || collect::live_bytes(&dir)).await {
+            let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
+            match tokio::task::spawn_blocking(read).await {
                 Ok(Ok(live)) => live,
                 Ok(Err(e)) => {
                     warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
@@ -190,7 +206,12 @@ async fn snapshot(shared: &Shared) -> StatsSnapshot {
         }
         None => LiveBytes::new(),
     };
-    collect::snapshot(&shared.proxy, &shared.tracker, &live, shared.started)
+    collect::snapshot(
+        shared.source.as_ref(),
+        &shared.history,
+        &live,
+        shared.started,
+    )
 }
 
 #[cfg(test)]

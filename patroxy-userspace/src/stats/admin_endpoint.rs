@@ -1,7 +1,7 @@
 //! The stats server's one write path, HAProxy's `set server <backend>/<server> state ...`:
 //! `POST /admin/servers/{listener}/{server}` with `state=ready|drain|maint` in the query or a
-//! form body sets the server's admin state ([`crate::admin`]). `[stats] admin` decides who may:
-//! nobody, clients on this host (the default), or anyone reaching the bind. There is no
+//! form body sets the server's admin state ([`crate::operator_state`]). `[stats] admin` decides
+//! who may: nobody, clients on this host (the default), or anyone reaching the bind. There is no
 //! authentication, so a request a browser sends for another site (an `Origin` that is not this
 //! server) is refused too: a page on the web must not be able to drain a database.
 //!
@@ -13,8 +13,8 @@ use axum::{extract::connect_info::Connected, http::StatusCode, serve::IncomingSt
 use tokio::net::TcpListener;
 
 use crate::{
-    admin::{Admin, AdminState},
     config::AdminAccess,
+    operator_state::{AdminState, AdminWriter},
 };
 
 /// Both ends of a stats connection. A client on this host that connects to one of the host's
@@ -56,7 +56,7 @@ pub struct Request<'a> {
 }
 
 /// Decides and applies one request; returns the HTTP status and the line to answer.
-pub fn set_state(access: AdminAccess, admin: &Admin, req: &Request) -> (StatusCode, String) {
+pub fn set_state(access: AdminAccess, admin: &AdminWriter, req: &Request) -> (StatusCode, String) {
     if let Some(why) = forbidden(access, req) {
         return (StatusCode::FORBIDDEN, format!("forbidden: {why}\n"));
     }
@@ -119,10 +119,10 @@ mod tests {
     use super::*;
     use crate::patroni::{BackendKey, test_config::*};
 
-    fn admin() -> Admin {
+    fn admin() -> AdminWriter {
         let a: SocketAddr = "127.0.0.1:8008".parse().unwrap();
         let t = timing(100, 50, 100, 2, 3);
-        Admin::new(Arc::new(config(
+        AdminWriter::new(Arc::new(config(
             vec![listener(
                 "postgres_read",
                 None,

@@ -2,8 +2,8 @@
 //! state ready|drain|maint`, taken from the stats server's admin endpoint (`patroxy set-state`).
 //!
 //! The checker knows nothing of it. This module owns the states and publishes them whole on a
-//! watch channel; the proxy folds them into the checker's snapshot ([`overlay`]) before routing,
-//! the data path and the stats see it, so every reader agrees on one combined view:
+//! watch channel; the proxy folds them into the checker's snapshot ([`crate::view`]) before
+//! routing, the data path and the stats see it, so every reader agrees on one combined view:
 //! - READY: the server is what its checks say.
 //! - DRAIN: load balancing sends it no new session; open ones go on; checks go on ("DRAIN").
 //! - MAINT: no new session, checks go on but are ignored ("MAINT" whatever they say), and the
@@ -18,10 +18,7 @@ use std::{fmt, str::FromStr, sync::Arc};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::{
-    config::Config,
-    patroni::{BackendKey, HealthSnapshot},
-};
+use crate::{config::Config, patroni::BackendKey};
 
 /// What the operator set a server to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -96,16 +93,6 @@ impl AdminStates {
     }
 }
 
-/// The checker's `health` with the operator's states folded in: what routing, the data path and
-/// the stats read.
-pub fn overlay(health: &HealthSnapshot, admin: &AdminStates) -> HealthSnapshot {
-    let mut out = health.clone();
-    for server in out.listeners.iter_mut().flat_map(|l| l.servers.iter_mut()) {
-        server.admin = admin.get(server.key);
-    }
-    out
-}
-
 /// Why a state change was refused: the names do not exist in the configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdminError {
@@ -124,12 +111,12 @@ pub struct Change {
 }
 
 /// The one writer of the admin states.
-pub struct Admin {
+pub struct AdminWriter {
     config: Arc<Config>,
     tx: watch::Sender<Arc<AdminStates>>,
 }
 
-impl Admin {
+impl AdminWriter {
     pub fn new(config: Arc<Config>) -> Self {
         let (tx, _) = watch::channel(Arc::new(AdminStates::ready(&config)));
         Self { config, tx }
@@ -192,15 +179,14 @@ impl Admin {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::SocketAddr;
-
-    use tokio::time::Instant;
 
     use super::*;
     use crate::patroni::test_config::*;
 
-    fn two_listeners() -> Arc<Config> {
+    /// Listener "w" with servers "a" and "b", listener "r" with a server "b" of its own.
+    pub(crate) fn two_listeners() -> Arc<Config> {
         let a: SocketAddr = "127.0.0.1:8008".parse().unwrap();
         let t = timing(100, 50, 100, 2, 3);
         Arc::new(config(
@@ -228,7 +214,7 @@ mod tests {
 
     #[test]
     fn set_publishes_and_reports_the_previous_state() {
-        let admin = Admin::new(two_listeners());
+        let admin = AdminWriter::new(two_listeners());
         let mut rx = admin.subscribe();
         let key = BackendKey {
             listener: 1,
@@ -262,7 +248,7 @@ mod tests {
 
     #[test]
     fn unknown_names_are_refused_and_change_nothing() {
-        let admin = Admin::new(two_listeners());
+        let admin = AdminWriter::new(two_listeners());
         let rx = admin.subscribe();
         assert_eq!(
             admin.set("x", "a", AdminState::Maint, "test"),
@@ -276,28 +262,5 @@ mod tests {
             })
         );
         assert!(!rx.has_changed().unwrap());
-    }
-
-    #[test]
-    fn overlay_sets_each_servers_state_and_keeps_the_checks() {
-        let config = two_listeners();
-        let health = HealthSnapshot::initial(&config, Instant::now());
-        let admin = Admin::new(config.clone());
-        admin.set("w", "b", AdminState::Drain, "test").unwrap();
-        let view = overlay(&health, &admin.subscribe().borrow());
-        let states: Vec<AdminState> = view
-            .listeners
-            .iter()
-            .flat_map(|l| l.servers.iter().map(|s| s.admin))
-            .collect();
-        assert_eq!(
-            states,
-            [AdminState::Ready, AdminState::Drain, AdminState::Ready]
-        );
-        for (v, h) in view.listeners.iter().zip(&health.listeners) {
-            for (vs, hs) in v.servers.iter().zip(&h.servers) {
-                assert_eq!(vs.health, hs.health);
-            }
-        }
     }
 }

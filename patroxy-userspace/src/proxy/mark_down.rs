@@ -1,5 +1,5 @@
 //! Applies health changes to the data path: the checker's snapshot, with the operator's admin
-//! states folded in, is written to BACKENDS (state and role), and a server marked down (by its
+//! states folded in (a [`View`]), is written to BACKENDS (state and role), and a server marked down (by its
 //! checks or set to MAINT) has its sessions fenced in the kernel (the verdict stops forwarding
 //! the moment its BACKENDS entry is fenced) and then reset, per `on_marked_down`. So has a
 //! primary superseded by a newer timeline (split brain), though its checks still pass.
@@ -14,11 +14,12 @@ use tracing::{info, warn};
 
 use super::Proxy;
 use crate::{
-    admin::{AdminState, overlay},
     config::{OnMarkedDown, OnMarkedUp},
     dataplane::KillReason,
-    patroni::{HealthSnapshot, Role, ServerSnapshot, health::Transition},
+    operator_state::AdminState,
+    patroni::{Role, health::Transition},
     routing::superseded_leaders,
+    view::{ServerView, View},
 };
 
 impl Proxy {
@@ -29,14 +30,17 @@ impl Proxy {
         // since makes the first `changed()` fire at once.
         let mut rx = self.checks.clone();
         let mut admin = self.admin_states.clone();
-        let mut previous = self.health.borrow().clone();
+        let mut previous = self.view.borrow().clone();
         loop {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 changed = admin.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
             }
-            let current = Arc::new(overlay(&rx.borrow_and_update(), &admin.borrow_and_update()));
+            let current = Arc::new(View::fold(
+                &rx.borrow_and_update(),
+                &admin.borrow_and_update(),
+            ));
             // Fence first: the kernel stops forwarding before userspace starts resetting; and
             // routing sees a server UP only once its fence is lifted.
             self.write_states(&current);
@@ -87,7 +91,7 @@ impl Proxy {
     /// Resets the sessions of primaries that became superseded by a newer timeline since
     /// `previous` (a split brain appeared): their writes would be lost, and HAProxy, blind to
     /// timelines, would keep them until the old primary's checks fail.
-    fn reset_superseded(&self, current: &HealthSnapshot, previous: &HealthSnapshot) {
+    fn reset_superseded(&self, current: &View, previous: &View) {
         for (li, listener) in current.listeners.iter().enumerate() {
             let before = superseded_leaders(previous.listener(li));
             for index in superseded_leaders(&listener.servers) {
@@ -111,8 +115,8 @@ impl Proxy {
         }
     }
 
-    pub(super) fn write_states(&self, snapshot: &HealthSnapshot) {
-        for (li, listener) in snapshot.listeners.iter().enumerate() {
+    pub(super) fn write_states(&self, view: &View) {
+        for (li, listener) in view.listeners.iter().enumerate() {
             let superseded = superseded_leaders(&listener.servers);
             for (index, server) in listener.servers.iter().enumerate() {
                 let spec = &self.config.listeners[li].servers[index];
@@ -129,7 +133,7 @@ impl Proxy {
 
 /// BACKENDS' `state`, with the precedence of HAProxy's stats: MAINT whatever the checks say,
 /// then DOWN, then DRAIN (a draining server that fails its checks shows DOWN), then UP.
-fn state_code(server: &ServerSnapshot) -> u8 {
+fn state_code(server: &ServerView) -> u8 {
     match (server.admin, server.health.is_up()) {
         (AdminState::Maint, _) => STATE_MAINT,
         (_, false) => STATE_DOWN,
@@ -138,7 +142,7 @@ fn state_code(server: &ServerSnapshot) -> u8 {
     }
 }
 
-fn role_code(server: &ServerSnapshot) -> u8 {
+fn role_code(server: &ServerView) -> u8 {
     match server.health.role {
         Some(Role::Primary) => ROLE_PRIMARY,
         Some(Role::Replica) => ROLE_REPLICA,

@@ -1,9 +1,9 @@
 //! What the stats remember between requests: session rates, check-duration histograms, leader
 //! changes, and a floor that keeps the byte counters monotonic.
 //!
-//! One background task (`run`) samples session totals every second and follows the checker's
-//! snapshots; requests only read. Check durations are observed when a snapshot shows a newer
-//! `last_check` than the one before: a reader that skips a snapshot (two checks between two
+//! One background task (`run`) samples session totals every second and follows the proxy's
+//! view; requests only read. Check durations are observed when a view shows a newer
+//! `last_check` than the one before: a reader that skips a view (two checks between two
 //! wake-ups) misses one observation, which a histogram of thousands of checks does not mind.
 use std::{
     collections::VecDeque,
@@ -25,8 +25,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    patroni::{HealthSnapshot, checker::ListenerSnapshot},
-    proxy::Proxy,
+    proxy::StatsSource,
+    view::{ListenerView, View},
 };
 
 /// Rates are averaged over this many one-second samples.
@@ -52,7 +52,8 @@ impl MetricConstructor<Histogram> for CheckBuckets {
 
 pub type CheckDurations = Family<ServerLabels, Histogram, CheckBuckets>;
 
-pub struct Tracker {
+/// What the stats remember between requests (see the module doc): one per stats server.
+pub struct StatsHistory {
     rates: Mutex<Rates>,
     /// Seconds per health check, per server (patroxy_server_check_duration_seconds).
     pub check_durations: CheckDurations,
@@ -65,7 +66,7 @@ pub struct Tracker {
     bytes_floor: Mutex<Vec<(u64, u64)>>,
 }
 
-impl Tracker {
+impl StatsHistory {
     pub fn new(backends: usize, listeners: usize) -> Self {
         Self {
             rates: Mutex::new(Rates::new(backends + listeners)),
@@ -76,22 +77,22 @@ impl Tracker {
         }
     }
 
-    /// Samples every second and follows the health snapshots until `stop`.
-    pub async fn run(self: Arc<Self>, proxy: Arc<Proxy>, stop: CancellationToken) {
-        let mut health = proxy.health.clone();
-        let mut prev = health.borrow_and_update().clone();
+    /// Samples every second and follows the proxy's view until `stop`.
+    pub async fn run(self: Arc<Self>, source: Arc<dyn StatsSource>, stop: CancellationToken) {
+        let mut view = source.view();
+        let mut prev = view.borrow_and_update().clone();
         self.observe_health(&prev, &prev);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => self.sample(&proxy, Instant::now()),
-                changed = health.changed() => {
+                _ = tick.tick() => self.sample(source.as_ref(), Instant::now()),
+                changed = view.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    let next = health.borrow_and_update().clone();
+                    let next = view.borrow_and_update().clone();
                     self.observe_health(&prev, &next);
                     prev = next;
                 }
@@ -99,15 +100,13 @@ impl Tracker {
         }
     }
 
-    fn sample(&self, proxy: &Proxy, now: Instant) {
+    fn sample(&self, source: &dyn StatsSource, now: Instant) {
         let backends = self.bytes_floor.lock().expect("floor lock").len() as u32;
         let totals = (1..=backends)
-            .map(|id| proxy.counters(id).total_sessions.load(Relaxed))
+            .map(|id| source.backend_counters(id).total_sessions.load(Relaxed))
             .chain(
-                proxy
-                    .listener_counters
-                    .iter()
-                    .map(|l| l.accepted.load(Relaxed)),
+                (0..source.config().listeners.len())
+                    .map(|l| source.listener_counters(l).accepted.load(Relaxed)),
             )
             .collect();
         self.rates.lock().expect("rates lock").record(now, totals);
@@ -140,7 +139,7 @@ impl Tracker {
         *f
     }
 
-    pub fn observe_health(&self, prev: &HealthSnapshot, next: &HealthSnapshot) {
+    pub fn observe_health(&self, prev: &View, next: &View) {
         let mut last_leader = self.last_leader.lock().expect("leader lock");
         for (li, l) in next.listeners.iter().enumerate() {
             for s in &l.servers {
@@ -173,7 +172,7 @@ impl Tracker {
 
 /// The UP server that Patroni says leads the cluster. A gap without a leader (A fails, then B is
 /// promoted) is one change, not two.
-fn leader(l: &ListenerSnapshot) -> Option<usize> {
+fn leader(l: &ListenerView) -> Option<usize> {
     l.servers.iter().position(|s| {
         s.health.is_checked() && s.is_up() && s.health.role.as_ref().is_some_and(|r| r.is_leader())
     })
@@ -246,7 +245,7 @@ mod tests {
 
     #[test]
     fn bytes_never_go_down() {
-        let t = Tracker::new(2, 1);
+        let t = StatsHistory::new(2, 1);
         assert_eq!(t.monotonic_bytes(1, 100, 50), (100, 50));
         assert_eq!(t.monotonic_bytes(1, 60, 70), (100, 70));
         assert_eq!(t.monotonic_bytes(2, 1, 1), (1, 1));

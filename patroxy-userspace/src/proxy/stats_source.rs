@@ -1,0 +1,58 @@
+//! What the stats read of the proxy, and nothing they could steer it with.
+use std::{path::Path, sync::Arc};
+
+use patroxy_common::BackendEntry;
+use tokio::sync::watch;
+
+use super::{
+    Proxy,
+    counters::{BackendCounters, ListenerCounters},
+};
+use crate::{config::Config, view::View};
+
+/// The proxy as the stats server sees it. [`Proxy`] implements it; the stats hold nothing else
+/// of the proxy (the operator-state writer of their admin endpoint is handed to them apart).
+pub trait StatsSource: Send + Sync {
+    fn config(&self) -> &Config;
+    /// The view routing reads, as applied to the data path; the receiver sees every change.
+    fn view(&self) -> watch::Receiver<Arc<View>>;
+    fn backend_counters(&self, id: u32) -> &BackendCounters;
+    fn listener_counters(&self, listener: usize) -> &ListenerCounters;
+    /// Backend `id`'s BACKENDS entry: its open sessions and whether the kernel fences it.
+    fn backend_entry(&self, id: u32) -> BackendEntry;
+    /// "sockmap" or "fallback".
+    fn data_path(&self) -> &'static str;
+    /// Where the kernel's maps are pinned, on the sockmap data path: the bytes of open sessions
+    /// are read there.
+    fn pin_dir(&self) -> Option<&Path>;
+}
+
+impl StatsSource for Proxy {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn view(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+
+    fn backend_counters(&self, id: u32) -> &BackendCounters {
+        self.counters(id)
+    }
+
+    fn listener_counters(&self, listener: usize) -> &ListenerCounters {
+        &self.listener_counters[listener]
+    }
+
+    fn backend_entry(&self, id: u32) -> BackendEntry {
+        self.backends.get(id).unwrap_or_default()
+    }
+
+    fn data_path(&self) -> &'static str {
+        self.dataplane.name()
+    }
+
+    fn pin_dir(&self) -> Option<&Path> {
+        self.dataplane.kernel().map(|k| k.pin_dir())
+    }
+}
