@@ -8,6 +8,7 @@ mod closewatch;
 mod fallback;
 mod kernel_log;
 pub mod loader;
+pub mod pin_dir;
 mod sockmap;
 pub mod sockopt;
 
