@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::{
     kernel_log::KernelLog,
     maps::{MAP_BACKENDS, MAP_SESSIONS, MAP_SOCKS, PINNED, PROGRAM},
+    pin_dir::{self, PinDirLock},
 };
 
 /// statfs magic of bpffs.
@@ -37,6 +38,9 @@ pub enum LoadError {
     Epoll(std::io::Error),
     #[error("pin directory {}: {msg}", path.display())]
     Pin { path: PathBuf, msg: String },
+    /// Another daemon's, or open to another user: `DataPlane::select` refuses in every mode.
+    #[error(transparent)]
+    PinDir(#[from] pin_dir::PinDirError),
 }
 
 /// The loaded kernel data path. Dropping it detaches the program and removes the pins.
@@ -45,6 +49,8 @@ pub struct KernelMaps {
     pub sessions: Mutex<HashMap<MapData, u64, SessionEntry>>,
     pub backends: Mutex<HashMap<MapData, u32, BackendEntry>>,
     pin_dir: PathBuf,
+    /// Held until `drop` has removed the pins, so no second daemon takes the directory meanwhile.
+    _pin_lock: PinDirLock,
     /// Owns the program and its attachment for as long as the maps are used.
     _ebpf: Ebpf,
 }
@@ -56,7 +62,7 @@ impl KernelMaps {
             return Err(LoadError::NotPrivileged);
         }
         let mut ebpf = KernelLog::load_object(log, crate::EBPF_OBJECT)?;
-        prepare_pin_dir(pin_dir)?;
+        let pin_lock = prepare_pin_dir(pin_dir)?;
         for name in PINNED {
             let map = ebpf.map(name).ok_or(LoadError::Missing(name))?;
             map.pin(pin_dir.join(name)).map_err(|e| LoadError::Pin {
@@ -86,6 +92,7 @@ impl KernelMaps {
             sessions: Mutex::new(sessions),
             backends: Mutex::new(backends),
             pin_dir: pin_dir.to_owned(),
+            _pin_lock: pin_lock,
             _ebpf: ebpf,
         })
     }
@@ -128,9 +135,10 @@ fn privileged() -> bool {
     effective & (1 << CAP_BPF) != 0 && effective & (1 << CAP_NET_ADMIN) != 0
 }
 
-/// Makes sure `dir` is on a bpffs (mounting /sys/fs/bpf if nothing is mounted there) and holds no
-/// stale pins from a previous run that crashed.
-fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
+/// Makes sure `dir` is on a bpffs (mounting /sys/fs/bpf if nothing is mounted there), is this
+/// daemon's alone (`pin_dir::claim`, whose lock it returns) and holds no stale pins from a
+/// previous run that crashed.
+fn prepare_pin_dir(dir: &Path) -> Result<PinDirLock, LoadError> {
     let err = |msg: String| LoadError::Pin {
         path: dir.to_owned(),
         msg,
@@ -154,15 +162,13 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
             parent.display()
         )));
     }
-    if dir.exists() {
-        let stale = remove_pins(dir);
-        if stale > 0 {
-            warn!(pin_dir = %dir.display(), stale, "removed stale pins left by an earlier run");
-        }
-    } else {
-        fs::create_dir(dir).map_err(|e| err(format!("creating it: {e}")))?;
+    // Locked first: the pins of a daemon still running are not stale.
+    let lock = pin_dir::claim(dir)?;
+    let stale = remove_pins(dir);
+    if stale > 0 {
+        warn!(pin_dir = %dir.display(), stale, "removed stale pins left by an earlier run");
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// Removes patroxy's pins from `dir`, returning how many there were.

@@ -9,6 +9,7 @@ mod fallback;
 mod kernel_log;
 pub mod loader;
 pub mod maps;
+pub mod pin_dir;
 mod sockmap;
 pub mod sockopt;
 
@@ -130,17 +131,24 @@ pub enum DataPlane {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("bpf = \"required\" but the sockmap data path is unavailable: {0}")]
-pub struct RequiredButUnavailable(pub loader::LoadError);
+pub enum SelectError {
+    #[error("bpf = \"required\" but the sockmap data path is unavailable: {0}")]
+    RequiredButUnavailable(loader::LoadError),
+    /// Falling back would leave the operator's problem (two daemons on one pin path, a pin
+    /// directory open to another user) in a log line while the daemon runs.
+    #[error(transparent)]
+    PinDir(pin_dir::PinDirError),
+}
 
 impl DataPlane {
-    /// Loads the sockmap path unless `mode` says off; `auto` falls back with one log line why.
-    /// `log` turns on the verdict program's debug lines.
+    /// Loads the sockmap path unless `mode` says off; `auto` falls back with one log line why,
+    /// except from a pin directory `pin_dir::claim` refuses. `log` turns on the verdict
+    /// program's debug lines.
     pub fn select(
         mode: BpfMode,
         pin_dir: &std::path::Path,
         log: Option<KernelLog>,
-    ) -> Result<Self, RequiredButUnavailable> {
+    ) -> Result<Self, SelectError> {
         if mode == BpfMode::Off {
             return Ok(Self::Fallback);
         }
@@ -153,7 +161,8 @@ impl DataPlane {
                 maps: Arc::new(maps),
                 closes,
             }),
-            Err(e) if mode == BpfMode::Required => Err(RequiredButUnavailable(e)),
+            Err(loader::LoadError::PinDir(e)) => Err(SelectError::PinDir(e)),
+            Err(e) if mode == BpfMode::Required => Err(SelectError::RequiredButUnavailable(e)),
             Err(e) => {
                 warn!("sockmap data path unavailable ({e}); using the userspace fallback");
                 Ok(Self::Fallback)
