@@ -11,9 +11,10 @@ use std::{
     time::Duration,
 };
 
-use common::{Path_, Setup, echo_once, local};
+use common::{Path_, echo_once, local, one_listener};
 use patroxy_tests::{
     backend::{Backend, Behaviour},
+    config::{Bpf, ProxyConfig},
     daemon::Patroxy,
     ports::{free_tcp_port, is_listening},
     process::{ChildGuard, patroxy_bin, require_root},
@@ -28,8 +29,8 @@ const NOBODY: u32 = 65534;
 
 /// Starts `patroxy run` on `toml` and waits for it to exit, which a refused start does at once.
 /// Panics, with its log, if it is still running after 10 s.
-fn run_expecting_exit(name: &str, toml: &str) -> (ExitStatus, String) {
-    let config = write_config(name, toml);
+fn run_expecting_exit(name: &str, config: &ProxyConfig) -> (ExitStatus, String) {
+    let config = write_config(name, &config.to_toml());
     let mut cmd = Command::new(patroxy_bin());
     cmd.args(["run", "--config"]).arg(&config);
     let mut child = ChildGuard::spawn(name, &mut cmd).expect("spawn patroxy");
@@ -82,16 +83,15 @@ async fn a_second_daemon_on_the_same_pin_path_refuses_and_touches_nothing() {
     }
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("twice");
-    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
-    let first = Patroxy::start("twice1", &setup.toml(), &pin, &[setup.bind]);
-    let mut session = TcpStream::connect(setup.bind).await.unwrap();
+    let config = one_listener(Path_::Sockmap, &pin, backend.addr);
+    let first = Patroxy::start("twice1", &config);
+    let mut session = TcpStream::connect(config.bind()).await.unwrap();
     assert!(echo_once(&mut session, b"before", Duration::from_secs(5)).await);
     let pins = pins_of(&pin);
 
     let second_bind = local(free_tcp_port());
-    let second = setup
-        .toml()
-        .replace(&setup.bind.to_string(), &second_bind.to_string());
+    let mut second = config.clone();
+    second.listeners[0].bind = second_bind;
     let (status, log) = run_expecting_exit("twice2", &second);
     assert!(!status.success(), "the second daemon must refuse:\n{log}");
     assert!(
@@ -145,11 +145,11 @@ fn a_pin_directory_another_user_created_is_refused() {
     let _cleanup = RemoveOnDrop(&pin);
     std::fs::create_dir(&planted).unwrap();
     std::os::unix::fs::chown(&pin, Some(NOBODY), Some(NOBODY)).unwrap();
-    let setup = Setup::new(Path_::Sockmap, &pin, local(free_tcp_port()));
-    let required = setup.toml();
-    let auto = required.replace("bpf = \"required\"", "bpf = \"auto\"");
-    for (mode, toml) in [("required", required), ("auto", auto)] {
-        let (status, log) = run_expecting_exit(&format!("foreign-{mode}"), &toml);
+    let required = one_listener(Path_::Sockmap, &pin, local(free_tcp_port()));
+    let mut auto = required.clone();
+    auto.global.bpf = Some(Bpf::Auto);
+    for (mode, config) in [("required", &required), ("auto", &auto)] {
+        let (status, log) = run_expecting_exit(&format!("foreign-{mode}"), config);
         assert!(!status.success(), "bpf = {mode} must refuse:\n{log}");
         assert!(
             log.contains(&format!(
@@ -159,7 +159,7 @@ fn a_pin_directory_another_user_created_is_refused() {
             "bpf = {mode}: the refusal says who owns it:\n{log}"
         );
         assert!(
-            !is_listening(setup.bind),
+            !is_listening(config.bind()),
             "bpf = {mode}: refused before binding"
         );
     }
@@ -186,8 +186,8 @@ async fn another_user_cannot_rename_or_delete_the_pins() {
     }
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("nobody");
-    let setup = Setup::new(Path_::Sockmap, &pin, backend.addr);
-    let _proxy = Patroxy::start_with("nobody", &setup.toml(), &pin, &[setup.bind], |cmd| {
+    let config = one_listener(Path_::Sockmap, &pin, backend.addr);
+    let _proxy = Patroxy::start_with("nobody", &config, |cmd| {
         // SAFETY: umask(2) is async-signal-safe and cannot fail.
         unsafe {
             cmd.pre_exec(|| {
