@@ -19,6 +19,14 @@ const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", 
 /// readable and printing it costs more than the forwarding it describes.
 const MAX_BPF_LOG_RATE: u32 = 10_000;
 
+/// Stats connections served at once unless `[stats] maxconn` says otherwise: plenty for a few
+/// scrapers and browsers.
+const DEFAULT_STATS_MAXCONN: u32 = 64;
+
+/// Highest `[stats] maxconn`: the stats server is for operators and scrapers, and each of its
+/// connections takes a file descriptor the proxy's sessions could use.
+const MAX_STATS_MAXCONN: u32 = 1024;
+
 pub(crate) fn validate(raw: &RawConfig, src: &Source) -> Result<Config, Vec<Diagnostic>> {
     let mut v = Validator {
         src,
@@ -85,6 +93,15 @@ impl Validator<'_> {
                 RawAdminAccess::Local => AdminAccess::Local,
                 RawAdminAccess::Any => AdminAccess::Any,
             },
+            maxconn: s.maxconn.as_ref().map_or(DEFAULT_STATS_MAXCONN, |m| {
+                if !(1..=MAX_STATS_MAXCONN).contains(m.get_ref()) {
+                    self.error(
+                        m.span(),
+                        format!("stats maxconn must be 1..={MAX_STATS_MAXCONN}"),
+                    );
+                }
+                *m.get_ref()
+            }),
         });
         Config {
             global,
