@@ -18,7 +18,7 @@ use crate::{
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
 pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    raise_fd_limit(config.global.maxconn);
+    raise_fd_limit(&config);
     let dataplane = Arc::new(DataPlane::select(
         config.global.bpf,
         &config.global.pin_path,
@@ -60,15 +60,13 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         admin.subscribe(),
     );
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
-    if let Some(listener) = stats_listener {
-        stats::serve(
-            listener,
-            proxy.clone(),
-            admin.clone(),
-            stop.clone(),
-            &tracker,
-        );
-    }
+    let stats_thread = match stats_listener {
+        Some(listener) => Some(
+            stats::serve(listener, proxy.clone(), admin.clone(), stop.clone())
+                .context("stats: starting its thread")?,
+        ),
+        None => None,
+    };
     proxy.serve(listeners, stop.clone(), &tracker);
     info!(
         data_path = dataplane.name(),
@@ -82,6 +80,15 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     stop.cancel();
     proxy.drain(&tracker, grace).await;
+    if let Some(thread) = stats_thread {
+        // Returns within a second: the stats server cuts its connections after a short grace.
+        if tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .is_ok_and(|joined| joined.is_err())
+        {
+            tracing::warn!("the stats server's thread panicked");
+        }
+    }
     info!("stopped");
     Ok(())
 }
@@ -96,10 +103,27 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each session holds two sockets: like HAProxy, raise the soft fd limit to fit maxconn (up to
-/// the hard limit, which only an administrator can raise) and say so if it cannot.
-fn raise_fd_limit(maxconn: u32) {
-    let wanted = u64::from(maxconn) * 2 + 256;
+/// File descriptors the daemon needs besides its sessions, health checks and stats connections:
+/// listeners, maps and programs, the SESSIONS reader, the runtime, logs.
+const BASE_FDS: u64 = 256;
+
+/// Each session holds two sockets, each health check and stats connection one: like HAProxy,
+/// raise the soft fd
+/// limit to fit them (up to the hard limit, which only an administrator can raise) and say so
+/// if it cannot. The stats server never holds more than its `maxconn` plus its listener, so it
+/// cannot take the proxy's share.
+fn raise_fd_limit(config: &Config) {
+    let stats = config
+        .stats
+        .as_ref()
+        .map_or(0, |s| u64::from(s.maxconn) + 1);
+    // At most one check connection per server (the checker shares one per node).
+    let checks: u64 = config
+        .listeners
+        .iter()
+        .map(|l| l.servers.len() as u64)
+        .sum();
+    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + BASE_FDS;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -117,7 +141,7 @@ fn raise_fd_limit(maxconn: u32) {
         tracing::warn!(
             limit = lim.rlim_cur,
             wanted,
-            "the open-files limit is below what maxconn needs (2 per session); raise LimitNOFILE"
+            "the open-files limit is below what maxconn and [stats] maxconn need (2 per session, 1 per stats connection); raise LimitNOFILE"
         );
     }
 }

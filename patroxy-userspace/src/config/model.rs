@@ -148,6 +148,9 @@ pub struct Stats {
     pub refresh: Duration,
     /// Who may change servers' admin state (READY/DRAIN/MAINT) through the stats server.
     pub admin: AdminAccess,
+    /// Stats connections served at once; more wait in the kernel's backlog, holding none of the
+    /// daemon's file descriptors, so the stats port can never starve the proxy.
+    pub maxconn: u32,
 }
 
 /// HAProxy's `stats admin if <cond>`; there is no authentication, so the peer address decides.

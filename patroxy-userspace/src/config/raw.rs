@@ -171,6 +171,7 @@ pub(crate) struct RawStats {
     pub bind: Spanned<String>,
     pub refresh: Option<Spanned<Dur>>,
     pub admin: Option<RawAdminAccess>,
+    pub maxconn: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]

@@ -54,6 +54,7 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
         AdminAccess::Local,
         "only this host may set server states"
     );
+    assert_eq!(stats.maxconn, 64);
 
     let [write, read] = &config.listeners[..] else {
         panic!("two listeners expected")
@@ -190,6 +191,7 @@ fn everything_fixture_values() {
     assert_eq!(config.listeners[2].check, None);
     let stats = config.stats.as_ref().unwrap();
     assert_eq!((stats.refresh, stats.admin), (secs(5), AdminAccess::Any));
+    assert_eq!(stats.maxconn, 8);
 }
 
 #[test]

@@ -34,6 +34,14 @@ const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// Shortest stats `refresh`: the page reloads itself in whole seconds.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 
+/// Stats connections served at once unless `[stats] maxconn` says otherwise: plenty for a few
+/// scrapers and browsers.
+const DEFAULT_STATS_MAXCONN: u32 = 64;
+
+/// Highest `[stats] maxconn`: the stats server is for operators and scrapers, and each of its
+/// connections takes a file descriptor the proxy's sessions could use.
+const MAX_STATS_MAXCONN: u32 = 1024;
+
 pub(crate) fn validate(raw: &RawConfig, src: &Source) -> Result<Config, Vec<Diagnostic>> {
     let mut v = Validator {
         src,
@@ -99,6 +107,15 @@ impl Validator<'_> {
                 RawAdminAccess::Local => AdminAccess::Local,
                 RawAdminAccess::Any => AdminAccess::Any,
             },
+            maxconn: s.maxconn.as_ref().map_or(DEFAULT_STATS_MAXCONN, |m| {
+                if !(1..=MAX_STATS_MAXCONN).contains(m.get_ref()) {
+                    self.error(
+                        m.span(),
+                        format!("stats maxconn must be 1..={MAX_STATS_MAXCONN}"),
+                    );
+                }
+                *m.get_ref()
+            }),
         });
         Config {
             global,

@@ -9,8 +9,7 @@
 //! when the peer may not, 404 for an unknown listener or server.
 use std::net::SocketAddr;
 
-use axum::{extract::connect_info::Connected, http::StatusCode, serve::IncomingStream};
-use tokio::net::TcpListener;
+use axum::http::StatusCode;
 
 use crate::{
     config::AdminAccess,
@@ -24,15 +23,6 @@ use crate::{
 pub struct Peer {
     pub remote: SocketAddr,
     pub local: Option<SocketAddr>,
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Peer {
-            remote: *stream.remote_addr(),
-            local: stream.io().local_addr().ok(),
-        }
-    }
 }
 
 impl Peer {

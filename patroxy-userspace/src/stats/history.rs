@@ -81,7 +81,8 @@ impl StatsHistory {
     pub async fn run(self: Arc<Self>, source: Arc<dyn StatsSource>, stop: CancellationToken) {
         let mut view = source.view();
         let mut prev = view.borrow_and_update().clone();
-        self.observe_health(&prev, &prev);
+        // Checks that completed before this task started are in the first view only.
+        self.observe_health(None, &prev);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -93,7 +94,7 @@ impl StatsHistory {
                         return;
                     }
                     let next = view.borrow_and_update().clone();
-                    self.observe_health(&prev, &next);
+                    self.observe_health(Some(&prev), &next);
                     prev = next;
                 }
             }
@@ -139,7 +140,9 @@ impl StatsHistory {
         *f
     }
 
-    pub fn observe_health(&self, prev: &View, next: &View) {
+    /// Records the checks `next` shows that `prev` did not (all of them when there is no `prev`:
+    /// the first view), and leader changes.
+    pub fn observe_health(&self, prev: Option<&View>, next: &View) {
         let mut last_leader = self.last_leader.lock().expect("leader lock");
         for (li, l) in next.listeners.iter().enumerate() {
             for s in &l.servers {
@@ -147,7 +150,7 @@ impl StatsHistory {
                     continue;
                 };
                 let before = prev
-                    .server(s.key)
+                    .and_then(|p| p.server(s.key))
                     .and_then(|p| p.health.last_check.as_ref());
                 if before.is_none_or(|b| b.at != check.at) {
                     self.check_durations
@@ -226,7 +229,16 @@ impl Rates {
 
 #[cfg(test)]
 mod tests {
+    use patroxy_common::BackendEntry;
+    use tokio::sync::watch;
+
     use super::*;
+    use crate::{
+        config::Config,
+        operator_state::AdminStates,
+        patroni::{CheckOutcome, CheckStatus, HealthSnapshot, test_config::*},
+        proxy::counters::{BackendCounters, ListenerCounters},
+    };
 
     #[test]
     fn rates_average_the_window_and_keep_the_peak() {
@@ -241,6 +253,105 @@ mod tests {
             r.record(t0 + Duration::from_secs(s), vec![12]);
         }
         assert_eq!(r.get(0), (0, 10), "old sessions leave the window");
+    }
+
+    /// The proxy as the history task reads it: a view with one server checked once, no traffic.
+    struct CheckedOnce {
+        config: Config,
+        view: watch::Sender<Arc<View>>,
+        backend: BackendCounters,
+        listener: ListenerCounters,
+    }
+
+    impl CheckedOnce {
+        fn new() -> Self {
+            let config = config(
+                vec![listener(
+                    "w",
+                    Some(check("/primary", true)),
+                    vec![server(
+                        "pg1",
+                        "127.0.0.1:8008".parse().unwrap(),
+                        timing(100, 30, 30, 1, 1),
+                    )],
+                )],
+                None,
+            );
+            let now = Instant::now();
+            let mut health = HealthSnapshot::initial(&config, now);
+            let outcome = CheckOutcome {
+                status: CheckStatus::L7Ok,
+                code: Some(200),
+                duration: Duration::from_millis(3),
+                role: None,
+                state: None,
+                timeline: None,
+                detail: None,
+            };
+            health.listeners[0].servers[0].health.record(&outcome, now);
+            let view = View::fold(&health, &AdminStates::ready(&config));
+            Self {
+                config,
+                view: watch::Sender::new(Arc::new(view)),
+                backend: BackendCounters::default(),
+                listener: ListenerCounters::default(),
+            }
+        }
+    }
+
+    impl StatsSource for CheckedOnce {
+        fn config(&self) -> &Config {
+            &self.config
+        }
+        fn view(&self) -> watch::Receiver<Arc<View>> {
+            self.view.subscribe()
+        }
+        fn backend_counters(&self, _: u32) -> &BackendCounters {
+            &self.backend
+        }
+        fn listener_counters(&self, _: usize) -> &ListenerCounters {
+            &self.listener
+        }
+        fn backend_entry(&self, _: u32) -> BackendEntry {
+            BackendEntry::default()
+        }
+        fn data_path(&self) -> &'static str {
+            "fallback"
+        }
+        fn pin_dir(&self) -> Option<&std::path::Path> {
+            None
+        }
+    }
+
+    fn checks_observed(history: &StatsHistory) -> u64 {
+        let labels = ServerLabels {
+            proxy: "w".into(),
+            server: "pg1".into(),
+        };
+        history
+            .check_durations
+            .get(&labels)
+            .map_or(0, |h| h.count())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_done_before_the_history_starts_is_observed() {
+        let source = Arc::new(CheckedOnce::new());
+        let history = Arc::new(StatsHistory::new(1, 1));
+        let stop = CancellationToken::new();
+        stop.cancel();
+        history.clone().run(source, stop).await;
+        assert_eq!(checks_observed(&history), 1);
+    }
+
+    #[test]
+    fn a_check_is_observed_once() {
+        let source = CheckedOnce::new();
+        let view = source.view.borrow().clone();
+        let history = StatsHistory::new(1, 1);
+        history.observe_health(None, &view);
+        history.observe_health(Some(&view), &view);
+        assert_eq!(checks_observed(&history), 1);
     }
 
     #[test]

@@ -13,10 +13,13 @@
 //! - `html`, `csv`, `prometheus`, `text`: the renderers, pure functions of a snapshot (`text`
 //!   is the terminal table of `patroxy status`; the operator's commands themselves are the
 //!   binary's `cli` module).
-//! - `server`: the axum HTTP server, bound before the proxy accepts clients.
+//! - `server`: the axum HTTP server's routes, bound before the proxy accepts clients.
+//! - `connections`: its own thread and runtime, connection cap, timeouts and shutdown: what
+//!   keeps it from taking file descriptors or time from the proxy.
 //! - `admin_endpoint`: `POST /admin/servers/{listener}/{server}` and who may call it.
 pub mod admin_endpoint;
 pub mod collect;
+pub mod connections;
 pub mod csv;
 pub mod history;
 pub mod html;

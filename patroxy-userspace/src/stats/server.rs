@@ -2,7 +2,7 @@
 //! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
 //! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
 //! endpoint (see `admin_endpoint`).
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc, thread};
 
 use axum::{
     Router,
@@ -11,13 +11,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use tokio::{net::TcpListener, time::Instant};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
     admin_endpoint::{self, Peer},
-    collect, csv,
+    collect, connections, csv,
     history::StatsHistory,
     html,
     model::StatsSnapshot,
@@ -40,25 +40,24 @@ struct Shared {
 
 /// Binds the stats server's socket. The daemon does this before it accepts any client, so a
 /// taken port fails the start-up rather than a proxy already in service.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
-    std_listener.set_nonblocking(true)?;
-    TcpListener::from_std(std_listener)
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
 }
 
 /// Serves the stats of `source` on `listener` (from [`bind`]), and the admin endpoint through
-/// `admin`, on `tasks` until `stop`.
+/// `admin`, on the stats server's own thread (see `connections`) until `stop`. Join the thread
+/// to know its connections are closed.
 pub fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     source: Arc<dyn StatsSource>,
     admin: Arc<AdminWriter>,
     stop: CancellationToken,
-    tasks: &TaskTracker,
-) {
+) -> io::Result<thread::JoinHandle<()>> {
     let config = source.config();
     let backends = config.listeners.iter().map(|l| l.servers.len()).sum();
+    let maxconn = config.stats.as_ref().map_or(1, |s| s.maxconn as usize);
     let history = Arc::new(StatsHistory::new(backends, config.listeners.len()));
-    tasks.spawn(history.clone().run(source.clone(), stop.clone()));
+    let follow = history.clone().run(source.clone(), stop.clone());
     let shared = Arc::new(Shared {
         source,
         admin,
@@ -69,17 +68,8 @@ pub fn serve(
         .route("/metrics", get(metrics))
         .route("/admin/servers/{listener}/{server}", post(set_state))
         .fallback(get(page))
-        .with_state(shared)
-        .into_make_service_with_connect_info::<Peer>();
-    tasks.spawn(async move {
-        if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "stats page listening");
-        }
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            warn!("stats server stopped: {e}");
-        }
-    });
+        .with_state(shared);
+    connections::spawn(listener, app, maxconn, follow, stop)
 }
 
 /// What `/` was asked for.
