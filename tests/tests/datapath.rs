@@ -30,6 +30,7 @@ on_both_paths!(
     backend_blackholed_times_out_and_retries,
     server_maxconn_queues_then_times_out,
     global_maxconn_stops_accepting,
+    global_maxconn_is_shared_by_listeners,
     idle_sessions_time_out,
 );
 
@@ -473,6 +474,51 @@ async fn global_maxconn_stops_accepting(path: Path_) {
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"three");
+}
+
+/// Global maxconn counts sessions, not accept loops: with two listeners, all `maxconn`
+/// sessions may come through one of them, and the next client waits, whichever listener.
+async fn global_maxconn_is_shared_by_listeners(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("gmax2");
+    let mut setup = Setup::new(path, &pin, backend.addr);
+    setup.global_maxconn = 2;
+    let other = local(free_tcp_port());
+    let toml = format!(
+        "{}\n[[listener]]\nname = \"postgres_read\"\nbind = \"{other}\"\nservers = [\"db1\"]\n",
+        setup.toml()
+    );
+    let proxy = Patroxy::start("gmax2", &toml, setup.pin, &[setup.bind, other]);
+    // Both readiness probes' sessions must have given their permits back.
+    assert!(
+        proxy.wait_for_log_count("session closed", 2, Duration::from_secs(10)),
+        "{}",
+        proxy.log()
+    );
+    let within = Duration::from_secs(2);
+    let mut s1 = TcpStream::connect(setup.bind).await.unwrap();
+    let mut s2 = TcpStream::connect(setup.bind).await.unwrap();
+    assert!(echo_once(&mut s1, b"one", within).await);
+    assert!(
+        echo_once(&mut s2, b"two", within).await,
+        "both sessions of maxconn 2 run through one listener"
+    );
+    // Past maxconn, neither listener accepts.
+    let mut s3 = TcpStream::connect(other).await.unwrap();
+    assert!(!echo_once(&mut s3, b"three", Duration::from_millis(300)).await);
+    let mut s4 = TcpStream::connect(setup.bind).await.unwrap();
+    assert!(!echo_once(&mut s4, b"four", Duration::from_millis(300)).await);
+    drop((s1, s2));
+    let (mut b3, mut b4) = ([0u8; 5], [0u8; 4]);
+    tokio::time::timeout(within, s3.read_exact(&mut b3))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(within, s4.read_exact(&mut b4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&b3, &b4), (b"three", b"four"));
 }
 
 async fn idle_sessions_time_out(path: Path_) {

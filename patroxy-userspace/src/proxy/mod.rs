@@ -57,7 +57,7 @@ pub struct Proxy {
     /// Per backend (index = backend id - 1) and per listener, for the stats.
     backend_counters: Vec<BackendCounters>,
     listener_counters: Vec<ListenerCounters>,
-    /// Global maxconn: accept loops take a permit before accepting.
+    /// Global maxconn: the accept loop takes a permit before accepting.
     global: Arc<Semaphore>,
     /// Per-backend maxconn (index = backend id - 1).
     slots: Vec<ServerSlots>,
@@ -122,12 +122,7 @@ impl Proxy {
         stop: CancellationToken,
         tracker: &TaskTracker,
     ) {
-        for (index, listener) in listeners.into_iter().enumerate() {
-            tracker.spawn(
-                self.clone()
-                    .accept_loop(index, listener, stop.clone(), tracker.clone()),
-            );
-        }
+        tracker.spawn(self.clone().accept_loop(listeners, stop, tracker.clone()));
     }
 
     /// Waits up to `grace` for open sessions to end, then resets the rest.
