@@ -521,6 +521,64 @@ async fn global_maxconn_is_shared_by_listeners(path: Path_) {
     assert_eq!((&b3, &b4), (b"three", b"four"));
 }
 
+/// A flood of clients writes at most `session_log_rate`'s burst plus its rate of "session
+/// closed" lines; the rest are counted in the periodic summary, none lost from the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_log_lines_are_rate_limited() {
+    const CLIENTS: usize = 500;
+    const RATE: usize = 10;
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("lograte");
+    let setup = Setup::new(Path_::Fallback, &pin, backend.addr);
+    let toml = setup.toml().replacen(
+        "[global]\n",
+        &format!("[global]\nsession_log_rate = {RATE}\n"),
+        1,
+    );
+    let started = Instant::now();
+    let proxy = Patroxy::start("lograte", &toml, setup.pin, &[setup.bind]);
+    for _ in 0..CLIENTS {
+        drop(TcpStream::connect(setup.bind).await.unwrap());
+    }
+    // From the daemon's start to the last client, and a second for the last sessions to end.
+    let flood = started.elapsed() + Duration::from_secs(1);
+    // Every session (the readiness probe's too) is either logged or counted as suppressed.
+    let sessions = CLIENTS + 1;
+    let accounted = || {
+        let log = proxy.log();
+        let logged = log.lines().filter(|l| l.contains("session closed")).count();
+        let suppressed: usize = log
+            .lines()
+            .filter(|l| l.contains("session log lines suppressed"))
+            .filter_map(|l| {
+                l.split("suppressed=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        (logged, suppressed)
+    };
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let (logged, suppressed) = loop {
+        let (logged, suppressed) = accounted();
+        if logged + suppressed >= sessions || Instant::now() > deadline {
+            break (logged, suppressed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Lines come from the burst and the refill while the flood lasted.
+    let within = 2 * RATE + (RATE as f64 * flood.as_secs_f64()).ceil() as usize;
+    assert_eq!(logged + suppressed, sessions, "{}", proxy.log());
+    assert!(
+        logged <= within,
+        "{logged} lines logged, at most {within} expected"
+    );
+    assert!(suppressed > 0);
+}
+
 async fn idle_sessions_time_out(path: Path_) {
     let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("idle");

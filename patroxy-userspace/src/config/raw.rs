@@ -34,6 +34,7 @@ pub(crate) struct RawGlobal {
     pub pin_path: Option<Spanned<PathBuf>>,
     pub bpf_log: Option<Spanned<bool>>,
     pub bpf_log_rate: Option<Spanned<u32>>,
+    pub session_log_rate: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]

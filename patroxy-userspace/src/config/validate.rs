@@ -139,6 +139,10 @@ impl Validator<'_> {
                 }
                 *r.get_ref()
             }),
+            session_log_rate: raw
+                .session_log_rate
+                .as_ref()
+                .map_or(100, |r| self.nonzero(r, "session_log_rate")),
         }
     }
 

@@ -115,6 +115,7 @@ pub(crate) mod test_config {
                 pin_path: "/sys/fs/bpf/patroxy".into(),
                 bpf_log: false,
                 bpf_log_rate: 100,
+                session_log_rate: 100,
             },
             defaults: Defaults {
                 retries: 3,

@@ -60,11 +60,13 @@ impl Proxy {
                     Refusal::ConnectFailed { .. } => &lcounters.connect_failed,
                 }
                 .fetch_add(1, Relaxed);
-                warn!(
-                    client = %peer, listener = %lname,
-                    wait_ms = accepted.elapsed().as_millis() as u64,
-                    "closing client: {}", refusal.describe()
-                );
+                if self.log_limit.allow() {
+                    warn!(
+                        client = %peer, listener = %lname,
+                        wait_ms = accepted.elapsed().as_millis() as u64,
+                        "closing client: {}", refusal.describe()
+                    );
+                }
                 let message = format!("patroxy: {lname}: {}", refusal.describe());
                 refusal::refuse(client, refusal.sqlstate(), &message).await;
                 return;
@@ -99,6 +101,9 @@ impl Proxy {
         self.backends.session_closed(backend_id);
         counters.closed(end.bytes_from_client, end.bytes_from_server);
         drop(registered);
+        if !self.log_limit.allow() {
+            return;
+        }
         info!(
             client = %peer, listener = %lname, server = %sname,
             queue_ms = (dequeued - accepted).as_millis() as u64,
