@@ -31,6 +31,7 @@ on_both_paths!(
     server_maxconn_queues_then_times_out,
     global_maxconn_stops_accepting,
     global_maxconn_is_shared_by_listeners,
+    silent_client_is_closed_without_taking_a_slot,
     idle_sessions_time_out,
 );
 
@@ -258,9 +259,9 @@ async fn client_streams_before_backend_listens(path: Path_) {
     let (backend, opener) = Backend::start_closed(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("early");
     let mut setup = Setup::new(path, &pin, backend.addr);
-    // Refused connects are retried every 300 ms for up to 3 s.
+    // Refused connects are retried every 300 ms for up to 6 s.
     setup.timeout_connect = "300ms";
-    setup.retries = 10;
+    setup.retries = 20;
     let proxy = start("early", &setup);
     let bind = setup.bind;
     let connected = std::sync::Arc::new(tokio::sync::Barrier::new(SESSIONS + 1));
@@ -279,7 +280,9 @@ async fn client_streams_before_backend_listens(path: Path_) {
         })
         .collect();
     connected.wait().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // patroxy connects once a client's first bytes arrive: on a loaded machine they may take
+    // a second or two after the barrier, and must all come before the backend listens.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     opener.open();
     join_sessions(tasks, Duration::from_secs(60)).await;
     // Each session connected on a retry, its bytes waiting meanwhile.
@@ -519,6 +522,41 @@ async fn global_maxconn_is_shared_by_listeners(path: Path_) {
         .unwrap()
         .unwrap();
     assert_eq!((&b3, &b4), (b"three", b"four"));
+}
+
+/// A client that connects and says nothing takes no server slot, and is closed after
+/// `timeout_startup`: with the server at maxconn 1, the next client is served meanwhile.
+async fn silent_client_is_closed_without_taking_a_slot(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("silent");
+    let mut setup = Setup::new(path, &pin, backend.addr);
+    setup.server_maxconn = Some(1);
+    setup.timeout_queue = Some("5s");
+    let toml = setup
+        .toml()
+        .replacen("[defaults]\n", "[defaults]\ntimeout_startup = \"1s\"\n", 1);
+    let proxy = Patroxy::start("silent", &toml, setup.pin, &[setup.bind]);
+    wait_probe_closed(&proxy);
+    let t0 = Instant::now();
+    let mut silent = TcpStream::connect(setup.bind).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut talker = TcpStream::connect(setup.bind).await.unwrap();
+    assert!(
+        echo_once(&mut talker, b"hello", Duration::from_millis(700)).await,
+        "the silent client holds no slot"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut silent)).await;
+    let closed_after = t0.elapsed();
+    assert!(matches!(r, Ok(Ok(0))), "closed without data: {r:?}");
+    assert!(
+        closed_after >= Duration::from_millis(950) && closed_after < Duration::from_secs(3),
+        "{closed_after:?}"
+    );
+    assert!(proxy.wait_for_log(
+        "sent nothing within timeout startup",
+        Duration::from_secs(2)
+    ));
+    assert_eq!(backend.accepted(), 2, "the probe and the talker only");
 }
 
 /// A flood of clients writes at most `session_log_rate`'s burst plus its rate of "session

@@ -52,6 +52,9 @@ pub struct Defaults {
     pub timeout_check: Option<Duration>,
     /// How long a session waits for a server slot; defaults to `timeout_connect`.
     pub timeout_queue: Duration,
+    /// How long a new client may stay silent before it is closed: PostgreSQL clients speak
+    /// first, and patroxy takes no server slot before they do (HAProxy has no such timeout).
+    pub timeout_startup: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]

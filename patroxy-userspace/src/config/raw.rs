@@ -55,6 +55,7 @@ pub(crate) struct RawDefaults {
     pub timeout_connect: Spanned<Dur>,
     pub timeout_check: Option<Spanned<Dur>>,
     pub timeout_queue: Option<Spanned<Dur>>,
+    pub timeout_startup: Option<Spanned<Dur>>,
 }
 
 /// HAProxy's `default-server` line: check timing and per-server settings every server inherits.

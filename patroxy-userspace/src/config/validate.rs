@@ -19,6 +19,10 @@ const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", 
 /// readable and printing it costs more than the forwarding it describes.
 const MAX_BPF_LOG_RATE: u32 = 10_000;
 
+/// libpq sends its first message (startup or SSLRequest) as soon as TCP connects, so 10 s
+/// never cuts off a real client, and a silent one holds a global permit for no longer.
+const DEFAULT_TIMEOUT_STARTUP: Duration = Duration::from_secs(10);
+
 pub(crate) fn validate(raw: &RawConfig, src: &Source) -> Result<Config, Vec<Diagnostic>> {
     let mut v = Validator {
         src,
@@ -162,6 +166,12 @@ impl Validator<'_> {
                 .timeout_queue
                 .as_ref()
                 .map_or(timeout_connect, |d| self.positive(d, "timeout_queue")),
+            timeout_startup: raw
+                .timeout_startup
+                .as_ref()
+                .map_or(DEFAULT_TIMEOUT_STARTUP, |d| {
+                    self.positive(d, "timeout_startup")
+                }),
         }
     }
 

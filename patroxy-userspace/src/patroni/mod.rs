@@ -125,6 +125,7 @@ pub(crate) mod test_config {
                 timeout_connect: Duration::from_secs(1),
                 timeout_check,
                 timeout_queue: Duration::from_secs(1),
+                timeout_startup: Duration::from_secs(10),
             },
             listeners,
             stats: None,
