@@ -14,7 +14,7 @@ use common::{
 };
 use patroxy_tests::{
     backend::{Backend, Behaviour, Blackhole, Ending, Fnv, pattern},
-    config::ProxyConfig,
+    config::{ListenerConfig, ProxyConfig},
     daemon::Patroxy,
     ports::free_tcp_port,
 };
@@ -35,6 +35,8 @@ on_both_paths!(
     backend_blackholed_times_out_and_retries,
     server_maxconn_queues_then_times_out,
     global_maxconn_stops_accepting,
+    global_maxconn_is_shared_by_listeners,
+    silent_client_is_closed_without_taking_a_slot,
     idle_sessions_time_out,
 );
 
@@ -258,9 +260,9 @@ async fn client_streams_before_backend_listens(path: Path_) {
     let (backend, opener) = Backend::start_closed(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path("early");
     let mut config = one_listener(path, &pin, backend.addr);
-    // Refused connects are retried every 300 ms for up to 3 s.
+    // Refused connects are retried every 300 ms for up to 6 s.
     config.defaults.timeout_connect = Duration::from_millis(300);
-    config.defaults.retries = Some(10);
+    config.defaults.retries = Some(20);
     let proxy = Patroxy::start("early", &config);
     let bind = config.bind();
     let connected = std::sync::Arc::new(tokio::sync::Barrier::new(SESSIONS + 1));
@@ -279,7 +281,9 @@ async fn client_streams_before_backend_listens(path: Path_) {
         })
         .collect();
     connected.wait().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // patroxy connects once a client's first bytes arrive: on a loaded machine they may take
+    // a second or two after the barrier, and must all come before the backend listens.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     opener.open();
     join_sessions(tasks, Duration::from_secs(60)).await;
     // Each session connected on a retry, its bytes waiting meanwhile.
@@ -472,6 +476,141 @@ async fn third_session_waits_for_the_first(
         .unwrap();
     assert_eq!(&buf, b"three");
     (s2, s3)
+}
+
+/// Global maxconn counts sessions, not accept loops: with two listeners, all `maxconn`
+/// sessions may come through one of them, and the next client waits, whichever listener.
+async fn global_maxconn_is_shared_by_listeners(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("gmax2");
+    let other = local(free_tcp_port());
+    let mut config = one_listener(path, &pin, backend.addr).listener(ListenerConfig::new(
+        "postgres_read",
+        other,
+        ["db1"],
+    ));
+    config.global.maxconn = Some(2);
+    let bind = config.bind();
+    let proxy = Patroxy::start("gmax2", &config);
+    // Both readiness probes' sessions must have given their permits back.
+    assert!(
+        proxy.wait_for_log_count("session closed", 2, Duration::from_secs(10)),
+        "{}",
+        proxy.log()
+    );
+    let within = Duration::from_secs(2);
+    let mut s1 = TcpStream::connect(bind).await.unwrap();
+    let mut s2 = TcpStream::connect(bind).await.unwrap();
+    assert!(echo_once(&mut s1, b"one", within).await);
+    assert!(
+        echo_once(&mut s2, b"two", within).await,
+        "both sessions of maxconn 2 run through one listener"
+    );
+    // Past maxconn, neither listener accepts.
+    let mut s3 = TcpStream::connect(other).await.unwrap();
+    assert!(!echo_once(&mut s3, b"three", Duration::from_millis(300)).await);
+    let mut s4 = TcpStream::connect(bind).await.unwrap();
+    assert!(!echo_once(&mut s4, b"four", Duration::from_millis(300)).await);
+    drop((s1, s2));
+    let (mut b3, mut b4) = ([0u8; 5], [0u8; 4]);
+    tokio::time::timeout(within, s3.read_exact(&mut b3))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(within, s4.read_exact(&mut b4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&b3, &b4), (b"three", b"four"));
+}
+
+/// A client that connects and says nothing takes no server slot, and is closed after
+/// `timeout_startup`: with the server at maxconn 1, the next client is served meanwhile.
+async fn silent_client_is_closed_without_taking_a_slot(path: Path_) {
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("silent");
+    let mut config = one_listener(path, &pin, backend.addr);
+    config.servers[0].maxconn = Some(1);
+    config.defaults.timeout_queue = Some(Duration::from_secs(5));
+    config.defaults.timeout_startup = Some(Duration::from_secs(1));
+    let bind = config.bind();
+    let proxy = Patroxy::start("silent", &config);
+    wait_probe_closed(&proxy);
+    let t0 = Instant::now();
+    let mut silent = TcpStream::connect(bind).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut talker = TcpStream::connect(bind).await.unwrap();
+    assert!(
+        echo_once(&mut talker, b"hello", Duration::from_millis(700)).await,
+        "the silent client holds no slot"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut silent)).await;
+    let closed_after = t0.elapsed();
+    assert!(matches!(r, Ok(Ok(0))), "closed without data: {r:?}");
+    assert!(
+        closed_after >= Duration::from_millis(950) && closed_after < Duration::from_secs(3),
+        "{closed_after:?}"
+    );
+    assert!(proxy.wait_for_log(
+        "sent nothing within timeout startup",
+        Duration::from_secs(2)
+    ));
+    assert_eq!(backend.accepted(), 2, "the probe and the talker only");
+}
+
+/// A flood of clients writes at most `session_log_rate`'s burst plus its rate of "session
+/// closed" lines; the rest are counted in the periodic summary, none lost from the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_log_lines_are_rate_limited() {
+    const CLIENTS: usize = 500;
+    const RATE: usize = 10;
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("lograte");
+    let mut config = one_listener(Path_::Fallback, &pin, backend.addr);
+    config.global.session_log_rate = Some(RATE as u32);
+    let bind = config.bind();
+    let started = Instant::now();
+    let proxy = Patroxy::start("lograte", &config);
+    for _ in 0..CLIENTS {
+        drop(TcpStream::connect(bind).await.unwrap());
+    }
+    // From the daemon's start to the last client, and a second for the last sessions to end.
+    let flood = started.elapsed() + Duration::from_secs(1);
+    // Every session (the readiness probe's too) is either logged or counted as suppressed.
+    let sessions = CLIENTS + 1;
+    let accounted = || {
+        let log = proxy.log();
+        let logged = log.lines().filter(|l| l.contains("session closed")).count();
+        let suppressed: usize = log
+            .lines()
+            .filter(|l| l.contains("session log lines suppressed"))
+            .filter_map(|l| {
+                l.split("suppressed=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        (logged, suppressed)
+    };
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let (logged, suppressed) = loop {
+        let (logged, suppressed) = accounted();
+        if logged + suppressed >= sessions || Instant::now() > deadline {
+            break (logged, suppressed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Lines come from the burst and the refill while the flood lasted.
+    let within = 2 * RATE + (RATE as f64 * flood.as_secs_f64()).ceil() as usize;
+    assert_eq!(logged + suppressed, sessions, "{}", proxy.log());
+    assert!(
+        logged <= within,
+        "{logged} lines logged, at most {within} expected"
+    );
+    assert!(suppressed > 0);
 }
 
 async fn idle_sessions_time_out(path: Path_) {

@@ -24,6 +24,9 @@ pub struct Global {
     pub bpf_log: bool,
     /// Most verdict lines printed per second per CPU; the kernel counts the rest.
     pub bpf_log_rate: u32,
+    /// Most lines per second about single clients (a session's end, a refusal), with bursts
+    /// of twice that; the rest are counted and summed up every 10 s.
+    pub session_log_rate: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +52,9 @@ pub struct Defaults {
     pub timeout_check: Option<Duration>,
     /// How long a session waits for a server slot; defaults to `timeout_connect`.
     pub timeout_queue: Duration,
+    /// How long a new client may stay silent before it is closed: PostgreSQL clients speak
+    /// first, and patroxy takes no server slot before they do (HAProxy has no such timeout).
+    pub timeout_startup: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -34,6 +34,7 @@ pub(crate) struct RawGlobal {
     pub pin_path: Option<Spanned<PathBuf>>,
     pub bpf_log: Option<Spanned<bool>>,
     pub bpf_log_rate: Option<Spanned<u32>>,
+    pub session_log_rate: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -54,6 +55,7 @@ pub(crate) struct RawDefaults {
     pub timeout_connect: Spanned<Dur>,
     pub timeout_check: Option<Spanned<Dur>>,
     pub timeout_queue: Option<Spanned<Dur>>,
+    pub timeout_startup: Option<Spanned<Dur>>,
 }
 
 /// HAProxy's `default-server` line: check timing and per-server settings every server inherits.

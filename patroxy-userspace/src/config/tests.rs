@@ -37,6 +37,8 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
         (config.global.bpf_log, config.global.bpf_log_rate),
         (false, 100)
     );
+    assert_eq!(config.global.session_log_rate, 100);
+    assert_eq!(config.defaults.timeout_startup, secs(10));
     let d = &config.defaults;
     assert_eq!((d.retries, d.redispatch), (2, false));
     assert_eq!(

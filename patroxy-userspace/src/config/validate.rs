@@ -42,6 +42,10 @@ const DEFAULT_STATS_MAXCONN: u32 = 64;
 /// connections takes a file descriptor the proxy's sessions could use.
 const MAX_STATS_MAXCONN: u32 = 1024;
 
+/// libpq sends its first message (startup or SSLRequest) as soon as TCP connects, so 10 s
+/// never cuts off a real client, and a silent one holds a global permit for no longer.
+const DEFAULT_TIMEOUT_STARTUP: Duration = Duration::from_secs(10);
+
 pub(crate) fn validate(raw: &RawConfig, src: &Source) -> Result<Config, Vec<Diagnostic>> {
     let mut v = Validator {
         src,
@@ -189,6 +193,10 @@ impl Validator<'_> {
                 }
                 *r.get_ref()
             }),
+            session_log_rate: raw
+                .session_log_rate
+                .as_ref()
+                .map_or(100, |r| self.nonzero(r, "session_log_rate")),
         }
     }
 
@@ -218,6 +226,12 @@ impl Validator<'_> {
             timeout_connect,
             timeout_check,
             timeout_queue,
+            timeout_startup: raw
+                .timeout_startup
+                .as_ref()
+                .map_or(DEFAULT_TIMEOUT_STARTUP, |d| {
+                    self.duration(d, "timeout_startup", MIN_TIMEOUT)
+                }),
         }
     }
 

@@ -115,6 +115,7 @@ pub(crate) mod test_config {
                 pin_path: "/sys/fs/bpf/patroxy".into(),
                 bpf_log: false,
                 bpf_log_rate: 100,
+                session_log_rate: 100,
             },
             defaults: Defaults {
                 retries: 3,
@@ -124,6 +125,7 @@ pub(crate) mod test_config {
                 timeout_connect: Duration::from_secs(1),
                 timeout_check,
                 timeout_queue: Duration::from_secs(1),
+                timeout_startup: Duration::from_secs(10),
             },
             listeners,
             stats: None,

@@ -3,6 +3,7 @@
 mod choose;
 pub mod counters;
 mod listener;
+mod log_limit;
 mod mark_down;
 mod refusal;
 mod registry;
@@ -34,6 +35,7 @@ use crate::{
     view::View,
 };
 use counters::{BackendCounters, ListenerCounters};
+use log_limit::LogLimit;
 use slots::ServerSlots;
 
 /// Everything a session task needs, shared by all listeners.
@@ -57,10 +59,12 @@ pub struct Proxy {
     /// Per backend (index = backend id - 1) and per listener, for the stats.
     backend_counters: Vec<BackendCounters>,
     listener_counters: Vec<ListenerCounters>,
-    /// Global maxconn: accept loops take a permit before accepting.
+    /// Global maxconn: the accept loop takes a permit before accepting.
     global: Arc<Semaphore>,
     /// Per-backend maxconn (index = backend id - 1).
     slots: Vec<ServerSlots>,
+    /// The rate limit of the lines logged per client (session ends, refusals).
+    log_limit: LogLimit,
 }
 
 impl Proxy {
@@ -103,6 +107,7 @@ impl Proxy {
             backend_counters,
             listener_counters,
             global: Arc::new(Semaphore::new(config.global.maxconn as usize)),
+            log_limit: LogLimit::new(config.global.session_log_rate),
             config,
             dataplane,
             backends,
@@ -122,12 +127,12 @@ impl Proxy {
         stop: CancellationToken,
         tracker: &TaskTracker,
     ) {
-        for (index, listener) in listeners.into_iter().enumerate() {
-            tracker.spawn(
-                self.clone()
-                    .accept_loop(index, listener, stop.clone(), tracker.clone()),
-            );
-        }
+        tracker.spawn(
+            self.clone()
+                .accept_loop(listeners, stop.clone(), tracker.clone()),
+        );
+        let proxy = self.clone();
+        tracker.spawn(async move { proxy.log_limit.report(stop).await });
     }
 
     /// Waits up to `grace` for open sessions to end, then resets the rest.

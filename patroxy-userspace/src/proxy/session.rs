@@ -45,6 +45,22 @@ impl Proxy {
         let lname = &self.config.listeners[listener].name;
         let lcounters = &self.listener_counters[listener];
         lcounters.accepted.fetch_add(1, Relaxed);
+        // Wait for the client's first bytes (left unread for the data path) before taking a
+        // server slot: a client that connects and says nothing would otherwise hold a slot
+        // and a backend connection until PostgreSQL's own authentication_timeout.
+        let startup = self.config.defaults.timeout_startup;
+        // `peek` (not `readable`, which may wake spuriously) leaves the bytes in the socket.
+        if timeout(startup, client.peek(&mut [0u8; 1])).await.is_err() {
+            if self.log_limit.allow() {
+                warn!(
+                    client = %peer, listener = %lname,
+                    "closing client: sent nothing within timeout startup ({startup:?})"
+                );
+            }
+            return;
+        }
+        // HAProxy's Tw (queue time) starts here: the client's silence is not queueing.
+        let spoke = Instant::now();
         let Connected {
             server,
             stream: backend,
@@ -60,11 +76,13 @@ impl Proxy {
                     Refusal::ConnectFailed { .. } => &lcounters.connect_failed,
                 }
                 .fetch_add(1, Relaxed);
-                warn!(
-                    client = %peer, listener = %lname,
-                    wait_ms = accepted.elapsed().as_millis() as u64,
-                    "closing client: {}", refusal.describe()
-                );
+                if self.log_limit.allow() {
+                    warn!(
+                        client = %peer, listener = %lname,
+                        wait_ms = spoke.elapsed().as_millis() as u64,
+                        "closing client: {}", refusal.describe()
+                    );
+                }
                 let message = format!("patroxy: {lname}: {}", refusal.describe());
                 refusal::refuse(client, refusal.sqlstate(), &message).await;
                 return;
@@ -99,9 +117,12 @@ impl Proxy {
         self.backends.session_closed(backend_id);
         counters.closed(end.bytes_from_client, end.bytes_from_server);
         drop(registered);
+        if !self.log_limit.allow() {
+            return;
+        }
         info!(
             client = %peer, listener = %lname, server = %sname,
-            queue_ms = (dequeued - accepted).as_millis() as u64,
+            queue_ms = (dequeued - spoke).as_millis() as u64,
             connect_ms = (connected - dequeued).as_millis() as u64,
             total_ms = accepted.elapsed().as_millis() as u64,
             bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,

@@ -42,6 +42,8 @@ pub struct Global {
     pub pin_path: Option<PathBuf>,
     pub bpf_log: Option<bool>,
     pub bpf_log_rate: Option<u32>,
+    /// patroxy only: per-client log lines a second.
+    pub session_log_rate: Option<u32>,
 }
 
 /// `[defaults]`: the three traffic timeouts are required, as in patroxy's file.
@@ -53,6 +55,8 @@ pub struct Defaults {
     pub timeout_connect: Duration,
     pub timeout_check: Option<Duration>,
     pub timeout_queue: Option<Duration>,
+    /// patroxy only: how long a client may stay silent before its first bytes.
+    pub timeout_startup: Option<Duration>,
 }
 
 /// `[default_server]` (HAProxy's `default-server` line): check timing every server inherits.
@@ -219,6 +223,7 @@ impl Defaults {
             timeout_connect: connect,
             timeout_check: None,
             timeout_queue: None,
+            timeout_startup: None,
         }
     }
 

@@ -19,6 +19,7 @@ impl ProxyConfig {
         );
         toml.key("bpf_log", g.bpf_log);
         toml.key("bpf_log_rate", g.bpf_log_rate);
+        toml.key("session_log_rate", g.session_log_rate);
 
         let d = &self.defaults;
         toml.table("[defaults]");
@@ -28,6 +29,7 @@ impl ProxyConfig {
         toml.key("timeout_connect", Some(quoted_duration(d.timeout_connect)));
         toml.key("timeout_check", d.timeout_check.map(quoted_duration));
         toml.key("timeout_queue", d.timeout_queue.map(quoted_duration));
+        toml.key("timeout_startup", d.timeout_startup.map(quoted_duration));
 
         let ds = &self.default_server;
         toml.table("[default_server]");
