@@ -223,6 +223,12 @@ pub fn memory(pid: u32) -> Option<Memory> {
     })
 }
 
+/// Resets the `VmHWM` of process `pid` to its RSS now (`/proc/<pid>/clear_refs`), so that a
+/// later [`memory`] shows the peak of what happened in between, not of the process's start.
+pub fn reset_peak_memory(pid: u32) -> io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+}
+
 /// The patroxy binary the integration tests run: `$PATROXY_BIN`, else the workspace's
 /// `target/release/patroxy`, else `target/debug/patroxy`.
 pub fn patroxy_bin() -> PathBuf {

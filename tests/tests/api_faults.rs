@@ -16,7 +16,7 @@ use patroxy_tests::{
     fake_patroni::Reply,
     pki::TestCa,
     ports::free_tcp_port,
-    process::memory,
+    process::{memory, reset_peak_memory},
 };
 use tokio::net::TcpStream;
 
@@ -165,6 +165,7 @@ async fn api_404_counts_toward_fall() {
 async fn api_10mb_body_counts_toward_fall_in_bounded_memory() {
     let one = OneNode::start("apihuge", Node::start().await, CheckConfig::new("/primary")).await;
     let pid = one.proxy.child.id();
+    reset_peak_memory(pid).expect("reset the daemon's peak RSS");
     let start = memory(pid).expect("the daemon's memory");
     let before = one.server_lines().len();
     one.node.api.set("/primary", Reply::huge_body(10 << 20));
