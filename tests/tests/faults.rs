@@ -5,13 +5,19 @@
 #[macro_use]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use common::{Path_, echo_once, one_listener, read_until_closed, wait_probe_closed};
 use patroxy_tests::{
     backend::{Backend, Behaviour, Ending},
+    config::Bpf,
     daemon::{Patroxy, bpftool_dump},
-    process::{memory, reset_peak_memory},
+    postgres::{Postgres, PostgresOptions, run_with_timeout},
+    process::{ChildGuard, memory, patroxy_bin, reset_peak_memory},
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
@@ -215,4 +221,151 @@ async fn clients_flooding_past_maxconn_wait_their_turn(path: Path_) {
         "every session closed"
     );
     assert_eq!(proxy.count_log("closing client"), 0, "nobody was refused");
+}
+
+/// `pin_path` on a filesystem that is not bpffs (a temporary directory, as when bpffs is not
+/// mounted where the file says): `auto` falls back with one line saying why and serves,
+/// `required` refuses to start, saying why. /sys/fs/bpf itself is left alone: other tests use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_path_not_on_bpffs() {
+    if !Path_::Sockmap.available("pin_path_not_on_bpffs") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("patroxy-test-nobpffs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pin = dir.join("patroxy");
+    let backend = Backend::start(Behaviour::Echo).await;
+    let mut config = one_listener(Path_::Sockmap, &pin, backend.addr);
+    let why = format!(
+        "pin directory {}: {} is not on a bpf filesystem",
+        pin.display(),
+        dir.display()
+    );
+
+    let file = dir.join("required.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let mut run = Command::new(patroxy_bin());
+    run.args(["run", "--config"]).arg(&file);
+    let out = run_with_timeout(&mut run, Duration::from_secs(20)).expect("run exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "required must refuse: {stderr}");
+    assert!(
+        stderr.contains("bpf = \"required\" but the sockmap data path is unavailable")
+            && stderr.contains(&why),
+        "{stderr}"
+    );
+
+    config.global.bpf = Some(Bpf::Auto);
+    let proxy = Patroxy::start("nobpffs", &config);
+    let fallback = format!("sockmap data path unavailable ({why}");
+    assert!(
+        proxy.wait_for_log("using the userspace fallback", Duration::from_secs(5)),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(proxy.count_log(&fallback), 1, "{}", proxy.log());
+    let mut s = TcpStream::connect(config.bind()).await.unwrap();
+    assert!(echo_once(&mut s, b"served", Duration::from_secs(3)).await);
+    drop(s);
+    assert!(proxy.wait_for_log("path=\"fallback\"", Duration::from_secs(5)));
+    assert!(!pin.exists(), "nothing is pinned outside bpffs");
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigkill_and_restart_under_load_on_sockmap() {
+    if Path_::Sockmap.available("sigkill_and_restart_under_load_on_sockmap") {
+        sigkill_and_restart_under_load(Path_::Sockmap);
+    }
+}
+
+#[test]
+fn sigkill_and_restart_under_load_on_fallback() {
+    sigkill_and_restart_under_load(Path_::Fallback);
+}
+
+/// pgbench runs through the daemon when it is killed with SIGKILL: its clients lose their
+/// sessions at once (they do not hang), the pins of the sockmap path stay behind, and a restart
+/// on the same config replaces them and serves pgbench again without a failed transaction.
+fn sigkill_and_restart_under_load(path: Path_) {
+    let pg = Postgres::start(PostgresOptions::default());
+    pg.pgbench_init(pg.port(), 1);
+    let pin = Patroxy::unique_pin_path("sigkill");
+    let config = one_listener(path, &pin, pg.addr());
+    let port = config.bind().port();
+    let mut first = Patroxy::start("sigkill1", &config);
+    let maps_before = pinned_map_ids(path, &pin);
+
+    let mut pgbench = pg.client("pgbench", port);
+    pgbench
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-S", "-c", "4", "-j", "2", "-T", "120", "postgres"]);
+    let mut load = ChildGuard::spawn("pgbench-load", &mut pgbench).expect("spawn pgbench");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let active = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'";
+    while pg.psql(pg.port(), active) != "4" {
+        assert!(
+            Instant::now() < deadline,
+            "pgbench never had its 4 sessions through patroxy:\n{}",
+            load.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    first.child.signal(libc::SIGKILL).unwrap();
+    first.child.wait().unwrap();
+    let ended = load.wait_timeout(Duration::from_secs(10)).unwrap();
+    let status = ended.unwrap_or_else(|| {
+        panic!(
+            "pgbench still runs 10 s after the daemon died:\n{}",
+            load.log()
+        )
+    });
+    assert!(!status.success(), "pgbench saw its sessions end");
+    if path == Path_::Sockmap {
+        assert!(
+            pin.join("SESSIONS").exists(),
+            "a killed daemon leaves its pins"
+        );
+    }
+
+    let second = Patroxy::start("sigkill2", &config);
+    if path == Path_::Sockmap {
+        assert!(second.wait_for_log("removed stale pins", Duration::from_secs(5)));
+        let maps_after = pinned_map_ids(path, &pin);
+        for (map, before) in &maps_before {
+            let after = maps_after[map];
+            assert_ne!(*before, after, "{map} was replaced by the new daemon's");
+        }
+    }
+    let tps = pg
+        .try_pgbench(port, &["-S", "-c", "4", "-j", "2", "-T", "3"])
+        .unwrap_or_else(|e| panic!("pgbench after the restart: {e}\n{}", second.log()));
+    eprintln!(
+        "MEASURED {}: pgbench -S -c 4 after SIGKILL and restart: {tps:.0} TPS",
+        path.name()
+    );
+    assert!(tps > 0.0);
+}
+
+/// The kernel ids of the maps pinned under `pin` (none on the fallback path), by name.
+fn pinned_map_ids(path: Path_, pin: &std::path::Path) -> HashMap<&'static str, u64> {
+    if path == Path_::Fallback {
+        return HashMap::new();
+    }
+    ["SOCKS", "SESSIONS", "BACKENDS"]
+        .into_iter()
+        .map(|map| {
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(pin.join(map))
+                .output()
+                .expect("run bpftool");
+            assert!(out.status.success(), "bpftool map show {map}");
+            let shown: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+            (map, shown["id"].as_u64().expect("a map id"))
+        })
+        .collect()
 }
