@@ -38,8 +38,9 @@ pub enum Behaviour {
     ResetAfter { after: u64 },
     /// Accept and hold the connection open without reading until the client leaves.
     Hold,
-    /// Accept and never read: what is sent to it fills the socket buffers and stays there (a
-    /// stuck server). Held open until the test ends.
+    /// Read the first bytes, then never again: what is sent next fills the socket buffers and
+    /// stays there (a stuck server), held open until the test ends. A connection that ends
+    /// before sending anything (a readiness probe) is closed.
     Stall,
 }
 
@@ -221,8 +222,15 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour, open: Open) -> Endin
             Ending::Reset { bytes: after }
         }
         Behaviour::Hold => read_to_end_hashed(&mut stream).await,
-        // Never ends: the socket is dropped with the test's runtime, unread.
-        Behaviour::Stall => std::future::pending().await,
+        Behaviour::Stall => {
+            let mut first = vec![0u8; 64 * 1024];
+            match stream.read(&mut first).await {
+                Ok(0) => read_to_end_hashed(&mut stream).await,
+                Err(e) => io_ending(e, 0),
+                // Never ends: the socket is dropped with the test's runtime, unread.
+                Ok(_) => std::future::pending().await,
+            }
+        }
     }
 }
 

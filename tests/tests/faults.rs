@@ -42,13 +42,12 @@ async fn backend_not_reading_keeps_memory_bounded(path: Path_) {
     let pin = Patroxy::unique_pin_path("stall");
     let config = one_listener(path, &pin, backend.addr);
     let proxy = Patroxy::start("stall", &config);
-    // The readiness probe's session stays open too: its FIN waits, unread, at the backend.
-    let before = Connected::now(&proxy, &backend, path).await;
+    wait_probe_closed(&proxy);
     let pid = proxy.child.id();
     reset_peak_memory(pid).expect("reset the daemon's peak RSS");
     let start = memory(pid).expect("the daemon's memory");
     let mut client = TcpStream::connect(config.bind()).await.unwrap();
-    before.wait_for_one_more(&proxy, &backend, path).await;
+    wait_until_connected(&proxy, &backend, path).await;
 
     let chunk = vec![0x5a_u8; 1 << 20];
     let mut sent = 0;
@@ -95,50 +94,24 @@ async fn backend_not_reading_keeps_memory_bounded(path: Path_) {
     }
 }
 
-/// Sessions the daemon has connected to a backend and, on the sockmap path, spliced.
-struct Connected {
-    backend: usize,
-    spliced: usize,
-}
-
-impl Connected {
-    /// The count once the readiness probe's session is connected (and spliced).
-    async fn now(proxy: &Patroxy, backend: &Backend, path: Path_) -> Connected {
-        let none = Connected {
-            backend: 0,
-            spliced: 0,
-        };
-        none.wait_for_one_more(proxy, backend, path).await
+/// Waits until the daemon connected the session just opened (the only one since the readiness
+/// probe's) to `backend` and, on the sockmap path, spliced it: a session that sends more than
+/// 64 KiB before that is served on the fallback path.
+async fn wait_until_connected(proxy: &Patroxy, backend: &Backend, path: Path_) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.accepted() < 2 {
+        assert!(Instant::now() < deadline, "the backend was never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-
-    /// Waits until one more session is connected and, on the sockmap path, spliced (a session
-    /// that sends more than 64 KiB before that is served on the fallback path); returns the
-    /// new count.
-    async fn wait_for_one_more(&self, proxy: &Patroxy, backend: &Backend, path: Path_) -> Self {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while backend.accepted() <= self.backend {
-            assert!(Instant::now() < deadline, "the backend was never connected");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut spliced = 0;
-        if path == Path_::Sockmap {
-            // Two entries per session: its client and backend sockets.
-            loop {
-                spliced = bpftool_dump(&proxy.pin_path, "SESSIONS")
-                    .as_array()
-                    .map_or(0, Vec::len)
-                    / 2;
-                if spliced > self.spliced {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the session was never spliced");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Connected {
-            backend: backend.accepted(),
-            spliced,
-        }
+    // Two entries, its client and backend sockets.
+    while path == Path_::Sockmap
+        && bpftool_dump(&proxy.pin_path, "SESSIONS")
+            .as_array()
+            .map_or(0, Vec::len)
+            < 2
+    {
+        assert!(Instant::now() < deadline, "the session was never spliced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
