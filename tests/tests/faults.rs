@@ -32,11 +32,12 @@ const FLOOD: usize = 1 << 30;
 /// The most the daemon's resident memory may grow meanwhile.
 const GROWTH_LIMIT_KIB: u64 = 64 << 10;
 
-/// A client writes 1 GiB to a backend that accepts and never reads: the daemon's memory stays
-/// bounded on both paths. On the fallback path the client is blocked once the buffers on the
-/// way are full (TCP flow control through the splice pipe). On the sockmap path it is not: the
-/// kernel takes every byte off the client socket and queues it for the backend socket, outside
-/// TCP's memory accounting (README, "Fault matrix"); the test measures how much.
+/// A client writes 1 GiB to a backend that stops reading after its first bytes (a stuck
+/// server): the daemon's memory stays bounded on both paths. On the fallback path the client is
+/// blocked once the buffers on the way are full (TCP flow control through the splice pipe). On
+/// the sockmap path it is not: the kernel takes every byte off the client socket and queues it
+/// for the backend socket, outside TCP's memory accounting (README, "Fault matrix"); the test
+/// measures how much.
 async fn backend_not_reading_keeps_memory_bounded(path: Path_) {
     let backend = Backend::start(Behaviour::Stall).await;
     let pin = Patroxy::unique_pin_path("stall");
