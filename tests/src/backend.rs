@@ -38,6 +38,10 @@ pub enum Behaviour {
     ResetAfter { after: u64 },
     /// Accept and hold the connection open without reading until the client leaves.
     Hold,
+    /// Read the first bytes, then never again: what is sent next fills the socket buffers and
+    /// stays there (a stuck server), held open until the test ends. A connection that ends
+    /// before sending anything (a readiness probe) is closed.
+    Stall,
 }
 
 /// A listening backend running on the current tokio runtime.
@@ -45,6 +49,35 @@ pub struct Backend {
     pub addr: SocketAddr,
     endings: Arc<Mutex<Vec<Ending>>>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<OpenCount>,
+}
+
+/// Connections open at once: now and the most so far. An echo connection counts until it reads
+/// the client's FIN, before it answers with its own: a proxy that frees the session's place only
+/// once both sides closed can never have the next one counted while this one still is.
+#[derive(Default)]
+struct OpenCount {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one open connection until dropped.
+struct Open(Arc<OpenCount>);
+
+impl Open {
+    fn new(count: &Arc<OpenCount>) -> Open {
+        let now = count.now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        count
+            .most
+            .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        Open(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Backend {
@@ -75,13 +108,15 @@ impl Backend {
         let e = endings.clone();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = accepted.clone();
+        let open = Arc::new(OpenCount::default());
+        let opened = open.clone();
         tokio::spawn(async move {
             let listener = listener.await;
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let e = e.clone();
+                let (e, open) = (e.clone(), Open::new(&opened));
                 tokio::spawn(async move {
-                    let ending = serve(stream, behaviour).await;
+                    let ending = serve(stream, behaviour, open).await;
                     e.lock().unwrap().push(ending);
                 });
             }
@@ -90,7 +125,13 @@ impl Backend {
             addr,
             endings,
             accepted,
+            open,
         }
+    }
+
+    /// The most connections that were open at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.open.most.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Connections accepted so far.
@@ -134,7 +175,8 @@ fn listen(addr: SocketAddr) -> TcpListener {
     socket.listen(1024).expect("listen backend")
 }
 
-async fn serve(mut stream: TcpStream, behaviour: Behaviour) -> Ending {
+/// Serves one connection, counted as open until `open` is dropped.
+async fn serve(mut stream: TcpStream, behaviour: Behaviour, open: Open) -> Ending {
     match behaviour {
         Behaviour::Echo => {
             let (mut r, mut w) = stream.split();
@@ -143,6 +185,7 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour) -> Ending {
             loop {
                 match r.read(&mut buf).await {
                     Ok(0) => {
+                        drop(open);
                         let _ = w.shutdown().await;
                         return Ending::Eof {
                             bytes: hash.len,
@@ -179,6 +222,15 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour) -> Ending {
             Ending::Reset { bytes: after }
         }
         Behaviour::Hold => read_to_end_hashed(&mut stream).await,
+        Behaviour::Stall => {
+            let mut first = vec![0u8; 64 * 1024];
+            match stream.read(&mut first).await {
+                Ok(0) => read_to_end_hashed(&mut stream).await,
+                Err(e) => io_ending(e, 0),
+                // Never ends: the socket is dropped with the test's runtime, unread.
+                Ok(_) => std::future::pending().await,
+            }
+        }
     }
 }
 

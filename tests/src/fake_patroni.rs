@@ -1,24 +1,36 @@
 //! A scriptable fake of Patroni's REST API for tests.
 //!
 //! Each test sets, per path, what the "node" answers: a status with Patroni's JSON body, a
-//! latency, an answer that never comes, garbage bytes or a huge body. It counts requests per path
-//! and records how many were in flight at once, so tests can assert that the checker never
-//! stacks checks on Patroni's small request queue.
+//! latency, an answer that never comes, a reset, garbage bytes or a huge body. It counts requests
+//! per path and records how many were in flight at once, so tests can assert that the checker
+//! never stacks checks on Patroni's small request queue. It speaks plain HTTP until told to speak
+//! HTTPS ([`FakePatroni::serve_tls`], Patroni's `restapi.certfile`), with or without requiring a
+//! client certificate.
 //!
-//! Plain tokio + a minimal HTTP/1.1 parser, one request per connection (`Connection: close`).
-//! patroxy's checker tests use it too (patroxy-tests is a dev-dependency of patroxy).
+//! Plain tokio (tokio-rustls for HTTPS) + a minimal HTTP/1.1 parser, one request per connection
+//! (`Connection: close`). patroxy's checker tests use it too (patroxy-tests is a dev-dependency
+//! of patroxy).
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{self, server::WebPkiClientVerifier},
+    server::TlsStream,
+};
+
+use crate::pki::CertKey;
 
 /// What the fake does with a request after its latency.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +40,8 @@ pub enum Behavior {
     /// Accept, read the request and never answer (a frozen node); the connection stays open
     /// until the client gives up.
     Hang,
+    /// Read the request and reset the connection (RST) instead of answering.
+    Reset,
     /// Write these bytes instead of HTTP and close.
     Garbage(Vec<u8>),
     /// Status 200 with a body of this many bytes (streamed, never buffered).
@@ -82,6 +96,13 @@ impl Reply {
         }
     }
 
+    pub fn reset() -> Self {
+        Reply {
+            behavior: Behavior::Reset,
+            ..Reply::status(200)
+        }
+    }
+
     pub fn garbage(bytes: &[u8]) -> Self {
         Reply {
             behavior: Behavior::Garbage(bytes.to_vec()),
@@ -115,6 +136,8 @@ struct Inner {
     routes: Mutex<HashMap<String, Reply>>,
     /// Keyed by path without the query.
     stats: Mutex<HashMap<String, PathStats>>,
+    /// `Some` while the node speaks HTTPS; read at each accept.
+    tls: Mutex<Option<TlsAcceptor>>,
 }
 
 /// A running fake node. Stops when dropped.
@@ -136,7 +159,19 @@ impl FakePatroni {
         let serving = inner.clone();
         let accept = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, serving.clone()));
+                let tls = serving.tls.lock().unwrap().clone();
+                let serving = serving.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve(stream, serving).await,
+                        // A failed handshake is the client's to report.
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                serve(stream, serving).await;
+                            }
+                        }
+                    }
+                });
             }
         });
         FakePatroni {
@@ -157,6 +192,35 @@ impl FakePatroni {
             .lock()
             .unwrap()
             .insert(target.into(), reply);
+    }
+
+    /// From the next connection on, speaks HTTPS with `identity`'s certificate; with
+    /// `client_ca`, also requires a client certificate that CA signed (Patroni's
+    /// `restapi.verify_client: required`).
+    pub fn serve_tls(&self, identity: &CertKey, client_ca: Option<&Path>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions");
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in certificates(ca) {
+                    roots.add(cert).expect("a CA certificate rustls accepts");
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let key = PrivateKeyDer::from_pem_file(&identity.key)
+            .unwrap_or_else(|e| panic!("{}: {e}", identity.key.display()));
+        let config = builder
+            .with_single_cert(certificates(&identity.cert), key)
+            .expect("a certificate and key rustls accepts");
+        *self.inner.tls.lock().unwrap() = Some(TlsAcceptor::from(Arc::new(config)));
     }
 
     /// Requests received on `path` (query ignored).
@@ -219,7 +283,24 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn serve(mut stream: TcpStream, inner: Arc<Inner>) {
+/// A connection the fake serves: plain TCP or TLS over it.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Connection for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Connection for TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+async fn serve(mut stream: impl Connection, inner: Arc<Inner>) {
     let Some((method, target)) = read_request(&mut stream).await else {
         return;
     };
@@ -247,6 +328,10 @@ async fn serve(mut stream: TcpStream, inner: Arc<Inner>) {
             closed_within(&mut stream, None).await;
             return;
         }
+        Behavior::Reset => {
+            let _ = stream.tcp().set_zero_linger();
+            return;
+        }
         Behavior::Garbage(bytes) => stream.write_all(&bytes).await,
         Behavior::HugeBody(len) => huge(&mut stream, len).await,
     };
@@ -254,7 +339,7 @@ async fn serve(mut stream: TcpStream, inner: Arc<Inner>) {
 }
 
 /// Reads the request head; returns (method, target). Request bodies are ignored.
-async fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
+async fn read_request(stream: &mut impl Connection) -> Option<(String, String)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -270,7 +355,7 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
 }
 
 /// Waits `limit` (forever if `None`); true if the client closed the connection first.
-async fn closed_within(stream: &mut TcpStream, limit: Option<Duration>) -> bool {
+async fn closed_within(stream: &mut impl Connection, limit: Option<Duration>) -> bool {
     let closed = async {
         let mut b = [0u8; 512];
         loop {
@@ -303,7 +388,7 @@ fn head(status: u16, len: usize) -> String {
     )
 }
 
-async fn huge(stream: &mut TcpStream, len: usize) -> std::io::Result<()> {
+async fn huge(stream: &mut impl Connection, len: usize) -> std::io::Result<()> {
     stream.write_all(head(200, len).as_bytes()).await?;
     let chunk = vec![b'x'; 16 * 1024];
     let mut left = len;
@@ -313,6 +398,13 @@ async fn huge(stream: &mut TcpStream, len: usize) -> std::io::Result<()> {
         left -= n;
     }
     Ok(())
+}
+
+/// The certificates of a PEM file.
+fn certificates(file: &Path) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_file_iter(file)
+        .and_then(|certs| certs.collect())
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
 #[cfg(test)]
@@ -370,6 +462,45 @@ mod tests {
         drop(conns);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(fake.stats("/primary").in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn reset_answers_with_rst() {
+        let fake = FakePatroni::start().await;
+        fake.set("/primary", Reply::reset());
+        let mut s = TcpStream::connect(fake.addr()).await.unwrap();
+        s.write_all(b"GET /primary HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let err = s.read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn serves_https_to_a_client_trusting_its_ca() {
+        use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+        let ca = crate::pki::TestCa::new("fake");
+        let fake = FakePatroni::start().await;
+        fake.set("/primary", Reply::primary(1));
+        fake.serve_tls(&ca.server_cert(fake.addr().ip()), None);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(certificates(&ca.cert));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(fake.addr()).await.unwrap();
+        let name = ServerName::IpAddress(fake.addr().ip().into());
+        let mut s = TlsConnector::from(Arc::new(client))
+            .connect(name, tcp)
+            .await
+            .expect("handshake with the CA's server certificate");
+        s.write_all(b"GET /primary HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        // The fake closes without close_notify; what arrived before is the answer.
+        let _ = s.read_to_end(&mut out).await;
+        assert!(out.starts_with(b"HTTP/1.1 200 OK\r\n"));
     }
 
     #[tokio::test]

@@ -201,6 +201,34 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A process's memory from `/proc/<pid>/status`, in KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident set size now (`VmRSS`).
+    pub rss_kib: u64,
+    /// The most it was resident since it started (`VmHWM`): catches a peak between two looks.
+    pub peak_kib: u64,
+}
+
+/// The memory of process `pid`; `None` once it is gone.
+pub fn memory(pid: u32) -> Option<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find_map(|l| l.strip_prefix(name))?;
+        line.trim().strip_suffix("kB")?.trim().parse().ok()
+    };
+    Some(Memory {
+        rss_kib: field("VmRSS:")?,
+        peak_kib: field("VmHWM:")?,
+    })
+}
+
+/// Resets the `VmHWM` of process `pid` to its RSS now (`/proc/<pid>/clear_refs`), so that a
+/// later [`memory`] shows the peak of what happened in between, not of the process's start.
+pub fn reset_peak_memory(pid: u32) -> io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+}
+
 /// The patroxy binary the integration tests run: `$PATROXY_BIN`, else the workspace's
 /// `target/release/patroxy`, else `target/debug/patroxy`.
 pub fn patroxy_bin() -> PathBuf {

@@ -30,6 +30,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     // perf, for profiling the data path.
     "linux-perf",
+    // The TLS checks' test certificates (tests/src/pki.rs).
+    "openssl",
 ];
 
 /// The bpf-linker release the recipe was verified with.

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{OnMarkedDown, ProxyConfig, duration};
+use super::{CheckConfig, OnMarkedDown, ProxyConfig, duration};
 
 /// Where HAProxy's own log goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl ProxyConfig {
                     .map(|d| format!("default-server {d}")),
             );
             for name in &l.servers {
-                cfg.line(Some(self.haproxy_server(name, l.check.is_some())));
+                cfg.line(Some(self.haproxy_server(name, l.check.as_ref())));
             }
         }
         cfg.finish()
@@ -112,7 +112,7 @@ impl ProxyConfig {
     }
 
     /// A listener's `server` line for the server named `name`.
-    fn haproxy_server(&self, name: &str, checked: bool) -> String {
+    fn haproxy_server(&self, name: &str, check: Option<&CheckConfig>) -> String {
         let s = self
             .servers
             .iter()
@@ -122,10 +122,13 @@ impl ProxyConfig {
         if let Some(m) = s.maxconn {
             write!(line, " maxconn {m}").unwrap();
         }
-        if checked {
+        if let Some(check) = check {
             line.push_str(" check");
             if let Some(p) = s.check_port {
                 write!(line, " port {p}").unwrap();
+            }
+            if let Some(ca) = &check.ca_file {
+                write!(line, " check-ssl verify required ca-file {}", ca.display()).unwrap();
             }
         }
         line
@@ -222,6 +225,17 @@ listen read
             "global\n\ndefaults\n    mode tcp\n    timeout client 1m\n    timeout connect 1s\n    \
              timeout server 1m\n\nlisten l\n    bind 127.0.0.1:5000\n    server s 127.0.0.1:6000\n"
         );
+    }
+
+    #[test]
+    fn a_tls_check_verifies_against_its_ca() {
+        let mut config = two_listeners();
+        config.listeners[0].check = Some(CheckConfig::new("/primary").tls("/etc/ca.pem"));
+        let cfg = config.to_haproxy_cfg(HaproxyLog::Off);
+        assert!(cfg.contains(
+            "server a 10.0.0.1:5432 maxconn 200 check port 8008 check-ssl verify required \
+             ca-file /etc/ca.pem\n"
+        ));
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub struct CheckConfig {
     pub method: Option<Method>,
     pub path: String,
     pub expect_status: Option<u16>,
+    /// Checks over HTTPS, trusting only this CA: patroxy's `tls = { ca_file }`, HAProxy's
+    /// `check-ssl verify required ca-file`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[stats]`: the stats page (and patroxy's admin endpoint).
@@ -317,6 +320,7 @@ impl CheckConfig {
             method: None,
             path: path.into(),
             expect_status: None,
+            ca_file: None,
         }
     }
 
@@ -327,6 +331,11 @@ impl CheckConfig {
 
     pub fn expect_status(mut self, status: u16) -> Self {
         self.expect_status = Some(status);
+        self
+    }
+
+    pub fn tls(mut self, ca_file: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(ca_file.into());
         self
     }
 }

@@ -64,6 +64,12 @@ impl ProxyConfig {
                 toml.key("method", c.method.map(|m| quoted(m.name())));
                 toml.key("path", Some(quoted(&c.path)));
                 toml.key("expect_status", c.expect_status);
+                toml.key(
+                    "tls",
+                    c.ca_file
+                        .as_ref()
+                        .map(|f| format!("{{ ca_file = {} }}", quoted(&f.to_string_lossy()))),
+                );
             }
         }
 
@@ -128,7 +134,7 @@ mod tests {
 
     use super::*;
     use crate::config::tests::{local, two_listeners};
-    use crate::config::{Defaults, ListenerConfig, OnMarkedDown, ServerConfig};
+    use crate::config::{CheckConfig, Defaults, ListenerConfig, OnMarkedDown, ServerConfig};
 
     #[test]
     fn toml_has_every_set_key_and_nothing_else() {
@@ -208,6 +214,15 @@ admin = "local"
     #[test]
     fn strings_are_escaped() {
         assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+
+    #[test]
+    fn a_tls_check_names_its_ca() {
+        let mut config = two_listeners();
+        config.listeners[0].check = Some(CheckConfig::new("/primary").tls("/etc/ca.pem"));
+        assert!(config.to_toml().contains(
+            "[listener.check]\npath = \"/primary\"\ntls = { ca_file = \"/etc/ca.pem\" }\n"
+        ));
     }
 
     #[test]
