@@ -287,6 +287,7 @@ mod tests {
                 state: None,
                 timeline: None,
                 detail: None,
+                from_patroni: true,
             };
             health.listeners[0].servers[0].health.record(&outcome, now);
             let view = View::fold(&health, &AdminStates::ready(&config));
