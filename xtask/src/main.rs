@@ -8,9 +8,10 @@
 //! (workspace paths, builds), `test.rs` (the test run and its summary), `cluster.rs` (the
 //! namespaced Patroni cluster with patroxy in front), `demo.rs` (that cluster, verified with
 //! the seed's queries), `bench/` (throughput, latency, memory, CPU), `failover_bench.rs`
-//! (failovers through patroxy and HAProxy); the PostgreSQL, process and cluster harness is the
-//! integration tests' (the patroxy-tests crate). Imports go one way (demo -> cluster -> cargo
-//! -> setup -> command); nothing uses `main.rs`.
+//! (failovers through patroxy and HAProxy), `fuzz.rs` (the cargo-fuzz targets of fuzz/); the
+//! PostgreSQL, process and cluster harness is the integration tests' (the patroxy-tests crate).
+//! Imports go one way (demo -> cluster -> cargo -> setup -> command; fuzz -> cargo); nothing
+//! uses `main.rs`.
 
 mod bench;
 mod cargo;
@@ -18,6 +19,7 @@ mod cluster;
 mod command;
 mod demo;
 mod failover_bench;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -68,6 +70,9 @@ enum Cmd {
     /// front, to play with.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Fuzz one target of fuzz/ (config, patroni_response, first_bytes) or `all` for N
+    /// seconds each, installing cargo-fuzz first if needed; prints the executions per target.
+    Fuzz(fuzz::FuzzArgs),
     /// Bring up a Patroni cluster with patroxy in front (5432 writes, 5433 reads, 7000 stats),
     /// verify it with the seed's queries and show how to connect; Ctrl-C stops everything.
     Demo {
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
             failover_bench::failover_bench(&args).map(|_| ExitCode::SUCCESS)
         }
         Cmd::Cluster(cmd) => cluster::run(cmd).map(|_| ExitCode::SUCCESS),
+        Cmd::Fuzz(args) => fuzz::fuzz(&args),
         Cmd::Demo { once } => demo::demo(once).map(|_| ExitCode::SUCCESS),
     };
     match result {
