@@ -154,15 +154,19 @@ impl<'a> Fuzzer<'a> {
         ]);
         println!("xtask: {} (log: {})", describe(&cmd), log_path.display());
 
+        // libFuzzer and cargo-fuzz report on stderr, which is read here; stdout carries nothing
+        // of theirs.
+        let stdout = if echo {
+            Stdio::inherit()
+        } else {
+            Stdio::from(log.try_clone()?)
+        };
         let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running {}", describe(&cmd)))?;
-        // libFuzzer reports on stderr; cargo-fuzz's own notes go to stdout, and both are short
-        // next to what a long run prints, so stdout is read after stderr closes.
-        let stdout = child.stdout.take().expect("piped");
         let stderr = BufReader::new(child.stderr.take().expect("piped"));
         let mut stats = LibFuzzerStats::default();
         for line in stderr.split(b'\n') {
@@ -172,12 +176,6 @@ impl<'a> Fuzzer<'a> {
             if echo {
                 eprintln!("{line}");
             }
-        }
-        let mut rest = String::new();
-        std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut rest)?;
-        log.write_all(rest.as_bytes())?;
-        if echo {
-            print!("{rest}");
         }
         let status = child.wait().context("waiting for cargo fuzz")?;
         if !status.success() && !echo {
