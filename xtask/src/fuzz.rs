@@ -221,12 +221,12 @@ fn toolchain() -> Result<(&'static str, Vec<(&'static str, &'static str)>)> {
     Ok(("stable", vec![("RUSTC_BOOTSTRAP", "1")]))
 }
 
-/// cargo-fuzz from crates.io (built from source, about 3 minutes), unless it is there already.
+/// cargo-fuzz from crates.io (built from source, a minute or so), unless it is there already.
 fn ensure_cargo_fuzz(env: &BuildEnv) -> Result<()> {
     if find_on_path("cargo-fuzz").is_some() || cargo_home().join("bin/cargo-fuzz").is_file() {
         return Ok(());
     }
-    println!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install, about 3 minutes)");
+    println!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install, a minute or so)");
     let mut cmd = crate::cargo::cargo(env);
     cmd.args([
         "install",
