@@ -26,10 +26,10 @@ use tokio::{
 };
 
 /// The daemon's fd limit in the flood test: the proxy's maxconn (100, two fds a session) and
-/// the stats server's default cap (64) fit, 2000 stats clients do not.
+/// the stats server's default cap (64) fit, 1000 stats clients do not.
 const FD_LIMIT: u64 = 512;
 /// Stats connections the flood opens.
-const FLOOD: usize = 2000;
+const FLOOD: usize = 1000;
 /// Half a request: a request line and no end of headers.
 const HALF_REQUEST: &[u8] = b"GET / HTTP/1.1\r\n";
 

@@ -8,9 +8,10 @@
 //! (workspace paths, builds), `test.rs` (the test run and its summary), `cluster.rs` (the
 //! namespaced Patroni cluster with patroxy in front), `demo.rs` (that cluster, verified with
 //! the seed's queries), `bench/` (throughput, latency, memory, CPU), `failover_bench.rs`
-//! (failovers through patroxy and HAProxy); the PostgreSQL, process and cluster harness is the
-//! integration tests' (the patroxy-tests crate). Imports go one way (demo -> cluster -> cargo
-//! -> setup -> command); nothing uses `main.rs`.
+//! (failovers through patroxy and HAProxy), `fuzz.rs` (the cargo-fuzz targets of fuzz/, which
+//! `test.rs` runs briefly too); the PostgreSQL, process and cluster harness is the integration
+//! tests' (the patroxy-tests crate). Imports go one way (demo -> cluster -> cargo -> setup ->
+//! command; test -> fuzz -> cargo); nothing uses `main.rs`.
 
 mod bench;
 mod cargo;
@@ -18,6 +19,7 @@ mod cluster;
 mod command;
 mod demo;
 mod failover_bench;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -47,7 +49,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, run every test of the workspace (release) and print a summary.
+    /// Set up, build, run every test of the workspace (release), then each fuzz target
+    /// briefly, and print a summary.
     ///
     /// Arguments after `--` go to `cargo test`; a second `--` separates test-binary
     /// arguments, e.g. `cargo xtask test -- -p patroxy-tests -- --nocapture`.
@@ -55,6 +58,10 @@ enum Cmd {
         /// Stop the test run (not the builds before it) after this many seconds.
         #[arg(long, default_value_t = 1500)]
         timeout: u64,
+        /// After the whole suite (no arguments after `--`), run each fuzz target this long;
+        /// 0 skips fuzzing.
+        #[arg(long, default_value_t = 20)]
+        fuzz_seconds: u64,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -68,6 +75,9 @@ enum Cmd {
     /// front, to play with.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Fuzz one target of fuzz/ (config, patroni_response, first_bytes) or `all` for N
+    /// seconds each, installing cargo-fuzz first if needed; prints the executions per target.
+    Fuzz(fuzz::FuzzArgs),
     /// Bring up a Patroni cluster with patroxy in front (5432 writes, 5433 reads, 7000 stats),
     /// verify it with the seed's queries and show how to connect; Ctrl-C stops everything.
     Demo {
@@ -85,12 +95,17 @@ fn main() -> ExitCode {
             .and_then(|env| cargo::build_patroxy(&env, release))
             .map(|_| ExitCode::SUCCESS),
         Cmd::Run { args } => cargo::run_patroxy(&args),
-        Cmd::Test { timeout, args } => test::test(&args, Duration::from_secs(timeout)),
+        Cmd::Test {
+            timeout,
+            fuzz_seconds,
+            args,
+        } => test::test(&args, Duration::from_secs(timeout), fuzz_seconds),
         Cmd::Bench(args) => bench::bench(&args).map(|_| ExitCode::SUCCESS),
         Cmd::FailoverBench(args) => {
             failover_bench::failover_bench(&args).map(|_| ExitCode::SUCCESS)
         }
         Cmd::Cluster(cmd) => cluster::run(cmd).map(|_| ExitCode::SUCCESS),
+        Cmd::Fuzz(args) => fuzz::fuzz(&args),
         Cmd::Demo { once } => demo::demo(once).map(|_| ExitCode::SUCCESS),
     };
     match result {

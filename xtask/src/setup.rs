@@ -328,7 +328,8 @@ fn ensure_bpffs(root: bool, ok: &mut Vec<String>, warnings: &mut Vec<String>) ->
     run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
 }
 
-fn cargo_home() -> PathBuf {
+/// Where cargo installs tools (`cargo install` puts them in its bin/).
+pub fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".cargo"))

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: set up, build patroxy (release), run the workspace's tests with
-//! PATROXY_BIN pointing at it, and close with a one-line summary.
+//! PATROXY_BIN pointing at it, run every fuzz target briefly when the whole suite runs, and close
+//! with a one-line summary (each fuzz target counts as one test).
 
 use std::io::{self, BufRead as _, BufReader, IsTerminal as _, Read, Write};
 use std::os::unix::process::CommandExt as _;
@@ -12,13 +13,15 @@ use anyhow::{Context as _, Result};
 
 use crate::cargo::{build_patroxy, cargo};
 use crate::command;
+use crate::fuzz::{self, Fuzzer};
 use crate::setup::{self, BuildEnv};
 
 /// Two cores: more test threads only make the timing-sensitive proxy tests flaky.
 const TEST_THREADS: &str = "--test-threads=2";
 
-/// `cargo xtask test [--timeout SECS] [-- <cargo test args> [-- <test binary args>]]`.
-pub fn test(args: &[String], timeout: Duration) -> Result<ExitCode> {
+/// `cargo xtask test [--timeout SECS] [--fuzz-seconds N] [-- <cargo test args> [-- <test binary
+/// args>]]`. Fuzzing runs only with no arguments after `--` (the whole suite).
+pub fn test(args: &[String], timeout: Duration, fuzz_seconds: u64) -> Result<ExitCode> {
     let started = Instant::now();
     let env = setup::setup()?;
     fmt_check(&env);
@@ -105,6 +108,14 @@ pub fn test(args: &[String], timeout: Duration) -> Result<ExitCode> {
     let _ = out.join();
     let _ = err.join();
 
+    let fuzzed =
+        if args.is_empty() && fuzz_seconds > 0 && !timed_out && !interrupted.load(Ordering::SeqCst)
+        {
+            fuzz_every_target(&env, fuzz_seconds)
+        } else {
+            Vec::new()
+        };
+
     let s = summary.lock().expect("summary lock");
     println!();
     println!(
@@ -121,6 +132,9 @@ pub fn test(args: &[String], timeout: Duration) -> Result<ExitCode> {
         println!("  UNFINISHED {name} (ran for over 60 s)");
     }
     for line in &s.errors {
+        println!("  {line}");
+    }
+    for (line, _) in &fuzzed {
         println!("  {line}");
     }
     if timed_out {
@@ -142,12 +156,36 @@ pub fn test(args: &[String], timeout: Duration) -> Result<ExitCode> {
         .passed
         .max(s.ok_lines)
         .saturating_sub(s.skips.len() as u64);
+    let fuzz_failed = fuzzed.iter().filter(|(_, ok)| !ok).count() as u64;
+    let failed = failed + fuzz_failed;
+    let passed = passed + (fuzzed.len() as u64 - fuzz_failed);
     println!("summary: {passed} passed, {failed} failed, {skipped} skipped");
-    Ok(if status.success() && !timed_out {
+    Ok(if status.success() && !timed_out && fuzz_failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Builds the fuzz targets and runs each for `seconds`: one summary line per target (or one for
+/// a build that failed) and whether it passed.
+fn fuzz_every_target(env: &BuildEnv, seconds: u64) -> Vec<(String, bool)> {
+    println!();
+    println!("xtask: fuzzing each target for {seconds} s (`--fuzz-seconds 0` skips)");
+    let fuzzer = match Fuzzer::prepare(env) {
+        Ok(f) => f,
+        Err(e) => return vec![(format!("fuzz: the targets did not build: {e:#}"), false)],
+    };
+    fuzz::TARGETS
+        .iter()
+        .map(|&target| match fuzzer.run(target, seconds, false) {
+            Ok(run) => {
+                println!("xtask: {}", run.line());
+                (run.line(), run.ok)
+            }
+            Err(e) => (format!("fuzz {target}: FAILED to run: {e:#}"), false),
+        })
+        .collect()
 }
 
 /// Sends `signal` to every process in the group led by `group`.

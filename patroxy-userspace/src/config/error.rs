@@ -84,9 +84,27 @@ impl Source<'_> {
             origin: self.origin.to_string(),
             line,
             column,
-            message: message.into(),
+            message: escape_controls(message.into()),
         }
     }
+}
+
+/// Messages quote the file's values, which may hold line breaks (`bind = "a\nb"`): written as
+/// escapes, each diagnostic stays one line of `file:line:column: problem`.
+fn escape_controls(message: String) -> String {
+    if !message.contains(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -105,6 +123,30 @@ mod tests {
         // "né = " is 6 bytes but 5 characters.
         assert_eq!(src.position(12), (2, 6));
         assert_eq!(src.position(10_000), (3, 1));
+    }
+
+    /// Found by the `config` fuzz target: toml's message for a bad string spans two lines.
+    #[test]
+    fn a_toml_syntax_error_is_one_line() {
+        let text = "[[listener]]\nname = :w\"\n";
+        let err = crate::config::parse(text, "x.toml").unwrap_err();
+        assert_eq!(err.diagnostics().len(), 1);
+        let rendered = err.to_string();
+        assert!(!rendered.contains('\n'), "{rendered}");
+        assert!(
+            rendered.starts_with("x.toml:2:8: invalid string; expected "),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn values_quoted_in_a_message_keep_it_one_line() {
+        let src = Source {
+            origin: "x.toml",
+            text: "",
+        };
+        let d = src.diagnostic(0..0, "bad bind `a\nb\r\tc`: expected `*:port`");
+        assert_eq!(d.message, "bad bind `a\\nb\\r\\tc`: expected `*:port`");
     }
 
     #[test]

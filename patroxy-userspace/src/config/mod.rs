@@ -43,8 +43,10 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let src = Source { origin, text };
     let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        // toml's message can end with a newline; keep each diagnostic on one line.
-        ConfigError::Invalid(vec![src.diagnostic(span, e.message().trim_end())])
+        // toml's message can end with a newline and run over lines ("invalid string\nexpected
+        // `\"`, `'`"); keep each diagnostic on one line.
+        let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+        ConfigError::Invalid(vec![src.diagnostic(span, message.join("; "))])
     })?;
     validate::validate(&raw, &src).map_err(ConfigError::Invalid)
 }

@@ -18,6 +18,9 @@ use std::{
 };
 
 pub use listener::bind;
+/// For the `first_bytes` fuzz target (fuzz/), which feeds a refused client's first bytes to it.
+#[cfg(fuzzing)]
+pub use refusal::refuse;
 pub use registry::SessionRegistry;
 pub use stats_source::StatsSource;
 use tokio::{

@@ -68,7 +68,7 @@ impl Refusal {
 
 /// Answers a PostgreSQL client's start with a FATAL error, then closes. Returns whether the
 /// error was delivered (false: not a PostgreSQL start, or the client went away).
-pub(super) async fn refuse(mut client: TcpStream, sqlstate: &str, message: &str) -> bool {
+pub async fn refuse(mut client: TcpStream, sqlstate: &str, message: &str) -> bool {
     let delivered = timeout(STARTUP_WAIT, async {
         if !read_startup(&mut client).await? {
             return Ok::<_, std::io::Error>(false);
