@@ -131,10 +131,14 @@ fn init() {
         "[defaults]\ntimeout_client = \"1m\"\ntimeout_server = \"1m\"\ntimeout_connect = \"1s\"\n\
          [[server]]\nname = \"patroni\"\naddress = \"127.0.0.1:5432\"\n",
     );
+    // Never bound: the harness only builds check clients. Distinct ports, since validation
+    // refuses port 0 and duplicate binds.
+    let mut port = 15400;
     for method in METHODS {
         for expect in EXPECTED {
+            port += 1;
             toml.push_str(&format!(
-                "[[listener]]\nname = \"{method}{expect}\"\nbind = \"127.0.0.1:0\"\n\
+                "[[listener]]\nname = \"{method}{expect}\"\nbind = \"127.0.0.1:{port}\"\n\
                  servers = [\"patroni\"]\n\
                  check = {{ method = \"{method}\", path = \"/primary\", expect_status = {expect} }}\n"
             ));
