@@ -18,7 +18,9 @@
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
-//! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
+//! - `upgrade`: hands listeners, pinned maps and spliced sessions to a successor process
+//!   (`SIGUSR2`, `patroxy upgrade`), and takes them over in that successor.
+//! - `lifecycle`: start-up in dependency order, signals, drain, upgrade and shutdown.
 //!
 //! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
 //! binary's `cli` module, on top of this library.
@@ -30,6 +32,7 @@ pub mod patroni;
 pub mod proxy;
 pub mod routing;
 pub mod stats;
+pub mod upgrade;
 pub mod view;
 
 /// The eBPF object built by build.rs (aya-build) from the patroxy-ebpf crate.

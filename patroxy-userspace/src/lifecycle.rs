@@ -1,5 +1,8 @@
 //! The daemon's life: start-up in dependency order, readiness, signals, drain, exit.
-use std::{sync::Arc, time::Duration};
+use std::{
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -7,26 +10,41 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 use crate::{
-    config::Config,
+    config::{BpfMode, Config},
     dataplane::{BackendTable, DataPlane, KernelLog},
     operator_state::AdminWriter,
     patroni,
     proxy::{self, Proxy},
     stats,
+    upgrade::{Handed, Predecessor, Relaunch, Takeover},
 };
 
-/// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
-pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT, then drains for at most `relaunch.drain_grace`; or,
+/// on SIGUSR2, until a successor (started as `relaunch` says) took its listeners and sessions
+/// over. With `takeover`, this process is such a successor.
+pub async fn run(
+    config: Config,
+    relaunch: Relaunch,
+    mut takeover: Option<Takeover>,
+) -> anyhow::Result<()> {
+    let grace = relaunch.drain_grace;
     let config = Arc::new(config);
     raise_fd_limit(&config);
-    let dataplane = Arc::new(DataPlane::select(
-        config.global.bpf,
-        &config.global.pin_path,
-        KernelLog::from_config(&config.global)?,
-    )?);
+    let log = KernelLog::from_config(&config.global)?;
+    let dataplane = Arc::new(match takeover.as_mut().and_then(|t| t.pin_lock.take()) {
+        Some(lock) if config.global.bpf != BpfMode::Off => {
+            if log.is_some() {
+                tracing::warn!("the eBPF debug log is not available in a taken-over data path");
+            }
+            DataPlane::adopt(&config.global.pin_path, lock)
+                .context("taking over the pinned maps")?
+        }
+        _ => DataPlane::select(config.global.bpf, &config.global.pin_path, log)?,
+    });
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let checks = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
+    let carried = takeover.as_ref().map_or(&[][..], |t| &t.health[..]);
+    let checks = patroni::spawn_checker_from(&config, carried, stop.clone(), &tracker)?;
     let backends = Arc::new(BackendTable::new(
         dataplane.kernel().cloned(),
         config
@@ -39,15 +57,28 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         .listeners
         .iter()
         .map(|l| {
-            proxy::bind(l.bind, config.global.maxconn)
-                .with_context(|| format!("listener {}: binding {}", l.name, l.bind))
+            match takeover.as_mut().and_then(|t| t.listener(&l.name)) {
+                Some(handed) => handed
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(handed)),
+                None => proxy::bind(l.bind, config.global.maxconn),
+            }
+            .with_context(|| format!("listener {}: binding {}", l.name, l.bind))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     // Bound before any client is accepted: a taken stats port fails the start-up.
-    let stats_listener = match &config.stats {
-        Some(s) => Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?),
-        None => None,
+    let stats_listener = match (
+        &config.stats,
+        takeover.as_mut().and_then(|t| t.stats.take()),
+    ) {
+        (Some(_), Some(handed)) => Some(handed),
+        (Some(s), None) => {
+            Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?)
+        }
+        (None, _) => None,
     };
+    // Kept to hand over: the accept loop and the stats server own the originals.
+    let handed_fds = HandedFds::of(&config, &listeners, stats_listener.as_ref())?;
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.
@@ -56,7 +87,7 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         config.clone(),
         dataplane.clone(),
         backends,
-        checks,
+        checks.clone(),
         admin.subscribe(),
     );
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
@@ -68,6 +99,9 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         None => None,
     };
     proxy.serve(listeners, stop.clone(), &tracker);
+    if let Some(takeover) = takeover {
+        tracker.spawn(takeover.adopt_sessions(proxy.clone(), tracker.clone()));
+    }
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),
@@ -75,11 +109,52 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
-    wait_for_stop_signal().await?;
-    info!("stopping: no new clients; draining sessions for up to {grace:?}");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    stop.cancel();
-    proxy.drain(&tracker, grace).await;
+    let predecessor = loop {
+        match wait_for_signal().await? {
+            Signal::Stop => break None,
+            Signal::Upgrade => {
+                let handed = Handed {
+                    pin_lock: dataplane.kernel().map(|k| k.pin_lock()),
+                    listeners: handed_fds.listeners(&config),
+                    stats: handed_fds.stats.as_ref().map(|f| f.as_fd()),
+                    health: checks.borrow().carry(),
+                };
+                // The successor writes BACKENDS from its start: nothing here may overwrite it.
+                proxy.backends().write_kernel(false);
+                match Predecessor::start(&relaunch, handed).await {
+                    Ok(p) => break Some(p),
+                    Err(e) => {
+                        proxy.backends().write_kernel(true);
+                        tracing::error!("upgrade failed, running on: {e:#}");
+                    }
+                }
+            }
+        }
+    };
+    match predecessor {
+        Some(predecessor) => {
+            let _ = sd_notify::notify(
+                false,
+                &[sd_notify::NotifyState::MainPid(predecessor.successor_pid())],
+            );
+            info!("upgrade: no new clients here; handing the spliced sessions over");
+            stop.cancel();
+            if let Some(kernel) = dataplane.kernel() {
+                kernel.hand_over();
+            }
+            let (to_successor, sessions) = tokio::sync::mpsc::unbounded_channel();
+            proxy.hand_over_sessions(to_successor);
+            predecessor
+                .pass_sessions(&proxy, sessions, &tracker, grace)
+                .await;
+        }
+        None => {
+            info!("stopping: no new clients; draining sessions for up to {grace:?}");
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            stop.cancel();
+            proxy.drain(&tracker, grace).await;
+        }
+    }
     if let Some(thread) = stats_thread {
         // Returns within a second: the stats server cuts its connections after a short grace.
         if tokio::task::spawn_blocking(move || thread.join())
@@ -93,14 +168,54 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+enum Signal {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGUSR2: start a successor and hand over.
+    Upgrade,
+}
+
+async fn wait_for_signal() -> anyhow::Result<Signal> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    Ok(tokio::select! {
+        _ = term.recv() => { info!("SIGTERM received"); Signal::Stop }
+        _ = int.recv() => { info!("SIGINT received"); Signal::Stop }
+        _ = usr2.recv() => { info!("SIGUSR2 received: upgrading"); Signal::Upgrade }
+    })
+}
+
+/// Duplicates of the listening sockets, for a successor.
+struct HandedFds {
+    listeners: Vec<OwnedFd>,
+    stats: Option<OwnedFd>,
+}
+
+impl HandedFds {
+    fn of(
+        config: &Config,
+        listeners: &[tokio::net::TcpListener],
+        stats: Option<&std::net::TcpListener>,
+    ) -> anyhow::Result<Self> {
+        debug_assert_eq!(config.listeners.len(), listeners.len());
+        Ok(Self {
+            listeners: listeners
+                .iter()
+                .map(|l| l.as_fd().try_clone_to_owned())
+                .collect::<Result<_, _>>()?,
+            stats: stats.map(|s| s.as_fd().try_clone_to_owned()).transpose()?,
+        })
     }
-    Ok(())
+
+    fn listeners(&self, config: &Config) -> Vec<(String, BorrowedFd<'_>)> {
+        config
+            .listeners
+            .iter()
+            .zip(&self.listeners)
+            .map(|(l, fd)| (l.name.clone(), fd.as_fd()))
+            .collect()
+    }
 }
 
 /// File descriptors the daemon needs besides its sessions, health checks and stats connections:

@@ -1,5 +1,5 @@
-//! The operator's commands, one file each: `status` and `set-state` talk to the running daemon
-//! through its stats server, `sessions` and `maps` read its pinned maps.
+//! The operator's commands, one file each: `status`, `set-state` and `upgrade` talk to the
+//! running daemon through its stats server, `sessions` and `maps` read its pinned maps.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -12,6 +12,7 @@ pub mod maps;
 pub mod sessions;
 pub mod set_state;
 pub mod status;
+pub mod upgrade;
 
 /// The daemon's stats URL: `--url`, or the `[stats]` bind of the config file.
 pub fn stats_url(url: Option<String>, config: &Path) -> anyhow::Result<String> {

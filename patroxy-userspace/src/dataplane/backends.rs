@@ -1,7 +1,13 @@
 //! The backend set as the kernel sees it: one BACKENDS entry per (listener, server), rewritten on
 //! every state or session-count change. The verdict program reads `fenced` to stop forwarding
 //! for a server marked down; bpftool shows the whole table.
-use std::{net::SocketAddr, sync::Arc, sync::Mutex};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use patroxy_common::BackendEntry;
 use tracing::error;
@@ -10,6 +16,8 @@ use super::KernelMaps;
 
 pub struct BackendTable {
     kernel: Option<Arc<KernelMaps>>,
+    /// Cleared while a successor takes the maps over: from then on it writes BACKENDS.
+    writes_kernel: AtomicBool,
     /// Index = backend id - 1.
     entries: Mutex<Vec<BackendEntry>>,
 }
@@ -35,6 +43,7 @@ impl BackendTable {
             .collect();
         let table = Self {
             kernel,
+            writes_kernel: AtomicBool::new(true),
             entries: Mutex::new(entries),
         };
         let count = table.entries.lock().expect("backends lock").len();
@@ -67,6 +76,12 @@ impl BackendTable {
         self.update(id, |e| e.sessions = e.sessions.saturating_sub(1));
     }
 
+    /// Stops (`false`) or resumes writing BACKENDS: an upgrade's successor writes it as soon as
+    /// it starts, so a predecessor's late updates (sessions ending) must not overwrite them.
+    pub fn write_kernel(&self, on: bool) {
+        self.writes_kernel.store(on, Ordering::SeqCst);
+    }
+
     /// Applies `change` and writes the entry through to BACKENDS (under the same lock, so the
     /// kernel never sees an older value after a newer one).
     fn update(&self, id: u32, change: impl FnOnce(&mut BackendEntry)) {
@@ -75,7 +90,9 @@ impl BackendTable {
             return;
         };
         change(entry);
-        if let Some(kernel) = &self.kernel {
+        if let Some(kernel) = &self.kernel
+            && self.writes_kernel.load(Ordering::SeqCst)
+        {
             let mut map = kernel.backends.lock().expect("BACKENDS lock");
             if let Err(e) = map.insert(id, *entry, 0) {
                 error!(backend = id, "writing BACKENDS failed: {e}");

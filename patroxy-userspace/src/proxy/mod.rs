@@ -2,6 +2,7 @@
 //! established pair to the data path.
 mod choose;
 pub mod counters;
+mod handover;
 mod listener;
 mod log_limit;
 mod mark_down;
@@ -17,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+pub use handover::{AdoptError, HandedSession};
 pub use listener::bind;
 /// For the `first_bytes` fuzz target (fuzz/), which feeds a refused client's first bytes to it.
 #[cfg(fuzzing)]
@@ -25,7 +27,7 @@ pub use registry::SessionRegistry;
 pub use stats_source::StatsSource;
 use tokio::{
     net::TcpListener,
-    sync::{Semaphore, watch},
+    sync::{Semaphore, mpsc, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -68,6 +70,8 @@ pub struct Proxy {
     slots: Vec<ServerSlots>,
     /// The rate limit of the lines logged per client (session ends, refusals).
     log_limit: LogLimit,
+    /// Where handed-over sessions go once an upgrade started (`hand_over_sessions`).
+    successor: Mutex<Option<mpsc::UnboundedSender<HandedSession>>>,
 }
 
 impl Proxy {
@@ -116,6 +120,7 @@ impl Proxy {
             backends,
             sessions: SessionRegistry::default(),
             slots,
+            successor: Mutex::new(None),
         });
         // BACKENDS starts as what routing sees first: one writer, `write_states`.
         let initial = proxy.view.borrow().clone();

@@ -20,7 +20,17 @@ use super::{
     refusal::{self, Refusal},
     slots::Slot,
 };
-use crate::dataplane::SessionMeta;
+use crate::dataplane::{Outcome, SessionEnd, SessionMeta};
+
+/// A session's place in the configuration and its age, from its first to its last process.
+pub(super) struct Session {
+    pub listener: usize,
+    pub server: usize,
+    pub backend_id: u32,
+    pub peer: SocketAddr,
+    /// When the client was accepted (by this process or by a predecessor).
+    pub accepted: Instant,
+}
 
 /// A client's server, connected, with HAProxy's Tw (queue) and Tc (connect) milestones.
 struct Connected {
@@ -88,17 +98,8 @@ impl Proxy {
                 return;
             }
         };
-        let sname = &self.config.listeners[listener].servers[server].name;
         let backend_id = self.backend_id(listener, server);
-        let meta = SessionMeta {
-            backend_id,
-            listener: listener as u16,
-            idle_timeout: self
-                .config
-                .defaults
-                .timeout_client
-                .min(self.config.defaults.timeout_server),
-        };
+        let meta = self.session_meta(listener, backend_id);
         let registered = self.sessions.register(backend_id);
         // A mark-down between our pick and this registration fenced the server without
         // seeing us: reset now rather than sit behind the fence.
@@ -110,25 +111,56 @@ impl Proxy {
         self.backends.session_opened(backend_id);
         let counters = self.counters(backend_id);
         counters.opened(self.backends.get(backend_id).map_or(0, |e| e.sessions));
-        let end = self
+        let outcome = self
             .dataplane
             .run(client, backend, meta, &registered.kill)
             .await;
-        self.backends.session_closed(backend_id);
-        counters.closed(end.bytes_from_client, end.bytes_from_server);
         drop(registered);
-        if !self.log_limit.allow() {
-            return;
+        let session = Session {
+            listener,
+            server,
+            backend_id,
+            peer,
+            accepted,
+        };
+        match outcome {
+            Outcome::Ended(end) => {
+                self.session_ended(&session, &end);
+                if self.log_limit.allow() {
+                    info!(
+                        client = %peer, listener = %lname,
+                        server = %self.config.listeners[listener].servers[server].name,
+                        queue_ms = (dequeued - spoke).as_millis() as u64,
+                        connect_ms = (connected - dequeued).as_millis() as u64,
+                        total_ms = accepted.elapsed().as_millis() as u64,
+                        bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
+                        path = self.dataplane.name(),
+                        "session closed: {}", end.reason
+                    );
+                }
+            }
+            Outcome::HandedOver(sockets) => self.pass_to_successor(&session, sockets),
         }
-        info!(
-            client = %peer, listener = %lname, server = %sname,
-            queue_ms = (dequeued - spoke).as_millis() as u64,
-            connect_ms = (connected - dequeued).as_millis() as u64,
-            total_ms = accepted.elapsed().as_millis() as u64,
-            bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
-            path = self.dataplane.name(),
-            "session closed: {}", end.reason
-        );
+    }
+
+    /// What the data path needs to know about a session on backend `backend_id`.
+    pub(super) fn session_meta(&self, listener: usize, backend_id: u32) -> SessionMeta {
+        SessionMeta {
+            backend_id,
+            listener: listener as u16,
+            idle_timeout: self
+                .config
+                .defaults
+                .timeout_client
+                .min(self.config.defaults.timeout_server),
+        }
+    }
+
+    /// Accounts for a session that ended in this process.
+    pub(super) fn session_ended(&self, session: &Session, end: &SessionEnd) {
+        self.backends.session_closed(session.backend_id);
+        self.counters(session.backend_id)
+            .closed(end.bytes_from_client, end.bytes_from_server);
     }
 
     /// Chooses a server (waiting in the queue while none is UP or all are full), then connects

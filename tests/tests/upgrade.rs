@@ -1,0 +1,220 @@
+//! Upgrades that keep every session (`patroxy upgrade`, SIGUSR2): the daemon hands its
+//! listeners and spliced sessions to a successor started from the same binary. Real processes
+//! on loopback: long sessions streaming through ten upgrades stay byte-exact, and a client
+//! connecting in a loop meanwhile is never refused.
+#[macro_use]
+mod common;
+
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{Path_, local, one_listener};
+use patroxy_tests::{
+    backend::{Backend, Behaviour, pattern},
+    config::{ProxyConfig, StatsConfig},
+    daemon::Patroxy,
+    ports::free_tcp_port,
+    process::patroxy_bin,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const UPGRADES: usize = 10;
+
+/// The daemon that runs at the end of the test is a successor, not the test's child: stopped
+/// by pid (read from its stats page) when the test ends, however it ends.
+struct Successor(String);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = stats_pid(&self.0) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn stats_pid(url: &str) -> Option<u32> {
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    use std::io::{Read as _, Write as _};
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /;json HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let json = &body[body.find("\r\n\r\n")? + 4..];
+    serde_json::from_str::<serde_json::Value>(json).ok()?["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+}
+
+/// A session streaming `chunk`-sized pattern writes through the proxy to an echo backend and
+/// checking every byte it gets back, until `stop`; returns the bytes echoed.
+async fn stream_session(
+    proxy: std::net::SocketAddr,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<u64, String> {
+    let stream = TcpStream::connect(proxy)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut rd, mut wr) = stream.into_split();
+    let data = pattern(1 << 20, seed);
+    let writer = {
+        let data = data.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut at = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let chunk = &data[at..at + 16 * 1024];
+                wr.write_all(chunk)
+                    .await
+                    .map_err(|e| format!("write: {e}"))?;
+                sent += chunk.len() as u64;
+                at = (at + 16 * 1024) % data.len();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            wr.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+            Ok::<u64, String>(sent)
+        })
+    };
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = rd.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            let expected = data[((got + i as u64) % data.len() as u64) as usize];
+            if *b != expected {
+                return Err(format!("byte {} differs", got + i as u64));
+            }
+        }
+        got += n as u64;
+    }
+    let sent = writer.await.map_err(|e| e.to_string())??;
+    if sent != got {
+        return Err(format!("sent {sent} bytes, got {got} back"));
+    }
+    Ok(got)
+}
+
+/// One short session: connect, echo 5 bytes, close. Returns how long it took.
+async fn short_session(proxy: std::net::SocketAddr) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    s.write_all(b"hello")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+        .await
+        .map_err(|_| "no echo within 10s".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    if &got != b"hello" {
+        return Err("wrong echo".into());
+    }
+    Ok(start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_upgrades_keep_sessions_and_refuse_no_client() {
+    if !Path_::Sockmap.available("ten_upgrades_keep_sessions_and_refuse_no_client") {
+        return;
+    }
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("upgrade");
+    let stats_bind = local(free_tcp_port());
+    let config: ProxyConfig =
+        one_listener(Path_::Sockmap, &pin, backend.addr).stats(StatsConfig::new(stats_bind));
+    let first = Patroxy::start("patroxy-upgrade", &config);
+    let url = format!("http://{stats_bind}");
+    let _successor = Successor(url.clone());
+    let proxy = config.bind();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..8)
+        .map(|i| tokio::spawn(stream_session(proxy, i, stop.clone())))
+        .collect();
+    let slowest_ms = Arc::new(AtomicU64::new(0));
+    let shorts = {
+        let (stop, slowest_ms) = (stop.clone(), slowest_ms.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match short_session(proxy).await {
+                    Ok(took) => {
+                        ok += 1;
+                        slowest_ms.fetch_max(took.as_millis() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut pids = vec![stats_pid(&url).expect("the first daemon's pid")];
+    let mut longest_upgrade = Duration::ZERO;
+    for i in 0..UPGRADES {
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || {
+                Command::new(patroxy_bin())
+                    .args(["upgrade", "--url", &url, "--timeout", "20s"])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "upgrade {i}: {}{}\nfirst daemon's log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            first.log()
+        );
+        longest_upgrade = longest_upgrade.max(started.elapsed());
+        pids.push(stats_pid(&url).expect("the successor's pid"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for (i, s) in streams.into_iter().enumerate() {
+        let got = tokio::time::timeout(Duration::from_secs(30), s)
+            .await
+            .expect("stream ends")
+            .unwrap();
+        total += got.unwrap_or_else(|e| panic!("stream {i}: {e}\nlog:\n{}", first.log()));
+    }
+    let (ok, failed) = shorts.await.unwrap();
+    let distinct: std::collections::HashSet<_> = pids.iter().collect();
+    eprintln!(
+        "{UPGRADES} upgrades (pids {pids:?}): 8 streams echoed {total} bytes byte-exact; \
+         {ok} short sessions, slowest {} ms; longest `patroxy upgrade` {longest_upgrade:?}",
+        slowest_ms.load(Ordering::Relaxed)
+    );
+    assert_eq!(distinct.len(), UPGRADES + 1, "each upgrade a new process");
+    assert!(failed.is_empty(), "short sessions failed: {failed:?}");
+    assert!(ok > 0);
+}
