@@ -11,12 +11,12 @@ use tracing::info;
 
 use crate::{
     config::{BpfMode, Config},
-    dataplane::{BackendTable, DataPlane, KernelLog},
+    dataplane::{BackendTable, DataPlane, KernelLog, loader::LoadError, pin_dir},
     operator_state::AdminWriter,
     patroni,
     proxy::{self, Proxy},
     stats,
-    upgrade::{Handed, Predecessor, Relaunch, Takeover},
+    upgrade::{Handed, Predecessor, Relaunch, Takeover, fdstore::FdStore},
 };
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `relaunch.drain_grace`; or,
@@ -31,16 +31,7 @@ pub async fn run(
     let config = Arc::new(config);
     raise_fd_limit(&config);
     let log = KernelLog::from_config(&config.global)?;
-    let dataplane = Arc::new(match takeover.as_mut().and_then(|t| t.pin_lock.take()) {
-        Some(lock) if config.global.bpf != BpfMode::Off => {
-            if log.is_some() {
-                tracing::warn!("the eBPF debug log is not available in a taken-over data path");
-            }
-            DataPlane::adopt(&config.global.pin_path, lock)
-                .context("taking over the pinned maps")?
-        }
-        _ => DataPlane::select(config.global.bpf, &config.global.pin_path, log)?,
-    });
+    let dataplane = Arc::new(select_data_path(&config, takeover.as_mut(), log)?);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let carried = takeover.as_ref().map_or(&[][..], |t| &t.health[..]);
@@ -79,6 +70,15 @@ pub async fn run(
     };
     // Kept to hand over: the accept loop and the stats server own the originals.
     let handed_fds = HandedFds::of(&config, &listeners, stats_listener.as_ref())?;
+    let fd_store = FdStore::from_env();
+    if let Some(store) = &fd_store {
+        for (name, fd) in handed_fds.listeners(&config) {
+            store.store_listener(&name, fd);
+        }
+        if let Some(stats) = &handed_fds.stats {
+            store.store_stats(stats.as_fd());
+        }
+    }
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.
@@ -90,6 +90,9 @@ pub async fn run(
         checks.clone(),
         admin.subscribe(),
     );
+    if let Some(store) = fd_store {
+        proxy.keep_sessions_in(store);
+    }
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
     let stats_thread = match stats_listener {
         Some(listener) => Some(
@@ -166,6 +169,42 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The data path: a predecessor's pinned maps when sessions come that live in them (an upgrade,
+/// or the fd store after a crash), else loaded as the config says.
+fn select_data_path(
+    config: &Config,
+    takeover: Option<&mut Takeover>,
+    log: Option<KernelLog>,
+) -> anyhow::Result<DataPlane> {
+    let pin_path = &config.global.pin_path;
+    let Some(takeover) =
+        takeover.filter(|t| config.global.bpf != BpfMode::Off && t.needs_pinned_maps())
+    else {
+        return Ok(DataPlane::select(config.global.bpf, pin_path, log)?);
+    };
+    if log.is_some() {
+        tracing::warn!("the eBPF debug log is not available in a taken-over data path");
+    }
+    match takeover.pin_lock.take() {
+        Some(lock) => DataPlane::adopt(pin_path, lock).context("taking over the pinned maps"),
+        // After a crash nobody holds the lock; the pins the dead daemon left hold the sessions.
+        None => {
+            let adopted = pin_dir::claim(pin_path)
+                .map_err(LoadError::from)
+                .and_then(|lock| DataPlane::adopt(pin_path, lock));
+            match adopted {
+                Ok(dataplane) => Ok(dataplane),
+                Err(e) => {
+                    tracing::warn!(
+                        "the stored sessions' maps cannot be opened ({e}); loading afresh, the sessions will be reset"
+                    );
+                    Ok(DataPlane::select(config.global.bpf, pin_path, None)?)
+                }
+            }
+        }
+    }
 }
 
 enum Signal {

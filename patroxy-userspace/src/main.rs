@@ -159,7 +159,14 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 },
-                None => None,
+                // After a crash under systemd, the fd store's listeners and sessions.
+                None => match patroxy::upgrade::fdstore::Restored::from_env() {
+                    Ok(restored) => restored.map(patroxy::upgrade::Takeover::from_fd_store),
+                    Err(e) => {
+                        eprintln!("patroxy: reading LISTEN_FDS: {e}");
+                        None
+                    }
+                },
             };
             // The path, not the inode: after a package upgrade the new binary is there.
             let relaunch = patroxy::upgrade::Relaunch {

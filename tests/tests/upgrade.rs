@@ -1,7 +1,8 @@
-//! Upgrades that keep every session (`patroxy upgrade`, SIGUSR2): the daemon hands its
-//! listeners and spliced sessions to a successor started from the same binary. Real processes
-//! on loopback: long sessions streaming through ten upgrades stay byte-exact, and a client
-//! connecting in a loop meanwhile is never refused.
+//! Restarts that keep every session. Upgrades (`patroxy upgrade`, SIGUSR2): the daemon hands
+//! its listeners and spliced sessions to a successor started from the same binary; long
+//! sessions streaming through ten upgrades stay byte-exact, and a client connecting in a loop
+//! meanwhile is never refused. A crash under systemd: the fd store (a stand-in for systemd's
+//! side) gives a restarted daemon its listeners and sessions back. Real processes on loopback.
 #[macro_use]
 mod common;
 
@@ -19,8 +20,9 @@ use patroxy_tests::{
     backend::{Backend, Behaviour, pattern},
     config::{ProxyConfig, StatsConfig},
     daemon::Patroxy,
-    ports::free_tcp_port,
+    ports::{free_tcp_port, wait_for_listen},
     process::patroxy_bin,
+    service_manager::ServiceManager,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -215,6 +217,122 @@ async fn ten_upgrades_keep_sessions_and_refuse_no_client() {
         slowest_ms.load(Ordering::Relaxed)
     );
     assert_eq!(distinct.len(), UPGRADES + 1, "each upgrade a new process");
+    // The successors write to the first daemon's log file (they inherit its stderr).
+    let log = first.log();
+    let taken_over: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("upgrade: took over"))
+        .filter_map(|l| l.split("sessions=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(taken_over.len(), UPGRADES, "log:\n{log}");
+    assert!(
+        taken_over.iter().all(|&n| n >= 8),
+        "each successor took the 8 streams over: {taken_over:?}"
+    );
+    assert!(!log.contains("on the fallback path"), "log:\n{log}");
+    assert!(
+        longest_upgrade < Duration::from_secs(5),
+        "the old process is gone well within its grace"
+    );
     assert!(failed.is_empty(), "short sessions failed: {failed:?}");
     assert!(ok > 0);
+}
+
+/// Echoes `msg` on `stream` and checks it comes back within 5 s.
+async fn echo(stream: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
+    stream
+        .write_all(msg)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
+        .await
+        .map_err(|_| "no echo within 5s".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    if got != msg {
+        return Err("echo differs".into());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_the_fd_store_keeps_established_sessions() {
+    if !Path_::Sockmap.available("sigkill_with_the_fd_store_keeps_established_sessions") {
+        return;
+    }
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("fdstore");
+    let config = one_listener(Path_::Sockmap, &pin, backend.addr);
+    let config_path =
+        std::env::temp_dir().join(format!("patroxy-fdstore-{}.toml", std::process::id()));
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let manager = ServiceManager::start("fdstore");
+    let mut first = manager.launch("patroxy-fdstore-1", &config_path);
+    assert!(
+        wait_for_listen(config.bind(), Duration::from_secs(10)),
+        "log:\n{}",
+        first.log()
+    );
+    let mut sessions = Vec::new();
+    for i in 0..4u8 {
+        let mut s = TcpStream::connect(config.bind()).await.unwrap();
+        echo(&mut s, &[i; 1000]).await.unwrap();
+        sessions.push(s);
+    }
+    let session_names = |names: &[String]| names.iter().filter(|n| n.starts_with("s.")).count();
+    assert!(
+        manager.wait_for(Duration::from_secs(5), |n| session_names(n) == 8
+            && n.iter().any(|n| n.starts_with("l."))),
+        "stored: {:?}\nlog:\n{}",
+        manager.names(),
+        first.log()
+    );
+
+    first.signal(libc::SIGKILL).unwrap();
+    first.wait().unwrap();
+    // No daemon at all now: the verdict program, attached to the pinned SOCKS map, forwards.
+    for (i, s) in sessions.iter_mut().enumerate() {
+        echo(s, &[0x40 + i as u8; 5000])
+            .await
+            .unwrap_or_else(|e| panic!("session {i} with no daemon: {e}"));
+    }
+
+    let second = manager.launch("patroxy-fdstore-2", &config_path);
+    let _second = second;
+    let log = || _second.log();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log().contains("sessions from the fd store resumed") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        log().contains("resumed=4 of=4"),
+        "the restarted daemon did not resume 4 sessions:\n{}",
+        log()
+    );
+    for (i, s) in sessions.iter_mut().enumerate() {
+        echo(s, &[0x50 + i as u8; 100_000])
+            .await
+            .unwrap_or_else(|e| panic!("session {i} after the restart: {e}\n{}", log()));
+    }
+    // The restarted daemon watches them: a client's FIN reaches the backend, whose FIN comes
+    // back, and their sockets leave the fd store.
+    for (i, mut s) in sessions.into_iter().enumerate() {
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("session {i}: no FIN back\n{}", log()))
+            .unwrap();
+        assert!(rest.is_empty());
+    }
+    assert!(
+        manager.wait_for(Duration::from_secs(5), |n| session_names(n) == 0),
+        "still stored: {:?}",
+        manager.names()
+    );
+    let mut fresh = TcpStream::connect(config.bind()).await.unwrap();
+    echo(&mut fresh, b"new client on the restored listener")
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&config_path);
 }

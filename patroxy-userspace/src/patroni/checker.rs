@@ -123,7 +123,7 @@ impl HealthSnapshot {
 
 /// A server's check state as a predecessor process saw it, by name (see
 /// [`HealthSnapshot::carried_over`]).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CarriedHealth {
     pub listener: String,
     pub server: String,

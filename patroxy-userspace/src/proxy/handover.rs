@@ -3,14 +3,22 @@
 //!
 //! A session travels as names (listener, server) rather than backend ids, since ids are a
 //! property of one configuration; [`Proxy::backend_by_name`] is the one place that maps them.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd as _, BorrowedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::{Proxy, session::Session};
-use crate::dataplane::{Detached, KillReason, Outcome};
+use crate::{
+    dataplane::{Detached, KillReason, Outcome},
+    upgrade::fdstore::{FdStore, SessionNames},
+};
 
 /// A spliced session on its way to a successor process.
 pub struct HandedSession {
@@ -36,6 +44,37 @@ impl Proxy {
     pub fn hand_over_sessions(&self, to: mpsc::UnboundedSender<HandedSession>) {
         *self.successor.lock().expect("successor lock") = Some(to);
         self.sessions.hand_over_all();
+    }
+
+    /// Keeps each spliced session's sockets in systemd's fd store from now on.
+    pub fn keep_sessions_in(&self, store: FdStore) {
+        let _ = self.fd_store.set(store);
+    }
+
+    /// Stores a session about to be spliced in the fd store, if there is one; the names to
+    /// remove it by when it ends.
+    pub(super) fn store_session(
+        &self,
+        session: &Session,
+        client: BorrowedFd<'_>,
+        backend: BorrowedFd<'_>,
+    ) -> Option<SessionNames> {
+        let store = self.fd_store.get()?;
+        self.dataplane.kernel()?;
+        let (listener, server) = self.names(session);
+        store.store_session(listener, server, client, backend)
+    }
+
+    /// Removes an ended session's sockets from the fd store.
+    pub(super) fn unstore_session(&self, names: Option<SessionNames>) {
+        if let (Some(store), Some(names)) = (self.fd_store.get(), names) {
+            store.remove(&names);
+        }
+    }
+
+    fn names(&self, session: &Session) -> (&str, &str) {
+        let listener = &self.config.listeners[session.listener];
+        (&listener.name, &listener.servers[session.server].name)
     }
 
     /// Resets the sessions still running here (fallback ones, once an upgrade's grace is over).
@@ -110,6 +149,14 @@ impl Proxy {
                 .checked_sub(handed.age)
                 .unwrap_or_else(Instant::now),
         };
+        // Stored by the predecessor (or before the crash) under the same names.
+        let stored = self.fd_store.get().and_then(|_| {
+            SessionNames::of(
+                &handed.listener,
+                &handed.server,
+                handed.sockets.client.as_fd(),
+            )
+        });
         let proxy = self.clone();
         let meta = self.session_meta(listener, backend_id);
         tracker.spawn(async move {
@@ -134,6 +181,7 @@ impl Proxy {
             drop(registered);
             match outcome {
                 Some(Outcome::Ended(end)) => {
+                    proxy.unstore_session(stored);
                     proxy.session_ended(&session, &end);
                     if proxy.log_limit.allow() {
                         info!(

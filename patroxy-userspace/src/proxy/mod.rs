@@ -14,7 +14,7 @@ mod stats_source;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -37,6 +37,7 @@ use crate::{
     operator_state::AdminStates,
     patroni::HealthSnapshot,
     routing::Router,
+    upgrade::fdstore::FdStore,
     view::View,
 };
 use counters::{BackendCounters, ListenerCounters};
@@ -72,6 +73,8 @@ pub struct Proxy {
     log_limit: LogLimit,
     /// Where handed-over sessions go once an upgrade started (`hand_over_sessions`).
     successor: Mutex<Option<mpsc::UnboundedSender<HandedSession>>>,
+    /// systemd's fd store, which keeps spliced sessions' sockets across a crash.
+    fd_store: OnceLock<FdStore>,
 }
 
 impl Proxy {
@@ -121,6 +124,7 @@ impl Proxy {
             sessions: SessionRegistry::default(),
             slots,
             successor: Mutex::new(None),
+            fd_store: OnceLock::new(),
         });
         // BACKENDS starts as what routing sees first: one writer, `write_states`.
         let initial = proxy.view.borrow().clone();

@@ -1,6 +1,7 @@
 //! One client's way through the proxy: wait for a server slot, connect with retries, splice.
 use std::{
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering::Relaxed},
@@ -111,11 +112,6 @@ impl Proxy {
         self.backends.session_opened(backend_id);
         let counters = self.counters(backend_id);
         counters.opened(self.backends.get(backend_id).map_or(0, |e| e.sessions));
-        let outcome = self
-            .dataplane
-            .run(client, backend, meta, &registered.kill)
-            .await;
-        drop(registered);
         let session = Session {
             listener,
             server,
@@ -123,8 +119,15 @@ impl Proxy {
             peer,
             accepted,
         };
+        let stored = self.store_session(&session, client.as_fd(), backend.as_fd());
+        let outcome = self
+            .dataplane
+            .run(client, backend, meta, &registered.kill)
+            .await;
+        drop(registered);
         match outcome {
             Outcome::Ended(end) => {
+                self.unstore_session(stored);
                 self.session_ended(&session, &end);
                 if self.log_limit.allow() {
                     info!(

@@ -9,8 +9,10 @@
 //! finish in the predecessor, which exits once they end or after `--drain-grace`.
 //!
 //! - `channel`: the socket pair and its messages.
-//! - [`Predecessor`]: the running daemon's side. [`Takeover`]: the successor's side.
+//! - [`Predecessor`]: the running daemon's side. [`Takeover`]: the successor's side, also
+//!   used for what systemd's fd store gives back after a crash (`fdstore`).
 mod channel;
+pub mod fdstore;
 
 use std::{
     os::{
@@ -222,10 +224,18 @@ impl Predecessor {
     }
 }
 
-/// The successor's side: what the predecessor handed over at start.
+/// Where a [`Takeover`] comes from.
+enum Source {
+    /// A running predecessor, which passes its sessions over this channel once we accept.
+    Predecessor { channel: Arc<Channel>, pid: u32 },
+    /// The service manager's fd store (after a crash): the sessions came with the listeners.
+    FdStore(Vec<HandedSession>),
+}
+
+/// The successor's side: what the predecessor (or the fd store) handed over at start.
 pub struct Takeover {
-    channel: Arc<Channel>,
-    pub predecessor: u32,
+    source: Source,
+    /// The pin directory's lock, when a predecessor handed it over.
     pub pin_lock: Option<PinDirLock>,
     pub listeners: Vec<(String, std::net::TcpListener)>,
     pub stats: Option<std::net::TcpListener>,
@@ -272,13 +282,55 @@ impl Takeover {
         let stats = stats.then(|| tcp_listener(fds.next().expect("counted")));
         info!(predecessor = pid, "upgrade: taking over");
         Ok(Takeover {
-            channel: Arc::new(channel),
-            predecessor: pid,
+            source: Source::Predecessor {
+                channel: Arc::new(channel),
+                pid,
+            },
             pin_lock,
             listeners,
             stats,
             health,
         })
+    }
+
+    /// What the service manager gave back (`LISTEN_FDS`): its sessions are resumed only if
+    /// the pinned maps they are in are still there (see `needs_pinned_maps`).
+    pub fn from_fd_store(restored: fdstore::Restored) -> Takeover {
+        let sessions = restored
+            .sessions
+            .into_iter()
+            .map(|(listener, server, sockets)| HandedSession {
+                listener,
+                server,
+                client: sockets
+                    .client
+                    .peer_addr()
+                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+                age: Duration::ZERO,
+                sockets,
+            })
+            .collect::<Vec<_>>();
+        info!(
+            listeners = restored.listeners.len(),
+            sessions = sessions.len(),
+            "restart: the service manager's fd store gave back listeners and sessions"
+        );
+        Takeover {
+            source: Source::FdStore(sessions),
+            pin_lock: None,
+            listeners: restored.listeners,
+            stats: restored.stats,
+            health: restored.health,
+        }
+    }
+
+    /// Whether sessions come that live in a predecessor's pinned maps: then those maps are
+    /// opened, not replaced, even without a handed-over lock.
+    pub fn needs_pinned_maps(&self) -> bool {
+        match &self.source {
+            Source::Predecessor { .. } => true,
+            Source::FdStore(sessions) => !sessions.is_empty(),
+        }
     }
 
     /// The listening socket handed over for listener `name`, if any.
@@ -290,7 +342,25 @@ impl Takeover {
     /// Tells the predecessor this process accepts, then goes on with every session it passes
     /// until it is done.
     pub async fn adopt_sessions(self, proxy: Arc<Proxy>, tracker: TaskTracker) {
-        let channel = self.channel.clone();
+        let (channel, predecessor) = match self.source {
+            Source::Predecessor { channel, pid } => (channel, pid),
+            Source::FdStore(sessions) => {
+                let total = sessions.len();
+                let mut resumed = 0usize;
+                for handed in sessions {
+                    match proxy.adopt(handed, &tracker) {
+                        Ok(()) => resumed += 1,
+                        Err(e) => warn!("restart: a stored session was reset: {e}"),
+                    }
+                }
+                info!(
+                    resumed,
+                    of = total,
+                    "restart: sessions from the fd store resumed"
+                );
+                return;
+            }
+        };
         let accepting = Message::Accepting {
             pid: std::process::id(),
         };
@@ -346,11 +416,7 @@ impl Takeover {
                 }
             }
         }
-        info!(
-            sessions = adopted,
-            predecessor = self.predecessor,
-            "upgrade: took over"
-        );
+        info!(sessions = adopted, predecessor, "upgrade: took over");
     }
 }
 
