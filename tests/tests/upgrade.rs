@@ -10,17 +10,18 @@ use std::{
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use common::{Path_, local, one_listener};
 use patroxy_tests::{
-    backend::{Backend, Behaviour, pattern},
+    backend::{Backend, Behaviour, Fnv, pattern},
     config::{ProxyConfig, StatsConfig},
     daemon::Patroxy,
     ports::{free_tcp_port, wait_for_listen},
+    postgres::{Postgres, PostgresOptions},
     process::patroxy_bin,
     service_manager::ServiceManager,
 };
@@ -156,21 +157,17 @@ async fn ten_upgrades_keep_sessions_and_refuse_no_client() {
     let streams: Vec<_> = (0..8)
         .map(|i| tokio::spawn(stream_session(proxy, i, stop.clone())))
         .collect();
-    let slowest_ms = Arc::new(AtomicU64::new(0));
     let shorts = {
-        let (stop, slowest_ms) = (stop.clone(), slowest_ms.clone());
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u64, Vec::new());
+            let (mut took, mut failed) = (Vec::new(), Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 match short_session(proxy).await {
-                    Ok(took) => {
-                        ok += 1;
-                        slowest_ms.fetch_max(took.as_millis() as u64, Ordering::Relaxed);
-                    }
+                    Ok(t) => took.push(t),
                     Err(e) => failed.push(e),
                 }
             }
-            (ok, failed)
+            (took, failed)
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -209,12 +206,19 @@ async fn ten_upgrades_keep_sessions_and_refuse_no_client() {
             .unwrap();
         total += got.unwrap_or_else(|e| panic!("stream {i}: {e}\nlog:\n{}", first.log()));
     }
-    let (ok, failed) = shorts.await.unwrap();
+    let (mut took, failed) = shorts.await.unwrap();
+    took.sort();
+    let ok = took.len();
     let distinct: std::collections::HashSet<_> = pids.iter().collect();
+    // The gap a client sees: connect-to-echo times of the short sessions, which ran
+    // back to back through all the upgrades.
     eprintln!(
         "{UPGRADES} upgrades (pids {pids:?}): 8 streams echoed {total} bytes byte-exact; \
-         {ok} short sessions, slowest {} ms; longest `patroxy upgrade` {longest_upgrade:?}",
-        slowest_ms.load(Ordering::Relaxed)
+         {ok} short sessions (connect + echo) median {:?}, p99 {:?}, slowest {:?}; longest \
+         `patroxy upgrade` {longest_upgrade:?}",
+        took.get(ok / 2),
+        took.get(ok * 99 / 100),
+        took.last()
     );
     assert_eq!(distinct.len(), UPGRADES + 1, "each upgrade a new process");
     // The successors write to the first daemon's log file (they inherit its stderr).
@@ -335,4 +339,104 @@ async fn sigkill_with_the_fd_store_keeps_established_sessions() {
         .await
         .unwrap();
     let _ = std::fs::remove_file(&config_path);
+}
+
+/// Runs `patroxy upgrade` against the stats server at `url`; panics with its output on failure.
+fn upgrade(url: &str) -> Duration {
+    let started = Instant::now();
+    let out = Command::new(patroxy_bin())
+        .args(["upgrade", "--url", url, "--timeout", "20s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "patroxy upgrade: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
+}
+
+/// `COPY (...) TO STDOUT` of about 220 MB through `port`, into a file; returns its FNV hash
+/// and length.
+fn copy_out(pg: &Postgres, port: u16, file: &std::path::Path) -> (u64, u64) {
+    let out = std::fs::File::create(file).unwrap();
+    let status = pg
+        .client("psql", port)
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c"])
+        .arg("COPY (SELECT g, md5(g::text) FROM generate_series(1, 5000000) g) TO STDOUT")
+        .stdout(out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "COPY through port {port}");
+    let data = std::fs::read(file).unwrap();
+    let _ = std::fs::remove_file(file);
+    (Fnv::of(&data), data.len() as u64)
+}
+
+#[test]
+fn ten_upgrades_under_pgbench_and_a_200mb_copy() {
+    if !Path_::Sockmap.available("ten_upgrades_under_pgbench_and_a_200mb_copy") {
+        return;
+    }
+    let pg = Postgres::start(PostgresOptions::default().max_connections(50));
+    let pin = Patroxy::unique_pin_path("upgrade-pg");
+    let stats_bind = local(free_tcp_port());
+    let config = one_listener(Path_::Sockmap, &pin, pg.addr()).stats(StatsConfig::new(stats_bind));
+    let first = Patroxy::start("patroxy-upgrade-pg", &config);
+    let url = format!("http://{stats_bind}");
+    let _successor = Successor(url.clone());
+    let port = config.bind().port();
+    pg.pgbench_init(pg.port(), 1);
+    let tmp = std::env::temp_dir();
+    let direct = copy_out(
+        &pg,
+        pg.port(),
+        &tmp.join(format!("copy-direct-{}", std::process::id())),
+    );
+
+    let (steady, reconnecting, copied, upgrades) = std::thread::scope(|s| {
+        let steady = s.spawn(|| pg.try_pgbench(port, &["-c", "8", "-j", "2", "-T", "15"]));
+        let reconnecting =
+            s.spawn(|| pg.try_pgbench(port, &["-C", "-S", "-c", "4", "-j", "2", "-T", "15"]));
+        let copied = s.spawn(|| {
+            copy_out(
+                &pg,
+                port,
+                &tmp.join(format!("copy-proxied-{}", std::process::id())),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let upgrades: Vec<Duration> = (0..UPGRADES)
+            .map(|_| {
+                let took = upgrade(&url);
+                std::thread::sleep(Duration::from_millis(700));
+                took
+            })
+            .collect();
+        (
+            steady.join().unwrap(),
+            reconnecting.join().unwrap(),
+            copied.join().unwrap(),
+            upgrades,
+        )
+    });
+    let log = first.log();
+    let steady = steady.unwrap_or_else(|e| panic!("pgbench -c 8: {e}\nlog:\n{log}"));
+    let reconnecting = reconnecting.unwrap_or_else(|e| panic!("pgbench -C -c 4: {e}\nlog:\n{log}"));
+    eprintln!(
+        "{UPGRADES} upgrades under pgbench: -c 8 {steady:.0} TPS, -C -S -c 4 {reconnecting:.0} TPS, \
+         0 failed (pgbench exits non-zero otherwise); COPY {} bytes; upgrades took {upgrades:?}",
+        copied.1
+    );
+    assert_eq!(
+        copied, direct,
+        "the COPY through the upgrades is byte-exact"
+    );
+    assert_eq!(
+        log.matches("upgrade: took over").count(),
+        UPGRADES,
+        "log:\n{log}"
+    );
 }
