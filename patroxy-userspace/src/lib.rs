@@ -14,6 +14,8 @@
 //! - `dataplane`: splices each established pair (sockmap in the kernel, or the userspace
 //!   fallback) and tears it down; `dataplane::maps` names the kernel's maps and reads the
 //!   pinned ones for the stats and the operator's commands.
+//! - `fdstore`: systemd's file descriptor store: listeners, spliced sessions' sockets and the
+//!   servers' health states kept there across a crash, and taken back at start.
 //! - `proxy`: accepts clients, enforces limits and connects; it applies each new view to the
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
@@ -22,10 +24,11 @@
 //!   (`SIGUSR2`, `patroxy upgrade`), and takes them over in that successor.
 //! - `lifecycle`: start-up in dependency order, signals, drain, upgrade and shutdown.
 //!
-//! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
+//! The operator's commands (`patroxy status`, `set-state`, `upgrade`, `sessions`, `maps`) are the
 //! binary's `cli` module, on top of this library.
 pub mod config;
 pub mod dataplane;
+pub mod fdstore;
 pub mod lifecycle;
 pub mod operator_state;
 pub mod patroni;

@@ -12,11 +12,12 @@ use tracing::info;
 use crate::{
     config::{BpfMode, Config},
     dataplane::{BackendTable, DataPlane, KernelLog, loader::LoadError, pin_dir},
+    fdstore::FdStore,
     operator_state::AdminWriter,
     patroni,
     proxy::{self, Proxy},
     stats,
-    upgrade::{Handed, Predecessor, Relaunch, Takeover, fdstore::FdStore},
+    upgrade::{Handed, Predecessor, Relaunch, Takeover},
 };
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `relaunch.drain_grace`; or,

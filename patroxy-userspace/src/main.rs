@@ -160,7 +160,7 @@ fn main() -> ExitCode {
                     }
                 },
                 // After a crash under systemd, the fd store's listeners and sessions.
-                None => match patroxy::upgrade::fdstore::Restored::from_env() {
+                None => match patroxy::fdstore::Restored::from_env() {
                     Ok(restored) => restored.map(patroxy::upgrade::Takeover::from_fd_store),
                     Err(e) => {
                         eprintln!("patroxy: reading LISTEN_FDS: {e}");

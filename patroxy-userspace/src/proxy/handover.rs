@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::{Proxy, session::Session};
 use crate::{
     dataplane::{Detached, KillReason, Outcome},
-    upgrade::fdstore::{FdStore, SessionNames},
+    fdstore::{FdStore, SessionNames},
 };
 
 /// A spliced session on its way to a successor process.

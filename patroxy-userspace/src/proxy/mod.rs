@@ -34,10 +34,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
+    fdstore::FdStore,
     operator_state::AdminStates,
     patroni::HealthSnapshot,
     routing::Router,
-    upgrade::fdstore::FdStore,
     view::View,
 };
 use counters::{BackendCounters, ListenerCounters};

@@ -9,6 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::fdstore::send_with_fds;
 use crate::patroni::CarriedHealth;
 
 /// At most this many descriptors go in one message (the kernel's SCM_MAX_FD is 253).
@@ -143,46 +144,6 @@ impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
     }
-}
-
-/// Sends `payload` with `fds` attached (SCM_RIGHTS) on a unix socket, in one message.
-pub fn send_with_fds(
-    socket: BorrowedFd<'_>,
-    payload: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> io::Result<()> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr() as *mut _,
-        iov_len: payload.len(),
-    };
-    let mut control = vec![0u8; cmsg_space(raw.len())];
-    // SAFETY: zeroed msghdr is valid; pointers below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !raw.is_empty() {
-        msg.msg_control = control.as_mut_ptr() as *mut _;
-        msg.msg_controllen = control.len() as _;
-        // SAFETY: the control buffer holds one header with room for `raw`.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN((raw.len() * size_of::<RawFd>()) as u32) as _;
-            std::ptr::copy_nonoverlapping(
-                raw.as_ptr(),
-                libc::CMSG_DATA(cmsg) as *mut RawFd,
-                raw.len(),
-            );
-        }
-    }
-    // SAFETY: valid socket and message.
-    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn cmsg_space(fds: usize) -> usize {

@@ -10,9 +10,8 @@
 //!
 //! - `channel`: the socket pair and its messages.
 //! - [`Predecessor`]: the running daemon's side. [`Takeover`]: the successor's side, also
-//!   used for what systemd's fd store gives back after a crash (`fdstore`).
+//!   used for what systemd's fd store gives back after a crash ([`crate::fdstore`]).
 mod channel;
-pub mod fdstore;
 
 use std::{
     os::{
@@ -295,7 +294,7 @@ impl Takeover {
 
     /// What the service manager gave back (`LISTEN_FDS`): its sessions are resumed only if
     /// the pinned maps they are in are still there (see `needs_pinned_maps`).
-    pub fn from_fd_store(restored: fdstore::Restored) -> Takeover {
+    pub fn from_fd_store(restored: crate::fdstore::Restored) -> Takeover {
         let sessions = restored
             .sessions
             .into_iter()

@@ -14,14 +14,13 @@ use std::{
     collections::HashMap,
     io::{self, Read as _, Seek as _, Write as _},
     os::{
-        fd::{AsFd, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
         unix::net::UnixDatagram,
     },
 };
 
 use tracing::{debug, warn};
 
-use super::channel::send_with_fds;
 use crate::{
     dataplane::{Detached, sockopt},
     patroni::CarriedHealth,
@@ -231,6 +230,52 @@ impl Restored {
     }
 }
 
+/// Sends `payload` with `fds` attached (SCM_RIGHTS) on a unix socket, in one message.
+pub(crate) fn send_with_fds(
+    socket: BorrowedFd<'_>,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut _,
+        iov_len: payload.len(),
+    };
+    let mut control = vec![0u8; scm_space(raw.len())];
+    // SAFETY: zeroed msghdr is valid; pointers below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr() as *mut _;
+        msg.msg_controllen = control.len() as _;
+        // SAFETY: the control buffer holds one header with room for `raw`.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len =
+                libc::CMSG_LEN((raw.len() * std::mem::size_of::<RawFd>()) as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr(),
+                libc::CMSG_DATA(cmsg) as *mut RawFd,
+                raw.len(),
+            );
+        }
+    }
+    // SAFETY: valid socket and message.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn scm_space(fds: usize) -> usize {
+    // SAFETY: pure arithmetic.
+    unsafe { libc::CMSG_SPACE((fds.max(1) * std::mem::size_of::<RawFd>()) as u32) as usize }
+}
+
 fn read_health(fd: OwnedFd) -> io::Result<Vec<CarriedHealth>> {
     let mut file = std::fs::File::from(fd);
     file.rewind()?;
@@ -244,7 +289,7 @@ fn hex(s: &str) -> String {
 }
 
 fn unhex(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes = (0..s.len())
