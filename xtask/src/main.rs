@@ -21,6 +21,7 @@ mod demo;
 mod failover_bench;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -78,6 +79,10 @@ enum Cmd {
     /// Fuzz one target of fuzz/ (config, patroni_response, first_bytes) or `all` for N
     /// seconds each, installing cargo-fuzz first if needed; prints the executions per target.
     Fuzz(fuzz::FuzzArgs),
+    /// Both data paths under churn, long sessions, byte-checked bulk copies and stats scrapes
+    /// for N minutes while servers flap and the cluster switches over; fails on any error or
+    /// leak. Writes target/soak/report.md.
+    Soak(soak::SoakArgs),
     /// Bring up a Patroni cluster with patroxy in front (5432 writes, 5433 reads, 7000 stats),
     /// verify it with the seed's queries and show how to connect; Ctrl-C stops everything.
     Demo {
@@ -106,6 +111,13 @@ fn main() -> ExitCode {
         }
         Cmd::Cluster(cmd) => cluster::run(cmd).map(|_| ExitCode::SUCCESS),
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
+        Cmd::Soak(args) => soak::soak(&args).map(|passed| {
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         Cmd::Demo { once } => demo::demo(once).map(|_| ExitCode::SUCCESS),
     };
     match result {
