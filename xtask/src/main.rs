@@ -9,9 +9,10 @@
 //! namespaced Patroni cluster with patroxy in front), `demo.rs` (that cluster, verified with
 //! the seed's queries), `bench/` (throughput, latency, memory, CPU), `failover_bench.rs`
 //! (failovers through patroxy and HAProxy), `fuzz.rs` (the cargo-fuzz targets of fuzz/, which
+//! `test.rs` runs briefly too), `soak/` (long runs on both data paths under disruption, which
 //! `test.rs` runs briefly too); the PostgreSQL, process and cluster harness is the integration
 //! tests' (the patroxy-tests crate). Imports go one way (demo -> cluster -> cargo -> setup ->
-//! command; test -> fuzz -> cargo); nothing uses `main.rs`.
+//! command; test -> fuzz, soak -> cargo); nothing uses `main.rs`.
 
 mod bench;
 mod cargo;
@@ -51,7 +52,7 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Set up, build, run every test of the workspace (release), then each fuzz target
-    /// briefly, and print a summary.
+    /// briefly and a short soak, and print a summary.
     ///
     /// Arguments after `--` go to `cargo test`; a second `--` separates test-binary
     /// arguments, e.g. `cargo xtask test -- -p patroxy-tests -- --nocapture`.
@@ -63,6 +64,10 @@ enum Cmd {
         /// 0 skips fuzzing.
         #[arg(long, default_value_t = 20)]
         fuzz_seconds: u64,
+        /// After fuzzing, soak this many minutes (`cargo xtask soak`, Patroni cluster
+        /// included); 0 skips the soak.
+        #[arg(long, default_value_t = 2)]
+        soak_minutes: u64,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -103,8 +108,14 @@ fn main() -> ExitCode {
         Cmd::Test {
             timeout,
             fuzz_seconds,
+            soak_minutes,
             args,
-        } => test::test(&args, Duration::from_secs(timeout), fuzz_seconds),
+        } => test::test(
+            &args,
+            Duration::from_secs(timeout),
+            fuzz_seconds,
+            soak_minutes,
+        ),
         Cmd::Bench(args) => bench::bench(&args).map(|_| ExitCode::SUCCESS),
         Cmd::FailoverBench(args) => {
             failover_bench::failover_bench(&args).map(|_| ExitCode::SUCCESS)

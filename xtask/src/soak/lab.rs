@@ -35,6 +35,8 @@ pub struct Target {
     pub stats: SocketAddr,
     /// The listener names the stats pages must show.
     pub listeners: Vec<String>,
+    /// Servers it health-checks (each may hold a connection to a Patroni API).
+    pub checked_servers: u64,
     pub pin: PathBuf,
     pub log: PathBuf,
 }
@@ -170,6 +172,7 @@ impl Loopback {
             flap_port: Some(ports[1]),
             stats: local(ports[2]),
             listeners: vec!["soak_steady".into(), "soak_flap".into()],
+            checked_servers: 2,
             pin,
             log: child
                 .log_path()
@@ -211,6 +214,7 @@ impl ClusterLab {
                 flap_port: None,
                 stats: local(ports.2),
                 listeners: vec!["postgres_write".into(), "postgres_read".into()],
+                checked_servers: lab.cluster.nodes.len() as u64,
                 pin: PathBuf::from(format!("/sys/fs/bpf/patroxy-cluster-{}", ports.0)),
                 log: proxy.log_path.clone(),
             });

@@ -150,13 +150,7 @@ pub fn soak(args: &SoakArgs) -> Result<bool> {
         .map(|((t, tally), base)| {
             let end = settled(t, Some(Instant::now() + SETTLE));
             let tally = tally.into_inner().expect("tally lock");
-            row(
-                t,
-                tally,
-                base,
-                end,
-                cluster.as_ref().map_or(2, |c| c.cluster.nodes.len() as u64),
-            )
+            row(t, tally, base, end, &work_dir)
         })
         .collect();
     let report = Report {
@@ -242,16 +236,20 @@ fn settled(t: &Target, until: Option<Instant>) -> resources::Usage {
     }
 }
 
+/// One patroxy's verdict. Its log is kept as target/soak/NAME.log (the harness deletes its own
+/// copy when the process is stopped).
 fn row(
     t: &Target,
     tally: Tally,
     base: resources::Usage,
     end: resources::Usage,
-    servers: u64,
+    work_dir: &std::path::Path,
 ) -> Row {
     let log = std::fs::read(&t.log)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
+    let _ = std::fs::write(work_dir.join(format!("{}.log", t.name)), &log);
+    let warn_lines = log.lines().filter(|l| l.contains(" WARN ")).count();
     let bad_log_lines: Vec<String> = log
         .lines()
         .filter(|l| l.contains(" ERROR ") || l.contains("panicked"))
@@ -272,7 +270,10 @@ fn row(
     if tally.bytes_checked == 0 {
         problems.push("no bulk transfer completed".to_owned());
     }
-    problems.extend(resources::within(&base, &end, servers));
+    if t.flap_port.is_some() && tally.flap_runs_ok == 0 {
+        problems.push("no run through the flapping server succeeded".to_owned());
+    }
+    problems.extend(resources::within(&base, &end, t.checked_servers));
     problems.extend(bad_log_lines.iter().take(10).map(|l| format!("log: {l}")));
     Row {
         target: t.clone(),
@@ -281,6 +282,7 @@ fn row(
         base,
         end,
         bad_log_lines,
+        warn_lines,
         problems,
     }
 }

@@ -18,6 +18,8 @@ pub struct Row {
     pub peak_rss_kib: u64,
     /// Log lines at ERROR level or from a panic.
     pub bad_log_lines: Vec<String>,
+    /// Log lines at WARN level (mark-downs, resets): shown, not judged.
+    pub warn_lines: usize,
     /// Everything that fails the soak for this patroxy.
     pub problems: Vec<String>,
 }
@@ -45,9 +47,10 @@ impl Report {
             if self.passed() { "PASS" } else { "FAIL" }
         );
         md.push_str(
-            "| patroxy | transactions | runs ok | planned resets | errors | bytes checked | \
-             mismatches | stats pages | fds | RSS MiB (peak) | SESSIONS/SOCKS | ERROR/panic lines |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n",
+            "| patroxy | transactions | runs ok (flapping) | runs failed, planned | errors | \
+             bytes checked | mismatches | stats pages | fds | RSS MiB (peak) | SESSIONS/SOCKS | \
+             ERROR/panic lines | WARN lines |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |\n",
         );
         for r in &self.rows {
             let t = &r.tally;
@@ -57,10 +60,11 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {:.1} MiB | {} | {} ok, {} failed | {} → {} | {:.1} → {:.1} ({:.1}) | {} | {} |",
+                "| {} | {} | {} ({}) | {} | {} | {:.1} MiB | {} | {} ok, {} failed | {} → {} | {:.1} → {:.1} ({:.1}) | {} | {} | {} |",
                 r.target.name,
                 t.transactions,
                 t.runs_ok,
+                t.flap_runs_ok,
                 t.expected_failures,
                 t.unexpected.len() + t.scrape_errors.len(),
                 t.bytes_checked as f64 / 1048576.0,
@@ -74,6 +78,7 @@ impl Report {
                 r.peak_rss_kib as f64 / 1024.0,
                 maps,
                 r.bad_log_lines.len(),
+                r.warn_lines,
             );
         }
         let _ = writeln!(
@@ -86,8 +91,8 @@ impl Report {
             let routed: Vec<String> = s.routed_after.iter().map(|x| format!("{x:.1}")).collect();
             let _ = writeln!(
                 md,
-                "Switchovers: {} done (patroxy routed to the new leader after {} s); Patroni's own \
-                 failures (not judged): {}.",
+                "Switchovers: {} done (cluster healthy again and every patroxy routing to the new \
+                 leader after {} s); Patroni's own failures (not judged): {}.",
                 s.done,
                 if routed.is_empty() {
                     "-".into()

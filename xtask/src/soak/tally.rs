@@ -11,6 +11,9 @@ pub struct Tally {
     pub transactions: u64,
     /// Workload runs that completed cleanly.
     pub runs_ok: u64,
+    /// Of those, runs through the flapping server's listener: some must succeed, or the
+    /// server was never taken back after it recovered.
+    pub flap_runs_ok: u64,
     /// Failed runs that overlapped a planned disruption (a switchover, the flapping server):
     /// sessions reset on purpose, not counted as errors.
     pub expected_failures: u64,

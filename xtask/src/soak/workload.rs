@@ -100,6 +100,7 @@ impl Run<'_> {
                 Ok(Done::Transactions(n)) => {
                     tally.transactions += n;
                     tally.runs_ok += 1;
+                    tally.flap_runs_ok += u64::from(matches!(kind, Kind::Flap));
                 }
                 Ok(Done::Bytes(n)) => {
                     tally.bytes_checked += n;
