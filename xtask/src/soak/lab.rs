@@ -32,6 +32,8 @@ pub struct Target {
     pub steady_port: u16,
     /// The loopback listener whose server flaps: its failures are expected.
     pub flap_port: Option<u16>,
+    /// In front of the switched-over cluster: failures during a switchover are expected.
+    pub switched_over: bool,
     pub stats: SocketAddr,
     /// The listener names the stats pages must show.
     pub listeners: Vec<String>,
@@ -170,6 +172,7 @@ impl Loopback {
             pid: child.id(),
             steady_port: ports[0],
             flap_port: Some(ports[1]),
+            switched_over: false,
             stats: local(ports[2]),
             listeners: vec!["soak_steady".into(), "soak_flap".into()],
             checked_servers: 2,
@@ -212,6 +215,7 @@ impl ClusterLab {
                 pid: proxy.pid(),
                 steady_port: ports.0,
                 flap_port: None,
+                switched_over: true,
                 stats: local(ports.2),
                 listeners: vec!["postgres_write".into(), "postgres_read".into()],
                 checked_servers: lab.cluster.nodes.len() as u64,

@@ -47,10 +47,11 @@ impl Report {
             if self.passed() { "PASS" } else { "FAIL" }
         );
         md.push_str(
-            "| patroxy | transactions | runs ok (flapping) | runs failed, planned | errors | \
+            "| patroxy | sessions | transactions | runs ok (flapping) | runs failed: flapping, \
+             switchover | errors | \
              bytes checked | mismatches | stats pages | fds | RSS MiB (peak) | SESSIONS/SOCKS | \
              ERROR/panic lines | WARN lines |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |\n",
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |\n",
         );
         for r in &self.rows {
             let t = &r.tally;
@@ -60,12 +61,14 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} ({}) | {} | {} | {:.1} MiB | {} | {} ok, {} failed | {} → {} | {:.1} → {:.1} ({:.1}) | {} | {} | {} |",
+                "| {} | {} | {} | {} ({}) | {}, {} | {} | {:.1} MiB | {} | {} ok, {} failed | {} → {} | {:.1} → {:.1} ({:.1}) | {} | {} | {} |",
                 r.target.name,
+                r.end.total_sessions.saturating_sub(r.base.total_sessions),
                 t.transactions,
                 t.runs_ok,
                 t.flap_runs_ok,
-                t.expected_failures,
+                t.flap_failures,
+                t.switchover_failures,
                 t.unexpected.len() + t.scrape_errors.len(),
                 t.bytes_checked as f64 / 1048576.0,
                 t.mismatches,

@@ -12,6 +12,8 @@ pub struct Usage {
     pub fds: u64,
     pub rss_kib: u64,
     pub open_sessions: u64,
+    /// Sessions since the start (the stats' `stot`), to say how many the soak opened.
+    pub total_sessions: u64,
     /// SESSIONS and SOCKS entries (the sockmap path only).
     pub map_entries: Option<(u64, u64)>,
 }
@@ -23,7 +25,8 @@ pub fn usage(t: &Target) -> Usage {
     Usage {
         fds,
         rss_kib: patroxy_tests::process::memory(t.pid).map_or(0, |m| m.rss_kib),
-        open_sessions: scrape::open_sessions(t).unwrap_or(u64::MAX),
+        open_sessions: scrape::frontend_sum(t, "scur").unwrap_or(u64::MAX),
+        total_sessions: scrape::frontend_sum(t, "stot").unwrap_or(0),
         map_entries: t.sockmap.then(|| {
             (
                 map_entries(&t.pin, "SESSIONS"),

@@ -82,12 +82,13 @@ fn fetch(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body)
 }
 
-/// Sessions open on every listener, from the CSV's FRONTEND rows.
-pub fn open_sessions(t: &Target) -> Result<u64> {
+/// A column (`scur`: open sessions, `stot`: sessions so far) summed over every listener's
+/// FRONTEND row of the CSV.
+pub fn frontend_sum(t: &Target, column: &str) -> Result<u64> {
     let rows = parse_csv(&fetch(t.stats, "/;csv")?);
     Ok(rows
         .iter()
         .filter(|r| r.get("svname").map(String::as_str) == Some("FRONTEND"))
-        .filter_map(|r| r.get("scur")?.parse::<u64>().ok())
+        .filter_map(|r| r.get(column)?.parse::<u64>().ok())
         .sum())
 }

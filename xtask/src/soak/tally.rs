@@ -14,9 +14,10 @@ pub struct Tally {
     /// Of those, runs through the flapping server's listener: some must succeed, or the
     /// server was never taken back after it recovered.
     pub flap_runs_ok: u64,
-    /// Failed runs that overlapped a planned disruption (a switchover, the flapping server):
-    /// sessions reset on purpose, not counted as errors.
-    pub expected_failures: u64,
+    /// Failed runs through the flapping server: sessions reset or refused on purpose.
+    pub flap_failures: u64,
+    /// Failed runs that overlapped a switchover of the cluster: planned too.
+    pub switchover_failures: u64,
     /// Failed runs on sessions to servers that stayed up: each one fails the soak.
     pub unexpected: Vec<String>,
     /// Bytes sent through the proxy and read back, compared byte for byte.

@@ -96,6 +96,7 @@ impl Run<'_> {
                 Kind::Bulk => self.bulk(round),
             };
             let mut tally = self.tally.lock().expect("tally lock");
+            let mut failed = false;
             match result {
                 Ok(Done::Transactions(n)) => {
                     tally.transactions += n;
@@ -107,6 +108,7 @@ impl Run<'_> {
                     tally.runs_ok += 1;
                 }
                 Err(Failure::Mismatch(msg)) => {
+                    failed = true;
                     tally.mismatches += 1;
                     Tally::note(
                         &mut tally.unexpected,
@@ -114,10 +116,13 @@ impl Run<'_> {
                     );
                 }
                 Err(Failure::Failed(msg)) => {
-                    let planned = matches!(kind, Kind::Flap)
-                        || self.disruptions.overlaps(started, Instant::now());
-                    if planned {
-                        tally.expected_failures += 1;
+                    failed = true;
+                    if matches!(kind, Kind::Flap) {
+                        tally.flap_failures += 1;
+                    } else if self.target.switched_over
+                        && self.disruptions.overlaps(started, Instant::now())
+                    {
+                        tally.switchover_failures += 1;
                     } else {
                         Tally::note(
                             &mut tally.unexpected,
@@ -127,7 +132,8 @@ impl Run<'_> {
                 }
             }
             drop(tally);
-            if matches!(kind, Kind::Bulk) {
+            // A refused run ends at once: pause rather than spin while the server is down.
+            if failed || matches!(kind, Kind::Bulk) {
                 std::thread::sleep(Duration::from_secs(2));
             }
         }
