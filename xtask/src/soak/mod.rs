@@ -183,11 +183,7 @@ fn traffic(
     std::thread::scope(|s| {
         for (target, tally) in targets.iter().zip(tallies) {
             for kind in Kind::for_target(target) {
-                if !only.is_empty()
-                    && !only
-                        .iter()
-                        .any(|k| std::mem::discriminant(k) == std::mem::discriminant(&kind))
-                {
+                if !only.is_empty() && !only.contains(&kind) {
                     continue;
                 }
                 let run = Run {

@@ -43,7 +43,7 @@ impl Client {
 }
 
 /// What one thread does, and whether its failures are planned.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Churn,
     Long,
