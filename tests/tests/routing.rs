@@ -158,7 +158,7 @@ async fn queued_writes_follow_the_primary(path: Path_) {
     config.default_server.maxconn = Some(1);
     let proxy = Patroxy::start("queuemove", &config);
     let bind = config.bind();
-    // The harness's readiness probe is a client too: let it reach a and end first.
+    // The harness's readiness probe is a client too: let it end first.
     assert!(proxy.wait_for_log("session closed", Duration::from_secs(10)));
     let a_before = a.backend.accepted();
     let mut held = TcpStream::connect(bind).await.unwrap();
