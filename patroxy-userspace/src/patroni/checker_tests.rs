@@ -23,7 +23,9 @@ impl Running {
     fn start(config: &Config) -> Self {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let rx = spawn_checker(config, cancel.clone(), &tracker).expect("checker starts");
+        let rx = spawn_checker(config, cancel.clone(), &tracker)
+            .expect("checker starts")
+            .subscribe();
         Running {
             rx,
             cancel,
