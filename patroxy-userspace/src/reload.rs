@@ -188,7 +188,7 @@ impl Applier {
             return Ok(ReloadSummary::default());
         }
         // The checker first: it is the only step that can fail (a check's TLS files).
-        self.checker.reconfigure(&new)?;
+        self.checker.reconfigure(&running, &new)?;
         self.proxy.reconfigure(new);
         Ok(ReloadSummary {
             changes: diff.changes,

@@ -158,15 +158,17 @@ impl Checker {
         self.shared.tx.subscribe()
     }
 
-    /// Takes a reloaded `config` of the same listeners and servers (see `config::diff`): every
-    /// server keeps its check state, retuned to the new `rise`/`fall`, and the checks restart
-    /// on the new settings. A listener whose check was added starts its servers per
-    /// `init_state`; one whose check was removed makes them "no check".
-    pub fn reconfigure(&self, config: &Config) -> Result<(), ClientError> {
+    /// Takes a reloaded `config` of the same listeners and servers as `running` (see
+    /// `config::diff`), and restarts the checks on its settings. A server whose check asks the
+    /// same question (same check address, method, path, expected status and TLS) keeps its
+    /// check state, retuned to the new `rise`/`fall`; one whose check changed starts over per
+    /// `init_state`, since its state answered another question; one whose listener lost its
+    /// check becomes "no check".
+    pub fn reconfigure(&self, running: &Config, config: &Config) -> Result<(), ClientError> {
         let jobs = jobs(config)?;
         let cancel = self.stop.child_token();
         std::mem::replace(&mut *self.jobs.lock().unwrap(), cancel.clone()).cancel();
-        self.shared.retune(config, Instant::now());
+        self.shared.retune(running, config, Instant::now());
         self.spawn(jobs, cancel);
         Ok(())
     }
@@ -294,12 +296,16 @@ impl Shared {
         self.tx.send_replace(Arc::new(state.clone()));
     }
 
-    /// Retunes every server's hysteresis to `config` (same layout) and publishes the result.
-    fn retune(&self, config: &Config, now: Instant) {
+    /// Retunes every server's hysteresis from `running` to `config` (same layout) and
+    /// publishes the result.
+    fn retune(&self, running: &Config, config: &Config, now: Instant) {
         let mut state = self.state.lock().unwrap();
         for (key, _) in backends(config) {
             let l = &config.listeners[key.listener];
             let spec = &l.servers[key.server];
+            let was = &running.listeners[key.listener];
+            let same_question =
+                was.check == l.check && was.servers[key.server].check_addr == spec.check_addr;
             let Some(server) = state
                 .listeners
                 .get_mut(key.listener)
@@ -309,8 +315,8 @@ impl Shared {
             };
             let health = &mut server.health;
             match (&l.check, health.is_checked()) {
-                (Some(c), true) => health.retune(&spec.timing, c.authoritative),
-                (Some(c), false) => {
+                (Some(c), true) if same_question => health.retune(&spec.timing, c.authoritative),
+                (Some(c), _) => {
                     *health = ServerHealth::new(&spec.timing, spec.init_state, c.authoritative, now)
                 }
                 (None, true) => *health = ServerHealth::no_check(now),
