@@ -17,6 +17,8 @@
 //! - `proxy`: accepts clients, enforces limits and connects; it applies each new view to the
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
+//! - `reload`: the one entry point of a configuration reload (SIGHUP, `patroxy reload`): re-reads
+//!   the file and applies what changed to the checker and the proxy, or keeps the running config.
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
 //! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
 //!
@@ -28,6 +30,7 @@ pub mod lifecycle;
 pub mod operator_state;
 pub mod patroni;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod stats;
 pub mod view;

@@ -1,8 +1,8 @@
 //! The daemon's life: start-up in dependency order, readiness, signals, drain, exit.
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
@@ -12,11 +12,15 @@ use crate::{
     operator_state::AdminWriter,
     patroni,
     proxy::{self, Proxy},
+    reload::{self, Reloader},
     stats,
 };
 
-/// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`.
-pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`. `config` was read from
+/// `path`, which SIGHUP and `patroxy reload` read again.
+pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
+    // Before anything else: SIGHUP's default action would end the daemon.
+    let signals = Signals::new()?;
     let config = Arc::new(config);
     raise_fd_limit(&config);
     let dataplane = Arc::new(DataPlane::select(
@@ -56,14 +60,21 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         config.clone(),
         dataplane.clone(),
         backends,
-        checks,
+        checks.subscribe(),
         admin.subscribe(),
     );
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
+    let reloader = reload::spawn(path, proxy.clone(), checks, stop.clone(), &tracker);
     let stats_thread = match stats_listener {
         Some(listener) => Some(
-            stats::serve(listener, proxy.clone(), admin.clone(), stop.clone())
-                .context("stats: starting its thread")?,
+            stats::serve(
+                listener,
+                proxy.clone(),
+                admin.clone(),
+                reloader.clone(),
+                stop.clone(),
+            )
+            .context("stats: starting its thread")?,
         ),
         None => None,
     };
@@ -75,7 +86,7 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
-    wait_for_stop_signal().await?;
+    signals.serve_until_stop(&reloader).await;
     info!("stopping: no new clients; draining sessions for up to {grace:?}");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     stop.cancel();
@@ -93,14 +104,38 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+/// The daemon's signal handlers: SIGTERM and SIGINT stop it, SIGHUP reloads the configuration.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    Ok(())
+
+    /// Reloads on every SIGHUP (the reload logs its outcome) until SIGTERM or SIGINT.
+    async fn serve_until_stop(mut self, reloader: &Reloader) {
+        loop {
+            let stop = tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+                _ = self.hup.recv() => {
+                    info!("SIGHUP received: reloading the configuration");
+                    let _ = reloader.reload().await;
+                    continue;
+                }
+            };
+            info!("{stop} received");
+            return;
+        }
+    }
 }
 
 /// File descriptors the daemon needs besides its sessions, health checks and stats connections:

@@ -3,6 +3,7 @@ mod cli;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -43,6 +44,16 @@ enum Command {
         target: String,
         /// ready | drain | maint
         state: patroxy::operator_state::AdminState,
+        /// The stats server; defaults to the `[stats]` bind of --config.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+    },
+    /// Make the running daemon re-read its configuration file (as SIGHUP does) and print what
+    /// changed; exits 1 with every error when the file is invalid (the daemon keeps running
+    /// its old configuration).
+    Reload {
         /// The stats server; defaults to the `[stats]` bind of --config.
         #[arg(long)]
         url: Option<String>,
@@ -105,6 +116,10 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(cli::set_state::run(&url, &target, state))
         })),
+        Command::Reload { url, config } => report(reload_url(url, &config).and_then(|url| {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::reload::run(&url))
+        })),
         Command::Sessions { pin_path, config } => report(
             config
                 .map(|c| patroxy::config::load(&c))
@@ -117,7 +132,8 @@ fn main() -> ExitCode {
             config,
             drain_grace,
         } => {
-            let config = match patroxy::config::load(&config) {
+            let path = config;
+            let config = match patroxy::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("refusing to start: {e}");
@@ -125,7 +141,7 @@ fn main() -> ExitCode {
                 }
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(patroxy::lifecycle::run(config, drain_grace)) {
+            match runtime.block_on(patroxy::lifecycle::run(config, path, drain_grace)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("patroxy: {e:#}");
@@ -134,6 +150,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The stats URL for `reload`. An invalid file is what a reload must report, so without --url
+/// the `[stats]` bind is read from the file even when the rest does not validate (the daemon then
+/// answers with every error); only a file without a readable bind fails here, with its errors.
+fn reload_url(url: Option<String>, config: &std::path::Path) -> anyhow::Result<String> {
+    cli::stats_url(url, config).or_else(|e| {
+        cli::stats_url_of_invalid(config).ok_or(e).context(
+            "cannot find the stats server in the configuration file; pass --url to reach the daemon",
+        )
+    })
 }
 
 /// Exit status of an operator command: errors on stderr, exit 1.

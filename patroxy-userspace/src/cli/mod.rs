@@ -1,4 +1,4 @@
-//! The operator's commands, one file each: `status` and `set-state` talk to the running daemon
+//! The operator's commands, one file each: `status`, `set-state` and `reload` talk to the running daemon
 //! through its stats server, `sessions` and `maps` read its pinned maps.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -9,6 +9,7 @@ use anyhow::bail;
 use patroxy::config::Config;
 
 pub mod maps;
+pub mod reload;
 pub mod sessions;
 pub mod set_state;
 pub mod status;
@@ -21,18 +22,32 @@ pub fn stats_url(url: Option<String>, config: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The stats URL from the `[stats] bind` of a file that parses as TOML but does not validate.
+pub fn stats_url_of_invalid(path: &Path) -> Option<String> {
+    let table: toml::Table = std::fs::read_to_string(path).ok()?.parse().ok()?;
+    let bind = table.get("stats")?.get("bind")?.as_str()?;
+    let addr = match bind.strip_prefix("*:") {
+        Some(port) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port.parse().ok()?)),
+        None => bind.parse().ok()?,
+    };
+    Some(url_of(addr))
+}
+
 /// The stats URL of the daemon configured in `config`: its `[stats]` bind, with an unspecified
 /// address (`*`, 0.0.0.0, ::) replaced by loopback.
 fn url_from_config(config: &Config) -> anyhow::Result<String> {
     let Some(stats) = &config.stats else {
         bail!("the configuration has no [stats] section; pass --url");
     };
-    let mut addr: SocketAddr = stats.bind;
+    Ok(url_of(stats.bind))
+}
+
+fn url_of(mut addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         });
     }
-    Ok(format!("http://{addr}"))
+    format!("http://{addr}")
 }

@@ -6,12 +6,14 @@
 //! - `validate`: raw -> `model` in one pass, every default applied and every reference resolved.
 //! - `model`: the typed `Config` the rest of the daemon uses.
 //! - `tls`: the checks' PEM files, read the same way by validation and by the checker.
+//! - `diff`: what a reload of the file changes, and what it cannot change without a restart.
 //! - `error`: `ConfigError`, whose messages read `file:line:column: problem`.
 //!
 //! Nothing is bound or loaded before `load` succeeds, so a bad file never half-starts the proxy.
 //! Validation also looks at this host where the file names something on it (server host names,
 //! TLS files, the pin directory's parent), so `check-config` refuses what `run` would.
 mod addr;
+pub mod diff;
 mod duration;
 mod error;
 pub mod model;

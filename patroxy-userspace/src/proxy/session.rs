@@ -20,7 +20,7 @@ use super::{
     refusal::{self, Refusal},
     slots::Slot,
 };
-use crate::dataplane::SessionMeta;
+use crate::{config::Config, dataplane::SessionMeta};
 
 /// A client's server, connected, with HAProxy's Tw (queue) and Tc (connect) milestones.
 struct Connected {
@@ -42,13 +42,14 @@ impl Proxy {
         _global: OwnedSemaphorePermit,
     ) {
         let accepted = Instant::now();
-        let lname = &self.config.listeners[listener].name;
+        let config = self.config();
+        let lname = &config.listeners[listener].name;
         let lcounters = &self.listener_counters[listener];
         lcounters.accepted.fetch_add(1, Relaxed);
         // Wait for the client's first bytes (left unread for the data path) before taking a
         // server slot: a client that connects and says nothing would otherwise hold a slot
         // and a backend connection until PostgreSQL's own authentication_timeout.
-        let startup = self.config.defaults.timeout_startup;
+        let startup = config.defaults.timeout_startup;
         // `peek` (not `readable`, which may wake spuriously) leaves the bytes in the socket.
         let gone = match timeout(startup, client.peek(&mut [0u8; 1])).await {
             Ok(Ok(0)) => Some("client closed before sending anything".to_owned()),
@@ -82,7 +83,7 @@ impl Proxy {
             slot: _slot,
             dequeued,
             connected,
-        } = match self.connect_backend(listener).await {
+        } = match self.connect_backend(&config, listener).await {
             Ok(x) => x,
             Err(refusal) => {
                 match &refusal {
@@ -103,16 +104,15 @@ impl Proxy {
                 return;
             }
         };
-        let sname = &self.config.listeners[listener].servers[server].name;
+        let sname = &config.listeners[listener].servers[server].name;
         let backend_id = self.backend_id(listener, server);
         let meta = SessionMeta {
             backend_id,
             listener: listener as u16,
-            idle_timeout: self
-                .config
+            idle_timeout: config
                 .defaults
                 .timeout_client
-                .min(self.config.defaults.timeout_server),
+                .min(config.defaults.timeout_server),
         };
         let registered = self.sessions.register(backend_id);
         // A mark-down between our pick and this registration fenced the server without
@@ -148,8 +148,12 @@ impl Proxy {
 
     /// Chooses a server (waiting in the queue while none is UP or all are full), then connects
     /// with HAProxy's `retries`, turn-around delay and `option redispatch`.
-    async fn connect_backend(&self, listener: usize) -> Result<Connected, Refusal> {
-        let d = &self.config.defaults;
+    async fn connect_backend(
+        &self,
+        config: &Config,
+        listener: usize,
+    ) -> Result<Connected, Refusal> {
+        let d = &config.defaults;
         let queue_deadline = Instant::now() + d.timeout_queue;
         let turnaround = d.timeout_connect.min(Duration::from_secs(1));
         let mut excluded = Vec::new();
@@ -160,7 +164,7 @@ impl Proxy {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let addr = self.config.listeners[listener].servers[server].address;
+            let addr = config.listeners[listener].servers[server].address;
             let err = match timeout(d.timeout_connect, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     return Ok(Connected {

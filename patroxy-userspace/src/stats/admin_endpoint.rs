@@ -73,6 +73,25 @@ pub fn set_state(access: AdminAccess, admin: &AdminWriter, req: &Request) -> (St
     }
 }
 
+/// Why `POST /admin/reload` from this caller is refused, by the same rule as a state change.
+pub fn forbidden_caller(
+    access: AdminAccess,
+    peer: Peer,
+    origin: Option<&str>,
+    host: Option<&str>,
+) -> Option<String> {
+    let req = Request {
+        peer,
+        origin,
+        host,
+        listener: "",
+        server: "",
+        query: None,
+        body: "",
+    };
+    forbidden(access, &req)
+}
+
 fn forbidden(access: AdminAccess, req: &Request) -> Option<String> {
     let peer = req.peer.remote.ip().to_canonical();
     match access {

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use super::{
     history::StatsHistory,
     model::{
-        FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot,
-        Traffic,
+        FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats, StateClass,
+        StatsSnapshot, Traffic,
     },
 };
 use crate::{
@@ -21,6 +21,7 @@ use crate::{
     operator_state::AdminState,
     patroni::{Role, ServerState},
     proxy::StatsSource,
+    reload::ReloadStatus,
     view::ServerView,
 };
 
@@ -29,6 +30,7 @@ pub fn snapshot(
     history: &StatsHistory,
     live: &LiveBytes,
     started: Instant,
+    reload: &ReloadStatus,
 ) -> StatsSnapshot {
     let now = Instant::now();
     let view = source.view().borrow().clone();
@@ -93,12 +95,26 @@ pub fn snapshot(
             .stats
             .as_ref()
             .map_or(5, |s| s.refresh.as_secs().max(1)),
-        generated_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        generated_unix: unix_secs(SystemTime::now()),
         global_maxconn: config.global.maxconn,
+        reload: reload_stats(reload),
         listeners,
     }
+}
+
+fn reload_stats(status: &ReloadStatus) -> ReloadStats {
+    let last = status.last.as_ref();
+    ReloadStats {
+        reloads: status.reloads,
+        failures: status.failures,
+        last_unix: last.map(|l| unix_secs(l.at)),
+        last_ok: last.map(|l| l.ok),
+        last_messages: last.map(|l| l.lines.clone()).unwrap_or_default(),
+    }
+}
+
+fn unix_secs(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn server(
@@ -109,8 +125,9 @@ fn server(
     now: Instant,
 ) -> ServerStats {
     let (listener, index, health) = (snap.key.listener, snap.key.server, &snap.health);
-    let spec = &source.config().listeners[listener].servers[index];
-    let checked = source.config().listeners[listener].check.is_some();
+    let config = source.config();
+    let spec = &config.listeners[listener].servers[index];
+    let checked = config.listeners[listener].check.is_some();
     let id = snap.id;
     let entry = source.backend_entry(id);
     let c = source.backend_counters(id);

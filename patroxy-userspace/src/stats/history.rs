@@ -257,7 +257,7 @@ mod tests {
 
     /// The proxy as the history task reads it: a view with one server checked once, no traffic.
     struct CheckedOnce {
-        config: Config,
+        config: Arc<Config>,
         view: watch::Sender<Arc<View>>,
         backend: BackendCounters,
         listener: ListenerCounters,
@@ -292,7 +292,7 @@ mod tests {
             health.listeners[0].servers[0].health.record(&outcome, now);
             let view = View::fold(&health, &AdminStates::ready(&config));
             Self {
-                config,
+                config: Arc::new(config),
                 view: watch::Sender::new(Arc::new(view)),
                 backend: BackendCounters::default(),
                 listener: ListenerCounters::default(),
@@ -301,8 +301,8 @@ mod tests {
     }
 
     impl StatsSource for CheckedOnce {
-        fn config(&self) -> &Config {
-            &self.config
+        fn config(&self) -> Arc<Config> {
+            self.config.clone()
         }
         fn view(&self) -> watch::Receiver<Arc<View>> {
             self.view.subscribe()

@@ -1,7 +1,8 @@
 //! The stats HTTP server (axum): `/` HTML, `/;csv` or `/?format=csv` HAProxy's CSV, `/;json`
 //! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
 //! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
-//! endpoint (see `admin_endpoint`).
+//! endpoint (see `admin_endpoint`); `POST /admin/reload`, under the same access rule, reloads the
+//! configuration file (`patroxy reload`).
 use std::{io, net::SocketAddr, sync::Arc, thread};
 
 use axum::{
@@ -28,12 +29,15 @@ use crate::{
     dataplane::maps::{LiveBytes, OpenSessions},
     operator_state::AdminWriter,
     proxy::StatsSource,
+    reload::Reloader,
 };
 
 struct Shared {
     source: Arc<dyn StatsSource>,
     /// The one writer of the operator's states, for the admin endpoint.
     admin: Arc<AdminWriter>,
+    /// Reloads the configuration, and says how the last reload went.
+    reloader: Reloader,
     history: Arc<StatsHistory>,
     started: Instant,
 }
@@ -51,6 +55,7 @@ pub fn serve(
     listener: std::net::TcpListener,
     source: Arc<dyn StatsSource>,
     admin: Arc<AdminWriter>,
+    reloader: Reloader,
     stop: CancellationToken,
 ) -> io::Result<thread::JoinHandle<()>> {
     let config = source.config();
@@ -61,12 +66,14 @@ pub fn serve(
     let shared = Arc::new(Shared {
         source,
         admin,
+        reloader,
         history,
         started: Instant::now(),
     });
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/admin/servers/{listener}/{server}", post(set_state))
+        .route("/admin/reload", post(reload))
         .fallback(get(page))
         .with_state(shared);
     connections::spawn(listener, app, maxconn, follow, stop)
@@ -159,6 +166,53 @@ async fn set_state(
         .into_response()
 }
 
+/// Reloads the configuration: 200 with what changed, 400 with every reason it was refused (the
+/// running configuration is kept), 403 for a peer the admin rule refuses.
+async fn reload(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let access = shared
+        .source
+        .config()
+        .stats
+        .as_ref()
+        .map_or(AdminAccess::Off, |s| s.admin);
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let (status, text) = match admin_endpoint::forbidden_caller(
+        access,
+        peer,
+        header(header::ORIGIN),
+        header(header::HOST),
+    ) {
+        Some(why) => (StatusCode::FORBIDDEN, format!("forbidden: {why}\n")),
+        None => {
+            info!(peer = %peer.remote, "reload requested over the admin endpoint");
+            match shared.reloader.reload().await {
+                Ok(summary) if summary.changes.is_empty() => (
+                    StatusCode::OK,
+                    "configuration reloaded: nothing changed\n".into(),
+                ),
+                Ok(summary) => (
+                    StatusCode::OK,
+                    format!("configuration reloaded:\n{}\n", summary.changes.join("\n")),
+                ),
+                Err(e) => (
+                    StatusCode::BAD_REQUEST,
+                    format!("reload refused, running configuration kept:\n{e}\n"),
+                ),
+            }
+        }
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let snap = snapshot(&shared).await;
     let body = prometheus::render(&snap, &shared.history.check_durations);
@@ -201,6 +255,7 @@ async fn snapshot(shared: &Shared) -> StatsSnapshot {
         &shared.history,
         &live,
         shared.started,
+        &shared.reloader.status(),
     )
 }
 
