@@ -18,11 +18,14 @@
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
+//! - `control`: the runtime socket `patroxy ctl` speaks to: the stats' reads, the operator's
+//!   states and the daemon's reload, behind file permissions.
 //! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
 //!
 //! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
 //! binary's `cli` module, on top of this library.
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod lifecycle;
 pub mod operator_state;

@@ -8,6 +8,7 @@ use tracing::info;
 
 use crate::{
     config::Config,
+    control,
     dataplane::{BackendTable, DataPlane, KernelLog},
     operator_state::AdminWriter,
     patroni,
@@ -48,6 +49,10 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         Some(s) => Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?),
         None => None,
     };
+    let runtime_socket = match &config.runtime {
+        Some(r) => Some(control::bind(r).context("runtime socket")?),
+        None => None,
+    };
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.
@@ -64,6 +69,20 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         Some(listener) => Some(
             stats::serve(listener, proxy.clone(), admin.clone(), stop.clone())
                 .context("stats: starting its thread")?,
+        ),
+        None => None,
+    };
+    // Until the reload branch connects the daemon's reload here, `reload` says it is missing.
+    let control_thread = match runtime_socket {
+        Some(socket) => Some(
+            control::serve(
+                socket,
+                proxy.clone(),
+                admin.clone(),
+                Arc::new(control::NoReload),
+                stop.clone(),
+            )
+            .context("runtime socket: starting its thread")?,
         ),
         None => None,
     };
@@ -88,6 +107,13 @@ pub async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         {
             tracing::warn!("the stats server's thread panicked");
         }
+    }
+    if let Some(thread) = control_thread
+        && tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .is_ok_and(|joined| joined.is_err())
+    {
+        tracing::warn!("the runtime socket's thread panicked");
     }
     info!("stopped");
     Ok(())
@@ -123,7 +149,11 @@ fn raise_fd_limit(config: &Config) {
         .iter()
         .map(|l| l.servers.len() as u64)
         .sum();
-    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + BASE_FDS;
+    let runtime = config
+        .runtime
+        .as_ref()
+        .map_or(0, |r| u64::from(r.maxconn) + 1);
+    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + runtime + BASE_FDS;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -38,16 +38,37 @@ enum Command {
     /// Set a server's admin state, like HAProxy's `set server <backend>/<server> state`: ready
     /// (back to what its checks say), drain (no new sessions), maint (out of rotation, its
     /// sessions handled like a mark-down). Kept in memory only: a restart makes every server ready.
+    /// Goes through the runtime socket when --config has `[runtime]`, else the stats server.
     SetState {
         /// `<listener>/<server>`, as named in the configuration.
         target: String,
         /// ready | drain | maint
         state: patroxy::operator_state::AdminState,
-        /// The stats server; defaults to the `[stats]` bind of --config.
+        /// The runtime socket to use instead of --config's.
+        #[arg(long, conflicts_with = "url")]
+        socket: Option<PathBuf>,
+        /// The stats server to use instead of --config's.
         #[arg(long)]
         url: Option<String>,
+        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
+        /// of --config).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
         config: PathBuf,
+    },
+    /// Send a command to the daemon's runtime socket and print the answer: `show servers`,
+    /// `show sessions`, `set state <listener>/<server> <state>`, `reload`, `help`; `--json`
+    /// for JSON. Exits 1 when the daemon answers with an error.
+    Ctl {
+        /// The runtime socket; defaults to the `[runtime]` socket of --config.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+        /// The command's words.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// List open sockmap sessions from the pinned maps (needs root).
     Sessions {
@@ -99,12 +120,24 @@ fn main() -> ExitCode {
         Command::SetState {
             target,
             state,
+            socket,
             url,
+            token_file,
             config,
-        } => report(cli::stats_url(url, &config).and_then(|url| {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(cli::set_state::run(&url, &target, state))
-        })),
+        } => report(
+            cli::set_state::Via::choose(socket, url, token_file, &config).and_then(|via| {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(cli::set_state::run(via, &target, state))
+            }),
+        ),
+        Command::Ctl {
+            socket,
+            config,
+            command,
+        } => report(
+            cli::ctl::socket_path(socket, &config)
+                .and_then(|socket| cli::ctl::run(&socket, &command)),
+        ),
         Command::Sessions { pin_path, config } => report(
             config
                 .map(|c| patroxy::config::load(&c))

@@ -129,6 +129,7 @@ pub(crate) mod test_config {
             },
             listeners,
             stats: None,
+            runtime: None,
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct StatsSnapshot {
     pub generated_unix: u64,
     /// Global maxconn: the frontend's session limit.
     pub global_maxconn: u32,
+    /// Admin requests refused for a missing or wrong token since start.
+    #[serde(default)]
+    pub admin_unauthorized: u64,
     pub listeners: Vec<ListenerStats>,
 }
 
@@ -321,6 +324,7 @@ pub(crate) mod sample {
             refresh_secs: 5,
             generated_unix: 1_700_000_000,
             global_maxconn: 2000,
+            admin_unauthorized: 0,
             listeners: vec![
                 ListenerStats {
                     name: "postgres_write".into(),
