@@ -20,11 +20,14 @@
 //! - `reload`: the one entry point of a configuration reload (SIGHUP, `patroxy reload`): re-reads
 //!   the file and applies what changed to the checker and the proxy, or keeps the running config.
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
+//! - `control`: the runtime socket `patroxy ctl` speaks to: the stats' reads, the operator's
+//!   states and the daemon's reload, behind file permissions.
 //! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
 //!
 //! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
 //! binary's `cli` module, on top of this library.
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod lifecycle;
 pub mod operator_state;

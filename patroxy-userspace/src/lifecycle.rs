@@ -8,6 +8,7 @@ use tracing::info;
 
 use crate::{
     config::Config,
+    control,
     dataplane::{BackendTable, DataPlane, KernelLog},
     operator_state::AdminWriter,
     patroni,
@@ -52,6 +53,10 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         Some(s) => Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?),
         None => None,
     };
+    let runtime_socket = match &config.runtime {
+        Some(r) => Some(control::bind(r).context("runtime socket")?),
+        None => None,
+    };
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.
@@ -78,6 +83,19 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         ),
         None => None,
     };
+    let control_thread = match runtime_socket {
+        Some(socket) => Some(
+            control::serve(
+                socket,
+                proxy.clone(),
+                admin.clone(),
+                Arc::new(reloader.clone()),
+                stop.clone(),
+            )
+            .context("runtime socket: starting its thread")?,
+        ),
+        None => None,
+    };
     proxy.serve(listeners, stop.clone(), &tracker);
     info!(
         data_path = dataplane.name(),
@@ -99,6 +117,13 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         {
             tracing::warn!("the stats server's thread panicked");
         }
+    }
+    if let Some(thread) = control_thread
+        && tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .is_ok_and(|joined| joined.is_err())
+    {
+        tracing::warn!("the runtime socket's thread panicked");
     }
     info!("stopped");
     Ok(())
@@ -158,7 +183,11 @@ fn raise_fd_limit(config: &Config) {
         .iter()
         .map(|l| l.servers.len() as u64)
         .sum();
-    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + BASE_FDS;
+    let runtime = config
+        .runtime
+        .as_ref()
+        .map_or(0, |r| u64::from(r.maxconn) + 1);
+    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + runtime + BASE_FDS;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

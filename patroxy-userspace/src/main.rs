@@ -39,14 +39,22 @@ enum Command {
     /// Set a server's admin state, like HAProxy's `set server <backend>/<server> state`: ready
     /// (back to what its checks say), drain (no new sessions), maint (out of rotation, its
     /// sessions handled like a mark-down). Kept in memory only: a restart makes every server ready.
+    /// Goes through the runtime socket when --config has `[runtime]`, else the stats server.
     SetState {
         /// `<listener>/<server>`, as named in the configuration.
         target: String,
         /// ready | drain | maint
         state: patroxy::operator_state::AdminState,
-        /// The stats server; defaults to the `[stats]` bind of --config.
+        /// The runtime socket to use instead of --config's.
+        #[arg(long, conflicts_with = "url")]
+        socket: Option<PathBuf>,
+        /// The stats server to use instead of --config's.
         #[arg(long)]
         url: Option<String>,
+        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
+        /// of --config).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
         config: PathBuf,
     },
@@ -54,11 +62,31 @@ enum Command {
     /// changed; exits 1 with every error when the file is invalid (the daemon keeps running
     /// its old configuration).
     Reload {
-        /// The stats server; defaults to the `[stats]` bind of --config.
+        /// The runtime socket to use instead of --config's.
+        #[arg(long, conflicts_with = "url")]
+        socket: Option<PathBuf>,
+        /// The stats server to use instead of --config's.
         #[arg(long)]
         url: Option<String>,
+        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
+        /// of --config).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
         config: PathBuf,
+    },
+    /// Send a command to the daemon's runtime socket and print the answer: `show servers`,
+    /// `show sessions`, `set state <listener>/<server> <state>`, `reload`, `help`; `--json`
+    /// for JSON. Exits 1 when the daemon answers with an error.
+    Ctl {
+        /// The runtime socket; defaults to the `[runtime]` socket of --config.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+        /// The command's words.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// List open sockmap sessions from the pinned maps (needs root).
     Sessions {
@@ -110,16 +138,35 @@ fn main() -> ExitCode {
         Command::SetState {
             target,
             state,
+            socket,
             url,
+            token_file,
             config,
-        } => report(cli::stats_url(url, &config).and_then(|url| {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(cli::set_state::run(&url, &target, state))
-        })),
-        Command::Reload { url, config } => report(reload_url(url, &config).and_then(|url| {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(cli::reload::run(&url))
-        })),
+        } => report(
+            cli::set_state::Via::choose(socket, url, token_file, &config).and_then(|via| {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(cli::set_state::run(via, &target, state))
+            }),
+        ),
+        Command::Reload {
+            socket,
+            url,
+            token_file,
+            config,
+        } => report(
+            reload_route(socket, url, token_file, &config).and_then(|via| {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(cli::reload::run(via))
+            }),
+        ),
+        Command::Ctl {
+            socket,
+            config,
+            command,
+        } => report(
+            cli::ctl::socket_path(socket, &config)
+                .and_then(|socket| cli::ctl::run(&socket, &command)),
+        ),
         Command::Sessions { pin_path, config } => report(
             config
                 .map(|c| patroxy::config::load(&c))
@@ -155,11 +202,26 @@ fn main() -> ExitCode {
 /// The stats URL for `reload`. An invalid file is what a reload must report, so without --url
 /// the `[stats]` bind is read from the file even when the rest does not validate (the daemon then
 /// answers with every error); only a file without a readable bind fails here, with its errors.
-fn reload_url(url: Option<String>, config: &std::path::Path) -> anyhow::Result<String> {
-    cli::stats_url(url, config).or_else(|e| {
-        cli::stats_url_of_invalid(config).ok_or(e).context(
-            "cannot find the stats server in the configuration file; pass --url to reach the daemon",
-        )
+/// How `patroxy reload` reaches the daemon: like `set-state`, except that a file that no longer
+/// validates still names the stats server, so the daemon can report every error in it.
+fn reload_route(
+    socket: Option<PathBuf>,
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    config: &std::path::Path,
+) -> anyhow::Result<cli::set_state::Via> {
+    let explicit = socket.is_some() || url.is_some();
+    cli::set_state::Via::choose(socket, url, token_file.clone(), config).or_else(|e| {
+        if explicit {
+            return Err(e);
+        }
+        let url = cli::stats_url_of_invalid(config).ok_or(e).context(
+            "cannot find the stats server in the configuration file; pass --url or --socket to reach the daemon",
+        )?;
+        let token = token_file
+            .map(|f| patroxy::config::AdminToken::read(&f).map(|t| t.secret().to_string()))
+            .transpose()?;
+        Ok(cli::set_state::Via::Http { url, token })
     })
 }
 

@@ -1,5 +1,6 @@
-//! The operator's commands, one file each: `status`, `set-state` and `reload` talk to the running daemon
-//! through its stats server, `sessions` and `maps` read its pinned maps.
+//! The operator's commands, one file each: `status` and `reload` talk to the running daemon
+//! through its stats server, `ctl` through its runtime socket, `set-state` through either (the
+//! socket when the config has one), `sessions` and `maps` read its pinned maps.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -8,6 +9,7 @@ use std::{
 use anyhow::bail;
 use patroxy::config::Config;
 
+pub mod ctl;
 pub mod maps;
 pub mod reload;
 pub mod sessions;
@@ -35,7 +37,7 @@ pub fn stats_url_of_invalid(path: &Path) -> Option<String> {
 
 /// The stats URL of the daemon configured in `config`: its `[stats]` bind, with an unspecified
 /// address (`*`, 0.0.0.0, ::) replaced by loopback.
-fn url_from_config(config: &Config) -> anyhow::Result<String> {
+pub fn url_from_config(config: &Config) -> anyhow::Result<String> {
     let Some(stats) = &config.stats else {
         bail!("the configuration has no [stats] section; pass --url");
     };

@@ -7,16 +7,20 @@
 //! - `model`: the typed `Config` the rest of the daemon uses.
 //! - `tls`: the checks' PEM files, read the same way by validation and by the checker.
 //! - `diff`: what a reload of the file changes, and what it cannot change without a restart.
+//! - `admin_token`: the admin endpoint's token file, checked and read at load.
+//! - `owner`: the runtime socket's user and group, resolved from names.
 //! - `error`: `ConfigError`, whose messages read `file:line:column: problem`.
 //!
 //! Nothing is bound or loaded before `load` succeeds, so a bad file never half-starts the proxy.
 //! Validation also looks at this host where the file names something on it (server host names,
 //! TLS files, the pin directory's parent), so `check-config` refuses what `run` would.
 mod addr;
+pub mod admin_token;
 pub mod diff;
 mod duration;
 mod error;
 pub mod model;
+mod owner;
 mod raw;
 pub mod tls;
 mod validate;

@@ -149,6 +149,7 @@ pub(crate) mod test_config {
             },
             listeners,
             stats: None,
+            runtime: None,
         }
     }
 }

@@ -61,12 +61,13 @@ impl Proxy {
     }
 
     /// The listener's and server's names of backend `id`.
-    fn names(&self, id: u32) -> (&str, &str) {
+    fn names(&self, id: u32) -> (String, String) {
+        let config = self.config();
         let mut first = 1;
-        for listener in &self.config.listeners {
+        for listener in &config.listeners {
             let index = (id - first) as usize;
             if index < listener.servers.len() {
-                return (&listener.name, &listener.servers[index].name);
+                return (listener.name.clone(), listener.servers[index].name.clone());
             }
             first += listener.servers.len() as u32;
         }

@@ -2,11 +2,13 @@
 //! proxy's view of the servers, the backend table, the proxy's counters, and (sockmap path) the
 //! bytes of open sessions the caller read from the kernel's SESSIONS.
 use std::{
+    path::Path,
     sync::atomic::Ordering::Relaxed,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use tokio::time::Instant;
+use tracing::warn;
 
 use super::{
     history::StatsHistory,
@@ -17,13 +19,35 @@ use super::{
 };
 use crate::{
     config::model::{Balance, CheckMethod},
-    dataplane::maps::LiveBytes,
+    dataplane::maps::{LiveBytes, OpenSessions},
     operator_state::AdminState,
     patroni::{Role, ServerState},
     proxy::StatsSource,
     reload::ReloadStatus,
     view::ServerView,
 };
+
+/// The bytes of open sessions per backend, read from SESSIONS under `pin_dir` (the sockmap
+/// path); none on the fallback path or when the map cannot be read (logged).
+pub async fn live_bytes(pin_dir: Option<&Path>) -> LiveBytes {
+    let Some(dir) = pin_dir else {
+        return LiveBytes::new();
+    };
+    let dir = dir.to_owned();
+    // Walking SESSIONS is one syscall per entry: keep it off the async workers.
+    let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(live)) => live,
+        Ok(Err(e)) => {
+            warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
+            LiveBytes::new()
+        }
+        Err(e) => {
+            warn!("stats: SESSIONS reader panicked: {e}");
+            LiveBytes::new()
+        }
+    }
+}
 
 pub fn snapshot(
     source: &dyn StatsSource,
@@ -98,6 +122,7 @@ pub fn snapshot(
         generated_unix: unix_secs(SystemTime::now()),
         global_maxconn: config.global.maxconn,
         reload: reload_stats(reload),
+        admin_unauthorized: history.admin_unauthorized.load(Relaxed),
         listeners,
     }
 }

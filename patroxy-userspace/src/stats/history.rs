@@ -64,6 +64,8 @@ pub struct StatsHistory {
     /// the closed-session counters in two steps; a request between them would see them in
     /// neither, and a Prometheus counter must never go down.
     bytes_floor: Mutex<Vec<(u64, u64)>>,
+    /// Admin requests refused for a missing or wrong token (401).
+    pub admin_unauthorized: AtomicU64,
 }
 
 impl StatsHistory {
@@ -74,6 +76,7 @@ impl StatsHistory {
             primary_changes: (0..listeners).map(|_| AtomicU64::new(0)).collect(),
             last_leader: Mutex::new(vec![None; listeners]),
             bytes_floor: Mutex::new(vec![(0, 0); backends]),
+            admin_unauthorized: AtomicU64::new(0),
         }
     }
 

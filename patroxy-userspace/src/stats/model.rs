@@ -23,6 +23,9 @@ pub struct StatsSnapshot {
     /// Configuration reloads since start; absent from older daemons' JSON.
     #[serde(default)]
     pub reload: ReloadStats,
+    /// Admin requests refused for a missing or wrong token since start.
+    #[serde(default)]
+    pub admin_unauthorized: u64,
     pub listeners: Vec<ListenerStats>,
 }
 
@@ -344,6 +347,7 @@ pub(crate) mod sample {
                 last_ok: Some(false),
                 last_messages: vec!["/etc/patroxy/patroxy.toml:12:9: unknown key `balanse`".into()],
             },
+            admin_unauthorized: 0,
             listeners: vec![
                 ListenerStats {
                     name: "postgres_write".into(),

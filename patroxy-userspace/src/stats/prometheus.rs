@@ -51,6 +51,13 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
     let uptime: Gauge = Gauge::default();
     uptime.set(snap.uptime_secs as i64);
     reg.register_with_unit("process_uptime", "Time since start", Unit::Seconds, uptime);
+    let unauthorized: Counter = Counter::default();
+    unauthorized.inc_by(snap.admin_unauthorized);
+    reg.register(
+        "admin_unauthorized_requests",
+        "Admin requests refused for a missing or wrong token (HTTP 401)",
+        unauthorized,
+    );
     let mut out = String::new();
     prometheus_text::encode(&mut out, &reg).expect("writing to a String cannot fail");
     out

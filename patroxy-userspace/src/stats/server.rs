@@ -3,7 +3,12 @@
 //! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
 //! endpoint (see `admin_endpoint`); `POST /admin/reload`, under the same access rule, reloads the
 //! configuration file (`patroxy reload`).
-use std::{io, net::SocketAddr, sync::Arc, thread};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    thread,
+};
 
 use axum::{
     Router,
@@ -14,7 +19,7 @@ use axum::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{
     admin_endpoint::{self, Peer},
@@ -25,11 +30,7 @@ use super::{
     prometheus,
 };
 use crate::{
-    config::AdminAccess,
-    dataplane::maps::{LiveBytes, OpenSessions},
-    operator_state::AdminWriter,
-    proxy::StatsSource,
-    reload::Reloader,
+    config::AdminAccess, operator_state::AdminWriter, proxy::StatsSource, reload::Reloader,
 };
 
 struct Shared {
@@ -138,55 +139,52 @@ async fn set_state(
     uri: Uri,
     body: String,
 ) -> Response {
-    let access = shared
-        .source
-        .config()
-        .stats
-        .as_ref()
-        .map_or(AdminAccess::Off, |s| s.admin);
+    let config = shared.source.config();
+    let stats = config.stats.as_ref();
+    let access = stats.map_or(AdminAccess::Off, |s| s.admin);
+    let token = stats.and_then(|s| s.admin_token.as_ref());
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let request = admin_endpoint::Request {
         peer,
         origin: header(header::ORIGIN),
         host: header(header::HOST),
+        authorization: header(header::AUTHORIZATION),
         listener: &listener,
         server: &server,
         query: uri.query(),
         body: &body,
     };
-    let (status, text) = admin_endpoint::set_state(access, &shared.admin, &request);
+    let (status, text) = admin_endpoint::set_state(access, token, &shared.admin, &request);
     if status != StatusCode::OK {
         info!(peer = %peer.remote, status = status.as_u16(), "admin request refused: {}", text.trim_end());
     }
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        text,
-    )
-        .into_response()
+    admin_response(&shared, status, text)
 }
 
 /// Reloads the configuration: 200 with what changed, 400 with every reason it was refused (the
-/// running configuration is kept), 403 for a peer the admin rule refuses.
+/// running configuration is kept), 403/401 for a caller the admin rule or token refuses.
 async fn reload(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
 ) -> Response {
-    let access = shared
-        .source
-        .config()
-        .stats
-        .as_ref()
-        .map_or(AdminAccess::Off, |s| s.admin);
+    let config = shared.source.config();
+    let stats = config.stats.as_ref();
+    let access = stats.map_or(AdminAccess::Off, |s| s.admin);
+    let token = stats.and_then(|s| s.admin_token.as_ref());
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    let (status, text) = match admin_endpoint::forbidden_caller(
-        access,
+    let request = admin_endpoint::Request {
         peer,
-        header(header::ORIGIN),
-        header(header::HOST),
-    ) {
-        Some(why) => (StatusCode::FORBIDDEN, format!("forbidden: {why}\n")),
+        origin: header(header::ORIGIN),
+        host: header(header::HOST),
+        authorization: header(header::AUTHORIZATION),
+        listener: "",
+        server: "",
+        query: None,
+        body: "",
+    };
+    let (status, text) = match admin_endpoint::refused_reload(access, token, &request) {
+        Some(refusal) => refusal,
         None => {
             info!(peer = %peer.remote, "reload requested over the admin endpoint");
             match shared.reloader.reload().await {
@@ -205,12 +203,25 @@ async fn reload(
             }
         }
     };
-    (
+    admin_response(&shared, status, text)
+}
+
+/// A plain-text admin answer; a 401 is counted and says which scheme to use.
+fn admin_response(shared: &Shared, status: StatusCode, text: String) -> Response {
+    let mut response = (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         text,
     )
-        .into_response()
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        shared.history.admin_unauthorized.fetch_add(1, Relaxed);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"patroxy admin\""),
+        );
+    }
+    response
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
@@ -231,25 +242,7 @@ fn respond(content_type: &'static str, body: String) -> Response {
 }
 
 async fn snapshot(shared: &Shared) -> StatsSnapshot {
-    let live = match shared.source.pin_dir() {
-        Some(dir) => {
-            let dir = dir.to_owned();
-            // Walking SESSIONS is one syscall per entry: keep it off the async workers.
-            let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
-            match tokio::task::spawn_blocking(read).await {
-                Ok(Ok(live)) => live,
-                Ok(Err(e)) => {
-                    warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
-                    LiveBytes::new()
-                }
-                Err(e) => {
-                    warn!("stats: SESSIONS reader panicked: {e}");
-                    LiveBytes::new()
-                }
-            }
-        }
-        None => LiveBytes::new(),
-    };
+    let live = collect::live_bytes(shared.source.pin_dir()).await;
     collect::snapshot(
         shared.source.as_ref(),
         &shared.history,
