@@ -1,5 +1,6 @@
 //! The operator's commands, one file each: `status` and `set-state` talk to the running daemon
-//! through its stats server, `sessions` and `maps` read its pinned maps.
+//! through its stats server, `sessions` and `maps` read its pinned maps; `import-haproxy`
+//! converts a HAProxy configuration.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -8,6 +9,7 @@ use std::{
 use anyhow::bail;
 use patroxy::config::Config;
 
+pub mod import_haproxy;
 pub mod maps;
 pub mod sessions;
 pub mod set_state;
