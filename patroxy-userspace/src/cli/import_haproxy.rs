@@ -21,7 +21,7 @@ pub fn run(file: &Path, out: Option<&Path>) -> ExitCode {
     let output_name = out.map_or_else(|| "<stdout>".to_owned(), |o| o.display().to_string());
     let import = match import(&text, &origin, &output_name) {
         Ok(import) => import,
-        Err(e) => return failed(format_args!("{origin}:{e}")),
+        Err(e) => return failed(format_args!("{origin}:{}: {}", e.line, e.message)),
     };
     match out {
         Some(path) => {
