@@ -23,12 +23,15 @@
 //! - `control`: the runtime socket `patroxy ctl` speaks to: the stats' reads, the operator's
 //!   states and the daemon's reload, behind file permissions.
 //! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
+//! - `import_haproxy`: a HAProxy configuration rewritten as this crate's TOML (`patroxy
+//!   import-haproxy`); it uses `config` only, to check what it writes.
 //!
 //! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
 //! binary's `cli` module, on top of this library.
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod import_haproxy;
 pub mod lifecycle;
 pub mod operator_state;
 pub mod patroni;

@@ -96,6 +96,15 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Write a HAProxy configuration as patroxy's TOML (to stdout, or OUT). Directives not carried
+    /// over exactly are reported on stderr with their line and why. Exit 0 = every directive
+    /// carried over and the result valid, 1 = written with losses (or not valid), 2 = nothing
+    /// written (unreadable file, or one HAProxy would refuse).
+    ImportHaproxy {
+        file: PathBuf,
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// Show the pinned maps and the bpftool commands to inspect them.
     Maps {
         #[arg(long, default_value = "/sys/fs/bpf/patroxy")]
@@ -175,6 +184,7 @@ fn main() -> ExitCode {
                 .and_then(|c| cli::sessions::run(&pin_path, c.as_ref())),
         ),
         Command::Maps { pin_path } => report(cli::maps::run(&pin_path)),
+        Command::ImportHaproxy { file, out } => cli::import_haproxy::run(&file, out.as_deref()),
         Command::Run {
             config,
             drain_grace,

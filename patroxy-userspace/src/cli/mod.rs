@@ -1,6 +1,7 @@
 //! The operator's commands, one file each: `status` and `reload` talk to the running daemon
 //! through its stats server, `ctl` through its runtime socket, `set-state` through either (the
-//! socket when the config has one), `sessions` and `maps` read its pinned maps.
+//! socket when the config has one), `sessions` and `maps` read its pinned maps;
+//! `import-haproxy` converts a HAProxy configuration.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -10,6 +11,7 @@ use anyhow::bail;
 use patroxy::config::Config;
 
 pub mod ctl;
+pub mod import_haproxy;
 pub mod maps;
 pub mod reload;
 pub mod sessions;

@@ -34,6 +34,7 @@ pub use error::{ConfigError, Diagnostic};
 pub use model::*;
 
 use error::Source;
+pub(crate) use validate::WRITE_PATHS;
 
 /// Reads and parses the file at `path`; messages name it as it was given.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -47,12 +48,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates configuration `text`; `origin` is the file name used in messages.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let src = Source { origin, text };
-    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+    let raw = read_raw(&src)?;
+    validate::validate(&raw, &src).map_err(ConfigError::Invalid)
+}
+
+/// Whether `text` has the file's shape (TOML with known keys and values of the right types),
+/// without validating what they say: what `import-haproxy` promises of every file it writes.
+pub fn parse_shape(text: &str, origin: &str) -> Result<(), ConfigError> {
+    read_raw(&Source { origin, text }).map(drop)
+}
+
+fn read_raw(src: &Source) -> Result<raw::RawConfig, ConfigError> {
+    toml::from_str(src.text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         // toml's message can end with a newline and run over lines ("invalid string\nexpected
         // `\"`, `'`"); keep each diagnostic on one line.
         let message: Vec<&str> = e.message().lines().map(str::trim).collect();
         ConfigError::Invalid(vec![src.diagnostic(span, message.join("; "))])
-    })?;
-    validate::validate(&raw, &src).map_err(ConfigError::Invalid)
+    })
 }

@@ -14,7 +14,7 @@ use super::{admin_token::AdminToken, owner, tls};
 
 /// Check paths whose 200 means "this is the writable node": listeners checking them default to
 /// `balance first`, since there is one primary and spreading writes makes no sense.
-const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
+pub(crate) const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
 
 /// Highest `bpf_log_rate`: past a few thousand lines a second per CPU the log is no longer
 /// readable and printing it costs more than the forwarding it describes.
