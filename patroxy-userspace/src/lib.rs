@@ -18,6 +18,7 @@
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
+//! - `privileges`: the capabilities kept after start-up, and dropping the rest on every thread.
 //! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
 //!
 //! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
@@ -27,6 +28,7 @@ pub mod dataplane;
 pub mod lifecycle;
 pub mod operator_state;
 pub mod patroni;
+pub mod privileges;
 pub mod proxy;
 pub mod routing;
 pub mod stats;
