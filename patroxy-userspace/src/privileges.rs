@@ -31,7 +31,7 @@ const UNPRIVILEGED_PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_s
 const DEFAULT_UNPRIVILEGED_PORT_START: u16 = 1024;
 /// How long the other threads get to answer one round of signals.
 const ROUND_TIMEOUT: Duration = Duration::from_millis(500);
-/// Rounds of signals; a thread created by one not yet dropped shows up in the next round.
+/// Rounds of signals; a thread created meanwhile by one not yet dropped shows up in the next.
 const ROUNDS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +111,8 @@ static TARGET: AtomicU64 = AtomicU64::new(0);
 static LAST_CAP: AtomicU64 = AtomicU64::new(0);
 /// Whether the bounding set is dropped too (needs CAP_SETPCAP, which root has).
 static DROP_BOUNDING: AtomicBool = AtomicBool::new(false);
-/// Threads whose handler ran, and those among them whose capset failed.
+/// How many times a thread's handler ran.
 static HANDLED: AtomicUsize = AtomicUsize::new(0);
-static FAILED: AtomicUsize = AtomicUsize::new(0);
 
 fn mask(caps: &CapsHashSet) -> u64 {
     caps.iter().fold(0, |m, c| m | c.bitmask())
@@ -152,9 +151,8 @@ extern "C" fn on_signal(_: libc::c_int) {
     // errno belongs to the interrupted code; capset may change it.
     // SAFETY: __errno_location returns this thread's errno.
     let errno = unsafe { *libc::__errno_location() };
-    if !apply_target() {
-        FAILED.fetch_add(1, Ordering::SeqCst);
-    }
+    // A thread whose capset failed is still behind, and the next round sees it.
+    apply_target();
     HANDLED.fetch_add(1, Ordering::SeqCst);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
@@ -222,9 +220,8 @@ struct CapData {
 fn drop_on_other_threads() -> Result<(), PrivilegeError> {
     // SAFETY: no preconditions.
     let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
-    let mut behind = Vec::new();
+    let mut behind = threads_behind(me)?;
     for _ in 0..ROUNDS {
-        behind = threads_behind(me)?;
         if behind.is_empty() {
             return Ok(());
         }
@@ -240,11 +237,13 @@ fn drop_on_other_threads() -> Result<(), PrivilegeError> {
         while HANDLED.load(Ordering::SeqCst) - before < asked && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
+        behind = threads_behind(me)?;
     }
-    if FAILED.load(Ordering::SeqCst) > 0 || !behind.is_empty() {
-        return Err(PrivilegeError::Stragglers(behind));
+    if behind.is_empty() {
+        Ok(())
+    } else {
+        Err(PrivilegeError::Stragglers(behind))
     }
-    Ok(())
 }
 
 /// The threads other than `me` whose sets are not yet the target.
