@@ -2,6 +2,7 @@
 //! established pair to the data path.
 mod choose;
 pub mod counters;
+mod foreign_writes;
 mod listener;
 mod log_limit;
 mod mark_down;
@@ -134,6 +135,7 @@ impl Proxy {
             self.clone()
                 .accept_loop(listeners, stop.clone(), tracker.clone()),
         );
+        tracker.spawn(self.clone().undo_foreign_writes(stop.clone()));
         let proxy = self.clone();
         tracker.spawn(async move { proxy.log_limit.report(stop).await });
     }

@@ -13,7 +13,7 @@ use tokio::{
     sync::OwnedSemaphorePermit,
     time::{Instant, sleep, timeout},
 };
-use tracing::{info, warn};
+use tracing::{Level, debug, info, warn};
 
 use super::{
     Proxy,
@@ -50,12 +50,27 @@ impl Proxy {
         // and a backend connection until PostgreSQL's own authentication_timeout.
         let startup = self.config.defaults.timeout_startup;
         // `peek` (not `readable`, which may wake spuriously) leaves the bytes in the socket.
-        if timeout(startup, client.peek(&mut [0u8; 1])).await.is_err() {
-            if self.log_limit.allow() {
-                warn!(
-                    client = %peer, listener = %lname,
-                    "closing client: sent nothing within timeout startup ({startup:?})"
-                );
+        let gone = match timeout(startup, client.peek(&mut [0u8; 1])).await {
+            Ok(Ok(0)) => Some("client closed before sending anything".to_owned()),
+            Ok(Err(e)) => Some(format!("client failed before sending anything: {e}")),
+            Ok(Ok(_)) => None,
+            Err(_) => {
+                if self.log_limit.allow() {
+                    warn!(
+                        client = %peer, listener = %lname,
+                        "closing client: sent nothing within timeout startup ({startup:?})"
+                    );
+                }
+                return;
+            }
+        };
+        // A client gone before its first byte (a port probe, a health check of the proxy's
+        // port) needs no backend connection: nothing could reach one.
+        if let Some(why) = gone {
+            // Through the log limit like any session's end (a flood of port probes), but
+            // only when debug lines are on: at info this line costs no token.
+            if tracing::enabled!(Level::DEBUG) && self.log_limit.allow() {
+                debug!(client = %peer, listener = %lname, "session closed: {why}");
             }
             return;
         }
