@@ -22,6 +22,7 @@
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
 //! - `control`: the runtime socket `patroxy ctl` speaks to: the stats' reads, the operator's
 //!   states and the daemon's reload, behind file permissions.
+//! - `privileges`: the capabilities kept after start-up, and dropping the rest on every thread.
 //! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
 //! - `import_haproxy`: a HAProxy configuration rewritten as this crate's TOML (`patroxy
 //!   import-haproxy`); it uses `config` only, to check what it writes.
@@ -35,6 +36,7 @@ pub mod import_haproxy;
 pub mod lifecycle;
 pub mod operator_state;
 pub mod patroni;
+pub mod privileges;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

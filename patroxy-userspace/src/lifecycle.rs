@@ -11,7 +11,7 @@ use crate::{
     control,
     dataplane::{BackendTable, DataPlane, KernelLog},
     operator_state::AdminWriter,
-    patroni,
+    patroni, privileges,
     proxy::{self, Proxy},
     reload::{self, Reloader},
     stats,
@@ -57,6 +57,18 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         Some(r) => Some(control::bind(r).context("runtime socket")?),
         None => None,
     };
+    // Loaded, pinned and bound: from here on only a rebind below 1024 may need a capability.
+    let binds = config
+        .listeners
+        .iter()
+        .map(|l| l.bind)
+        .chain(config.stats.as_ref().map(|s| s.bind));
+    let needed = privileges::needed_after_start(binds, privileges::unprivileged_port_start());
+    let kept = privileges::drop_all_but(&needed).context("dropping capabilities")?;
+    info!(
+        kept = %privileges::names(&kept),
+        "dropped every capability not needed after start-up"
+    );
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.

@@ -10,9 +10,10 @@
 //! the seed's queries), `bench/` (throughput, latency, memory, CPU), `failover_bench.rs`
 //! (failovers through patroxy and HAProxy), `fuzz.rs` (the cargo-fuzz targets of fuzz/, which
 //! `test.rs` runs briefly too), `soak/` (long runs on both data paths under disruption, which
-//! `test.rs` runs briefly too); the PostgreSQL, process and cluster harness is the integration
-//! tests' (the patroxy-tests crate). Imports go one way (demo -> cluster -> cargo -> setup ->
-//! command; test -> fuzz, soak -> cargo); nothing uses `main.rs`.
+//! `test.rs` runs briefly too), `install.rs` (binary, unit, user and config on this host); the
+//! PostgreSQL, process and cluster harness is the integration tests' (the patroxy-tests
+//! crate). Imports go one way (demo -> cluster -> cargo -> setup -> command; test -> fuzz,
+//! soak -> cargo; install -> cargo); nothing uses `main.rs`.
 
 mod bench;
 mod cargo;
@@ -21,6 +22,7 @@ mod command;
 mod demo;
 mod failover_bench;
 mod fuzz;
+mod install;
 mod setup;
 mod soak;
 mod test;
@@ -71,6 +73,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build (release) and install the binary, the systemd unit, the `patroxy` user and
+    /// /etc/patroxy/patroxy.toml (never overwriting one); `--root DESTDIR` for files only.
+    Install(install::InstallArgs),
     /// Benchmark direct vs patroxy (sockmap, fallback) vs HAProxy on loopback; writes
     /// bench/results.md and bench/ratios.png.
     Bench(bench::BenchArgs),
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
             fuzz_seconds,
             soak_minutes,
         ),
+        Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Bench(args) => bench::bench(&args).map(|_| ExitCode::SUCCESS),
         Cmd::FailoverBench(args) => {
             failover_bench::failover_bench(&args).map(|_| ExitCode::SUCCESS)
