@@ -12,9 +12,9 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use patroxy_fuzz::Loopback;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Runtime;
+use tokio::net::TcpStream;
 
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
@@ -27,12 +27,7 @@ const MOST_STARTS: usize = 3;
 const SQLSTATE: &str = "57P03";
 const MESSAGE: &str = "patroxy: fuzz: timeout queue expired: no server is UP";
 
-struct Harness {
-    runtime: Runtime,
-    listener: TcpListener,
-}
-
-static HARNESS: OnceLock<Harness> = OnceLock::new();
+static HARNESS: OnceLock<Loopback> = OnceLock::new();
 
 fuzz_target!(init: init(), |data: &[u8]| {
     let h = HARNESS.get().expect("initialised");
@@ -124,15 +119,5 @@ fn assert_error_response(msg: &[u8]) {
 }
 
 fn init() {
-    // patroxy's binary ignores SIGPIPE (Rust's runtime does); libFuzzer's main does not.
-    // SAFETY: setting a signal's disposition to SIG_IGN before any thread uses it.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let listener = runtime
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .expect("binding the loopback listener");
-    let _ = HARNESS.set(Harness { runtime, listener });
+    let _ = HARNESS.set(Loopback::start());
 }

@@ -15,9 +15,9 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use patroxy::patroni::client::{CheckClient, CheckTimeouts, MAX_BODY};
 use patroxy::patroni::{CheckOutcome, CheckStatus};
+use patroxy_fuzz::Loopback;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
-use tokio::runtime::Runtime;
 
 /// Far longer than a loopback answer takes: reaching it means the client waited on a
 /// connection that had already said everything and closed.
@@ -27,8 +27,8 @@ const METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
 const EXPECTED: [u16; 2] = [200, 503];
 
 struct Harness {
-    runtime: Runtime,
-    patroni: TcpListener,
+    /// Its listener is the loopback "Patroni".
+    loopback: Loopback,
     /// Indexed by method, then expected status.
     clients: Vec<Vec<CheckClient>>,
 }
@@ -43,12 +43,12 @@ fuzz_target!(init: init(), |data: &[u8]| {
     let expect = usize::from(control >> 2 & 1);
     let answer = padded(answer, control >> 3 & 0b11);
     let h = HARNESS.get().expect("initialised");
-    let outcome = h.runtime.block_on(async {
+    let outcome = h.loopback.runtime.block_on(async {
         let check = h.clients[method][expect].check();
         tokio::pin!(check);
         tokio::select! {
             outcome = &mut check => outcome,
-            () = answer_once(&h.patroni, &answer) => check.await,
+            () = answer_once(&h.loopback.listener, &answer) => check.await,
         }
     });
     assert_consistent(&outcome, METHODS[method], EXPECTED[expect]);
@@ -115,17 +115,8 @@ fn padded(answer: &[u8], pad: u8) -> Vec<u8> {
 }
 
 fn init() {
-    // patroxy's binary ignores SIGPIPE (Rust's runtime does); libFuzzer's main does not.
-    // SAFETY: setting a signal's disposition to SIG_IGN before any thread uses it.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let patroni = runtime
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .expect("binding the loopback Patroni");
-    let addr = patroni.local_addr().expect("its address");
+    let loopback = Loopback::start();
+    let addr = loopback.listener.local_addr().expect("its address");
     // The checks as the config loader builds them, one listener per method and status.
     let mut toml = String::from(
         "[defaults]\ntimeout_client = \"1m\"\ntimeout_server = \"1m\"\ntimeout_connect = \"1s\"\n\
@@ -146,7 +137,7 @@ fn init() {
     }
     let config = patroxy::config::parse(&toml, "fuzz.toml").expect("the harness's config");
     let timeouts = CheckTimeouts::new(CHECK_TIMEOUT, CHECK_TIMEOUT, None);
-    let entered = runtime.enter();
+    let entered = loopback.runtime.enter();
     let clients = config
         .listeners
         .chunks(EXPECTED.len())
@@ -161,9 +152,5 @@ fn init() {
         })
         .collect();
     drop(entered);
-    let _ = HARNESS.set(Harness {
-        runtime,
-        patroni,
-        clients,
-    });
+    let _ = HARNESS.set(Harness { loopback, clients });
 }

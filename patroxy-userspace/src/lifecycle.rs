@@ -1,6 +1,7 @@
 //! The daemon's life: start-up in dependency order, readiness, signals, drain, exit.
 use std::{
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::PathBuf,
     sync::Arc,
 };
 
@@ -11,23 +12,28 @@ use tracing::info;
 
 use crate::{
     config::{BpfMode, Config},
+    control,
     dataplane::{BackendTable, DataPlane, KernelLog, loader::LoadError, pin_dir},
     fdstore::FdStore,
     operator_state::AdminWriter,
-    patroni,
+    patroni, privileges,
     proxy::{self, Proxy},
+    reload::{self, Reloader},
     stats,
     upgrade::{Handed, Predecessor, Relaunch, Takeover},
 };
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `relaunch.drain_grace`; or,
 /// on SIGUSR2, until a successor (started as `relaunch` says) took its listeners and sessions
-/// over. With `takeover`, this process is such a successor.
+/// over. With `takeover`, this process is such a successor. SIGHUP (and `patroxy reload`) reads
+/// `relaunch.config` again.
 pub async fn run(
     config: Config,
     relaunch: Relaunch,
     mut takeover: Option<Takeover>,
 ) -> anyhow::Result<()> {
+    // Before anything else: SIGHUP's default action would end the daemon.
+    let mut signals = Signals::new()?;
     let grace = relaunch.drain_grace;
     let config = Arc::new(config);
     raise_fd_limit(&config);
@@ -69,8 +75,24 @@ pub async fn run(
         }
         (None, _) => None,
     };
-    // Kept to hand over: the accept loop and the stats server own the originals.
-    let handed_fds = HandedFds::of(&config, &listeners, stats_listener.as_ref())?;
+    let runtime_socket = match &config.runtime {
+        Some(r) => Some(
+            match takeover.as_mut().and_then(|t| t.runtime_socket(&r.socket)) {
+                Some(handed) => control::adopt(r, handed),
+                None => control::bind(r),
+            }
+            .context("runtime socket")?,
+        ),
+        None => None,
+    };
+    // Kept to hand over: the accept loop, the stats server and the runtime socket's thread own
+    // the originals.
+    let handed_fds = HandedFds::of(
+        &config,
+        &listeners,
+        stats_listener.as_ref(),
+        runtime_socket.as_ref(),
+    )?;
     let fd_store = FdStore::from_env();
     if let Some(store) = &fd_store {
         for (name, fd) in handed_fds.listeners(&config) {
@@ -80,6 +102,19 @@ pub async fn run(
             store.store_stats(stats.as_fd());
         }
     }
+    // Loaded, pinned and bound: from here on only a rebind below 1024 may need a capability.
+    // A successor (which starts with none) only opens pinned maps and takes descriptors over.
+    let binds = config
+        .listeners
+        .iter()
+        .map(|l| l.bind)
+        .chain(config.stats.as_ref().map(|s| s.bind));
+    let needed = privileges::needed_after_start(binds, privileges::unprivileged_port_start());
+    let kept = privileges::drop_all_but(&needed).context("dropping capabilities")?;
+    info!(
+        kept = %privileges::names(&kept),
+        "dropped every capability not needed after start-up"
+    );
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.
@@ -88,17 +123,46 @@ pub async fn run(
         config.clone(),
         dataplane.clone(),
         backends,
-        checks.clone(),
+        checks.subscribe(),
         admin.subscribe(),
     );
     if let Some(store) = fd_store {
         proxy.keep_sessions_in(store);
     }
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
+    // What an upgrade carries over; the reloader owns the checker.
+    let health = checks.subscribe();
+    let reloader = reload::spawn(
+        relaunch.config.clone(),
+        proxy.clone(),
+        checks,
+        stop.clone(),
+        &tracker,
+    );
     let stats_thread = match stats_listener {
         Some(listener) => Some(
-            stats::serve(listener, proxy.clone(), admin.clone(), stop.clone())
-                .context("stats: starting its thread")?,
+            stats::serve(
+                listener,
+                proxy.clone(),
+                admin.clone(),
+                reloader.clone(),
+                stop.clone(),
+            )
+            .context("stats: starting its thread")?,
+        ),
+        None => None,
+    };
+    let runtime_hand_over = runtime_socket.as_ref().map(control::BoundSocket::hand_over);
+    let control_thread = match runtime_socket {
+        Some(socket) => Some(
+            control::serve(
+                socket,
+                proxy.clone(),
+                admin.clone(),
+                Arc::new(reloader.clone()),
+                stop.clone(),
+            )
+            .context("runtime socket: starting its thread")?,
         ),
         None => None,
     };
@@ -114,14 +178,15 @@ pub async fn run(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
     let predecessor = loop {
-        match wait_for_signal().await? {
+        match signals.next(&reloader).await {
             Signal::Stop => break None,
             Signal::Upgrade => {
                 let handed = Handed {
                     pin_lock: dataplane.kernel().map(|k| k.pin_lock()),
                     listeners: handed_fds.listeners(&config),
                     stats: handed_fds.stats.as_ref().map(|f| f.as_fd()),
-                    health: checks.borrow().carry(),
+                    runtime: handed_fds.runtime(),
+                    health: health.borrow().carry(),
                 };
                 // The successor writes BACKENDS from its start: nothing here may overwrite it.
                 proxy.backends().write_kernel(false);
@@ -142,6 +207,10 @@ pub async fn run(
                 &[sd_notify::NotifyState::MainPid(predecessor.successor_pid())],
             );
             info!("upgrade: no new clients here; handing the spliced sessions over");
+            // The successor listens on the runtime socket's file: it must stay at our exit.
+            if let Some(hand_over) = &runtime_hand_over {
+                hand_over.done();
+            }
             stop.cancel();
             if let Some(kernel) = dataplane.kernel() {
                 kernel.hand_over();
@@ -167,6 +236,13 @@ pub async fn run(
         {
             tracing::warn!("the stats server's thread panicked");
         }
+    }
+    if let Some(thread) = control_thread
+        && tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .is_ok_and(|joined| joined.is_err())
+    {
+        tracing::warn!("the runtime socket's thread panicked");
     }
     info!("stopped");
     Ok(())
@@ -208,6 +284,7 @@ fn select_data_path(
     }
 }
 
+/// What the daemon's signals ask of `run` (SIGHUP's reload is done on the way).
 enum Signal {
     /// SIGTERM or SIGINT.
     Stop,
@@ -215,21 +292,50 @@ enum Signal {
     Upgrade,
 }
 
-async fn wait_for_signal() -> anyhow::Result<Signal> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    Ok(tokio::select! {
-        _ = term.recv() => { info!("SIGTERM received"); Signal::Stop }
-        _ = int.recv() => { info!("SIGINT received"); Signal::Stop }
-        _ = usr2.recv() => { info!("SIGUSR2 received: upgrading"); Signal::Upgrade }
-    })
+/// The daemon's signal handlers: SIGTERM and SIGINT stop it, SIGHUP reloads the configuration,
+/// SIGUSR2 upgrades it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// Reloads on every SIGHUP (the reload logs its outcome) until a signal that `run` acts on.
+    async fn next(&mut self, reloader: &Reloader) -> Signal {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { info!("SIGTERM received"); return Signal::Stop }
+                _ = self.int.recv() => { info!("SIGINT received"); return Signal::Stop }
+                _ = self.usr2.recv() => {
+                    info!("SIGUSR2 received: upgrading");
+                    return Signal::Upgrade;
+                }
+                _ = self.hup.recv() => {
+                    info!("SIGHUP received: reloading the configuration");
+                    let _ = reloader.reload().await;
+                }
+            }
+        }
+    }
 }
 
 /// Duplicates of the listening sockets, for a successor.
 struct HandedFds {
     listeners: Vec<OwnedFd>,
     stats: Option<OwnedFd>,
+    /// The runtime socket's path and listening socket.
+    runtime: Option<(PathBuf, OwnedFd)>,
 }
 
 impl HandedFds {
@@ -237,6 +343,7 @@ impl HandedFds {
         config: &Config,
         listeners: &[tokio::net::TcpListener],
         stats: Option<&std::net::TcpListener>,
+        runtime: Option<&control::BoundSocket>,
     ) -> anyhow::Result<Self> {
         debug_assert_eq!(config.listeners.len(), listeners.len());
         Ok(Self {
@@ -245,7 +352,21 @@ impl HandedFds {
                 .map(|l| l.as_fd().try_clone_to_owned())
                 .collect::<Result<_, _>>()?,
             stats: stats.map(|s| s.as_fd().try_clone_to_owned()).transpose()?,
+            runtime: runtime
+                .map(|r| {
+                    r.listener
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map(|fd| (r.path().to_owned(), fd))
+                })
+                .transpose()?,
         })
+    }
+
+    fn runtime(&self) -> Option<(PathBuf, BorrowedFd<'_>)> {
+        self.runtime
+            .as_ref()
+            .map(|(path, fd)| (path.clone(), fd.as_fd()))
     }
 
     fn listeners(&self, config: &Config) -> Vec<(String, BorrowedFd<'_>)> {
@@ -278,7 +399,11 @@ fn raise_fd_limit(config: &Config) {
         .iter()
         .map(|l| l.servers.len() as u64)
         .sum();
-    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + BASE_FDS;
+    let runtime = config
+        .runtime
+        .as_ref()
+        .map_or(0, |r| u64::from(r.maxconn) + 1);
+    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + runtime + BASE_FDS;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -3,6 +3,7 @@ mod cli;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -59,16 +60,54 @@ enum Command {
     /// Set a server's admin state, like HAProxy's `set server <backend>/<server> state`: ready
     /// (back to what its checks say), drain (no new sessions), maint (out of rotation, its
     /// sessions handled like a mark-down). Kept in memory only: a restart makes every server ready.
+    /// Goes through the runtime socket when --config has `[runtime]`, else the stats server.
     SetState {
         /// `<listener>/<server>`, as named in the configuration.
         target: String,
         /// ready | drain | maint
         state: patroxy::operator_state::AdminState,
-        /// The stats server; defaults to the `[stats]` bind of --config.
+        /// The runtime socket to use instead of --config's.
+        #[arg(long, conflicts_with = "url")]
+        socket: Option<PathBuf>,
+        /// The stats server to use instead of --config's.
         #[arg(long)]
         url: Option<String>,
+        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
+        /// of --config).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
         config: PathBuf,
+    },
+    /// Make the running daemon re-read its configuration file (as SIGHUP does) and print what
+    /// changed; exits 1 with every error when the file is invalid (the daemon keeps running
+    /// its old configuration).
+    Reload {
+        /// The runtime socket to use instead of --config's.
+        #[arg(long, conflicts_with = "url")]
+        socket: Option<PathBuf>,
+        /// The stats server to use instead of --config's.
+        #[arg(long)]
+        url: Option<String>,
+        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
+        /// of --config).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+    },
+    /// Send a command to the daemon's runtime socket and print the answer: `show servers`,
+    /// `show sessions`, `set state <listener>/<server> <state>`, `reload`, `help`; `--json`
+    /// for JSON. Exits 1 when the daemon answers with an error.
+    Ctl {
+        /// The runtime socket; defaults to the `[runtime]` socket of --config.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+        /// The command's words.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// List open sockmap sessions from the pinned maps (needs root).
     Sessions {
@@ -77,6 +116,15 @@ enum Command {
         /// The daemon's config, to show listener and server names instead of ids.
         #[arg(short, long)]
         config: Option<PathBuf>,
+    },
+    /// Write a HAProxy configuration as patroxy's TOML (to stdout, or OUT). Directives not carried
+    /// over exactly are reported on stderr with their line and why. Exit 0 = every directive
+    /// carried over and the result valid, 1 = written with losses (or not valid), 2 = nothing
+    /// written (unreadable file, or one HAProxy would refuse).
+    ImportHaproxy {
+        file: PathBuf,
+        #[arg(short, long)]
+        out: Option<PathBuf>,
     },
     /// Show the pinned maps and the bpftool commands to inspect them.
     Maps {
@@ -120,12 +168,35 @@ fn main() -> ExitCode {
         Command::SetState {
             target,
             state,
+            socket,
             url,
+            token_file,
             config,
-        } => report(cli::stats_url(url, &config).and_then(|url| {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(cli::set_state::run(&url, &target, state))
-        })),
+        } => report(
+            cli::set_state::Via::choose(socket, url, token_file, &config).and_then(|via| {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(cli::set_state::run(via, &target, state))
+            }),
+        ),
+        Command::Reload {
+            socket,
+            url,
+            token_file,
+            config,
+        } => report(
+            reload_route(socket, url, token_file, &config).and_then(|via| {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(cli::reload::run(via))
+            }),
+        ),
+        Command::Ctl {
+            socket,
+            config,
+            command,
+        } => report(
+            cli::ctl::socket_path(socket, &config)
+                .and_then(|socket| cli::ctl::run(&socket, &command)),
+        ),
         Command::Sessions { pin_path, config } => report(
             config
                 .map(|c| patroxy::config::load(&c))
@@ -134,6 +205,7 @@ fn main() -> ExitCode {
                 .and_then(|c| cli::sessions::run(&pin_path, c.as_ref())),
         ),
         Command::Maps { pin_path } => report(cli::maps::run(&pin_path)),
+        Command::ImportHaproxy { file, out } => cli::import_haproxy::run(&file, out.as_deref()),
         Command::Upgrade {
             pid,
             url,
@@ -191,6 +263,32 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The stats URL for `reload`. An invalid file is what a reload must report, so without --url
+/// the `[stats]` bind is read from the file even when the rest does not validate (the daemon then
+/// answers with every error); only a file without a readable bind fails here, with its errors.
+/// How `patroxy reload` reaches the daemon: like `set-state`, except that a file that no longer
+/// validates still names the stats server, so the daemon can report every error in it.
+fn reload_route(
+    socket: Option<PathBuf>,
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    config: &std::path::Path,
+) -> anyhow::Result<cli::set_state::Via> {
+    let explicit = socket.is_some() || url.is_some();
+    cli::set_state::Via::choose(socket, url, token_file.clone(), config).or_else(|e| {
+        if explicit {
+            return Err(e);
+        }
+        let url = cli::stats_url_of_invalid(config).ok_or(e).context(
+            "cannot find the stats server in the configuration file; pass --url or --socket to reach the daemon",
+        )?;
+        let token = token_file
+            .map(|f| patroxy::config::AdminToken::read(&f).map(|t| t.secret().to_string()))
+            .transpose()?;
+        Ok(cli::set_state::Via::Http { url, token })
+    })
 }
 
 /// Exit status of an operator command: errors on stderr, exit 1.

@@ -110,6 +110,16 @@ pub struct Change {
     pub state: AdminState,
 }
 
+impl Change {
+    /// The answer to the operator who made it, the same over HTTP and the runtime socket.
+    pub fn describe(&self, listener: &str, server: &str) -> String {
+        format!(
+            "server {server} of listener {listener} set to {} (was {})",
+            self.state, self.previous
+        )
+    }
+}
+
 /// The one writer of the admin states.
 pub struct AdminWriter {
     config: Arc<Config>,

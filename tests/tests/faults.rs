@@ -24,6 +24,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 on_both_paths!(
     backend_not_reading_keeps_memory_bounded,
     client_silent_is_closed_at_timeout_startup,
+    client_closing_at_once_makes_no_backend_connection,
     clients_flooding_past_maxconn_wait_their_turn,
 );
 
@@ -149,6 +150,35 @@ async fn client_silent_is_closed_at_timeout_startup(path: Path_) {
         backend.accepted(),
         accepted,
         "no backend connection for a silent client"
+    );
+}
+
+/// Clients that connect and close before sending a byte (port probes, a load balancer's TCP
+/// check of the proxy): each ends at once, with no backend connection and no server slot.
+async fn client_closing_at_once_makes_no_backend_connection(path: Path_) {
+    const CLIENTS: usize = 20;
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("closer");
+    let config = one_listener(path, &pin, backend.addr);
+    let proxy = Patroxy::start("closer", &config);
+    wait_probe_closed(&proxy);
+    let accepted = backend.accepted();
+    let closed = proxy.count_log("session closed");
+    for _ in 0..CLIENTS {
+        drop(TcpStream::connect(config.bind()).await.unwrap());
+    }
+    assert!(
+        proxy.wait_for_log_count("session closed", closed + CLIENTS, Duration::from_secs(10)),
+        "{}",
+        proxy.log()
+    );
+    // A talker after them: its backend connection is the only new one.
+    let mut talker = TcpStream::connect(config.bind()).await.unwrap();
+    assert!(echo_once(&mut talker, b"hello", Duration::from_secs(5)).await);
+    assert_eq!(
+        backend.accepted(),
+        accepted + 1,
+        "backend connections made for clients that closed at once"
     );
 }
 

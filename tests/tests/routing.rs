@@ -158,7 +158,7 @@ async fn queued_writes_follow_the_primary(path: Path_) {
     config.default_server.maxconn = Some(1);
     let proxy = Patroxy::start("queuemove", &config);
     let bind = config.bind();
-    // The harness's readiness probe is a client too: let it reach a and end first.
+    // The harness's readiness probe is a client too: let it end first.
     assert!(proxy.wait_for_log("session closed", Duration::from_secs(10)));
     let a_before = a.backend.accepted();
     let mut held = TcpStream::connect(bind).await.unwrap();
@@ -349,11 +349,15 @@ fn log_time(log: &str, needle: &str) -> Option<std::time::SystemTime> {
         .and_then(|t| humantime::parse_rfc3339(t).ok())
 }
 
-/// The kernel fence alone: with the verdict told a backend is fenced, no byte crosses, while
-/// userspace (not told) keeps the session open.
+/// A fence the daemon did not set (an operator's `bpftool map update` on BACKENDS): the verdict
+/// drops the session's bytes at once, and the daemon notices within its once-a-second audit,
+/// puts its own entry back, says `set-state ... maint` is the tool, and resets the backend's
+/// sessions (the dropped bytes are lost), so the client is not left hanging and no socket is
+/// left in CLOSE-WAIT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kernel_fence_stops_forwarding() {
-    if !Path_::Sockmap.available("kernel_fence_stops_forwarding") {
+async fn a_fence_set_outside_the_daemon_resets_its_sessions_and_is_undone() {
+    if !Path_::Sockmap.available("a_fence_set_outside_the_daemon_resets_its_sessions_and_is_undone")
+    {
         return;
     }
     let a = Node::start().await;
@@ -399,25 +403,41 @@ async fn kernel_fence_stops_forwarding() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let fenced = Instant::now();
 
-    let received_before = session_bytes(&pin);
-    assert!(
-        !echo_once(&mut s, b"after", Duration::from_millis(500)).await,
-        "bytes crossed the fence"
-    );
+    // The verdict drops what the client sends now; the daemon then resets the session.
+    s.write_all(b"after").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), read_until_closed(&mut s))
+        .await
+        .expect("the client still hangs 5 s after the fence");
     assert_eq!(
-        session_bytes(&pin),
-        received_before,
-        "the verdict forwarded after the fence"
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the session was reset"
     );
-}
-
-/// Sum of bytes_rx over SESSIONS: bytes the verdict forwarded.
-fn session_bytes(pin: &std::path::Path) -> u64 {
-    bpftool_dump(pin, "SESSIONS")
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["value"]["bytes_rx"].as_u64().unwrap())
-        .sum()
+    eprintln!("reset {:?} after the fence", fenced.elapsed());
+    assert!(
+        proxy.wait_for_log("fenced outside patroxy", Duration::from_secs(2)),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.log().contains("set-state"), "{}", proxy.log());
+    let restored = bpftool_dump(&pin, "BACKENDS");
+    assert_eq!(restored[0]["value"]["fenced"], 0, "{restored}");
+    assert_eq!(restored[0]["value"]["state"], 1, "{restored}");
+    let close_wait = std::process::Command::new("ss")
+        .args(["-Htn", "state", "close-wait"])
+        .output()
+        .unwrap();
+    let close_wait = String::from_utf8_lossy(&close_wait.stdout);
+    let ports = [bind.port(), a.backend.addr.port()].map(|p| format!(":{p}"));
+    assert!(
+        !close_wait
+            .split_whitespace()
+            .any(|addr| ports.iter().any(|p| addr.ends_with(p.as_str()))),
+        "sockets of the session left in CLOSE-WAIT:\n{close_wait}"
+    );
+    // And the backend serves new sessions again.
+    let mut again = TcpStream::connect(bind).await.unwrap();
+    assert!(echo_once(&mut again, b"again", Duration::from_secs(5)).await);
 }

@@ -1,7 +1,7 @@
 //! The stats server can never take down the data path nor hold up shutdown: a flood of stalled
-//! stats clients under a low fd limit leaves the proxy serving and its server UP, a half-sent
-//! request is closed after the header-read timeout, and SIGTERM does not wait for a stalled
-//! stats client.
+//! stats clients under a low fd limit leaves pgbench through the proxy without a failed
+//! transaction and its server UP, a half-sent request is closed after the header-read timeout,
+//! and SIGTERM does not wait for a stalled stats client.
 use std::{
     net::SocketAddr,
     os::unix::process::CommandExt as _,
@@ -17,19 +17,21 @@ use patroxy_tests::{
     daemon::Patroxy,
     fake_patroni::{FakePatroni, Reply},
     ports::free_tcp_port,
+    postgres::{Postgres, PostgresOptions, run_with_timeout},
     stats_client::{get, get_ok, parse_csv, row, wait_for},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::timeout,
-};
+use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream, time::timeout};
 
 /// The daemon's fd limit in the flood test: the proxy's maxconn (100, two fds a session) and
 /// the stats server's default cap (64) fit, 1000 stats clients do not.
 const FD_LIMIT: u64 = 512;
 /// Stats connections the flood opens.
 const FLOOD: usize = 1000;
+/// How long pgbench runs through the proxy while the flood lasts, and with how many clients.
+const PGBENCH_SECONDS: u64 = 8;
+const PGBENCH_CLIENTS: usize = 4;
+/// A fallback session's fds: its two sockets and a splice pipe (two fds) each way.
+const FDS_PER_SESSION: usize = 6;
 /// Half a request: a request line and no end of headers.
 const HALF_REQUEST: &[u8] = b"GET / HTTP/1.1\r\n";
 
@@ -39,17 +41,16 @@ fn local(port: u16) -> SocketAddr {
 
 struct Proxied {
     _patroni: FakePatroni,
-    _backend: Backend,
     daemon: Patroxy,
     bind: SocketAddr,
     stats: SocketAddr,
 }
 
-/// One checked primary behind one listener, on the fallback data path, with `--drain-grace 1s`.
-async fn start(name: &str, fd_limit: Option<u64>) -> Proxied {
+/// One checked primary (traffic to `server`) behind one listener, on the fallback data path,
+/// with `--drain-grace 1s`.
+async fn start(name: &str, fd_limit: Option<u64>, server: SocketAddr) -> Proxied {
     let patroni = FakePatroni::start().await;
     patroni.set("/primary", Reply::primary(3));
-    let backend = Backend::start(Behaviour::Echo).await;
     let pin = Patroxy::unique_pin_path(name);
     let bind = local(free_tcp_port());
     let stats = local(free_tcp_port());
@@ -63,7 +64,7 @@ async fn start(name: &str, fd_limit: Option<u64>) -> Proxied {
             fall: Some(3),
             ..DefaultServer::default()
         })
-        .server(ServerConfig::new("db1", backend.addr).check_port(patroni.addr().port()))
+        .server(ServerConfig::new("db1", server).check_port(patroni.addr().port()))
         .listener(
             ListenerConfig::new("postgres_write", bind, ["db1"])
                 .check(CheckConfig::new("/primary")),
@@ -94,7 +95,6 @@ async fn start(name: &str, fd_limit: Option<u64>) -> Proxied {
     assert!(up.is_some(), "db1 never came UP:\n{}", daemon.log());
     Proxied {
         _patroni: patroni,
-        _backend: backend,
         daemon,
         bind,
         stats,
@@ -117,22 +117,48 @@ fn open_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// One client session through the proxy: connect, echo 4 KiB, close. Err says what failed.
-async fn round_trip(bind: SocketAddr) -> Result<(), String> {
-    let work = async {
-        let mut s = TcpStream::connect(bind).await.map_err(|e| e.to_string())?;
-        let data = vec![7u8; 4096];
-        s.write_all(&data).await.map_err(|e| e.to_string())?;
-        let mut back = vec![0u8; data.len()];
-        s.read_exact(&mut back).await.map_err(|e| e.to_string())?;
-        if back != data {
-            return Err("echo differs".into());
-        }
-        Ok(())
+/// What a pgbench run reported: its exit status and its transaction counts.
+#[derive(Debug)]
+struct PgbenchRun {
+    success: bool,
+    processed: Option<u64>,
+    failed: Option<u64>,
+    output: String,
+}
+
+/// pgbench's TPC-B-like script through the proxy at `port` for [`PGBENCH_SECONDS`], a new
+/// connection per transaction (`-C`): every transaction is also an accept and a backend
+/// connect under the flood.
+fn pgbench_through(pg: &Postgres, port: u16) -> PgbenchRun {
+    let mut cmd = pg.client("pgbench", port);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-C", "-j", "2", "-c", &PGBENCH_CLIENTS.to_string()])
+        .args(["-T", &PGBENCH_SECONDS.to_string()])
+        .arg("postgres");
+    let out =
+        run_with_timeout(&mut cmd, Duration::from_secs(PGBENCH_SECONDS + 60)).expect("pgbench ran");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "number of transactions actually processed: 1234", "number of failed transactions: 0 (0.000%)"
+    let count = |label: &str| {
+        output.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(label)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
     };
-    timeout(Duration::from_secs(5), work)
-        .await
-        .map_err(|_| "timed out".to_string())?
+    PgbenchRun {
+        success: out.status.success(),
+        processed: count("number of transactions actually processed:"),
+        failed: count("number of failed transactions:"),
+        output,
+    }
 }
 
 fn raise_own_fd_limit() {
@@ -147,7 +173,9 @@ fn raise_own_fd_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_stalled_stats_clients_leaves_the_proxy_serving() {
     raise_own_fd_limit();
-    let mut p = start("stats-flood", Some(FD_LIMIT)).await;
+    let pg = std::sync::Arc::new(Postgres::start(PostgresOptions::default()));
+    pg.pgbench_init(pg.port(), 1);
+    let mut p = start("stats-flood", Some(FD_LIMIT), pg.addr()).await;
     let pid = p.daemon.child.id();
     let base_fds = open_fds(pid);
 
@@ -162,33 +190,38 @@ async fn a_flood_of_stalled_stats_clients_leaves_the_proxy_serving() {
         }
         held
     });
-    let mut failures = Vec::new();
+    let bench = {
+        let (pg, port) = (pg.clone(), p.bind.port());
+        tokio::task::spawn_blocking(move || pgbench_through(&pg, port))
+    };
     let mut max_fds = 0;
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let mut sessions = 0;
-    while Instant::now() < deadline {
-        if let Err(e) = round_trip(p.bind).await {
-            failures.push(e);
-        }
-        sessions += 1;
+    while !bench.is_finished() {
         max_fds = max_fds.max(open_fds(pid));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let run = bench.await.unwrap();
     let held = flood.await.unwrap();
     max_fds = max_fds.max(open_fds(pid));
     let log = p.daemon.log();
-    assert!(
-        failures.is_empty(),
-        "{} of {sessions} sessions failed during the flood: {:?}\n{log}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
+    eprintln!(
+        "MEASURED: pgbench -C -c {PGBENCH_CLIENTS} for {PGBENCH_SECONDS} s through the proxy while {} stalled \
+         stats clients connected: {:?} transactions, {:?} failed; daemon fds at most {max_fds} \
+         (base {base_fds})",
+        held.len(),
+        run.processed,
+        run.failed
     );
+    assert!(run.success, "pgbench failed:\n{}\n{log}", run.output);
+    assert_eq!(run.failed, Some(0), "{}", run.output);
+    assert!(run.processed.is_some_and(|n| n > 0), "{}", run.output);
     assert!(!log.contains("Too many open files"), "fds ran out:\n{log}");
     assert!(!log.contains("is DOWN"), "db1 was marked DOWN:\n{log}");
-    // The stats server holds at most its cap (64) of the flood; a few more for the sessions
-    // and checks in flight.
+    // The stats server holds at most its cap (64) of the flood. pgbench's sessions come on
+    // top: with -C a client's next session is accepted while its last one may still be
+    // closing, so up to two per client; and a few for the checks.
+    let sessions = 2 * PGBENCH_CLIENTS * FDS_PER_SESSION;
     assert!(
-        max_fds <= base_fds + 64 + 8,
+        max_fds <= base_fds + 64 + sessions + 8,
         "the daemon held {max_fds} fds (base {base_fds}) with {} stats clients connected",
         held.len()
     );
@@ -203,7 +236,8 @@ async fn a_flood_of_stalled_stats_clients_leaves_the_proxy_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_request_is_closed_after_the_header_timeout() {
-    let p = start("stats-header-timeout", None).await;
+    let backend = Backend::start(Behaviour::Echo).await;
+    let p = start("stats-header-timeout", None, backend.addr).await;
     let mut s = stalled_client(p.stats).await.expect("connect to stats");
     let started = Instant::now();
     let mut buf = [0u8; 1024];
@@ -228,7 +262,8 @@ async fn a_half_sent_request_is_closed_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_does_not_wait_for_a_stalled_stats_client() {
-    let mut p = start("stats-shutdown", None).await;
+    let backend = Backend::start(Behaviour::Echo).await;
+    let mut p = start("stats-shutdown", None, backend.addr).await;
     let _stalled = stalled_client(p.stats).await.expect("connect to stats");
     let started = Instant::now();
     p.daemon.child.signal(libc::SIGTERM).unwrap();

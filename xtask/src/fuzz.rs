@@ -19,8 +19,13 @@ use crate::cargo::workspace_root;
 use crate::command::{describe, find_on_path, output, run};
 use crate::setup::{self, BuildEnv, cargo_home};
 
-/// The targets of fuzz/Cargo.toml. The HAProxy config importer will get one when it exists.
-pub const TARGETS: &[&str] = &["config", "patroni_response", "first_bytes"];
+/// The targets of fuzz/Cargo.toml.
+pub const TARGETS: &[&str] = &[
+    "config",
+    "patroni_response",
+    "first_bytes",
+    "import_haproxy",
+];
 
 /// The cargo-fuzz release this was written against.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -30,7 +35,8 @@ const INPUT_TIMEOUT_SECS: u64 = 30;
 
 #[derive(clap::Args)]
 pub struct FuzzArgs {
-    /// A target of fuzz/ (config, patroni_response, first_bytes), or `all` for each in turn.
+    /// A target of fuzz/ (config, patroni_response, first_bytes, import_haproxy), or `all` for
+    /// each in turn.
     target: String,
     /// How long each target runs.
     #[arg(long, default_value_t = 60)]

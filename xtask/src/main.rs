@@ -9,9 +9,11 @@
 //! namespaced Patroni cluster with patroxy in front), `demo.rs` (that cluster, verified with
 //! the seed's queries), `bench/` (throughput, latency, memory, CPU), `failover_bench.rs`
 //! (failovers through patroxy and HAProxy), `fuzz.rs` (the cargo-fuzz targets of fuzz/, which
-//! `test.rs` runs briefly too); the PostgreSQL, process and cluster harness is the integration
-//! tests' (the patroxy-tests crate). Imports go one way (demo -> cluster -> cargo -> setup ->
-//! command; test -> fuzz -> cargo); nothing uses `main.rs`.
+//! `test.rs` runs briefly too), `soak/` (long runs on both data paths under disruption, which
+//! `test.rs` runs briefly too), `install.rs` (binary, unit, user and config on this host); the
+//! PostgreSQL, process and cluster harness is the integration tests' (the patroxy-tests
+//! crate). Imports go one way (demo -> cluster -> cargo -> setup -> command; test -> fuzz,
+//! soak -> cargo; install -> cargo); nothing uses `main.rs`.
 
 mod bench;
 mod cargo;
@@ -20,7 +22,9 @@ mod command;
 mod demo;
 mod failover_bench;
 mod fuzz;
+mod install;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -50,7 +54,7 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Set up, build, run every test of the workspace (release), then each fuzz target
-    /// briefly, and print a summary.
+    /// briefly and a short soak, and print a summary.
     ///
     /// Arguments after `--` go to `cargo test`; a second `--` separates test-binary
     /// arguments, e.g. `cargo xtask test -- -p patroxy-tests -- --nocapture`.
@@ -62,9 +66,16 @@ enum Cmd {
         /// 0 skips fuzzing.
         #[arg(long, default_value_t = 20)]
         fuzz_seconds: u64,
+        /// After fuzzing, soak this many minutes (`cargo xtask soak`, Patroni cluster
+        /// included); 0 skips the soak.
+        #[arg(long, default_value_t = 2)]
+        soak_minutes: u64,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build (release) and install the binary, the systemd unit, the `patroxy` user and
+    /// /etc/patroxy/patroxy.toml (never overwriting one); `--root DESTDIR` for files only.
+    Install(install::InstallArgs),
     /// Benchmark direct vs patroxy (sockmap, fallback) vs HAProxy on loopback; writes
     /// bench/results.md and bench/ratios.png.
     Bench(bench::BenchArgs),
@@ -78,6 +89,10 @@ enum Cmd {
     /// Fuzz one target of fuzz/ (config, patroni_response, first_bytes) or `all` for N
     /// seconds each, installing cargo-fuzz first if needed; prints the executions per target.
     Fuzz(fuzz::FuzzArgs),
+    /// Both data paths under churn, long sessions, byte-checked bulk copies and stats scrapes
+    /// for N minutes while servers flap and the cluster switches over; fails on any error or
+    /// leak. Writes target/soak/report.md.
+    Soak(soak::SoakArgs),
     /// Bring up a Patroni cluster with patroxy in front (5432 writes, 5433 reads, 7000 stats),
     /// verify it with the seed's queries and show how to connect; Ctrl-C stops everything.
     Demo {
@@ -98,14 +113,28 @@ fn main() -> ExitCode {
         Cmd::Test {
             timeout,
             fuzz_seconds,
+            soak_minutes,
             args,
-        } => test::test(&args, Duration::from_secs(timeout), fuzz_seconds),
+        } => test::test(
+            &args,
+            Duration::from_secs(timeout),
+            fuzz_seconds,
+            soak_minutes,
+        ),
+        Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Bench(args) => bench::bench(&args).map(|_| ExitCode::SUCCESS),
         Cmd::FailoverBench(args) => {
             failover_bench::failover_bench(&args).map(|_| ExitCode::SUCCESS)
         }
         Cmd::Cluster(cmd) => cluster::run(cmd).map(|_| ExitCode::SUCCESS),
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
+        Cmd::Soak(args) => soak::soak(&args).map(|passed| {
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         Cmd::Demo { once } => demo::demo(once).map(|_| ExitCode::SUCCESS),
     };
     match result {

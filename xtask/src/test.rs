@@ -1,6 +1,6 @@
 //! `cargo xtask test`: set up, build patroxy (release), run the workspace's tests with
-//! PATROXY_BIN pointing at it, run every fuzz target briefly when the whole suite runs, and close
-//! with a one-line summary (each fuzz target counts as one test).
+//! PATROXY_BIN pointing at it, run every fuzz target and a short soak when the whole suite runs,
+//! and close with a one-line summary (each fuzz target and the soak count as one test).
 
 use std::io::{self, BufRead as _, BufReader, IsTerminal as _, Read, Write};
 use std::os::unix::process::CommandExt as _;
@@ -15,13 +15,20 @@ use crate::cargo::{build_patroxy, cargo};
 use crate::command;
 use crate::fuzz::{self, Fuzzer};
 use crate::setup::{self, BuildEnv};
+use crate::soak::{self, SoakArgs};
 
 /// Two cores: more test threads only make the timing-sensitive proxy tests flaky.
 const TEST_THREADS: &str = "--test-threads=2";
 
-/// `cargo xtask test [--timeout SECS] [--fuzz-seconds N] [-- <cargo test args> [-- <test binary
-/// args>]]`. Fuzzing runs only with no arguments after `--` (the whole suite).
-pub fn test(args: &[String], timeout: Duration, fuzz_seconds: u64) -> Result<ExitCode> {
+/// `cargo xtask test [--timeout SECS] [--fuzz-seconds N] [--soak-minutes N] [-- <cargo test
+/// args> [-- <test binary args>]]`. Fuzzing and the soak run only with no arguments after `--`
+/// (the whole suite).
+pub fn test(
+    args: &[String],
+    timeout: Duration,
+    fuzz_seconds: u64,
+    soak_minutes: u64,
+) -> Result<ExitCode> {
     let started = Instant::now();
     let env = setup::setup()?;
     fmt_check(&env);
@@ -108,13 +115,15 @@ pub fn test(args: &[String], timeout: Duration, fuzz_seconds: u64) -> Result<Exi
     let _ = out.join();
     let _ = err.join();
 
-    let fuzzed =
-        if args.is_empty() && fuzz_seconds > 0 && !timed_out && !interrupted.load(Ordering::SeqCst)
-        {
-            fuzz_every_target(&env, fuzz_seconds)
-        } else {
-            Vec::new()
-        };
+    let whole_suite = args.is_empty() && !timed_out && !interrupted.load(Ordering::SeqCst);
+    let mut fuzzed = if whole_suite && fuzz_seconds > 0 {
+        fuzz_every_target(&env, fuzz_seconds)
+    } else {
+        Vec::new()
+    };
+    if whole_suite && soak_minutes > 0 {
+        fuzzed.push(short_soak(bin.clone(), soak_minutes));
+    }
 
     let s = summary.lock().expect("summary lock");
     println!();
@@ -165,6 +174,29 @@ pub fn test(args: &[String], timeout: Duration, fuzz_seconds: u64) -> Result<Exi
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `cargo xtask soak --minutes N` on the binary just tested: one summary line and whether it
+/// passed.
+fn short_soak(bin: std::path::PathBuf, minutes: u64) -> (String, bool) {
+    println!();
+    println!("xtask: soak for {minutes} min (`--soak-minutes 0` skips)");
+    let args = SoakArgs {
+        minutes,
+        no_cluster: false,
+        patroxy_bin: Some(bin),
+    };
+    match soak::soak(&args) {
+        Ok(true) => (
+            format!("soak {minutes} min: passed (target/soak/report.md)"),
+            true,
+        ),
+        Ok(false) => (
+            format!("soak {minutes} min: FAILED (target/soak/report.md)"),
+            false,
+        ),
+        Err(e) => (format!("soak {minutes} min: FAILED to run: {e:#}"), false),
+    }
 }
 
 /// Builds the fuzz targets and runs each for `seconds`: one summary line per target (or one for

@@ -1,5 +1,7 @@
-//! The operator's commands, one file each: `status`, `set-state` and `upgrade` talk to the
-//! running daemon through its stats server, `sessions` and `maps` read its pinned maps.
+//! The operator's commands, one file each: `status`, `reload` and `upgrade` talk to the running
+//! daemon through its stats server, `ctl` through its runtime socket, `set-state` through either
+//! (the socket when the config has one), `sessions` and `maps` read its pinned maps;
+//! `import-haproxy` converts a HAProxy configuration.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -8,7 +10,10 @@ use std::{
 use anyhow::bail;
 use patroxy::config::Config;
 
+pub mod ctl;
+pub mod import_haproxy;
 pub mod maps;
+pub mod reload;
 pub mod sessions;
 pub mod set_state;
 pub mod status;
@@ -22,18 +27,32 @@ pub fn stats_url(url: Option<String>, config: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The stats URL from the `[stats] bind` of a file that parses as TOML but does not validate.
+pub fn stats_url_of_invalid(path: &Path) -> Option<String> {
+    let table: toml::Table = std::fs::read_to_string(path).ok()?.parse().ok()?;
+    let bind = table.get("stats")?.get("bind")?.as_str()?;
+    let addr = match bind.strip_prefix("*:") {
+        Some(port) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port.parse().ok()?)),
+        None => bind.parse().ok()?,
+    };
+    Some(url_of(addr))
+}
+
 /// The stats URL of the daemon configured in `config`: its `[stats]` bind, with an unspecified
 /// address (`*`, 0.0.0.0, ::) replaced by loopback.
-fn url_from_config(config: &Config) -> anyhow::Result<String> {
+pub fn url_from_config(config: &Config) -> anyhow::Result<String> {
     let Some(stats) = &config.stats else {
         bail!("the configuration has no [stats] section; pass --url");
     };
-    let mut addr: SocketAddr = stats.bind;
+    Ok(url_of(stats.bind))
+}
+
+fn url_of(mut addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         });
     }
-    Ok(format!("http://{addr}"))
+    format!("http://{addr}")
 }

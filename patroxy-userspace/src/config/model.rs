@@ -2,6 +2,8 @@
 //! resolved. Nothing here is optional that the daemon needs; the raw TOML shape lives in `raw.rs`.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use super::admin_token::AdminToken;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub global: Global,
@@ -9,6 +11,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// The stats/admin HTTP server; `None` when the file has no `[stats]` section.
     pub stats: Option<Stats>,
+    /// The runtime socket of `patroxy ctl`; `None` when the file has no `[runtime]` section.
+    pub runtime: Option<Runtime>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -157,9 +161,13 @@ pub struct Stats {
     /// Stats connections served at once; more wait in the kernel's backlog, holding none of the
     /// daemon's file descriptors, so the stats port can never starve the proxy.
     pub maxconn: u32,
+    /// The token an admin request must present (`Authorization: Bearer ...`), read from
+    /// `admin_auth_file` at load; `None` = the peer's address alone decides (`admin`).
+    pub admin_token: Option<AdminToken>,
 }
 
-/// HAProxy's `stats admin if <cond>`; there is no authentication, so the peer address decides.
+/// HAProxy's `stats admin if <cond>`: which peers may use the admin endpoint at all (a token,
+/// when configured, is asked of them on top).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdminAccess {
     /// Nobody: the admin endpoint answers 403.
@@ -168,4 +176,18 @@ pub enum AdminAccess {
     Local,
     /// Any client that reaches the stats bind (a trusted management network only).
     Any,
+}
+
+/// The runtime socket (HAProxy's `stats socket`): a unix socket `patroxy ctl` speaks to. Who may
+/// connect is decided by the file's owner, group and mode alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Runtime {
+    pub socket: PathBuf,
+    /// Permission bits of the socket file (0660 by default: owner and group may connect).
+    pub mode: u32,
+    /// Owner and group the socket is given, resolved from names at load; `None` = the daemon's.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub maxconn: u32,
 }

@@ -24,6 +24,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub listener: Vec<RawListener>,
     pub stats: Option<RawStats>,
+    pub runtime: Option<RawRuntime>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +175,7 @@ pub(crate) struct RawStats {
     pub refresh: Option<Spanned<Dur>>,
     pub admin: Option<RawAdminAccess>,
     pub maxconn: Option<Spanned<u32>>,
+    pub admin_auth_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -182,4 +184,16 @@ pub(crate) enum RawAdminAccess {
     Off,
     Local,
     Any,
+}
+
+/// `[runtime]`: every key has a default, so the bare header enables the socket.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRuntime {
+    pub socket: Option<Spanned<PathBuf>>,
+    /// Octal digits, as chmod takes them: "0660", "660".
+    pub mode: Option<Spanned<String>>,
+    pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+    pub maxconn: Option<Spanned<u32>>,
 }

@@ -194,6 +194,37 @@ fn everything_fixture_values() {
     let stats = config.stats.as_ref().unwrap();
     assert_eq!((stats.refresh, stats.admin), (secs(5), AdminAccess::Any));
     assert_eq!(stats.maxconn, 8);
+    assert_eq!(stats.admin_token, None);
+    let runtime = config.runtime.as_ref().unwrap();
+    assert_eq!(
+        (
+            runtime.socket.as_path(),
+            runtime.mode,
+            runtime.uid,
+            runtime.gid,
+            runtime.maxconn
+        ),
+        (
+            std::path::Path::new("/run/patroxy-test/patroxy.sock"),
+            0o600,
+            Some(0),
+            Some(0),
+            4
+        )
+    );
+}
+
+#[test]
+fn a_bare_runtime_section_takes_the_defaults() {
+    let config =
+        load(&manifest_dir().join("src/config/fixtures/valid/runtime_defaults.toml")).unwrap();
+    let runtime = config.runtime.unwrap();
+    assert_eq!(runtime.socket, PathBuf::from("/run/patroxy/patroxy.sock"));
+    assert_eq!(
+        (runtime.mode, runtime.uid, runtime.gid),
+        (0o660, None, None)
+    );
+    assert_eq!(runtime.maxconn, 8);
 }
 
 #[test]

@@ -10,11 +10,11 @@ use super::duration::Dur;
 use super::error::{Diagnostic, Source};
 use super::model::*;
 use super::raw::*;
-use super::tls;
+use super::{admin_token::AdminToken, owner, tls};
 
 /// Check paths whose 200 means "this is the writable node": listeners checking them default to
 /// `balance first`, since there is one primary and spreading writes makes no sense.
-const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
+pub(crate) const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
 
 /// Highest `bpf_log_rate`: past a few thousand lines a second per CPU the log is no longer
 /// readable and printing it costs more than the forwarding it describes.
@@ -41,6 +41,21 @@ const DEFAULT_STATS_MAXCONN: u32 = 64;
 /// Highest `[stats] maxconn`: the stats server is for operators and scrapers, and each of its
 /// connections takes a file descriptor the proxy's sessions could use.
 const MAX_STATS_MAXCONN: u32 = 1024;
+
+/// Where `[runtime]` puts its socket unless `socket` says otherwise: systemd's
+/// `RuntimeDirectory=patroxy` makes /run/patroxy.
+const DEFAULT_RUNTIME_SOCKET: &str = "/run/patroxy/patroxy.sock";
+
+/// The runtime socket's mode unless `mode` says otherwise: its owner and group may connect.
+const DEFAULT_RUNTIME_MODE: u32 = 0o660;
+
+/// Runtime socket connections served at once unless `[runtime] maxconn` says otherwise, and the
+/// most it may say: the socket is for a few operators and scripts.
+const DEFAULT_RUNTIME_MAXCONN: u32 = 8;
+const MAX_RUNTIME_MAXCONN: u32 = 64;
+
+/// The longest unix socket path: `sun_path` holds 108 bytes with the closing NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 /// libpq sends its first message (startup or SSLRequest) as soon as TCP connects, so 10 s
 /// never cuts off a real client, and a silent one holds a global permit for no longer.
@@ -120,12 +135,91 @@ impl Validator<'_> {
                 }
                 *m.get_ref()
             }),
+            admin_token: s
+                .admin_auth_file
+                .as_ref()
+                .and_then(|f| self.admin_token(s, f)),
         });
+        let runtime = raw.runtime.as_ref().map(|r| self.runtime(r));
         Config {
             global,
             defaults,
             listeners,
             stats,
+            runtime,
+        }
+    }
+
+    /// The token of `admin_auth_file`, read now so `check-config` refuses what `run` would.
+    fn admin_token(&mut self, stats: &RawStats, file: &Spanned<PathBuf>) -> Option<AdminToken> {
+        if matches!(stats.admin, Some(RawAdminAccess::Off)) {
+            self.error(
+                file.span(),
+                "admin_auth_file is set but admin = \"off\" refuses every admin request",
+            );
+        }
+        AdminToken::read(file.get_ref())
+            .map_err(|e| self.error(file.span(), e.to_string()))
+            .ok()
+    }
+
+    fn runtime(&mut self, raw: &RawRuntime) -> Runtime {
+        let socket = match &raw.socket {
+            None => PathBuf::from(DEFAULT_RUNTIME_SOCKET),
+            Some(p) => {
+                let path = p.get_ref();
+                if !path.is_absolute() || path.file_name().is_none() {
+                    self.error(
+                        p.span(),
+                        format!("runtime socket {path:?} must be an absolute file path"),
+                    );
+                } else if path.as_os_str().len() > MAX_SOCKET_PATH {
+                    self.error(
+                        p.span(),
+                        format!("runtime socket {path:?} is longer than a unix socket path may be ({MAX_SOCKET_PATH} bytes)"),
+                    );
+                }
+                path.clone()
+            }
+        };
+        let mode = raw.mode.as_ref().map_or(DEFAULT_RUNTIME_MODE, |m| {
+            match u32::from_str_radix(m.get_ref(), 8) {
+                Ok(mode) if mode <= 0o777 => mode,
+                _ => {
+                    self.error(
+                        m.span(),
+                        format!(
+                            "runtime mode {:?} must be octal permission bits such as \"0660\"",
+                            m.get_ref()
+                        ),
+                    );
+                    DEFAULT_RUNTIME_MODE
+                }
+            }
+        });
+        let mut id = |name: &Option<Spanned<String>>, resolve: fn(&str) -> Result<u32, String>| {
+            name.as_ref().and_then(|n| {
+                resolve(n.get_ref())
+                    .map_err(|e| self.error(n.span(), format!("runtime socket: {e}")))
+                    .ok()
+            })
+        };
+        let uid = id(&raw.user, owner::user_id);
+        let gid = id(&raw.group, owner::group_id);
+        Runtime {
+            socket,
+            mode,
+            uid,
+            gid,
+            maxconn: raw.maxconn.as_ref().map_or(DEFAULT_RUNTIME_MAXCONN, |m| {
+                if !(1..=MAX_RUNTIME_MAXCONN).contains(m.get_ref()) {
+                    self.error(
+                        m.span(),
+                        format!("runtime maxconn must be 1..={MAX_RUNTIME_MAXCONN}"),
+                    );
+                }
+                *m.get_ref()
+            }),
         }
     }
 

@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-pub use backends::BackendTable;
+pub use backends::{BackendTable, ForeignWrite};
 pub use kernel_log::KernelLog;
 pub use loader::KernelMaps;
 use tokio::net::TcpStream;
@@ -77,6 +77,9 @@ pub enum KillReason {
     /// on-marked-down shutdown-sessions, for a primary on an older timeline than another UP
     /// primary (split brain: what it takes is lost when it rejoins).
     Superseded,
+    /// Someone else fenced the backend in BACKENDS (bpftool): the verdict dropped the
+    /// sessions' bytes, so their streams cannot go on.
+    ForeignFence,
     /// The daemon stops and the drain grace time is over.
     Shutdown,
 }
@@ -88,6 +91,7 @@ impl fmt::Display for KillReason {
             Self::MarkedUp => "reset: server marked up",
             Self::Maintenance => "reset: server set to MAINT",
             Self::Superseded => "reset: primary superseded by a newer timeline",
+            Self::ForeignFence => "reset: backend fenced outside patroxy",
             Self::Shutdown => "reset: shutdown",
         })
     }

@@ -167,17 +167,28 @@ struct Job {
 struct Shared {
     /// The working copy; cloned into an `Arc` for every publish.
     state: Mutex<HealthSnapshot>,
-    timings: Vec<Vec<CheckTiming>>,
+    /// Per listener, per server; a reload replaces them (locked after `state` when both are).
+    timings: Mutex<Vec<Vec<CheckTiming>>>,
     tx: watch::Sender<Arc<HealthSnapshot>>,
 }
 
-/// Starts one task per distinct check on `tracker`; they stop when `cancel` fires. The receiver
-/// holds the initial snapshot at once and a new one after every check result.
+/// The running checker: its snapshots, and a reload's new check settings.
+pub struct Checker {
+    shared: Arc<Shared>,
+    /// Stops the current check tasks; a reload cancels it and starts new ones.
+    jobs: Mutex<CancellationToken>,
+    /// The daemon's stop, whose child every generation of check tasks is.
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Starts one task per distinct check on `tracker`; they stop when `cancel` fires. The checker's
+/// receiver holds the initial snapshot at once and a new one after every check result.
 pub fn spawn_checker(
     config: &Config,
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> Result<watch::Receiver<Arc<HealthSnapshot>>, ClientError> {
+) -> Result<Checker, ClientError> {
     spawn_checker_from(config, &[], cancel, tracker)
 }
 
@@ -187,28 +198,64 @@ pub fn spawn_checker_from(
     carried: &[CarriedHealth],
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> Result<watch::Receiver<Arc<HealthSnapshot>>, ClientError> {
+) -> Result<Checker, ClientError> {
     let initial = HealthSnapshot::carried_over(config, carried, Instant::now());
-    let (tx, rx) = watch::channel(Arc::new(initial.clone()));
-    let shared = Arc::new(Shared {
-        state: Mutex::new(initial),
-        timings: config
-            .listeners
-            .iter()
-            .map(|l| l.servers.iter().map(|s| s.timing).collect())
-            .collect(),
-        tx,
-    });
-    for job in jobs(config)? {
-        let (shared, cancel) = (shared.clone(), cancel.clone());
-        tracker.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = run(job, &shared) => {}
-            }
-        });
+    let (tx, _) = watch::channel(Arc::new(initial.clone()));
+    let checker = Checker {
+        shared: Arc::new(Shared {
+            state: Mutex::new(initial),
+            timings: Mutex::new(timings(config)),
+            tx,
+        }),
+        jobs: Mutex::new(cancel.child_token()),
+        stop: cancel,
+        tracker: tracker.clone(),
+    };
+    let jobs = jobs(config)?;
+    checker.spawn(jobs, checker.jobs.lock().unwrap().clone());
+    Ok(checker)
+}
+
+impl Checker {
+    /// A receiver that holds the current snapshot at once and sees every new one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<HealthSnapshot>> {
+        self.shared.tx.subscribe()
     }
-    Ok(rx)
+
+    /// Takes a reloaded `config` of the same listeners and servers as `running` (see
+    /// `config::diff`), and restarts the checks on its settings. A server whose check asks the
+    /// same question (same check address, method, path, expected status and TLS) keeps its
+    /// check state, retuned to the new `rise`/`fall`; one whose check changed starts over per
+    /// `init_state`, since its state answered another question; one whose listener lost its
+    /// check becomes "no check".
+    pub fn reconfigure(&self, running: &Config, config: &Config) -> Result<(), ClientError> {
+        let jobs = jobs(config)?;
+        let cancel = self.stop.child_token();
+        std::mem::replace(&mut *self.jobs.lock().unwrap(), cancel.clone()).cancel();
+        self.shared.retune(running, config, Instant::now());
+        self.spawn(jobs, cancel);
+        Ok(())
+    }
+
+    fn spawn(&self, jobs: Vec<Job>, cancel: CancellationToken) {
+        for job in jobs {
+            let (shared, cancel) = (self.shared.clone(), cancel.clone());
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = run(job, &shared) => {}
+                }
+            });
+        }
+    }
+}
+
+fn timings(config: &Config) -> Vec<Vec<CheckTiming>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| l.servers.iter().map(|s| s.timing).collect())
+        .collect()
 }
 
 type JobKey = (
@@ -313,13 +360,46 @@ impl Shared {
         self.tx.send_replace(Arc::new(state.clone()));
     }
 
+    /// Retunes every server's hysteresis from `running` to `config` (same layout) and
+    /// publishes the result.
+    fn retune(&self, running: &Config, config: &Config, now: Instant) {
+        let mut state = self.state.lock().unwrap();
+        for (key, _) in backends(config) {
+            let l = &config.listeners[key.listener];
+            let spec = &l.servers[key.server];
+            let was = &running.listeners[key.listener];
+            let same_question =
+                was.check == l.check && was.servers[key.server].check_addr == spec.check_addr;
+            let Some(server) = state
+                .listeners
+                .get_mut(key.listener)
+                .and_then(|sl| sl.servers.get_mut(key.server))
+            else {
+                continue;
+            };
+            let health = &mut server.health;
+            match (&l.check, health.is_checked()) {
+                (Some(c), true) if same_question => health.retune(&spec.timing, c.authoritative),
+                (Some(c), _) => {
+                    *health = ServerHealth::new(&spec.timing, spec.init_state, c.authoritative, now)
+                }
+                (None, true) => *health = ServerHealth::no_check(now),
+                (None, false) => {}
+            }
+        }
+        *self.timings.lock().unwrap() = timings(config);
+        state.generation += 1;
+        self.tx.send_replace(Arc::new(state.clone()));
+    }
+
     /// The shortest next interval among the backends a check feeds.
     fn next_interval(&self, subscribers: &[BackendKey]) -> Duration {
         let state = self.state.lock().unwrap();
+        let timings = self.timings.lock().unwrap();
         subscribers
             .iter()
-            .map(|&k| {
-                let timing = &self.timings[k.listener][k.server];
+            .filter_map(|&k| Some((k, timings.get(k.listener)?.get(k.server)?)))
+            .map(|(k, timing)| {
                 let changing = state.listener_changing(k.listener);
                 state.listeners[k.listener].servers[k.server]
                     .health

@@ -23,7 +23,9 @@ impl Running {
     fn start(config: &Config) -> Self {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let rx = spawn_checker(config, cancel.clone(), &tracker).expect("checker starts");
+        let rx = spawn_checker(config, cancel.clone(), &tracker)
+            .expect("checker starts")
+            .subscribe();
         Running {
             rx,
             cancel,
@@ -423,4 +425,39 @@ async fn client_methods_queries_and_bad_tls_files() {
     });
     let err = CheckClient::new(node.addr(), &c, timeouts).unwrap_err();
     assert!(matches!(err, ClientError::TlsFile { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn reconfigure_keeps_the_state_of_the_same_check_and_restarts_a_changed_one() {
+    let fake = FakePatroni::start().await;
+    fake.set("/primary", Reply::primary(1));
+    fake.set("/leader", Reply::primary(1));
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let running = one_server(&fake, true, timing(100, 30, 30, 2, 3));
+    let checker = spawn_checker(&running, cancel.clone(), &tracker).expect("checker starts");
+    let mut run = Running {
+        rx: checker.subscribe(),
+        cancel,
+        tracker,
+    };
+    run.until("UP", up(K00)).await;
+    // A new timing and rise: UP at once, no new rise wait.
+    let mut retimed = running.clone();
+    retimed.listeners[0].servers[0].timing = timing(200, 50, 50, 5, 2);
+    checker.reconfigure(&running, &retimed).unwrap();
+    let now = run.now();
+    let h = &now.server(K00).unwrap().health;
+    assert_eq!(h.server_state(), ServerState::Up);
+    assert_eq!(h.down_transitions, 0);
+    // Another question (a new path): the answer to the old one no longer holds.
+    let mut asked_again = retimed.clone();
+    asked_again.listeners[0].check = Some(check("/leader", true));
+    checker.reconfigure(&retimed, &asked_again).unwrap();
+    assert_eq!(
+        run.now().server(K00).unwrap().health.server_state(),
+        ServerState::Down
+    );
+    run.until("UP on the new check", up(K00)).await;
+    assert!(fake.requests("/leader") >= 5, "rise 5 on the new path");
 }

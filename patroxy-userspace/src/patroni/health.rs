@@ -120,6 +120,19 @@ impl ServerHealth {
         }
     }
 
+    /// Takes a reloaded `rise`/`fall` and `authoritative` without a new wait: an UP server stays
+    /// UP with as many failures left as before (at most the new `fall` - 1), a DOWN one stays
+    /// DOWN with the successes it already had (at most the new `rise` - 1).
+    pub fn retune(&mut self, timing: &CheckTiming, authoritative: bool) {
+        let (rise, fall) = (timing.rise.max(1), timing.fall.max(1));
+        self.health = if self.health >= self.rise {
+            rise + (self.health - self.rise).min(fall - 1)
+        } else {
+            self.health.min(rise - 1)
+        };
+        (self.rise, self.fall, self.authoritative) = (rise, fall, authoritative);
+    }
+
     /// A server of a listener without a check: always UP.
     pub fn no_check(now: Instant) -> Self {
         let mut h = Self::new(
@@ -329,6 +342,23 @@ mod tests {
         assert_eq!(states, ["DOWN 1/2", "UP"]);
         assert_eq!(tr, [Transition::WentUp]);
         assert!(h.is_up());
+    }
+
+    #[test]
+    fn retune_keeps_up_and_down_without_a_new_rise_wait() {
+        let mut up = ServerHealth::new(&timing(2, 3), InitState::Down, true, Instant::now());
+        run(&mut up, &[L7Ok, L7Ok, L4Tout]);
+        assert_eq!(up.server_state().to_string(), "UP 2/3");
+        up.retune(&timing(5, 5), true);
+        assert_eq!(up.server_state().to_string(), "UP 2/5");
+        up.retune(&timing(1, 1), true);
+        assert_eq!(up.server_state(), ServerState::Up);
+        let mut down = ServerHealth::new(&timing(3, 3), InitState::Down, true, Instant::now());
+        run(&mut down, &[L7Ok, L7Ok]);
+        down.retune(&timing(2, 3), true);
+        assert_eq!(down.server_state().to_string(), "DOWN 1/2");
+        let (states, _) = run(&mut down, &[L7Ok]);
+        assert_eq!(states, ["UP"]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod client;
 pub mod health;
 
 pub use checker::{
-    CarriedHealth, HealthSnapshot, ServerSnapshot, spawn_checker, spawn_checker_from,
+    CarriedHealth, Checker, HealthSnapshot, ServerSnapshot, spawn_checker, spawn_checker_from,
 };
 pub use client::{CheckOutcome, CheckStatus, Role};
 pub use health::{ServerHealth, ServerState};
@@ -43,6 +43,26 @@ pub fn backend_id(config: &Config, key: BackendKey) -> Option<u32> {
         .map(|l| l.servers.len())
         .sum();
     u32::try_from(1 + before + key.server).ok()
+}
+
+/// The BackendId of server `server` of listener `listener`, by name: the one lookup from a
+/// server's identity to the id the BPF maps (BACKENDS, SESSIONS), stats and logs use, for
+/// whoever identifies servers by name (the operator's commands, a process taking over
+/// sessions). Stable across reloads: a reload keeps every listener and server where it was
+/// (`config::diff` refuses one that would not).
+pub fn id_of(config: &Config, listener: &str, server: &str) -> Option<u32> {
+    let li = config.listeners.iter().position(|l| l.name == listener)?;
+    let si = config.listeners[li]
+        .servers
+        .iter()
+        .position(|s| s.name == server)?;
+    backend_id(
+        config,
+        BackendKey {
+            listener: li,
+            server: si,
+        },
+    )
 }
 
 /// Every backend of `config` with its BackendId, in id order.
@@ -131,6 +151,7 @@ pub(crate) mod test_config {
             },
             listeners,
             stats: None,
+            runtime: None,
         }
     }
 }
@@ -158,6 +179,10 @@ mod tests {
         assert_eq!(backend_id(&cfg, key(1, 1)), Some(4));
         assert_eq!(backend_id(&cfg, key(1, 2)), None);
         assert_eq!(backend_id(&cfg, key(2, 0)), None);
+        assert_eq!(id_of(&cfg, "r", "b"), Some(4));
+        assert_eq!(id_of(&cfg, "w", "a"), Some(1));
+        assert_eq!(id_of(&cfg, "r", "c"), None);
+        assert_eq!(id_of(&cfg, "x", "a"), None);
         let all: Vec<_> = backends(&cfg).collect();
         assert_eq!(all.len(), 4);
         for (k, id) in all {

@@ -12,6 +12,7 @@ impl Proxy {
     /// view; `None` when no eligible server is UP.
     pub(super) fn pick(&self, listener: usize, excluded: &[usize]) -> Option<usize> {
         let view = self.view.borrow().clone();
+        let config = self.config();
         let load = |server: usize| {
             let id = self.backend_id(listener, server);
             let entry = self.backends.get(id).unwrap_or_default();
@@ -21,7 +22,7 @@ impl Proxy {
                         .counters(id)
                         .queued
                         .load(std::sync::atomic::Ordering::Relaxed),
-                maxconn: self.config.listeners[listener].servers[server].maxconn,
+                maxconn: config.listeners[listener].servers[server].maxconn,
             }
         };
         let mut router = self.routers[listener].lock().expect("router lock");

@@ -61,8 +61,8 @@ impl Proxy {
     ) -> Option<SessionNames> {
         let store = self.fd_store.get()?;
         self.dataplane.kernel()?;
-        let (listener, server) = self.names(session);
-        store.store_session(listener, server, client, backend)
+        let (listener, server) = self.session_names(session);
+        store.store_session(&listener, &server, client, backend)
     }
 
     /// Removes an ended session's sockets from the fd store.
@@ -72,9 +72,13 @@ impl Proxy {
         }
     }
 
-    fn names(&self, session: &Session) -> (&str, &str) {
-        let listener = &self.config.listeners[session.listener];
-        (&listener.name, &listener.servers[session.server].name)
+    fn session_names(&self, session: &Session) -> (String, String) {
+        let config = self.config();
+        let listener = &config.listeners[session.listener];
+        (
+            listener.name.clone(),
+            listener.servers[session.server].name.clone(),
+        )
     }
 
     /// Resets the sessions still running here (fallback ones, once an upgrade's grace is over).
@@ -88,10 +92,10 @@ impl Proxy {
     }
 
     pub(super) fn pass_to_successor(&self, session: &Session, sockets: Detached) {
-        let listener = &self.config.listeners[session.listener];
+        let (listener, server) = self.session_names(session);
         let handed = HandedSession {
-            listener: listener.name.clone(),
-            server: listener.servers[session.server].name.clone(),
+            listener,
+            server,
             client: session.peer,
             age: session.accepted.elapsed(),
             sockets,
@@ -106,16 +110,14 @@ impl Proxy {
 
     /// The (listener index, server index, backend id) of a server named in a hand-over.
     fn backend_by_name(&self, listener: &str, server: &str) -> Option<(usize, usize, u32)> {
-        let li = self
-            .config
-            .listeners
-            .iter()
-            .position(|l| l.name == listener)?;
-        let si = self.config.listeners[li]
+        let config = self.config();
+        let id = crate::patroni::id_of(&config, listener, server)?;
+        let li = config.listeners.iter().position(|l| l.name == listener)?;
+        let si = config.listeners[li]
             .servers
             .iter()
             .position(|s| s.name == server)?;
-        Some((li, si, self.backend_id(li, si)))
+        Some((li, si, id))
     }
 
     /// Goes on with a session a predecessor spliced; its task joins `tracker`.
@@ -158,7 +160,7 @@ impl Proxy {
             )
         });
         let proxy = self.clone();
-        let meta = self.session_meta(listener, backend_id);
+        let meta = super::session::session_meta(&self.config(), listener, backend_id);
         tracker.spawn(async move {
             let _global = global;
             let registered = proxy.sessions.register(backend_id);
@@ -184,10 +186,11 @@ impl Proxy {
                     proxy.unstore_session(stored);
                     proxy.session_ended(&session, &end);
                     if proxy.log_limit.allow() {
+                        let (listener, server) = proxy.session_names(&session);
                         info!(
                             client = %session.peer,
-                            listener = %proxy.config.listeners[listener].name,
-                            server = %proxy.config.listeners[listener].servers[server].name,
+                            listener = %listener,
+                            server = %server,
                             total_ms = session.accepted.elapsed().as_millis() as u64,
                             bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
                             path = proxy.dataplane.name(),

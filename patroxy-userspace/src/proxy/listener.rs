@@ -51,7 +51,8 @@ impl Proxy {
                 _ = stop.cancelled() => return,
             };
             start = (index + 1) % listeners.len();
-            let name = &self.config.listeners[index].name;
+            let config = self.config();
+            let name = &config.listeners[index].name;
             match accepted {
                 Ok((client, peer)) => {
                     backoff = Duration::from_millis(5);

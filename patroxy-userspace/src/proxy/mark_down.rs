@@ -56,8 +56,9 @@ impl Proxy {
             // routing sees a server UP only once its fence is lifted.
             self.write_states(&current);
             self.applied.send_replace(current.clone());
+            let config = self.config();
             for (key, transition) in current.changes_since(&previous) {
-                let spec = &self.config.listeners[key.listener].servers[key.server];
+                let spec = &config.listeners[key.listener].servers[key.server];
                 let id = self.backend_id(key.listener, key.server);
                 match transition {
                     Transition::WentDown
@@ -76,7 +77,7 @@ impl Proxy {
                             .markdown_resets
                             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                         info!(
-                            listener = %self.config.listeners[key.listener].name,
+                            listener = %config.listeners[key.listener].name,
                             server = %spec.name, sessions = n,
                             "{why}: resetting its sessions"
                         );
@@ -103,10 +104,11 @@ impl Proxy {
     /// `previous` (a split brain appeared): their writes would be lost, and HAProxy, blind to
     /// timelines, would keep them until the old primary's checks fail.
     fn reset_superseded(&self, current: &View, previous: &View) {
+        let config = self.config();
         for (li, listener) in current.listeners.iter().enumerate() {
             let before = superseded_leaders(previous.listener(li));
             for index in superseded_leaders(&listener.servers) {
-                let spec = &self.config.listeners[li].servers[index];
+                let spec = &config.listeners[li].servers[index];
                 if before.contains(&index) || spec.on_marked_down != OnMarkedDown::ShutdownSessions
                 {
                     continue;
@@ -117,7 +119,7 @@ impl Proxy {
                     .markdown_resets
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 warn!(
-                    listener = %self.config.listeners[li].name,
+                    listener = %config.listeners[li].name,
                     server = %spec.name, sessions = n,
                     "split brain: primary on an older timeline than another UP primary: \
                      fencing and resetting its sessions"
@@ -127,10 +129,11 @@ impl Proxy {
     }
 
     pub(super) fn write_states(&self, view: &View) {
+        let config = self.config();
         for (li, listener) in view.listeners.iter().enumerate() {
             let superseded = superseded_leaders(&listener.servers);
             for (index, server) in listener.servers.iter().enumerate() {
-                let spec = &self.config.listeners[li].servers[index];
+                let spec = &config.listeners[li].servers[index];
                 // With on_marked_down = none, HAProxy keeps a down server's sessions: so do we.
                 // MAINT is down here (`is_up`), so it fences exactly like a mark-down.
                 let unwanted = !server.is_up() || superseded.contains(&index);

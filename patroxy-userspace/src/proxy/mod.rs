@@ -2,10 +2,12 @@
 //! established pair to the data path.
 mod choose;
 pub mod counters;
+mod foreign_writes;
 mod handover;
 mod listener;
 mod log_limit;
 mod mark_down;
+mod reconfigure;
 mod refusal;
 mod registry;
 mod session;
@@ -14,7 +16,7 @@ mod stats_source;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::Duration,
 };
 
@@ -46,7 +48,9 @@ use slots::ServerSlots;
 
 /// Everything a session task needs, shared by all listeners.
 pub struct Proxy {
-    config: Arc<Config>,
+    /// The running configuration; a reload swaps it ([`Proxy::reconfigure`]). A session reads
+    /// it once when it starts and keeps those timeouts.
+    config: RwLock<Arc<Config>>,
     dataplane: Arc<DataPlane>,
     backends: Arc<BackendTable>,
     sessions: SessionRegistry,
@@ -118,7 +122,7 @@ impl Proxy {
             listener_counters,
             global: Arc::new(Semaphore::new(config.global.maxconn as usize)),
             log_limit: LogLimit::new(config.global.session_log_rate),
-            config,
+            config: RwLock::new(config),
             dataplane,
             backends,
             sessions: SessionRegistry::default(),
@@ -143,6 +147,7 @@ impl Proxy {
             self.clone()
                 .accept_loop(listeners, stop.clone(), tracker.clone()),
         );
+        tracker.spawn(self.clone().undo_foreign_writes(stop.clone()));
         let proxy = self.clone();
         tracker.spawn(async move { proxy.log_limit.report(stop).await });
     }
@@ -160,10 +165,15 @@ impl Proxy {
         }
     }
 
+    /// The running configuration.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config lock").clone()
+    }
+
     /// The backend id (BPF map key) of server `server` of listener `listener`.
     fn backend_id(&self, listener: usize, server: usize) -> u32 {
         crate::patroni::backend_id(
-            &self.config,
+            &self.config(),
             crate::patroni::BackendKey { listener, server },
         )
         .expect("listener and server indexes come from the config")
@@ -178,6 +188,6 @@ impl Proxy {
     }
 
     pub fn listen_addresses(&self) -> Vec<SocketAddr> {
-        self.config.listeners.iter().map(|l| l.bind).collect()
+        self.config().listeners.iter().map(|l| l.bind).collect()
     }
 }

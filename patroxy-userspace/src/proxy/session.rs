@@ -14,14 +14,17 @@ use tokio::{
     sync::OwnedSemaphorePermit,
     time::{Instant, sleep, timeout},
 };
-use tracing::{info, warn};
+use tracing::{Level, debug, info, warn};
 
 use super::{
     Proxy,
     refusal::{self, Refusal},
     slots::Slot,
 };
-use crate::dataplane::{Outcome, SessionEnd, SessionMeta};
+use crate::{
+    config::Config,
+    dataplane::{Outcome, SessionEnd, SessionMeta},
+};
 
 /// A session's place in the configuration and its age, from its first to its last process.
 pub(super) struct Session {
@@ -53,20 +56,36 @@ impl Proxy {
         _global: OwnedSemaphorePermit,
     ) {
         let accepted = Instant::now();
-        let lname = &self.config.listeners[listener].name;
+        let config = self.config();
+        let lname = &config.listeners[listener].name;
         let lcounters = &self.listener_counters[listener];
         lcounters.accepted.fetch_add(1, Relaxed);
         // Wait for the client's first bytes (left unread for the data path) before taking a
         // server slot: a client that connects and says nothing would otherwise hold a slot
         // and a backend connection until PostgreSQL's own authentication_timeout.
-        let startup = self.config.defaults.timeout_startup;
+        let startup = config.defaults.timeout_startup;
         // `peek` (not `readable`, which may wake spuriously) leaves the bytes in the socket.
-        if timeout(startup, client.peek(&mut [0u8; 1])).await.is_err() {
-            if self.log_limit.allow() {
-                warn!(
-                    client = %peer, listener = %lname,
-                    "closing client: sent nothing within timeout startup ({startup:?})"
-                );
+        let gone = match timeout(startup, client.peek(&mut [0u8; 1])).await {
+            Ok(Ok(0)) => Some("client closed before sending anything".to_owned()),
+            Ok(Err(e)) => Some(format!("client failed before sending anything: {e}")),
+            Ok(Ok(_)) => None,
+            Err(_) => {
+                if self.log_limit.allow() {
+                    warn!(
+                        client = %peer, listener = %lname,
+                        "closing client: sent nothing within timeout startup ({startup:?})"
+                    );
+                }
+                return;
+            }
+        };
+        // A client gone before its first byte (a port probe, a health check of the proxy's
+        // port) needs no backend connection: nothing could reach one.
+        if let Some(why) = gone {
+            // Through the log limit like any session's end (a flood of port probes), but
+            // only when debug lines are on: at info this line costs no token.
+            if tracing::enabled!(Level::DEBUG) && self.log_limit.allow() {
+                debug!(client = %peer, listener = %lname, "session closed: {why}");
             }
             return;
         }
@@ -78,7 +97,7 @@ impl Proxy {
             slot: _slot,
             dequeued,
             connected,
-        } = match self.connect_backend(listener).await {
+        } = match self.connect_backend(&config, listener).await {
             Ok(x) => x,
             Err(refusal) => {
                 match &refusal {
@@ -99,8 +118,9 @@ impl Proxy {
                 return;
             }
         };
+        let sname = &config.listeners[listener].servers[server].name;
         let backend_id = self.backend_id(listener, server);
-        let meta = self.session_meta(listener, backend_id);
+        let meta = session_meta(&config, listener, backend_id);
         let registered = self.sessions.register(backend_id);
         // A mark-down between our pick and this registration fenced the server without
         // seeing us: reset now rather than sit behind the fence.
@@ -132,7 +152,7 @@ impl Proxy {
                 if self.log_limit.allow() {
                     info!(
                         client = %peer, listener = %lname,
-                        server = %self.config.listeners[listener].servers[server].name,
+                        server = %sname,
                         queue_ms = (dequeued - spoke).as_millis() as u64,
                         connect_ms = (connected - dequeued).as_millis() as u64,
                         total_ms = accepted.elapsed().as_millis() as u64,
@@ -146,19 +166,6 @@ impl Proxy {
         }
     }
 
-    /// What the data path needs to know about a session on backend `backend_id`.
-    pub(super) fn session_meta(&self, listener: usize, backend_id: u32) -> SessionMeta {
-        SessionMeta {
-            backend_id,
-            listener: listener as u16,
-            idle_timeout: self
-                .config
-                .defaults
-                .timeout_client
-                .min(self.config.defaults.timeout_server),
-        }
-    }
-
     /// Accounts for a session that ended in this process.
     pub(super) fn session_ended(&self, session: &Session, end: &SessionEnd) {
         self.backends.session_closed(session.backend_id);
@@ -168,8 +175,12 @@ impl Proxy {
 
     /// Chooses a server (waiting in the queue while none is UP or all are full), then connects
     /// with HAProxy's `retries`, turn-around delay and `option redispatch`.
-    async fn connect_backend(&self, listener: usize) -> Result<Connected, Refusal> {
-        let d = &self.config.defaults;
+    async fn connect_backend(
+        &self,
+        config: &Config,
+        listener: usize,
+    ) -> Result<Connected, Refusal> {
+        let d = &config.defaults;
         let queue_deadline = Instant::now() + d.timeout_queue;
         let turnaround = d.timeout_connect.min(Duration::from_secs(1));
         let mut excluded = Vec::new();
@@ -180,7 +191,7 @@ impl Proxy {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let addr = self.config.listeners[listener].servers[server].address;
+            let addr = config.listeners[listener].servers[server].address;
             let err = match timeout(d.timeout_connect, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     return Ok(Connected {
@@ -254,6 +265,19 @@ impl Proxy {
                 None => Err(Refusal::QueueTimeout { up_servers: true }),
             };
         }
+    }
+}
+
+/// What the data path needs to know about a session on backend `backend_id`, under `config`'s
+/// timeouts (a session keeps those it started with).
+pub(super) fn session_meta(config: &Config, listener: usize, backend_id: u32) -> SessionMeta {
+    SessionMeta {
+        backend_id,
+        listener: listener as u16,
+        idle_timeout: config
+            .defaults
+            .timeout_client
+            .min(config.defaults.timeout_server),
     }
 }
 

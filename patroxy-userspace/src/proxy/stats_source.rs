@@ -13,7 +13,8 @@ use crate::{config::Config, view::View};
 /// The proxy as the stats server sees it. [`Proxy`] implements it; the stats hold nothing else
 /// of the proxy (the operator-state writer of their admin endpoint is handed to them apart).
 pub trait StatsSource: Send + Sync {
-    fn config(&self) -> &Config;
+    /// The running configuration (a reload swaps it).
+    fn config(&self) -> Arc<Config>;
     /// The view routing reads, as applied to the data path; the receiver sees every change.
     fn view(&self) -> watch::Receiver<Arc<View>>;
     fn backend_counters(&self, id: u32) -> &BackendCounters;
@@ -28,8 +29,8 @@ pub trait StatsSource: Send + Sync {
 }
 
 impl StatsSource for Proxy {
-    fn config(&self) -> &Config {
-        &self.config
+    fn config(&self) -> Arc<Config> {
+        Proxy::config(self)
     }
 
     fn view(&self) -> watch::Receiver<Arc<View>> {

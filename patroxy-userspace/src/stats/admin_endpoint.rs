@@ -1,18 +1,20 @@
 //! The stats server's one write path, HAProxy's `set server <backend>/<server> state ...`:
 //! `POST /admin/servers/{listener}/{server}` with `state=ready|drain|maint` in the query or a
 //! form body sets the server's admin state ([`crate::operator_state`]). `[stats] admin` decides
-//! who may: nobody, clients on this host (the default), or anyone reaching the bind. There is no
-//! authentication, so a request a browser sends for another site (an `Origin` that is not this
-//! server) is refused too: a page on the web must not be able to drain a database.
+//! who may: nobody, clients on this host (the default), or anyone reaching the bind; with
+//! `[stats] admin_auth_file` they must also send its token (`Authorization: Bearer <token>`),
+//! since "this host" includes every local user. A request a browser sends for another site (an
+//! `Origin` that is not this server) is refused too: a page on the web must not be able to
+//! drain a database.
 //!
-//! Answers are one line of text: 200 with what changed, 400 for a missing or unknown state, 403
-//! when the peer may not, 404 for an unknown listener or server.
+//! Answers are one line of text: 200 with what changed, 400 for a missing or unknown state, 401
+//! without the right token, 403 when the peer may not, 404 for an unknown listener or server.
 use std::net::SocketAddr;
 
 use axum::http::StatusCode;
 
 use crate::{
-    config::AdminAccess,
+    config::{AdminAccess, AdminToken},
     operator_state::{AdminState, AdminWriter},
 };
 
@@ -39,16 +41,27 @@ pub struct Request<'a> {
     /// The `Origin` and `Host` headers, when sent (browsers send `Origin` on every POST).
     pub origin: Option<&'a str>,
     pub host: Option<&'a str>,
+    /// The `Authorization` header, when sent.
+    pub authorization: Option<&'a str>,
     pub listener: &'a str,
     pub server: &'a str,
     pub query: Option<&'a str>,
     pub body: &'a str,
 }
 
-/// Decides and applies one request; returns the HTTP status and the line to answer.
-pub fn set_state(access: AdminAccess, admin: &AdminWriter, req: &Request) -> (StatusCode, String) {
+/// Decides and applies one request; returns the HTTP status and the line to answer. `token`
+/// is the one of `[stats] admin_auth_file`, if set.
+pub fn set_state(
+    access: AdminAccess,
+    token: Option<&AdminToken>,
+    admin: &AdminWriter,
+    req: &Request,
+) -> (StatusCode, String) {
     if let Some(why) = forbidden(access, req) {
         return (StatusCode::FORBIDDEN, format!("forbidden: {why}\n"));
+    }
+    if let Some(why) = token.and_then(|t| unauthorized(t, req.authorization)) {
+        return (StatusCode::UNAUTHORIZED, format!("unauthorized: {why}\n"));
     }
     let Some(word) = param(req.query.unwrap_or(""), "state").or_else(|| param(req.body, "state"))
     else {
@@ -64,13 +77,25 @@ pub fn set_state(access: AdminAccess, admin: &AdminWriter, req: &Request) -> (St
     match admin.set(req.listener, req.server, state, req.peer.remote.ip()) {
         Ok(change) => (
             StatusCode::OK,
-            format!(
-                "server {} of listener {} set to {} (was {})\n",
-                req.server, req.listener, change.state, change.previous
-            ),
+            format!("{}\n", change.describe(req.listener, req.server)),
         ),
         Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")),
     }
+}
+
+/// Why `POST /admin/reload` from this caller is refused, by the same rules as a state change
+/// (the address first, then the token): the status and the line to answer.
+pub fn refused_reload(
+    access: AdminAccess,
+    token: Option<&AdminToken>,
+    req: &Request,
+) -> Option<(StatusCode, String)> {
+    if let Some(why) = forbidden(access, req) {
+        return Some((StatusCode::FORBIDDEN, format!("forbidden: {why}\n")));
+    }
+    token
+        .and_then(|t| unauthorized(t, req.authorization))
+        .map(|why| (StatusCode::UNAUTHORIZED, format!("unauthorized: {why}\n")))
 }
 
 fn forbidden(access: AdminAccess, req: &Request) -> Option<String> {
@@ -90,6 +115,24 @@ fn forbidden(access: AdminAccess, req: &Request) -> Option<String> {
         (Some(origin), Some(host)) if origin == format!("http://{host}") => None,
         (Some(origin), _) => Some(format!("cross-origin request from {origin}")),
         (None, _) => None,
+    }
+}
+
+/// Why `authorization` does not carry `token`, if it does not.
+fn unauthorized(token: &AdminToken, authorization: Option<&str>) -> Option<&'static str> {
+    let Some(header) = authorization else {
+        return Some(
+            "admin requests need the token of [stats] admin_auth_file (Authorization: Bearer <token>)",
+        );
+    };
+    let presented = header
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    match presented {
+        None => Some("expected Authorization: Bearer <token>"),
+        Some(t) if token.matches(t) => None,
+        Some(_) => Some("wrong token"),
     }
 }
 
@@ -134,6 +177,7 @@ mod tests {
             peer,
             origin: None,
             host: Some("127.0.0.1:7000"),
+            authorization: None,
             listener: "postgres_read",
             server,
             query,
@@ -151,6 +195,7 @@ mod tests {
         let rx = admin.subscribe();
         let (status, text) = set_state(
             AdminAccess::Local,
+            None,
             &admin,
             &req(lo(), "pg2", Some("state=maint"), ""),
         );
@@ -166,6 +211,7 @@ mod tests {
         assert_eq!(rx.borrow().get(key), AdminState::Maint);
         let (status, text) = set_state(
             AdminAccess::Any,
+            None,
             &admin,
             &req(lo(), "pg2", None, "state=DRAIN\n"),
         );
@@ -180,7 +226,12 @@ mod tests {
     fn bad_requests_say_why() {
         let admin = admin();
         let call = |server, query: Option<&str>| {
-            set_state(AdminAccess::Local, &admin, &req(lo(), server, query, ""))
+            set_state(
+                AdminAccess::Local,
+                None,
+                &admin,
+                &req(lo(), server, query, ""),
+            )
         };
         let (status, text) = call("pg1", Some("state=up"));
         assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -194,7 +245,7 @@ mod tests {
         );
         let mut r = req(lo(), "pg1", Some("state=drain"), "");
         r.listener = "nope";
-        let (status, text) = set_state(AdminAccess::Local, &admin, &r);
+        let (status, text) = set_state(AdminAccess::Local, None, &admin, &r);
         assert_eq!(
             (status, text.as_str()),
             (StatusCode::NOT_FOUND, "no listener named \"nope\"\n")
@@ -218,13 +269,18 @@ mod tests {
             (AdminAccess::Any, remote, StatusCode::OK),
         ];
         for (access, peer, want) in cases {
-            let (status, text) =
-                set_state(access, &admin, &req(peer, "pg1", Some("state=ready"), ""));
+            let (status, text) = set_state(
+                access,
+                None,
+                &admin,
+                &req(peer, "pg1", Some("state=ready"), ""),
+            );
             assert_eq!(status, want, "{access:?} {peer:?}: {text}");
         }
         // Forbidden before anything else: no hint whether the names exist.
         let (status, text) = set_state(
             AdminAccess::Off,
+            None,
             &admin,
             &req(lo(), "pg9", Some("state=bogus"), ""),
         );
@@ -237,15 +293,56 @@ mod tests {
     }
 
     #[test]
+    fn with_a_token_file_the_token_is_asked_after_the_address() {
+        let dir = std::env::temp_dir().join(format!("patroxy-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.token");
+        std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let token = AdminToken::read(&path).unwrap();
+        let admin = admin();
+        let call = |access, authorization| {
+            let mut r = req(lo(), "pg1", Some("state=drain"), "");
+            r.authorization = authorization;
+            set_state(access, Some(&token), &admin, &r)
+        };
+        let (status, text) = call(AdminAccess::Local, None);
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(text.contains("Authorization: Bearer"), "{text}");
+        let (status, text) = call(AdminAccess::Local, Some("Bearer 0123456789abcdef0124"));
+        assert_eq!(
+            (status, text.as_str()),
+            (StatusCode::UNAUTHORIZED, "unauthorized: wrong token\n")
+        );
+        assert_eq!(
+            call(AdminAccess::Local, Some("Basic 0123456789abcdef0123")).0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(AdminAccess::Local, Some("bearer 0123456789abcdef0123")).0,
+            StatusCode::OK
+        );
+        // The address is refused first: a remote peer learns nothing about the token.
+        assert_eq!(
+            call(AdminAccess::Off, Some("Bearer 0123456789abcdef0123")).0,
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
     fn a_browser_request_from_another_site_is_refused() {
         let admin = admin();
         let mut r = req(lo(), "pg1", Some("state=maint"), "");
         r.origin = Some("https://evil.example");
-        let (status, text) = set_state(AdminAccess::Any, &admin, &r);
+        let (status, text) = set_state(AdminAccess::Any, None, &admin, &r);
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert!(text.contains("cross-origin"), "{text}");
         // The stats page itself (same origin) may.
         r.origin = Some("http://127.0.0.1:7000");
-        assert_eq!(set_state(AdminAccess::Any, &admin, &r).0, StatusCode::OK);
+        assert_eq!(
+            set_state(AdminAccess::Any, None, &admin, &r).0,
+            StatusCode::OK
+        );
     }
 }

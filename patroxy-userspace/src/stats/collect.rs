@@ -2,33 +2,59 @@
 //! proxy's view of the servers, the backend table, the proxy's counters, and (sockmap path) the
 //! bytes of open sessions the caller read from the kernel's SESSIONS.
 use std::{
+    path::Path,
     sync::atomic::Ordering::Relaxed,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use tokio::time::Instant;
+use tracing::warn;
 
 use super::{
     history::StatsHistory,
     model::{
-        FrontendStats, LastCheckStats, ListenerStats, ServerStats, StateClass, StatsSnapshot,
-        Traffic,
+        FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats, StateClass,
+        StatsSnapshot, Traffic,
     },
 };
 use crate::{
     config::model::{Balance, CheckMethod},
-    dataplane::maps::LiveBytes,
+    dataplane::maps::{LiveBytes, OpenSessions},
     operator_state::AdminState,
     patroni::{Role, ServerState},
     proxy::StatsSource,
+    reload::ReloadStatus,
     view::ServerView,
 };
+
+/// The bytes of open sessions per backend, read from SESSIONS under `pin_dir` (the sockmap
+/// path); none on the fallback path or when the map cannot be read (logged).
+pub async fn live_bytes(pin_dir: Option<&Path>) -> LiveBytes {
+    let Some(dir) = pin_dir else {
+        return LiveBytes::new();
+    };
+    let dir = dir.to_owned();
+    // Walking SESSIONS is one syscall per entry: keep it off the async workers.
+    let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(live)) => live,
+        Ok(Err(e)) => {
+            warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
+            LiveBytes::new()
+        }
+        Err(e) => {
+            warn!("stats: SESSIONS reader panicked: {e}");
+            LiveBytes::new()
+        }
+    }
+}
 
 pub fn snapshot(
     source: &dyn StatsSource,
     history: &StatsHistory,
     live: &LiveBytes,
     started: Instant,
+    reload: &ReloadStatus,
 ) -> StatsSnapshot {
     let now = Instant::now();
     let view = source.view().borrow().clone();
@@ -93,12 +119,27 @@ pub fn snapshot(
             .stats
             .as_ref()
             .map_or(5, |s| s.refresh.as_secs().max(1)),
-        generated_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        generated_unix: unix_secs(SystemTime::now()),
         global_maxconn: config.global.maxconn,
+        reload: reload_stats(reload),
+        admin_unauthorized: history.admin_unauthorized.load(Relaxed),
         listeners,
     }
+}
+
+fn reload_stats(status: &ReloadStatus) -> ReloadStats {
+    let last = status.last.as_ref();
+    ReloadStats {
+        reloads: status.reloads,
+        failures: status.failures,
+        last_unix: last.map(|l| unix_secs(l.at)),
+        last_ok: last.map(|l| l.ok),
+        last_messages: last.map(|l| l.lines.clone()).unwrap_or_default(),
+    }
+}
+
+fn unix_secs(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn server(
@@ -109,8 +150,9 @@ fn server(
     now: Instant,
 ) -> ServerStats {
     let (listener, index, health) = (snap.key.listener, snap.key.server, &snap.health);
-    let spec = &source.config().listeners[listener].servers[index];
-    let checked = source.config().listeners[listener].check.is_some();
+    let config = source.config();
+    let spec = &config.listeners[listener].servers[index];
+    let checked = config.listeners[listener].check.is_some();
     let id = snap.id;
     let entry = source.backend_entry(id);
     let c = source.backend_counters(id);

@@ -64,6 +64,8 @@ pub struct StatsHistory {
     /// the closed-session counters in two steps; a request between them would see them in
     /// neither, and a Prometheus counter must never go down.
     bytes_floor: Mutex<Vec<(u64, u64)>>,
+    /// Admin requests refused for a missing or wrong token (401).
+    pub admin_unauthorized: AtomicU64,
 }
 
 impl StatsHistory {
@@ -74,6 +76,7 @@ impl StatsHistory {
             primary_changes: (0..listeners).map(|_| AtomicU64::new(0)).collect(),
             last_leader: Mutex::new(vec![None; listeners]),
             bytes_floor: Mutex::new(vec![(0, 0); backends]),
+            admin_unauthorized: AtomicU64::new(0),
         }
     }
 
@@ -257,7 +260,7 @@ mod tests {
 
     /// The proxy as the history task reads it: a view with one server checked once, no traffic.
     struct CheckedOnce {
-        config: Config,
+        config: Arc<Config>,
         view: watch::Sender<Arc<View>>,
         backend: BackendCounters,
         listener: ListenerCounters,
@@ -292,7 +295,7 @@ mod tests {
             health.listeners[0].servers[0].health.record(&outcome, now);
             let view = View::fold(&health, &AdminStates::ready(&config));
             Self {
-                config,
+                config: Arc::new(config),
                 view: watch::Sender::new(Arc::new(view)),
                 backend: BackendCounters::default(),
                 listener: ListenerCounters::default(),
@@ -301,8 +304,8 @@ mod tests {
     }
 
     impl StatsSource for CheckedOnce {
-        fn config(&self) -> &Config {
-            &self.config
+        fn config(&self) -> Arc<Config> {
+            self.config.clone()
         }
         fn view(&self) -> watch::Receiver<Arc<View>> {
             self.view.subscribe()

@@ -76,13 +76,30 @@ footer a{color:var(--head)}
 </style>
 "#;
 
+/// "last reload OK|FAILED at <time>", its messages in the tooltip; nothing before the first.
+fn last_reload(s: &StatsSnapshot) -> String {
+    let r = &s.reload;
+    let (Some(ok), Some(at)) = (r.last_ok, r.last_unix) else {
+        return String::new();
+    };
+    format!(
+        "<span id=\"last-reload\" title=\"{}\">last reload <b>{}</b> at <b>{}</b> \
+         ({} of {} refused)</span>",
+        esc(&r.last_messages.join("\n")),
+        if ok { "OK" } else { "FAILED" },
+        utc(at),
+        r.failures,
+        r.reloads,
+    )
+}
+
 fn header(h: &mut String, s: &StatsSnapshot) {
     let _ = write!(
         h,
         "<header><h1>patroxy</h1><div class=\"meta\">\
          <span>version <b>{}</b></span><span>pid <b>{}</b></span><span>uptime <b>{}</b></span>\
          <span>data path <span class=\"path {}\" id=\"data-path\">{}</span></span>\
-         <span>refresh <b>{}s</b></span><span>at <b>{}</b></span></div></header>\n<main>\n",
+         <span>refresh <b>{}s</b></span><span>at <b>{}</b></span>{}</div></header>\n<main>\n",
         esc(&s.version),
         s.pid,
         duration(s.uptime_secs),
@@ -90,6 +107,7 @@ fn header(h: &mut String, s: &StatsSnapshot) {
         esc(&s.data_path),
         s.refresh_secs,
         utc(s.generated_unix),
+        last_reload(s),
     );
     h.push_str("<div class=\"legend\">");
     for (class, text) in [

@@ -16,6 +16,8 @@
 //! - `server`: the axum HTTP server's routes, bound before the proxy accepts clients.
 //! - `connections`: its own thread and runtime, connection cap, timeouts and shutdown: what
 //!   keeps it from taking file descriptors or time from the proxy.
+//! - `sessions`: the open sockmap sessions as rows, a table or JSON (`patroxy sessions`, the
+//!   runtime socket's `show sessions`).
 //! - `admin_endpoint`: `POST /admin/servers/{listener}/{server}` and who may call it.
 pub mod admin_endpoint;
 pub mod collect;
@@ -26,6 +28,7 @@ pub mod html;
 pub mod model;
 pub mod prometheus;
 pub mod server;
+pub mod sessions;
 pub mod text;
 
 pub use model::StatsSnapshot;

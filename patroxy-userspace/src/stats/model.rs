@@ -20,7 +20,26 @@ pub struct StatsSnapshot {
     pub generated_unix: u64,
     /// Global maxconn: the frontend's session limit.
     pub global_maxconn: u32,
+    /// Configuration reloads since start; absent from older daemons' JSON.
+    #[serde(default)]
+    pub reload: ReloadStats,
+    /// Admin requests refused for a missing or wrong token since start.
+    #[serde(default)]
+    pub admin_unauthorized: u64,
     pub listeners: Vec<ListenerStats>,
+}
+
+/// Configuration reloads since start (SIGHUP, `patroxy reload`) and the last one's outcome.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadStats {
+    pub reloads: u64,
+    /// Reloads refused (invalid file, or a change that needs a restart).
+    pub failures: u64,
+    /// Wall clock of the last reload (seconds since the Unix epoch); `None` before the first.
+    pub last_unix: Option<u64>,
+    pub last_ok: Option<bool>,
+    /// What the last reload changed, or why it was refused, one line each.
+    pub last_messages: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -321,6 +340,14 @@ pub(crate) mod sample {
             refresh_secs: 5,
             generated_unix: 1_700_000_000,
             global_maxconn: 2000,
+            reload: ReloadStats {
+                reloads: 3,
+                failures: 1,
+                last_unix: Some(1_699_999_000),
+                last_ok: Some(false),
+                last_messages: vec!["/etc/patroxy/patroxy.toml:12:9: unknown key `balanse`".into()],
+            },
+            admin_unauthorized: 0,
             listeners: vec![
                 ListenerStats {
                     name: "postgres_write".into(),

@@ -16,7 +16,7 @@ use prometheus_client::{
 
 use super::{
     history::CheckDurations,
-    model::{ListenerStats, ServerStats, StatsSnapshot},
+    model::{ListenerStats, ReloadStats, ServerStats, StatsSnapshot},
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -47,12 +47,55 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
         "patroxy's version and the data path in use (sockmap or fallback)",
         info,
     );
+    reload(&mut reg, &snap.reload);
     let uptime: Gauge = Gauge::default();
     uptime.set(snap.uptime_secs as i64);
     reg.register_with_unit("process_uptime", "Time since start", Unit::Seconds, uptime);
+    let unauthorized: Counter = Counter::default();
+    unauthorized.inc_by(snap.admin_unauthorized);
+    reg.register(
+        "admin_unauthorized_requests",
+        "Admin requests refused for a missing or wrong token (HTTP 401)",
+        unauthorized,
+    );
     let mut out = String::new();
     prometheus_text::encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
+}
+
+/// Configuration reloads: counts, the last one's outcome and time (absent before the first).
+fn reload(reg: &mut Registry, r: &ReloadStats) {
+    let reloads: Counter = Counter::default();
+    reloads.inc_by(r.reloads);
+    reg.register(
+        "config_reloads",
+        "Configuration reloads attempted (SIGHUP, patroxy reload)",
+        reloads,
+    );
+    let failures: Counter = Counter::default();
+    failures.inc_by(r.failures);
+    reg.register(
+        "config_reload_failures",
+        "Configuration reloads refused; the running configuration was kept",
+        failures,
+    );
+    if let (Some(ok), Some(at)) = (r.last_ok, r.last_unix) {
+        let successful: Gauge = Gauge::default();
+        successful.set(i64::from(ok));
+        reg.register(
+            "config_last_reload_successful",
+            "Whether the last configuration reload was applied (1) or refused (0)",
+            successful,
+        );
+        let time: Gauge = Gauge::default();
+        time.set(at as i64);
+        reg.register_with_unit(
+            "config_last_reload_timestamp",
+            "When the last configuration reload happened, since the Unix epoch",
+            Unit::Seconds,
+            time,
+        );
+    }
 }
 
 /// Gauges (a value now) or counters (a total since start, `_total` in the name).

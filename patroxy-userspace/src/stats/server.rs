@@ -1,8 +1,14 @@
 //! The stats HTTP server (axum): `/` HTML, `/;csv` or `/?format=csv` HAProxy's CSV, `/;json`
 //! the snapshot as JSON, `/metrics` Prometheus. HAProxy's spellings keep working too:
 //! `/;csv;norefresh`, `/?stats;csv`. `POST /admin/servers/{listener}/{server}` is the admin
-//! endpoint (see `admin_endpoint`).
-use std::{io, net::SocketAddr, sync::Arc, thread};
+//! endpoint (see `admin_endpoint`); `POST /admin/reload`, under the same access rule, reloads the
+//! configuration file (`patroxy reload`).
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    thread,
+};
 
 use axum::{
     Router,
@@ -13,7 +19,7 @@ use axum::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{
     admin_endpoint::{self, Peer},
@@ -24,16 +30,15 @@ use super::{
     prometheus,
 };
 use crate::{
-    config::AdminAccess,
-    dataplane::maps::{LiveBytes, OpenSessions},
-    operator_state::AdminWriter,
-    proxy::StatsSource,
+    config::AdminAccess, operator_state::AdminWriter, proxy::StatsSource, reload::Reloader,
 };
 
 struct Shared {
     source: Arc<dyn StatsSource>,
     /// The one writer of the operator's states, for the admin endpoint.
     admin: Arc<AdminWriter>,
+    /// Reloads the configuration, and says how the last reload went.
+    reloader: Reloader,
     history: Arc<StatsHistory>,
     started: Instant,
 }
@@ -51,6 +56,7 @@ pub fn serve(
     listener: std::net::TcpListener,
     source: Arc<dyn StatsSource>,
     admin: Arc<AdminWriter>,
+    reloader: Reloader,
     stop: CancellationToken,
 ) -> io::Result<thread::JoinHandle<()>> {
     let config = source.config();
@@ -61,12 +67,14 @@ pub fn serve(
     let shared = Arc::new(Shared {
         source,
         admin,
+        reloader,
         history,
         started: Instant::now(),
     });
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/admin/servers/{listener}/{server}", post(set_state))
+        .route("/admin/reload", post(reload))
         .fallback(get(page))
         .with_state(shared);
     connections::spawn(listener, app, maxconn, follow, stop)
@@ -131,32 +139,89 @@ async fn set_state(
     uri: Uri,
     body: String,
 ) -> Response {
-    let access = shared
-        .source
-        .config()
-        .stats
-        .as_ref()
-        .map_or(AdminAccess::Off, |s| s.admin);
+    let config = shared.source.config();
+    let stats = config.stats.as_ref();
+    let access = stats.map_or(AdminAccess::Off, |s| s.admin);
+    let token = stats.and_then(|s| s.admin_token.as_ref());
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let request = admin_endpoint::Request {
         peer,
         origin: header(header::ORIGIN),
         host: header(header::HOST),
+        authorization: header(header::AUTHORIZATION),
         listener: &listener,
         server: &server,
         query: uri.query(),
         body: &body,
     };
-    let (status, text) = admin_endpoint::set_state(access, &shared.admin, &request);
+    let (status, text) = admin_endpoint::set_state(access, token, &shared.admin, &request);
     if status != StatusCode::OK {
         info!(peer = %peer.remote, status = status.as_u16(), "admin request refused: {}", text.trim_end());
     }
-    (
+    admin_response(&shared, status, text)
+}
+
+/// Reloads the configuration: 200 with what changed, 400 with every reason it was refused (the
+/// running configuration is kept), 403/401 for a caller the admin rule or token refuses.
+async fn reload(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let config = shared.source.config();
+    let stats = config.stats.as_ref();
+    let access = stats.map_or(AdminAccess::Off, |s| s.admin);
+    let token = stats.and_then(|s| s.admin_token.as_ref());
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let request = admin_endpoint::Request {
+        peer,
+        origin: header(header::ORIGIN),
+        host: header(header::HOST),
+        authorization: header(header::AUTHORIZATION),
+        listener: "",
+        server: "",
+        query: None,
+        body: "",
+    };
+    let (status, text) = match admin_endpoint::refused_reload(access, token, &request) {
+        Some(refusal) => refusal,
+        None => {
+            info!(peer = %peer.remote, "reload requested over the admin endpoint");
+            match shared.reloader.reload().await {
+                Ok(summary) if summary.changes.is_empty() => (
+                    StatusCode::OK,
+                    "configuration reloaded: nothing changed\n".into(),
+                ),
+                Ok(summary) => (
+                    StatusCode::OK,
+                    format!("configuration reloaded:\n{}\n", summary.changes.join("\n")),
+                ),
+                Err(e) => (
+                    StatusCode::BAD_REQUEST,
+                    format!("reload refused, running configuration kept:\n{e}\n"),
+                ),
+            }
+        }
+    };
+    admin_response(&shared, status, text)
+}
+
+/// A plain-text admin answer; a 401 is counted and says which scheme to use.
+fn admin_response(shared: &Shared, status: StatusCode, text: String) -> Response {
+    let mut response = (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         text,
     )
-        .into_response()
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        shared.history.admin_unauthorized.fetch_add(1, Relaxed);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"patroxy admin\""),
+        );
+    }
+    response
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
@@ -177,30 +242,13 @@ fn respond(content_type: &'static str, body: String) -> Response {
 }
 
 async fn snapshot(shared: &Shared) -> StatsSnapshot {
-    let live = match shared.source.pin_dir() {
-        Some(dir) => {
-            let dir = dir.to_owned();
-            // Walking SESSIONS is one syscall per entry: keep it off the async workers.
-            let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
-            match tokio::task::spawn_blocking(read).await {
-                Ok(Ok(live)) => live,
-                Ok(Err(e)) => {
-                    warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
-                    LiveBytes::new()
-                }
-                Err(e) => {
-                    warn!("stats: SESSIONS reader panicked: {e}");
-                    LiveBytes::new()
-                }
-            }
-        }
-        None => LiveBytes::new(),
-    };
+    let live = collect::live_bytes(shared.source.pin_dir()).await;
     collect::snapshot(
         shared.source.as_ref(),
         &shared.history,
         &live,
         shared.started,
+        &shared.reloader.status(),
     )
 }
 

@@ -20,12 +20,15 @@ const MAX_PAYLOAD: usize = 256 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
     /// Predecessor to successor, first. Descriptors, in order: the pin directory's lock (if
-    /// `pin_lock`), the listening sockets named in `listeners`, the stats listener (if `stats`).
+    /// `pin_lock`), the listening sockets named in `listeners`, the stats listener (if `stats`),
+    /// the runtime socket (if `runtime`, its path).
     Start {
         pid: u32,
         pin_lock: bool,
         listeners: Vec<String>,
         stats: bool,
+        #[serde(default)]
+        runtime: Option<std::path::PathBuf>,
         health: Vec<CarriedHealth>,
     },
     /// Successor to predecessor: it accepts on the listeners; the predecessor may stop.

@@ -1,6 +1,6 @@
 //! Upgrades that keep every session: the running daemon starts its successor (`SIGUSR2`) and
 //! hands it, over a unix socket pair with SCM_RIGHTS, the pin directory's lock, the listening
-//! sockets, the health states and then both sockets of every spliced session.
+//! sockets (the runtime socket's too), the health states and then both sockets of every spliced session.
 //!
 //! The order keeps every connection attempt served: the successor accepts on the same listening
 //! sockets (the same kernel objects) before the predecessor stops accepting, and a spliced
@@ -55,6 +55,8 @@ pub struct Handed<'a> {
     /// (name, listening socket), in the configuration's order.
     pub listeners: Vec<(String, BorrowedFd<'a>)>,
     pub stats: Option<BorrowedFd<'a>>,
+    /// The runtime socket's path and listening socket.
+    pub runtime: Option<(PathBuf, BorrowedFd<'a>)>,
     pub health: Vec<CarriedHealth>,
 }
 
@@ -95,11 +97,13 @@ impl Predecessor {
         let mut fds: Vec<BorrowedFd<'_>> = handed.pin_lock.map(|l| l.as_fd()).into_iter().collect();
         fds.extend(handed.listeners.iter().map(|(_, fd)| *fd));
         fds.extend(handed.stats);
+        fds.extend(handed.runtime.as_ref().map(|(_, fd)| *fd));
         let start = Message::Start {
             pid: std::process::id(),
             pin_lock: handed.pin_lock.is_some(),
             listeners: handed.listeners.iter().map(|(n, _)| n.clone()).collect(),
             stats: handed.stats.is_some(),
+            runtime: handed.runtime.as_ref().map(|(path, _)| path.clone()),
             health: handed.health,
         };
         let answer = match channel.send(&start, &fds) {
@@ -238,6 +242,8 @@ pub struct Takeover {
     pub pin_lock: Option<PinDirLock>,
     pub listeners: Vec<(String, std::net::TcpListener)>,
     pub stats: Option<std::net::TcpListener>,
+    /// The runtime socket's path and listening socket.
+    pub runtime: Option<(PathBuf, std::os::unix::net::UnixListener)>,
     pub health: Vec<CarriedHealth>,
 }
 
@@ -260,12 +266,16 @@ impl Takeover {
             pin_lock,
             listeners,
             stats,
+            runtime,
             health,
         } = message
         else {
             bail!("the predecessor's first message is not Start");
         };
-        let wanted = usize::from(pin_lock) + listeners.len() + usize::from(stats);
+        let wanted = usize::from(pin_lock)
+            + listeners.len()
+            + usize::from(stats)
+            + usize::from(runtime.is_some());
         if fds.len() != wanted {
             bail!(
                 "the predecessor passed {} descriptors, not {wanted}",
@@ -279,6 +289,12 @@ impl Takeover {
             .map(|name| (name, tcp_listener(fds.next().expect("counted"))))
             .collect();
         let stats = stats.then(|| tcp_listener(fds.next().expect("counted")));
+        let runtime = runtime.map(|path| {
+            (
+                path,
+                std::os::unix::net::UnixListener::from(fds.next().expect("counted")),
+            )
+        });
         info!(predecessor = pid, "upgrade: taking over");
         Ok(Takeover {
             source: Source::Predecessor {
@@ -288,6 +304,7 @@ impl Takeover {
             pin_lock,
             listeners,
             stats,
+            runtime,
             health,
         })
     }
@@ -319,6 +336,8 @@ impl Takeover {
             pin_lock: None,
             listeners: restored.listeners,
             stats: restored.stats,
+            // Not in the fd store: a stale socket file is replaced at start.
+            runtime: None,
             health: restored.health,
         }
     }
@@ -329,6 +348,25 @@ impl Takeover {
         match &self.source {
             Source::Predecessor { .. } => true,
             Source::FdStore(sessions) => !sessions.is_empty(),
+        }
+    }
+
+    /// The runtime socket handed over, if it is at `path` (the configuration may have moved it).
+    pub fn runtime_socket(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Option<std::os::unix::net::UnixListener> {
+        match self.runtime.take() {
+            Some((handed, listener)) if handed == path => Some(listener),
+            Some((handed, _)) => {
+                warn!(
+                    "upgrade: the runtime socket moved from {} to {}; the old file is left there",
+                    handed.display(),
+                    path.display()
+                );
+                None
+            }
+            None => None,
         }
     }
 

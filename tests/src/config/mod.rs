@@ -32,6 +32,8 @@ pub struct ProxyConfig {
     pub servers: Vec<ServerConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub stats: Option<StatsConfig>,
+    /// patroxy only: the runtime socket (HAProxy's `stats socket` is not written).
+    pub runtime: Option<RuntimeConfig>,
 }
 
 /// `[global]`.
@@ -110,6 +112,19 @@ pub struct StatsConfig {
     pub refresh: Option<Duration>,
     /// patroxy only: HAProxy's config gets no admin line.
     pub admin: Option<AdminAccess>,
+    /// patroxy only: the file holding the admin endpoint's token.
+    pub admin_auth_file: Option<PathBuf>,
+}
+
+/// `[runtime]`: patroxy's runtime socket.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub socket: PathBuf,
+    /// Octal, as the file writes it ("0660").
+    pub mode: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub maxconn: Option<u32>,
 }
 
 /// `global.bpf`: which data path patroxy runs.
@@ -158,6 +173,7 @@ impl ProxyConfig {
             servers: Vec::new(),
             listeners: Vec::new(),
             stats: None,
+            runtime: None,
         }
     }
 
@@ -198,6 +214,11 @@ impl ProxyConfig {
 
     pub fn stats(mut self, stats: StatsConfig) -> Self {
         self.stats = Some(stats);
+        self
+    }
+
+    pub fn runtime(mut self, runtime: RuntimeConfig) -> Self {
+        self.runtime = Some(runtime);
         self
     }
 
@@ -346,6 +367,7 @@ impl StatsConfig {
             bind,
             refresh: None,
             admin: None,
+            admin_auth_file: None,
         }
     }
 
@@ -356,6 +378,40 @@ impl StatsConfig {
 
     pub fn admin(mut self, admin: AdminAccess) -> Self {
         self.admin = Some(admin);
+        self
+    }
+
+    pub fn admin_auth_file(mut self, file: impl Into<PathBuf>) -> Self {
+        self.admin_auth_file = Some(file.into());
+        self
+    }
+}
+
+impl RuntimeConfig {
+    /// A socket at `socket` with patroxy's defaults for the rest.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        RuntimeConfig {
+            socket: socket.into(),
+            mode: None,
+            user: None,
+            group: None,
+            maxconn: None,
+        }
+    }
+
+    pub fn mode(mut self, mode: impl Into<String>) -> Self {
+        self.mode = Some(mode.into());
+        self
+    }
+
+    pub fn owner(mut self, user: impl Into<String>, group: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self.group = Some(group.into());
+        self
+    }
+
+    pub fn maxconn(mut self, maxconn: u32) -> Self {
+        self.maxconn = Some(maxconn);
         self
     }
 }

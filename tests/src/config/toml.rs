@@ -78,6 +78,21 @@ impl ProxyConfig {
             toml.key("bind", Some(quoted(&s.bind.to_string())));
             toml.key("refresh", s.refresh.map(quoted_duration));
             toml.key("admin", s.admin.map(|a| quoted(a.name())));
+            toml.key(
+                "admin_auth_file",
+                s.admin_auth_file
+                    .as_ref()
+                    .map(|f| quoted(&f.to_string_lossy())),
+            );
+        }
+
+        if let Some(r) = &self.runtime {
+            toml.table("[runtime]");
+            toml.key("socket", Some(quoted(&r.socket.to_string_lossy())));
+            toml.key("mode", r.mode.as_deref().map(quoted));
+            toml.key("user", r.user.as_deref().map(quoted));
+            toml.key("group", r.group.as_deref().map(quoted));
+            toml.key("maxconn", r.maxconn);
         }
         toml.finish()
     }
@@ -134,7 +149,9 @@ mod tests {
 
     use super::*;
     use crate::config::tests::{local, two_listeners};
-    use crate::config::{CheckConfig, Defaults, ListenerConfig, OnMarkedDown, ServerConfig};
+    use crate::config::{
+        CheckConfig, Defaults, ListenerConfig, OnMarkedDown, RuntimeConfig, ServerConfig,
+    };
 
     #[test]
     fn toml_has_every_set_key_and_nothing_else() {
@@ -222,6 +239,23 @@ admin = "local"
         config.listeners[0].check = Some(CheckConfig::new("/primary").tls("/etc/ca.pem"));
         assert!(config.to_toml().contains(
             "[listener.check]\npath = \"/primary\"\ntls = { ca_file = \"/etc/ca.pem\" }\n"
+        ));
+    }
+
+    #[test]
+    fn the_runtime_socket_and_the_admin_token_are_written() {
+        let mut config = two_listeners();
+        config.stats.as_mut().unwrap().admin_auth_file = Some("/etc/patroxy/admin.token".into());
+        let config = config.runtime(
+            RuntimeConfig::new("/run/patroxy/patroxy.sock")
+                .mode("0600")
+                .owner("root", "patroxy")
+                .maxconn(4),
+        );
+        assert!(config.to_toml().ends_with(
+            "admin = \"local\"\nadmin_auth_file = \"/etc/patroxy/admin.token\"\n\n\
+             [runtime]\nsocket = \"/run/patroxy/patroxy.sock\"\nmode = \"0600\"\n\
+             user = \"root\"\ngroup = \"patroxy\"\nmaxconn = 4\n"
         ));
     }
 

@@ -1,0 +1,48 @@
+//! `patroxy reload`: the running daemon re-reads its configuration file, through its runtime
+//! socket when the config has one, else its admin endpoint (`POST /admin/reload`, with the
+//! admin token when set); the unit's `ExecReload`.
+use anyhow::{Context as _, bail};
+
+use super::{ctl, set_state::Via};
+
+/// Asks the daemon to reload and prints what changed; a refused reload (invalid file, a change
+/// that needs a restart, forbidden) is an error carrying every reason the daemon gave.
+pub async fn run(via: Via) -> anyhow::Result<()> {
+    match via {
+        Via::Socket(socket) => {
+            let answer =
+                tokio::task::spawn_blocking(move || ctl::send(&socket, "reload")).await??;
+            if let Some(error) = ctl::error_of(&answer) {
+                bail!("{error}");
+            }
+            print!("{answer}");
+            Ok(())
+        }
+        Via::Http { url, token } => http(&url, token.as_deref()).await,
+    }
+}
+
+async fn http(url: &str, token: Option<&str>) -> anyhow::Result<()> {
+    let mut endpoint =
+        reqwest::Url::parse(url).with_context(|| format!("{url} is not a valid URL"))?;
+    endpoint
+        .path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("{url} cannot take a path"))?
+        .pop_if_empty()
+        .extend(["admin", "reload"]);
+    let mut request = reqwest::Client::new().post(endpoint.clone());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("posting to {endpoint} (is patroxy running with [stats]?)"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{status}: {}", text.trim_end());
+    }
+    print!("{text}");
+    Ok(())
+}

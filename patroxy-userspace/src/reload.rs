@@ -1,0 +1,197 @@
+//! Reloading the configuration file while the daemon runs.
+//!
+//! SIGHUP, the stats server's `POST /admin/reload` (`patroxy reload`, the unit's `ExecReload`)
+//! and any other trigger call one entry point, [`Reloader::reload`]. Its requests are served one
+//! at a time by a task on the daemon's runtime, which re-reads and validates the file, compares
+//! it with the running config (`config::diff`) and applies the difference to the checker and the
+//! proxy. An invalid file, or a change only a restart can make, leaves the running config
+//! untouched; every problem is logged (file:line:column for the file's) and returned.
+//!
+//! What a reload applies and what it cannot is `config::diff`'s to say; the last outcome and
+//! the counts are kept in a [`ReloadStatus`] for the stats page, JSON and metrics.
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    config::{self, ConfigError, diff::NeedsRestart},
+    patroni::{Checker, client::ClientError},
+    proxy::Proxy,
+};
+
+/// A reload that was applied: one line per changed setting (none for an unchanged file).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub changes: Vec<String>,
+}
+
+/// Why a reload was refused; the running config is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file cannot be read or is invalid: every problem, at file:line:column.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The file is valid but changes what the running process cannot.
+    #[error("{0}")]
+    NeedsRestart(#[from] NeedsRestart),
+    /// A check's TLS files could not be loaded.
+    #[error("health checks: {0}")]
+    Checks(#[from] ClientError),
+    /// Reading the file panicked (a bug): nothing was applied.
+    #[error("reading the configuration failed: {0}")]
+    Internal(String),
+    /// The daemon is stopping and takes no more reloads.
+    #[error("the daemon is stopping")]
+    Stopped,
+}
+
+impl ReloadError {
+    /// The message, one problem a line.
+    pub fn lines(&self) -> Vec<String> {
+        self.to_string().lines().map(str::to_string).collect()
+    }
+}
+
+/// Reloads so far and the last one's outcome.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// Reloads attempted, and those refused.
+    pub reloads: u64,
+    pub failures: u64,
+    pub last: Option<LastReload>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastReload {
+    pub at: SystemTime,
+    pub ok: bool,
+    /// What changed, or why the reload was refused: one line each.
+    pub lines: Vec<String>,
+}
+
+type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
+
+/// The handle every trigger reloads through; cheap to clone, usable from any runtime or thread.
+#[derive(Clone)]
+pub struct Reloader {
+    requests: mpsc::Sender<Reply>,
+    status: Arc<Mutex<ReloadStatus>>,
+}
+
+impl Reloader {
+    /// Reloads the file the daemon was started with and waits for the outcome.
+    pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        let (reply, outcome) = oneshot::channel();
+        self.requests
+            .send(reply)
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        outcome.await.unwrap_or(Err(ReloadError::Stopped))
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().expect("reload status lock").clone()
+    }
+}
+
+/// What a reload changes, owned by the task that serves the requests.
+struct Applier {
+    path: PathBuf,
+    proxy: Arc<Proxy>,
+    checker: Checker,
+    status: Arc<Mutex<ReloadStatus>>,
+}
+
+/// Starts the task that serves reloads of `path` (the file the daemon runs) until `stop`.
+pub fn spawn(
+    path: PathBuf,
+    proxy: Arc<Proxy>,
+    checker: Checker,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) -> Reloader {
+    let (requests, mut rx) = mpsc::channel::<Reply>(8);
+    let status = Arc::new(Mutex::new(ReloadStatus::default()));
+    let applier = Applier {
+        path,
+        proxy,
+        checker,
+        status: status.clone(),
+    };
+    tracker.spawn(async move {
+        loop {
+            let reply = tokio::select! {
+                r = rx.recv() => match r { Some(r) => r, None => return },
+                _ = stop.cancelled() => return,
+            };
+            let _ = reply.send(applier.reload().await);
+        }
+    });
+    Reloader { requests, status }
+}
+
+impl Applier {
+    async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        // systemd (Type=notify) waits for READY=1 after RELOADING=1 with the reload's start.
+        let mut reloading = vec![sd_notify::NotifyState::Reloading];
+        reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+        let _ = sd_notify::notify(false, &reloading);
+        info!("reloading {}", self.path.display());
+        let outcome = self.apply().await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let lines = match &outcome {
+            Ok(summary) if summary.changes.is_empty() => {
+                info!("configuration reloaded: nothing changed");
+                vec![]
+            }
+            Ok(summary) => {
+                for change in &summary.changes {
+                    info!("configuration reloaded: {change}");
+                }
+                summary.changes.clone()
+            }
+            Err(e) => {
+                let lines = e.lines();
+                for line in &lines {
+                    warn!("reload refused, running configuration kept: {line}");
+                }
+                lines
+            }
+        };
+        let mut status = self.status.lock().expect("reload status lock");
+        status.reloads += 1;
+        status.failures += u64::from(outcome.is_err());
+        status.last = Some(LastReload {
+            at: SystemTime::now(),
+            ok: outcome.is_ok(),
+            lines,
+        });
+        outcome
+    }
+
+    async fn apply(&self) -> Result<ReloadSummary, ReloadError> {
+        // Validation resolves server host names: keep it off the async workers.
+        let path = self.path.clone();
+        let new = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .map_err(|e| ReloadError::Internal(e.to_string()))??;
+        let new = Arc::new(new);
+        let running = self.proxy.config();
+        let diff = config::diff::diff(&running, &new)?;
+        if diff.changes.is_empty() {
+            return Ok(ReloadSummary::default());
+        }
+        // The checker first: it is the only step that can fail (a check's TLS files).
+        self.checker.reconfigure(&running, &new)?;
+        self.proxy.reconfigure(new);
+        Ok(ReloadSummary {
+            changes: diff.changes,
+        })
+    }
+}

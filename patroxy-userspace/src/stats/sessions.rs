@@ -1,0 +1,127 @@
+//! The open sockmap sessions as `patroxy sessions` and the runtime socket's `show sessions`
+//! print them: one row per session (names from the config when there is one), as a table or
+//! as JSON.
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::text::columns;
+use crate::{config::Config, dataplane::maps::OpenSessions};
+
+/// One open session, by its client socket.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SessionRow {
+    pub client_cookie: u64,
+    pub backend_cookie: u64,
+    /// The listener's name, or its index without a config.
+    pub listener: String,
+    /// The server's name; `None` without a config.
+    pub server: Option<String>,
+    pub backend_id: u32,
+    /// Client -> server and server -> client.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub idle_secs: f64,
+}
+
+/// The sessions in `sessions`, by client cookie; `now_ns` is the monotonic clock's now.
+pub fn rows(sessions: &OpenSessions, config: Option<&Config>, now_ns: u64) -> Vec<SessionRow> {
+    let names: HashMap<u32, (String, String)> = config.map_or_else(HashMap::new, |c| {
+        crate::patroni::backends(c)
+            .map(|(k, id)| {
+                let l = &c.listeners[k.listener];
+                (id, (l.name.clone(), l.servers[k.server].name.clone()))
+            })
+            .collect()
+    });
+    let mut rows: Vec<SessionRow> = sessions
+        .clients()
+        .map(|(cookie, e)| {
+            let (listener, server) = match names.get(&e.backend) {
+                Some((l, s)) => (l.clone(), Some(s.clone())),
+                None => (e.listener.to_string(), None),
+            };
+            let idle_ns = now_ns.saturating_sub(sessions.last_activity_ns(e));
+            SessionRow {
+                client_cookie: cookie,
+                backend_cookie: e.peer,
+                listener,
+                server,
+                backend_id: e.backend,
+                bytes_in: e.bytes_rx,
+                bytes_out: e.bytes_tx,
+                idle_secs: idle_ns as f64 / 1e9,
+            }
+        })
+        .collect();
+    rows.sort_by_key(|r| r.client_cookie);
+    rows
+}
+
+/// The rows as a table, with a last line counting them.
+pub fn table(rows: &[SessionRow]) -> String {
+    let mut cells = vec![
+        [
+            "CLIENT_COOKIE",
+            "BACKEND_COOKIE",
+            "LISTENER",
+            "BACKEND",
+            "BYTES_IN",
+            "BYTES_OUT",
+            "IDLE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for r in rows {
+        cells.push(vec![
+            r.client_cookie.to_string(),
+            r.backend_cookie.to_string(),
+            r.listener.clone(),
+            match &r.server {
+                Some(s) => format!("{s} (#{})", r.backend_id),
+                None => format!("#{}", r.backend_id),
+            },
+            r.bytes_in.to_string(),
+            r.bytes_out.to_string(),
+            format!("{:.1}s", r.idle_secs),
+        ]);
+    }
+    let mut out = columns(&cells, &vec![None; cells.len()], false);
+    out.push_str(&format!(
+        "{} open session(s) on the sockmap path (bytes: client->server / server->client)\n",
+        rows.len()
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_servers_when_it_can() {
+        let row = |cookie, server: Option<&str>| SessionRow {
+            client_cookie: cookie,
+            backend_cookie: cookie + 1,
+            listener: "postgres_read".into(),
+            server: server.map(String::from),
+            backend_id: 2,
+            bytes_in: 1000,
+            bytes_out: 20,
+            idle_secs: 1.5,
+        };
+        let text = table(&[row(10, Some("pg2")), row(12, None)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("CLIENT_COOKIE  BACKEND_COOKIE  LISTENER"));
+        assert!(
+            lines[1].contains("pg2 (#2)") && lines[1].ends_with("1.5s"),
+            "{text}"
+        );
+        assert!(lines[2].contains(" #2 "), "{text}");
+        assert_eq!(
+            lines[3],
+            "2 open session(s) on the sockmap path (bytes: client->server / server->client)"
+        );
+    }
+}
