@@ -162,7 +162,7 @@ fn failed(out: Output) -> String {
 on_both_paths!(every_command_over_the_runtime_socket);
 
 /// help, show servers, show sessions, set state (MAINT resets the server's sessions like a
-/// mark-down), reload (not in this build yet) and a bad command, in text and JSON.
+/// mark-down), reload and a bad command, in text and JSON.
 async fn every_command_over_the_runtime_socket(path: Path_) {
     let dir = test_dir(&format!("commands-{}", path.name()));
     let c = Setup::start(path, "ctl-commands", |config| {
@@ -240,8 +240,21 @@ async fn every_command_over_the_runtime_socket(path: Path_) {
     assert_eq!(json["previous"], "maint");
     c.wait_status("b", "UP");
 
-    let e = failed(c.ctl(&["reload"]));
-    assert!(e.contains("reload is not available in this build"), "{e}");
+    // `reload` is the daemon's one reload (as SIGHUP): the file is unchanged, so is the config.
+    let answer = ok(c.ctl(&["reload"]));
+    assert!(
+        answer.contains("configuration reloaded: nothing changed"),
+        "{answer}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(c.ctl(&["reload", "--json"]))).unwrap();
+    assert_eq!(json["reloaded"], true, "{json}");
+    // `patroxy reload --config` goes through the config's runtime socket.
+    let out = Command::new(patroxy_bin())
+        .args(["reload", "--config"])
+        .arg(&c.daemon.config_path)
+        .output()
+        .unwrap();
+    assert!(ok(out).contains("nothing changed"));
     let e = failed(c.ctl(&["show", "stat"]));
     assert!(
         e.contains("unknown command \"show stat\"; try `help`"),
