@@ -18,7 +18,7 @@ use std::{
 use common::{Path_, local, one_listener};
 use patroxy_tests::{
     backend::{Backend, Behaviour, Fnv, pattern},
-    config::{ProxyConfig, StatsConfig},
+    config::{ProxyConfig, RuntimeConfig, StatsConfig},
     daemon::Patroxy,
     ports::{free_tcp_port, wait_for_listen},
     postgres::{Postgres, PostgresOptions},
@@ -439,4 +439,69 @@ fn ten_upgrades_under_pgbench_and_a_200mb_copy() {
         UPGRADES,
         "log:\n{log}"
     );
+}
+
+/// The successor takes the runtime socket over (its file stays after the old daemon exits)
+/// and the reload machinery: `patroxy ctl reload` and SIGHUP reach the successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_keep_the_runtime_socket_and_reload() {
+    if !Path_::Sockmap.available("upgrades_keep_the_runtime_socket_and_reload") {
+        return;
+    }
+    let backend = Backend::start(Behaviour::Echo).await;
+    let pin = Patroxy::unique_pin_path("upgrade-ctl");
+    let stats_bind = local(free_tcp_port());
+    let dir = std::env::temp_dir().join(format!("patroxy-upgrade-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("patroxy.sock");
+    let mut config: ProxyConfig =
+        one_listener(Path_::Sockmap, &pin, backend.addr).stats(StatsConfig::new(stats_bind));
+    config.runtime = Some(RuntimeConfig::new(&socket));
+    let first = Patroxy::start("patroxy-upgrade-ctl", &config);
+    let url = format!("http://{stats_bind}");
+    let _successor = Successor(url.clone());
+    let ctl = |args: &[&str]| {
+        let out = Command::new(patroxy_bin())
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            first.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ctl(&["show", "servers"]);
+    for _ in 0..2 {
+        let old = stats_pid(&url).expect("the daemon's pid");
+        upgrade(&url);
+        let new = stats_pid(&url).expect("the successor's pid");
+        assert_ne!(old, new);
+        // `patroxy upgrade` returns once the old daemon is gone: the file is the successor's.
+        assert!(socket.exists(), "log:\n{}", first.log());
+        ctl(&["show", "servers"]);
+        assert!(ctl(&["reload"]).contains("nothing changed"));
+        let hup = Command::new("kill")
+            .args(["-HUP", &new.to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while first.log().matches("SIGHUP received").count() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        first.log().matches("SIGHUP received").count(),
+        2,
+        "log:\n{}",
+        first.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
