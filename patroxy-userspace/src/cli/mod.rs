@@ -7,7 +7,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use patroxy::config::Config;
 
 pub mod ctl;
@@ -18,6 +18,41 @@ pub mod sessions;
 pub mod set_state;
 pub mod status;
 pub mod upgrade;
+
+/// Posts to the admin endpoint `segments` under `url` (with the admin token when given) and
+/// prints the daemon's answer; a refusal is an error carrying it.
+pub async fn admin_post(
+    url: &str,
+    segments: &[&str],
+    query: Option<(&str, &str)>,
+    token: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut endpoint =
+        reqwest::Url::parse(url).with_context(|| format!("{url} is not a valid URL"))?;
+    endpoint
+        .path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("{url} cannot take a path"))?
+        .pop_if_empty()
+        .extend(segments);
+    if let Some((key, value)) = query {
+        endpoint.query_pairs_mut().append_pair(key, value);
+    }
+    let mut request = reqwest::Client::new().post(endpoint.clone());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("posting to {endpoint} (is patroxy running with [stats]?)"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{status}: {}", text.trim_end());
+    }
+    print!("{text}");
+    Ok(())
+}
 
 /// The daemon's stats URL: `--url`, or the `[stats]` bind of the config file.
 pub fn stats_url(url: Option<String>, config: &Path) -> anyhow::Result<String> {

@@ -1,7 +1,7 @@
 //! `patroxy reload`: the running daemon re-reads its configuration file, through its runtime
 //! socket when the config has one, else its admin endpoint (`POST /admin/reload`, with the
 //! admin token when set); the unit's `ExecReload`.
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use super::{ctl, set_state::Via};
 
@@ -23,26 +23,5 @@ pub async fn run(via: Via) -> anyhow::Result<()> {
 }
 
 async fn http(url: &str, token: Option<&str>) -> anyhow::Result<()> {
-    let mut endpoint =
-        reqwest::Url::parse(url).with_context(|| format!("{url} is not a valid URL"))?;
-    endpoint
-        .path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("{url} cannot take a path"))?
-        .pop_if_empty()
-        .extend(["admin", "reload"]);
-    let mut request = reqwest::Client::new().post(endpoint.clone());
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("posting to {endpoint} (is patroxy running with [stats]?)"))?;
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!("{status}: {}", text.trim_end());
-    }
-    print!("{text}");
-    Ok(())
+    super::admin_post(url, &["admin", "reload"], None, token).await
 }

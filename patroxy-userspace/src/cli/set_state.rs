@@ -3,7 +3,7 @@
 //! server's admin endpoint (with the token of `[stats] admin_auth_file`, when set).
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use patroxy::{config::AdminToken, operator_state::AdminState};
 
 use super::ctl;
@@ -80,29 +80,11 @@ async fn http(
     server: &str,
     state: AdminState,
 ) -> anyhow::Result<()> {
-    let mut endpoint =
-        reqwest::Url::parse(url).with_context(|| format!("{url} is not a valid URL"))?;
-    endpoint
-        .path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("{url} cannot take a path"))?
-        .pop_if_empty()
-        .extend(["admin", "servers", listener, server]);
-    endpoint
-        .query_pairs_mut()
-        .append_pair("state", state.as_str());
-    let mut request = reqwest::Client::new().post(endpoint.clone());
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("posting to {endpoint} (is patroxy running with [stats]?)"))?;
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!("{status}: {}", text.trim_end());
-    }
-    print!("{text}");
-    Ok(())
+    super::admin_post(
+        url,
+        &["admin", "servers", listener, server],
+        Some(("state", state.as_str())),
+        token,
+    )
+    .await
 }

@@ -36,7 +36,13 @@ pub struct Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (label, why) = self.loss.label();
-        write!(f, "{}: `{}`: {label}: {why}", self.line, self.directive)
+        write!(
+            f,
+            "{}: `{}`: {label}: {}",
+            self.line,
+            one_line(&self.directive),
+            one_line(why)
+        )
     }
 }
 
@@ -122,6 +128,19 @@ mod tests {
             f[1].to_string(),
             "9: `weight 10`: unsupported: patroxy balances servers equally"
         );
+    }
+
+    #[test]
+    fn a_finding_is_one_line_whatever_its_words_decoded_to() {
+        // Found by the import_haproxy fuzz target: a quoted word's "\n" became a newline.
+        let finding = Finding {
+            line: 3,
+            directive: "mode \"a\nb\"".into(),
+            loss: Loss::Unsupported("value \"x\ny\"".into()),
+        };
+        let text = finding.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains("a\\nb") && text.contains("x\\ny"), "{text}");
     }
 
     #[test]

@@ -30,7 +30,10 @@ use super::{
     prometheus,
 };
 use crate::{
-    config::AdminAccess, operator_state::AdminWriter, proxy::StatsSource, reload::Reloader,
+    config::{AdminAccess, AdminToken, Config},
+    operator_state::AdminWriter,
+    proxy::StatsSource,
+    reload::Reloader,
 };
 
 struct Shared {
@@ -140,19 +143,13 @@ async fn set_state(
     body: String,
 ) -> Response {
     let config = shared.source.config();
-    let stats = config.stats.as_ref();
-    let access = stats.map_or(AdminAccess::Off, |s| s.admin);
-    let token = stats.and_then(|s| s.admin_token.as_ref());
-    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let (access, token) = admin_rule(&config);
     let request = admin_endpoint::Request {
-        peer,
-        origin: header(header::ORIGIN),
-        host: header(header::HOST),
-        authorization: header(header::AUTHORIZATION),
         listener: &listener,
         server: &server,
         query: uri.query(),
         body: &body,
+        ..admin_caller(peer, &headers)
     };
     let (status, text) = admin_endpoint::set_state(access, token, &shared.admin, &request);
     if status != StatusCode::OK {
@@ -169,20 +166,8 @@ async fn reload(
     headers: HeaderMap,
 ) -> Response {
     let config = shared.source.config();
-    let stats = config.stats.as_ref();
-    let access = stats.map_or(AdminAccess::Off, |s| s.admin);
-    let token = stats.and_then(|s| s.admin_token.as_ref());
-    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    let request = admin_endpoint::Request {
-        peer,
-        origin: header(header::ORIGIN),
-        host: header(header::HOST),
-        authorization: header(header::AUTHORIZATION),
-        listener: "",
-        server: "",
-        query: None,
-        body: "",
-    };
+    let (access, token) = admin_rule(&config);
+    let request = admin_caller(peer, &headers);
     let (status, text) = match admin_endpoint::refused_reload(access, token, &request) {
         Some(refusal) => refusal,
         None => {
@@ -204,6 +189,30 @@ async fn reload(
         }
     };
     admin_response(&shared, status, text)
+}
+
+/// Who may use the admin endpoint: `[stats] admin` and, when set, its token.
+fn admin_rule(config: &Config) -> (AdminAccess, Option<&AdminToken>) {
+    let stats = config.stats.as_ref();
+    (
+        stats.map_or(AdminAccess::Off, |s| s.admin),
+        stats.and_then(|s| s.admin_token.as_ref()),
+    )
+}
+
+/// The caller of an admin request as the access rules see it (no server named yet).
+fn admin_caller(peer: Peer, headers: &HeaderMap) -> admin_endpoint::Request<'_> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    admin_endpoint::Request {
+        peer,
+        origin: header(header::ORIGIN),
+        host: header(header::HOST),
+        authorization: header(header::AUTHORIZATION),
+        listener: "",
+        server: "",
+        query: None,
+        body: "",
+    }
 }
 
 /// A plain-text admin answer; a 401 is counted and says which scheme to use.
