@@ -22,9 +22,30 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
         config: PathBuf,
-        /// How long SIGTERM waits for open sessions before resetting them.
+        /// How long SIGTERM waits for open sessions before resetting them (and an upgrade for
+        /// the sessions on the userspace fallback path, which stay in the old process).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         drain_grace: Duration,
+        /// Set by a predecessor starting this process as its successor (an upgrade): the
+        /// descriptor of the unix socket it hands its listeners and sessions over.
+        #[arg(long, hide = true)]
+        takeover_fd: Option<i32>,
+    },
+    /// Upgrade the running daemon without dropping a session: it starts the binary at the
+    /// path it was started from (install the new one there first) and hands it its listening
+    /// sockets and spliced sessions (SIGUSR2 does the same).
+    Upgrade {
+        /// The daemon's pid; defaults to the one its stats page shows.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// The stats server; defaults to the `[stats]` bind of --config.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+        /// How long to wait for the old process to be gone.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Validate a configuration file and exit (0 = valid, 64 = invalid).
     CheckConfig { file: PathBuf },
@@ -185,12 +206,47 @@ fn main() -> ExitCode {
         ),
         Command::Maps { pin_path } => report(cli::maps::run(&pin_path)),
         Command::ImportHaproxy { file, out } => cli::import_haproxy::run(&file, out.as_deref()),
-        Command::Run {
+        Command::Upgrade {
+            pid,
+            url,
             config,
+            timeout,
+        } => report(cli::stats_url(url, &config).and_then(|url| {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::upgrade::run(&url, pid, timeout))
+        })),
+        Command::Run {
+            config: config_path,
             drain_grace,
+            takeover_fd,
         } => {
-            let path = config;
-            let config = match patroxy::config::load(&path) {
+            // Read before anything else can fail: the predecessor waits for an answer, and a
+            // successor that exits closes the channel, which tells it the upgrade failed.
+            let takeover = match takeover_fd {
+                // SAFETY: the predecessor passed this descriptor for us alone.
+                Some(fd) => match unsafe { patroxy::upgrade::Takeover::receive(fd) } {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("patroxy: taking over: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                // After a crash under systemd, the fd store's listeners and sessions.
+                None => match patroxy::fdstore::Restored::from_env() {
+                    Ok(restored) => restored.map(patroxy::upgrade::Takeover::from_fd_store),
+                    Err(e) => {
+                        eprintln!("patroxy: reading LISTEN_FDS: {e}");
+                        None
+                    }
+                },
+            };
+            // The path, not the inode: after a package upgrade the new binary is there.
+            let relaunch = patroxy::upgrade::Relaunch {
+                binary: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+                config: config_path.clone(),
+                drain_grace,
+            };
+            let config = match patroxy::config::load(&config_path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("refusing to start: {e}");
@@ -198,7 +254,7 @@ fn main() -> ExitCode {
                 }
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(patroxy::lifecycle::run(config, path, drain_grace)) {
+            match runtime.block_on(patroxy::lifecycle::run(config, relaunch, takeover)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("patroxy: {e:#}");

@@ -3,6 +3,7 @@
 mod choose;
 pub mod counters;
 mod foreign_writes;
+mod handover;
 mod listener;
 mod log_limit;
 mod mark_down;
@@ -15,10 +16,11 @@ mod stats_source;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::Duration,
 };
 
+pub use handover::{AdoptError, HandedSession};
 pub use listener::bind;
 /// For the `first_bytes` fuzz target (fuzz/), which feeds a refused client's first bytes to it.
 #[cfg(fuzzing)]
@@ -27,13 +29,14 @@ pub use registry::SessionRegistry;
 pub use stats_source::StatsSource;
 use tokio::{
     net::TcpListener,
-    sync::{Semaphore, watch},
+    sync::{Semaphore, mpsc, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
+    fdstore::FdStore,
     operator_state::AdminStates,
     patroni::HealthSnapshot,
     routing::Router,
@@ -72,6 +75,10 @@ pub struct Proxy {
     slots: Vec<ServerSlots>,
     /// The rate limit of the lines logged per client (session ends, refusals).
     log_limit: LogLimit,
+    /// Where handed-over sessions go once an upgrade started (`hand_over_sessions`).
+    successor: Mutex<Option<mpsc::UnboundedSender<HandedSession>>>,
+    /// systemd's fd store, which keeps spliced sessions' sockets across a crash.
+    fd_store: OnceLock<FdStore>,
 }
 
 impl Proxy {
@@ -120,6 +127,8 @@ impl Proxy {
             backends,
             sessions: SessionRegistry::default(),
             slots,
+            successor: Mutex::new(None),
+            fd_store: OnceLock::new(),
         });
         // BACKENDS starts as what routing sees first: one writer, `write_states`.
         let initial = proxy.view.borrow().clone();
