@@ -66,35 +66,15 @@ enum Command {
         target: String,
         /// ready | drain | maint
         state: patroxy::operator_state::AdminState,
-        /// The runtime socket to use instead of --config's.
-        #[arg(long, conflicts_with = "url")]
-        socket: Option<PathBuf>,
-        /// The stats server to use instead of --config's.
-        #[arg(long)]
-        url: Option<String>,
-        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
-        /// of --config).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonRoute,
     },
     /// Make the running daemon re-read its configuration file (as SIGHUP does) and print what
     /// changed; exits 1 with every error when the file is invalid (the daemon keeps running
     /// its old configuration).
     Reload {
-        /// The runtime socket to use instead of --config's.
-        #[arg(long, conflicts_with = "url")]
-        socket: Option<PathBuf>,
-        /// The stats server to use instead of --config's.
-        #[arg(long)]
-        url: Option<String>,
-        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
-        /// of --config).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonRoute,
     },
     /// Send a command to the daemon's runtime socket and print the answer: `show servers`,
     /// `show sessions`, `set state <listener>/<server> <state>`, `reload`, `help`; `--json`
@@ -133,6 +113,24 @@ enum Command {
     },
 }
 
+/// How an operator command reaches the running daemon: the runtime socket, the stats server,
+/// or whichever of them --config names.
+#[derive(clap::Args)]
+struct DaemonRoute {
+    /// The runtime socket to use instead of --config's.
+    #[arg(long, conflicts_with = "url")]
+    socket: Option<PathBuf>,
+    /// The stats server to use instead of --config's.
+    #[arg(long)]
+    url: Option<String>,
+    /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
+    /// of --config).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+    config: PathBuf,
+}
+
 /// sysexits' EX_CONFIG... HAProxy-compatible tooling expects 64 (EX_USAGE) for bad config.
 const EXIT_BAD_CONFIG: u8 = 64;
 
@@ -168,10 +166,13 @@ fn main() -> ExitCode {
         Command::SetState {
             target,
             state,
-            socket,
-            url,
-            token_file,
-            config,
+            daemon:
+                DaemonRoute {
+                    socket,
+                    url,
+                    token_file,
+                    config,
+                },
         } => report(
             cli::set_state::Via::choose(socket, url, token_file, &config).and_then(|via| {
                 let runtime = tokio::runtime::Runtime::new()?;
@@ -179,10 +180,13 @@ fn main() -> ExitCode {
             }),
         ),
         Command::Reload {
-            socket,
-            url,
-            token_file,
-            config,
+            daemon:
+                DaemonRoute {
+                    socket,
+                    url,
+                    token_file,
+                    config,
+                },
         } => report(
             reload_route(socket, url, token_file, &config).and_then(|via| {
                 let runtime = tokio::runtime::Runtime::new()?;
