@@ -41,13 +41,14 @@ fn patroni_cluster_scenarios() {
         return;
     }
     let t0 = Instant::now();
-    // Debian's Patroni by default; PTX_PATRONI=venv installs and uses PyPI's 4.1 instead
-    // (see patroni::patroni_bin for why it is not the default).
-    if std::env::var("PTX_PATRONI").as_deref() == Ok("venv") {
+    // PyPI's Patroni 4.1 by default (installed if missing); PTX_PATRONI=debian runs Debian's
+    // 3.0.2 instead.
+    let flavor = patroni::Flavor::from_env();
+    if flavor == patroni::Flavor::Pypi {
         let status = patroni::ensure_installed().expect("install Patroni 4.1");
         eprintln!("patroni: {status}");
     }
-    eprintln!("patroni: {}", patroni::patroni_bin().display());
+    eprintln!("patroni: {}", flavor.describe());
     let mut cluster = Cluster::up().expect("cluster up");
     eprintln!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
     let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
