@@ -1,8 +1,9 @@
 //! The proxies in front of the cluster, in the root namespace, listening on 127.0.0.1: patroxy
-//! (the seed's settings plus `fastinter = "500ms"`) and Debian's HAProxy (the seed's settings
-//! exactly: inter 3s fall 3 rise 2, timeout check 5s, connect 4s, retries 2, HAProxy's default
-//! fastinter = inter; only the binds and logging differ from reference/haproxy.cfg). Their pids
-//! are recorded in the state dir so `down` stops them after a crashed run too.
+//! with the shipped `patroxy.toml` (see [`patroxy_config`] for what the harness changes in it)
+//! and Debian's HAProxy (the seed's settings exactly: inter 3s fall 3 rise 2, timeout check 5s,
+//! connect 4s, retries 2, HAProxy's default fastinter = inter; only the binds and logging differ
+//! from reference/haproxy.cfg). Their pids are recorded in the state dir so `down` stops them
+//! after a crashed run too.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -36,8 +37,8 @@ impl Kind {
     }
 }
 
-/// Both proxies' config for the cluster: the seed's settings (patroxy.toml, reference/haproxy.cfg)
-/// with the test hosts and the local ports `(write, read, stats)`.
+/// HAProxy's side of the comparison: the seed's settings (reference/haproxy.cfg) with the test
+/// hosts and the local ports `(write, read, stats)`.
 pub fn seed_config(nodes: &[Node], ports: (u16, u16, u16)) -> ProxyConfig {
     let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
     let servers = nodes
@@ -70,15 +71,81 @@ pub fn seed_config(nodes: &[Node], ports: (u16, u16, u16)) -> ProxyConfig {
     .stats(StatsConfig::new(local(ports.2)).refresh(Duration::from_secs(5)))
 }
 
-/// patroxy's config for the cluster: [`seed_config`] with `fastinter = "500ms"`, data path
-/// `bpf` and its maps pinned at `pin_path`.
-pub fn patroxy_config(nodes: &[Node], ports: (u16, u16, u16), bpf: Bpf, pin_path: &Path) -> String {
-    let mut config = seed_config(nodes, ports).data_path(bpf, pin_path);
-    config.default_server.fastinter = Some(Duration::from_millis(500));
-    format!(
-        "# Written by the patroxy cluster harness: the seed's settings, test hosts, fastinter 500ms.\n{}",
-        config.to_toml()
-    )
+/// The repository's `patroxy.toml`, which the cluster's patroxy runs.
+pub const SHIPPED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../patroxy.toml");
+
+/// What [`patroxy_config`] changes in the shipped file, for reports.
+pub const SHIPPED_CONFIG_CHANGES: &str = "the servers' addresses (the test hosts), the binds \
+     (127.0.0.1, free ports), `bpf` and `pin_path` (a pin directory of its own)";
+
+/// patroxy's config for the cluster: the shipped `patroxy.toml` with only
+/// [`SHIPPED_CONFIG_CHANGES`] changed, so the scenarios and failover-bench measure what an
+/// operator gets out of the box. Its servers and listeners must be the test cluster's
+/// (pg-sv01..03; postgres_write, postgres_read).
+pub fn patroxy_config(
+    nodes: &[Node],
+    ports: (u16, u16, u16),
+    bpf: Bpf,
+    pin_path: &Path,
+) -> Result<String, PgError> {
+    use toml::{Table, Value};
+    let text = std::fs::read_to_string(SHIPPED_CONFIG)
+        .map_err(|e| err(format!("reading {SHIPPED_CONFIG}: {e}")))?;
+    let mut doc: Table = text
+        .parse()
+        .map_err(|e| err(format!("{SHIPPED_CONFIG}: {e}")))?;
+    let bad = |what: &str| err(format!("{SHIPPED_CONFIG}: {what}"));
+    let table = |doc: &mut Table, key: &str| -> Result<Table, PgError> {
+        match doc.remove(key) {
+            Some(Value::Table(t)) => Ok(t),
+            None => Ok(Table::new()),
+            Some(_) => Err(bad(&format!("[{key}] is not a table"))),
+        }
+    };
+    let mut global = table(&mut doc, "global")?;
+    global.insert("bpf".into(), bpf.name().into());
+    global.insert("pin_path".into(), pin_path.display().to_string().into());
+    doc.insert("global".into(), global.into());
+    let mut stats = table(&mut doc, "stats")?;
+    stats.insert("bind".into(), local(ports.2).to_string().into());
+    doc.insert("stats".into(), stats.into());
+    let each =
+        |doc: &mut Table, key: &str, f: &mut dyn FnMut(&mut Table) -> Result<(), PgError>| {
+            let Some(Value::Array(list)) = doc.get_mut(key) else {
+                return Err(bad(&format!("no [[{key}]]")));
+            };
+            list.iter_mut().try_for_each(|v| {
+                v.as_table_mut()
+                    .ok_or_else(|| bad(&format!("a [[{key}]] is not a table")))
+                    .and_then(&mut *f)
+            })
+        };
+    each(&mut doc, "server", &mut |server| {
+        let name = server
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let node = nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| bad(&format!("server {name:?} is not a test host")))?;
+        server.insert("address".into(), node.pg_addr().to_string().into());
+        Ok(())
+    })?;
+    each(&mut doc, "listener", &mut |listener| {
+        let port = match listener.get("name").and_then(Value::as_str) {
+            Some("postgres_write") => ports.0,
+            Some("postgres_read") => ports.1,
+            other => return Err(bad(&format!("listener {other:?} has no test port"))),
+        };
+        listener.insert("bind".into(), local(port).to_string().into());
+        Ok(())
+    })?;
+    let body = toml::to_string(&doc).map_err(|e| err(format!("writing the config: {e}")))?;
+    Ok(format!(
+        "# Written by the patroxy cluster harness: {SHIPPED_CONFIG} with these changed: \
+         {SHIPPED_CONFIG_CHANGES}.\n{body}"
+    ))
 }
 
 /// HAProxy's config for the cluster: [`seed_config`] exactly (HAProxy's default fastinter is
@@ -107,7 +174,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts patroxy (`bin`) with [`patroxy_config`].
+    /// Starts patroxy (`bin`) with [`patroxy_config`]: the shipped `patroxy.toml`.
     pub fn start_patroxy(
         bin: &Path,
         nodes: &[Node],
@@ -118,7 +185,7 @@ impl Proxy {
         let bpf: Bpf = bpf.parse().map_err(err)?;
         let pin = PathBuf::from(format!("/sys/fs/bpf/patroxy-cluster-{}", ports.0));
         let cfg = dir.join(format!("patroxy-{}.toml", ports.0));
-        std::fs::write(&cfg, patroxy_config(nodes, ports, bpf, &pin))?;
+        std::fs::write(&cfg, patroxy_config(nodes, ports, bpf, &pin)?)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("--config").arg(&cfg);
         cmd.env("PATROXY_LOG", "info");
