@@ -78,6 +78,33 @@ pub const SHIPPED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../patrox
 pub const SHIPPED_CONFIG_CHANGES: &str = "the servers' addresses (the test hosts), the binds \
      (127.0.0.1, free ports), `bpf` and `pin_path` (a pin directory of its own)";
 
+/// The shipped file's check settings as written there (`[default_server]` and `timeout_check`),
+/// for reports: "inter 1s, fastinter 250ms, ...; timeout_check unset".
+pub fn shipped_check_settings() -> String {
+    let doc: toml::Table = std::fs::read_to_string(SHIPPED_CONFIG)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_default();
+    let get = |table: &str, key: &str| {
+        doc.get(table)
+            .and_then(|t| t.get(key))
+            .map_or("unset".to_owned(), |v| match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+    };
+    let timings: Vec<String> = ["inter", "fastinter", "downinter", "rise", "fall"]
+        .iter()
+        .map(|k| format!("{k} {}", get("default_server", k)))
+        .collect();
+    format!(
+        "{}; timeout_check {}, timeout_connect {}",
+        timings.join(", "),
+        get("defaults", "timeout_check"),
+        get("defaults", "timeout_connect")
+    )
+}
+
 /// patroxy's config for the cluster: the shipped `patroxy.toml` with only
 /// [`SHIPPED_CONFIG_CHANGES`] changed, so the scenarios and failover-bench measure what an
 /// operator gets out of the box. Its servers and listeners must be the test cluster's
