@@ -360,7 +360,9 @@ impl Cluster {
     /// that still does not stream from the leader (twice at most) and waits again. Debian's
     /// Patroni 3.0.2 leaves a healed old primary with a stale postmaster over a removed data
     /// directory, or (seen once in CI) a replica asking the leader for WAL past the leader's
-    /// own; patroxy is not involved. Returns the leader's index.
+    /// own; patroxy is not involved. Patroni 4.1 rewinds and rejoins such nodes by itself (no
+    /// rebuild in the link-down runs of 2026-12-03); the rebuild stays for 3.0.2 and as a
+    /// safety net. Returns the leader's index.
     pub fn restore(&mut self) -> Result<usize, PgError> {
         const SETTLE: Duration = Duration::from_secs(45);
         const ATTEMPTS: usize = 2;
