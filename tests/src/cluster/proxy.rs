@@ -387,3 +387,74 @@ pub fn kill_recorded(dir: &Path) {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_runs_the_shipped_config_with_only_hosts_binds_and_pins_changed() {
+        let dir = Path::new("/nonexistent");
+        let nodes: Vec<Node> = (1..=3).map(|i| Node::new(i, dir)).collect();
+        let pin = Path::new("/sys/fs/bpf/patroxy-cluster-test");
+        let text = patroxy_config(&nodes, (6001, 6002, 6003), Bpf::Required, pin).unwrap();
+        assert!(
+            text.starts_with("# Written by the patroxy cluster harness"),
+            "{text}"
+        );
+        let ours: toml::Table = text.parse().unwrap();
+        let shipped: toml::Table = std::fs::read_to_string(SHIPPED_CONFIG)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let listeners = ours["listener"].as_array().unwrap();
+        let binds: Vec<&str> = listeners
+            .iter()
+            .map(|l| l["bind"].as_str().unwrap())
+            .collect();
+        assert_eq!(binds, ["127.0.0.1:6001", "127.0.0.1:6002"]);
+        let servers = ours["server"].as_array().unwrap();
+        let addresses: Vec<&str> = servers
+            .iter()
+            .map(|s| s["address"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            addresses,
+            [
+                "10.213.77.11:5432",
+                "10.213.77.12:5432",
+                "10.213.77.13:5432"
+            ]
+        );
+        assert_eq!(ours["stats"]["bind"].as_str(), Some("127.0.0.1:6003"));
+        assert_eq!(ours["global"]["bpf"].as_str(), Some("required"));
+        assert_eq!(
+            ours["global"]["pin_path"].as_str(),
+            Some("/sys/fs/bpf/patroxy-cluster-test")
+        );
+        // Everything else is the shipped file's: put back what was changed and compare.
+        let mut back = ours.clone();
+        for key in ["bpf", "pin_path"] {
+            back["global"].as_table_mut().unwrap()[key] = shipped["global"][key].clone();
+        }
+        back["stats"]["bind"] = shipped["stats"]["bind"].clone();
+        for (i, l) in back["listener"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+        {
+            l["bind"] = shipped["listener"][i]["bind"].clone();
+        }
+        for (i, s) in back["server"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+        {
+            s["address"] = shipped["server"][i]["address"].clone();
+        }
+        assert_eq!(back, shipped);
+        assert!(shipped_check_settings().starts_with("inter 1s, fastinter 250ms"));
+    }
+}
