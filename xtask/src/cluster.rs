@@ -133,11 +133,15 @@ pub fn start(bin: &std::path::Path, with_haproxy: bool) -> Result<Running> {
     }
     println!(
         "cluster: creating bridge {} ({}.0/24) and namespaces {:?}; starting etcd and three \
-         Patroni nodes (~30 s): {} (PTX_PATRONI=debian for Debian's 3.0.2)",
+         Patroni nodes (~30 s): {}{}",
         netns::BRIDGE,
         netns::SUBNET,
         netns::NAMESPACES,
-        patroni::Flavor::from_env().describe()
+        patroni::Flavor::from_env().describe(),
+        match patroni::Flavor::from_env() {
+            patroni::Flavor::Pypi => " (PTX_PATRONI=debian for Debian's 3.0.2)",
+            patroni::Flavor::Debian => "",
+        }
     );
     let cluster = Cluster::up().map_err(|e| anyhow!("bringing the cluster up: {e}"))?;
     println!("cluster: up\n{}", cluster.list().map_err(pg)?);
