@@ -15,11 +15,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{
-    BackendKey, backends,
+    BackendKey,
     client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError, Role},
     health::{ServerHealth, Transition},
+    keys,
 };
-use crate::config::model::{CheckMethod, CheckTiming, CheckTls, Config, InitState};
+use crate::{
+    config::model::{CheckMethod, CheckTiming, CheckTls, Config, InitState},
+    server_ids::ServerIds,
+};
 
 /// The state of every backend at one moment. Published whole on every check result.
 #[derive(Clone, Debug)]
@@ -56,13 +60,18 @@ impl HealthSnapshot {
     /// Every server in its configured initial state (checked servers per `init_state`,
     /// unchecked ones "no check" and UP).
     pub fn initial(config: &Config, now: Instant) -> Self {
-        Self::carried_over(config, &[], now)
+        Self::carried_over(config, &ServerIds::fresh(config), &[], now)
     }
 
     /// Like [`initial`](Self::initial), but a server a predecessor process checked (an
     /// upgrade) starts where it was: UP or DOWN, with its role and timeline, so routing and
     /// fences do not wait for `rise` checks.
-    pub fn carried_over(config: &Config, carried: &[CarriedHealth], now: Instant) -> Self {
+    pub fn carried_over(
+        config: &Config,
+        ids: &ServerIds,
+        carried: &[CarriedHealth],
+        now: Instant,
+    ) -> Self {
         let mut listeners: Vec<ListenerSnapshot> = config
             .listeners
             .iter()
@@ -71,7 +80,7 @@ impl HealthSnapshot {
                 servers: Vec::with_capacity(l.servers.len()),
             })
             .collect();
-        for (key, id) in backends(config) {
+        for (key, id) in ids.backends() {
             let l = &config.listeners[key.listener];
             let spec = &l.servers[key.server];
             let previous = carried
@@ -189,17 +198,19 @@ pub fn spawn_checker(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Checker, ClientError> {
-    spawn_checker_from(config, &[], cancel, tracker)
+    spawn_checker_from(config, &ServerIds::fresh(config), &[], cancel, tracker)
 }
 
-/// [`spawn_checker`], starting from the states a predecessor `carried` over.
+/// [`spawn_checker`] with the servers' `ids`, starting from the states a predecessor `carried`
+/// over.
 pub fn spawn_checker_from(
     config: &Config,
+    ids: &ServerIds,
     carried: &[CarriedHealth],
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Checker, ClientError> {
-    let initial = HealthSnapshot::carried_over(config, carried, Instant::now());
+    let initial = HealthSnapshot::carried_over(config, ids, carried, Instant::now());
     let (tx, _) = watch::channel(Arc::new(initial.clone()));
     let checker = Checker {
         shared: Arc::new(Shared {
@@ -269,7 +280,7 @@ type JobKey = (
 /// Groups the checked backends by distinct check.
 fn jobs(config: &Config) -> Result<Vec<Job>, ClientError> {
     let mut groups: Vec<(JobKey, Vec<BackendKey>, Duration)> = Vec::new();
-    for (key, _) in backends(config) {
+    for key in keys(config) {
         let l = &config.listeners[key.listener];
         let Some(check) = &l.check else { continue };
         let spec = &l.servers[key.server];
@@ -364,7 +375,7 @@ impl Shared {
     /// publishes the result.
     fn retune(&self, running: &Config, config: &Config, now: Instant) {
         let mut state = self.state.lock().unwrap();
-        for (key, _) in backends(config) {
+        for key in keys(config) {
             let l = &config.listeners[key.listener];
             let spec = &l.servers[key.server];
             let was = &running.listeners[key.listener];

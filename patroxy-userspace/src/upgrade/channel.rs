@@ -9,6 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::Carried;
 use crate::fdstore::send_with_fds;
 use crate::patroni::CarriedHealth;
 
@@ -30,6 +31,9 @@ pub enum Message {
         #[serde(default)]
         runtime: Option<std::path::PathBuf>,
         health: Vec<CarriedHealth>,
+        /// The rest of the running state (absent from a predecessor older than it).
+        #[serde(default)]
+        carried: Carried,
     },
     /// Successor to predecessor: it accepts on the listeners; the predecessor may stop.
     Accepting { pid: u32 },

@@ -14,6 +14,7 @@
 mod channel;
 
 use std::{
+    net::SocketAddr,
     os::{
         fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
         unix::process::CommandExt as _,
@@ -33,8 +34,11 @@ use channel::{Channel, MAX_FDS, Message, SessionRecord};
 
 use crate::{
     dataplane::{Detached, KillReason, pin_dir::PinDirLock},
+    operator_state::CarriedAdmin,
     patroni::CarriedHealth,
-    proxy::{HandedSession, Proxy},
+    proxy::{CarriedCounters, HandedSession, Proxy},
+    reload::ReloadStatus,
+    server_ids::ServerIds,
 };
 
 /// How long a successor may take to start accepting before the upgrade is abandoned.
@@ -49,6 +53,18 @@ pub struct Relaunch {
     pub drain_grace: Duration,
 }
 
+/// The running state a successor starts from, besides check states and descriptors: the servers'
+/// ids, the operator's states, the stats' totals and the reloads so far. An upgrade and a
+/// structural reload (an upgrade to the same binary with the new file) carry the same.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Carried {
+    /// `None` from a predecessor that numbered servers by position: then ids start afresh.
+    pub ids: Option<ServerIds>,
+    pub admin: Vec<CarriedAdmin>,
+    pub counters: CarriedCounters,
+    pub reload: ReloadStatus,
+}
+
 /// What the predecessor hands over first, besides the sessions.
 pub struct Handed<'a> {
     pub pin_lock: Option<&'a PinDirLock>,
@@ -58,6 +74,7 @@ pub struct Handed<'a> {
     /// The runtime socket's path and listening socket.
     pub runtime: Option<(PathBuf, BorrowedFd<'a>)>,
     pub health: Vec<CarriedHealth>,
+    pub carried: Carried,
 }
 
 /// The running daemon's side, once its successor accepts.
@@ -105,6 +122,7 @@ impl Predecessor {
             stats: handed.stats.is_some(),
             runtime: handed.runtime.as_ref().map(|(path, _)| path.clone()),
             health: handed.health,
+            carried: handed.carried,
         };
         let answer = match channel.send(&start, &fds) {
             Ok(()) => {
@@ -245,6 +263,7 @@ pub struct Takeover {
     /// The runtime socket's path and listening socket.
     pub runtime: Option<(PathBuf, std::os::unix::net::UnixListener)>,
     pub health: Vec<CarriedHealth>,
+    pub carried: Carried,
 }
 
 impl Takeover {
@@ -268,6 +287,7 @@ impl Takeover {
             stats,
             runtime,
             health,
+            carried,
         } = message
         else {
             bail!("the predecessor's first message is not Start");
@@ -306,6 +326,7 @@ impl Takeover {
             stats,
             runtime,
             health,
+            carried,
         })
     }
 
@@ -339,6 +360,7 @@ impl Takeover {
             // Not in the fd store: a stale socket file is replaced at start.
             runtime: None,
             health: restored.health,
+            carried: Carried::default(),
         }
     }
 
@@ -370,10 +392,18 @@ impl Takeover {
         }
     }
 
-    /// The listening socket handed over for listener `name`, if any.
-    pub fn listener(&mut self, name: &str) -> Option<std::net::TcpListener> {
+    /// The listening socket handed over for listener `name`, if it is bound to `bind`: a
+    /// listener the new configuration rebinds gets a new socket, and the old one closes with
+    /// the predecessor.
+    pub fn listener(&mut self, name: &str, bind: SocketAddr) -> Option<std::net::TcpListener> {
         let i = self.listeners.iter().position(|(n, _)| n == name)?;
-        Some(self.listeners.swap_remove(i).1)
+        let (_, handed) = self.listeners.swap_remove(i);
+        same_address(handed, bind, name)
+    }
+
+    /// The stats server's listening socket handed over, if it is bound to `bind`.
+    pub fn stats(&mut self, bind: SocketAddr) -> Option<std::net::TcpListener> {
+        same_address(self.stats.take()?, bind, "stats")
     }
 
     /// Tells the predecessor this process accepts, then goes on with every session it passes
@@ -454,6 +484,28 @@ impl Takeover {
             }
         }
         info!(sessions = adopted, predecessor, "upgrade: took over");
+        // The predecessor's last sessions are over: those of servers a reload removed too.
+        let retired = proxy.backends().forget_retired();
+        if !retired.is_empty() {
+            info!(backends = ?retired, "removed servers' BACKENDS entries deleted");
+        }
+    }
+}
+
+fn same_address(
+    handed: std::net::TcpListener,
+    bind: SocketAddr,
+    what: &str,
+) -> Option<std::net::TcpListener> {
+    match handed.local_addr() {
+        Ok(at) if at == bind => Some(handed),
+        at => {
+            info!(
+                "{what}: now bound to {bind}, no longer to {}",
+                at.map_or_else(|e| e.to_string(), |a| a.to_string())
+            );
+            None
+        }
     }
 }
 
