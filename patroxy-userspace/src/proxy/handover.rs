@@ -242,9 +242,11 @@ impl Proxy {
                 kill.kill(KillReason::MarkedDown);
             }
             proxy.backends.session_opened(backend_id);
-            proxy
-                .counters(backend_id)
-                .opened(proxy.backends.get(backend_id).map_or(0, |e| e.sessions));
+            // Counted in stot by the process that accepted it (whose totals carry over).
+            proxy.counters(backend_id).max_sessions.fetch_max(
+                proxy.backends.get(backend_id).map_or(0, |e| e.sessions),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let slot = proxy.slots(backend_id).acquire(Duration::ZERO).await;
             let outcome = proxy.dataplane.resume(handed.sockets, meta, &kill).await;
             drop(slot);
