@@ -209,7 +209,7 @@ pub async fn run(
             listeners: handed_fds.listeners(&config),
             stats: handed_fds.stats.as_ref().map(|f| f.as_fd()),
             runtime: handed_fds.runtime(),
-            health: health.borrow().carry(),
+            health: health.borrow().carry(&config),
             carried: Carried {
                 ids: Some(proxy.server_ids().clone()),
                 admin: admin.carry(),

@@ -21,7 +21,9 @@ use super::{
     keys,
 };
 use crate::{
-    config::model::{CheckMethod, CheckTiming, CheckTls, Config, InitState},
+    config::model::{
+        CheckMethod, CheckTiming, CheckTls, Config, HealthCheck, InitState, ServerSpec,
+    },
     server_ids::ServerIds,
 };
 
@@ -83,9 +85,14 @@ impl HealthSnapshot {
         for (key, id) in ids.backends() {
             let l = &config.listeners[key.listener];
             let spec = &l.servers[key.server];
-            let previous = carried
-                .iter()
-                .find(|c| c.listener == l.name && c.server == spec.name);
+            // A state that answered another question (a reload changed the check) is not kept.
+            let previous = carried.iter().find(|c| {
+                c.listener == l.name
+                    && c.server == spec.name
+                    && c.check.as_ref().is_none_or(|q| {
+                        l.check.as_ref().map(|check| question(check, spec)).as_ref() == Some(q)
+                    })
+            });
             let health = match (&l.check, previous) {
                 (Some(c), Some(p)) => {
                     let init = if p.up { InitState::Up } else { InitState::Down };
@@ -140,15 +147,31 @@ pub struct CarriedHealth {
     /// As Patroni said it ("primary", "replica", ...).
     pub role: Option<String>,
     pub timeline: Option<u64>,
+    /// The question the state answers (check address, method, path, expected status, TLS);
+    /// absent from older predecessors and the fd store's states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+}
+
+/// What a server's check asks, as [`CarriedHealth::check`] records it.
+fn question(check: &HealthCheck, spec: &ServerSpec) -> String {
+    format!(
+        "{} {:?} {} {} {:?}",
+        spec.check_addr, check.method, check.path, check.expect_status, check.tls
+    )
 }
 
 impl HealthSnapshot {
-    /// What a successor needs to start where this snapshot is.
-    pub fn carry(&self) -> Vec<CarriedHealth> {
+    /// What a successor needs to start where this snapshot (of `config`) is.
+    pub fn carry(&self, config: &Config) -> Vec<CarriedHealth> {
         self.listeners
             .iter()
-            .flat_map(|l| {
-                l.servers.iter().map(|s| CarriedHealth {
+            .enumerate()
+            .flat_map(|(li, l)| {
+                l.servers.iter().map(move |s| CarriedHealth {
+                    check: config.listeners.get(li).and_then(|lc| {
+                        Some(question(lc.check.as_ref()?, lc.servers.get(s.key.server)?))
+                    }),
                     listener: l.name.clone(),
                     server: s.name.clone(),
                     up: s.health.is_up(),

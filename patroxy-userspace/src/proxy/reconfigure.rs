@@ -1,6 +1,6 @@
 //! A reload's new settings, applied to the running proxy in place: the listeners and servers
-//! stay (`config::diff` refuses a reload that adds, removes or moves any), so every session,
-//! backend id, counter and queue stays too.
+//! stay (a reload that adds, removes or moves any is applied by a successor process instead,
+//! see `reload`), so every session, backend id, counter and queue stays too.
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
 use tracing::info;

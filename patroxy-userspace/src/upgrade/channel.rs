@@ -33,7 +33,7 @@ pub enum Message {
         health: Vec<CarriedHealth>,
         /// The rest of the running state (absent from a predecessor older than it).
         #[serde(default)]
-        carried: Carried,
+        carried: Box<Carried>,
     },
     /// Successor to predecessor: it accepts on the listeners; the predecessor may stop.
     Accepting { pid: u32 },

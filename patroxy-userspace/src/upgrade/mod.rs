@@ -1,6 +1,8 @@
 //! Upgrades that keep every session: the running daemon starts its successor (`SIGUSR2`) and
 //! hands it, over a unix socket pair with SCM_RIGHTS, the pin directory's lock, the listening
-//! sockets (the runtime socket's too), the health states and then both sockets of every spliced session.
+//! sockets (the runtime socket's too), the health states, the rest of the running state
+//! ([`Carried`]: server ids, operator states, counters, reload status) and then both sockets of
+//! every spliced session. A structural reload is such an upgrade, with the new file.
 //!
 //! The order keeps every connection attempt served: the successor accepts on the same listening
 //! sockets (the same kernel objects) before the predecessor stops accepting, and a spliced
@@ -122,7 +124,7 @@ impl Predecessor {
             stats: handed.stats.is_some(),
             runtime: handed.runtime.as_ref().map(|(path, _)| path.clone()),
             health: handed.health,
-            carried: handed.carried,
+            carried: Box::new(handed.carried),
         };
         let answer = match channel.send(&start, &fds) {
             Ok(()) => {
@@ -326,7 +328,7 @@ impl Takeover {
             stats,
             runtime,
             health,
-            carried,
+            carried: *carried,
         })
     }
 
