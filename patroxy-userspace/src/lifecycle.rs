@@ -32,6 +32,20 @@ use crate::{
 pub async fn run(
     config: Config,
     relaunch: Relaunch,
+    takeover: Option<Takeover>,
+) -> anyhow::Result<()> {
+    // A successor that cannot start says why to the predecessor waiting for it.
+    let report = takeover.as_ref().and_then(Takeover::failure_report);
+    let result = run_daemon(config, relaunch, takeover).await;
+    if let (Err(e), Some(report)) = (&result, report) {
+        report.send(&format!("{e:#}"));
+    }
+    result
+}
+
+async fn run_daemon(
+    config: Config,
+    relaunch: Relaunch,
     mut takeover: Option<Takeover>,
 ) -> anyhow::Result<()> {
     // Before anything else: SIGHUP's default action would end the daemon.
@@ -41,6 +55,14 @@ pub async fn run(
     fd_limit::raise(&config);
     let log = KernelLog::from_config(&config.global)?;
     let dataplane = Arc::new(select_data_path(&config, takeover.as_mut(), log)?);
+    let pins_owned = |owned: bool| {
+        if let Some(kernel) = dataplane.kernel() {
+            kernel.leave_pins_on_exit(!owned);
+        }
+    };
+    if takeover.is_some() {
+        pins_owned(false);
+    }
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let carried = takeover
@@ -50,13 +72,6 @@ pub async fn run(
     let ids = server_ids(&config, carried.ids.as_ref())?;
     let health = takeover.as_ref().map_or(&[][..], |t| &t.health[..]);
     let checks = patroni::spawn_checker_from(&config, &ids, health, stop.clone(), &tracker)?;
-    let backends = Arc::new(BackendTable::new(
-        dataplane.kernel().cloned(),
-        ids.backends().map(|(key, id)| {
-            let address = config.listeners[key.listener].servers[key.server].address;
-            (id, key.listener as u16, address)
-        }),
-    ));
     let listeners = config
         .listeners
         .iter()
@@ -94,6 +109,15 @@ pub async fn run(
         ),
         None => None,
     };
+    // Written once every socket is bound: a successor that cannot bind one exits having left
+    // its predecessor's BACKENDS as it was.
+    let backends = Arc::new(BackendTable::new(
+        dataplane.kernel().cloned(),
+        ids.backends().map(|(key, id)| {
+            let address = config.listeners[key.listener].servers[key.server].address;
+            (id, key.listener as u16, address)
+        }),
+    ));
     // Kept to hand over: the accept loop, the stats server and the runtime socket's thread own
     // the originals.
     let handed_fds = HandedFds::of(
@@ -184,6 +208,7 @@ pub async fn run(
     if let Some(takeover) = takeover {
         tracker.spawn(takeover.adopt_sessions(proxy.clone(), tracker.clone()));
     }
+    pins_owned(true);
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),
@@ -234,7 +259,8 @@ pub async fn run(
                 break (Some(p), kept_here);
             }
             Err(e) => {
-                proxy.backends().write_kernel(true);
+                let ids = proxy.server_ids();
+                proxy.backends().take_back(|id| ids.given(id));
                 match restructure {
                     Some(r) => {
                         let _ = r.reply.send(Err(format!("{e:#}")));

@@ -173,6 +173,11 @@ impl ServerIds {
         })
     }
 
+    /// Whether `id` was given out in this lineage (to a server here or a retired one).
+    pub fn given(&self, id: u32) -> bool {
+        id != 0 && id < self.next
+    }
+
     pub fn len(&self) -> usize {
         self.listeners.iter().map(|l| l.servers.len()).sum()
     }

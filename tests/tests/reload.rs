@@ -69,11 +69,15 @@ enum Kind {
     ServerRemoved,
     ListenerRemoved,
     Invalid,
+    /// A listener added on PostgreSQL's own port: valid, but the successor cannot bind it, so
+    /// the daemon runs on with its old configuration.
+    SuccessorFails,
 }
 
 use Kind::*;
 
-/// Twenty reloads: every kind at least twice, structural ones in between in-place ones.
+/// Twenty reloads: every kind at least twice (a failing successor once), structural ones in
+/// between in-place ones.
 const ROUNDS: [Kind; 20] = [
     NoOp,
     Timing,
@@ -92,7 +96,7 @@ const ROUNDS: [Kind; 20] = [
     Timing,
     ServerRemoved,
     ListenerRemoved,
-    NoOp,
+    SuccessorFails,
     Invalid,
     Timing,
 ];
@@ -159,6 +163,10 @@ fn file_for(
             c.listeners.retain(|l| l.name != "postgres_extra");
             c.servers.retain(|s| s.name != "pgx" && s.name != "pgy");
         }
+        SuccessorFails => {
+            c.listeners
+                .push(ListenerConfig::new("postgres_taken", pg, ["pg1"]));
+        }
         Invalid => {
             let text = c
                 .to_toml()
@@ -179,6 +187,11 @@ fn structural(kind: Kind) -> bool {
         kind,
         ListenerAdded | ServerAdded | ServerMoved | ServerRemoved | ListenerRemoved
     )
+}
+
+/// A reload the daemon refuses, keeping its configuration.
+fn refused_kind(kind: Kind) -> bool {
+    matches!(kind, Invalid | SuccessorFails)
 }
 
 fn patroxy(args: &[&str]) -> Output {
@@ -385,12 +398,19 @@ fn reloads_under_pgbench(path: Path_) {
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(
                 out.status.success(),
-                kind != Invalid,
+                !refused_kind(kind),
                 "{kind:?}: {stdout}{stderr}"
             );
             if kind == Invalid {
                 assert!(stderr.contains(&at), "{kind:?} names {at}: {stderr}");
                 assert!(stderr.contains("maxconns"), "{stderr}");
+            } else if kind == SuccessorFails {
+                // The successor's own reason reaches `patroxy reload`.
+                assert!(
+                    stderr.contains("did not start; running on the old one")
+                        && stderr.contains("listener postgres_taken: binding"),
+                    "{stderr}"
+                );
             } else {
                 assert!(stdout.starts_with("configuration reloaded"), "{stdout}");
                 assert_eq!(
@@ -400,7 +420,7 @@ fn reloads_under_pgbench(path: Path_) {
                 );
             }
         }
-        if kind == Invalid {
+        if refused_kind(kind) {
             refused += 1;
         } else {
             running = next;

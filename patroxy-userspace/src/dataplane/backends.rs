@@ -105,6 +105,34 @@ impl BackendTable {
         self.writes_kernel.store(on, Ordering::SeqCst);
     }
 
+    /// Writes BACKENDS again after a successor failed to start: every entry as this daemon last
+    /// wrote it, and none of the ids the successor may have added (those not `given` yet; a
+    /// retired id's entry stays for the sessions an older process may still run on it).
+    pub fn take_back(&self, given: impl Fn(u32) -> bool) {
+        self.write_kernel(true);
+        let Some(kernel) = &self.kernel else {
+            return;
+        };
+        let written = self.written.lock().expect("backends lock");
+        let mut map = kernel.backends.lock().expect("BACKENDS lock");
+        for (&id, entry) in &written.entries {
+            write(&mut map, id, entry);
+        }
+        let added: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !given(*id))
+            .collect();
+        for id in added {
+            if let Err(e) = map.remove(&id) {
+                error!(
+                    backend = id,
+                    "deleting a failed successor's BACKENDS entry failed: {e}"
+                );
+            }
+        }
+    }
+
     /// Finds where someone else wrote BACKENDS (an operator's `bpftool map update` or
     /// `delete`): entries that differ from what the daemon last wrote, which are written back,
     /// and those the daemon's own writes replaced since the last call. None in the fallback

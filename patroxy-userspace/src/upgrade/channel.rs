@@ -37,6 +37,8 @@ pub enum Message {
     },
     /// Successor to predecessor: it accepts on the listeners; the predecessor may stop.
     Accepting { pid: u32 },
+    /// Successor to predecessor, instead of `Accepting`: why it cannot start (it exits).
+    Failed { error: String },
     /// Spliced sessions; two descriptors each, client then backend.
     Sessions(Vec<SessionRecord>),
     /// No more sessions come.

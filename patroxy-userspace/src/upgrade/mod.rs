@@ -142,6 +142,11 @@ impl Predecessor {
                 info!(pid, "upgrade: the successor accepts");
                 Ok(Predecessor { channel, successor })
             }
+            Ok(Ok(Ok((Message::Failed { error }, _)))) => {
+                // It exits on its own once it has said why.
+                let _ = tokio::task::spawn_blocking(move || successor.wait()).await;
+                bail!("the successor failed to start: {error}")
+            }
             other => {
                 let _ = successor.kill();
                 let _ = successor.wait();
@@ -332,6 +337,14 @@ impl Takeover {
         })
     }
 
+    /// Where to say why this successor cannot start, if a predecessor waits for the answer.
+    pub fn failure_report(&self) -> Option<FailureReport> {
+        match &self.source {
+            Source::Predecessor { channel, .. } => Some(FailureReport(channel.clone())),
+            Source::FdStore(_) => None,
+        }
+    }
+
     /// What the service manager gave back (`LISTEN_FDS`): its sessions are resumed only if
     /// the pinned maps they are in are still there (see `needs_pinned_maps`).
     pub fn from_fd_store(restored: crate::fdstore::Restored) -> Takeover {
@@ -490,6 +503,21 @@ impl Takeover {
         let retired = proxy.backends().forget_retired();
         if !retired.is_empty() {
             info!(backends = ?retired, "removed servers' BACKENDS entries deleted");
+        }
+    }
+}
+
+/// A successor's way to tell its predecessor why it did not start, so the predecessor (and a
+/// structural reload's caller) can say so.
+pub struct FailureReport(Arc<Channel>);
+
+impl FailureReport {
+    pub fn send(self, error: &str) {
+        let failed = Message::Failed {
+            error: error.to_owned(),
+        };
+        if let Err(e) = self.0.send(&failed, &[]) {
+            warn!("upgrade: telling the predecessor why this process did not start failed: {e}");
         }
     }
 }
