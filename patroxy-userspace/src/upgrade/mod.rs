@@ -407,13 +407,25 @@ impl Takeover {
         }
     }
 
-    /// The listening socket handed over for listener `name`, if it is bound to `bind`: a
-    /// listener the new configuration rebinds gets a new socket, and the old one closes with
-    /// the predecessor.
+    /// The listening socket handed over for listener `name` if it is bound to `bind`, else
+    /// one bound to `bind` under another name (a renamed listener): a listener the new
+    /// configuration rebinds gets a new socket, and the old one closes with the predecessor.
     pub fn listener(&mut self, name: &str, bind: SocketAddr) -> Option<std::net::TcpListener> {
-        let i = self.listeners.iter().position(|(n, _)| n == name)?;
-        let (_, handed) = self.listeners.swap_remove(i);
-        same_address(handed, bind, name)
+        let bound_to = |l: &std::net::TcpListener| l.local_addr().ok() == Some(bind);
+        let i = self
+            .listeners
+            .iter()
+            .position(|(n, l)| n == name && bound_to(l))
+            .or_else(|| self.listeners.iter().position(|(_, l)| bound_to(l)));
+        match i {
+            Some(i) => Some(self.listeners.swap_remove(i).1),
+            None => {
+                if self.listeners.iter().any(|(n, _)| n == name) {
+                    info!("listener {name}: now bound to {bind}");
+                }
+                None
+            }
+        }
     }
 
     /// The stats server's listening socket handed over, if it is bound to `bind`.
