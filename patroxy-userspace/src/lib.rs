@@ -4,6 +4,7 @@
 //! # Layout
 //! State flows one way, and so do the imports (a module uses only those before it here):
 //! - `config`: the file, parsed and validated once into typed values.
+//! - `server_ids`: the backend id of each server, kept across reloads and upgrades.
 //! - `patroni`: the health checker; it owns check state and publishes a `HealthSnapshot` of
 //!   what the checks say, and nothing else.
 //! - `operator_state`: the operator's READY/DRAIN/MAINT of each server and their one writer
@@ -19,6 +20,7 @@
 //! - `proxy`: accepts clients, enforces limits and connects; it applies each new view to the
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
+//! - `fd_limit`: the open-files limit raised to what `maxconn` needs, at start and on reload.
 //! - `reload`: the one entry point of a configuration reload (SIGHUP, `patroxy reload`): re-reads
 //!   the file and applies what changed to the checker and the proxy, or keeps the running config.
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
@@ -36,6 +38,7 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod fd_limit;
 pub mod fdstore;
 pub mod import_haproxy;
 pub mod lifecycle;
@@ -45,6 +48,7 @@ pub mod privileges;
 pub mod proxy;
 pub mod reload;
 pub mod routing;
+pub mod server_ids;
 pub mod stats;
 pub mod upgrade;
 pub mod view;

@@ -14,20 +14,36 @@ use crate::{
     config::{BpfMode, Config},
     control,
     dataplane::{BackendTable, DataPlane, KernelLog, loader::LoadError, pin_dir},
+    fd_limit,
     fdstore::FdStore,
     operator_state::AdminWriter,
     patroni, privileges,
     proxy::{self, Proxy},
     reload::{self, Reloader},
+    server_ids::ServerIds,
     stats,
-    upgrade::{Handed, Predecessor, Relaunch, Takeover},
+    upgrade::{Carried, Handed, Predecessor, Relaunch, Takeover},
 };
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `relaunch.drain_grace`; or,
-/// on SIGUSR2, until a successor (started as `relaunch` says) took its listeners and sessions
-/// over. With `takeover`, this process is such a successor. SIGHUP (and `patroxy reload`) reads
-/// `relaunch.config` again.
+/// on SIGUSR2 or a structural reload, until a successor (started as `relaunch` says) took its
+/// listeners and sessions over. With `takeover`, this process is such a successor. SIGHUP (and
+/// `patroxy reload`) reads `relaunch.config` again.
 pub async fn run(
+    config: Config,
+    relaunch: Relaunch,
+    takeover: Option<Takeover>,
+) -> anyhow::Result<()> {
+    // A successor that cannot start says why to the predecessor waiting for it.
+    let report = takeover.as_ref().and_then(Takeover::failure_report);
+    let result = run_daemon(config, relaunch, takeover).await;
+    if let (Err(e), Some(report)) = (&result, report) {
+        report.send(&format!("{e:#}"));
+    }
+    result
+}
+
+async fn run_daemon(
     config: Config,
     relaunch: Relaunch,
     mut takeover: Option<Takeover>,
@@ -36,26 +52,31 @@ pub async fn run(
     let mut signals = Signals::new()?;
     let grace = relaunch.drain_grace;
     let config = Arc::new(config);
-    raise_fd_limit(&config);
+    fd_limit::raise(&config);
     let log = KernelLog::from_config(&config.global)?;
     let dataplane = Arc::new(select_data_path(&config, takeover.as_mut(), log)?);
+    let pins_owned = |owned: bool| {
+        if let Some(kernel) = dataplane.kernel() {
+            kernel.leave_pins_on_exit(!owned);
+        }
+    };
+    if takeover.is_some() {
+        pins_owned(false);
+    }
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let carried = takeover.as_ref().map_or(&[][..], |t| &t.health[..]);
-    let checks = patroni::spawn_checker_from(&config, carried, stop.clone(), &tracker)?;
-    let backends = Arc::new(BackendTable::new(
-        dataplane.kernel().cloned(),
-        config
-            .listeners
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| l.servers.iter().map(move |s| (i as u16, s.address))),
-    ));
+    let carried = takeover
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.carried))
+        .unwrap_or_default();
+    let ids = server_ids(&config, carried.ids.as_ref())?;
+    let health = takeover.as_ref().map_or(&[][..], |t| &t.health[..]);
+    let checks = patroni::spawn_checker_from(&config, &ids, health, stop.clone(), &tracker)?;
     let listeners = config
         .listeners
         .iter()
         .map(|l| {
-            match takeover.as_mut().and_then(|t| t.listener(&l.name)) {
+            match takeover.as_mut().and_then(|t| t.listener(&l.name, l.bind)) {
                 Some(handed) => handed
                     .set_nonblocking(true)
                     .and_then(|()| tokio::net::TcpListener::from_std(handed)),
@@ -67,7 +88,10 @@ pub async fn run(
     // Bound before any client is accepted: a taken stats port fails the start-up.
     let stats_listener = match (
         &config.stats,
-        takeover.as_mut().and_then(|t| t.stats.take()),
+        takeover
+            .as_mut()
+            .zip(config.stats.as_ref())
+            .and_then(|(t, s)| t.stats(s.bind)),
     ) {
         (Some(_), Some(handed)) => Some(handed),
         (Some(s), None) => {
@@ -85,6 +109,15 @@ pub async fn run(
         ),
         None => None,
     };
+    // Written once every socket is bound: a successor that cannot bind one exits having left
+    // its predecessor's BACKENDS as it was.
+    let backends = Arc::new(BackendTable::new(
+        dataplane.kernel().cloned(),
+        ids.backends().map(|(key, id)| {
+            let address = config.listeners[key.listener].servers[key.server].address;
+            (id, key.listener as u16, address)
+        }),
+    ));
     // Kept to hand over: the accept loop, the stats server and the runtime socket's thread own
     // the originals.
     let handed_fds = HandedFds::of(
@@ -118,24 +151,29 @@ pub async fn run(
 
     // The one writer of the operator's states, held to the end of `run`: the proxy stops
     // following the checks once no writer is left.
-    let admin = Arc::new(AdminWriter::new(config.clone()));
+    let admin = Arc::new(AdminWriter::carried_over(config.clone(), &carried.admin));
     let proxy = Proxy::new(
         config.clone(),
+        ids,
         dataplane.clone(),
         backends,
         checks.subscribe(),
         admin.subscribe(),
     );
+    proxy.carry_on_counters(&carried.counters);
     if let Some(store) = fd_store {
         proxy.keep_sessions_in(store);
     }
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
     // What an upgrade carries over; the reloader owns the checker.
     let health = checks.subscribe();
+    let (restructure, mut restructures) = tokio::sync::mpsc::channel(1);
     let reloader = reload::spawn(
         relaunch.config.clone(),
         proxy.clone(),
         checks,
+        carried.reload,
+        restructure,
         stop.clone(),
         &tracker,
     );
@@ -170,6 +208,7 @@ pub async fn run(
     if let Some(takeover) = takeover {
         tracker.spawn(takeover.adopt_sessions(proxy.clone(), tracker.clone()));
     }
+    pins_owned(true);
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),
@@ -177,35 +216,62 @@ pub async fn run(
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
-    let predecessor = loop {
-        match signals.next(&reloader).await {
-            Signal::Stop => break None,
-            Signal::Upgrade => {
-                let handed = Handed {
-                    pin_lock: dataplane.kernel().map(|k| k.pin_lock()),
-                    listeners: handed_fds.listeners(&config),
-                    stats: handed_fds.stats.as_ref().map(|f| f.as_fd()),
-                    runtime: handed_fds.runtime(),
-                    health: health.borrow().carry(),
-                };
-                // The successor writes BACKENDS from its start: nothing here may overwrite it.
-                proxy.backends().write_kernel(false);
-                match Predecessor::start(&relaunch, handed).await {
-                    Ok(p) => break Some(p),
-                    Err(e) => {
-                        proxy.backends().write_kernel(true);
-                        tracing::error!("upgrade failed, running on: {e:#}");
+    let (predecessor, kept_here) = loop {
+        // An upgrade, or a structural reload (an upgrade whose reply goes to the reload).
+        let restructure = tokio::select! {
+            signal = signals.next(&reloader) => match signal {
+                Signal::Stop => break (None, Default::default()),
+                Signal::Upgrade => None,
+            },
+            Some(request) = restructures.recv() => Some(request),
+        };
+        let reload_status = match &restructure {
+            Some(r) => r.status.clone(),
+            None => reloader.status(),
+        };
+        let handed = Handed {
+            pin_lock: dataplane.kernel().map(|k| k.pin_lock()),
+            listeners: handed_fds.listeners(&config),
+            stats: handed_fds.stats.as_ref().map(|f| f.as_fd()),
+            runtime: handed_fds.runtime(),
+            health: health.borrow().carry(&config),
+            carried: Carried {
+                ids: Some(proxy.server_ids().clone()),
+                admin: admin.carry(),
+                counters: proxy.carry_counters(),
+                reload: reload_status,
+            },
+        };
+        // The successor writes BACKENDS from its start: nothing here may overwrite it.
+        proxy.backends().write_kernel(false);
+        match Predecessor::start(&relaunch, handed).await {
+            Ok(p) => {
+                let _ =
+                    sd_notify::notify(false, &[sd_notify::NotifyState::MainPid(p.successor_pid())]);
+                let kept_here = match restructure {
+                    Some(r) => {
+                        let kept_here = proxy.retire_servers(&r.retired);
+                        let _ = r.reply.send(Ok(p.successor_pid()));
+                        kept_here
                     }
+                    None => Default::default(),
+                };
+                break (Some(p), kept_here);
+            }
+            Err(e) => {
+                let ids = proxy.server_ids();
+                proxy.backends().take_back(|id| ids.given(id));
+                match restructure {
+                    Some(r) => {
+                        let _ = r.reply.send(Err(format!("{e:#}")));
+                    }
+                    None => tracing::error!("upgrade failed, running on: {e:#}"),
                 }
             }
         }
     };
     match predecessor {
         Some(predecessor) => {
-            let _ = sd_notify::notify(
-                false,
-                &[sd_notify::NotifyState::MainPid(predecessor.successor_pid())],
-            );
             info!("upgrade: no new clients here; handing the spliced sessions over");
             // The successor listens on the runtime socket's file: it must stay at our exit.
             if let Some(hand_over) = &runtime_hand_over {
@@ -216,7 +282,7 @@ pub async fn run(
                 kernel.hand_over();
             }
             let (to_successor, sessions) = tokio::sync::mpsc::unbounded_channel();
-            proxy.hand_over_sessions(to_successor);
+            proxy.hand_over_sessions(to_successor, kept_here);
             predecessor
                 .pass_sessions(&proxy, sessions, &tracker, grace)
                 .await;
@@ -246,6 +312,22 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The servers' ids: a fresh start numbers them in file order; a successor goes on from its
+/// predecessor's table, so servers that stay keep theirs.
+fn server_ids(config: &Config, predecessor: Option<&ServerIds>) -> anyhow::Result<ServerIds> {
+    let Some(predecessor) = predecessor else {
+        return Ok(ServerIds::fresh(config));
+    };
+    let (ids, changes) = predecessor.follow(config)?;
+    for (listener, server, id) in &changes.retired {
+        info!(%listener, %server, backend = id, "server removed: its id is retired");
+    }
+    for (listener, server, id) in &changes.added {
+        info!(%listener, %server, backend = id, "server added: new id");
+    }
+    Ok(ids)
 }
 
 /// The data path: a predecessor's pinned maps when sessions come that live in them (an upgrade,
@@ -323,7 +405,9 @@ impl Signals {
                 }
                 _ = self.hup.recv() => {
                     info!("SIGHUP received: reloading the configuration");
-                    let _ = reloader.reload().await;
+                    // Not awaited here: a structural reload needs `run`'s loop to go on.
+                    let reloader = reloader.clone();
+                    tokio::spawn(async move { reloader.reload().await });
                 }
             }
         }
@@ -376,52 +460,5 @@ impl HandedFds {
             .zip(&self.listeners)
             .map(|(l, fd)| (l.name.clone(), fd.as_fd()))
             .collect()
-    }
-}
-
-/// File descriptors the daemon needs besides its sessions, health checks and stats connections:
-/// listeners, maps and programs, the SESSIONS reader, the runtime, logs.
-const BASE_FDS: u64 = 256;
-
-/// Each session holds two sockets, each health check and stats connection one: like HAProxy,
-/// raise the soft fd
-/// limit to fit them (up to the hard limit, which only an administrator can raise) and say so
-/// if it cannot. The stats server never holds more than its `maxconn` plus its listener, so it
-/// cannot take the proxy's share.
-fn raise_fd_limit(config: &Config) {
-    let stats = config
-        .stats
-        .as_ref()
-        .map_or(0, |s| u64::from(s.maxconn) + 1);
-    // At most one check connection per server (the checker shares one per node).
-    let checks: u64 = config
-        .listeners
-        .iter()
-        .map(|l| l.servers.len() as u64)
-        .sum();
-    let runtime = config
-        .runtime
-        .as_ref()
-        .map_or(0, |r| u64::from(r.maxconn) + 1);
-    let wanted = u64::from(config.global.maxconn) * 2 + checks + stats + runtime + BASE_FDS;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: valid rlimit; only the soft limit changes.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    }
-    if lim.rlim_cur < wanted {
-        tracing::warn!(
-            limit = lim.rlim_cur,
-            wanted,
-            "the open-files limit is below what maxconn and [stats] maxconn need (2 per session, 1 per stats connection); raise LimitNOFILE"
-        );
     }
 }

@@ -12,7 +12,8 @@
 //! Leaving MAINT, a server is again what its checks say *now*: since they kept running, a server
 //! whose node was restarted during the maintenance is UP only after `rise` good checks, and one
 //! whose checks never failed is UP at once. The states live in memory only: every server is
-//! READY after a start (HAProxy without a server-state file behaves the same).
+//! READY after a start (HAProxy without a server-state file behaves the same), and an upgrade or
+//! a structural reload hands them to the successor by name ([`CarriedAdmin`]).
 use std::{fmt, str::FromStr, sync::Arc};
 
 use tokio::sync::watch;
@@ -21,7 +22,9 @@ use tracing::info;
 use crate::{config::Config, patroni::BackendKey};
 
 /// What the operator set a server to.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum AdminState {
     #[default]
     Ready,
@@ -126,10 +129,53 @@ pub struct AdminWriter {
     tx: watch::Sender<Arc<AdminStates>>,
 }
 
+/// A server's operator state as a predecessor process had it, by name.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedAdmin {
+    pub listener: String,
+    pub server: String,
+    pub state: AdminState,
+}
+
 impl AdminWriter {
     pub fn new(config: Arc<Config>) -> Self {
-        let (tx, _) = watch::channel(Arc::new(AdminStates::ready(&config)));
+        Self::carried_over(config, &[])
+    }
+
+    /// Starts where a predecessor was: a server still configured keeps the state the operator
+    /// gave it; the others are READY.
+    pub fn carried_over(config: Arc<Config>, carried: &[CarriedAdmin]) -> Self {
+        let mut states = AdminStates::ready(&config);
+        for (li, l) in config.listeners.iter().enumerate() {
+            for (si, s) in l.servers.iter().enumerate() {
+                if let Some(c) = carried
+                    .iter()
+                    .find(|c| c.listener == l.name && c.server == s.name)
+                {
+                    states.listeners[li][si] = c.state;
+                }
+            }
+        }
+        let (tx, _) = watch::channel(Arc::new(states));
         Self { config, tx }
+    }
+
+    /// What a successor needs to start where the operator left the servers: those not READY.
+    pub fn carry(&self) -> Vec<CarriedAdmin> {
+        let states = self.tx.borrow();
+        let mut carried = Vec::new();
+        for (l, ls) in self.config.listeners.iter().zip(&states.listeners) {
+            for (s, &state) in l.servers.iter().zip(ls) {
+                if state != AdminState::Ready {
+                    carried.push(CarriedAdmin {
+                        listener: l.name.clone(),
+                        server: s.name.clone(),
+                        state,
+                    });
+                }
+            }
+        }
+        carried
     }
 
     /// A receiver that holds the current states at once and sees every change.
@@ -272,5 +318,23 @@ pub(crate) mod tests {
             })
         );
         assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_successor_keeps_the_states_of_servers_still_configured() {
+        let admin = AdminWriter::new(two_listeners());
+        admin.set("w", "b", AdminState::Drain, "test").unwrap();
+        admin.set("r", "b", AdminState::Maint, "test").unwrap();
+        let carried = admin.carry();
+        assert_eq!(carried.len(), 2);
+        // Listener "r" is gone in the successor's configuration.
+        let mut config = (*two_listeners()).clone();
+        config.listeners.truncate(1);
+        let successor = AdminWriter::carried_over(Arc::new(config), &carried);
+        let states = successor.subscribe().borrow().clone();
+        let key = |listener, server| BackendKey { listener, server };
+        assert_eq!(states.get(key(0, 0)), AdminState::Ready);
+        assert_eq!(states.get(key(0, 1)), AdminState::Drain);
+        assert_eq!(successor.carry().len(), 1);
     }
 }

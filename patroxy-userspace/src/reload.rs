@@ -3,11 +3,18 @@
 //! SIGHUP, the stats server's `POST /admin/reload` (`patroxy reload`, the unit's `ExecReload`)
 //! and any other trigger call one entry point, [`Reloader::reload`]. Its requests are served one
 //! at a time by a task on the daemon's runtime, which re-reads and validates the file, compares
-//! it with the running config (`config::diff`) and applies the difference to the checker and the
-//! proxy. An invalid file, or a change only a restart can make, leaves the running config
-//! untouched; every problem is logged (file:line:column for the file's) and returned.
+//! it with the running config (`config::diff`) and applies the difference:
+//! - settings in place, to the checker and the proxy;
+//! - structural changes (listeners or servers added, removed, moved, rebound) by a successor
+//!   process: the daemon's own upgrade to the same binary path with the new file
+//!   ([`Restructure`], served by `lifecycle` through `upgrade`). The successor takes the
+//!   listeners that stay, the check and operator states, the stats' totals, this status and the
+//!   servers' ids over, and goes on with the sessions of the servers that stay; those of removed
+//!   servers are handled as a mark-down (`Proxy::retire_servers`). If it fails to start, this
+//!   process runs on with its old configuration and reports why.
 //!
-//! What a reload applies and what it cannot is `config::diff`'s to say; the last outcome and
+//! An invalid file, or a change only a restart can make, leaves the running config untouched;
+//! every problem is logged (file:line:column for the file's) and returned. The last outcome and
 //! the counts are kept in a [`ReloadStatus`] for the stats page, JSON and metrics.
 use std::{
     path::PathBuf,
@@ -20,9 +27,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    config::{self, ConfigError, diff::NeedsRestart},
+    config::{self, Config, ConfigError, diff::NeedsRestart},
+    fd_limit,
     patroni::{Checker, client::ClientError},
     proxy::Proxy,
+    server_ids::IdsExhausted,
 };
 
 /// A reload that was applied: one line per changed setting (none for an unchanged file).
@@ -43,6 +52,11 @@ pub enum ReloadError {
     /// A check's TLS files could not be loaded.
     #[error("health checks: {0}")]
     Checks(#[from] ClientError),
+    #[error("{0}")]
+    Ids(#[from] IdsExhausted),
+    /// The successor process that was to run the new configuration did not start.
+    #[error("the new configuration's process did not start; running on the old one: {0}")]
+    Successor(String),
     /// Reading the file panicked (a bug): nothing was applied.
     #[error("reading the configuration failed: {0}")]
     Internal(String),
@@ -58,8 +72,8 @@ impl ReloadError {
     }
 }
 
-/// Reloads so far and the last one's outcome.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Reloads so far and the last one's outcome (carried over to a successor process).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReloadStatus {
     /// Reloads attempted, and those refused.
     pub reloads: u64,
@@ -67,7 +81,7 @@ pub struct ReloadStatus {
     pub last: Option<LastReload>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LastReload {
     pub at: SystemTime,
     pub ok: bool,
@@ -76,6 +90,17 @@ pub struct LastReload {
 }
 
 type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
+
+/// A structural reload, for the daemon's life cycle to carry out by starting a successor on the
+/// new file (an upgrade to the same binary path).
+pub struct Restructure {
+    /// The backend ids the new configuration no longer has (removed or moved servers).
+    pub retired: Vec<u32>,
+    /// This process's reload status with this reload counted as applied, for the successor.
+    pub status: ReloadStatus,
+    /// The successor's pid once it accepts, or why it did not start.
+    pub reply: oneshot::Sender<Result<u32, String>>,
+}
 
 /// The handle every trigger reloads through; cheap to clone, usable from any runtime or thread.
 #[derive(Clone)]
@@ -106,23 +131,28 @@ struct Applier {
     proxy: Arc<Proxy>,
     checker: Checker,
     status: Arc<Mutex<ReloadStatus>>,
+    restructure: mpsc::Sender<Restructure>,
 }
 
-/// Starts the task that serves reloads of `path` (the file the daemon runs) until `stop`.
+/// Starts the task that serves reloads of `path` (the file the daemon runs) until `stop`,
+/// counting on from `status` (a predecessor's); structural ones go to `restructure`.
 pub fn spawn(
     path: PathBuf,
     proxy: Arc<Proxy>,
     checker: Checker,
+    status: ReloadStatus,
+    restructure: mpsc::Sender<Restructure>,
     stop: CancellationToken,
     tracker: &TaskTracker,
 ) -> Reloader {
     let (requests, mut rx) = mpsc::channel::<Reply>(8);
-    let status = Arc::new(Mutex::new(ReloadStatus::default()));
+    let status = Arc::new(Mutex::new(status));
     let applier = Applier {
         path,
         proxy,
         checker,
         status: status.clone(),
+        restructure,
     };
     tracker.spawn(async move {
         loop {
@@ -165,13 +195,7 @@ impl Applier {
             }
         };
         let mut status = self.status.lock().expect("reload status lock");
-        status.reloads += 1;
-        status.failures += u64::from(outcome.is_err());
-        status.last = Some(LastReload {
-            at: SystemTime::now(),
-            ok: outcome.is_ok(),
-            lines,
-        });
+        *status = counted(&status, outcome.is_ok(), lines);
         outcome
     }
 
@@ -184,14 +208,66 @@ impl Applier {
         let new = Arc::new(new);
         let running = self.proxy.config();
         let diff = config::diff::diff(&running, &new)?;
+        if !diff.structural.is_empty() {
+            return self.restructure(&new, diff.lines()).await;
+        }
         if diff.changes.is_empty() {
             return Ok(ReloadSummary::default());
         }
         // The checker first: it is the only step that can fail (a check's TLS files).
         self.checker.reconfigure(&running, &new)?;
+        fd_limit::raise(&new);
         self.proxy.reconfigure(new);
         Ok(ReloadSummary {
             changes: diff.changes,
         })
+    }
+
+    /// Has the life cycle start a successor on the file; `changes` are the diff's lines.
+    async fn restructure(
+        &self,
+        new: &Config,
+        mut changes: Vec<String>,
+    ) -> Result<ReloadSummary, ReloadError> {
+        let (_, ids) = self.proxy.server_ids().follow(new)?;
+        // What the successor shows as the last reload: this one, applied.
+        changes.push("applied by a new process (listeners and sessions handed over)".into());
+        let status = counted(
+            &self.status.lock().expect("reload status lock"),
+            true,
+            changes.clone(),
+        );
+        let (reply, answer) = oneshot::channel();
+        let request = Restructure {
+            retired: ids.retired.iter().map(|(_, _, id)| *id).collect(),
+            status,
+            reply,
+        };
+        self.restructure
+            .send(request)
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        let pid = answer
+            .await
+            .map_err(|_| ReloadError::Stopped)?
+            .map_err(ReloadError::Successor)?;
+        if let Some(last) = changes.last_mut() {
+            *last =
+                format!("applied by a new process, pid {pid} (listeners and sessions handed over)");
+        }
+        Ok(ReloadSummary { changes })
+    }
+}
+
+/// `status` with one more reload, `ok` or not, described by `lines`.
+fn counted(status: &ReloadStatus, ok: bool, lines: Vec<String>) -> ReloadStatus {
+    ReloadStatus {
+        reloads: status.reloads + 1,
+        failures: status.failures + u64::from(!ok),
+        last: Some(LastReload {
+            at: SystemTime::now(),
+            ok,
+            lines,
+        }),
     }
 }

@@ -130,10 +130,12 @@ pub fn bpftool_dump(pin_path: &Path, map: &str) -> serde_json::Value {
         .arg(pin_path.join(map))
         .output()
         .expect("run bpftool (apt-get install bpftool; cargo xtask test installs it)");
+    // bpftool -j reports its errors as JSON on stdout.
     assert!(
         out.status.success(),
-        "bpftool failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "bpftool failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     );
     let raw: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     let entries = raw.as_array().expect("bpftool dumps an array");

@@ -8,11 +8,13 @@ use patroxy::{
         maps::{MAP_SESSIONS, OpenSessions},
         sockopt::monotonic_ns,
     },
+    server_ids::ServerIds,
     stats::sessions,
 };
 
 /// Prints one line per open session. With the daemon's config, listener and backend ids are
-/// shown as names.
+/// shown as names: those of a fresh start (file order), which a structural reload may have
+/// changed since (`patroxy ctl show sessions` asks the daemon, which knows).
 pub fn run(pin_dir: &Path, config: Option<&Config>) -> anyhow::Result<()> {
     let open = OpenSessions::read(pin_dir).with_context(|| {
         format!(
@@ -22,7 +24,11 @@ pub fn run(pin_dir: &Path, config: Option<&Config>) -> anyhow::Result<()> {
     })?;
     print!(
         "{}",
-        sessions::table(&sessions::rows(&open, config, monotonic_ns()))
+        sessions::table(&sessions::rows(
+            &open,
+            config.map(ServerIds::fresh).as_ref(),
+            monotonic_ns()
+        ))
     );
     Ok(())
 }

@@ -1,11 +1,14 @@
 //! What a reload changes: the running `Config` against a newly validated one.
 //!
-//! A reload applies settings in place: timeouts, retries, limits (global and per-server
-//! maxconn), check settings and timings, `on_marked_down`/`on_marked_up`, balance, and the
-//! stats page's `refresh` and `admin` access. The set of listeners and servers (names, order,
-//! binds, traffic addresses) keeps its shape, so every backend keeps its id, its check state,
-//! its operator state and its sessions. Changes the running process cannot take refuse the whole
-//! reload with one line each, and the running config stays as it was.
+//! Settings are applied in place: timeouts, retries, limits (global and per-server maxconn),
+//! check settings and timings, `on_marked_down`/`on_marked_up`, balance, and the stats page's
+//! `refresh` and `admin` access. A change to the set of listeners and servers (added, removed,
+//! reordered, rebound, moved to another address), to the stats or runtime socket's bind or
+//! limits, or to `session_log_rate` is *structural*: the process's per-server structures are
+//! laid out by it, so the reload starts a successor process with the new file (see `reload`).
+//! The data path's settings (`bpf`, `pin_path`, `bpf_log*`) need a restart: the successor takes
+//! the pinned maps and programs over as they are; they refuse the whole reload with one line
+//! each, and the running config stays as it was.
 use std::fmt::Debug;
 
 use super::model::{Config, Listener, ServerSpec};
@@ -13,7 +16,21 @@ use super::model::{Config, Listener, ServerSpec};
 /// What applying `new` over `old` changes, one line per changed setting.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConfigDiff {
+    /// Settings the running process applies in place.
     pub changes: Vec<String>,
+    /// Changes only a successor process can apply; empty for an in-place reload.
+    pub structural: Vec<String>,
+}
+
+impl ConfigDiff {
+    /// Every change, one line each: the in-place ones, then the structural ones.
+    pub fn lines(&self) -> Vec<String> {
+        self.changes
+            .iter()
+            .chain(&self.structural)
+            .cloned()
+            .collect()
+    }
 }
 
 /// One line per change the running process cannot apply (the reload is refused).
@@ -29,7 +46,7 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
     d.restart("global.pin_path", &og.pin_path, &ng.pin_path);
     d.restart("global.bpf_log", &og.bpf_log, &ng.bpf_log);
     d.restart("global.bpf_log_rate", &og.bpf_log_rate, &ng.bpf_log_rate);
-    d.restart(
+    d.structural(
         "global.session_log_rate",
         &og.session_log_rate,
         &ng.session_log_rate,
@@ -71,16 +88,20 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
     d.listeners(&old.listeners, &new.listeners);
     match (&old.stats, &new.stats) {
         (Some(o), Some(n)) => {
-            d.restart("stats.bind", &o.bind, &n.bind);
-            d.restart("stats.maxconn", &o.maxconn, &n.maxconn);
+            d.structural("stats.bind", &o.bind, &n.bind);
+            d.structural("stats.maxconn", &o.maxconn, &n.maxconn);
             d.change("stats.refresh", &o.refresh, &n.refresh);
             d.change("stats.admin", &o.admin, &n.admin);
         }
         (None, None) => {}
-        (o, n) => d.restart("[stats]", &o.is_some(), &n.is_some()),
+        (o, n) => d.structural("[stats]", &o.is_some(), &n.is_some()),
     }
+    d.structural("[runtime]", &old.runtime, &new.runtime);
     if d.restart.is_empty() {
-        Ok(ConfigDiff { changes: d.changes })
+        Ok(ConfigDiff {
+            changes: d.changes,
+            structural: d.structural,
+        })
     } else {
         Err(NeedsRestart(d.restart))
     }
@@ -89,6 +110,7 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
 #[derive(Default)]
 struct Differ {
     changes: Vec<String>,
+    structural: Vec<String>,
     restart: Vec<String>,
 }
 
@@ -99,6 +121,12 @@ impl Differ {
         }
     }
 
+    fn structural<T: PartialEq + Debug>(&mut self, what: &str, old: &T, new: &T) {
+        if old != new {
+            self.structural.push(format!("{what}: {old:?} -> {new:?}"));
+        }
+    }
+
     fn restart<T: PartialEq + Debug>(&mut self, what: &str, old: &T, new: &T) {
         if old != new {
             self.restart
@@ -106,32 +134,80 @@ impl Differ {
         }
     }
 
-    /// Listeners and servers must keep their names, order, binds and addresses: the proxy's
-    /// listening sockets, the backends' ids and their sessions are laid out by them.
+    /// Listeners and servers by name: one added, removed or reordered is structural; those
+    /// in both are compared setting by setting.
     fn listeners(&mut self, old: &[Listener], new: &[Listener]) {
-        let names = |ls: &[Listener]| ls.iter().map(|l| l.name.clone()).collect::<Vec<_>>();
-        if names(old) != names(new) {
-            self.restart("listeners", &names(old), &names(new));
-            return;
-        }
-        for (o, n) in old.iter().zip(new) {
+        self.membership(
+            "listener",
+            "",
+            &old.iter()
+                .map(|l| (l.name.as_str(), l.bind))
+                .collect::<Vec<_>>(),
+            &new.iter()
+                .map(|l| (l.name.as_str(), l.bind))
+                .collect::<Vec<_>>(),
+        );
+        for o in old {
+            let Some(n) = new.iter().find(|n| n.name == o.name) else {
+                continue;
+            };
             let at = format!("listener {}", o.name);
-            self.restart(&format!("{at}: bind"), &o.bind, &n.bind);
+            self.structural(&format!("{at}: bind"), &o.bind, &n.bind);
             self.change(&format!("{at}: balance"), &o.balance, &n.balance);
             self.change(&format!("{at}: check"), &o.check, &n.check);
             self.servers(&at, &o.servers, &n.servers);
         }
     }
 
-    fn servers(&mut self, at: &str, old: &[ServerSpec], new: &[ServerSpec]) {
-        let names = |ss: &[ServerSpec]| ss.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
-        if names(old) != names(new) {
-            self.restart(&format!("{at}: servers"), &names(old), &names(new));
-            return;
+    /// One structural line per item (name, address) added or removed, and one if the order of
+    /// those in both changed.
+    fn membership(
+        &mut self,
+        what: &str,
+        at: &str,
+        old: &[(&str, std::net::SocketAddr)],
+        new: &[(&str, std::net::SocketAddr)],
+    ) {
+        let has = |items: &[(&str, _)], name: &str| items.iter().any(|(n, _)| *n == name);
+        for (name, addr) in new.iter().filter(|(n, _)| !has(old, n)) {
+            self.structural
+                .push(format!("{at}{what} {name} added ({addr})"));
         }
-        for (o, n) in old.iter().zip(new) {
+        for (name, addr) in old.iter().filter(|(n, _)| !has(new, n)) {
+            self.structural
+                .push(format!("{at}{what} {name} removed ({addr})"));
+        }
+        let order = |a: &[(&str, std::net::SocketAddr)], b: &[(&str, _)]| {
+            a.iter()
+                .filter(|(n, _)| has(b, n))
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>()
+        };
+        self.structural(
+            &format!("{at}{what} order"),
+            &order(old, new),
+            &order(new, old),
+        );
+    }
+
+    fn servers(&mut self, at: &str, old: &[ServerSpec], new: &[ServerSpec]) {
+        self.membership(
+            "server",
+            &format!("{at}: "),
+            &old.iter()
+                .map(|s| (s.name.as_str(), s.address))
+                .collect::<Vec<_>>(),
+            &new.iter()
+                .map(|s| (s.name.as_str(), s.address))
+                .collect::<Vec<_>>(),
+        );
+        for o in old {
+            let Some(n) = new.iter().find(|n| n.name == o.name) else {
+                continue;
+            };
             let at = format!("{at}: server {}", o.name);
-            self.restart(&format!("{at}: address"), &o.address, &n.address);
+            // A new backend id: its sessions talk to the old address (see `server_ids`).
+            self.structural(&format!("{at}: address"), &o.address, &n.address);
             self.change(
                 &format!("{at}: check address"),
                 &o.check_addr,
@@ -205,8 +281,13 @@ mod tests {
     }
 
     #[test]
-    fn servers_and_listeners_added_removed_or_moved_need_a_restart() {
+    fn servers_and_listeners_added_removed_or_moved_are_structural() {
         let old = two_servers();
+        let structural = |new: &Config| {
+            let d = diff(&old, new).unwrap();
+            assert!(d.changes.is_empty(), "{:?}", d.changes);
+            d.structural
+        };
         let mut added = old.clone();
         let c = added.listeners[0].servers[0].clone();
         added.listeners[0].servers.push(ServerSpec {
@@ -214,25 +295,54 @@ mod tests {
             ..c
         });
         assert_eq!(
-            diff(&old, &added).unwrap_err().0,
-            [r#"listener w: servers: ["a", "b"] -> ["a", "b", "c"] needs a restart"#]
+            structural(&added),
+            ["listener w: server c added (127.0.0.1:5432)"]
+        );
+        let mut removed = old.clone();
+        removed.listeners[0].servers.remove(0);
+        assert_eq!(
+            structural(&removed),
+            ["listener w: server a removed (127.0.0.1:5432)"]
         );
         let mut moved = old.clone();
         moved.listeners[0].servers[1].address = "127.0.0.2:5432".parse().unwrap();
         assert_eq!(
-            diff(&old, &moved).unwrap_err().0,
-            ["listener w: server b: address: 127.0.0.1:5432 -> 127.0.0.2:5432 needs a restart"]
+            structural(&moved),
+            ["listener w: server b: address: 127.0.0.1:5432 -> 127.0.0.2:5432"]
+        );
+        let mut reordered = old.clone();
+        reordered.listeners[0].servers.reverse();
+        assert_eq!(
+            structural(&reordered),
+            [r#"listener w: server order: ["a", "b"] -> ["b", "a"]"#]
         );
         let mut listener_added = old.clone();
         let mut r = listener_added.listeners[0].clone();
         r.name = "r".into();
+        r.bind = "127.0.0.1:6000".parse().unwrap();
         listener_added.listeners.push(r);
         assert_eq!(
-            diff(&old, &listener_added).unwrap_err().0,
-            [r#"listeners: ["w"] -> ["w", "r"] needs a restart"#]
+            structural(&listener_added),
+            ["listener r added (127.0.0.1:6000)"]
         );
+        assert_eq!(
+            diff(&listener_added, &old).unwrap().structural,
+            ["listener r removed (127.0.0.1:6000)"]
+        );
+        let mut rebound = old.clone();
+        rebound.listeners[0].bind = "127.0.0.1:6001".parse().unwrap();
+        assert_eq!(
+            structural(&rebound),
+            ["listener w: bind: 127.0.0.1:0 -> 127.0.0.1:6001"]
+        );
+    }
+
+    #[test]
+    fn the_data_path_needs_a_restart() {
+        let old = two_servers();
         let mut data_path = old.clone();
         data_path.global.bpf = crate::config::BpfMode::Required;
+        data_path.listeners[0].servers.remove(0);
         assert_eq!(
             diff(&old, &data_path).unwrap_err().0,
             ["global.bpf: Off -> Required needs a restart"]

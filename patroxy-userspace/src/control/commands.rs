@@ -106,8 +106,11 @@ impl Commands {
             .await
             .map_err(|e| format!("reading SESSIONS: {e}"))?
             .map_err(|e| format!("reading SESSIONS: {e}"))?;
-        let config = self.source.config();
-        Ok(sessions::rows(&open, Some(&config), monotonic_ns()))
+        Ok(sessions::rows(
+            &open,
+            Some(self.source.server_ids()),
+            monotonic_ns(),
+        ))
     }
 }
 

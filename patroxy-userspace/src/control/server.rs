@@ -41,10 +41,10 @@ pub fn serve(
     let std_listener = socket.listener.try_clone()?;
     let config = source.config();
     let maxconn = config.runtime.as_ref().map_or(1, |r| r.maxconn as usize);
-    let backends = config.listeners.iter().map(|l| l.servers.len()).sum();
+    let ids = source.server_ids().backends().map(|(_, id)| id).collect();
     // Its own history (rates, leader changes), so the socket answers `show servers` the same
     // with or without a [stats] server.
-    let history = Arc::new(StatsHistory::new(backends, config.listeners.len()));
+    let history = Arc::new(StatsHistory::new(ids, config.listeners.len()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(1)

@@ -4,6 +4,7 @@
 //! write first checks that the map still holds the daemon's last value, and
 //! [`BackendTable::restore_foreign_writes`] reports what anyone else wrote.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -25,8 +26,8 @@ pub struct BackendTable {
 }
 
 struct Written {
-    /// What the daemon last wrote; index = backend id - 1.
-    entries: Vec<BackendEntry>,
+    /// What the daemon last wrote, by backend id.
+    entries: BTreeMap<u32, BackendEntry>,
     /// Foreign values the daemon's own writes found and replaced since the last
     /// `restore_foreign_writes`, at most one per backend: a write follows every health check
     /// and session, so it often overwrites a foreign fence before the audit would see it.
@@ -34,30 +35,35 @@ struct Written {
 }
 
 impl BackendTable {
-    /// `backends` lists (listener index, traffic address) in backend-id order; every entry starts
-    /// DOWN until the first `set_state`.
+    /// `backends` lists (backend id, listener index, traffic address); every entry starts DOWN
+    /// until the first `set_state`.
     pub fn new(
         kernel: Option<Arc<KernelMaps>>,
-        backends: impl IntoIterator<Item = (u16, SocketAddr)>,
+        backends: impl IntoIterator<Item = (u32, u16, SocketAddr)>,
     ) -> Self {
-        let entries: Vec<BackendEntry> = backends
+        let entries: BTreeMap<u32, BackendEntry> = backends
             .into_iter()
-            .map(|(listener, addr)| BackendEntry {
-                addr_v4: match addr {
-                    SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()),
-                    SocketAddr::V6(_) => 0,
-                },
-                port: addr.port(),
-                listener,
-                ..Default::default()
+            .map(|(id, listener, addr)| {
+                (
+                    id,
+                    BackendEntry {
+                        addr_v4: match addr {
+                            SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()),
+                            SocketAddr::V6(_) => 0,
+                        },
+                        port: addr.port(),
+                        listener,
+                        ..Default::default()
+                    },
+                )
             })
             .collect();
         // New maps, or a predecessor's taken over (whose values this daemon now owns): nothing
         // to compare with yet.
         if let Some(kernel) = &kernel {
             let mut map = kernel.backends.lock().expect("BACKENDS lock");
-            for (index, entry) in entries.iter().enumerate() {
-                write(&mut map, index as u32 + 1, entry);
+            for (&id, entry) in &entries {
+                write(&mut map, id, entry);
             }
         }
         Self {
@@ -72,7 +78,7 @@ impl BackendTable {
 
     pub fn get(&self, id: u32) -> Option<BackendEntry> {
         let written = self.written.lock().expect("backends lock");
-        written.entries.get(id as usize - 1).copied()
+        written.entries.get(&id).copied()
     }
 
     /// Records routing's view (checks and admin state); `fenced` makes the kernel stop
@@ -99,6 +105,34 @@ impl BackendTable {
         self.writes_kernel.store(on, Ordering::SeqCst);
     }
 
+    /// Writes BACKENDS again after a successor failed to start: every entry as this daemon last
+    /// wrote it, and none of the ids the successor may have added (those not `given` yet; a
+    /// retired id's entry stays for the sessions an older process may still run on it).
+    pub fn take_back(&self, given: impl Fn(u32) -> bool) {
+        self.write_kernel(true);
+        let Some(kernel) = &self.kernel else {
+            return;
+        };
+        let written = self.written.lock().expect("backends lock");
+        let mut map = kernel.backends.lock().expect("BACKENDS lock");
+        for (&id, entry) in &written.entries {
+            write(&mut map, id, entry);
+        }
+        let added: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !given(*id))
+            .collect();
+        for id in added {
+            if let Err(e) = map.remove(&id) {
+                error!(
+                    backend = id,
+                    "deleting a failed successor's BACKENDS entry failed: {e}"
+                );
+            }
+        }
+    }
+
     /// Finds where someone else wrote BACKENDS (an operator's `bpftool map update` or
     /// `delete`): entries that differ from what the daemon last wrote, which are written back,
     /// and those the daemon's own writes replaced since the last call. None in the fallback
@@ -114,8 +148,7 @@ impl BackendTable {
         }
         let mut map = kernel.backends.lock().expect("BACKENDS lock");
         let mut found = std::mem::take(&mut written.overwritten);
-        for (index, ours) in written.entries.iter().enumerate() {
-            let id = index as u32 + 1;
+        for (&id, ours) in &written.entries {
             if let Some(foreign) = foreign_value(&map, id, ours) {
                 write(&mut map, id, ours);
                 found.push(foreign);
@@ -124,12 +157,37 @@ impl BackendTable {
         found
     }
 
+    /// Deletes the BACKENDS entries of ids not in this table: those of servers a structural
+    /// reload retired, once the predecessor that ran their last sessions is gone (the verdict
+    /// drops the bytes of a backend it does not know, so they stay until then).
+    pub fn forget_retired(&self) -> Vec<u32> {
+        let Some(kernel) = &self.kernel else {
+            return Vec::new();
+        };
+        let written = self.written.lock().expect("backends lock");
+        let mut map = kernel.backends.lock().expect("BACKENDS lock");
+        let retired: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !written.entries.contains_key(id))
+            .collect();
+        for id in &retired {
+            if let Err(e) = map.remove(id) {
+                error!(
+                    backend = id,
+                    "deleting a retired BACKENDS entry failed: {e}"
+                );
+            }
+        }
+        retired
+    }
+
     /// Applies `change` and writes the entry through to BACKENDS (under the same lock, so the
     /// kernel never sees an older value after a newer one).
     fn update(&self, id: u32, change: impl FnOnce(&mut BackendEntry)) {
         let mut guard = self.written.lock().expect("backends lock");
         let written = &mut *guard;
-        let Some(entry) = written.entries.get_mut(id as usize - 1) else {
+        let Some(entry) = written.entries.get_mut(&id) else {
             return;
         };
         let Some(kernel) = self

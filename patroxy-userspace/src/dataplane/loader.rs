@@ -151,6 +151,13 @@ impl KernelMaps {
     pub fn hand_over(&self) {
         self.handed_over.store(true, Ordering::SeqCst);
     }
+
+    /// Whether this process's exit leaves the pins in place: set by a successor while it starts
+    /// on maps it adopted (a failed start must not remove what its predecessor runs on),
+    /// cleared once it serves and owns them.
+    pub fn leave_pins_on_exit(&self, leave: bool) {
+        self.handed_over.store(leave, Ordering::SeqCst);
+    }
 }
 
 impl Drop for KernelMaps {

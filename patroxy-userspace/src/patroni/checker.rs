@@ -15,11 +15,17 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{
-    BackendKey, backends,
+    BackendKey,
     client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError, Role},
     health::{ServerHealth, Transition},
+    keys,
 };
-use crate::config::model::{CheckMethod, CheckTiming, CheckTls, Config, InitState};
+use crate::{
+    config::model::{
+        CheckMethod, CheckTiming, CheckTls, Config, HealthCheck, InitState, ServerSpec,
+    },
+    server_ids::ServerIds,
+};
 
 /// The state of every backend at one moment. Published whole on every check result.
 #[derive(Clone, Debug)]
@@ -56,13 +62,18 @@ impl HealthSnapshot {
     /// Every server in its configured initial state (checked servers per `init_state`,
     /// unchecked ones "no check" and UP).
     pub fn initial(config: &Config, now: Instant) -> Self {
-        Self::carried_over(config, &[], now)
+        Self::carried_over(config, &ServerIds::fresh(config), &[], now)
     }
 
     /// Like [`initial`](Self::initial), but a server a predecessor process checked (an
     /// upgrade) starts where it was: UP or DOWN, with its role and timeline, so routing and
     /// fences do not wait for `rise` checks.
-    pub fn carried_over(config: &Config, carried: &[CarriedHealth], now: Instant) -> Self {
+    pub fn carried_over(
+        config: &Config,
+        ids: &ServerIds,
+        carried: &[CarriedHealth],
+        now: Instant,
+    ) -> Self {
         let mut listeners: Vec<ListenerSnapshot> = config
             .listeners
             .iter()
@@ -71,12 +82,17 @@ impl HealthSnapshot {
                 servers: Vec::with_capacity(l.servers.len()),
             })
             .collect();
-        for (key, id) in backends(config) {
+        for (key, id) in ids.backends() {
             let l = &config.listeners[key.listener];
             let spec = &l.servers[key.server];
-            let previous = carried
-                .iter()
-                .find(|c| c.listener == l.name && c.server == spec.name);
+            // A state that answered another question (a reload changed the check) is not kept.
+            let previous = carried.iter().find(|c| {
+                c.listener == l.name
+                    && c.server == spec.name
+                    && c.check.as_ref().is_none_or(|q| {
+                        l.check.as_ref().map(|check| question(check, spec)).as_ref() == Some(q)
+                    })
+            });
             let health = match (&l.check, previous) {
                 (Some(c), Some(p)) => {
                     let init = if p.up { InitState::Up } else { InitState::Down };
@@ -131,15 +147,31 @@ pub struct CarriedHealth {
     /// As Patroni said it ("primary", "replica", ...).
     pub role: Option<String>,
     pub timeline: Option<u64>,
+    /// The question the state answers (check address, method, path, expected status, TLS);
+    /// absent from older predecessors and the fd store's states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+}
+
+/// What a server's check asks, as [`CarriedHealth::check`] records it.
+fn question(check: &HealthCheck, spec: &ServerSpec) -> String {
+    format!(
+        "{} {:?} {} {} {:?}",
+        spec.check_addr, check.method, check.path, check.expect_status, check.tls
+    )
 }
 
 impl HealthSnapshot {
-    /// What a successor needs to start where this snapshot is.
-    pub fn carry(&self) -> Vec<CarriedHealth> {
+    /// What a successor needs to start where this snapshot (of `config`) is.
+    pub fn carry(&self, config: &Config) -> Vec<CarriedHealth> {
         self.listeners
             .iter()
-            .flat_map(|l| {
-                l.servers.iter().map(|s| CarriedHealth {
+            .enumerate()
+            .flat_map(|(li, l)| {
+                l.servers.iter().map(move |s| CarriedHealth {
+                    check: config.listeners.get(li).and_then(|lc| {
+                        Some(question(lc.check.as_ref()?, lc.servers.get(s.key.server)?))
+                    }),
                     listener: l.name.clone(),
                     server: s.name.clone(),
                     up: s.health.is_up(),
@@ -189,17 +221,19 @@ pub fn spawn_checker(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Checker, ClientError> {
-    spawn_checker_from(config, &[], cancel, tracker)
+    spawn_checker_from(config, &ServerIds::fresh(config), &[], cancel, tracker)
 }
 
-/// [`spawn_checker`], starting from the states a predecessor `carried` over.
+/// [`spawn_checker`] with the servers' `ids`, starting from the states a predecessor `carried`
+/// over.
 pub fn spawn_checker_from(
     config: &Config,
+    ids: &ServerIds,
     carried: &[CarriedHealth],
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Checker, ClientError> {
-    let initial = HealthSnapshot::carried_over(config, carried, Instant::now());
+    let initial = HealthSnapshot::carried_over(config, ids, carried, Instant::now());
     let (tx, _) = watch::channel(Arc::new(initial.clone()));
     let checker = Checker {
         shared: Arc::new(Shared {
@@ -269,7 +303,7 @@ type JobKey = (
 /// Groups the checked backends by distinct check.
 fn jobs(config: &Config) -> Result<Vec<Job>, ClientError> {
     let mut groups: Vec<(JobKey, Vec<BackendKey>, Duration)> = Vec::new();
-    for (key, _) in backends(config) {
+    for key in keys(config) {
         let l = &config.listeners[key.listener];
         let Some(check) = &l.check else { continue };
         let spec = &l.servers[key.server];
@@ -364,7 +398,7 @@ impl Shared {
     /// publishes the result.
     fn retune(&self, running: &Config, config: &Config, now: Instant) {
         let mut state = self.state.lock().unwrap();
-        for (key, _) in backends(config) {
+        for key in keys(config) {
             let l = &config.listeners[key.listener];
             let spec = &l.servers[key.server];
             let was = &running.listeners[key.listener];

@@ -461,3 +461,38 @@ async fn reconfigure_keeps_the_state_of_the_same_check_and_restarts_a_changed_on
     run.until("UP on the new check", up(K00)).await;
     assert!(fake.requests("/leader") >= 5, "rise 5 on the new path");
 }
+
+#[test]
+fn a_successor_keeps_a_state_only_for_the_same_question() {
+    let api = "127.0.0.1:8008".parse().unwrap();
+    let t = timing(2000, 1000, 2000, 3, 3);
+    let config = crate::patroni::test_config::config(
+        vec![listener(
+            "w",
+            Some(check("/primary", true)),
+            vec![server("a", api, t), server("b", api, t)],
+        )],
+        None,
+    );
+    let ids = ServerIds::fresh(&config);
+    let now = Instant::now();
+    let mut state = HealthSnapshot::initial(&config, now);
+    for s in &mut state.listeners[0].servers {
+        s.health = ServerHealth::new(&t, InitState::Up, true, now);
+    }
+    let carried = state.carry(&config);
+    assert!(carried.iter().all(|c| c.up && c.check.is_some()));
+    // The successor's file moved b's checks to another node: b starts over (DOWN, rise 3).
+    let mut next = config.clone();
+    next.listeners[0].servers[1].check_addr = "127.0.0.1:8009".parse().unwrap();
+    let successor = HealthSnapshot::carried_over(&next, &ids, &carried, now);
+    let a = successor.server(K00).unwrap();
+    let b = successor
+        .server(BackendKey {
+            listener: 0,
+            server: 1,
+        })
+        .unwrap();
+    assert!(a.is_up(), "a keeps UP with no rise wait");
+    assert!(!b.is_up(), "b answered another question");
+}

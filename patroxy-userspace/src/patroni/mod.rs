@@ -20,64 +20,17 @@ pub use checker::{
 pub use client::{CheckOutcome, CheckStatus, Role};
 pub use health::{ServerHealth, ServerState};
 
-/// A backend: a server of a listener. The same Patroni node listed in two listeners is two
-/// backends (they carry different traffic and may be in different states).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BackendKey {
-    /// Index into `Config::listeners`.
-    pub listener: usize,
-    /// Index into that listener's `servers`, in file order.
-    pub server: usize,
-}
+pub use crate::server_ids::BackendKey;
 
-/// The BackendId used in the BPF maps: 1 + the running index over listeners in order, servers in
-/// order. 0 stays free so a zeroed map value never names a real backend. `None` if the key does
-/// not exist in `config`.
-pub fn backend_id(config: &Config, key: BackendKey) -> Option<u32> {
-    let listener = config.listeners.get(key.listener)?;
-    if key.server >= listener.servers.len() {
-        return None;
-    }
-    let before: usize = config.listeners[..key.listener]
-        .iter()
-        .map(|l| l.servers.len())
-        .sum();
-    u32::try_from(1 + before + key.server).ok()
-}
-
-/// The BackendId of server `server` of listener `listener`, by name: the one lookup from a
-/// server's identity to the id the BPF maps (BACKENDS, SESSIONS), stats and logs use, for
-/// whoever identifies servers by name (the operator's commands, a process taking over
-/// sessions). Stable across reloads: a reload keeps every listener and server where it was
-/// (`config::diff` refuses one that would not).
-pub fn id_of(config: &Config, listener: &str, server: &str) -> Option<u32> {
-    let li = config.listeners.iter().position(|l| l.name == listener)?;
-    let si = config.listeners[li]
-        .servers
-        .iter()
-        .position(|s| s.name == server)?;
-    backend_id(
-        config,
-        BackendKey {
-            listener: li,
-            server: si,
-        },
-    )
-}
-
-/// Every backend of `config` with its BackendId, in id order.
-pub fn backends(config: &Config) -> impl Iterator<Item = (BackendKey, u32)> + '_ {
+/// Every backend of `config`, listeners then servers in file order.
+pub fn keys(config: &Config) -> impl Iterator<Item = BackendKey> + '_ {
     config
         .listeners
         .iter()
         .enumerate()
-        .flat_map(|(li, l)| {
-            (0..l.servers.len()).map(move |si| BackendKey {
-                listener: li,
-                server: si,
-            })
+        .flat_map(|(listener, l)| {
+            (0..l.servers.len()).map(move |server| BackendKey { listener, server })
         })
-        .zip(1u32..)
 }
 
 #[cfg(test)]
@@ -152,41 +105,6 @@ pub(crate) mod test_config {
             listeners,
             stats: None,
             runtime: None,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::test_config::*;
-    use super::*;
-
-    #[test]
-    fn backend_ids_run_over_listeners_then_servers() {
-        let a: std::net::SocketAddr = "127.0.0.1:8008".parse().unwrap();
-        let t = timing(100, 50, 100, 2, 3);
-        let cfg = config(
-            vec![
-                listener("w", None, vec![server("a", a, t), server("b", a, t)]),
-                listener("r", None, vec![server("a", a, t), server("b", a, t)]),
-            ],
-            None,
-        );
-        let key = |listener, server| BackendKey { listener, server };
-        assert_eq!(backend_id(&cfg, key(0, 0)), Some(1));
-        assert_eq!(backend_id(&cfg, key(0, 1)), Some(2));
-        assert_eq!(backend_id(&cfg, key(1, 0)), Some(3));
-        assert_eq!(backend_id(&cfg, key(1, 1)), Some(4));
-        assert_eq!(backend_id(&cfg, key(1, 2)), None);
-        assert_eq!(backend_id(&cfg, key(2, 0)), None);
-        assert_eq!(id_of(&cfg, "r", "b"), Some(4));
-        assert_eq!(id_of(&cfg, "w", "a"), Some(1));
-        assert_eq!(id_of(&cfg, "r", "c"), None);
-        assert_eq!(id_of(&cfg, "x", "a"), None);
-        let all: Vec<_> = backends(&cfg).collect();
-        assert_eq!(all.len(), 4);
-        for (k, id) in all {
-            assert_eq!(backend_id(&cfg, k), Some(id));
         }
     }
 }

@@ -1,8 +1,11 @@
 //! Per-backend and per-listener counters kept by the proxy for the stats (HAProxy's scur/smax,
 //! stot, qcur/qmax, econ, wretr, wredis ...). Current sessions live in the `BackendTable` (the
 //! kernel reads them too); bytes of open sockmap sessions live in SESSIONS, so only bytes of
-//! closed sessions are added here.
+//! closed sessions are added here. An upgrade or a structural reload carries the totals over
+//! ([`BackendTotals`], [`ListenerTotals`]), so they do not start again from zero.
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default)]
 pub struct BackendCounters {
@@ -43,6 +46,50 @@ impl BackendCounters {
     }
 }
 
+/// A backend's counters that keep counting in a successor process (not the current ones: its
+/// queue is this process's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendTotals {
+    pub max_sessions: u32,
+    pub total_sessions: u64,
+    pub max_queued: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connect_errors: u64,
+    pub retries: u64,
+    pub redispatches: u64,
+    pub markdown_resets: u64,
+}
+
+impl BackendCounters {
+    pub fn totals(&self) -> BackendTotals {
+        BackendTotals {
+            max_sessions: self.max_sessions.load(Relaxed),
+            total_sessions: self.total_sessions.load(Relaxed),
+            max_queued: self.max_queued.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            connect_errors: self.connect_errors.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            redispatches: self.redispatches.load(Relaxed),
+            markdown_resets: self.markdown_resets.load(Relaxed),
+        }
+    }
+
+    /// Adds a predecessor's totals to this process's.
+    pub fn carry_on(&self, t: &BackendTotals) {
+        self.max_sessions.fetch_max(t.max_sessions, Relaxed);
+        self.total_sessions.fetch_add(t.total_sessions, Relaxed);
+        self.max_queued.fetch_max(t.max_queued, Relaxed);
+        self.bytes_in.fetch_add(t.bytes_in, Relaxed);
+        self.bytes_out.fetch_add(t.bytes_out, Relaxed);
+        self.connect_errors.fetch_add(t.connect_errors, Relaxed);
+        self.retries.fetch_add(t.retries, Relaxed);
+        self.redispatches.fetch_add(t.redispatches, Relaxed);
+        self.markdown_resets.fetch_add(t.markdown_resets, Relaxed);
+    }
+}
+
 pub struct QueueGuard<'a>(&'a AtomicU32);
 
 impl Drop for QueueGuard<'_> {
@@ -63,4 +110,31 @@ pub struct ListenerCounters {
     pub connect_failed: AtomicU64,
     /// Clients waiting for any UP server now.
     pub waiting_for_server: AtomicU32,
+}
+
+/// A listener's counters that keep counting in a successor process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerTotals {
+    pub accepted: u64,
+    pub no_server: u64,
+    pub queue_full: u64,
+    pub connect_failed: u64,
+}
+
+impl ListenerCounters {
+    pub fn totals(&self) -> ListenerTotals {
+        ListenerTotals {
+            accepted: self.accepted.load(Relaxed),
+            no_server: self.no_server.load(Relaxed),
+            queue_full: self.queue_full.load(Relaxed),
+            connect_failed: self.connect_failed.load(Relaxed),
+        }
+    }
+
+    pub fn carry_on(&self, t: &ListenerTotals) {
+        self.accepted.fetch_add(t.accepted, Relaxed);
+        self.no_server.fetch_add(t.no_server, Relaxed);
+        self.queue_full.fetch_add(t.queue_full, Relaxed);
+        self.connect_failed.fetch_add(t.connect_failed, Relaxed);
+    }
 }

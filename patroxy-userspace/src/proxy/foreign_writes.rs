@@ -62,15 +62,10 @@ impl Proxy {
 
     /// The listener's and server's names of backend `id`.
     fn names(&self, id: u32) -> (String, String) {
-        let config = self.config();
-        let mut first = 1;
-        for listener in &config.listeners {
-            let index = (id - first) as usize;
-            if index < listener.servers.len() {
-                return (listener.name.clone(), listener.servers[index].name.clone());
-            }
-            first += listener.servers.len() as u32;
-        }
-        unreachable!("backend ids come from the config")
+        let (listener, server) = self
+            .ids
+            .names(id)
+            .expect("backend ids come from the id table");
+        (listener.to_owned(), server.to_owned())
     }
 }

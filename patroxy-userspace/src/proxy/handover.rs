@@ -4,6 +4,7 @@
 //! A session travels as names (listener, server) rather than backend ids, since ids are a
 //! property of one configuration; [`Proxy::backend_by_name`] is the one place that maps them.
 use std::{
+    collections::HashSet,
     net::SocketAddr,
     os::fd::{AsFd as _, BorrowedFd},
     sync::Arc,
@@ -14,11 +15,31 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{Proxy, session::Session};
+use super::{
+    Proxy,
+    counters::{BackendTotals, ListenerTotals},
+    session::Session,
+};
 use crate::{
     dataplane::{Detached, KillReason, Outcome},
     fdstore::{FdStore, SessionNames},
 };
+
+/// The stats' totals a successor goes on from (see [`Proxy::carry_counters`]).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CarriedCounters {
+    pub backends: Vec<CarriedBackend>,
+    /// (listener name, totals).
+    pub listeners: Vec<(String, ListenerTotals)>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CarriedBackend {
+    pub listener: String,
+    pub server: String,
+    pub id: u32,
+    pub totals: BackendTotals,
+}
 
 /// A spliced session on its way to a successor process.
 pub struct HandedSession {
@@ -40,10 +61,57 @@ pub enum AdoptError {
 
 impl Proxy {
     /// Makes every spliced session, and every one spliced from now on, leave its sockets in
-    /// the kernel's maps and come out on `to` for a successor. Fallback sessions run on here.
-    pub fn hand_over_sessions(&self, to: mpsc::UnboundedSender<HandedSession>) {
+    /// the kernel's maps and come out on `to` for a successor. Fallback sessions, and those of
+    /// the backends in `kept_here` ([`Proxy::retire_servers`]), run on here.
+    pub fn hand_over_sessions(
+        &self,
+        to: mpsc::UnboundedSender<HandedSession>,
+        kept_here: HashSet<u32>,
+    ) {
         *self.successor.lock().expect("successor lock") = Some(to);
-        self.sessions.hand_over_all();
+        self.sessions.hand_over_all(kept_here);
+    }
+
+    /// The stats' totals, for a successor to go on counting from.
+    pub fn carry_counters(&self) -> CarriedCounters {
+        let config = self.config();
+        CarriedCounters {
+            backends: self
+                .ids
+                .backends()
+                .map(|(key, id)| {
+                    let l = &config.listeners[key.listener];
+                    CarriedBackend {
+                        listener: l.name.clone(),
+                        server: l.servers[key.server].name.clone(),
+                        id,
+                        totals: self.counters(id).totals(),
+                    }
+                })
+                .collect(),
+            listeners: config
+                .listeners
+                .iter()
+                .zip(&self.listener_counters)
+                .map(|(l, c)| (l.name.clone(), c.totals()))
+                .collect(),
+        }
+    }
+
+    /// Goes on counting from a predecessor's totals: a server that kept its id (and so is the
+    /// same backend), and a listener of the same name.
+    pub fn carry_on_counters(&self, carried: &CarriedCounters) {
+        for b in &carried.backends {
+            if self.ids.id_of(&b.listener, &b.server) == Some(b.id) {
+                self.counters(b.id).carry_on(&b.totals);
+            }
+        }
+        let config = self.config();
+        for (name, totals) in &carried.listeners {
+            if let Some(li) = config.listeners.iter().position(|l| &l.name == name) {
+                self.listener_counters[li].carry_on(totals);
+            }
+        }
     }
 
     /// Keeps each spliced session's sockets in systemd's fd store from now on.
@@ -111,7 +179,7 @@ impl Proxy {
     /// The (listener index, server index, backend id) of a server named in a hand-over.
     fn backend_by_name(&self, listener: &str, server: &str) -> Option<(usize, usize, u32)> {
         let config = self.config();
-        let id = crate::patroni::id_of(&config, listener, server)?;
+        let id = self.ids.id_of(listener, server)?;
         let li = config.listeners.iter().position(|l| l.name == listener)?;
         let si = config.listeners[li]
             .servers
@@ -174,9 +242,11 @@ impl Proxy {
                 kill.kill(KillReason::MarkedDown);
             }
             proxy.backends.session_opened(backend_id);
-            proxy
-                .counters(backend_id)
-                .opened(proxy.backends.get(backend_id).map_or(0, |e| e.sessions));
+            // Counted in stot by the process that accepted it (whose totals carry over).
+            proxy.counters(backend_id).max_sessions.fetch_max(
+                proxy.backends.get(backend_id).map_or(0, |e| e.sessions),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let slot = proxy.slots(backend_id).acquire(Duration::ZERO).await;
             let outcome = proxy.dataplane.resume(handed.sockets, meta, &kill).await;
             drop(slot);

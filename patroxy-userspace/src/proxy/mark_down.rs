@@ -34,7 +34,7 @@ impl Proxy {
         // A daemon restarted after a crash starts its servers from these (see `FdStore`).
         let mut stored_health = Vec::new();
         if let Some(store) = self.fd_store.get() {
-            stored_health = rx.borrow().carry();
+            stored_health = rx.borrow().carry(&self.config());
             store.store_health(&stored_health);
         }
         loop {
@@ -46,7 +46,7 @@ impl Proxy {
             let checks = rx.borrow_and_update().clone();
             let current = Arc::new(View::fold(&checks, &admin.borrow_and_update()));
             if let Some(store) = self.fd_store.get() {
-                let health = checks.carry();
+                let health = checks.carry(&self.config());
                 if health != stored_health {
                     store.store_health(&health);
                     stored_health = health;

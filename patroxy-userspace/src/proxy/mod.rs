@@ -10,6 +10,7 @@ mod mark_down;
 mod reconfigure;
 mod refusal;
 mod registry;
+mod retire;
 mod session;
 mod slots;
 mod stats_source;
@@ -20,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-pub use handover::{AdoptError, HandedSession};
+pub use handover::{AdoptError, CarriedCounters, HandedSession};
 pub use listener::bind;
 /// For the `first_bytes` fuzz target (fuzz/), which feeds a refused client's first bytes to it.
 #[cfg(fuzzing)]
@@ -40,6 +41,7 @@ use crate::{
     operator_state::AdminStates,
     patroni::HealthSnapshot,
     routing::Router,
+    server_ids::ServerIds,
     view::View,
 };
 use counters::{BackendCounters, ListenerCounters};
@@ -51,6 +53,9 @@ pub struct Proxy {
     /// The running configuration; a reload swaps it ([`Proxy::reconfigure`]). A session reads
     /// it once when it starts and keeps those timeouts.
     config: RwLock<Arc<Config>>,
+    /// The servers' backend ids; the listeners and servers stay while this process runs (a
+    /// structural reload starts a successor), so they do too.
+    ids: ServerIds,
     dataplane: Arc<DataPlane>,
     backends: Arc<BackendTable>,
     sessions: SessionRegistry,
@@ -66,12 +71,12 @@ pub struct Proxy {
     admin_states: watch::Receiver<Arc<AdminStates>>,
     /// Per listener: its round-robin cursor and current write target.
     routers: Vec<Mutex<Router>>,
-    /// Per backend (index = backend id - 1) and per listener, for the stats.
+    /// Per backend (index = the id's position in `ids`) and per listener, for the stats.
     backend_counters: Vec<BackendCounters>,
     listener_counters: Vec<ListenerCounters>,
     /// Global maxconn: the accept loop takes a permit before accepting.
     global: Arc<Semaphore>,
-    /// Per-backend maxconn (index = backend id - 1).
+    /// Per-backend maxconn (index = the id's position in `ids`).
     slots: Vec<ServerSlots>,
     /// The rate limit of the lines logged per client (session ends, refusals).
     log_limit: LogLimit,
@@ -86,6 +91,7 @@ impl Proxy {
     /// ([`AdminWriter::subscribe`](crate::operator_state::AdminWriter::subscribe)).
     pub fn new(
         config: Arc<Config>,
+        ids: ServerIds,
         dataplane: Arc<DataPlane>,
         backends: Arc<BackendTable>,
         checks: watch::Receiver<Arc<HealthSnapshot>>,
@@ -123,6 +129,7 @@ impl Proxy {
             global: Arc::new(Semaphore::new(config.global.maxconn as usize)),
             log_limit: LogLimit::new(config.global.session_log_rate),
             config: RwLock::new(config),
+            ids,
             dataplane,
             backends,
             sessions: SessionRegistry::default(),
@@ -172,19 +179,28 @@ impl Proxy {
 
     /// The backend id (BPF map key) of server `server` of listener `listener`.
     fn backend_id(&self, listener: usize, server: usize) -> u32 {
-        crate::patroni::backend_id(
-            &self.config(),
-            crate::patroni::BackendKey { listener, server },
-        )
-        .expect("listener and server indexes come from the config")
+        self.ids
+            .id(crate::patroni::BackendKey { listener, server })
+            .expect("listener and server indexes come from the config")
+    }
+
+    /// The servers' backend ids.
+    pub fn server_ids(&self) -> &ServerIds {
+        &self.ids
+    }
+
+    fn position(&self, backend_id: u32) -> usize {
+        self.ids
+            .position(backend_id)
+            .expect("backend ids come from the id table")
     }
 
     fn counters(&self, backend_id: u32) -> &BackendCounters {
-        &self.backend_counters[backend_id as usize - 1]
+        &self.backend_counters[self.position(backend_id)]
     }
 
     fn slots(&self, backend_id: u32) -> &ServerSlots {
-        &self.slots[backend_id as usize - 1]
+        &self.slots[self.position(backend_id)]
     }
 
     pub fn listen_addresses(&self) -> Vec<SocketAddr> {

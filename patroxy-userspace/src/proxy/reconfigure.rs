@@ -1,12 +1,12 @@
 //! A reload's new settings, applied to the running proxy in place: the listeners and servers
-//! stay (`config::diff` refuses a reload that adds, removes or moves any), so every session,
-//! backend id, counter and queue stays too.
+//! stay (a reload that adds, removes or moves any is applied by a successor process instead,
+//! see `reload`), so every session, backend id, counter and queue stays too.
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
 use tracing::info;
 
 use super::{Proxy, slots};
-use crate::{config::Config, dataplane::KillReason, patroni, routing::Router};
+use crate::{config::Config, dataplane::KillReason, routing::Router};
 
 impl Proxy {
     /// Swaps in `config`: new sessions take its timeouts, retries and balance; the global and
@@ -19,7 +19,7 @@ impl Proxy {
             config.clone(),
         );
         slots::resize(&self.global, old.global.maxconn, config.global.maxconn);
-        for (key, id) in patroni::backends(&config) {
+        for (key, id) in self.ids.backends() {
             let spec = &config.listeners[key.listener].servers[key.server];
             self.slots(id).resize(spec.maxconn);
         }
@@ -30,7 +30,9 @@ impl Proxy {
             }
         }
         let fenced = |id| self.backends.get(id).is_some_and(|e| e.fenced != 0);
-        let before: Vec<(u32, bool)> = patroni::backends(&config)
+        let before: Vec<(u32, bool)> = self
+            .ids
+            .backends()
             .map(|(_, id)| (id, fenced(id)))
             .collect();
         let view = self.view.borrow().clone();

@@ -1,6 +1,6 @@
 //! Live sessions by backend, so a mark-down (or shutdown) can reset all of a server's sessions.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -17,6 +17,8 @@ pub struct SessionRegistry {
     /// Set by `hand_over_all`: a session registered later is handed over as soon as it is
     /// spliced, so none is left behind in a process about to exit.
     handing_over: AtomicBool,
+    /// Backends whose sessions are not handed over but finish here (see `hand_over_all`).
+    kept_here: Mutex<HashSet<u32>>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -37,7 +39,9 @@ impl SessionRegistry {
             .or_default()
             .insert(id, kill.clone());
         // Read under the lock `hand_over_all` takes after setting it: no session slips by.
-        if self.handing_over.load(Ordering::SeqCst) {
+        if self.handing_over.load(Ordering::SeqCst)
+            && !self.kept_here.lock().expect("kept lock").contains(&backend)
+        {
             kill.hand_over();
         }
         drop(by_backend);
@@ -63,13 +67,17 @@ impl SessionRegistry {
     }
 
     /// Asks every session, and every one registered from now on, to leave its sockets to a
-    /// successor (see [`KillSwitch::hand_over`]).
-    pub fn hand_over_all(&self) {
+    /// successor (see [`KillSwitch::hand_over`]), except those of the backends in `kept_here`.
+    pub fn hand_over_all(&self, kept_here: HashSet<u32>) {
+        *self.kept_here.lock().expect("kept lock") = kept_here;
         self.handing_over.store(true, Ordering::SeqCst);
+        // In `register`'s order: the sessions first, then the kept set.
         let by_backend = self.by_backend.lock().expect("registry lock");
+        let kept_here = self.kept_here.lock().expect("kept lock");
         by_backend
-            .values()
-            .flat_map(|sessions| sessions.values())
+            .iter()
+            .filter(|(backend, _)| !kept_here.contains(backend))
+            .flat_map(|(_, sessions)| sessions.values())
             .for_each(KillSwitch::hand_over);
     }
 

@@ -8,7 +8,7 @@ use super::{
     Proxy,
     counters::{BackendCounters, ListenerCounters},
 };
-use crate::{config::Config, view::View};
+use crate::{config::Config, server_ids::ServerIds, view::View};
 
 /// The proxy as the stats server sees it. [`Proxy`] implements it; the stats hold nothing else
 /// of the proxy (the operator-state writer of their admin endpoint is handed to them apart).
@@ -17,6 +17,8 @@ pub trait StatsSource: Send + Sync {
     fn config(&self) -> Arc<Config>;
     /// The view routing reads, as applied to the data path; the receiver sees every change.
     fn view(&self) -> watch::Receiver<Arc<View>>;
+    /// The servers' backend ids, which the counters, BACKENDS and SESSIONS are keyed by.
+    fn server_ids(&self) -> &ServerIds;
     fn backend_counters(&self, id: u32) -> &BackendCounters;
     fn listener_counters(&self, listener: usize) -> &ListenerCounters;
     /// Backend `id`'s BACKENDS entry: its open sessions and whether the kernel fences it.
@@ -35,6 +37,10 @@ impl StatsSource for Proxy {
 
     fn view(&self) -> watch::Receiver<Arc<View>> {
         self.view.clone()
+    }
+
+    fn server_ids(&self) -> &ServerIds {
+        &self.ids
     }
 
     fn backend_counters(&self, id: u32) -> &BackendCounters {

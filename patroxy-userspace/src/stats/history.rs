@@ -54,6 +54,8 @@ pub type CheckDurations = Family<ServerLabels, Histogram, CheckBuckets>;
 
 /// What the stats remember between requests (see the module doc): one per stats server.
 pub struct StatsHistory {
+    /// The backend ids, in the order of `rates` and `bytes_floor`.
+    ids: Vec<u32>,
     rates: Mutex<Rates>,
     /// Seconds per health check, per server (patroxy_server_check_duration_seconds).
     pub check_durations: CheckDurations,
@@ -69,8 +71,11 @@ pub struct StatsHistory {
 }
 
 impl StatsHistory {
-    pub fn new(backends: usize, listeners: usize) -> Self {
+    /// `ids` are the backends' ids (see [`crate::server_ids::ServerIds`]).
+    pub fn new(ids: Vec<u32>, listeners: usize) -> Self {
+        let backends = ids.len();
         Self {
+            ids,
             rates: Mutex::new(Rates::new(backends + listeners)),
             check_durations: CheckDurations::new_with_constructor(CheckBuckets),
             primary_changes: (0..listeners).map(|_| AtomicU64::new(0)).collect(),
@@ -105,9 +110,10 @@ impl StatsHistory {
     }
 
     fn sample(&self, source: &dyn StatsSource, now: Instant) {
-        let backends = self.bytes_floor.lock().expect("floor lock").len() as u32;
-        let totals = (1..=backends)
-            .map(|id| source.backend_counters(id).total_sessions.load(Relaxed))
+        let totals = self
+            .ids
+            .iter()
+            .map(|&id| source.backend_counters(id).total_sessions.load(Relaxed))
             .chain(
                 (0..source.config().listeners.len())
                     .map(|l| source.listener_counters(l).accepted.load(Relaxed)),
@@ -118,13 +124,22 @@ impl StatsHistory {
 
     /// (rate, rate_max) of backend `id`.
     pub fn backend_rate(&self, id: u32) -> (u64, u64) {
-        self.rates.lock().expect("rates lock").get(id as usize - 1)
+        match self.position(id) {
+            Some(index) => self.rates.lock().expect("rates lock").get(index),
+            None => (0, 0),
+        }
+    }
+
+    fn position(&self, id: u32) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
     }
 
     /// (rate, rate_max) of listener `index`.
     pub fn listener_rate(&self, index: usize) -> (u64, u64) {
-        let backends = self.bytes_floor.lock().expect("floor lock").len();
-        self.rates.lock().expect("rates lock").get(backends + index)
+        self.rates
+            .lock()
+            .expect("rates lock")
+            .get(self.ids.len() + index)
     }
 
     pub fn primary_changes(&self, listener: usize) -> u64 {
@@ -136,7 +151,7 @@ impl StatsHistory {
     /// `(bin, bout)` of backend `id`, never below what was reported before.
     pub fn monotonic_bytes(&self, id: u32, bin: u64, bout: u64) -> (u64, u64) {
         let mut floor = self.bytes_floor.lock().expect("floor lock");
-        let Some(f) = floor.get_mut(id as usize - 1) else {
+        let Some(f) = self.position(id).and_then(|i| floor.get_mut(i)) else {
             return (bin, bout);
         };
         *f = (f.0.max(bin), f.1.max(bout));
@@ -236,6 +251,7 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
+    use crate::server_ids::ServerIds;
     use crate::{
         config::Config,
         operator_state::AdminStates,
@@ -260,6 +276,7 @@ mod tests {
 
     /// The proxy as the history task reads it: a view with one server checked once, no traffic.
     struct CheckedOnce {
+        ids: ServerIds,
         config: Arc<Config>,
         view: watch::Sender<Arc<View>>,
         backend: BackendCounters,
@@ -295,6 +312,7 @@ mod tests {
             health.listeners[0].servers[0].health.record(&outcome, now);
             let view = View::fold(&health, &AdminStates::ready(&config));
             Self {
+                ids: ServerIds::fresh(&config),
                 config: Arc::new(config),
                 view: watch::Sender::new(Arc::new(view)),
                 backend: BackendCounters::default(),
@@ -309,6 +327,9 @@ mod tests {
         }
         fn view(&self) -> watch::Receiver<Arc<View>> {
             self.view.subscribe()
+        }
+        fn server_ids(&self) -> &ServerIds {
+            &self.ids
         }
         fn backend_counters(&self, _: u32) -> &BackendCounters {
             &self.backend
@@ -341,7 +362,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_check_done_before_the_history_starts_is_observed() {
         let source = Arc::new(CheckedOnce::new());
-        let history = Arc::new(StatsHistory::new(1, 1));
+        let history = Arc::new(StatsHistory::new(vec![1], 1));
         let stop = CancellationToken::new();
         stop.cancel();
         history.clone().run(source, stop).await;
@@ -352,7 +373,7 @@ mod tests {
     fn a_check_is_observed_once() {
         let source = CheckedOnce::new();
         let view = source.view.borrow().clone();
-        let history = StatsHistory::new(1, 1);
+        let history = StatsHistory::new(vec![1], 1);
         history.observe_health(None, &view);
         history.observe_health(Some(&view), &view);
         assert_eq!(checks_observed(&history), 1);
@@ -360,7 +381,7 @@ mod tests {
 
     #[test]
     fn bytes_never_go_down() {
-        let t = StatsHistory::new(2, 1);
+        let t = StatsHistory::new(vec![1, 2], 1);
         assert_eq!(t.monotonic_bytes(1, 100, 50), (100, 50));
         assert_eq!(t.monotonic_bytes(1, 60, 70), (100, 70));
         assert_eq!(t.monotonic_bytes(2, 1, 1), (1, 1));

@@ -63,9 +63,9 @@ pub fn serve(
     stop: CancellationToken,
 ) -> io::Result<thread::JoinHandle<()>> {
     let config = source.config();
-    let backends = config.listeners.iter().map(|l| l.servers.len()).sum();
+    let ids = source.server_ids().backends().map(|(_, id)| id).collect();
     let maxconn = config.stats.as_ref().map_or(1, |s| s.maxconn as usize);
-    let history = Arc::new(StatsHistory::new(backends, config.listeners.len()));
+    let history = Arc::new(StatsHistory::new(ids, config.listeners.len()));
     let follow = history.clone().run(source.clone(), stop.clone());
     let shared = Arc::new(Shared {
         source,

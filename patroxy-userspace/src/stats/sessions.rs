@@ -1,21 +1,21 @@
 //! The open sockmap sessions as `patroxy sessions` and the runtime socket's `show sessions`
-//! print them: one row per session (names from the config when there is one), as a table or
+//! print them: one row per session (names from the server ids when known), as a table or
 //! as JSON.
 use std::collections::HashMap;
 
 use serde::Serialize;
 
 use super::text::columns;
-use crate::{config::Config, dataplane::maps::OpenSessions};
+use crate::{dataplane::maps::OpenSessions, server_ids::ServerIds};
 
 /// One open session, by its client socket.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SessionRow {
     pub client_cookie: u64,
     pub backend_cookie: u64,
-    /// The listener's name, or its index without a config.
+    /// The listener's name, or its index without the server ids.
     pub listener: String,
-    /// The server's name; `None` without a config.
+    /// The server's name; `None` without the server ids.
     pub server: Option<String>,
     pub backend_id: u32,
     /// Client -> server and server -> client.
@@ -25,12 +25,12 @@ pub struct SessionRow {
 }
 
 /// The sessions in `sessions`, by client cookie; `now_ns` is the monotonic clock's now.
-pub fn rows(sessions: &OpenSessions, config: Option<&Config>, now_ns: u64) -> Vec<SessionRow> {
-    let names: HashMap<u32, (String, String)> = config.map_or_else(HashMap::new, |c| {
-        crate::patroni::backends(c)
-            .map(|(k, id)| {
-                let l = &c.listeners[k.listener];
-                (id, (l.name.clone(), l.servers[k.server].name.clone()))
+pub fn rows(sessions: &OpenSessions, ids: Option<&ServerIds>, now_ns: u64) -> Vec<SessionRow> {
+    let names: HashMap<u32, (String, String)> = ids.map_or_else(HashMap::new, |ids| {
+        ids.backends()
+            .filter_map(|(_, id)| {
+                let (listener, server) = ids.names(id)?;
+                Some((id, (listener.to_owned(), server.to_owned())))
             })
             .collect()
     });

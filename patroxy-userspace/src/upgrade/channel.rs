@@ -9,6 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::Carried;
 use crate::fdstore::send_with_fds;
 use crate::patroni::CarriedHealth;
 
@@ -30,9 +31,14 @@ pub enum Message {
         #[serde(default)]
         runtime: Option<std::path::PathBuf>,
         health: Vec<CarriedHealth>,
+        /// The rest of the running state (absent from a predecessor older than it).
+        #[serde(default)]
+        carried: Box<Carried>,
     },
     /// Successor to predecessor: it accepts on the listeners; the predecessor may stop.
     Accepting { pid: u32 },
+    /// Successor to predecessor, instead of `Accepting`: why it cannot start (it exits).
+    Failed { error: String },
     /// Spliced sessions; two descriptors each, client then backend.
     Sessions(Vec<SessionRecord>),
     /// No more sessions come.

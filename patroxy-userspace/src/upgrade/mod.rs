@@ -1,6 +1,8 @@
 //! Upgrades that keep every session: the running daemon starts its successor (`SIGUSR2`) and
 //! hands it, over a unix socket pair with SCM_RIGHTS, the pin directory's lock, the listening
-//! sockets (the runtime socket's too), the health states and then both sockets of every spliced session.
+//! sockets (the runtime socket's too), the health states, the rest of the running state
+//! ([`Carried`]: server ids, operator states, counters, reload status) and then both sockets of
+//! every spliced session. A structural reload is such an upgrade, with the new file.
 //!
 //! The order keeps every connection attempt served: the successor accepts on the same listening
 //! sockets (the same kernel objects) before the predecessor stops accepting, and a spliced
@@ -14,6 +16,7 @@
 mod channel;
 
 use std::{
+    net::SocketAddr,
     os::{
         fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
         unix::process::CommandExt as _,
@@ -33,8 +36,11 @@ use channel::{Channel, MAX_FDS, Message, SessionRecord};
 
 use crate::{
     dataplane::{Detached, KillReason, pin_dir::PinDirLock},
+    operator_state::CarriedAdmin,
     patroni::CarriedHealth,
-    proxy::{HandedSession, Proxy},
+    proxy::{CarriedCounters, HandedSession, Proxy},
+    reload::ReloadStatus,
+    server_ids::ServerIds,
 };
 
 /// How long a successor may take to start accepting before the upgrade is abandoned.
@@ -49,6 +55,18 @@ pub struct Relaunch {
     pub drain_grace: Duration,
 }
 
+/// The running state a successor starts from, besides check states and descriptors: the servers'
+/// ids, the operator's states, the stats' totals and the reloads so far. An upgrade and a
+/// structural reload (an upgrade to the same binary with the new file) carry the same.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Carried {
+    /// `None` from a predecessor that numbered servers by position: then ids start afresh.
+    pub ids: Option<ServerIds>,
+    pub admin: Vec<CarriedAdmin>,
+    pub counters: CarriedCounters,
+    pub reload: ReloadStatus,
+}
+
 /// What the predecessor hands over first, besides the sessions.
 pub struct Handed<'a> {
     pub pin_lock: Option<&'a PinDirLock>,
@@ -58,6 +76,7 @@ pub struct Handed<'a> {
     /// The runtime socket's path and listening socket.
     pub runtime: Option<(PathBuf, BorrowedFd<'a>)>,
     pub health: Vec<CarriedHealth>,
+    pub carried: Carried,
 }
 
 /// The running daemon's side, once its successor accepts.
@@ -105,6 +124,7 @@ impl Predecessor {
             stats: handed.stats.is_some(),
             runtime: handed.runtime.as_ref().map(|(path, _)| path.clone()),
             health: handed.health,
+            carried: Box::new(handed.carried),
         };
         let answer = match channel.send(&start, &fds) {
             Ok(()) => {
@@ -121,6 +141,11 @@ impl Predecessor {
             Ok(Ok(Ok((Message::Accepting { pid }, _)))) => {
                 info!(pid, "upgrade: the successor accepts");
                 Ok(Predecessor { channel, successor })
+            }
+            Ok(Ok(Ok((Message::Failed { error }, _)))) => {
+                // It exits on its own once it has said why.
+                let _ = tokio::task::spawn_blocking(move || successor.wait()).await;
+                bail!("the successor failed to start: {error}")
             }
             other => {
                 let _ = successor.kill();
@@ -245,6 +270,7 @@ pub struct Takeover {
     /// The runtime socket's path and listening socket.
     pub runtime: Option<(PathBuf, std::os::unix::net::UnixListener)>,
     pub health: Vec<CarriedHealth>,
+    pub carried: Carried,
 }
 
 impl Takeover {
@@ -268,6 +294,7 @@ impl Takeover {
             stats,
             runtime,
             health,
+            carried,
         } = message
         else {
             bail!("the predecessor's first message is not Start");
@@ -306,7 +333,16 @@ impl Takeover {
             stats,
             runtime,
             health,
+            carried: *carried,
         })
+    }
+
+    /// Where to say why this successor cannot start, if a predecessor waits for the answer.
+    pub fn failure_report(&self) -> Option<FailureReport> {
+        match &self.source {
+            Source::Predecessor { channel, .. } => Some(FailureReport(channel.clone())),
+            Source::FdStore(_) => None,
+        }
     }
 
     /// What the service manager gave back (`LISTEN_FDS`): its sessions are resumed only if
@@ -339,6 +375,7 @@ impl Takeover {
             // Not in the fd store: a stale socket file is replaced at start.
             runtime: None,
             health: restored.health,
+            carried: Carried::default(),
         }
     }
 
@@ -370,10 +407,30 @@ impl Takeover {
         }
     }
 
-    /// The listening socket handed over for listener `name`, if any.
-    pub fn listener(&mut self, name: &str) -> Option<std::net::TcpListener> {
-        let i = self.listeners.iter().position(|(n, _)| n == name)?;
-        Some(self.listeners.swap_remove(i).1)
+    /// The listening socket handed over for listener `name` if it is bound to `bind`, else
+    /// one bound to `bind` under another name (a renamed listener): a listener the new
+    /// configuration rebinds gets a new socket, and the old one closes with the predecessor.
+    pub fn listener(&mut self, name: &str, bind: SocketAddr) -> Option<std::net::TcpListener> {
+        let bound_to = |l: &std::net::TcpListener| l.local_addr().ok() == Some(bind);
+        let i = self
+            .listeners
+            .iter()
+            .position(|(n, l)| n == name && bound_to(l))
+            .or_else(|| self.listeners.iter().position(|(_, l)| bound_to(l)));
+        match i {
+            Some(i) => Some(self.listeners.swap_remove(i).1),
+            None => {
+                if self.listeners.iter().any(|(n, _)| n == name) {
+                    info!("listener {name}: now bound to {bind}");
+                }
+                None
+            }
+        }
+    }
+
+    /// The stats server's listening socket handed over, if it is bound to `bind`.
+    pub fn stats(&mut self, bind: SocketAddr) -> Option<std::net::TcpListener> {
+        same_address(self.stats.take()?, bind, "stats")
     }
 
     /// Tells the predecessor this process accepts, then goes on with every session it passes
@@ -454,6 +511,43 @@ impl Takeover {
             }
         }
         info!(sessions = adopted, predecessor, "upgrade: took over");
+        // The predecessor's last sessions are over: those of servers a reload removed too.
+        let retired = proxy.backends().forget_retired();
+        if !retired.is_empty() {
+            info!(backends = ?retired, "removed servers' BACKENDS entries deleted");
+        }
+    }
+}
+
+/// A successor's way to tell its predecessor why it did not start, so the predecessor (and a
+/// structural reload's caller) can say so.
+pub struct FailureReport(Arc<Channel>);
+
+impl FailureReport {
+    pub fn send(self, error: &str) {
+        let failed = Message::Failed {
+            error: error.to_owned(),
+        };
+        if let Err(e) = self.0.send(&failed, &[]) {
+            warn!("upgrade: telling the predecessor why this process did not start failed: {e}");
+        }
+    }
+}
+
+fn same_address(
+    handed: std::net::TcpListener,
+    bind: SocketAddr,
+    what: &str,
+) -> Option<std::net::TcpListener> {
+    match handed.local_addr() {
+        Ok(at) if at == bind => Some(handed),
+        at => {
+            info!(
+                "{what}: now bound to {bind}, no longer to {}",
+                at.map_or_else(|e| e.to_string(), |a| a.to_string())
+            );
+            None
+        }
     }
 }
 
