@@ -10,6 +10,7 @@ use crate::{
     config::Config,
     control,
     dataplane::{BackendTable, DataPlane, KernelLog},
+    firewall::Firewall,
     operator_state::AdminWriter,
     patroni, privileges,
     proxy::{self, Proxy},
@@ -29,6 +30,10 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         &config.global.pin_path,
         KernelLog::from_config(&config.global)?,
     )?);
+    // Attached before any port is bound, so no client reaches one the rules protect unfiltered.
+    let firewall = Firewall::start(&config.firewall, &config.global.pin_path)
+        .context("XDP allowlist (xdp enabled = \"required\")")?
+        .map(Arc::new);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let checks = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
@@ -81,7 +86,14 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         admin.subscribe(),
     );
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
-    let reloader = reload::spawn(path, proxy.clone(), checks, stop.clone(), &tracker);
+    let reloader = reload::spawn(
+        path,
+        proxy.clone(),
+        checks,
+        firewall.clone(),
+        stop.clone(),
+        &tracker,
+    );
     let stats_thread = match stats_listener {
         Some(listener) => Some(
             stats::serve(
@@ -137,6 +149,8 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
     {
         tracing::warn!("the runtime socket's thread panicked");
     }
+    // Last: the ports stay filtered while the sessions drain.
+    drop(firewall);
     info!("stopped");
     Ok(())
 }

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{self, ConfigError, diff::NeedsRestart},
+    firewall::{Firewall, FirewallError},
     patroni::{Checker, client::ClientError},
     proxy::Proxy,
 };
@@ -43,6 +44,10 @@ pub enum ReloadError {
     /// A check's TLS files could not be loaded.
     #[error("health checks: {0}")]
     Checks(#[from] ClientError),
+    /// The allowlist's maps refused a write; the entries written before it stay (each one
+    /// of the old or the new rules).
+    #[error("XDP allowlist: {0}")]
+    Firewall(#[from] FirewallError),
     /// Reading the file panicked (a bug): nothing was applied.
     #[error("reading the configuration failed: {0}")]
     Internal(String),
@@ -105,6 +110,8 @@ struct Applier {
     path: PathBuf,
     proxy: Arc<Proxy>,
     checker: Checker,
+    /// The attached allowlist, whose rules a reload rewrites; `None` when XDP is off or fell back.
+    firewall: Option<Arc<Firewall>>,
     status: Arc<Mutex<ReloadStatus>>,
 }
 
@@ -113,6 +120,7 @@ pub fn spawn(
     path: PathBuf,
     proxy: Arc<Proxy>,
     checker: Checker,
+    firewall: Option<Arc<Firewall>>,
     stop: CancellationToken,
     tracker: &TaskTracker,
 ) -> Reloader {
@@ -122,6 +130,7 @@ pub fn spawn(
         path,
         proxy,
         checker,
+        firewall,
         status: status.clone(),
     };
     tracker.spawn(async move {
@@ -187,8 +196,12 @@ impl Applier {
         if diff.changes.is_empty() {
             return Ok(ReloadSummary::default());
         }
-        // The checker first: it is the only step that can fail (a check's TLS files).
+        // The checker first: with the allowlist, the only steps that can fail (a check's TLS
+        // files).
         self.checker.reconfigure(&running, &new)?;
+        if let Some(firewall) = &self.firewall {
+            firewall.apply(&new.firewall)?;
+        }
         self.proxy.reconfigure(new);
         Ok(ReloadSummary {
             changes: diff.changes,

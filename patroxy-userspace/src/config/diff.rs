@@ -2,13 +2,14 @@
 //!
 //! A reload applies settings in place: timeouts, retries, limits (global and per-server
 //! maxconn), check settings and timings, `on_marked_down`/`on_marked_up`, balance, and the
-//! stats page's `refresh` and `admin` access. The set of listeners and servers (names, order,
+//! stats page's `refresh` and `admin` access, the `[[allow]]` rules and the XDP SYN rate (map
+//! updates in the kernel). The set of listeners and servers (names, order,
 //! binds, traffic addresses) keeps its shape, so every backend keeps its id, its check state,
 //! its operator state and its sessions. Changes the running process cannot take refuse the whole
 //! reload with one line each, and the running config stays as it was.
 use std::fmt::Debug;
 
-use super::model::{Config, Listener, ServerSpec};
+use super::model::{AllowRule, Config, Listener, ServerSpec};
 
 /// What applying `new` over `old` changes, one line per changed setting.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,6 +80,12 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
         (None, None) => {}
         (o, n) => d.restart("[stats]", &o.is_some(), &n.is_some()),
     }
+    let (of, nf) = (&old.firewall, &new.firewall);
+    d.restart("xdp.enabled", &of.xdp.enabled, &nf.xdp.enabled);
+    d.restart("xdp.interfaces", &of.xdp.interfaces, &nf.xdp.interfaces);
+    d.restart("xdp.mode", &of.xdp.mode, &nf.xdp.mode);
+    d.change("xdp.syn_rate", &of.xdp.syn_limit, &nf.xdp.syn_limit);
+    d.allow_rules(&of.rules, &nf.rules);
     if d.restart.is_empty() {
         Ok(ConfigDiff { changes: d.changes })
     } else {
@@ -103,6 +110,24 @@ impl Differ {
         if old != new {
             self.restart
                 .push(format!("{what}: {old:?} -> {new:?} needs a restart"));
+        }
+    }
+
+    /// The allow rules are map entries in the kernel, rewritten in place: one line per rule
+    /// that changed, was added or removed.
+    fn allow_rules(&mut self, old: &[AllowRule], new: &[AllowRule]) {
+        for i in 0..old.len().max(new.len()) {
+            let (o, n) = (old.get(i), new.get(i));
+            if o != n {
+                let show = |r: Option<&AllowRule>| {
+                    r.map_or("none".to_string(), |r| {
+                        let from: Vec<String> = r.from.iter().map(ToString::to_string).collect();
+                        format!("from {} to {:?}", from.join(","), r.ports)
+                    })
+                };
+                self.changes
+                    .push(format!("allow rule {i}: {} -> {}", show(o), show(n)));
+            }
         }
     }
 
