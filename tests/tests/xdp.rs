@@ -590,7 +590,66 @@ fn a_crash_leaves_the_program_attached_and_the_next_start_replaces_it() {
     assert_ne!(after, before, "the new program replaced the old one");
     assert_psql(&pg, &A, A.host4, port);
     assert_no_answer(&D, v4(D.host4, port));
+
+    // Crashed again, then started with XDP off: what was left is detached, not kept.
+    let mut second = second;
+    second.child.signal(libc::SIGKILL).unwrap();
+    second.child.wait().unwrap();
     drop(second);
-    assert_eq!(attached_program(A.veth), None);
+    assert!(attached_program(A.veth).is_some());
+    let mut off = config.clone();
+    off.xdp.as_mut().unwrap().enabled = Some(Bpf::Off);
+    let third = Patroxy::start("xdp-crash", &off);
+    for h in HOSTS {
+        assert_eq!(attached_program(h.veth), None, "left on {}", h.veth);
+    }
+    assert!(
+        third
+            .log()
+            .contains("detached the XDP program a previous run left attached"),
+        "{}",
+        third.log()
+    );
+    drop(third);
     remove_pin_path(&pin);
+}
+
+/// The cluster harness (and so the demo) writes the seed's rule for its own clients; patroxy's
+/// `check-config` takes what it writes.
+#[test]
+fn the_cluster_harness_config_carries_a_valid_allow_rule() {
+    use patroxy_tests::cluster::{patroni::Node, proxy::patroxy_config};
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| Node {
+            index: i,
+            name: format!("pg-sv0{i}"),
+            ns: format!("ptx-pg{i}"),
+            ip: format!("10.213.77.1{i}"),
+            dir: std::env::temp_dir(),
+        })
+        .collect();
+    let text = patroxy_config(
+        &nodes,
+        (5432, 5433, 7000),
+        Bpf::Off,
+        Path::new("/sys/fs/bpf/x"),
+    );
+    assert!(
+        text.contains("[[allow]]\nfrom = [\"127.0.0.0/8\"]\nto = [5432, 5433, 7000]\n"),
+        "{text}"
+    );
+    let file = std::env::temp_dir().join(format!("xdp-harness-{}.toml", std::process::id()));
+    std::fs::write(&file, &text).unwrap();
+    let out = Command::new(patroxy_bin())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("patroxy check-config ran");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -2,7 +2,10 @@
 //! crash (the allowlist keeps protecting the ports while patroxy restarts) and the next start
 //! finds it under the same pin and swaps its program for the new one atomically
 //! (`bpf_link_update`), never leaving the interface unprotected.
-use std::path::{Path, PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     pin::PinError,
@@ -144,5 +147,32 @@ fn fresh(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<XdpLinkId, Att
                 Ok(id)
             }
         },
+    }
+}
+
+/// Detaches what a previous run left attached to interfaces not in `keep`: removing its pin
+/// drops the last reference to the link (no process holds it), which detaches the program.
+pub fn detach_stale(dir: &Path, keep: &[String]) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(iface) = name.strip_prefix("link_") else {
+            continue;
+        };
+        if keep.iter().any(|k| k == iface) {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => warn!(
+                iface,
+                "detached the XDP program a previous run left attached (no longer configured)"
+            ),
+            Err(e) => warn!(
+                iface,
+                "cannot detach the XDP program a previous run left: {e}"
+            ),
+        }
     }
 }

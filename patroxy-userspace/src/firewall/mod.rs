@@ -114,7 +114,10 @@ impl Firewall {
     /// unavailable (said in one line); an error only in `required`.
     pub fn start(config: &FirewallConfig, pin_path: &Path) -> Result<Option<Self>, FirewallError> {
         match config.xdp.enabled {
-            XdpEnabled::Off => Ok(None),
+            XdpEnabled::Off => {
+                detach_leftovers(pin_path);
+                Ok(None)
+            }
             XdpEnabled::Required => Self::load(config, pin_path).map(Some),
             XdpEnabled::Auto => match Self::load(config, pin_path) {
                 Ok(f) => Ok(Some(f)),
@@ -135,6 +138,7 @@ impl Firewall {
         }
         let dir = pin_dir(pin_path);
         let pin_lock = prepare_dir(pin_path, &dir)?;
+        attach::detach_stale(&dir, &config.xdp.interfaces);
         Self::load_in(config, dir.clone(), pin_lock).inspect_err(|_| {
             // Attachments made so far were dropped (detached); the map pins go too.
             remove_pins(&dir);
@@ -329,6 +333,20 @@ fn prepare_dir(pin_path: &Path, dir: &Path) -> Result<pin_dir::PinDirLock, Firew
         warn!(pin_dir = %dir.display(), stale, "removed stale XDP map pins left by an earlier run");
     }
     Ok(lock)
+}
+
+/// With XDP off: what a crashed run with it on left attached is detached, unless a running
+/// daemon holds the directory.
+fn detach_leftovers(pin_path: &Path) {
+    let dir = pin_dir(pin_path);
+    if !dir.exists() {
+        return;
+    }
+    if let Ok(_lock) = pin_dir::claim(&dir) {
+        attach::detach_stale(&dir, &[]);
+        remove_pins(&dir);
+        let _ = fs::remove_dir(&dir);
+    }
 }
 
 fn remove_pins(dir: &Path) -> usize {
