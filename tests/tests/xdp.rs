@@ -653,3 +653,70 @@ fn the_cluster_harness_config_carries_a_valid_allow_rule() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Where XDP cannot attach (native mode on loopback, whose driver has none): `auto` says so in
+/// one line and serves without it, `required` refuses to start; neither leaves a pin behind.
+#[test]
+fn auto_falls_back_and_required_refuses_where_xdp_cannot_attach() {
+    if !require_root("auto_falls_back_and_required_refuses_where_xdp_cannot_attach") {
+        return;
+    }
+    let pin = Patroxy::unique_pin_path("xdp-unavailable");
+    let mut config = ProxyConfig::new(Defaults::new(
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    ))
+    .data_path(Bpf::Off, &pin)
+    .server(ServerConfig::new(
+        "pg1",
+        SocketAddr::from(([127, 0, 0, 1], free_tcp_port())),
+    ))
+    .listener(ListenerConfig::new(
+        "postgres_write",
+        SocketAddr::from(([127, 0, 0, 1], free_tcp_port())),
+        ["pg1"],
+    ))
+    .allow(AllowConfig::new(
+        &["127.0.0.0/8"],
+        vec![PortRef::Name("postgres_write".into())],
+    ))
+    .xdp(XdpConfig {
+        enabled: Some(Bpf::Auto),
+        interfaces: vec!["lo".into()],
+        mode: Some("native".into()),
+        syn_rate: None,
+        syn_burst: None,
+    });
+    let proxy = Patroxy::start("xdp-auto", &config);
+    assert_eq!(
+        proxy.count_log("XDP allowlist not attached"),
+        1,
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.log().contains("native mode"), "{}", proxy.log());
+    assert!(
+        !pin.join("xdp").exists() && !pin.exists(),
+        "pins left by the fallback"
+    );
+    drop(proxy);
+
+    config.xdp.as_mut().unwrap().enabled = Some(Bpf::Required);
+    let file = std::env::temp_dir().join(format!("xdp-required-{}.toml", std::process::id()));
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let out = run_with_timeout(
+        Command::new(patroxy_bin())
+            .args(["run", "--config"])
+            .arg(&file),
+        Duration::from_secs(20),
+    )
+    .expect("patroxy ran");
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without XDP: {stderr}");
+    assert!(
+        stderr.contains("XDP allowlist (xdp enabled = \"required\")") && stderr.contains("lo"),
+        "{stderr}"
+    );
+    assert!(!pin.exists(), "pins left by the refusal");
+}

@@ -140,8 +140,11 @@ impl Firewall {
         let pin_lock = prepare_dir(pin_path, &dir)?;
         attach::detach_stale(&dir, &config.xdp.interfaces);
         Self::load_in(config, dir.clone(), pin_lock).inspect_err(|_| {
-            // Attachments made so far were dropped (detached); the map pins go too.
+            // Attachments made so far were dropped (detached); the map pins go too, and the
+            // directories when nothing else is in them.
             remove_pins(&dir);
+            let _ = fs::remove_dir(&dir);
+            let _ = fs::remove_dir(pin_path);
         })
     }
 
