@@ -4,6 +4,8 @@
 //! `bpftool map dump` shows named, typed fields (the maps carry BTF).
 #![no_std]
 
+pub mod xdp;
+
 /// Key of SOCKS and SESSIONS: the kernel's socket cookie (`SO_COOKIE`).
 pub type SocketCookie = u64;
 
@@ -96,4 +98,10 @@ mod pod {
     unsafe impl aya::Pod for super::SessionEntry {}
     unsafe impl aya::Pod for super::BackendEntry {}
     unsafe impl aya::Pod for super::LogLimit {}
+    unsafe impl aya::Pod for super::xdp::AllowV4 {}
+    unsafe impl aya::Pod for super::xdp::AllowV6 {}
+    unsafe impl aya::Pod for super::xdp::XdpCounters {}
+    unsafe impl aya::Pod for super::xdp::SynLimit {}
+    unsafe impl aya::Pod for super::xdp::SynSource {}
+    unsafe impl aya::Pod for super::xdp::SynBucket {}
 }

@@ -17,6 +17,8 @@
 //!   pinned ones for the stats and the operator's commands.
 //! - `fdstore`: systemd's file descriptor store: listeners, spliced sessions' sockets and the
 //!   servers' health states kept there across a crash, and taken back at start.
+//! - `firewall`: the XDP allowlist of `[[allow]]`/`[xdp]`, attached before any port is bound;
+//!   a reload rewrites its rules in place.
 //! - `proxy`: accepts clients, enforces limits and connects; it applies each new view to the
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
@@ -40,6 +42,7 @@ pub mod control;
 pub mod dataplane;
 pub mod fd_limit;
 pub mod fdstore;
+pub mod firewall;
 pub mod import_haproxy;
 pub mod lifecycle;
 pub mod operator_state;
@@ -55,3 +58,8 @@ pub mod view;
 
 /// The eBPF object built by build.rs (aya-build) from the patroxy-ebpf crate.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/patroxy"));
+
+/// The XDP allowlist's eBPF object (patroxy-ebpf's `patroxy-xdp` binary), loaded on its own so
+/// the allowlist works whatever the sockmap data path does.
+pub const EBPF_XDP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/patroxy-xdp"));

@@ -16,6 +16,7 @@ use crate::{
     dataplane::{BackendTable, DataPlane, KernelLog, loader::LoadError, pin_dir},
     fd_limit,
     fdstore::FdStore,
+    firewall::Firewall,
     operator_state::AdminWriter,
     patroni, privileges,
     proxy::{self, Proxy},
@@ -63,6 +64,10 @@ async fn run_daemon(
     if takeover.is_some() {
         pins_owned(false);
     }
+    // Attached before any port is bound, so no client reaches one the rules protect unfiltered.
+    let firewall = Firewall::start(&config.firewall, &config.global.pin_path)
+        .context("XDP allowlist (xdp enabled = \"required\")")?
+        .map(Arc::new);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let carried = takeover
@@ -172,6 +177,7 @@ async fn run_daemon(
         relaunch.config.clone(),
         proxy.clone(),
         checks,
+        firewall.clone(),
         carried.reload,
         restructure,
         stop.clone(),
@@ -310,6 +316,8 @@ async fn run_daemon(
     {
         tracing::warn!("the runtime socket's thread panicked");
     }
+    // Last: the ports stay filtered while the sessions drain.
+    drop(firewall);
     info!("stopped");
     Ok(())
 }

@@ -29,6 +29,7 @@ use tracing::{info, warn};
 use crate::{
     config::{self, Config, ConfigError, diff::NeedsRestart},
     fd_limit,
+    firewall::{Firewall, FirewallError},
     patroni::{Checker, client::ClientError},
     proxy::Proxy,
     server_ids::IdsExhausted,
@@ -57,6 +58,10 @@ pub enum ReloadError {
     /// The successor process that was to run the new configuration did not start.
     #[error("the new configuration's process did not start; running on the old one: {0}")]
     Successor(String),
+    /// The allowlist's maps refused a write; the entries written before it stay (each one
+    /// of the old or the new rules).
+    #[error("XDP allowlist: {0}")]
+    Firewall(#[from] FirewallError),
     /// Reading the file panicked (a bug): nothing was applied.
     #[error("reading the configuration failed: {0}")]
     Internal(String),
@@ -130,6 +135,8 @@ struct Applier {
     path: PathBuf,
     proxy: Arc<Proxy>,
     checker: Checker,
+    /// The attached allowlist, whose rules a reload rewrites; `None` when XDP is off or fell back.
+    firewall: Option<Arc<Firewall>>,
     status: Arc<Mutex<ReloadStatus>>,
     restructure: mpsc::Sender<Restructure>,
 }
@@ -140,6 +147,7 @@ pub fn spawn(
     path: PathBuf,
     proxy: Arc<Proxy>,
     checker: Checker,
+    firewall: Option<Arc<Firewall>>,
     status: ReloadStatus,
     restructure: mpsc::Sender<Restructure>,
     stop: CancellationToken,
@@ -151,6 +159,7 @@ pub fn spawn(
         path,
         proxy,
         checker,
+        firewall,
         status: status.clone(),
         restructure,
     };
@@ -214,9 +223,13 @@ impl Applier {
         if diff.changes.is_empty() {
             return Ok(ReloadSummary::default());
         }
-        // The checker first: it is the only step that can fail (a check's TLS files).
+        // The checker first: with the allowlist, the only steps that can fail (a check's TLS
+        // files).
         self.checker.reconfigure(&running, &new)?;
         fd_limit::raise(&new);
+        if let Some(firewall) = &self.firewall {
+            firewall.apply(&new.firewall)?;
+        }
         self.proxy.reconfigure(new);
         Ok(ReloadSummary {
             changes: diff.changes,

@@ -34,6 +34,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "linux-perf",
     // The TLS checks' test certificates (tests/src/pki.rs).
     "openssl",
+    // The XDP test's and bench's SYN floods (tests/tests/xdp.rs, cargo xtask bench --xdp).
+    "hping3",
+    // The bench's nftables side of the XDP drop-rate comparison.
+    "nftables",
 ];
 
 /// The bpf-linker release the recipe was verified with.

@@ -1,17 +1,19 @@
 //! What a reload changes: the running `Config` against a newly validated one.
 //!
 //! Settings are applied in place: timeouts, retries, limits (global and per-server maxconn),
-//! check settings and timings, `on_marked_down`/`on_marked_up`, balance, and the stats page's
-//! `refresh` and `admin` access. A change to the set of listeners and servers (added, removed,
-//! reordered, rebound, moved to another address), to the stats or runtime socket's bind or
-//! limits, or to `session_log_rate` is *structural*: the process's per-server structures are
-//! laid out by it, so the reload starts a successor process with the new file (see `reload`).
-//! The data path's settings (`bpf`, `pin_path`, `bpf_log*`) need a restart: the successor takes
+//! check settings and timings, `on_marked_down`/`on_marked_up`, balance, the stats page's
+//! `refresh` and `admin` access, and the `[[allow]]` rules and XDP SYN rate (map updates in the
+//! kernel). A change to the set of listeners and servers (added, removed, reordered, rebound,
+//! moved to another address), to the stats or runtime socket's bind or limits, or to
+//! `session_log_rate` is *structural*: the process's per-server structures are laid out by it,
+//! so the reload starts a successor process with the new file (see `reload`). The data path's
+//! settings (`bpf`, `pin_path`, `bpf_log*`, `[xdp]`'s `enabled`, `interfaces` and `mode`)
+//! need a restart: the successor takes
 //! the pinned maps and programs over as they are; they refuse the whole reload with one line
 //! each, and the running config stays as it was.
 use std::fmt::Debug;
 
-use super::model::{Config, Listener, ServerSpec};
+use super::model::{AllowRule, Config, Listener, ServerSpec};
 
 /// What applying `new` over `old` changes, one line per changed setting.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,6 +99,12 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
         (o, n) => d.structural("[stats]", &o.is_some(), &n.is_some()),
     }
     d.structural("[runtime]", &old.runtime, &new.runtime);
+    let (of, nf) = (&old.firewall, &new.firewall);
+    d.restart("xdp.enabled", &of.xdp.enabled, &nf.xdp.enabled);
+    d.restart("xdp.interfaces", &of.xdp.interfaces, &nf.xdp.interfaces);
+    d.restart("xdp.mode", &of.xdp.mode, &nf.xdp.mode);
+    d.change("xdp.syn_rate", &of.xdp.syn_limit, &nf.xdp.syn_limit);
+    d.allow_rules(&of.rules, &nf.rules);
     if d.restart.is_empty() {
         Ok(ConfigDiff {
             changes: d.changes,
@@ -131,6 +139,24 @@ impl Differ {
         if old != new {
             self.restart
                 .push(format!("{what}: {old:?} -> {new:?} needs a restart"));
+        }
+    }
+
+    /// The allow rules are map entries in the kernel, rewritten in place: one line per rule
+    /// that changed, was added or removed.
+    fn allow_rules(&mut self, old: &[AllowRule], new: &[AllowRule]) {
+        for i in 0..old.len().max(new.len()) {
+            let (o, n) = (old.get(i), new.get(i));
+            if o != n {
+                let show = |r: Option<&AllowRule>| {
+                    r.map_or("none".to_string(), |r| {
+                        let from: Vec<String> = r.from.iter().map(ToString::to_string).collect();
+                        format!("from {} to {:?}", from.join(","), r.ports)
+                    })
+                };
+                self.changes
+                    .push(format!("allow rule {i}: {} -> {}", show(o), show(n)));
+            }
         }
     }
 

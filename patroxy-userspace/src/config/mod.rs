@@ -7,6 +7,8 @@
 //! - `model`: the typed `Config` the rest of the daemon uses.
 //! - `tls`: the checks' PEM files, read the same way by validation and by the checker.
 //! - `diff`: what a reload of the file changes, and what it cannot change without a restart.
+//! - `allow`: the `[[allow]]` rules and `[xdp]`, checked as a set (no overlaps) against the
+//!   listeners they name and the host's interfaces.
 //! - `admin_token`: the admin endpoint's token file, checked and read at load.
 //! - `owner`: the runtime socket's user and group, resolved from names.
 //! - `error`: `ConfigError`, whose messages read `file:line:column: problem`.
@@ -16,6 +18,7 @@
 //! TLS files, the pin directory's parent), so `check-config` refuses what `run` would.
 mod addr;
 pub mod admin_token;
+mod allow;
 pub mod diff;
 mod duration;
 mod error;

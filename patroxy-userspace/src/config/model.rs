@@ -13,6 +13,8 @@ pub struct Config {
     pub stats: Option<Stats>,
     /// The runtime socket of `patroxy ctl`; `None` when the file has no `[runtime]` section.
     pub runtime: Option<Runtime>,
+    /// The XDP allowlist: `[[allow]]` rules and `[xdp]`.
+    pub firewall: Firewall,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -199,4 +201,72 @@ pub struct Runtime {
     pub gid: Option<u32>,
     /// Connections served at once; more wait in the kernel's backlog.
     pub maxconn: u32,
+}
+
+/// The `[[allow]]` rules and where XDP enforces them. The default has no rules and XDP off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Firewall {
+    /// In file order; a rule's index is its position (the kernel's counters are per index).
+    pub rules: Vec<AllowRule>,
+    pub xdp: Xdp,
+}
+
+impl Firewall {
+    /// The ports some rule names, in ascending order: XDP drops packets to these from sources no
+    /// rule allows.
+    pub fn protected_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.rules.iter().flat_map(|r| r.ports.clone()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+/// Sources `from` may reach `ports`. Rules never overlap (validation refuses it), so each
+/// (source, port) is allowed by at most one rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowRule {
+    pub from: Vec<ipnet::IpNet>,
+    /// Sorted, without duplicates.
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Xdp {
+    /// As `bpf`: `Auto` enforces the rules when XDP can attach and says why not otherwise,
+    /// `Required` refuses to start without it, `Off` (the default) attaches nothing.
+    pub enabled: XdpEnabled,
+    /// Interfaces the program is attached to: the ones clients come in on.
+    pub interfaces: Vec<String>,
+    pub mode: XdpMode,
+    /// SYNs per second per source; `None` (the default) = no limit.
+    pub syn_limit: Option<SynRate>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpEnabled {
+    Auto,
+    Required,
+    #[default]
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (in the driver) where the driver supports it, else generic, said once per
+    /// interface in the log.
+    #[default]
+    Auto,
+    Native,
+    /// In the kernel's stack after the socket buffer is built (loopback, veth without native
+    /// support): slower, same verdicts.
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynRate {
+    /// SYNs per second a source (IPv4 address, IPv6 /64) may send to protected ports.
+    pub rate: u32,
+    /// SYNs it may send at once after a quiet spell.
+    pub burst: u32,
 }

@@ -25,6 +25,10 @@ pub(crate) struct RawConfig {
     pub listener: Vec<RawListener>,
     pub stats: Option<RawStats>,
     pub runtime: Option<RawRuntime>,
+    /// The XDP allowlist's rules, in file order.
+    #[serde(default)]
+    pub allow: Vec<RawAllow>,
+    pub xdp: Option<RawXdp>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,4 +200,42 @@ pub(crate) struct RawRuntime {
     pub user: Option<Spanned<String>>,
     pub group: Option<Spanned<String>>,
     pub maxconn: Option<Spanned<u32>>,
+}
+
+/// `[[allow]]`: sources that may reach some of patroxy's ports (UFW's `allow from ... to any
+/// port ...`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAllow {
+    /// IPv4 and IPv6 networks in CIDR notation ("10.100.100.0/24", "fd14::/64"); a bare address
+    /// is a host.
+    pub from: Spanned<Vec<Spanned<String>>>,
+    /// Ports, or names of listeners ("postgres_write") and "stats" for their bind's port.
+    pub to: Spanned<Vec<Spanned<RawPortRef>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawPortRef {
+    Port(u16),
+    Name(String),
+}
+
+/// `[xdp]`: where and how the allowlist is enforced.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawXdp {
+    pub enabled: Option<Spanned<RawBpf>>,
+    pub interfaces: Option<Spanned<Vec<Spanned<String>>>>,
+    pub mode: Option<RawXdpMode>,
+    pub syn_rate: Option<Spanned<u32>>,
+    pub syn_burst: Option<Spanned<u32>>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawXdpMode {
+    Auto,
+    Native,
+    Generic,
 }

@@ -102,6 +102,73 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
             assert_eq!(s.init_state, InitState::Down);
         }
     }
+
+    // The seed's UFW rule, not enforced until [xdp] names the host's NIC.
+    let fw = &config.firewall;
+    assert_eq!(
+        fw.rules,
+        [AllowRule {
+            from: vec!["10.100.100.0/24".parse().unwrap()],
+            ports: vec![5432, 5433, 7000],
+        }]
+    );
+    assert_eq!(
+        (
+            fw.xdp.enabled,
+            &fw.xdp.interfaces[..],
+            fw.xdp.mode,
+            fw.xdp.syn_limit
+        ),
+        (
+            XdpEnabled::Off,
+            &["eth0".to_string()][..],
+            XdpMode::Auto,
+            None
+        )
+    );
+}
+
+#[test]
+fn allow_rules_resolve_names_and_xdp_takes_its_settings() {
+    let config = load(&manifest_dir().join("src/config/fixtures/valid/allow_and_xdp.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fw = &config.firewall;
+    let from: Vec<String> = fw.rules[0].from.iter().map(ToString::to_string).collect();
+    assert_eq!(from, ["10.100.100.0/24", "192.0.2.7/32", "fd14::/64"]);
+    assert_eq!(fw.rules[0].ports, [5432, 7000]);
+    assert_eq!(fw.rules[1].ports, [5433]);
+    assert_eq!(fw.protected_ports(), [5432, 5433, 7000]);
+    assert_eq!(
+        (fw.xdp.enabled, &fw.xdp.interfaces[..], fw.xdp.mode),
+        (XdpEnabled::Auto, &["lo".to_string()][..], XdpMode::Generic)
+    );
+    assert_eq!(
+        fw.xdp.syn_limit,
+        Some(SynRate {
+            rate: 200,
+            burst: 400
+        })
+    );
+}
+
+#[test]
+fn an_allow_rule_change_reloads_in_place_and_an_interface_change_needs_a_restart() {
+    let path = manifest_dir().join("src/config/fixtures/valid/allow_and_xdp.toml");
+    let old = load(&path).unwrap();
+    let mut new = old.clone();
+    new.firewall.rules[1]
+        .from
+        .push("10.214.0.0/16".parse().unwrap());
+    let d = diff::diff(&old, &new).unwrap();
+    assert_eq!(
+        d.changes,
+        [
+            "allow rule 1: from 10.100.100.0/24 to [5433] -> from 10.100.100.0/24,10.214.0.0/16 to [5433]"
+        ]
+    );
+    new.firewall.xdp.interfaces.push("eth0".into());
+    let err = diff::diff(&old, &new).unwrap_err();
+    assert!(err.to_string().contains("xdp.interfaces"), "{err}");
 }
 
 #[test]

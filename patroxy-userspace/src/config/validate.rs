@@ -10,7 +10,7 @@ use super::duration::Dur;
 use super::error::{Diagnostic, Source};
 use super::model::*;
 use super::raw::*;
-use super::{admin_token::AdminToken, owner, tls};
+use super::{admin_token::AdminToken, allow, owner, tls};
 
 /// Check paths whose 200 means "this is the writable node": listeners checking them default to
 /// `balance first`, since there is one primary and spreading writes makes no sense.
@@ -151,12 +151,21 @@ impl Validator<'_> {
                 .and_then(|f| self.admin_token(s, f)),
         });
         let runtime = raw.runtime.as_ref().map(|r| self.runtime(r));
+        let (firewall, diags) = allow::firewall(
+            &raw.allow,
+            raw.xdp.as_ref(),
+            &listeners,
+            stats.as_ref(),
+            self.src,
+        );
+        self.diags.extend(diags);
         Config {
             global,
             defaults,
             listeners,
             stats,
             runtime,
+            firewall,
         }
     }
 

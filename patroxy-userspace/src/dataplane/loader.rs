@@ -181,7 +181,7 @@ where
 }
 
 /// Root, or CAP_BPF + CAP_NET_ADMIN in the effective set (capget avoids a dependency for 2 bits).
-fn privileged() -> bool {
+pub(crate) fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
@@ -202,6 +202,18 @@ fn privileged() -> bool {
 /// daemon's alone (`pin_dir::claim`, whose lock it returns) and holds no stale pins from a
 /// previous run that crashed.
 fn prepare_pin_dir(dir: &Path) -> Result<PinDirLock, LoadError> {
+    ensure_bpffs_parent(dir)?;
+    // Locked first: the pins of a daemon still running are not stale.
+    let lock = pin_dir::claim(dir)?;
+    let stale = remove_pins(dir);
+    if stale > 0 {
+        warn!(pin_dir = %dir.display(), stale, "removed stale pins left by an earlier run");
+    }
+    Ok(lock)
+}
+
+/// Makes sure the parent of `dir` is a bpffs, mounting /sys/fs/bpf if nothing is mounted there.
+pub(crate) fn ensure_bpffs_parent(dir: &Path) -> Result<(), LoadError> {
     let err = |msg: String| LoadError::Pin {
         path: dir.to_owned(),
         msg,
@@ -225,13 +237,7 @@ fn prepare_pin_dir(dir: &Path) -> Result<PinDirLock, LoadError> {
             parent.display()
         )));
     }
-    // Locked first: the pins of a daemon still running are not stale.
-    let lock = pin_dir::claim(dir)?;
-    let stale = remove_pins(dir);
-    if stale > 0 {
-        warn!(pin_dir = %dir.display(), stale, "removed stale pins left by an earlier run");
-    }
-    Ok(lock)
+    Ok(())
 }
 
 /// Removes patroxy's pins from `dir`, returning how many there were.

@@ -105,6 +105,7 @@ pub(crate) mod test_config {
             listeners,
             stats: None,
             runtime: None,
+            firewall: Default::default(),
         }
     }
 }

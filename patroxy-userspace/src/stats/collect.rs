@@ -1,6 +1,7 @@
 //! Builds a [`StatsSnapshot`] from the daemon's state. Only reads, through [`StatsSource`]: the
 //! proxy's view of the servers, the backend table, the proxy's counters, and (sockmap path) the
-//! bytes of open sessions the caller read from the kernel's SESSIONS.
+//! bytes of open sessions the caller read from the kernel's SESSIONS, and the XDP allowlist's
+//! counters from its pins.
 use std::{
     path::Path,
     sync::atomic::Ordering::Relaxed,
@@ -14,11 +15,11 @@ use super::{
     history::StatsHistory,
     model::{
         FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats, StateClass,
-        StatsSnapshot, Traffic,
+        StatsSnapshot, Traffic, XdpPortStats, XdpRuleStats, XdpStats,
     },
 };
 use crate::{
-    config::model::{Balance, CheckMethod},
+    config::model::{Balance, CheckMethod, Firewall, XdpEnabled},
     dataplane::maps::{LiveBytes, OpenSessions},
     operator_state::AdminState,
     patroni::{Role, ServerState},
@@ -124,7 +125,54 @@ pub fn snapshot(
         reload: reload_stats(reload),
         admin_unauthorized: history.admin_unauthorized.load(Relaxed),
         listeners,
+        xdp: xdp_stats(&config.firewall, &config.global.pin_path),
     }
+}
+
+/// The allowlist's counters from its pins; `None` when it is off or not attached (`auto` fell
+/// back: its pins are absent).
+fn xdp_stats(firewall: &Firewall, pin_path: &Path) -> Option<XdpStats> {
+    if firewall.xdp.enabled == XdpEnabled::Off {
+        return None;
+    }
+    let dir = crate::firewall::pin_dir(pin_path);
+    if !dir.exists() {
+        return None;
+    }
+    let counters = match crate::firewall::counters::read(&dir, firewall.rules.len()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("stats: reading the XDP counters failed ({e})");
+            return None;
+        }
+    };
+    Some(XdpStats {
+        interfaces: firewall.xdp.interfaces.clone(),
+        syn_rate: firewall.xdp.syn_limit.map(|l| l.rate),
+        rules: firewall
+            .rules
+            .iter()
+            .zip(&counters.rules)
+            .enumerate()
+            .map(|(index, (rule, c))| XdpRuleStats {
+                index,
+                from: rule.from.iter().map(ToString::to_string).collect(),
+                ports: rule.ports.clone(),
+                passed: c.passed,
+                syn_limited: c.syn_limited,
+            })
+            .collect(),
+        ports: counters
+            .ports
+            .iter()
+            .map(|(port, c)| XdpPortStats {
+                port: *port,
+                passed: c.passed,
+                denied: c.denied,
+                syn_limited: c.syn_limited,
+            })
+            .collect(),
+    })
 }
 
 fn reload_stats(status: &ReloadStatus) -> ReloadStats {

@@ -2,7 +2,7 @@
 //! page keep working: the same header in the same field order, one FRONTEND row, one row per
 //! server and one BACKEND row per listener, every line ending in a comma. Fields patroxy has no
 //! value for (HTTP, compression, agent checks, ...) are empty, as HAProxy leaves them for a TCP
-//! proxy.
+//! proxy. The XDP allowlist's drops at a listener's port are its FRONTEND's `dcon`.
 use std::fmt::Write as _;
 
 use super::model::{ListenerStats, ServerStats, StatsSnapshot, Traffic};
@@ -216,6 +216,16 @@ fn frontend(snap: &StatsSnapshot, l: &ListenerStats, iid: usize) -> Row {
         .set("conn_rate", f.rate)
         .set("conn_rate_max", f.rate_max)
         .set("conn_tot", f.stot)
+        .opt("dcon", xdp_dropped(snap, l))
+}
+
+/// HAProxy's `dcon` ("denied by tcp-request connection rules"), patroxy's counterpart: packets
+/// to this listener's port the XDP allowlist dropped (source denied, or a SYN over its rate).
+/// Empty without the allowlist.
+fn xdp_dropped(snap: &StatsSnapshot, l: &ListenerStats) -> Option<u64> {
+    let port = l.bind.parse::<std::net::SocketAddr>().ok()?.port();
+    let counters = snap.xdp.as_ref()?.ports.iter().find(|p| p.port == port)?;
+    Some(counters.denied + counters.syn_limited)
 }
 
 fn server(snap: &StatsSnapshot, l: &ListenerStats, s: &ServerStats, iid: usize) -> Row {
@@ -348,6 +358,27 @@ mod tests {
             "",
             "unchecked servers have no check counters"
         );
+    }
+
+    #[test]
+    fn xdp_drops_are_the_frontends_denied_connections() {
+        let dcon = |snap: &StatsSnapshot, listener: &str| {
+            let (names, rows) = parse(&render(snap));
+            let col = |n: &str| names.iter().position(|x| x == n).unwrap();
+            rows.iter()
+                .find(|r| r[col("pxname")] == listener && r[col("svname")] == "FRONTEND")
+                .unwrap()[col("dcon")]
+            .clone()
+        };
+        let mut snap = sample::snapshot();
+        assert_eq!(dcon(&snap, "postgres_write"), "", "no allowlist, no value");
+        snap.xdp = Some(sample::xdp());
+        assert_eq!(
+            dcon(&snap, "postgres_write"),
+            "49",
+            "42 denied + 7 over the SYN rate"
+        );
+        assert_eq!(dcon(&snap, "postgres_read"), "0");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! pinned.
 use std::fmt::Write as _;
 
-use super::model::{ListenerStats, ServerStats, StateClass, StatsSnapshot};
+use super::model::{ListenerStats, ServerStats, StateClass, StatsSnapshot, XdpStats};
 
 /// `refresh`: whether the page reloads itself (off for `/;norefresh`).
 pub fn render(snap: &StatsSnapshot, refresh: bool) -> String {
@@ -26,6 +26,9 @@ pub fn render(snap: &StatsSnapshot, refresh: bool) -> String {
     header(&mut h, snap);
     for l in &snap.listeners {
         listener(&mut h, snap, l);
+    }
+    if let Some(x) = &snap.xdp {
+        xdp(&mut h, x);
     }
     footer(&mut h, snap);
     h.push_str("</body></html>\n");
@@ -217,6 +220,44 @@ fn listener(h: &mut String, snap: &StatsSnapshot, l: &ListenerStats) {
     h.push_str("</tbody></table></div></section>\n");
 }
 
+/// The XDP allowlist: its counters per protected port, then per rule.
+fn xdp(h: &mut String, x: &XdpStats) {
+    let _ = writeln!(
+        h,
+        "<section class=\"xdp\" id=\"xdp\"><h2>XDP allowlist</h2><div class=\"about\">\
+         <span>interfaces <b>{}</b></span><span>SYN rate per source <b>{}</b></span></div>\
+         <div class=\"scroll\"><table><thead><tr><th class=\"name\">Port</th><th>Passed</th>\
+         <th>Denied</th><th>SYN limited</th><th class=\"l\"></th></tr></thead><tbody>",
+        esc(&x.interfaces.join(", ")),
+        x.syn_rate.map_or("no limit".into(), |r| format!("{r}/s")),
+    );
+    for p in &x.ports {
+        let _ = writeln!(
+            h,
+            "<tr><td class=\"name\">{}</td><td>{}</td><td>{}</td><td>{}</td><td></td></tr>",
+            p.port, p.passed, p.denied, p.syn_limited
+        );
+    }
+    h.push_str(
+        "</tbody><thead><tr><th class=\"name\">Rule</th><th>Passed</th><th></th>\
+         <th>SYN limited</th><th class=\"l\">From, to ports</th></tr></thead><tbody>\n",
+    );
+    for r in &x.rules {
+        let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(
+            h,
+            "<tr><td class=\"name\">{}</td><td>{}</td><td></td><td>{}</td>\
+             <td class=\"l\">{} &rarr; {}</td></tr>",
+            r.index,
+            r.passed,
+            r.syn_limited,
+            esc(&r.from.join(", ")),
+            ports.join(", ")
+        );
+    }
+    h.push_str("</tbody></table></div></section>\n");
+}
+
 fn server(h: &mut String, l: &ListenerStats, s: &ServerStats) {
     let class = s.class.css();
     let role = match &s.role {
@@ -401,6 +442,24 @@ mod tests {
         // HAProxy's legend colours: brown for maintenance, blue for draining.
         assert!(page.contains("--maint:#e3b378") && page.contains("--drain:#8fcbff"));
         assert!(page.contains("tr.srv.maint{background:var(--maint)}"));
+    }
+
+    #[test]
+    fn the_xdp_section_shows_ports_and_rules() {
+        let mut snap = sample::snapshot();
+        assert!(!render(&snap, false).contains("XDP allowlist"));
+        snap.xdp = Some(sample::xdp());
+        let page = render(&snap, false);
+        assert!(page.contains("<h2>XDP allowlist</h2>"), "{page}");
+        assert!(page.contains("<b>200/s</b>"), "{page}");
+        assert!(
+            page.contains("<td class=\"name\">5432</td><td>1000</td><td>42</td><td>7</td>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("10.100.100.0/24 &rarr; 5432, 5433, 7000"),
+            "{page}"
+        );
     }
 
     #[test]

@@ -27,6 +27,41 @@ pub struct StatsSnapshot {
     #[serde(default)]
     pub admin_unauthorized: u64,
     pub listeners: Vec<ListenerStats>,
+    /// The XDP allowlist's counters; `None` when it is not attached.
+    #[serde(default)]
+    pub xdp: Option<XdpStats>,
+}
+
+/// The XDP allowlist: what it is attached to and its counters (summed over the CPUs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpStats {
+    pub interfaces: Vec<String>,
+    /// SYNs per second per source; `None` = no limit.
+    pub syn_rate: Option<u32>,
+    pub rules: Vec<XdpRuleStats>,
+    pub ports: Vec<XdpPortStats>,
+}
+
+/// One `[[allow]]` rule, by its position in the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpRuleStats {
+    pub index: usize,
+    pub from: Vec<String>,
+    pub ports: Vec<u16>,
+    /// TCP packets this rule let through.
+    pub passed: u64,
+    /// SYNs over the rate from this rule's sources, dropped.
+    pub syn_limited: u64,
+}
+
+/// One protected port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpPortStats {
+    pub port: u16,
+    pub passed: u64,
+    /// TCP packets from sources no rule allows, dropped.
+    pub denied: u64,
+    pub syn_limited: u64,
 }
 
 /// Configuration reloads since start (SIGHUP, `patroxy reload`) and the last one's outcome.
@@ -390,6 +425,36 @@ pub(crate) mod sample {
                     primary_changes: 0,
                     frontend: FrontendStats::default(),
                     servers: vec![r1],
+                },
+            ],
+            xdp: None,
+        }
+    }
+
+    /// The allowlist of the seed's rule, attached to eth0, after some traffic.
+    pub fn xdp() -> XdpStats {
+        XdpStats {
+            interfaces: vec!["eth0".into()],
+            syn_rate: Some(200),
+            rules: vec![XdpRuleStats {
+                index: 0,
+                from: vec!["10.100.100.0/24".into()],
+                ports: vec![5432, 5433, 7000],
+                passed: 1500,
+                syn_limited: 7,
+            }],
+            ports: vec![
+                XdpPortStats {
+                    port: 5432,
+                    passed: 1000,
+                    denied: 42,
+                    syn_limited: 7,
+                },
+                XdpPortStats {
+                    port: 5433,
+                    passed: 500,
+                    denied: 0,
+                    syn_limited: 0,
                 },
             ],
         }

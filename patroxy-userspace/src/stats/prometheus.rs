@@ -16,7 +16,7 @@ use prometheus_client::{
 
 use super::{
     history::CheckDurations,
-    model::{ListenerStats, ReloadStats, ServerStats, StatsSnapshot},
+    model::{ListenerStats, ReloadStats, ServerStats, StatsSnapshot, XdpStats},
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -49,6 +49,9 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
         info,
     );
     reload(&mut reg, &snap.reload);
+    if let Some(x) = &snap.xdp {
+        xdp(&mut reg, x);
+    }
     let uptime: Gauge = Gauge::default();
     uptime.set(snap.uptime_secs as i64);
     reg.register_with_unit("process_uptime", "Time since start", Unit::Seconds, uptime);
@@ -62,6 +65,50 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
     let mut out = String::new();
     prometheus_text::encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
+}
+
+/// The XDP allowlist's packets per protected port and per rule, by verdict.
+fn xdp(reg: &mut Registry, x: &XdpStats) {
+    let per_port = x.ports.iter().flat_map(|p| {
+        [
+            ("passed", p.passed),
+            ("denied", p.denied),
+            ("syn_limited", p.syn_limited),
+        ]
+        .map(|(verdict, n)| {
+            (
+                vec![("port", p.port.to_string()), ("verdict", verdict.into())],
+                n,
+            )
+        })
+    });
+    register(
+        reg,
+        Kind::Counter,
+        "xdp_port_packets",
+        "TCP packets to a protected port: passed (an allowed source), denied (no rule allows the \
+         source; dropped), syn_limited (a SYN over its source's rate; dropped)",
+        per_port,
+    );
+    let per_rule = x.rules.iter().flat_map(|r| {
+        [("passed", r.passed), ("syn_limited", r.syn_limited)].map(|(verdict, n)| {
+            (
+                vec![
+                    ("rule", r.index.to_string()),
+                    ("from", r.from.join(",")),
+                    ("verdict", verdict.into()),
+                ],
+                n,
+            )
+        })
+    });
+    register(
+        reg,
+        Kind::Counter,
+        "xdp_rule_packets",
+        "TCP packets an [[allow]] rule matched: passed, or syn_limited (dropped)",
+        per_rule,
+    );
 }
 
 /// Configuration reloads: counts, the last one's outcome and time (absent before the first).
@@ -469,5 +516,28 @@ mod tests {
         }
         // Unset limits are absent, not 0.
         assert!(!text.contains(r#"patroxy_server_limit_sessions{proxy="postgres_read""#));
+        assert!(
+            !text.contains("patroxy_xdp_"),
+            "no allowlist, no XDP metrics"
+        );
+    }
+
+    #[test]
+    fn xdp_counters_per_port_and_rule() {
+        let mut snap = sample::snapshot();
+        snap.xdp = Some(sample::xdp());
+        let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
+        let text = render(&snap, &durations);
+        for line in [
+            r#"patroxy_xdp_port_packets_total{port="5432",verdict="denied"} 42"#,
+            r#"patroxy_xdp_port_packets_total{port="5432",verdict="syn_limited"} 7"#,
+            r#"patroxy_xdp_port_packets_total{port="5433",verdict="passed"} 500"#,
+            r#"patroxy_xdp_rule_packets_total{rule="0",from="10.100.100.0/24",verdict="passed"} 1500"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use super::patroni::Node;
 use super::{STATE_DIR, err};
 use crate::config::{
-    Balance, Bpf, CheckConfig, HaproxyLog, ListenerConfig, Method, ProxyConfig, ServerConfig,
-    StatsConfig,
+    AllowConfig, Balance, Bpf, CheckConfig, HaproxyLog, ListenerConfig, Method, PortRef,
+    ProxyConfig, ServerConfig, StatsConfig,
 };
 use crate::ports::wait_for_listen;
 use crate::postgres::PgError;
@@ -69,6 +69,16 @@ pub fn seed_config(nodes: &[Node], ports: (u16, u16, u16)) -> ProxyConfig {
             .check(check("/replica")),
     )
     .stats(StatsConfig::new(local(ports.2)).refresh(Duration::from_secs(5)))
+    // The seed's UFW rule (10.100.100.0/24 to 5432, 5433, 7000) for the harness's clients: they
+    // connect from this host's loopback. patroxy only; no [xdp], so it is checked, not attached.
+    .allow(AllowConfig::new(
+        &["127.0.0.0/8"],
+        vec![
+            PortRef::Port(ports.0),
+            PortRef::Port(ports.1),
+            PortRef::Port(ports.2),
+        ],
+    ))
 }
 
 /// The repository's `patroxy.toml`, which the cluster's patroxy runs.

@@ -34,6 +34,57 @@ pub struct ProxyConfig {
     pub stats: Option<StatsConfig>,
     /// patroxy only: the runtime socket (HAProxy's `stats socket` is not written).
     pub runtime: Option<RuntimeConfig>,
+    /// patroxy only: `[[allow]]` rules (the seed's UFW rules; HAProxy has no equivalent).
+    pub allow: Vec<AllowConfig>,
+    /// patroxy only: `[xdp]`, where the allow rules are enforced.
+    pub xdp: Option<XdpConfig>,
+}
+
+/// One `[[allow]]`: sources (CIDRs) and the ports or listener names they may reach.
+#[derive(Clone, Debug)]
+pub struct AllowConfig {
+    pub from: Vec<String>,
+    /// Each a port number or a listener name ("stats" for the stats bind), written as such.
+    pub to: Vec<PortRef>,
+}
+
+#[derive(Clone, Debug)]
+pub enum PortRef {
+    Port(u16),
+    Name(String),
+}
+
+impl AllowConfig {
+    pub fn new(from: &[&str], to: Vec<PortRef>) -> Self {
+        AllowConfig {
+            from: from.iter().map(|s| s.to_string()).collect(),
+            to,
+        }
+    }
+}
+
+/// `[xdp]`.
+#[derive(Clone, Debug)]
+pub struct XdpConfig {
+    /// "auto" | "required" | "off"
+    pub enabled: Option<Bpf>,
+    pub interfaces: Vec<String>,
+    /// "auto" | "native" | "generic"
+    pub mode: Option<String>,
+    pub syn_rate: Option<u32>,
+    pub syn_burst: Option<u32>,
+}
+
+impl XdpConfig {
+    pub fn required(interfaces: &[&str]) -> Self {
+        XdpConfig {
+            enabled: Some(Bpf::Required),
+            interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+            mode: None,
+            syn_rate: None,
+            syn_burst: None,
+        }
+    }
 }
 
 /// `[global]`.
@@ -174,6 +225,8 @@ impl ProxyConfig {
             listeners: Vec::new(),
             stats: None,
             runtime: None,
+            allow: Vec::new(),
+            xdp: None,
         }
     }
 
@@ -219,6 +272,16 @@ impl ProxyConfig {
 
     pub fn runtime(mut self, runtime: RuntimeConfig) -> Self {
         self.runtime = Some(runtime);
+        self
+    }
+
+    pub fn allow(mut self, rule: AllowConfig) -> Self {
+        self.allow.push(rule);
+        self
+    }
+
+    pub fn xdp(mut self, xdp: XdpConfig) -> Self {
+        self.xdp = Some(xdp);
         self
     }
 

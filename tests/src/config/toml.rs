@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::{ProxyConfig, duration};
+use super::{PortRef, ProxyConfig, duration};
 
 impl ProxyConfig {
     /// patroxy's config file.
@@ -93,6 +93,30 @@ impl ProxyConfig {
             toml.key("user", r.user.as_deref().map(quoted));
             toml.key("group", r.group.as_deref().map(quoted));
             toml.key("maxconn", r.maxconn);
+        }
+
+        for a in &self.allow {
+            toml.table("[[allow]]");
+            let from: Vec<String> = a.from.iter().map(|f| quoted(f)).collect();
+            toml.key("from", Some(format!("[{}]", from.join(", "))));
+            let to: Vec<String> =
+                a.to.iter()
+                    .map(|t| match t {
+                        PortRef::Port(p) => p.to_string(),
+                        PortRef::Name(n) => quoted(n),
+                    })
+                    .collect();
+            toml.key("to", Some(format!("[{}]", to.join(", "))));
+        }
+
+        if let Some(x) = &self.xdp {
+            toml.table("[xdp]");
+            toml.key("enabled", x.enabled.map(|b| quoted(b.name())));
+            let interfaces: Vec<String> = x.interfaces.iter().map(|i| quoted(i)).collect();
+            toml.key("interfaces", Some(format!("[{}]", interfaces.join(", "))));
+            toml.key("mode", x.mode.as_deref().map(quoted));
+            toml.key("syn_rate", x.syn_rate);
+            toml.key("syn_burst", x.syn_burst);
         }
         toml.finish()
     }

@@ -17,7 +17,8 @@
 //! `plan.rs` (options), `lab.rs` (the targets and the processes behind them), `workloads/`
 //! (one file per workload), `pgbench.rs` and `procfs.rs` (what the workloads run and read),
 //! `results.rs` (samples, medians, ratios), `environment.rs`, `markdown.rs` and `chart.rs`
-//! (`bench/results.md`, `bench/ratios.png`), `ab.rs` (`--ab`), `profile.rs` (`--profile`).
+//! (`bench/results.md`, `bench/ratios.png`), `ab.rs` (`--ab`), `profile.rs` (`--profile`),
+//! `xdp.rs` (`--xdp`: the XDP allowlist's cost and drop rate, on namespaces of its own).
 //! Imports go one way: no file here uses `mod.rs`.
 
 mod ab;
@@ -31,6 +32,7 @@ mod procfs;
 mod profile;
 mod results;
 mod workloads;
+mod xdp;
 
 pub use plan::BenchArgs;
 
@@ -316,6 +318,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| workspace_root().join("bench"));
     std::fs::create_dir_all(&out_dir)?;
+    if args.xdp {
+        let plan = xdp::XdpPlan {
+            rounds: args.rounds.unwrap_or(5),
+            select_secs: args.duration.unwrap_or(8),
+            flood_secs: 5,
+            clients: 8,
+            scale: args.scale,
+        };
+        return xdp::run(&bin, &out_dir, &plan).map(drop);
+    }
     println!("bench: plan {plan:?}");
 
     if !args.ab.is_empty() {

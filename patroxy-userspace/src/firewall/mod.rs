@@ -1,0 +1,360 @@
+//! The XDP allowlist: `patroxy_xdp` (patroxy-ebpf's `patroxy-xdp` object) attached to the
+//! interfaces of `[xdp]`, enforcing the `[[allow]]` rules before any socket sees a packet.
+//!
+//! # Layout
+//! - `entries`: the rules as map entries, and the safe order of a change (pure).
+//! - `attach`: one interface's attachment, a pinned bpf_link a crash leaves behind and the
+//!   next start replaces.
+//! - `counters`: the per-CPU counters read from the pins, for the stats and bpftool users.
+//!
+//! Everything is pinned under `<pin_path>/xdp`, a directory claimed like the data path's
+//! (`dataplane::pin_dir`); dropping the [`Firewall`] detaches the program from every interface
+//! and removes the pins.
+mod attach;
+pub mod counters;
+pub mod entries;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+    },
+    programs::Xdp,
+    util::nr_cpus,
+};
+use patroxy_common::xdp::{AllowV4, AllowV6, PORT_BITS, RuleIndex, SynLimit, XdpCounters};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Firewall as FirewallConfig, SynRate, XdpEnabled},
+    dataplane::{loader, pin_dir},
+};
+use attach::{AttachError, Attachment};
+use entries::{Change, Entries};
+
+/// The program in the object.
+pub const PROGRAM: &str = "patroxy_xdp";
+pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
+pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
+pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
+pub const MAP_RULE_COUNTERS: &str = "RULE_COUNTERS";
+pub const MAP_PORT_COUNTERS: &str = "PORT_COUNTERS";
+pub const MAP_SYN_LIMIT: &str = "SYN_LIMIT";
+pub const MAP_SYN_BUCKETS: &str = "SYN_BUCKETS";
+/// Every map, all pinned for bpftool.
+pub const PINNED: [&str; 7] = [
+    MAP_ALLOW_V4,
+    MAP_ALLOW_V6,
+    MAP_PROTECTED_PORTS,
+    MAP_RULE_COUNTERS,
+    MAP_PORT_COUNTERS,
+    MAP_SYN_LIMIT,
+    MAP_SYN_BUCKETS,
+];
+
+/// The directory under the pin path that holds the allowlist's pins.
+pub fn pin_dir(pin_path: &Path) -> PathBuf {
+    pin_path.join("xdp")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("not root and without CAP_BPF/CAP_NET_ADMIN")]
+    NotPrivileged,
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no {0}")]
+    Missing(&'static str),
+    #[error("map {0}: {1}")]
+    Map(&'static str, MapError),
+    #[error("loading the XDP program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    PinPath(#[from] loader::LoadError),
+    #[error(transparent)]
+    PinDir(#[from] pin_dir::PinDirError),
+    #[error("pin directory {}: {msg}", path.display())]
+    Pin { path: PathBuf, msg: String },
+    #[error("counting CPUs: {0}")]
+    Cpus(String),
+}
+
+/// The maps userspace writes, with the entries they hold.
+struct RuleMaps {
+    allow_v4: LpmTrie<MapData, AllowV4, RuleIndex>,
+    allow_v6: LpmTrie<MapData, AllowV6, RuleIndex>,
+    protected: HashMap<MapData, u16, u8>,
+    port_counters: PerCpuHashMap<MapData, u16, XdpCounters>,
+    syn_limit: Array<MapData, SynLimit>,
+    /// What the maps hold now.
+    current: Entries,
+}
+
+/// The attached allowlist. Dropping it detaches the program and removes the pins.
+pub struct Firewall {
+    maps: Mutex<RuleMaps>,
+    /// Dropped before the pins are removed: each detaches its interface.
+    attachments: Vec<Attachment>,
+    dir: PathBuf,
+    _pin_lock: pin_dir::PinDirLock,
+    /// Owns the program for as long as it is attached.
+    _ebpf: Ebpf,
+}
+
+impl Firewall {
+    /// Attaches the allowlist as `[xdp]` says: `None` when it is off, or in `auto` when XDP is
+    /// unavailable (said in one line); an error only in `required`.
+    pub fn start(config: &FirewallConfig, pin_path: &Path) -> Result<Option<Self>, FirewallError> {
+        match config.xdp.enabled {
+            XdpEnabled::Off => {
+                detach_leftovers(pin_path);
+                Ok(None)
+            }
+            XdpEnabled::Required => Self::load(config, pin_path).map(Some),
+            XdpEnabled::Auto => match Self::load(config, pin_path) {
+                Ok(f) => Ok(Some(f)),
+                Err(e) => {
+                    warn!(
+                        "XDP allowlist not attached, the [[allow]] rules are NOT enforced \
+                         (xdp enabled = \"auto\"; \"required\" refuses to start instead): {e}"
+                    );
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn load(config: &FirewallConfig, pin_path: &Path) -> Result<Self, FirewallError> {
+        if !loader::privileged() {
+            return Err(FirewallError::NotPrivileged);
+        }
+        let dir = pin_dir(pin_path);
+        let pin_lock = prepare_dir(pin_path, &dir)?;
+        attach::detach_stale(&dir, &config.xdp.interfaces);
+        Self::load_in(config, dir.clone(), pin_lock).inspect_err(|_| {
+            // Attachments made so far were dropped (detached); the map pins go too, and the
+            // directories when nothing else is in them.
+            remove_pins(&dir);
+            let _ = fs::remove_dir(&dir);
+            let _ = fs::remove_dir(pin_path);
+        })
+    }
+
+    fn load_in(
+        config: &FirewallConfig,
+        dir: PathBuf,
+        pin_lock: pin_dir::PinDirLock,
+    ) -> Result<Self, FirewallError> {
+        let mut ebpf = EbpfLoader::new().load(crate::EBPF_XDP_OBJECT)?;
+        for name in PINNED {
+            let map = ebpf.map(name).ok_or(FirewallError::Missing(name))?;
+            map.pin(dir.join(name)).map_err(|e| FirewallError::Pin {
+                path: dir.join(name),
+                msg: e.to_string(),
+            })?;
+        }
+        let mut maps = RuleMaps {
+            allow_v4: take_map(&mut ebpf, MAP_ALLOW_V4)?,
+            allow_v6: take_map(&mut ebpf, MAP_ALLOW_V6)?,
+            protected: take_map(&mut ebpf, MAP_PROTECTED_PORTS)?,
+            port_counters: take_map(&mut ebpf, MAP_PORT_COUNTERS)?,
+            syn_limit: take_map(&mut ebpf, MAP_SYN_LIMIT)?,
+            current: Entries::default(),
+        };
+        // The rules are in the maps before the program sees a packet.
+        maps.apply(config)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(FirewallError::Missing(PROGRAM))?
+            .try_into()?;
+        program.load()?;
+        let mut attachments = Vec::new();
+        for iface in &config.xdp.interfaces {
+            // On an error the attachments so far are dropped, which detaches them.
+            attachments.push(attach::attach(program, &dir, iface, config.xdp.mode)?);
+        }
+        info!(
+            interfaces = ?config.xdp.interfaces,
+            rules = config.rules.len(),
+            ports = ?config.protected_ports(),
+            pin_dir = %dir.display(),
+            "XDP allowlist attached"
+        );
+        Ok(Self {
+            maps: Mutex::new(maps),
+            attachments,
+            dir,
+            _pin_lock: pin_lock,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Rewrites the rules and the SYN limit in place (a reload): no detach, and no moment where
+    /// a source both rule sets allow is dropped (`entries`).
+    pub fn apply(&self, config: &FirewallConfig) -> Result<(), FirewallError> {
+        self.maps.lock().expect("firewall maps lock").apply(config)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        let detached: Vec<String> = self
+            .attachments
+            .drain(..)
+            .map(|a| a.iface.clone())
+            .collect();
+        remove_pins(&self.dir);
+        let _ = fs::remove_dir(&self.dir);
+        // The pin path itself, when this created it (no data path pinned there); a data
+        // path's pins keep it, and the data path removes it after them.
+        if let Some(pin_path) = self.dir.parent() {
+            let _ = fs::remove_dir(pin_path);
+        }
+        info!(interfaces = ?detached, "XDP allowlist detached");
+    }
+}
+
+impl RuleMaps {
+    fn apply(&mut self, config: &FirewallConfig) -> Result<(), FirewallError> {
+        let new = Entries::of(&config.rules);
+        for change in self.current.changes_to(&new) {
+            self.write(change)?;
+        }
+        self.current = new;
+        let limit = config
+            .xdp
+            .syn_limit
+            .map_or(SynLimit::default(), |SynRate { rate, burst }| SynLimit {
+                rate: rate.into(),
+                burst: burst.into(),
+            });
+        self.syn_limit
+            .set(0, limit, 0)
+            .map_err(|e| FirewallError::Map(MAP_SYN_LIMIT, e))
+    }
+
+    fn write(&mut self, change: Change) -> Result<(), FirewallError> {
+        let err = |name| move |e| FirewallError::Map(name, e);
+        match change {
+            Change::AllowV4(port, net, rule) => self
+                .allow_v4
+                .insert(&v4_key(port, net), rule, 0)
+                .map_err(err(MAP_ALLOW_V4)),
+            Change::AllowV6(port, net, rule) => self
+                .allow_v6
+                .insert(&v6_key(port, net), rule, 0)
+                .map_err(err(MAP_ALLOW_V6)),
+            Change::RemoveV4(port, net) => self
+                .allow_v4
+                .remove(&v4_key(port, net))
+                .map_err(err(MAP_ALLOW_V4)),
+            Change::RemoveV6(port, net) => self
+                .allow_v6
+                .remove(&v6_key(port, net))
+                .map_err(err(MAP_ALLOW_V6)),
+            Change::Protect(port) => {
+                let cpus =
+                    nr_cpus().map_err(|(what, e)| FirewallError::Cpus(format!("{what}: {e}")))?;
+                let zero = PerCpuValues::try_from(vec![XdpCounters::default(); cpus])
+                    .map_err(|e| FirewallError::Cpus(e.to_string()))?;
+                self.port_counters
+                    .insert(port, zero, 0)
+                    .map_err(err(MAP_PORT_COUNTERS))?;
+                self.protected
+                    .insert(port, 1, 0)
+                    .map_err(err(MAP_PROTECTED_PORTS))
+            }
+            Change::Unprotect(port) => {
+                self.protected
+                    .remove(&port)
+                    .map_err(err(MAP_PROTECTED_PORTS))?;
+                self.port_counters
+                    .remove(&port)
+                    .map_err(err(MAP_PORT_COUNTERS))
+            }
+        }
+    }
+}
+
+fn v4_key(port: u16, net: ipnet::Ipv4Net) -> Key<AllowV4> {
+    Key::new(
+        PORT_BITS + u32::from(net.prefix_len()),
+        AllowV4 {
+            port,
+            addr: net.network().octets(),
+        },
+    )
+}
+
+fn v6_key(port: u16, net: ipnet::Ipv6Net) -> Key<AllowV6> {
+    Key::new(
+        PORT_BITS + u32::from(net.prefix_len()),
+        AllowV6 {
+            port,
+            addr: net.network().octets(),
+        },
+    )
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FirewallError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(FirewallError::Missing(name))?;
+    T::try_from(map).map_err(|e| FirewallError::Map(name, e))
+}
+
+/// Makes `<pin_path>/xdp` this daemon's (creating the pin path 0700 when the data path has
+/// not) and removes the map pins a crashed run left. Its link pins stay: `attach` replaces them.
+fn prepare_dir(pin_path: &Path, dir: &Path) -> Result<pin_dir::PinDirLock, FirewallError> {
+    loader::ensure_bpffs_parent(pin_path)?;
+    if !pin_path.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(pin_path)
+            .map_err(|e| FirewallError::Pin {
+                path: pin_path.to_owned(),
+                msg: e.to_string(),
+            })?;
+    }
+    let lock = pin_dir::claim(dir)?;
+    let stale = remove_pins(dir);
+    if stale > 0 {
+        warn!(pin_dir = %dir.display(), stale, "removed stale XDP map pins left by an earlier run");
+    }
+    Ok(lock)
+}
+
+/// With XDP off: what a crashed run with it on left attached is detached, unless a running
+/// daemon holds the directory.
+fn detach_leftovers(pin_path: &Path) {
+    let dir = pin_dir(pin_path);
+    if !dir.exists() {
+        return;
+    }
+    if let Ok(_lock) = pin_dir::claim(&dir) {
+        attach::detach_stale(&dir, &[]);
+        remove_pins(&dir);
+        let _ = fs::remove_dir(&dir);
+    }
+}
+
+fn remove_pins(dir: &Path) -> usize {
+    PINNED
+        .iter()
+        .filter(|name| fs::remove_file(dir.join(name)).is_ok())
+        .count()
+}

@@ -1,0 +1,450 @@
+//! `cargo xtask bench --xdp`: what the XDP allowlist costs the traffic it lets through, and
+//! what it saves against denied traffic, in one run (issue 12). Writes bench/xdp.md.
+//!
+//! Three client namespaces joined to this host by veth pairs (`pxb*`, 10.214.11-13.0/24, apart
+//! from the XDP test's), one PostgreSQL and patroxy (sockmap data path) here:
+//! - allowed traffic: pgbench -S from `pxb-x`, whose veth carries the program, and from
+//!   `pxb-n`, whose veth does not, interleaved for `rounds` rounds, through the same patroxy;
+//! - denied traffic: hping3 floods SYNs from `pxb-d` (not allowed) to the protected port,
+//!   pinned to CPU 0, for `flood_secs`: first with the program on `pxb-d`'s veth, then with
+//!   patroxy restarted without XDP and an nftables rule with the same meaning (drop TCP to the
+//!   port from any IPv4 source but the allowed ones) on the same veth, as the seed's UFW does.
+//!   A veth delivers what its peer sends on the sending CPU, so the generator, the program or
+//!   the rule, and the drop all run on CPU 0: packets per second there is the rate one core
+//!   drops at, while it also generates them.
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use patroxy_tests::{
+    config::{
+        AllowConfig, Bpf, Defaults, ListenerConfig, PortRef, ProxyConfig, ServerConfig,
+        StatsConfig, XdpConfig,
+    },
+    ports::{free_tcp_port, wait_for_listen},
+    postgres::{Postgres, PostgresOptions, run_with_timeout},
+    process::ChildGuard,
+    stats_client::get_ok,
+};
+
+use super::procfs::clk_tck;
+
+struct Host {
+    ns: &'static str,
+    veth: &'static str,
+    client: &'static str,
+    host: &'static str,
+}
+
+const WITH_XDP: Host = Host {
+    ns: "pxb-x",
+    veth: "pxbvx",
+    client: "10.214.11.2",
+    host: "10.214.11.1",
+};
+const WITHOUT_XDP: Host = Host {
+    ns: "pxb-n",
+    veth: "pxbvn",
+    client: "10.214.12.2",
+    host: "10.214.12.1",
+};
+const DENIED: Host = Host {
+    ns: "pxb-d",
+    veth: "pxbvd",
+    client: "10.214.13.2",
+    host: "10.214.13.1",
+};
+const HOSTS: [&Host; 3] = [&WITH_XDP, &WITHOUT_XDP, &DENIED];
+const NFT_TABLE: &str = "pxbench";
+
+#[derive(Clone, Copy, Debug)]
+pub struct XdpPlan {
+    pub rounds: u32,
+    pub select_secs: u64,
+    pub flood_secs: u64,
+    pub clients: u32,
+    pub scale: u32,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("ip {}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The namespaces and veths, and the nftables table; removed on drop.
+struct Net;
+
+impl Net {
+    fn up() -> Result<Net> {
+        down();
+        for h in HOSTS {
+            ip(&["netns", "add", h.ns])?;
+            ip(&[
+                "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns,
+            ])?;
+            ip(&["addr", "add", &format!("{}/24", h.host), "dev", h.veth])?;
+            ip(&["link", "set", h.veth, "up"])?;
+            ip(&[
+                "-n",
+                h.ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.client),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", h.ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", h.ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(Net)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        down();
+    }
+}
+
+fn down() {
+    let _ = Command::new("nft")
+        .args(["delete", "table", "inet", NFT_TABLE])
+        .stderr(Stdio::null())
+        .status();
+    for h in HOSTS {
+        // Quiet: most runs find nothing to remove.
+        let _ = Command::new("ip").args(["netns", "del", h.ns]).output();
+        if Path::new(&format!("/sys/class/net/{}", h.veth)).exists() {
+            let _ = Command::new("ip").args(["link", "del", h.veth]).output();
+        }
+    }
+}
+
+fn config(pg: &Postgres, pin: &Path, port: u16, stats: u16, xdp: bool) -> ProxyConfig {
+    let any = SocketAddr::from(([0, 0, 0, 0], port));
+    let mut config = ProxyConfig::new(Defaults::new(
+        Duration::from_secs(1800),
+        Duration::from_secs(4),
+    ))
+    .data_path(Bpf::Required, pin)
+    .server(ServerConfig::new("pg", pg.addr()))
+    .listener(ListenerConfig::new("postgres_write", any, ["pg"]))
+    .stats(StatsConfig::new(SocketAddr::from(([127, 0, 0, 1], stats))))
+    .allow(AllowConfig::new(
+        &["10.214.11.0/24", "10.214.12.0/24"],
+        vec![PortRef::Name("postgres_write".into())],
+    ));
+    config.global.maxconn = Some(2000);
+    if xdp {
+        config = config.xdp(XdpConfig::required(&[WITH_XDP.veth, DENIED.veth]));
+    }
+    config
+}
+
+fn start_patroxy(bin: &Path, work: &Path, name: &str, config: &ProxyConfig) -> Result<ChildGuard> {
+    let file = work.join(format!("{name}.toml"));
+    std::fs::write(&file, config.to_toml())?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--drain-grace", "1s", "--config"])
+        .arg(&file)
+        .env("PATROXY_LOG", "warn,patroxy::firewall=info");
+    let mut child = ChildGuard::spawn(name, &mut cmd)?;
+    if !wait_for_listen(config.bind(), Duration::from_secs(15)) {
+        let status = child.try_wait().ok().flatten();
+        bail!("{name} did not start (exit {status:?}):\n{}", child.log());
+    }
+    Ok(child)
+}
+
+/// pgbench -S from `host` through patroxy; its TPS.
+fn pgbench(pg: &Postgres, host: &Host, port: u16, plan: &XdpPlan) -> Result<f64> {
+    let template = pg.client("pgbench", port);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", host.ns])
+        .arg(template.get_program())
+        .args(["-h", host.host, "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-S", "-n", "-c", &plan.clients.to_string(), "-j", "2"])
+        .args(["-T", &plan.select_secs.to_string(), "postgres"]);
+    for (k, v) in template.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(plan.select_secs + 60))
+        .map_err(|e| anyhow::anyhow!("pgbench from {}: {e}", host.ns))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "pgbench from {} failed: {stdout}{}",
+            host.ns,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    patroxy_tests::postgres::parse_pgbench_tps(&stdout)
+        .with_context(|| format!("no tps in pgbench's output: {stdout}"))
+}
+
+/// CPU 0's ticks in /proc/stat: (user + nice, system, softirq, all).
+fn cpu0() -> [u64; 4] {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .find(|l| l.starts_with("cpu0 "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    [get(0) + get(1), get(2), get(6), f.iter().sum()]
+}
+
+/// A flood's outcome: packets dropped per second, and CPU 0's time by kind (share of the run).
+struct Flood {
+    dropped_pps: f64,
+    /// CPU 0's system and softirq time per dropped packet: the kernel's side, the veth's
+    /// transmit and receive with the filter, without the generator's user time.
+    kernel_ns_per_packet: f64,
+    user: f64,
+    system: f64,
+    softirq: f64,
+}
+
+/// Floods SYNs from the denied host at `port` for `secs`, pinned to CPU 0; `dropped` reads the
+/// drop counter of whichever filter is in place.
+fn flood(port: u16, secs: u64, dropped: impl Fn() -> Result<u64>) -> Result<Flood> {
+    let before = dropped()?;
+    let cpu_before = cpu0();
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", DENIED.ns, "taskset", "-c", "0", "timeout", "-s", "INT",
+        ])
+        .arg(secs.to_string())
+        .args([
+            "hping3",
+            "--flood",
+            "-q",
+            "-S",
+            "-p",
+            &port.to_string(),
+            DENIED.host,
+        ])
+        .output()
+        .context("hping3 (apt-get install hping3; cargo xtask setup installs it)")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = cpu0();
+    let n = dropped()? - before;
+    if n == 0 {
+        bail!(
+            "the flood dropped nothing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let total = (cpu_after[3] - cpu_before[3]).max(1) as f64;
+    let share = |i: usize| (cpu_after[i] - cpu_before[i]) as f64 / total;
+    let kernel_secs =
+        (cpu_after[1] + cpu_after[2] - cpu_before[1] - cpu_before[2]) as f64 / clk_tck();
+    Ok(Flood {
+        dropped_pps: n as f64 / elapsed,
+        kernel_ns_per_packet: kernel_secs * 1e9 / n as f64,
+        user: share(0),
+        system: share(1),
+        softirq: share(2),
+    })
+}
+
+fn xdp_denied(stats: u16, port: u16) -> Result<u64> {
+    let json: serde_json::Value =
+        serde_json::from_str(&get_ok(SocketAddr::from(([127, 0, 0, 1], stats)), "/;json"))?;
+    json["xdp"]["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["port"] == port))
+        .and_then(|p| p["denied"].as_u64())
+        .context("no XDP counters for the port in the stats JSON")
+}
+
+fn nft(script: &str) -> Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("nft (apt-get install nftables; cargo xtask setup installs it)")?;
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), script.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("nft -f failed on:\n{script}");
+    }
+    Ok(())
+}
+
+/// The rule's counter of dropped packets.
+fn nft_dropped() -> Result<u64> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "inet", NFT_TABLE])
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|o| {
+            o["rule"]["expr"]
+                .as_array()?
+                .iter()
+                .find_map(|e| e["counter"]["packets"].as_u64())
+        })
+        .context("no counter in the nftables rule")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
+    let _net = Net::up()?;
+    let work = std::env::temp_dir().join(format!("patroxy-bench-xdp-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    println!(
+        "bench --xdp: starting PostgreSQL; pgbench -i -s {}",
+        plan.scale
+    );
+    let pg = Postgres::try_start(PostgresOptions::default().trust().max_connections(300))
+        .map_err(|e| anyhow::anyhow!("starting PostgreSQL: {e}"))?;
+    pg.pgbench_init(pg.port(), plan.scale);
+    let (port, stats) = (free_tcp_port(), free_tcp_port());
+    let pin = PathBuf::from(format!(
+        "/sys/fs/bpf/patroxy-bench-xdp-{}",
+        std::process::id()
+    ));
+
+    let proxy = start_patroxy(
+        bin,
+        &work,
+        "patroxy-xdp",
+        &config(&pg, &pin, port, stats, true),
+    )?;
+    // One short warm-up each, then interleaved rounds.
+    pgbench(
+        &pg,
+        &WITH_XDP,
+        port,
+        &XdpPlan {
+            select_secs: 2,
+            ..*plan
+        },
+    )?;
+    pgbench(
+        &pg,
+        &WITHOUT_XDP,
+        port,
+        &XdpPlan {
+            select_secs: 2,
+            ..*plan
+        },
+    )?;
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        with.push(pgbench(&pg, &WITH_XDP, port, plan)?);
+        without.push(pgbench(&pg, &WITHOUT_XDP, port, plan)?);
+        println!(
+            "bench --xdp: round {round}: {:.0} tps with XDP, {:.0} without",
+            with.last().unwrap(),
+            without.last().unwrap()
+        );
+    }
+    println!(
+        "bench --xdp: SYN flood at the XDP program for {} s",
+        plan.flood_secs
+    );
+    let xdp = flood(port, plan.flood_secs, || xdp_denied(stats, port))?;
+    drop(proxy);
+
+    let plain = config(&pg, &pin, port, stats, false);
+    let proxy = start_patroxy(bin, &work, "patroxy-plain", &plain)?;
+    nft(&format!(
+        "table inet {NFT_TABLE} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+         iifname \"{}\" meta nfproto ipv4 tcp dport {port} ip saddr != {{ 10.214.11.0/24, 10.214.12.0/24 }} counter drop\n  }}\n}}\n",
+        DENIED.veth
+    ))?;
+    println!(
+        "bench --xdp: SYN flood at the nftables rule for {} s",
+        plan.flood_secs
+    );
+    let nft_flood = flood(port, plan.flood_secs, nft_dropped)?;
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&work);
+
+    let (w, n) = (median(with), median(without));
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# XDP allowlist: cost and drop rate (`cargo xtask bench --xdp`)\n"
+    );
+    let _ = writeln!(
+        md,
+        "Linux {}, {} CPUs, CLK_TCK {}. patroxy with the sockmap data path; clients in network \
+         namespaces over veth pairs; medians of {} interleaved rounds.\n",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        clk_tck(),
+        plan.rounds,
+    );
+    let _ = writeln!(
+        md,
+        "## Allowed traffic: pgbench -S, {} clients, {} s a round\n\n\
+         | client veth | tps (median) |\n|---|---:|\n| with the XDP program | {w:.0} |\n\
+         | without | {n:.0} |\n| ratio with / without | {:.3} |\n",
+        plan.clients,
+        plan.select_secs,
+        w / n
+    );
+    let _ = writeln!(
+        md,
+        "## Denied traffic: SYN flood from a denied source, {} s, generator and filter on CPU 0\n\n\
+         | filter | dropped packets/s | CPU 0 user | system | softirq | kernel ns per packet |\n\
+         |---|---:|---:|---:|---:|---:|",
+        plan.flood_secs
+    );
+    for (name, f) in [("XDP (patroxy)", &xdp), ("nftables input rule", &nft_flood)] {
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {:.0} % | {:.0} % | {:.0} % | {:.0} |",
+            f.dropped_pps,
+            f.user * 100.0,
+            f.system * 100.0,
+            f.softirq * 100.0,
+            f.kernel_ns_per_packet
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nratio XDP / nftables: {:.2}x the packets per second, {:.2}x the kernel time per packet. \
+         hping3 generates as fast as CPU 0 lets it (its user time is part of the core's), so the \
+         packets per second include the generator's cost; the kernel time per packet is the \
+         transmit, receive and filter side alone.",
+        xdp.dropped_pps / nft_flood.dropped_pps,
+        xdp.kernel_ns_per_packet / nft_flood.kernel_ns_per_packet
+    );
+    let path = out_dir.join("xdp.md");
+    std::fs::write(&path, &md)?;
+    println!("\n{md}\nbench --xdp: wrote {}", path.display());
+    Ok(path)
+}
