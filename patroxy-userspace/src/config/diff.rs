@@ -34,6 +34,12 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
         &og.session_log_rate,
         &ng.session_log_rate,
     );
+    d.restart("global.cancel_rate", &og.cancel_rate, &ng.cancel_rate);
+    d.restart(
+        "global.cancel_rate_per_client",
+        &og.cancel_rate_per_client,
+        &ng.cancel_rate_per_client,
+    );
     d.change("global.maxconn", &og.maxconn, &ng.maxconn);
     let (od, nd) = (&old.defaults, &new.defaults);
     d.change("defaults.retries", &od.retries, &nd.retries);
