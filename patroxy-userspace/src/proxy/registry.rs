@@ -1,6 +1,8 @@
-//! Live sessions by backend, so a mark-down (or shutdown) can reset all of a server's sessions.
+//! Live sessions by backend, so a mark-down (or shutdown) can reset all of a server's sessions,
+//! and with their client's address, so a CancelRequest finds the servers its client talks to.
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -12,8 +14,14 @@ use crate::dataplane::{KillReason, KillSwitch};
 #[derive(Default)]
 pub struct SessionRegistry {
     next_id: AtomicU64,
-    /// backend id -> session id -> its kill switch.
-    by_backend: Mutex<HashMap<u32, HashMap<u64, KillSwitch>>>,
+    /// backend id -> session id -> its kill switch and client address.
+    by_backend: Mutex<HashMap<u32, HashMap<u64, Live>>>,
+}
+
+/// One live session: how to reset it, and whose it is.
+struct Live {
+    kill: KillSwitch,
+    client: IpAddr,
 }
 
 /// Removes its session from the registry when dropped.
@@ -25,7 +33,7 @@ pub struct Registered<'a> {
 }
 
 impl SessionRegistry {
-    pub fn register(&self, backend: u32) -> Registered<'_> {
+    pub fn register(&self, backend: u32, client: IpAddr) -> Registered<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kill = KillSwitch::default();
         self.by_backend
@@ -33,7 +41,13 @@ impl SessionRegistry {
             .expect("registry lock")
             .entry(backend)
             .or_default()
-            .insert(id, kill.clone());
+            .insert(
+                id,
+                Live {
+                    kill: kill.clone(),
+                    client,
+                },
+            );
         Registered {
             registry: self,
             backend,
@@ -49,10 +63,21 @@ impl SessionRegistry {
             .lock()
             .expect("registry lock")
             .get(&backend)
-            .map(|m| m.values().cloned().collect::<Vec<_>>())
+            .map(|m| m.values().map(|l| l.kill.clone()).collect::<Vec<_>>())
             .unwrap_or_default();
         sessions.iter().for_each(|k| k.kill(reason));
         sessions.len()
+    }
+
+    /// The backends with at least one live session from `client`.
+    pub fn backends_of_client(&self, client: IpAddr) -> Vec<u32> {
+        self.by_backend
+            .lock()
+            .expect("registry lock")
+            .iter()
+            .filter(|(_, sessions)| sessions.values().any(|l| l.client == client))
+            .map(|(backend, _)| *backend)
+            .collect()
     }
 
     pub fn kill_all(&self, reason: KillReason) -> usize {
