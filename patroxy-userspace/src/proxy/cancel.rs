@@ -57,11 +57,14 @@ pub(super) enum FirstBytes {
     Session,
 }
 
-/// Classifies a connection by the bytes arrived so far. Only a CancelRequest's prefix waits
-/// for more; every other start is decided by what is there, so no session start is delayed.
+/// Classifies a connection by the bytes arrived so far (at least one). Only a CancelRequest's
+/// prefix of at least its length field waits for more; every other start is decided by what is
+/// there, so no session start is delayed. Fewer than 4 bytes are a session: libpq sends a
+/// cancel in one write, and a client that sends a byte and waits for its answer (no PostgreSQL
+/// client, but a test's echo protocol) must not wait for bytes it will never send.
 pub(super) fn classify(first: &[u8]) -> FirstBytes {
     let header = &first[..first.len().min(CANCEL_HEADER.len())];
-    if CANCEL_HEADER.starts_with(header) {
+    if header.len() >= 4 && CANCEL_HEADER.starts_with(header) {
         return if first.len() >= CANCEL_LEN {
             FirstBytes::Cancel
         } else {
@@ -218,8 +221,12 @@ mod tests {
     #[test]
     fn a_cancel_request_in_pieces_waits_for_the_rest() {
         let p = cancel(1, 2);
-        for n in 1..CANCEL_LEN {
+        for n in 4..CANCEL_LEN {
             assert_eq!(classify(&p[..n]), FirstBytes::Incomplete, "{n} bytes");
+        }
+        // Less than its length: decided at once, as a session (balanced as before).
+        for n in 1..4 {
+            assert_eq!(classify(&p[..n]), FirstBytes::Session, "{n} bytes");
         }
     }
 
