@@ -256,6 +256,16 @@ fn attribution(
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         let sessions = String::from_utf8(out.stdout).unwrap();
+        let table = Command::new(patroxy_bin())
+            .args(["sessions", "--pin-path"])
+            .arg(pin)
+            .arg("--config")
+            .arg(&proxy.config_path)
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&table.stdout);
+        assert!(table.contains(&client.to_string()), "{table}");
+        eprintln!("ATTRIBUTION patroxy sessions:\n{table}{sessions}");
         let rows: serde_json::Value = serde_json::from_str(&sessions).unwrap();
         let row = rows
             .as_array()
