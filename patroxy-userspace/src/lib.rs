@@ -14,24 +14,29 @@
 //! - `dataplane`: splices each established pair (sockmap in the kernel, or the userspace
 //!   fallback) and tears it down; `dataplane::maps` names the kernel's maps and reads the
 //!   pinned ones for the stats and the operator's commands.
+//! - `fdstore`: systemd's file descriptor store: listeners, spliced sessions' sockets and the
+//!   servers' health states kept there across a crash, and taken back at start.
 //! - `proxy`: accepts clients, enforces limits and connects; it applies each new view to the
 //!   data path (mark-down) before publishing it, and offers the stats a read-only
 //!   `StatsSource`.
 //! - `reload`: the one entry point of a configuration reload (SIGHUP, `patroxy reload`): re-reads
 //!   the file and applies what changed to the checker and the proxy, or keeps the running config.
 //! - `stats`: reads all of the above and serves the page, CSV, JSON and metrics.
+//! - `upgrade`: hands listeners, pinned maps and spliced sessions to a successor process
+//!   (`SIGUSR2`, `patroxy upgrade`), and takes them over in that successor.
 //! - `control`: the runtime socket `patroxy ctl` speaks to: the stats' reads, the operator's
 //!   states and the daemon's reload, behind file permissions.
 //! - `privileges`: the capabilities kept after start-up, and dropping the rest on every thread.
-//! - `lifecycle`: start-up in dependency order, signals, drain and shutdown.
+//! - `lifecycle`: start-up in dependency order, signals, reload, drain, upgrade and shutdown.
 //! - `import_haproxy`: a HAProxy configuration rewritten as this crate's TOML (`patroxy
 //!   import-haproxy`); it uses `config` only, to check what it writes.
 //!
-//! The operator's commands (`patroxy status`, `set-state`, `sessions`, `maps`) are the
+//! The operator's commands (`patroxy status`, `set-state`, `upgrade`, `sessions`, `maps`) are the
 //! binary's `cli` module, on top of this library.
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod fdstore;
 pub mod import_haproxy;
 pub mod lifecycle;
 pub mod operator_state;
@@ -41,6 +46,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod stats;
+pub mod upgrade;
 pub mod view;
 
 /// The eBPF object built by build.rs (aya-build) from the patroxy-ebpf crate.

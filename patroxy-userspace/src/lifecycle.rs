@@ -1,37 +1,48 @@
 //! The daemon's life: start-up in dependency order, readiness, signals, drain, exit.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 use crate::{
-    config::Config,
+    config::{BpfMode, Config},
     control,
-    dataplane::{BackendTable, DataPlane, KernelLog},
+    dataplane::{BackendTable, DataPlane, KernelLog, loader::LoadError, pin_dir},
+    fdstore::FdStore,
     operator_state::AdminWriter,
     patroni, privileges,
     proxy::{self, Proxy},
     reload::{self, Reloader},
     stats,
+    upgrade::{Handed, Predecessor, Relaunch, Takeover},
 };
 
-/// Runs the daemon until SIGTERM/SIGINT, then drains for at most `grace`. `config` was read from
-/// `path`, which SIGHUP and `patroxy reload` read again.
-pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT, then drains for at most `relaunch.drain_grace`; or,
+/// on SIGUSR2, until a successor (started as `relaunch` says) took its listeners and sessions
+/// over. With `takeover`, this process is such a successor. SIGHUP (and `patroxy reload`) reads
+/// `relaunch.config` again.
+pub async fn run(
+    config: Config,
+    relaunch: Relaunch,
+    mut takeover: Option<Takeover>,
+) -> anyhow::Result<()> {
     // Before anything else: SIGHUP's default action would end the daemon.
-    let signals = Signals::new()?;
+    let mut signals = Signals::new()?;
+    let grace = relaunch.drain_grace;
     let config = Arc::new(config);
     raise_fd_limit(&config);
-    let dataplane = Arc::new(DataPlane::select(
-        config.global.bpf,
-        &config.global.pin_path,
-        KernelLog::from_config(&config.global)?,
-    )?);
+    let log = KernelLog::from_config(&config.global)?;
+    let dataplane = Arc::new(select_data_path(&config, takeover.as_mut(), log)?);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let checks = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
+    let carried = takeover.as_ref().map_or(&[][..], |t| &t.health[..]);
+    let checks = patroni::spawn_checker_from(&config, carried, stop.clone(), &tracker)?;
     let backends = Arc::new(BackendTable::new(
         dataplane.kernel().cloned(),
         config
@@ -44,20 +55,55 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         .listeners
         .iter()
         .map(|l| {
-            proxy::bind(l.bind, config.global.maxconn)
-                .with_context(|| format!("listener {}: binding {}", l.name, l.bind))
+            match takeover.as_mut().and_then(|t| t.listener(&l.name)) {
+                Some(handed) => handed
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(handed)),
+                None => proxy::bind(l.bind, config.global.maxconn),
+            }
+            .with_context(|| format!("listener {}: binding {}", l.name, l.bind))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     // Bound before any client is accepted: a taken stats port fails the start-up.
-    let stats_listener = match &config.stats {
-        Some(s) => Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?),
-        None => None,
+    let stats_listener = match (
+        &config.stats,
+        takeover.as_mut().and_then(|t| t.stats.take()),
+    ) {
+        (Some(_), Some(handed)) => Some(handed),
+        (Some(s), None) => {
+            Some(stats::bind(s.bind).with_context(|| format!("stats: binding {}", s.bind))?)
+        }
+        (None, _) => None,
     };
     let runtime_socket = match &config.runtime {
-        Some(r) => Some(control::bind(r).context("runtime socket")?),
+        Some(r) => Some(
+            match takeover.as_mut().and_then(|t| t.runtime_socket(&r.socket)) {
+                Some(handed) => control::adopt(r, handed),
+                None => control::bind(r),
+            }
+            .context("runtime socket")?,
+        ),
         None => None,
     };
+    // Kept to hand over: the accept loop, the stats server and the runtime socket's thread own
+    // the originals.
+    let handed_fds = HandedFds::of(
+        &config,
+        &listeners,
+        stats_listener.as_ref(),
+        runtime_socket.as_ref(),
+    )?;
+    let fd_store = FdStore::from_env();
+    if let Some(store) = &fd_store {
+        for (name, fd) in handed_fds.listeners(&config) {
+            store.store_listener(&name, fd);
+        }
+        if let Some(stats) = &handed_fds.stats {
+            store.store_stats(stats.as_fd());
+        }
+    }
     // Loaded, pinned and bound: from here on only a rebind below 1024 may need a capability.
+    // A successor (which starts with none) only opens pinned maps and takes descriptors over.
     let binds = config
         .listeners
         .iter()
@@ -80,8 +126,19 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         checks.subscribe(),
         admin.subscribe(),
     );
+    if let Some(store) = fd_store {
+        proxy.keep_sessions_in(store);
+    }
     tracker.spawn(proxy.clone().follow_health(stop.clone()));
-    let reloader = reload::spawn(path, proxy.clone(), checks, stop.clone(), &tracker);
+    // What an upgrade carries over; the reloader owns the checker.
+    let health = checks.subscribe();
+    let reloader = reload::spawn(
+        relaunch.config.clone(),
+        proxy.clone(),
+        checks,
+        stop.clone(),
+        &tracker,
+    );
     let stats_thread = match stats_listener {
         Some(listener) => Some(
             stats::serve(
@@ -95,6 +152,7 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         ),
         None => None,
     };
+    let runtime_hand_over = runtime_socket.as_ref().map(control::BoundSocket::hand_over);
     let control_thread = match runtime_socket {
         Some(socket) => Some(
             control::serve(
@@ -109,6 +167,9 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
         None => None,
     };
     proxy.serve(listeners, stop.clone(), &tracker);
+    if let Some(takeover) = takeover {
+        tracker.spawn(takeover.adopt_sessions(proxy.clone(), tracker.clone()));
+    }
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),
@@ -116,11 +177,57 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
-    signals.serve_until_stop(&reloader).await;
-    info!("stopping: no new clients; draining sessions for up to {grace:?}");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    stop.cancel();
-    proxy.drain(&tracker, grace).await;
+    let predecessor = loop {
+        match signals.next(&reloader).await {
+            Signal::Stop => break None,
+            Signal::Upgrade => {
+                let handed = Handed {
+                    pin_lock: dataplane.kernel().map(|k| k.pin_lock()),
+                    listeners: handed_fds.listeners(&config),
+                    stats: handed_fds.stats.as_ref().map(|f| f.as_fd()),
+                    runtime: handed_fds.runtime(),
+                    health: health.borrow().carry(),
+                };
+                // The successor writes BACKENDS from its start: nothing here may overwrite it.
+                proxy.backends().write_kernel(false);
+                match Predecessor::start(&relaunch, handed).await {
+                    Ok(p) => break Some(p),
+                    Err(e) => {
+                        proxy.backends().write_kernel(true);
+                        tracing::error!("upgrade failed, running on: {e:#}");
+                    }
+                }
+            }
+        }
+    };
+    match predecessor {
+        Some(predecessor) => {
+            let _ = sd_notify::notify(
+                false,
+                &[sd_notify::NotifyState::MainPid(predecessor.successor_pid())],
+            );
+            info!("upgrade: no new clients here; handing the spliced sessions over");
+            // The successor listens on the runtime socket's file: it must stay at our exit.
+            if let Some(hand_over) = &runtime_hand_over {
+                hand_over.done();
+            }
+            stop.cancel();
+            if let Some(kernel) = dataplane.kernel() {
+                kernel.hand_over();
+            }
+            let (to_successor, sessions) = tokio::sync::mpsc::unbounded_channel();
+            proxy.hand_over_sessions(to_successor);
+            predecessor
+                .pass_sessions(&proxy, sessions, &tracker, grace)
+                .await;
+        }
+        None => {
+            info!("stopping: no new clients; draining sessions for up to {grace:?}");
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            stop.cancel();
+            proxy.drain(&tracker, grace).await;
+        }
+    }
     if let Some(thread) = stats_thread {
         // Returns within a second: the stats server cuts its connections after a short grace.
         if tokio::task::spawn_blocking(move || thread.join())
@@ -141,11 +248,57 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
     Ok(())
 }
 
-/// The daemon's signal handlers: SIGTERM and SIGINT stop it, SIGHUP reloads the configuration.
+/// The data path: a predecessor's pinned maps when sessions come that live in them (an upgrade,
+/// or the fd store after a crash), else loaded as the config says.
+fn select_data_path(
+    config: &Config,
+    takeover: Option<&mut Takeover>,
+    log: Option<KernelLog>,
+) -> anyhow::Result<DataPlane> {
+    let pin_path = &config.global.pin_path;
+    let Some(takeover) =
+        takeover.filter(|t| config.global.bpf != BpfMode::Off && t.needs_pinned_maps())
+    else {
+        return Ok(DataPlane::select(config.global.bpf, pin_path, log)?);
+    };
+    if log.is_some() {
+        tracing::warn!("the eBPF debug log is not available in a taken-over data path");
+    }
+    match takeover.pin_lock.take() {
+        Some(lock) => DataPlane::adopt(pin_path, lock).context("taking over the pinned maps"),
+        // After a crash nobody holds the lock; the pins the dead daemon left hold the sessions.
+        None => {
+            let adopted = pin_dir::claim(pin_path)
+                .map_err(LoadError::from)
+                .and_then(|lock| DataPlane::adopt(pin_path, lock));
+            match adopted {
+                Ok(dataplane) => Ok(dataplane),
+                Err(e) => {
+                    tracing::warn!(
+                        "the stored sessions' maps cannot be opened ({e}); loading afresh, the sessions will be reset"
+                    );
+                    Ok(DataPlane::select(config.global.bpf, pin_path, None)?)
+                }
+            }
+        }
+    }
+}
+
+/// What the daemon's signals ask of `run` (SIGHUP's reload is done on the way).
+enum Signal {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGUSR2: start a successor and hand over.
+    Upgrade,
+}
+
+/// The daemon's signal handlers: SIGTERM and SIGINT stop it, SIGHUP reloads the configuration,
+/// SIGUSR2 upgrades it.
 struct Signals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -154,24 +307,75 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
-    /// Reloads on every SIGHUP (the reload logs its outcome) until SIGTERM or SIGINT.
-    async fn serve_until_stop(mut self, reloader: &Reloader) {
+    /// Reloads on every SIGHUP (the reload logs its outcome) until a signal that `run` acts on.
+    async fn next(&mut self, reloader: &Reloader) -> Signal {
         loop {
-            let stop = tokio::select! {
-                _ = self.term.recv() => "SIGTERM",
-                _ = self.int.recv() => "SIGINT",
+            tokio::select! {
+                _ = self.term.recv() => { info!("SIGTERM received"); return Signal::Stop }
+                _ = self.int.recv() => { info!("SIGINT received"); return Signal::Stop }
+                _ = self.usr2.recv() => {
+                    info!("SIGUSR2 received: upgrading");
+                    return Signal::Upgrade;
+                }
                 _ = self.hup.recv() => {
                     info!("SIGHUP received: reloading the configuration");
                     let _ = reloader.reload().await;
-                    continue;
                 }
-            };
-            info!("{stop} received");
-            return;
+            }
         }
+    }
+}
+
+/// Duplicates of the listening sockets, for a successor.
+struct HandedFds {
+    listeners: Vec<OwnedFd>,
+    stats: Option<OwnedFd>,
+    /// The runtime socket's path and listening socket.
+    runtime: Option<(PathBuf, OwnedFd)>,
+}
+
+impl HandedFds {
+    fn of(
+        config: &Config,
+        listeners: &[tokio::net::TcpListener],
+        stats: Option<&std::net::TcpListener>,
+        runtime: Option<&control::BoundSocket>,
+    ) -> anyhow::Result<Self> {
+        debug_assert_eq!(config.listeners.len(), listeners.len());
+        Ok(Self {
+            listeners: listeners
+                .iter()
+                .map(|l| l.as_fd().try_clone_to_owned())
+                .collect::<Result<_, _>>()?,
+            stats: stats.map(|s| s.as_fd().try_clone_to_owned()).transpose()?,
+            runtime: runtime
+                .map(|r| {
+                    r.listener
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map(|fd| (r.path().to_owned(), fd))
+                })
+                .transpose()?,
+        })
+    }
+
+    fn runtime(&self) -> Option<(PathBuf, BorrowedFd<'_>)> {
+        self.runtime
+            .as_ref()
+            .map(|(path, fd)| (path.clone(), fd.as_fd()))
+    }
+
+    fn listeners(&self, config: &Config) -> Vec<(String, BorrowedFd<'_>)> {
+        config
+            .listeners
+            .iter()
+            .zip(&self.listeners)
+            .map(|(l, fd)| (l.name.clone(), fd.as_fd()))
+            .collect()
     }
 }
 

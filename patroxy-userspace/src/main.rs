@@ -22,9 +22,30 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
         config: PathBuf,
-        /// How long SIGTERM waits for open sessions before resetting them.
+        /// How long SIGTERM waits for open sessions before resetting them (and an upgrade for
+        /// the sessions on the userspace fallback path, which stay in the old process).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         drain_grace: Duration,
+        /// Set by a predecessor starting this process as its successor (an upgrade): the
+        /// descriptor of the unix socket it hands its listeners and sessions over.
+        #[arg(long, hide = true)]
+        takeover_fd: Option<i32>,
+    },
+    /// Upgrade the running daemon without dropping a session: it starts the binary at the
+    /// path it was started from (install the new one there first) and hands it its listening
+    /// sockets and spliced sessions (SIGUSR2 does the same).
+    Upgrade {
+        /// The daemon's pid; defaults to the one its stats page shows.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// The stats server; defaults to the `[stats]` bind of --config.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+        config: PathBuf,
+        /// How long to wait for the old process to be gone.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Validate a configuration file and exit (0 = valid, 64 = invalid).
     CheckConfig { file: PathBuf },
@@ -45,35 +66,15 @@ enum Command {
         target: String,
         /// ready | drain | maint
         state: patroxy::operator_state::AdminState,
-        /// The runtime socket to use instead of --config's.
-        #[arg(long, conflicts_with = "url")]
-        socket: Option<PathBuf>,
-        /// The stats server to use instead of --config's.
-        #[arg(long)]
-        url: Option<String>,
-        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
-        /// of --config).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonRoute,
     },
     /// Make the running daemon re-read its configuration file (as SIGHUP does) and print what
     /// changed; exits 1 with every error when the file is invalid (the daemon keeps running
     /// its old configuration).
     Reload {
-        /// The runtime socket to use instead of --config's.
-        #[arg(long, conflicts_with = "url")]
-        socket: Option<PathBuf>,
-        /// The stats server to use instead of --config's.
-        #[arg(long)]
-        url: Option<String>,
-        /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
-        /// of --config).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonRoute,
     },
     /// Send a command to the daemon's runtime socket and print the answer: `show servers`,
     /// `show sessions`, `set state <listener>/<server> <state>`, `reload`, `help`; `--json`
@@ -115,6 +116,24 @@ enum Command {
     },
 }
 
+/// How an operator command reaches the running daemon: the runtime socket, the stats server,
+/// or whichever of them --config names.
+#[derive(clap::Args)]
+struct DaemonRoute {
+    /// The runtime socket to use instead of --config's.
+    #[arg(long, conflicts_with = "url")]
+    socket: Option<PathBuf>,
+    /// The stats server to use instead of --config's.
+    #[arg(long)]
+    url: Option<String>,
+    /// The admin token's file, for the stats server (defaults to `[stats] admin_auth_file`
+    /// of --config).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(short, long, default_value = "/etc/patroxy/patroxy.toml")]
+    config: PathBuf,
+}
+
 /// sysexits' EX_CONFIG... HAProxy-compatible tooling expects 64 (EX_USAGE) for bad config.
 const EXIT_BAD_CONFIG: u8 = 64;
 
@@ -150,10 +169,13 @@ fn main() -> ExitCode {
         Command::SetState {
             target,
             state,
-            socket,
-            url,
-            token_file,
-            config,
+            daemon:
+                DaemonRoute {
+                    socket,
+                    url,
+                    token_file,
+                    config,
+                },
         } => report(
             cli::set_state::Via::choose(socket, url, token_file, &config).and_then(|via| {
                 let runtime = tokio::runtime::Runtime::new()?;
@@ -161,10 +183,13 @@ fn main() -> ExitCode {
             }),
         ),
         Command::Reload {
-            socket,
-            url,
-            token_file,
-            config,
+            daemon:
+                DaemonRoute {
+                    socket,
+                    url,
+                    token_file,
+                    config,
+                },
         } => report(
             reload_route(socket, url, token_file, &config).and_then(|via| {
                 let runtime = tokio::runtime::Runtime::new()?;
@@ -192,12 +217,47 @@ fn main() -> ExitCode {
         ),
         Command::Maps { pin_path } => report(cli::maps::run(&pin_path)),
         Command::ImportHaproxy { file, out } => cli::import_haproxy::run(&file, out.as_deref()),
-        Command::Run {
+        Command::Upgrade {
+            pid,
+            url,
             config,
+            timeout,
+        } => report(cli::stats_url(url, &config).and_then(|url| {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::upgrade::run(&url, pid, timeout))
+        })),
+        Command::Run {
+            config: config_path,
             drain_grace,
+            takeover_fd,
         } => {
-            let path = config;
-            let config = match patroxy::config::load(&path) {
+            // Read before anything else can fail: the predecessor waits for an answer, and a
+            // successor that exits closes the channel, which tells it the upgrade failed.
+            let takeover = match takeover_fd {
+                // SAFETY: the predecessor passed this descriptor for us alone.
+                Some(fd) => match unsafe { patroxy::upgrade::Takeover::receive(fd) } {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("patroxy: taking over: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                // After a crash under systemd, the fd store's listeners and sessions.
+                None => match patroxy::fdstore::Restored::from_env() {
+                    Ok(restored) => restored.map(patroxy::upgrade::Takeover::from_fd_store),
+                    Err(e) => {
+                        eprintln!("patroxy: reading LISTEN_FDS: {e}");
+                        None
+                    }
+                },
+            };
+            // The path, not the inode: after a package upgrade the new binary is there.
+            let relaunch = patroxy::upgrade::Relaunch {
+                binary: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+                config: config_path.clone(),
+                drain_grace,
+            };
+            let config = match patroxy::config::load(&config_path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("refusing to start: {e}");
@@ -205,7 +265,7 @@ fn main() -> ExitCode {
                 }
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(patroxy::lifecycle::run(config, path, drain_grace)) {
+            match runtime.block_on(patroxy::lifecycle::run(config, relaunch, takeover)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("patroxy: {e:#}");

@@ -8,4 +8,5 @@ pub mod pki;
 pub mod ports;
 pub mod postgres;
 pub mod process;
+pub mod service_manager;
 pub mod stats_client;

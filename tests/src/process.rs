@@ -289,3 +289,20 @@ pub fn require_root(test_name: &str) -> bool {
     );
     false
 }
+
+/// uid and gid of `nobody`, the unprivileged other user of the permission tests.
+pub const NOBODY: u32 = 65534;
+
+/// `command` run as `nobody`, without any capability.
+pub fn as_nobody(command: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args(command)
+        .output()
+        .expect("run setpriv")
+}

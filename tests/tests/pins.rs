@@ -7,7 +7,7 @@ mod common;
 use std::{
     os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Output},
+    process::{Command, ExitStatus},
     time::Duration,
 };
 
@@ -17,15 +17,12 @@ use patroxy_tests::{
     config::{Bpf, ProxyConfig},
     daemon::Patroxy,
     ports::{free_tcp_port, is_listening},
-    process::{ChildGuard, patroxy_bin, require_root},
+    process::{ChildGuard, NOBODY, as_nobody, patroxy_bin, require_root},
 };
 use tokio::net::TcpStream;
 
 /// The maps patroxy pins, as named under the pin directory.
 const PINS: [&str; 4] = ["SOCKS", "SESSIONS", "BACKENDS", "LOG_LIMIT"];
-
-/// uid and gid of `nobody`, the other user of these tests.
-const NOBODY: u32 = 65534;
 
 /// Starts `patroxy run` on `toml` and waits for it to exit, which a refused start does at once.
 /// Panics, with its log, if it is still running after 10 s.
@@ -46,20 +43,6 @@ fn write_config(name: &str, toml: &str) -> PathBuf {
     let file = dir.join(format!("{name}-{}.toml", std::process::id()));
     std::fs::write(&file, toml).unwrap();
     file
-}
-
-/// `command` run as `nobody`, without any capability.
-fn as_nobody(command: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .args(command)
-        .output()
-        .expect("run setpriv")
 }
 
 /// (inode, owner, mode) of each pin: the same pins, untouched, keep all three.

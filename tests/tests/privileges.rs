@@ -12,7 +12,7 @@ use std::{
         process::CommandExt as _,
     },
     path::Path,
-    process::{Command, Output},
+    process::Command,
     time::Duration,
 };
 
@@ -20,12 +20,10 @@ use common::{Path_, echo_once, local, one_listener};
 use patroxy_tests::{
     backend::{Backend, Behaviour},
     daemon::Patroxy,
-    process::{patroxy_bin, require_root},
+    process::{NOBODY, as_nobody, patroxy_bin, require_root},
 };
 use tokio::net::TcpStream;
 
-/// uid and gid of `nobody`, the other user of these tests.
-const NOBODY: u32 = 65534;
 /// Bit of CAP_NET_ADMIN and CAP_BPF in the capability sets.
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_BPF: u32 = 39;
@@ -89,20 +87,6 @@ fn sessions(pin: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
-}
-
-/// `command` run as `nobody`, without any capability.
-fn as_nobody(command: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .args(command)
-        .output()
-        .expect("run setpriv")
 }
 
 /// Starts the daemon as `nobody` with CAP_BPF and CAP_NET_ADMIN in its ambient set, as

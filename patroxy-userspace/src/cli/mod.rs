@@ -1,6 +1,6 @@
-//! The operator's commands, one file each: `status` and `reload` talk to the running daemon
-//! through its stats server, `ctl` through its runtime socket, `set-state` through either (the
-//! socket when the config has one), `sessions` and `maps` read its pinned maps;
+//! The operator's commands, one file each: `status`, `reload` and `upgrade` talk to the running
+//! daemon through its stats server, `ctl` through its runtime socket, `set-state` through either
+//! (the socket when the config has one), `sessions` and `maps` read its pinned maps;
 //! `import-haproxy` converts a HAProxy configuration.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -17,6 +17,7 @@ pub mod reload;
 pub mod sessions;
 pub mod set_state;
 pub mod status;
+pub mod upgrade;
 
 /// Posts to the admin endpoint `segments` under `url` (with the admin token when given) and
 /// prints the daemon's answer; a refusal is an error carrying it.

@@ -24,7 +24,7 @@ use std::{future::Future, pin::Pin};
 use crate::reload::{ReloadStatus, Reloader};
 
 pub use server::serve;
-pub use socket::{BindError, BoundSocket, bind};
+pub use socket::{BindError, BoundSocket, HandOver, adopt, bind};
 
 /// What `reload` answers: a summary of what changed, or every error found (the running
 /// configuration then stays as it was).

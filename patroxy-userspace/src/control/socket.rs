@@ -8,6 +8,10 @@ use std::{
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tracing::{info, warn};
@@ -35,16 +39,36 @@ pub struct BoundSocket {
     path: PathBuf,
     /// The file's device and inode, to recognise it at exit.
     id: (u64, u64),
+    /// Set once an upgrade's successor listens on this same socket: the file is its now.
+    handed_over: Arc<AtomicBool>,
+}
+
+/// Tells a [`BoundSocket`] that a successor took it over, so that its file stays at exit.
+#[derive(Clone)]
+pub struct HandOver(Arc<AtomicBool>);
+
+impl HandOver {
+    pub fn done(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 impl BoundSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// What tells this socket, once moved to its thread, that a successor listens on it.
+    pub fn hand_over(&self) -> HandOver {
+        HandOver(self.handed_over.clone())
+    }
 }
 
 impl Drop for BoundSocket {
     fn drop(&mut self) {
+        if self.handed_over.load(Ordering::SeqCst) {
+            return;
+        }
         match fs::symlink_metadata(&self.path) {
             Ok(m) if (m.dev(), m.ino()) == self.id => {
                 if let Err(e) = fs::remove_file(&self.path) {
@@ -103,6 +127,26 @@ pub fn bind(runtime: &Runtime) -> Result<BoundSocket, BindError> {
         listener,
         path: path.clone(),
         id: (meta.dev(), meta.ino()),
+        handed_over: Arc::default(),
+    })
+}
+
+/// The socket of `runtime` as an upgrade's predecessor handed it over, `listener` listening on
+/// the file already in place: nothing is bound, moved or re-owned (the successor may lack the
+/// capability to), so clients never find the path missing.
+pub fn adopt(runtime: &Runtime, listener: UnixListener) -> Result<BoundSocket, BindError> {
+    let path = &runtime.socket;
+    let meta = fs::symlink_metadata(path).map_err(|source| BindError::Io {
+        what: "reading",
+        path: path.clone(),
+        source,
+    })?;
+    info!(path = %path.display(), "runtime socket taken over");
+    Ok(BoundSocket {
+        listener,
+        path: path.clone(),
+        id: (meta.dev(), meta.ino()),
+        handed_over: Arc::default(),
     })
 }
 

@@ -3,7 +3,13 @@
 //! for a server marked down; bpftool shows the whole table. The daemon is its one writer: each
 //! write first checks that the map still holds the daemon's last value, and
 //! [`BackendTable::restore_foreign_writes`] reports what anyone else wrote.
-use std::{net::SocketAddr, sync::Arc, sync::Mutex};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use aya::maps::{HashMap, MapData, MapError};
 use patroxy_common::BackendEntry;
@@ -13,6 +19,8 @@ use super::KernelMaps;
 
 pub struct BackendTable {
     kernel: Option<Arc<KernelMaps>>,
+    /// Cleared while a successor takes the maps over: from then on it writes BACKENDS.
+    writes_kernel: AtomicBool,
     written: Mutex<Written>,
 }
 
@@ -44,7 +52,8 @@ impl BackendTable {
                 ..Default::default()
             })
             .collect();
-        // The maps are new (stale pins are replaced at load): nothing to compare with yet.
+        // New maps, or a predecessor's taken over (whose values this daemon now owns): nothing
+        // to compare with yet.
         if let Some(kernel) = &kernel {
             let mut map = kernel.backends.lock().expect("BACKENDS lock");
             for (index, entry) in entries.iter().enumerate() {
@@ -53,6 +62,7 @@ impl BackendTable {
         }
         Self {
             kernel,
+            writes_kernel: AtomicBool::new(true),
             written: Mutex::new(Written {
                 entries,
                 overwritten: Vec::new(),
@@ -83,16 +93,25 @@ impl BackendTable {
         self.update(id, |e| e.sessions = e.sessions.saturating_sub(1));
     }
 
+    /// Stops (`false`) or resumes writing BACKENDS: an upgrade's successor writes it as soon as
+    /// it starts, so a predecessor's late updates (sessions ending) must not overwrite them.
+    pub fn write_kernel(&self, on: bool) {
+        self.writes_kernel.store(on, Ordering::SeqCst);
+    }
+
     /// Finds where someone else wrote BACKENDS (an operator's `bpftool map update` or
     /// `delete`): entries that differ from what the daemon last wrote, which are written back,
     /// and those the daemon's own writes replaced since the last call. None in the fallback
-    /// path, which has no map.
+    /// path, which has no map, nor while a successor writes it.
     pub fn restore_foreign_writes(&self) -> Vec<ForeignWrite> {
         let Some(kernel) = &self.kernel else {
             return Vec::new();
         };
         // Under the table's lock, as `update`: none of the daemon's own writes is in flight.
         let mut written = self.written.lock().expect("backends lock");
+        if !self.writes_kernel.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
         let mut map = kernel.backends.lock().expect("BACKENDS lock");
         let mut found = std::mem::take(&mut written.overwritten);
         for (index, ours) in written.entries.iter().enumerate() {
@@ -113,7 +132,11 @@ impl BackendTable {
         let Some(entry) = written.entries.get_mut(id as usize - 1) else {
             return;
         };
-        let Some(kernel) = &self.kernel else {
+        let Some(kernel) = self
+            .kernel
+            .as_ref()
+            .filter(|_| self.writes_kernel.load(Ordering::SeqCst))
+        else {
             change(entry);
             return;
         };

@@ -2,13 +2,16 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, SockHash},
-    programs::SkSkb,
+    maps::{HashMap, Map, MapData, SockHash},
+    programs::{SkSkb, sk_skb::SkSkbLink},
 };
 use patroxy_common::{BackendEntry, SessionEntry};
 use tracing::{info, warn};
@@ -43,16 +46,23 @@ pub enum LoadError {
     PinDir(#[from] pin_dir::PinDirError),
 }
 
-/// The loaded kernel data path. Dropping it detaches the program and removes the pins.
+/// The loaded kernel data path. Dropping it detaches the program and removes the pins, unless
+/// it was [handed over](KernelMaps::hand_over) to a successor.
 pub struct KernelMaps {
     pub socks: Mutex<SockHash<MapData, u64>>,
     pub sessions: Mutex<HashMap<MapData, u64, SessionEntry>>,
     pub backends: Mutex<HashMap<MapData, u32, BackendEntry>>,
     pin_dir: PathBuf,
     /// Held until `drop` has removed the pins, so no second daemon takes the directory meanwhile.
-    _pin_lock: PinDirLock,
-    /// Owns the program and its attachment for as long as the maps are used.
-    _ebpf: Ebpf,
+    pin_lock: PinDirLock,
+    /// The verdict program's attachment to SOCKS, taken out of `ebpf` so that a hand-over can
+    /// leave it in place (the map keeps the program) when this process exits. `None` when the
+    /// maps were adopted from a predecessor, which attached it.
+    link: Option<SkSkbLink>,
+    /// Set once a successor took the maps over: `drop` leaves pins and program as they are.
+    handed_over: AtomicBool,
+    /// Owns the program for as long as the maps are used; `None` when adopted.
+    _ebpf: Option<Ebpf>,
 }
 
 impl KernelMaps {
@@ -79,7 +89,8 @@ impl KernelMaps {
             .ok_or(LoadError::Missing(PROGRAM))?
             .try_into()?;
         program.load()?;
-        program.attach(socks.fd())?;
+        let link_id = program.attach(socks.fd())?;
+        let link = program.take_link(link_id)?;
         if let Some(log) = log
             && let Err(e) = log.start(&mut ebpf)
         {
@@ -92,18 +103,63 @@ impl KernelMaps {
             sessions: Mutex::new(sessions),
             backends: Mutex::new(backends),
             pin_dir: pin_dir.to_owned(),
-            _pin_lock: pin_lock,
-            _ebpf: ebpf,
+            pin_lock,
+            link: Some(link),
+            handed_over: AtomicBool::new(false),
+            _ebpf: Some(ebpf),
         })
+    }
+
+    /// Opens the maps a predecessor pinned in `pin_dir` (whose lock it handed over as
+    /// `pin_lock`), with the verdict program it attached to SOCKS: nothing is loaded, so this
+    /// needs no CAP_BPF beyond access to the pins. A map whose key or value size differs from
+    /// this build's (a changed layout) is refused: such an upgrade needs a restart.
+    pub fn adopt(pin_dir: &Path, pin_lock: PinDirLock) -> Result<Self, LoadError> {
+        fn open<T>(dir: &Path, name: &'static str) -> Result<T, LoadError>
+        where
+            T: TryFrom<Map, Error = aya::maps::MapError>,
+        {
+            let data = MapData::from_pin(dir.join(name)).map_err(|e| LoadError::Map(name, e))?;
+            let map = Map::from_map_data(data).map_err(|e| LoadError::Map(name, e))?;
+            T::try_from(map).map_err(|e| LoadError::Map(name, e))
+        }
+        let maps = Self {
+            socks: Mutex::new(open(pin_dir, MAP_SOCKS)?),
+            sessions: Mutex::new(open(pin_dir, MAP_SESSIONS)?),
+            backends: Mutex::new(open(pin_dir, MAP_BACKENDS)?),
+            pin_dir: pin_dir.to_owned(),
+            pin_lock,
+            link: None,
+            handed_over: AtomicBool::new(false),
+            _ebpf: None,
+        };
+        info!(pin_dir = %pin_dir.display(), "sockmap data path adopted from the pinned maps");
+        Ok(maps)
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
+
+    /// The pin directory's lock, for a successor to hold too before this process lets it go.
+    pub fn pin_lock(&self) -> &PinDirLock {
+        &self.pin_lock
+    }
+
+    /// A successor holds the maps now: this process's exit must leave the pins and the
+    /// program's attachment to SOCKS for it.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Drop for KernelMaps {
     fn drop(&mut self) {
+        if self.handed_over.load(Ordering::SeqCst) {
+            // Dropping the link would detach the program from the successor's sessions.
+            std::mem::forget(self.link.take());
+            return;
+        }
         remove_pins(&self.pin_dir);
         let _ = fs::remove_dir(&self.pin_dir);
     }

@@ -99,10 +99,12 @@ impl fmt::Display for KillReason {
 }
 
 /// Ends one session from outside (mark-down, shutdown); the data path resets both sockets.
+/// Also asks a spliced session to leave its sockets to a successor process (an upgrade).
 #[derive(Clone, Debug, Default)]
 pub struct KillSwitch {
     token: CancellationToken,
     reason: Arc<OnceLock<KillReason>>,
+    hand_over: CancellationToken,
 }
 
 impl KillSwitch {
@@ -115,6 +117,29 @@ impl KillSwitch {
         self.token.cancelled().await;
         *self.reason.get().unwrap_or(&KillReason::Shutdown)
     }
+
+    /// A spliced session stops watching and returns its sockets ([`Outcome::HandedOver`]),
+    /// its map entries left in place; a fallback session ignores this and runs to its end.
+    pub fn hand_over(&self) {
+        self.hand_over.cancel();
+    }
+
+    async fn handing_over(&self) {
+        self.hand_over.cancelled().await
+    }
+}
+
+/// What a session run by the data path came to.
+pub enum Outcome {
+    Ended(SessionEnd),
+    /// Still spliced in the kernel, its entries in SOCKS and SESSIONS, for a successor.
+    HandedOver(Detached),
+}
+
+/// A spliced session's two sockets, out of this process's watch (see [`KillSwitch::hand_over`]).
+pub struct Detached {
+    pub client: std::net::TcpStream,
+    pub backend: std::net::TcpStream,
 }
 
 /// Totals of a finished session. Both counts are payload bytes.
@@ -175,6 +200,21 @@ impl DataPlane {
         }
     }
 
+    /// The sockmap path from the maps and program a predecessor pinned and attached (an
+    /// upgrade): nothing is loaded. Refused, whatever the mode, if the maps do not match this
+    /// build; the predecessor then keeps running.
+    pub fn adopt(
+        pin_dir: &std::path::Path,
+        lock: pin_dir::PinDirLock,
+    ) -> Result<Self, loader::LoadError> {
+        let maps = KernelMaps::adopt(pin_dir, lock)?;
+        let closes = closewatch::CloseWatcher::new().map_err(loader::LoadError::Epoll)?;
+        Ok(Self::Sockmap {
+            maps: Arc::new(maps),
+            closes,
+        })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Sockmap { .. } => "sockmap",
@@ -189,17 +229,17 @@ impl DataPlane {
         }
     }
 
-    /// Runs one established session to its end.
+    /// Runs one established session to its end, or until it is handed over.
     pub async fn run(
         &self,
         client: TcpStream,
         backend: TcpStream,
         meta: SessionMeta,
         kill: &KillSwitch,
-    ) -> SessionEnd {
+    ) -> Outcome {
         let _ = client.set_nodelay(true);
         let _ = backend.set_nodelay(true);
-        match self {
+        let ended = match self {
             Self::Sockmap { .. } if too_much_queued(&client) => {
                 debug!(
                     "client sent more than {SPLICE_QUEUE_LIMIT} bytes before its backend connected; serving it on the fallback path"
@@ -208,7 +248,7 @@ impl DataPlane {
             }
             Self::Sockmap { maps, closes } => {
                 match sockmap::Spliced::insert(maps, &client, &backend, meta) {
-                    Ok(spliced) => spliced.run(client, backend, closes, kill).await,
+                    Ok(spliced) => return spliced.run(client, backend, closes, kill).await,
                     Err(e) => {
                         // EOPNOTSUPP: a socket no longer established (the client already closed);
                         // the fallback path still serves whatever it sent.
@@ -222,7 +262,36 @@ impl DataPlane {
                 }
             }
             Self::Fallback => fallback::run(client, backend, meta, kill).await,
-        }
+        };
+        Outcome::Ended(ended)
+    }
+
+    /// Goes on with a session a predecessor spliced (its sockets still in SOCKS and SESSIONS)
+    /// until it ends or is handed over again. `None` on the fallback path, which has no
+    /// spliced sessions to resume.
+    pub async fn resume(
+        &self,
+        detached: Detached,
+        meta: SessionMeta,
+        kill: &KillSwitch,
+    ) -> Option<Outcome> {
+        let Self::Sockmap { maps, closes } = self else {
+            return None;
+        };
+        let Detached { client, backend } = detached;
+        Some(
+            match sockmap::Spliced::resume(maps, &client, &backend, meta) {
+                Ok(spliced) => spliced.watch_std(client, backend, closes, kill).await,
+                Err(e) => {
+                    reset_both(&client, &backend);
+                    Outcome::Ended(SessionEnd {
+                        reason: EndReason::Error(format!("resuming: {e}")),
+                        bytes_from_client: 0,
+                        bytes_from_server: 0,
+                    })
+                }
+            },
+        )
     }
 }
 
@@ -269,7 +338,7 @@ impl Side {
 }
 
 /// Closes both sockets with RST (SO_LINGER 0), as HAProxy's shutdown-sessions does.
-fn reset_both(client: impl std::os::fd::AsFd, backend: impl std::os::fd::AsFd) {
+pub fn reset_both(client: impl std::os::fd::AsFd, backend: impl std::os::fd::AsFd) {
     let _ = sockopt::arm_reset(&client);
     let _ = sockopt::arm_reset(&backend);
 }

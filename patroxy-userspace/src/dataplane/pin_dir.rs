@@ -38,10 +38,26 @@ const STICKY: u32 = 0o1000;
 const ATTEMPTS: usize = 3;
 
 /// The pin directory, locked for as long as this lives.
+///
+/// A flock belongs to the open file, not to the process: a successor given this descriptor
+/// (SCM_RIGHTS) holds the same lock, which stays held until the last of the two closes it.
 #[derive(Debug)]
 pub struct PinDirLock {
     /// The open directory the flock is on; closing it releases the lock.
-    _dir: File,
+    dir: File,
+}
+
+impl PinDirLock {
+    /// The lock a predecessor handed over: `fd` is its locked directory.
+    pub fn from_handed_over(fd: std::os::fd::OwnedFd) -> Self {
+        Self { dir: fd.into() }
+    }
+}
+
+impl std::os::fd::AsFd for PinDirLock {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +118,7 @@ pub fn claim(dir: &Path) -> Result<PinDirLock, PinDirError> {
         // A daemon that stops removes the directory before it lets go of the lock: if that
         // happened between our open and our lock, we hold a directory no longer at `dir`.
         if fs::symlink_metadata(dir).is_ok_and(|now| same_inode(&now, &meta)) {
-            return Ok(PinDirLock { _dir: file });
+            return Ok(PinDirLock { dir: file });
         }
     }
     Err(PinDirError::Io {

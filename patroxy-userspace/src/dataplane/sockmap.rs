@@ -13,18 +13,20 @@ use tokio::{
 };
 
 use super::{
-    EndReason, KernelMaps, KillSwitch, SessionEnd, SessionMeta, Side,
+    Detached, EndReason, KernelMaps, KillSwitch, Outcome, SessionEnd, SessionMeta, Side,
     closewatch::{CloseWatcher, Watch},
     reset_both,
     sockopt::{self, TcpCounters},
 };
 
-/// A pair inserted in SOCKS/SESSIONS; removes its entries when dropped.
+/// A pair inserted in SOCKS/SESSIONS; removes its entries when dropped, unless handed over.
 pub(super) struct Spliced {
     maps: Arc<KernelMaps>,
     client_cookie: u64,
     backend_cookie: u64,
     meta: SessionMeta,
+    /// Set when the pair goes to a successor: its entries stay for it.
+    keep_entries: bool,
 }
 
 impl Spliced {
@@ -43,6 +45,7 @@ impl Spliced {
             client_cookie,
             backend_cookie,
             meta,
+            keep_entries: false,
         };
         let now = sockopt::monotonic_ns();
         let entry = |peer, side| SessionEntry {
@@ -76,22 +79,68 @@ impl Spliced {
         Ok(spliced)
     }
 
+    /// A pair a predecessor inserted: its entries are in the maps already (the verdict program
+    /// has been forwarding its bytes all along), so only the watch starts again.
+    pub(super) fn resume(
+        maps: &Arc<KernelMaps>,
+        client: &StdTcpStream,
+        backend: &StdTcpStream,
+        meta: SessionMeta,
+    ) -> std::io::Result<Self> {
+        let spliced = Self {
+            maps: maps.clone(),
+            client_cookie: sockopt::cookie(client)?,
+            backend_cookie: sockopt::cookie(backend)?,
+            meta,
+            keep_entries: false,
+        };
+        let sessions = maps.sessions.lock().expect("sessions lock");
+        if sessions.get(&spliced.client_cookie, 0).is_err()
+            || sessions.get(&spliced.backend_cookie, 0).is_err()
+        {
+            return Err(std::io::Error::other("the pair is not in SESSIONS"));
+        }
+        drop(sessions);
+        Ok(spliced)
+    }
+
     pub(super) async fn run(
         self,
         client: TcpStream,
         backend: TcpStream,
         closes: &Arc<CloseWatcher>,
         kill: &KillSwitch,
-    ) -> SessionEnd {
+    ) -> Outcome {
         // Leave tokio's reactor: it would be woken for every spliced message. The close
         // watcher reports only FIN, RST and HUP.
         let (client, backend) = match (client.into_std(), backend.into_std()) {
             (Ok(c), Ok(b)) => (c, b),
-            _ => return self.end(EndReason::Error("leaving the reactor failed".into())),
+            _ => {
+                return Outcome::Ended(
+                    self.end(EndReason::Error("leaving the reactor failed".into())),
+                );
+            }
         };
-        let reason = match (closes.watch(&client), closes.watch(&backend)) {
-            (Ok(cw), Ok(bw)) => self.watch(&client, &backend, &cw, &bw, kill).await,
-            (Err(e), _) | (_, Err(e)) => EndReason::Error(format!("watching for close: {e}")),
+        self.watch_std(client, backend, closes, kill).await
+    }
+
+    pub(super) async fn watch_std(
+        mut self,
+        client: StdTcpStream,
+        backend: StdTcpStream,
+        closes: &Arc<CloseWatcher>,
+        kill: &KillSwitch,
+    ) -> Outcome {
+        let watched = match (closes.watch(&client), closes.watch(&backend)) {
+            (Ok(cw), Ok(bw)) => tokio::select! {
+                reason = self.watch(&client, &backend, &cw, &bw, kill) => Some(reason),
+                () = kill.handing_over() => None,
+            },
+            (Err(e), _) | (_, Err(e)) => Some(EndReason::Error(format!("watching for close: {e}"))),
+        };
+        let Some(reason) = watched else {
+            self.keep_entries = true;
+            return Outcome::HandedOver(Detached { client, backend });
         };
         match &reason {
             EndReason::Killed(_) | EndReason::ClientReset | EndReason::ServerReset => {
@@ -99,7 +148,7 @@ impl Spliced {
             }
             _ => drop((client, backend)),
         }
-        self.end(reason)
+        Outcome::Ended(self.end(reason))
     }
 
     fn end(&self, reason: EndReason) -> SessionEnd {
@@ -232,6 +281,9 @@ impl Spliced {
 
 impl Drop for Spliced {
     fn drop(&mut self) {
+        if self.keep_entries {
+            return;
+        }
         // Closing a socket removes it from SOCKS too; removing first keeps the map exact even
         // while the fds are still open.
         if let Ok(mut socks) = self.maps.socks.lock() {

@@ -16,10 +16,10 @@ use tracing::{info, warn};
 
 use super::{
     BackendKey, backends,
-    client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError},
+    client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError, Role},
     health::{ServerHealth, Transition},
 };
-use crate::config::model::{CheckMethod, CheckTiming, CheckTls, Config};
+use crate::config::model::{CheckMethod, CheckTiming, CheckTls, Config, InitState};
 
 /// The state of every backend at one moment. Published whole on every check result.
 #[derive(Clone, Debug)]
@@ -56,6 +56,13 @@ impl HealthSnapshot {
     /// Every server in its configured initial state (checked servers per `init_state`,
     /// unchecked ones "no check" and UP).
     pub fn initial(config: &Config, now: Instant) -> Self {
+        Self::carried_over(config, &[], now)
+    }
+
+    /// Like [`initial`](Self::initial), but a server a predecessor process checked (an
+    /// upgrade) starts where it was: UP or DOWN, with its role and timeline, so routing and
+    /// fences do not wait for `rise` checks.
+    pub fn carried_over(config: &Config, carried: &[CarriedHealth], now: Instant) -> Self {
         let mut listeners: Vec<ListenerSnapshot> = config
             .listeners
             .iter()
@@ -67,9 +74,21 @@ impl HealthSnapshot {
         for (key, id) in backends(config) {
             let l = &config.listeners[key.listener];
             let spec = &l.servers[key.server];
-            let health = match &l.check {
-                Some(c) => ServerHealth::new(&spec.timing, spec.init_state, c.authoritative, now),
-                None => ServerHealth::no_check(now),
+            let previous = carried
+                .iter()
+                .find(|c| c.listener == l.name && c.server == spec.name);
+            let health = match (&l.check, previous) {
+                (Some(c), Some(p)) => {
+                    let init = if p.up { InitState::Up } else { InitState::Down };
+                    let mut h = ServerHealth::new(&spec.timing, init, c.authoritative, now);
+                    h.role = p.role.as_deref().map(Role::parse);
+                    h.timeline = p.timeline;
+                    h
+                }
+                (Some(c), None) => {
+                    ServerHealth::new(&spec.timing, spec.init_state, c.authoritative, now)
+                }
+                (None, _) => ServerHealth::no_check(now),
             };
             listeners[key.listener].servers.push(ServerSnapshot {
                 key,
@@ -99,6 +118,41 @@ impl HealthSnapshot {
     fn listener_changing(&self, listener: usize) -> bool {
         let servers = self.listener(listener);
         servers.iter().any(|s| !s.health.is_stable()) || servers.iter().all(|s| !s.health.is_up())
+    }
+}
+
+/// A server's check state as a predecessor process saw it, by name (see
+/// [`HealthSnapshot::carried_over`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedHealth {
+    pub listener: String,
+    pub server: String,
+    pub up: bool,
+    /// As Patroni said it ("primary", "replica", ...).
+    pub role: Option<String>,
+    pub timeline: Option<u64>,
+}
+
+impl HealthSnapshot {
+    /// What a successor needs to start where this snapshot is.
+    pub fn carry(&self) -> Vec<CarriedHealth> {
+        self.listeners
+            .iter()
+            .flat_map(|l| {
+                l.servers.iter().map(|s| CarriedHealth {
+                    listener: l.name.clone(),
+                    server: s.name.clone(),
+                    up: s.health.is_up(),
+                    role: s.health.role.as_ref().map(|r| match r {
+                        Role::Primary => "primary".to_owned(),
+                        Role::Replica => "replica".to_owned(),
+                        Role::StandbyLeader => "standby_leader".to_owned(),
+                        Role::Other(o) => o.clone(),
+                    }),
+                    timeline: s.health.timeline,
+                })
+            })
+            .collect()
     }
 }
 
@@ -135,7 +189,17 @@ pub fn spawn_checker(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Checker, ClientError> {
-    let initial = HealthSnapshot::initial(config, Instant::now());
+    spawn_checker_from(config, &[], cancel, tracker)
+}
+
+/// [`spawn_checker`], starting from the states a predecessor `carried` over.
+pub fn spawn_checker_from(
+    config: &Config,
+    carried: &[CarriedHealth],
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Checker, ClientError> {
+    let initial = HealthSnapshot::carried_over(config, carried, Instant::now());
     let (tx, _) = watch::channel(Arc::new(initial.clone()));
     let checker = Checker {
         shared: Arc::new(Shared {

@@ -14,7 +14,9 @@ pub mod checker;
 pub mod client;
 pub mod health;
 
-pub use checker::{Checker, HealthSnapshot, ServerSnapshot, spawn_checker};
+pub use checker::{
+    CarriedHealth, Checker, HealthSnapshot, ServerSnapshot, spawn_checker, spawn_checker_from,
+};
 pub use client::{CheckOutcome, CheckStatus, Role};
 pub use health::{ServerHealth, ServerState};
 

@@ -31,16 +31,27 @@ impl Proxy {
         let mut rx = self.checks.clone();
         let mut admin = self.admin_states.clone();
         let mut previous = self.view.borrow().clone();
+        // A daemon restarted after a crash starts its servers from these (see `FdStore`).
+        let mut stored_health = Vec::new();
+        if let Some(store) = self.fd_store.get() {
+            stored_health = rx.borrow().carry();
+            store.store_health(&stored_health);
+        }
         loop {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 changed = admin.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
             }
-            let current = Arc::new(View::fold(
-                &rx.borrow_and_update(),
-                &admin.borrow_and_update(),
-            ));
+            let checks = rx.borrow_and_update().clone();
+            let current = Arc::new(View::fold(&checks, &admin.borrow_and_update()));
+            if let Some(store) = self.fd_store.get() {
+                let health = checks.carry();
+                if health != stored_health {
+                    store.store_health(&health);
+                    stored_health = health;
+                }
+            }
             // Fence first: the kernel stops forwarding before userspace starts resetting; and
             // routing sees a server UP only once its fence is lifted.
             self.write_states(&current);

@@ -5,6 +5,7 @@ mod cancel_limit;
 mod choose;
 pub mod counters;
 mod foreign_writes;
+mod handover;
 mod listener;
 mod log_limit;
 mod mark_down;
@@ -17,10 +18,11 @@ mod stats_source;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::Duration,
 };
 
+pub use handover::{AdoptError, HandedSession};
 pub use listener::bind;
 /// For the `first_bytes` fuzz target (fuzz/), which feeds a refused client's first bytes to it.
 #[cfg(fuzzing)]
@@ -29,13 +31,14 @@ pub use registry::SessionRegistry;
 pub use stats_source::StatsSource;
 use tokio::{
     net::TcpListener,
-    sync::{Semaphore, watch},
+    sync::{Semaphore, mpsc, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
     dataplane::{BackendTable, DataPlane, KillReason},
+    fdstore::FdStore,
     operator_state::AdminStates,
     patroni::HealthSnapshot,
     routing::Router,
@@ -80,6 +83,10 @@ pub struct Proxy {
     cancel_limit: CancelLimit,
     /// Per listener: the servers its last sessions went to, for cancels after a failover.
     recent_servers: Vec<RecentServers>,
+    /// Where handed-over sessions go once an upgrade started (`hand_over_sessions`).
+    successor: Mutex<Option<mpsc::UnboundedSender<HandedSession>>>,
+    /// systemd's fd store, which keeps spliced sessions' sockets across a crash.
+    fd_store: OnceLock<FdStore>,
 }
 
 impl Proxy {
@@ -137,6 +144,8 @@ impl Proxy {
             backends,
             sessions: SessionRegistry::default(),
             slots,
+            successor: Mutex::new(None),
+            fd_store: OnceLock::new(),
         });
         // BACKENDS starts as what routing sees first: one writer, `write_states`.
         let initial = proxy.view.borrow().clone();

@@ -5,7 +5,7 @@ use std::{
     net::IpAddr,
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -16,6 +16,9 @@ pub struct SessionRegistry {
     next_id: AtomicU64,
     /// backend id -> session id -> its kill switch and client address.
     by_backend: Mutex<HashMap<u32, HashMap<u64, Live>>>,
+    /// Set by `hand_over_all`: a session registered later is handed over as soon as it is
+    /// spliced, so none is left behind in a process about to exit.
+    handing_over: AtomicBool,
 }
 
 /// One live session: how to reset it, and whose it is.
@@ -36,18 +39,19 @@ impl SessionRegistry {
     pub fn register(&self, backend: u32, client: IpAddr) -> Registered<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kill = KillSwitch::default();
-        self.by_backend
-            .lock()
-            .expect("registry lock")
-            .entry(backend)
-            .or_default()
-            .insert(
-                id,
-                Live {
-                    kill: kill.clone(),
-                    client,
-                },
-            );
+        let mut by_backend = self.by_backend.lock().expect("registry lock");
+        by_backend.entry(backend).or_default().insert(
+            id,
+            Live {
+                kill: kill.clone(),
+                client,
+            },
+        );
+        // Read under the lock `hand_over_all` takes after setting it: no session slips by.
+        if self.handing_over.load(Ordering::SeqCst) {
+            kill.hand_over();
+        }
+        drop(by_backend);
         Registered {
             registry: self,
             backend,
@@ -67,6 +71,17 @@ impl SessionRegistry {
             .unwrap_or_default();
         sessions.iter().for_each(|k| k.kill(reason));
         sessions.len()
+    }
+
+    /// Asks every session, and every one registered from now on, to leave its sockets to a
+    /// successor (see [`KillSwitch::hand_over`]).
+    pub fn hand_over_all(&self) {
+        self.handing_over.store(true, Ordering::SeqCst);
+        let by_backend = self.by_backend.lock().expect("registry lock");
+        by_backend
+            .values()
+            .flat_map(|sessions| sessions.values())
+            .for_each(|l| l.kill.hand_over());
     }
 
     /// The backends with at least one live session from `client`.

@@ -1,6 +1,7 @@
 //! One client's way through the proxy: wait for a server slot, connect with retries, splice.
 use std::{
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering::Relaxed},
@@ -21,7 +22,20 @@ use super::{
     refusal::{self, Refusal},
     slots::Slot,
 };
-use crate::{config::Config, dataplane::SessionMeta};
+use crate::{
+    config::Config,
+    dataplane::{Outcome, SessionEnd, SessionMeta},
+};
+
+/// A session's place in the configuration and its age, from its first to its last process.
+pub(super) struct Session {
+    pub listener: usize,
+    pub server: usize,
+    pub backend_id: u32,
+    pub peer: SocketAddr,
+    /// When the client was accepted (by this process or by a predecessor).
+    pub accepted: Instant,
+}
 
 /// A client's server, connected, with HAProxy's Tw (queue) and Tc (connect) milestones.
 struct Connected {
@@ -117,14 +131,7 @@ impl Proxy {
         };
         let sname = &config.listeners[listener].servers[server].name;
         let backend_id = self.backend_id(listener, server);
-        let meta = SessionMeta {
-            backend_id,
-            listener: listener as u16,
-            idle_timeout: config
-                .defaults
-                .timeout_client
-                .min(config.defaults.timeout_server),
-        };
+        let meta = session_meta(&config, listener, backend_id);
         self.recent_servers[listener].note(server);
         let local = backend.local_addr().ok();
         let registered = self.sessions.register(backend_id, peer.ip());
@@ -138,26 +145,46 @@ impl Proxy {
         self.backends.session_opened(backend_id);
         let counters = self.counters(backend_id);
         counters.opened(self.backends.get(backend_id).map_or(0, |e| e.sessions));
-        let end = self
+        let session = Session {
+            listener,
+            server,
+            backend_id,
+            peer,
+            accepted,
+        };
+        let stored = self.store_session(&session, client.as_fd(), backend.as_fd());
+        let outcome = self
             .dataplane
             .run(client, backend, meta, &registered.kill)
             .await;
-        self.backends.session_closed(backend_id);
-        counters.closed(end.bytes_from_client, end.bytes_from_server);
         drop(registered);
-        if !self.log_limit.allow() {
-            return;
+        match outcome {
+            Outcome::Ended(end) => {
+                self.unstore_session(stored);
+                self.session_ended(&session, &end);
+                if self.log_limit.allow() {
+                    info!(
+                        client = %peer, listener = %lname,
+                        server = %sname,
+                        local = %local.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+                        queue_ms = (dequeued - spoke).as_millis() as u64,
+                        connect_ms = (connected - dequeued).as_millis() as u64,
+                        total_ms = accepted.elapsed().as_millis() as u64,
+                        bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
+                        path = self.dataplane.name(),
+                        "session closed: {}", end.reason
+                    );
+                }
+            }
+            Outcome::HandedOver(sockets) => self.pass_to_successor(&session, sockets),
         }
-        info!(
-            client = %peer, listener = %lname, server = %sname,
-            local = %local.map_or_else(|| "?".to_owned(), |a| a.to_string()),
-            queue_ms = (dequeued - spoke).as_millis() as u64,
-            connect_ms = (connected - dequeued).as_millis() as u64,
-            total_ms = accepted.elapsed().as_millis() as u64,
-            bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
-            path = self.dataplane.name(),
-            "session closed: {}", end.reason
-        );
+    }
+
+    /// Accounts for a session that ended in this process.
+    pub(super) fn session_ended(&self, session: &Session, end: &SessionEnd) {
+        self.backends.session_closed(session.backend_id);
+        self.counters(session.backend_id)
+            .closed(end.bytes_from_client, end.bytes_from_server);
     }
 
     /// Chooses a server (waiting in the queue while none is UP or all are full), then connects
@@ -271,6 +298,19 @@ async fn first_bytes(client: &TcpStream) -> std::io::Result<Option<FirstBytes>> 
             FirstBytes::Incomplete => sleep(Duration::from_millis(5)).await,
             kind => return Ok(Some(kind)),
         }
+    }
+}
+
+/// What the data path needs to know about a session on backend `backend_id`, under `config`'s
+/// timeouts (a session keeps those it started with).
+pub(super) fn session_meta(config: &Config, listener: usize, backend_id: u32) -> SessionMeta {
+    SessionMeta {
+        backend_id,
+        listener: listener as u16,
+        idle_timeout: config
+            .defaults
+            .timeout_client
+            .min(config.defaults.timeout_server),
     }
 }
 

@@ -1,0 +1,462 @@
+//! Upgrades that keep every session: the running daemon starts its successor (`SIGUSR2`) and
+//! hands it, over a unix socket pair with SCM_RIGHTS, the pin directory's lock, the listening
+//! sockets (the runtime socket's too), the health states and then both sockets of every spliced session.
+//!
+//! The order keeps every connection attempt served: the successor accepts on the same listening
+//! sockets (the same kernel objects) before the predecessor stops accepting, and a spliced
+//! session's bytes never pass through either process (the verdict program stays attached to
+//! SOCKS, whose pins the predecessor leaves in place). Sessions on the userspace fallback path
+//! finish in the predecessor, which exits once they end or after `--drain-grace`.
+//!
+//! - `channel`: the socket pair and its messages.
+//! - [`Predecessor`]: the running daemon's side. [`Takeover`]: the successor's side, also
+//!   used for what systemd's fd store gives back after a crash ([`crate::fdstore`]).
+mod channel;
+
+use std::{
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
+        unix::process::CommandExt as _,
+    },
+    path::PathBuf,
+    process::{Child, Command},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use channel::{Channel, MAX_FDS, Message, SessionRecord};
+
+use crate::{
+    dataplane::{Detached, KillReason, pin_dir::PinDirLock},
+    patroni::CarriedHealth,
+    proxy::{HandedSession, Proxy},
+};
+
+/// How long a successor may take to start accepting before the upgrade is abandoned.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to start a successor: the binary at the path this daemon was started from (after a
+/// package upgrade, the new file there), with this daemon's own arguments.
+#[derive(Clone, Debug)]
+pub struct Relaunch {
+    pub binary: PathBuf,
+    pub config: PathBuf,
+    pub drain_grace: Duration,
+}
+
+/// What the predecessor hands over first, besides the sessions.
+pub struct Handed<'a> {
+    pub pin_lock: Option<&'a PinDirLock>,
+    /// (name, listening socket), in the configuration's order.
+    pub listeners: Vec<(String, BorrowedFd<'a>)>,
+    pub stats: Option<BorrowedFd<'a>>,
+    /// The runtime socket's path and listening socket.
+    pub runtime: Option<(PathBuf, BorrowedFd<'a>)>,
+    pub health: Vec<CarriedHealth>,
+}
+
+/// The running daemon's side, once its successor accepts.
+pub struct Predecessor {
+    channel: Arc<Channel>,
+    successor: Child,
+}
+
+impl Predecessor {
+    /// Starts the successor and hands it `handed`; returns once it accepts on the listeners.
+    pub async fn start(relaunch: &Relaunch, handed: Handed<'_>) -> anyhow::Result<Predecessor> {
+        let (ours, theirs) = Channel::pair().context("creating the hand-over socket pair")?;
+        let inherited = theirs.as_fd().as_raw_fd();
+        let mut cmd = Command::new(&relaunch.binary);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&relaunch.config)
+            .arg("--drain-grace")
+            .arg(humantime::format_duration(relaunch.drain_grace).to_string())
+            .arg("--takeover-fd")
+            .arg(inherited.to_string());
+        // SAFETY: only fcntl, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(inherited, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut successor = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", relaunch.binary.display()))?;
+        drop(theirs);
+        info!(pid = successor.id(), binary = %relaunch.binary.display(), "upgrade: successor started");
+        let channel = Arc::new(ours);
+        let mut fds: Vec<BorrowedFd<'_>> = handed.pin_lock.map(|l| l.as_fd()).into_iter().collect();
+        fds.extend(handed.listeners.iter().map(|(_, fd)| *fd));
+        fds.extend(handed.stats);
+        fds.extend(handed.runtime.as_ref().map(|(_, fd)| *fd));
+        let start = Message::Start {
+            pid: std::process::id(),
+            pin_lock: handed.pin_lock.is_some(),
+            listeners: handed.listeners.iter().map(|(n, _)| n.clone()).collect(),
+            stats: handed.stats.is_some(),
+            runtime: handed.runtime.as_ref().map(|(path, _)| path.clone()),
+            health: handed.health,
+        };
+        let answer = match channel.send(&start, &fds) {
+            Ok(()) => {
+                let channel = channel.clone();
+                tokio::time::timeout(
+                    START_TIMEOUT,
+                    tokio::task::spawn_blocking(move || channel.recv()),
+                )
+                .await
+            }
+            Err(e) => Ok(Ok(Err(e))),
+        };
+        match answer {
+            Ok(Ok(Ok((Message::Accepting { pid }, _)))) => {
+                info!(pid, "upgrade: the successor accepts");
+                Ok(Predecessor { channel, successor })
+            }
+            other => {
+                let _ = successor.kill();
+                let _ = successor.wait();
+                match other {
+                    Err(_) => bail!("the successor did not accept within {START_TIMEOUT:?}"),
+                    Ok(Ok(Err(e))) => bail!("the successor failed to start ({e}); see its log"),
+                    _ => bail!("the successor answered out of turn"),
+                }
+            }
+        }
+    }
+
+    pub fn successor_pid(&self) -> u32 {
+        self.successor.id()
+    }
+
+    /// Passes every spliced session to the successor as it comes out of `sessions` (see
+    /// [`Proxy::hand_over_sessions`]) until no session task is left in `tracker`; sessions
+    /// still running after `grace` (the fallback path's) are reset.
+    pub async fn pass_sessions(
+        self,
+        proxy: &Proxy,
+        mut sessions: mpsc::UnboundedReceiver<HandedSession>,
+        tracker: &TaskTracker,
+        grace: Duration,
+    ) {
+        tracker.close();
+        let deadline = Instant::now() + grace;
+        let mut passed = 0usize;
+        let mut reset = false;
+        loop {
+            tokio::select! {
+                Some(first) = sessions.recv() => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_FDS / 2 {
+                        match sessions.try_recv() {
+                            Ok(s) => batch.push(s),
+                            Err(_) => break,
+                        }
+                    }
+                    passed += batch.len();
+                    self.send_sessions(batch).await;
+                }
+                () = tracker.wait() => break,
+                () = tokio::time::sleep_until(deadline), if !reset => {
+                    reset = true;
+                    let n = proxy.reset_remaining(KillReason::Shutdown);
+                    warn!(sessions = n, "upgrade: drain grace time over; resetting the sessions left here");
+                }
+            }
+        }
+        let rest: Vec<HandedSession> = std::iter::from_fn(|| sessions.try_recv().ok()).collect();
+        passed += rest.len();
+        for batch in rest.chunks(MAX_FDS / 2) {
+            self.send_sessions_ref(batch).await;
+        }
+        let channel = self.channel.clone();
+        let _ = tokio::task::spawn_blocking(move || channel.send(&Message::Done, &[])).await;
+        info!(
+            sessions = passed,
+            successor = self.successor.id(),
+            "upgrade: sessions handed over; exiting"
+        );
+    }
+
+    async fn send_sessions(&self, batch: Vec<HandedSession>) {
+        self.send_sessions_ref(&batch).await
+    }
+
+    async fn send_sessions_ref(&self, batch: &[HandedSession]) {
+        let records: Vec<SessionRecord> = batch
+            .iter()
+            .map(|s| SessionRecord {
+                listener: s.listener.clone(),
+                server: s.server.clone(),
+                client: s.client,
+                age_ms: s.age.as_millis() as u64,
+            })
+            .collect();
+        let fds: Vec<RawFd> = batch
+            .iter()
+            .flat_map(|s| [s.sockets.client.as_raw_fd(), s.sockets.backend.as_raw_fd()])
+            .collect();
+        let channel = self.channel.clone();
+        let sent = tokio::task::spawn_blocking(move || {
+            // SAFETY: the sockets in `batch` stay open until this call returns (awaited below).
+            let fds: Vec<BorrowedFd<'_>> = fds
+                .iter()
+                .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+                .collect();
+            channel.send(&Message::Sessions(records), &fds)
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            warn!(
+                sessions = batch.len(),
+                "upgrade: passing sessions failed; resetting them"
+            );
+            for s in batch {
+                crate::dataplane::reset_both(&s.sockets.client, &s.sockets.backend);
+            }
+        }
+    }
+}
+
+/// Where a [`Takeover`] comes from.
+enum Source {
+    /// A running predecessor, which passes its sessions over this channel once we accept.
+    Predecessor { channel: Arc<Channel>, pid: u32 },
+    /// The service manager's fd store (after a crash): the sessions came with the listeners.
+    FdStore(Vec<HandedSession>),
+}
+
+/// The successor's side: what the predecessor (or the fd store) handed over at start.
+pub struct Takeover {
+    source: Source,
+    /// The pin directory's lock, when a predecessor handed it over.
+    pub pin_lock: Option<PinDirLock>,
+    pub listeners: Vec<(String, std::net::TcpListener)>,
+    pub stats: Option<std::net::TcpListener>,
+    /// The runtime socket's path and listening socket.
+    pub runtime: Option<(PathBuf, std::os::unix::net::UnixListener)>,
+    pub health: Vec<CarriedHealth>,
+}
+
+impl Takeover {
+    /// Reads the predecessor's first message from the inherited `fd`.
+    ///
+    /// # Safety
+    /// `fd` is the descriptor given as `--takeover-fd`, owned by nothing else here.
+    pub unsafe fn receive(fd: RawFd) -> anyhow::Result<Takeover> {
+        // SAFETY: per the caller; made close-on-exec, since no grandchild should inherit it.
+        let channel = unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            Channel::from_inherited(fd)
+        };
+        let (message, fds) = channel
+            .recv()
+            .context("reading the predecessor's hand-over")?;
+        let Message::Start {
+            pid,
+            pin_lock,
+            listeners,
+            stats,
+            runtime,
+            health,
+        } = message
+        else {
+            bail!("the predecessor's first message is not Start");
+        };
+        let wanted = usize::from(pin_lock)
+            + listeners.len()
+            + usize::from(stats)
+            + usize::from(runtime.is_some());
+        if fds.len() != wanted {
+            bail!(
+                "the predecessor passed {} descriptors, not {wanted}",
+                fds.len()
+            );
+        }
+        let mut fds = fds.into_iter();
+        let pin_lock = pin_lock.then(|| PinDirLock::from_handed_over(fds.next().expect("counted")));
+        let listeners = listeners
+            .into_iter()
+            .map(|name| (name, tcp_listener(fds.next().expect("counted"))))
+            .collect();
+        let stats = stats.then(|| tcp_listener(fds.next().expect("counted")));
+        let runtime = runtime.map(|path| {
+            (
+                path,
+                std::os::unix::net::UnixListener::from(fds.next().expect("counted")),
+            )
+        });
+        info!(predecessor = pid, "upgrade: taking over");
+        Ok(Takeover {
+            source: Source::Predecessor {
+                channel: Arc::new(channel),
+                pid,
+            },
+            pin_lock,
+            listeners,
+            stats,
+            runtime,
+            health,
+        })
+    }
+
+    /// What the service manager gave back (`LISTEN_FDS`): its sessions are resumed only if
+    /// the pinned maps they are in are still there (see `needs_pinned_maps`).
+    pub fn from_fd_store(restored: crate::fdstore::Restored) -> Takeover {
+        let sessions = restored
+            .sessions
+            .into_iter()
+            .map(|(listener, server, sockets)| HandedSession {
+                listener,
+                server,
+                client: sockets
+                    .client
+                    .peer_addr()
+                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+                age: Duration::ZERO,
+                sockets,
+            })
+            .collect::<Vec<_>>();
+        info!(
+            listeners = restored.listeners.len(),
+            sessions = sessions.len(),
+            "restart: the service manager's fd store gave back listeners and sessions"
+        );
+        Takeover {
+            source: Source::FdStore(sessions),
+            pin_lock: None,
+            listeners: restored.listeners,
+            stats: restored.stats,
+            // Not in the fd store: a stale socket file is replaced at start.
+            runtime: None,
+            health: restored.health,
+        }
+    }
+
+    /// Whether sessions come that live in a predecessor's pinned maps: then those maps are
+    /// opened, not replaced, even without a handed-over lock.
+    pub fn needs_pinned_maps(&self) -> bool {
+        match &self.source {
+            Source::Predecessor { .. } => true,
+            Source::FdStore(sessions) => !sessions.is_empty(),
+        }
+    }
+
+    /// The runtime socket handed over, if it is at `path` (the configuration may have moved it).
+    pub fn runtime_socket(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Option<std::os::unix::net::UnixListener> {
+        match self.runtime.take() {
+            Some((handed, listener)) if handed == path => Some(listener),
+            Some((handed, _)) => {
+                warn!(
+                    "upgrade: the runtime socket moved from {} to {}; the old file is left there",
+                    handed.display(),
+                    path.display()
+                );
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The listening socket handed over for listener `name`, if any.
+    pub fn listener(&mut self, name: &str) -> Option<std::net::TcpListener> {
+        let i = self.listeners.iter().position(|(n, _)| n == name)?;
+        Some(self.listeners.swap_remove(i).1)
+    }
+
+    /// Tells the predecessor this process accepts, then goes on with every session it passes
+    /// until it is done.
+    pub async fn adopt_sessions(self, proxy: Arc<Proxy>, tracker: TaskTracker) {
+        let (channel, predecessor) = match self.source {
+            Source::Predecessor { channel, pid } => (channel, pid),
+            Source::FdStore(sessions) => {
+                let total = sessions.len();
+                let mut resumed = 0usize;
+                for handed in sessions {
+                    match proxy.adopt(handed, &tracker) {
+                        Ok(()) => resumed += 1,
+                        Err(e) => warn!("restart: a stored session was reset: {e}"),
+                    }
+                }
+                info!(
+                    resumed,
+                    of = total,
+                    "restart: sessions from the fd store resumed"
+                );
+                return;
+            }
+        };
+        let accepting = Message::Accepting {
+            pid: std::process::id(),
+        };
+        let channel2 = channel.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || channel2.send(&accepting, &[]))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        {
+            warn!("upgrade: telling the predecessor we accept failed: {e}");
+            return;
+        }
+        let mut adopted = 0usize;
+        loop {
+            let channel = channel.clone();
+            let received = tokio::task::spawn_blocking(move || channel.recv()).await;
+            let (records, fds) = match received {
+                Ok(Ok((Message::Sessions(records), fds))) => (records, fds),
+                Ok(Ok((Message::Done, _))) => break,
+                Ok(Ok((other, _))) => {
+                    warn!("upgrade: unexpected message {other:?}");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    warn!("upgrade: the predecessor's channel closed early: {e}");
+                    break;
+                }
+                Err(e) => {
+                    warn!("upgrade: receiving sessions: {e}");
+                    break;
+                }
+            };
+            let mut fds = fds.into_iter();
+            for record in records {
+                let (Some(client), Some(backend)) = (fds.next(), fds.next()) else {
+                    warn!("upgrade: a session came without its sockets");
+                    break;
+                };
+                let handed = HandedSession {
+                    listener: record.listener,
+                    server: record.server,
+                    client: record.client,
+                    age: Duration::from_millis(record.age_ms),
+                    sockets: Detached {
+                        client: client.into(),
+                        backend: backend.into(),
+                    },
+                };
+                match proxy.adopt(handed, &tracker) {
+                    Ok(()) => adopted += 1,
+                    Err(e) => {
+                        warn!("upgrade: a session could not be taken over and was reset: {e}")
+                    }
+                }
+            }
+        }
+        info!(sessions = adopted, predecessor, "upgrade: took over");
+    }
+}
+
+fn tcp_listener(fd: OwnedFd) -> std::net::TcpListener {
+    std::net::TcpListener::from(fd)
+}
