@@ -13,6 +13,7 @@ use patroxy_tests::cluster::writer;
 use patroxy_tests::cluster::{Cluster, netns, patroni};
 use patroxy_tests::ports::free_tcp_port;
 use patroxy_tests::process::{patroxy_bin, require_root};
+use patroxy_tests::stats_client::{get, parse_csv, row};
 
 /// Every scenario runs by default; `PTX_SCENARIOS=2,3` runs a subset (in this order).
 const ALL: &[u32] = &[1, 2, 3, 4, 5, 6, 7];
@@ -41,13 +42,14 @@ fn patroni_cluster_scenarios() {
         return;
     }
     let t0 = Instant::now();
-    // Debian's Patroni by default; PTX_PATRONI=venv installs and uses PyPI's 4.1 instead
-    // (see patroni::patroni_bin for why it is not the default).
-    if std::env::var("PTX_PATRONI").as_deref() == Ok("venv") {
+    // PyPI's Patroni 4.1 by default (installed if missing); PTX_PATRONI=debian runs Debian's
+    // 3.0.2 instead.
+    let flavor = patroni::Flavor::from_env();
+    if flavor == patroni::Flavor::Pypi {
         let status = patroni::ensure_installed().expect("install Patroni 4.1");
         eprintln!("patroni: {status}");
     }
-    eprintln!("patroni: {}", patroni::patroni_bin().display());
+    eprintln!("patroni: {}", flavor.describe());
     let mut cluster = Cluster::up().expect("cluster up");
     eprintln!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
     let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
@@ -154,6 +156,61 @@ fn seed_verification(cluster: &Cluster, px: &Proxy) {
     }
     eprintln!("read port: {n} connections over {seen:?}");
     assert_eq!(seen, replicas, "reads spread over both replicas");
+    replicas_are_standby(cluster, px, leader);
+}
+
+/// Patroni's streaming replicas show STANDBY on the write listener (page, JSON, metrics), not
+/// DOWN, while the CSV keeps HAProxy's DOWN; the leader is UP.
+fn replicas_are_standby(cluster: &Cluster, px: &Proxy, leader: usize) {
+    let stats = std::net::SocketAddr::from(([127, 0, 0, 1], px.stats_port));
+    let write_statuses = || -> Option<Vec<(String, String)>> {
+        let json: serde_json::Value = serde_json::from_str(&get(stats, "/;json").ok()?.2).ok()?;
+        let servers = json["listeners"][0]["servers"].as_array()?;
+        Some(
+            servers
+                .iter()
+                .map(|s| {
+                    let field = |k: &str| s[k].as_str().unwrap_or_default().to_owned();
+                    (field("name"), field("status"))
+                })
+                .collect(),
+        )
+    };
+    let want: Vec<(String, String)> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let status = if i == leader { "UP" } else { "STANDBY" };
+            (n.name.clone(), status.to_owned())
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while write_statuses().as_ref() != Some(&want) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(write_statuses(), Some(want), "write listener's statuses");
+    let csv = parse_csv(&get(stats, "/;csv").unwrap().2);
+    for (i, n) in cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != leader)
+    {
+        assert_eq!(
+            row(&csv, "postgres_write", &n.name)["status"],
+            "DOWN",
+            "the CSV keeps HAProxy's status for {} (node {i})",
+            n.name
+        );
+    }
+    let metrics = get(stats, "/metrics").unwrap().2;
+    let replica = &cluster.nodes[(leader + 1) % 3].name;
+    let line = format!(
+        "patroxy_server_status{{proxy=\"postgres_write\",server=\"{replica}\",state=\"STANDBY\"}} 1"
+    );
+    assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    eprintln!("1. replicas STANDBY on the write listener (DOWN in the CSV)");
 }
 
 /// Reads (one new connection each ~50 ms) through the read port in a thread, each with the
@@ -288,11 +345,13 @@ fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
 }
 
 /// Scenario 6: Patroni frozen (SIGSTOP) on the primary, PostgreSQL still up. Behaviour: the REST
-/// API accepts connections but never answers, so every check waits `timeout check` (5 s);
-/// patroxy marks the primary DOWN after `fall` timed-out checks (a timeout is not an
-/// authoritative 503). Meanwhile the leader lock expires after ttl (10 s) and a replica is
-/// promoted; writes move there once the frozen node is DOWN. On SIGCONT the old Patroni
-/// finds it lost the lock, demotes its PostgreSQL and rejoins as a replica.
+/// API accepts connections but never answers, so every check waits until it times out (the
+/// shipped config: `inter`, 1 s); patroxy marks the primary DOWN after `fall` timed-out checks
+/// (a timeout is not an authoritative 503). Meanwhile the leader lock expires after ttl (20 s
+/// on Patroni 4.1, 10 s on 3.0.2) and a replica is promoted; writes move there. On SIGCONT the
+/// old Patroni finds it lost the lock, demotes its PostgreSQL and rejoins as a replica: on 4.1
+/// every committed write survives (asserted); Debian's 3.0.2 may take its lock back and lose
+/// the promoted node's writes (recorded).
 fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
     let leader = cluster.restore().unwrap();
     let old = cluster.nodes[leader].clone();
@@ -343,9 +402,10 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
     );
     let down = down.expect("patroxy marks the frozen primary DOWN");
     let after = down.duration_since(t_stop).unwrap().as_secs_f64();
+    // `fall` (3) hung checks, each failing after `inter` (1 s), two of them after fastinter.
     assert!(
-        after >= 5.0,
-        "marked DOWN after {after:.1}s: a hung check cannot fail before timeout check"
+        after >= 2.0,
+        "marked DOWN after {after:.1}s: three hung checks of 1 s each cannot fail sooner"
     );
     assert!(
         !line.contains("code: 503"),
@@ -364,15 +424,26 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
         Duration::from_secs(30),
     )
     .unwrap();
+    let lost = report.lost_writes(px.write_port).unwrap();
     eprintln!(
-        "6. after SIGCONT Patroni's leader is {} ({}); patroxy routes writes to it",
+        "6. after SIGCONT Patroni's leader is {} ({}); patroxy routes writes to it; {} of {} \
+         committed writes lost",
         cluster.nodes[leader_after].name,
         if leader_after == leader {
             "the frozen node took its lock back: Patroni 3.0.2's known bug"
         } else {
             "the frozen node rejoined as a replica"
-        }
+        },
+        lost.len(),
+        report.successes.len(),
     );
+    if patroni::Flavor::from_env() == patroni::Flavor::Pypi {
+        assert_eq!(
+            lost,
+            Vec::<i64>::new(),
+            "committed writes lost after the frozen leader came back"
+        );
+    }
 }
 
 /// Scenario 7: Whole cluster down then up: clients get a clean refusal (a PostgreSQL error after

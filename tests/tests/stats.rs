@@ -78,7 +78,8 @@ async fn scenario(path: Path_) {
     let c = start(path).await;
     let stats = c.stats;
 
-    // The checker settles: db1 UP (primary), db2 DOWN (503 on /primary).
+    // The checker settles: db1 UP (primary), db2 DOWN (503 on /primary): a healthy replica, so
+    // STANDBY on the page, in the JSON and the metrics, and HAProxy's DOWN in the CSV.
     let rows = wait_for(Duration::from_secs(10), || {
         let rows = parse_csv(&get(stats, "/;csv").ok()?.2);
         let status = |s| row(&rows, "postgres_write", s)["status"].clone();
@@ -98,13 +99,58 @@ async fn scenario(path: Path_) {
         (Some("db1"), Some("primary"))
     );
     assert_eq!(db1["timeline"], 3);
+    let db2 = &json["listeners"][0]["servers"][1];
+    assert_eq!(
+        (db2["name"].as_str(), db2["role"].as_str()),
+        (Some("db2"), Some("replica"))
+    );
+    assert_eq!(
+        (db2["status"].as_str(), db2["class"].as_str()),
+        (Some("STANDBY"), Some("standby")),
+        "a running replica answering 503 on /primary is a standby, not a dead node"
+    );
 
     bytes_counted(&c, path).await;
     metrics(stats);
     cli(&c, path);
     page(stats, path);
+    not_a_standby_once_patroni_says_otherwise(&c);
     let (status, _, _) = get(stats, "/nope").unwrap();
     assert_eq!(status, 404);
+}
+
+/// A replica that starts up again, or a 503 that is not Patroni's, is DOWN, not STANDBY.
+fn not_a_standby_once_patroni_says_otherwise(c: &Cluster) {
+    let db2_status = || {
+        let json: serde_json::Value = serde_json::from_str(&get(c.stats, "/;json").ok()?.2).ok()?;
+        json["listeners"][0]["servers"][1]["status"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let mut starting = Reply::replica(503, 3);
+    starting.body = starting
+        .body
+        .replace("\"state\": \"running\"", "\"state\": \"starting\"");
+    for (what, reply) in [
+        ("a replica starting up", starting),
+        ("a bare 503", Reply::status(503)),
+        ("a running replica again", Reply::replica(503, 3)),
+    ] {
+        c._nodes[1].api.set("/primary", reply);
+        let want = if what.contains("running") {
+            "STANDBY"
+        } else {
+            "DOWN"
+        };
+        let seen = wait_for(Duration::from_secs(10), || {
+            (db2_status().as_deref() == Some(want)).then_some(())
+        });
+        assert!(
+            seen.is_some(),
+            "{what}: db2 never {want} (now {:?})",
+            db2_status()
+        );
+    }
 }
 
 fn csv_rows(rows: &[std::collections::HashMap<String, String>]) {
@@ -235,7 +281,13 @@ fn metrics(stats: SocketAddr) {
     };
     assert_eq!(status("db1", "UP"), Some(1.0), "{body}");
     assert_eq!(status("db1", "DOWN"), Some(0.0));
-    assert_eq!(status("db2", "DOWN"), Some(1.0));
+    assert_eq!(
+        status("db2", "DOWN"),
+        Some(0.0),
+        "an alert on DOWN must not fire"
+    );
+    assert_eq!(status("db2", "STANDBY"), Some(1.0));
+    assert_eq!(status("db1", "STANDBY"), Some(0.0));
     assert_eq!(status("db2", "UP"), Some(0.0));
     let total = (300_001 + 12_345) as f64;
     assert_eq!(
@@ -300,7 +352,7 @@ fn cli(c: &Cluster, path: Path_) {
         "{table}"
     );
     assert!(
-        line("db2").contains(" DOWN ") && line("db2").contains("L7STS/503"),
+        line("db2").contains(" STANDBY ") && line("db2").contains("L7STS/503"),
         "{table}"
     );
     // The same daemon through --url: check timings move between two calls, so compare the
@@ -369,8 +421,8 @@ fn page(stats: SocketAddr, path: Path_) {
         for needle in [
             "class=\"srv up\" id=\"srv-postgres_write-db1\"",
             "data-status=\"UP\"",
-            "class=\"srv down\" id=\"srv-postgres_write-db2\"",
-            "data-status=\"DOWN\"",
+            "class=\"srv standby\" id=\"srv-postgres_write-db2\"",
+            "data-status=\"STANDBY\"",
             &format!("id=\"data-path\">{}</span>", path.name()),
             "<span class=\"role primary\">primary</span>",
             "L7STS",

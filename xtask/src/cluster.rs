@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Subcommand;
 use patroxy_tests::cluster::proxy::Proxy;
-use patroxy_tests::cluster::{self, Cluster, netns};
+use patroxy_tests::cluster::{self, Cluster, netns, patroni};
 
 use crate::cargo::build_patroxy;
 use crate::setup;
@@ -133,10 +133,15 @@ pub fn start(bin: &std::path::Path, with_haproxy: bool) -> Result<Running> {
     }
     println!(
         "cluster: creating bridge {} ({}.0/24) and namespaces {:?}; starting etcd and three \
-         Patroni nodes (~30 s)",
+         Patroni nodes (~30 s): {}{}",
         netns::BRIDGE,
         netns::SUBNET,
-        netns::NAMESPACES
+        netns::NAMESPACES,
+        patroni::Flavor::from_env().describe(),
+        match patroni::Flavor::from_env() {
+            patroni::Flavor::Pypi => " (PTX_PATRONI=debian for Debian's 3.0.2)",
+            patroni::Flavor::Debian => "",
+        }
     );
     let cluster = Cluster::up().map_err(|e| anyhow!("bringing the cluster up: {e}"))?;
     println!("cluster: up\n{}", cluster.list().map_err(pg)?);

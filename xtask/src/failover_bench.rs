@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow};
-use patroxy_tests::cluster::proxy::Proxy;
+use patroxy_tests::cluster::patroni;
+use patroxy_tests::cluster::proxy::{Proxy, SHIPPED_CONFIG_CHANGES, shipped_check_settings};
 use patroxy_tests::cluster::scenario::{self, Event, Outcome};
 use patroxy_tests::cluster::{Cluster, writer};
 use patroxy_tests::ports::free_tcp_port;
@@ -100,8 +101,9 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     let _ = writeln!(s, "- kernel: {}", command_line("uname", &["-srm"]));
     let _ = writeln!(
         s,
-        "- cluster: etcd + 3 × Debian Patroni 3.0.2 / PostgreSQL 15 in network namespaces \
-         (ttl 10, loop_wait 1, retry_timeout 4); proxies in the root namespace"
+        "- cluster: etcd + 3 × {} / PostgreSQL 15 in network namespaces; proxies in the root \
+         namespace",
+        patroni::Flavor::from_env().describe()
     );
     let _ = writeln!(
         s,
@@ -110,10 +112,12 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "- patroxy: the same settings plus `fastinter = \"500ms\"`; a 503 from Patroni marks a \
-         server DOWN at once (authoritative), servers start DOWN, a listener with no UP server \
-         (or a server changing state) is checked at fastinter; clients wait up to `timeout \
-         queue` for a server instead of being refused at once"
+        "- patroxy: the shipped patroxy.toml ({}), with only {} changed; a 503 from Patroni \
+         marks a server DOWN at once (authoritative), servers start DOWN, a listener with no UP server (or a server changing state) is checked at \
+         fastinter; clients wait up to `timeout queue` for a server instead of being refused \
+         at once",
+        shipped_check_settings(),
+        SHIPPED_CONFIG_CHANGES
     );
     let _ = writeln!(
         s,

@@ -22,7 +22,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",
     "iproute2",
     "procps",
+    // Debian's Patroni 3.0.2 (`PTX_PATRONI=debian`) and the interpreter of PyPI's 4.1 venv.
     "patroni",
+    "python3-venv",
     "etcd-server",
     "etcd-client",
     "chromium",
@@ -68,6 +70,7 @@ pub fn setup() -> Result<BuildEnv> {
     ensure_bpf_linker(&toolchain, &mut env, &mut ok)?;
     ensure_debian_packages(root, &mut ok, &mut warnings)?;
     ensure_bpffs(root, &mut ok, &mut warnings)?;
+    ensure_patroni_venv(root, &mut ok, &mut warnings);
 
     println!("setup: ok: {}", ok.join(", "));
     for w in &warnings {
@@ -177,6 +180,29 @@ fn ensure_bpf_linker(toolchain: &str, env: &mut BuildEnv, ok: &mut Vec<String>) 
     run(&mut cmd).context("building bpf-linker")?;
     println!("setup: installed bpf-linker into {}", cargo_bin.display());
     Ok(())
+}
+
+/// PyPI's Patroni 4.1, the test cluster's and the demo's default, in its venv (see
+/// `patroxy_tests::cluster::patroni::ensure_installed`). A failure is a warning: only the
+/// cluster's commands need it, and they say so again.
+fn ensure_patroni_venv(root: bool, ok: &mut Vec<String>, warnings: &mut Vec<String>) {
+    use patroxy_tests::cluster::patroni::{VENV, ensure_installed};
+    if !root {
+        warnings.push(format!(
+            "PyPI's Patroni 4.1 in {VENV} is installed as root (the test cluster and the demo \
+             use it; PTX_PATRONI=debian uses Debian's 3.0.2 instead)"
+        ));
+        return;
+    }
+    if !Path::new(VENV).join("bin/patroni").is_file() {
+        println!(
+            "setup: installing Patroni 4.1 from PyPI into {VENV} (a venv of /usr/bin/python3)"
+        );
+    }
+    match ensure_installed() {
+        Ok(status) => ok.push(status),
+        Err(e) => warnings.push(format!("installing Patroni 4.1 into {VENV}: {e}")),
+    }
 }
 
 /// Installs the Debian packages that are missing (as root); reports them otherwise.

@@ -99,6 +99,15 @@ pub struct HealthCheck {
     pub authoritative: bool,
 }
 
+impl HealthCheck {
+    /// Whether a 200 means "this is the leader" (`/primary`, `/master`, `/leader`,
+    /// `/read-write`, `/`): every other member answers 503 there, however healthy.
+    pub fn asks_for_the_leader(&self) -> bool {
+        let path = self.path.split('?').next().unwrap_or_default();
+        super::WRITE_PATHS.contains(&path)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CheckMethod {
     Get,

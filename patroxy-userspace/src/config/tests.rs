@@ -54,7 +54,7 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
     );
     assert_eq!(
         (d.timeout_connect, d.timeout_check, d.timeout_queue),
-        (secs(4), Some(secs(5)), secs(4))
+        (secs(4), None, secs(4))
     );
     let stats = config.stats.as_ref().expect("stats");
     assert_eq!((stats.bind, stats.refresh), (sa("0.0.0.0:7000"), secs(5)));
@@ -97,9 +97,9 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
             assert_eq!(s.check_addr, sa(&format!("10.100.100.{ip}:8008")));
             assert_eq!(s.maxconn, Some(200));
             let timing = CheckTiming {
-                inter: secs(3),
-                fastinter: secs(3),
-                downinter: secs(3),
+                inter: secs(1),
+                fastinter: Duration::from_millis(250),
+                downinter: secs(1),
                 fall: 3,
                 rise: 2,
             };
@@ -235,7 +235,7 @@ fn a_bare_runtime_section_takes_the_defaults() {
 }
 
 #[test]
-fn defaults_follow_haproxy() {
+fn defaults_follow_haproxy_but_check_faster() {
     let config = load(&manifest_dir().join("src/config/fixtures/valid/minimal.toml")).unwrap();
     assert_eq!(config.global.maxconn, 2000);
     assert_eq!(config.global.bpf, BpfMode::Auto);
@@ -257,12 +257,45 @@ fn defaults_follow_haproxy() {
     let t = s.timing;
     assert_eq!(
         (t.inter, t.fastinter, t.downinter, t.fall, t.rise),
-        (secs(2), secs(2), secs(2), 3, 2)
+        (secs(1), Duration::from_millis(250), secs(1), 3, 2),
+        "patroxy's defaults: inter 1s (HAProxy: 2s), fastinter 250ms (HAProxy: inter)"
     );
     assert_eq!(
         (s.on_marked_down, s.init_state),
         (OnMarkedDown::Nothing, InitState::Down)
     );
+}
+
+#[test]
+fn fastinter_defaults_to_inter_when_inter_is_shorter() {
+    let minimal =
+        std::fs::read_to_string(manifest_dir().join("src/config/fixtures/valid/minimal.toml"))
+            .unwrap();
+    let timing = |default_server: &str| {
+        let text = format!("{minimal}\n[default_server]\n{default_server}\n");
+        parse(&text, "test.toml")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .listeners[0]
+            .servers[0]
+            .timing
+    };
+    let t = timing("inter = \"100ms\"");
+    assert_eq!(
+        (t.inter, t.fastinter, t.downinter),
+        (
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+            Duration::from_millis(100)
+        ),
+        "a fast interval slower than inter would slow the transitions down"
+    );
+    let t = timing("inter = \"3s\"");
+    assert_eq!(
+        (t.inter, t.fastinter, t.downinter),
+        (secs(3), Duration::from_millis(250), secs(3))
+    );
+    let t = timing("inter = \"3s\"\nfastinter = \"1s\"\ndowninter = \"5s\"");
+    assert_eq!((t.fastinter, t.downinter), (secs(1), secs(5)));
 }
 
 #[test]

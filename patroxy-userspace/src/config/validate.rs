@@ -36,6 +36,16 @@ const DEFAULT_CANCEL_RATE_PER_CLIENT: u32 = 20;
 /// request and a PostgreSQL query, and a bare number is milliseconds (`inter = 3` is 3 ms, not
 /// 3 s), so a few milliseconds is a mistake; 50 ms still finds a new primary within a blink.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+/// `inter` when unset: 1 s (HAProxy: 2 s). A demoted primary's 503 is seen within one `inter`,
+/// which bounds a switchover's share of the proxy; a check a second costs Patroni next to
+/// nothing, and without `timeout_check` a check may take up to `inter`, which a busy Patroni
+/// still meets.
+pub(crate) const DEFAULT_INTER: Duration = Duration::from_secs(1);
+/// `fastinter` when unset: 250 ms, or `inter` when that is shorter (HAProxy: `inter`). It
+/// paces the checks while a server changes state and while a listener has no UP server, so a
+/// new primary is UP `rise` × 250 ms after its first 200; `fall` failures in a row still take
+/// a primary down, so one slow answer never flaps it.
+pub(crate) const DEFAULT_FASTINTER: Duration = Duration::from_millis(250);
 /// Shortest timeout: below it a connect, a check's answer or an idle session fails on ordinary
 /// scheduling delay, and a bare number meant as seconds (`timeout_connect = 4`) is caught.
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
@@ -355,11 +365,11 @@ impl Validator<'_> {
         let inter = ds
             .inter
             .as_ref()
-            .map_or(Duration::from_secs(2), |d| interval(d, "inter"));
+            .map_or(DEFAULT_INTER, |d| interval(d, "inter"));
         let fastinter = ds
             .fastinter
             .as_ref()
-            .map_or(inter, |d| interval(d, "fastinter"));
+            .map_or(DEFAULT_FASTINTER.min(inter), |d| interval(d, "fastinter"));
         let downinter = ds
             .downinter
             .as_ref()

@@ -615,8 +615,8 @@ fn default_server(routes: &[Route], report: &mut Report) -> DefaultServer {
         move |w: Option<&&'static str>| format!("\"{}\"", w.copied().unwrap_or(default))
     };
     DefaultServer {
-        inter: pick!(checked, inter, time_key, show_time("\"2s\"")),
-        fastinter: pick!(checked, fastinter, time_key, show_time("inter")),
+        inter: pick!(checked, inter, time_key, show_time("\"1s\"")),
+        fastinter: pick!(checked, fastinter, time_key, show_time("min(250ms, inter)")),
         downinter: pick!(checked, downinter, time_key, show_time("inter")),
         rise: pick!(checked, rise, |n: &u32| *n, |n: Option<&u32>| n
             .map_or("2".into(), u32::to_string)),

@@ -139,6 +139,12 @@ impl Writer {
                 self.value(key, &t.value.toml, t);
             }
         }
+        if d.inter.is_none() {
+            self.raw("# inter: not set; patroxy's default is 1s (HAProxy's 2s)");
+        }
+        if d.fastinter.is_none() {
+            self.raw("# fastinter: not set; patroxy's default is 250ms or inter if shorter (HAProxy's is inter)");
+        }
         for (key, n) in [("rise", &d.rise), ("fall", &d.fall)] {
             if let Some(n) = n {
                 self.value(key, &n.value.to_string(), n);

@@ -13,7 +13,9 @@ fn fixture(name: &str) -> String {
 
 /// The seed's haproxy.cfg converts with nothing lost into what the shipped patroxy.toml says,
 /// but for the stats page's admin access: HAProxy's has no `stats admin`, so nobody may change
-/// server states there ("off"), where the shipped file lets this host's users ("local").
+/// server states there ("off"), where the shipped file lets this host's users ("local"); and
+/// for the check timings: the seed's `inter 3s` and `timeout check 5s` (with patroxy's default
+/// fastinter), where the shipped file has patroxy's defaults.
 #[test]
 fn the_seed_converts_without_loss_into_the_shipped_config() {
     let import = import(&fixture("seed.cfg"), "haproxy.cfg", "patroxy.toml").unwrap();
@@ -31,6 +33,12 @@ fn the_seed_converts_without_loss_into_the_shipped_config() {
     let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../patroxy.toml");
     let mut expected = config::load(&shipped).unwrap();
     expected.stats.as_mut().unwrap().admin = config::AdminAccess::Off;
+    expected.defaults.timeout_check = Some(Duration::from_secs(5));
+    for server in expected.listeners.iter_mut().flat_map(|l| &mut l.servers) {
+        server.timing.inter = Duration::from_secs(3);
+        server.timing.downinter = Duration::from_secs(3);
+        assert_eq!(server.timing.fastinter, Duration::from_millis(250));
+    }
     assert_eq!(*imported, expected);
     assert!(
         import

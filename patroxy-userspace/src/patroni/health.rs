@@ -68,6 +68,8 @@ pub struct LastCheck {
     pub duration: Duration,
     pub at: Instant,
     pub detail: Option<String>,
+    /// Whether the answer was recognisably Patroni's own (see [`CheckOutcome::from_patroni`]).
+    pub from_patroni: bool,
 }
 
 /// Check state of one server (one backend). Cloned into every published snapshot.
@@ -203,6 +205,20 @@ impl ServerHealth {
         }
     }
 
+    /// Fully DOWN on Patroni's own "not this role" (503) while the JSON of that answer says it
+    /// runs as a replica (state `running`, or `streaming` on Patroni 4): on a listener that asks
+    /// for the leader this is a healthy standby, not a failure. Only the stats use it (STANDBY);
+    /// routing treats it as the DOWN it is.
+    pub fn is_healthy_replica(&self) -> bool {
+        let not_this_role = self.last_check.as_ref().is_some_and(|l| {
+            l.status == CheckStatus::L7Sts && l.code == Some(NOT_THIS_ROLE) && l.from_patroni
+        });
+        self.server_state() == ServerState::Down
+            && not_this_role
+            && self.role == Some(Role::Replica)
+            && matches!(self.state.as_deref(), Some("running" | "streaming"))
+    }
+
     /// Total time spent DOWN up to `now`.
     pub fn downtime(&self, now: Instant) -> Duration {
         if self.is_up() {
@@ -220,6 +236,7 @@ impl ServerHealth {
             duration: outcome.duration,
             at,
             detail: outcome.detail.clone(),
+            from_patroni: outcome.from_patroni,
         });
         if outcome.role.is_some() {
             self.role = outcome.role.clone();
@@ -497,5 +514,61 @@ mod tests {
         );
         assert_eq!(h.last_change, start + Duration::from_secs(10));
         assert_eq!(h.last_check.as_ref().unwrap().code, Some(503));
+    }
+
+    #[test]
+    fn a_running_replica_saying_not_the_leader_is_a_healthy_replica() {
+        let t = timing(2, 3);
+        let now = Instant::now();
+        let replica = |state: &str| CheckOutcome {
+            role: Some(Role::Replica),
+            state: Some(state.into()),
+            timeline: Some(3),
+            ..outcome(L7Sts)
+        };
+        let healthy_after = |outcomes: &[CheckOutcome]| {
+            let mut h = ServerHealth::new(&t, InitState::Down, true, now);
+            run_outcomes(&mut h, outcomes);
+            h.is_healthy_replica()
+        };
+        assert!(healthy_after(&[replica("streaming")]), "Patroni 4");
+        assert!(healthy_after(&[replica("running")]), "Patroni 3");
+        assert!(healthy_after(&[outcome(L4Tout), replica("running")]));
+        for state in ["starting", "stopped", "crashed", "restarting"] {
+            assert!(!healthy_after(&[replica(state)]), "{state}");
+        }
+        let demoted = CheckOutcome {
+            role: Some(Role::Other("demoted".into())),
+            ..replica("running")
+        };
+        assert!(!healthy_after(&[demoted]));
+        let not_patroni = CheckOutcome {
+            from_patroni: false,
+            ..replica("running")
+        };
+        assert!(!healthy_after(&[not_patroni]), "a 503 from something else");
+        let other_status = CheckOutcome {
+            code: Some(500),
+            ..replica("running")
+        };
+        assert!(!healthy_after(&[other_status]));
+        // What came after the replica's answer decides.
+        assert!(!healthy_after(&[replica("running"), outcome(L4Tout)]));
+        assert!(
+            !healthy_after(&[replica("running"), outcome(L7Ok)]),
+            "DOWN 1/2"
+        );
+        // An UP server losing its role goes DOWN at once (authoritative) and is then a replica.
+        let mut h = ServerHealth::new(&t, InitState::Up, true, now);
+        assert!(!h.is_healthy_replica(), "UP");
+        h.record(&replica("streaming"), now);
+        assert!(h.is_healthy_replica());
+        // Not authoritative: UP 2/3 while failing, a replica only once fully DOWN.
+        let mut h = ServerHealth::new(&t, InitState::Up, false, now);
+        let (states, _) = run_outcomes(&mut h, &[replica("running"), replica("running")]);
+        assert_eq!(states, ["UP 2/3", "UP 1/3"]);
+        assert!(!h.is_healthy_replica());
+        h.record(&replica("running"), now);
+        assert!(h.is_healthy_replica());
     }
 }

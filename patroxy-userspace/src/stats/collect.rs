@@ -163,7 +163,12 @@ fn server(
     let (live_in, live_out) = live.get(&id).copied().unwrap_or_default();
     let (bin, bout) = history.monotonic_bytes(id, closed_in + live_in, closed_out + live_out);
     let (rate, rate_max) = history.backend_rate(id);
-    let (status, class) = status(snap.admin, health.server_state());
+    let leader_check = config.listeners[listener]
+        .check
+        .as_ref()
+        .is_some_and(|c| c.asks_for_the_leader());
+    let standby = leader_check && health.is_healthy_replica();
+    let (status, class) = status(snap.admin, health.server_state(), standby);
     ServerStats {
         name: spec.name.clone(),
         id,
@@ -213,8 +218,9 @@ fn server(
 
 /// The status column, as HAProxy's stats write it: MAINT whatever the checks say; DRAIN (or
 /// "DRAIN n/m" while failing checks) for a draining server its checks hold UP; otherwise the
-/// check state, so a draining server that went DOWN shows DOWN.
-fn status(admin: AdminState, state: ServerState) -> (String, StateClass) {
+/// check state, so a draining server that went DOWN shows DOWN; STANDBY instead of DOWN for a
+/// healthy replica on a leader listener (`standby`).
+fn status(admin: AdminState, state: ServerState, standby: bool) -> (String, StateClass) {
     match (admin, state) {
         (AdminState::Maint, _) => ("MAINT".into(), StateClass::Maint),
         (AdminState::Drain, ServerState::Up | ServerState::NoCheck) => {
@@ -223,6 +229,7 @@ fn status(admin: AdminState, state: ServerState) -> (String, StateClass) {
         (AdminState::Drain, ServerState::GoingDown { n, m }) => {
             (format!("DRAIN {n}/{m}"), StateClass::Drain)
         }
+        (_, ServerState::Down) if standby => ("STANDBY".into(), StateClass::Standby),
         _ => (state.to_string(), class_of(state)),
     }
 }
@@ -264,7 +271,7 @@ mod tests {
     #[test]
     fn status_shows_the_admin_state_like_haproxy() {
         use AdminState::{Drain, Maint, Ready};
-        let s = |admin, state| status(admin, state);
+        let s = |admin, state| status(admin, state, false);
         let going_down = ServerState::GoingDown { n: 2, m: 3 };
         let going_up = ServerState::GoingUp { n: 1, m: 2 };
         assert_eq!(s(Ready, ServerState::Up), ("UP".into(), StateClass::Up));
@@ -293,5 +300,21 @@ mod tests {
             ("DOWN".into(), StateClass::Down)
         );
         assert_eq!(s(Drain, going_up), ("DOWN 1/2".into(), StateClass::GoingUp));
+    }
+
+    #[test]
+    fn a_healthy_replica_on_a_leader_listener_is_standby_unless_in_maint() {
+        use AdminState::{Drain, Maint, Ready};
+        let standby = ("STANDBY".into(), StateClass::Standby);
+        assert_eq!(status(Ready, ServerState::Down, true), standby);
+        assert_eq!(status(Drain, ServerState::Down, true), standby);
+        assert_eq!(
+            status(Maint, ServerState::Down, true),
+            ("MAINT".into(), StateClass::Maint)
+        );
+        assert_eq!(
+            status(Ready, ServerState::Down, false),
+            ("DOWN".into(), StateClass::Down)
+        );
     }
 }

@@ -224,7 +224,7 @@ fn server(snap: &StatsSnapshot, l: &ListenerStats, s: &ServerStats, iid: usize) 
         .active(1)
         .set("smax", s.smax)
         .opt("slim", s.slim)
-        .set("status", &s.status)
+        .set("status", s.haproxy_status())
         .set("lastchg", s.lastchg_secs)
         .set("sid", s.sid)
         .set("rate_max", s.rate_max)
@@ -262,7 +262,7 @@ fn backend(snap: &StatsSnapshot, l: &ListenerStats, iid: usize) -> Row {
 
 #[cfg(test)]
 mod tests {
-    use super::super::model::sample;
+    use super::super::model::{StateClass, sample};
     use super::*;
 
     fn parse(csv: &str) -> (Vec<String>, Vec<Vec<String>>) {
@@ -337,6 +337,12 @@ mod tests {
         assert_eq!(rows[4][col("act")], "2");
         assert_eq!(rows[4][col("algo")], "first");
         assert_eq!(rows[6][col("status")], "no check");
+        // A STANDBY replica is HAProxy's DOWN for the CSV's scrapers.
+        let mut snap = sample::snapshot();
+        let pg2 = &mut snap.listeners[0].servers[1];
+        (pg2.status, pg2.class) = ("STANDBY".into(), StateClass::Standby);
+        let (_, rows) = parse(&render(&snap));
+        assert_eq!(rows[2][col("status")], "DOWN");
         assert_eq!(
             rows[6][col("chkfail")],
             "",

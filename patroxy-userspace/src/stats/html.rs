@@ -35,7 +35,7 @@ pub fn render(snap: &StatsSnapshot, refresh: bool) -> String {
 const STYLE: &str = r#"<style>
 :root{--up:#c0ffc0;--up-s:#1e9e3a;--gd:#ffffa0;--gd-s:#c9b400;--gu:#ffd020;--gu-s:#d97e00;
 --down:#ff9090;--down-s:#d62b2b;--nc:#e0e0e0;--nc-s:#777;--maint:#e3b378;--maint-s:#9a5a14;
---drain:#8fcbff;--drain-s:#1479c9;--ink:#1d2330;--mute:#5b6475;--line:#d5dae3;--head:#2f3b52}
+--drain:#8fcbff;--drain-s:#1479c9;--sb:#e4ecf7;--sb-s:#5f7fa8;--ink:#1d2330;--mute:#5b6475;--line:#d5dae3;--head:#2f3b52}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);background:#f4f6f9}
 header{background:var(--head);color:#fff;padding:12px 16px;display:flex;flex-wrap:wrap;align-items:baseline;gap:6px 18px}
@@ -62,12 +62,12 @@ td.name{background:inherit}
 tr.srv{background:#fff}
 tr.srv.up{background:var(--up)}tr.srv.going-down{background:var(--gd)}tr.srv.going-up{background:var(--gu)}
 tr.srv.down{background:var(--down)}tr.srv.no-check{background:var(--nc)}tr.srv.maint{background:var(--maint)}
-tr.srv.drain{background:var(--drain)}
+tr.srv.drain{background:var(--drain)}tr.srv.standby{background:var(--sb)}
 tr.fe,tr.be{background:#f7f8fb;color:var(--head)}tr.be td{font-weight:600;border-top:2px solid var(--line)}
 .st{display:inline-block;min-width:74px;text-align:center;padding:1px 8px;border-radius:10px;color:#fff;font-weight:700;font-size:12px}
 .st.up{background:var(--up-s)}.st.going-down{background:var(--gd-s)}.st.going-up{background:var(--gu-s)}
 .st.down{background:var(--down-s)}.st.no-check{background:var(--nc-s)}.st.maint{background:var(--maint-s)}
-.st.drain{background:var(--drain-s)}
+.st.drain{background:var(--drain-s)}.st.standby{background:var(--sb-s)}
 .role{font-weight:600}.role.primary{color:#0b5d1e}.muted{color:var(--mute)}
 .fence{margin-left:4px;font-size:11px;color:#fff;background:#7a1f1f;border-radius:3px;padding:0 4px}
 footer{padding:4px 16px 24px;color:var(--mute);font-size:12px;max-width:1800px;margin:0 auto}
@@ -115,6 +115,10 @@ fn header(h: &mut String, s: &StatsSnapshot) {
         (StateClass::GoingDown, "UP, going down"),
         (StateClass::GoingUp, "DOWN, going up"),
         (StateClass::Down, "DOWN"),
+        (
+            StateClass::Standby,
+            "STANDBY: a healthy replica, not the leader",
+        ),
         (StateClass::NoCheck, "not checked"),
         (StateClass::Maint, "MAINT"),
         (StateClass::Drain, "DRAIN"),
@@ -127,6 +131,7 @@ fn header(h: &mut String, s: &StatsSnapshot) {
                 StateClass::GoingDown => "gd",
                 StateClass::GoingUp => "gu",
                 StateClass::Down => "down",
+                StateClass::Standby => "sb",
                 StateClass::NoCheck => "nc",
                 StateClass::Maint => "maint",
                 StateClass::Drain => "drain",

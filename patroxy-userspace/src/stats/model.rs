@@ -106,6 +106,10 @@ pub enum StateClass {
     /// DOWN but passing checks ("DOWN 1/2").
     GoingUp,
     Down,
+    /// DOWN on a listener that asks for the leader, because Patroni says it is a healthy
+    /// replica: shown STANDBY, calm, so that an alert on DOWN means a node in trouble. The CSV
+    /// keeps HAProxy's DOWN for existing scrapers.
+    Standby,
     NoCheck,
     Maint,
     Drain,
@@ -123,6 +127,7 @@ impl StateClass {
         match self {
             Self::Up | Self::GoingDown | Self::NoCheck => "UP",
             Self::Down | Self::GoingUp => "DOWN",
+            Self::Standby => "STANDBY",
             Self::Maint => "MAINT",
             Self::Drain => "DRAIN",
         }
@@ -134,6 +139,7 @@ impl StateClass {
             Self::GoingDown => "going-down",
             Self::GoingUp => "going-up",
             Self::Down => "down",
+            Self::Standby => "standby",
             Self::NoCheck => "no-check",
             Self::Maint => "maint",
             Self::Drain => "drain",
@@ -204,7 +210,8 @@ pub struct ServerStats {
     pub address: String,
     pub check_address: Option<String>,
     /// As HAProxy writes it: "UP", "DOWN", "UP 1/3", "DOWN 1/2", "MAINT", "DRAIN",
-    /// "DRAIN 1/3" (draining and failing checks), "no check".
+    /// "DRAIN 1/3" (draining and failing checks), "no check"; and patroxy's "STANDBY" (see
+    /// [`StateClass::Standby`]; [`ServerStats::haproxy_status`] says DOWN for it).
     pub status: String,
     pub class: StateClass,
     /// The operator's state (`patroxy set-state`): "ready", "drain" or "maint". A draining
@@ -235,6 +242,16 @@ pub struct ServerStats {
     pub downtime_secs: u64,
     /// The kernel refuses to forward this backend's bytes (marked down, sessions being reset).
     pub fenced: bool,
+}
+
+impl ServerStats {
+    /// The status as HAProxy would write it, for the CSV: STANDBY is HAProxy's DOWN.
+    pub fn haproxy_status(&self) -> &str {
+        match self.class {
+            StateClass::Standby => "DOWN",
+            _ => &self.status,
+        }
+    }
 }
 
 /// HAProxy's BACKEND row: the servers of a listener added up.

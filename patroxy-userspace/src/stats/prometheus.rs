@@ -23,8 +23,9 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 type Labels = Vec<(&'static str, String)>;
 
-/// The states HAProxy's exporter lists for `haproxy_server_status`.
-const STATES: [&str; 4] = ["DOWN", "UP", "MAINT", "DRAIN"];
+/// The states HAProxy's exporter lists for `haproxy_server_status`, and patroxy's STANDBY (a
+/// healthy replica on a leader listener), which an alert on `state="DOWN"` does not match.
+const STATES: [&str; 5] = ["DOWN", "UP", "MAINT", "DRAIN", "STANDBY"];
 
 pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String {
     let mut reg = Registry::with_prefix("patroxy");
@@ -444,8 +445,27 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::super::{history::ServerLabels, model::sample};
+    use super::super::{
+        history::ServerLabels,
+        model::{StateClass, sample},
+    };
     use super::*;
+
+    #[test]
+    fn a_standby_replica_is_not_down() {
+        let mut snap = sample::snapshot();
+        let pg2 = &mut snap.listeners[0].servers[1];
+        (pg2.status, pg2.class) = ("STANDBY".into(), StateClass::Standby);
+        let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
+        let text = render(&snap, &durations);
+        for line in [
+            r#"patroxy_server_status{proxy="postgres_write",server="pg2",state="STANDBY"} 1"#,
+            r#"patroxy_server_status{proxy="postgres_write",server="pg2",state="DOWN"} 0"#,
+            r#"patroxy_server_status{proxy="postgres_write",server="pg1",state="STANDBY"} 0"#,
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+    }
 
     #[test]
     fn haproxy_exporter_names_and_values() {

@@ -94,6 +94,7 @@ pub fn columns(rows: &[Vec<String>], classes: &[Option<StateClass>], color: bool
                         StateClass::GoingDown => "33",
                         StateClass::GoingUp => "33;1",
                         StateClass::Down => "31;1",
+                        StateClass::Standby => "36",
                         StateClass::NoCheck => "90",
                         // HAProxy's colours: brown (256-colour 130) and blue.
                         StateClass::Maint => "38;5;130",

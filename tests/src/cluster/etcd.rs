@@ -44,6 +44,7 @@ pub fn start(dir: &Path) -> Result<Child, PgError> {
         false,
         Path::new("/usr/bin/etcd"),
         &args,
+        dir,
         &dir.join("etcd.log"),
     )
 }

@@ -30,16 +30,20 @@ fn err(msg: impl Into<String>) -> PgError {
 }
 
 /// Starts `program args` inside namespace `ns` (as the `postgres` user when `as_postgres`),
-/// in its own process group, with stdout+stderr appended to `log`.
+/// in its own process group, in the working directory `cwd`, with stdout+stderr appended to
+/// `log`. The postgres user must be able to enter `cwd`: Patroni starts PostgreSQL through a
+/// spawned Python child that changes to it, and hangs for good if that fails.
 pub(crate) fn spawn_in_ns(
     ns: &str,
     as_postgres: bool,
     program: &Path,
     args: &[String],
+    cwd: &Path,
     log: &Path,
 ) -> Result<Child, PgError> {
     let out = File::options().create(true).append(true).open(log)?;
     let mut cmd = Command::new("ip");
+    cmd.current_dir(cwd);
     cmd.args(["netns", "exec", ns]);
     if as_postgres {
         // setpriv execs (no extra process), so the pid is the program's own.
@@ -86,6 +90,9 @@ impl Cluster {
     /// until there is a leader and two streaming replicas.
     pub fn up() -> Result<Cluster, PgError> {
         down();
+        if patroni::Flavor::from_env() == patroni::Flavor::Pypi {
+            patroni::ensure_installed()?;
+        }
         let dir = PathBuf::from(STATE_DIR);
         std::fs::create_dir_all(&dir)?;
         // The postgres user must traverse it to reach its node directories.
@@ -188,6 +195,7 @@ impl Cluster {
             true,
             &patroni::patroni_bin(),
             &[node.config_path().display().to_string()],
+            &node.dir,
             &node.log_path(),
         )?;
         self.children.push(child);
@@ -352,7 +360,9 @@ impl Cluster {
     /// that still does not stream from the leader (twice at most) and waits again. Debian's
     /// Patroni 3.0.2 leaves a healed old primary with a stale postmaster over a removed data
     /// directory, or (seen once in CI) a replica asking the leader for WAL past the leader's
-    /// own; patroxy is not involved. Returns the leader's index.
+    /// own; patroxy is not involved. Patroni 4.1 rewinds and rejoins such nodes by itself (no
+    /// rebuild in the link-down runs of 2026-12-03); the rebuild stays for 3.0.2 and as a
+    /// safety net. Returns the leader's index.
     pub fn restore(&mut self) -> Result<usize, PgError> {
         const SETTLE: Duration = Duration::from_secs(45);
         const ATTEMPTS: usize = 2;

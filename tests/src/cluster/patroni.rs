@@ -1,15 +1,13 @@
 //! The Patroni nodes pg-sv01..03, each in namespace `ptx-pgN` at 10.213.77.1N with PostgreSQL
 //! on :5432 and the REST API on :8008, like the seed's hosts.
 //!
-//! Patroni: Debian's 3.0.2 by default; PyPI's 4.1.x in a venv at [`VENV`] with
-//! `PTX_PATRONI=venv` (DESIGN.md prefers 4.1 for the frozen-node scenario; see
-//! [`patroni_bin`] for why it is not the default yet). [`ensure_installed`] installs the
-//! venv, idempotently.
+//! Patroni: PyPI's 4.1.x from a venv at [`VENV`] by default; Debian's 3.0.2 with
+//! `PTX_PATRONI=debian` (see [`Flavor`]). [`ensure_installed`] installs the venv, idempotently;
+//! `venv_usable` and [`ensure_installed`] say why the venv is made and checked the way it is.
 //!
-//! Timing: ttl 10, loop_wait 1, retry_timeout 4. Patroni requires
-//! ttl >= loop_wait + 2 * retry_timeout, so retry_timeout 5 would need loop_wait 0; 4 keeps
-//! ttl at the 10 s DESIGN.md's HAProxy numbers were measured with. (Patroni 4.1 raises a ttl
-//! below 20 to 20 by itself.)
+//! Timing: loop_wait 1, retry_timeout 4, ttl 20 on 4.1 (its floor: it raises a lower ttl to 20
+//! and `--validate-config` rejects it) and 10 on 3.0.2 (the ttl DESIGN.md's HAProxy numbers
+//! were measured with). Patroni requires ttl >= loop_wait + 2 * retry_timeout.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -24,18 +22,69 @@ pub const VENV: &str = "/opt/patroxy-patroni";
 pub const SCOPE: &str = "patroxy-test";
 pub const REPLICATION_PASSWORD: &str = "ChangeMe_Replication";
 
-/// The patroni executable: Debian's 3.0.2, or the venv's 4.1.x when `PTX_PATRONI=venv`.
-///
-/// Known problem (left open): under this harness Patroni 4.1.5 from the venv hangs right
-/// after "Starting postgres" during bootstrap (its multiprocessing child never starts the
-/// postmaster), so the default is Debian's 3.0.2, which works.
-pub fn patroni_bin() -> PathBuf {
-    let venv = Path::new(VENV).join("bin/patroni");
-    if venv.is_file() && std::env::var("PTX_PATRONI").as_deref() == Ok("venv") {
-        venv
-    } else {
-        PathBuf::from("/usr/bin/patroni")
+/// Which Patroni runs the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// PyPI's 4.1.x in [`VENV`]: the default.
+    Pypi,
+    /// Debian's packaged 3.0.2 (`PTX_PATRONI=debian`).
+    Debian,
+}
+
+impl Flavor {
+    /// `PTX_PATRONI=debian` picks Debian's 3.0.2; unset (or `pypi`, `venv`, `4.1`) PyPI's 4.1.
+    pub fn from_env() -> Flavor {
+        match std::env::var("PTX_PATRONI").as_deref() {
+            Ok("debian" | "3.0" | "3.0.2") => Flavor::Debian,
+            _ => Flavor::Pypi,
+        }
     }
+
+    /// The patroni executable.
+    pub fn patroni_bin(self) -> PathBuf {
+        match self {
+            Flavor::Pypi => Path::new(VENV).join("bin/patroni"),
+            Flavor::Debian => PathBuf::from("/usr/bin/patroni"),
+        }
+    }
+
+    /// Patroni's DCS ttl in seconds: 4.1 refuses less than 20.
+    pub fn ttl(self) -> u32 {
+        match self {
+            Flavor::Pypi => 20,
+            Flavor::Debian => 10,
+        }
+    }
+
+    /// One line for reports: "Patroni 4.1.5 (PyPI, /opt/patroxy-patroni), ttl 20, loop_wait 1,
+    /// retry_timeout 4".
+    pub fn describe(self) -> String {
+        let bin = self.patroni_bin();
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .replace("patroni", "Patroni")
+            })
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| format!("{} (not installed)", bin.display()));
+        let origin = match self {
+            Flavor::Pypi => format!("PyPI, {VENV}"),
+            Flavor::Debian => "Debian's package".to_owned(),
+        };
+        format!(
+            "{version} ({origin}), ttl {}, loop_wait 1, retry_timeout 4",
+            self.ttl()
+        )
+    }
+}
+
+/// The patroni executable of [`Flavor::from_env`].
+pub fn patroni_bin() -> PathBuf {
+    Flavor::from_env().patroni_bin()
 }
 
 /// The patronictl next to [`patroni_bin`].
@@ -43,16 +92,37 @@ pub fn patronictl_bin() -> PathBuf {
     patroni_bin().with_file_name("patronictl")
 }
 
-/// Installs Patroni 4.1.x from PyPI into [`VENV`] unless it is already there. Idempotent;
-/// needs root, python3-venv and access to PyPI. Returns a one-line status.
+/// Whether the postgres user can run the venv's Patroni. Checked as that user through an `env`
+/// hop: `setpriv` keeps root's capabilities until its own exec, so a check run by it directly
+/// (or as root) passes on a venv whose interpreter the postgres user cannot exec, the cause of
+/// the bootstrap hang (Patroni's spawned child re-execs the interpreter without them).
+fn venv_usable() -> Option<String> {
+    let python = Path::new(VENV).join("bin/python3");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg("env")
+        .arg(&python)
+        .args(["-c", "import patroni.version as v; print(v.__version__)"])
+        .current_dir("/")
+        .output()
+        .ok()?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && version.starts_with("4.1")).then_some(version)
+}
+
+/// Installs PyPI's Patroni 4.1.x into [`VENV`] unless the postgres user can already run it
+/// there. Idempotent; needs root, python3-venv and access to PyPI. The venv is made by Debian's
+/// `/usr/bin/python3` (not the first python3 on PATH, which may be pyenv's under root's home,
+/// out of the postgres user's reach); one it cannot use is made again. Returns a one-line
+/// status saying what it did.
 pub fn ensure_installed() -> Result<String, PgError> {
-    let bin = Path::new(VENV).join("bin/patroni");
-    let version = |bin: &Path| -> Option<String> {
-        let out = Command::new(bin).arg("--version").output().ok()?;
-        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    if let Some(v) = version(&bin).filter(|v| v.starts_with("patroni 4.1")) {
-        return Ok(format!("{v} ({VENV})"));
+    if let Some(v) = venv_usable() {
+        return Ok(format!("Patroni {v} ({VENV})"));
     }
     let step = |cmd: &mut Command| -> Result<(), PgError> {
         let out = run_with_timeout(cmd, Duration::from_secs(600))?;
@@ -66,22 +136,27 @@ pub fn ensure_installed() -> Result<String, PgError> {
             ))))
         }
     };
-    if !Path::new(VENV).join("bin/pip").is_file() {
-        step(Command::new("python3").args(["-m", "venv", VENV]))?;
+    let remade = Path::new(VENV).exists();
+    if remade {
+        // Made by another interpreter, or half installed: start over.
+        std::fs::remove_dir_all(VENV)?;
     }
+    step(Command::new("/usr/bin/python3").args(["-m", "venv", VENV]))?;
     step(Command::new(Path::new(VENV).join("bin/pip")).args([
         "install",
         "--quiet",
-        "patroni[etcd3]==4.1.*",
-        "psycopg[binary]",
+        "--disable-pip-version-check",
+        "patroni[etcd3,psycopg2-binary]==4.1.*",
     ]))?;
-    version(&bin)
-        .map(|v| format!("installed {v} ({VENV})"))
-        .ok_or_else(|| {
-            PgError::from(std::io::Error::other(
-                "patroni --version failed after install",
-            ))
-        })
+    let v = venv_usable().ok_or_else(|| {
+        PgError::from(std::io::Error::other(format!(
+            "the postgres user cannot run Patroni from {VENV} after installing it"
+        )))
+    })?;
+    Ok(format!(
+        "{} Patroni {v} from PyPI into {VENV} (made with /usr/bin/python3)",
+        if remade { "reinstalled" } else { "installed" }
+    ))
 }
 
 /// One member of the cluster.
@@ -172,7 +247,7 @@ etcd3:
   host: {etcd}
 bootstrap:
   dcs:
-    ttl: 10
+    ttl: {ttl}
     loop_wait: 1
     retry_timeout: 4
     maximum_lag_on_failover: 1048576
@@ -225,6 +300,7 @@ tags:
   nosync: false
 "#,
             bin_dir = bin_dir.display(),
+            ttl = Flavor::from_env().ttl(),
         ))
     }
 }

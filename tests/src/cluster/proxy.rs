@@ -1,8 +1,9 @@
 //! The proxies in front of the cluster, in the root namespace, listening on 127.0.0.1: patroxy
-//! (the seed's settings plus `fastinter = "500ms"`) and Debian's HAProxy (the seed's settings
-//! exactly: inter 3s fall 3 rise 2, timeout check 5s, connect 4s, retries 2, HAProxy's default
-//! fastinter = inter; only the binds and logging differ from reference/haproxy.cfg). Their pids
-//! are recorded in the state dir so `down` stops them after a crashed run too.
+//! with the shipped `patroxy.toml` (see [`patroxy_config`] for what the harness changes in it)
+//! and Debian's HAProxy (the seed's settings exactly: inter 3s fall 3 rise 2, timeout check 5s,
+//! connect 4s, retries 2, HAProxy's default fastinter = inter; only the binds and logging differ
+//! from reference/haproxy.cfg). Their pids are recorded in the state dir so `down` stops them
+//! after a crashed run too.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -36,8 +37,8 @@ impl Kind {
     }
 }
 
-/// Both proxies' config for the cluster: the seed's settings (patroxy.toml, reference/haproxy.cfg)
-/// with the test hosts and the local ports `(write, read, stats)`.
+/// HAProxy's side of the comparison: the seed's settings (reference/haproxy.cfg) with the test
+/// hosts and the local ports `(write, read, stats)`.
 pub fn seed_config(nodes: &[Node], ports: (u16, u16, u16)) -> ProxyConfig {
     let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
     let servers = nodes
@@ -70,15 +71,108 @@ pub fn seed_config(nodes: &[Node], ports: (u16, u16, u16)) -> ProxyConfig {
     .stats(StatsConfig::new(local(ports.2)).refresh(Duration::from_secs(5)))
 }
 
-/// patroxy's config for the cluster: [`seed_config`] with `fastinter = "500ms"`, data path
-/// `bpf` and its maps pinned at `pin_path`.
-pub fn patroxy_config(nodes: &[Node], ports: (u16, u16, u16), bpf: Bpf, pin_path: &Path) -> String {
-    let mut config = seed_config(nodes, ports).data_path(bpf, pin_path);
-    config.default_server.fastinter = Some(Duration::from_millis(500));
+/// The repository's `patroxy.toml`, which the cluster's patroxy runs.
+pub const SHIPPED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../patroxy.toml");
+
+/// What [`patroxy_config`] changes in the shipped file, for reports.
+pub const SHIPPED_CONFIG_CHANGES: &str = "the servers' addresses (the test hosts), the binds \
+     (127.0.0.1, free ports), `bpf` and `pin_path` (a pin directory of its own)";
+
+/// The shipped file's check settings as written there (`[default_server]` and `timeout_check`),
+/// for reports: "inter 1s, fastinter 250ms, ...; timeout_check unset".
+pub fn shipped_check_settings() -> String {
+    let doc: toml::Table = std::fs::read_to_string(SHIPPED_CONFIG)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_default();
+    let get = |table: &str, key: &str| {
+        doc.get(table)
+            .and_then(|t| t.get(key))
+            .map_or("unset".to_owned(), |v| match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+    };
+    let timings: Vec<String> = ["inter", "fastinter", "downinter", "rise", "fall"]
+        .iter()
+        .map(|k| format!("{k} {}", get("default_server", k)))
+        .collect();
     format!(
-        "# Written by the patroxy cluster harness: the seed's settings, test hosts, fastinter 500ms.\n{}",
-        config.to_toml()
+        "{}; timeout_check {}, timeout_connect {}",
+        timings.join(", "),
+        get("defaults", "timeout_check"),
+        get("defaults", "timeout_connect")
     )
+}
+
+/// patroxy's config for the cluster: the shipped `patroxy.toml` with only
+/// [`SHIPPED_CONFIG_CHANGES`] changed, so the scenarios and failover-bench measure what an
+/// operator gets out of the box. Its servers and listeners must be the test cluster's
+/// (pg-sv01..03; postgres_write, postgres_read).
+pub fn patroxy_config(
+    nodes: &[Node],
+    ports: (u16, u16, u16),
+    bpf: Bpf,
+    pin_path: &Path,
+) -> Result<String, PgError> {
+    use toml::{Table, Value};
+    let text = std::fs::read_to_string(SHIPPED_CONFIG)
+        .map_err(|e| err(format!("reading {SHIPPED_CONFIG}: {e}")))?;
+    let mut doc: Table = text
+        .parse()
+        .map_err(|e| err(format!("{SHIPPED_CONFIG}: {e}")))?;
+    let bad = |what: &str| err(format!("{SHIPPED_CONFIG}: {what}"));
+    let table = |doc: &mut Table, key: &str| -> Result<Table, PgError> {
+        match doc.remove(key) {
+            Some(Value::Table(t)) => Ok(t),
+            None => Ok(Table::new()),
+            Some(_) => Err(bad(&format!("[{key}] is not a table"))),
+        }
+    };
+    let mut global = table(&mut doc, "global")?;
+    global.insert("bpf".into(), bpf.name().into());
+    global.insert("pin_path".into(), pin_path.display().to_string().into());
+    doc.insert("global".into(), global.into());
+    let mut stats = table(&mut doc, "stats")?;
+    stats.insert("bind".into(), local(ports.2).to_string().into());
+    doc.insert("stats".into(), stats.into());
+    let each =
+        |doc: &mut Table, key: &str, f: &mut dyn FnMut(&mut Table) -> Result<(), PgError>| {
+            let Some(Value::Array(list)) = doc.get_mut(key) else {
+                return Err(bad(&format!("no [[{key}]]")));
+            };
+            list.iter_mut().try_for_each(|v| {
+                v.as_table_mut()
+                    .ok_or_else(|| bad(&format!("a [[{key}]] is not a table")))
+                    .and_then(&mut *f)
+            })
+        };
+    each(&mut doc, "server", &mut |server| {
+        let name = server
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let node = nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| bad(&format!("server {name:?} is not a test host")))?;
+        server.insert("address".into(), node.pg_addr().to_string().into());
+        Ok(())
+    })?;
+    each(&mut doc, "listener", &mut |listener| {
+        let port = match listener.get("name").and_then(Value::as_str) {
+            Some("postgres_write") => ports.0,
+            Some("postgres_read") => ports.1,
+            other => return Err(bad(&format!("listener {other:?} has no test port"))),
+        };
+        listener.insert("bind".into(), local(port).to_string().into());
+        Ok(())
+    })?;
+    let body = toml::to_string(&doc).map_err(|e| err(format!("writing the config: {e}")))?;
+    Ok(format!(
+        "# Written by the patroxy cluster harness: {SHIPPED_CONFIG} with these changed: \
+         {SHIPPED_CONFIG_CHANGES}.\n{body}"
+    ))
 }
 
 /// HAProxy's config for the cluster: [`seed_config`] exactly (HAProxy's default fastinter is
@@ -107,7 +201,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts patroxy (`bin`) with [`patroxy_config`].
+    /// Starts patroxy (`bin`) with [`patroxy_config`]: the shipped `patroxy.toml`.
     pub fn start_patroxy(
         bin: &Path,
         nodes: &[Node],
@@ -118,7 +212,7 @@ impl Proxy {
         let bpf: Bpf = bpf.parse().map_err(err)?;
         let pin = PathBuf::from(format!("/sys/fs/bpf/patroxy-cluster-{}", ports.0));
         let cfg = dir.join(format!("patroxy-{}.toml", ports.0));
-        std::fs::write(&cfg, patroxy_config(nodes, ports, bpf, &pin))?;
+        std::fs::write(&cfg, patroxy_config(nodes, ports, bpf, &pin)?)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("--config").arg(&cfg);
         cmd.env("PATROXY_LOG", "info");
@@ -291,5 +385,76 @@ pub fn kill_recorded(dir: &Path) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_runs_the_shipped_config_with_only_hosts_binds_and_pins_changed() {
+        let dir = Path::new("/nonexistent");
+        let nodes: Vec<Node> = (1..=3).map(|i| Node::new(i, dir)).collect();
+        let pin = Path::new("/sys/fs/bpf/patroxy-cluster-test");
+        let text = patroxy_config(&nodes, (6001, 6002, 6003), Bpf::Required, pin).unwrap();
+        assert!(
+            text.starts_with("# Written by the patroxy cluster harness"),
+            "{text}"
+        );
+        let ours: toml::Table = text.parse().unwrap();
+        let shipped: toml::Table = std::fs::read_to_string(SHIPPED_CONFIG)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let listeners = ours["listener"].as_array().unwrap();
+        let binds: Vec<&str> = listeners
+            .iter()
+            .map(|l| l["bind"].as_str().unwrap())
+            .collect();
+        assert_eq!(binds, ["127.0.0.1:6001", "127.0.0.1:6002"]);
+        let servers = ours["server"].as_array().unwrap();
+        let addresses: Vec<&str> = servers
+            .iter()
+            .map(|s| s["address"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            addresses,
+            [
+                "10.213.77.11:5432",
+                "10.213.77.12:5432",
+                "10.213.77.13:5432"
+            ]
+        );
+        assert_eq!(ours["stats"]["bind"].as_str(), Some("127.0.0.1:6003"));
+        assert_eq!(ours["global"]["bpf"].as_str(), Some("required"));
+        assert_eq!(
+            ours["global"]["pin_path"].as_str(),
+            Some("/sys/fs/bpf/patroxy-cluster-test")
+        );
+        // Everything else is the shipped file's: put back what was changed and compare.
+        let mut back = ours.clone();
+        for key in ["bpf", "pin_path"] {
+            back["global"].as_table_mut().unwrap()[key] = shipped["global"][key].clone();
+        }
+        back["stats"]["bind"] = shipped["stats"]["bind"].clone();
+        for (i, l) in back["listener"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+        {
+            l["bind"] = shipped["listener"][i]["bind"].clone();
+        }
+        for (i, s) in back["server"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+        {
+            s["address"] = shipped["server"][i]["address"].clone();
+        }
+        assert_eq!(back, shipped);
+        assert!(shipped_check_settings().starts_with("inter 1s, fastinter 250ms"));
     }
 }

@@ -38,6 +38,8 @@ pub struct Success {
     pub connected_at: SystemTime,
     /// `inet_server_addr()` of the node that took the write.
     pub server: String,
+    /// The row's `id` in `ptx_writes`: a committed write must still be there afterwards.
+    pub id: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -250,12 +252,13 @@ fn run(port: u16, interval: Duration, stop: &AtomicBool, log: &Mutex<Log>) {
         let sent_at = SystemTime::now();
         match query_row(
             client,
-            "INSERT INTO ptx_writes (node) VALUES (host(inet_server_addr())) RETURNING node",
+            "INSERT INTO ptx_writes (node) VALUES (host(inet_server_addr())) RETURNING node, id",
         ) {
             Ok(row) => log.lock().unwrap().successes.push(Success {
                 sent_at,
                 at: SystemTime::now(),
                 connected_at,
+                id: row.get(1).and_then(|id| id.parse().ok()).unwrap_or(-1),
                 server: row.into_iter().next().unwrap_or_default(),
             }),
             Err(e) => {
@@ -328,6 +331,34 @@ impl Report {
     }
 
     /// One line: outage and error counts.
+    /// The ids of the successful writes that are no longer in `ptx_writes`, read through
+    /// 127.0.0.1:`port` (the current primary).
+    pub fn lost_writes(&self, port: u16) -> Result<Vec<i64>, postgres::Error> {
+        let mut c = connect(port, "ptx-harness")?;
+        let ids: Vec<String> = self.successes.iter().map(|s| s.id.to_string()).collect();
+        let found = c.simple_query(&format!(
+            "SELECT id FROM ptx_writes WHERE id IN ({})",
+            if ids.is_empty() {
+                "NULL".to_owned()
+            } else {
+                ids.join(",")
+            }
+        ))?;
+        let found: std::collections::HashSet<i64> = found
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+                _ => None,
+            })
+            .collect();
+        Ok(self
+            .successes
+            .iter()
+            .map(|s| s.id)
+            .filter(|id| !found.contains(id))
+            .collect())
+    }
+
     pub fn summary(&self) -> String {
         let (outage, _) = self.outage();
         format!(
