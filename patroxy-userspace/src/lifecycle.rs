@@ -175,9 +175,11 @@ async fn run_daemon(
     let (restructure, mut restructures) = tokio::sync::mpsc::channel(1);
     let reloader = reload::spawn(
         relaunch.config.clone(),
-        proxy.clone(),
-        checks,
-        firewall.clone(),
+        reload::ReloadTargets {
+            proxy: proxy.clone(),
+            checker: checks,
+            firewall: firewall.clone(),
+        },
         carried.reload,
         restructure,
         stop.clone(),

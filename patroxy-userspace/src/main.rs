@@ -96,6 +96,9 @@ enum Command {
         /// The daemon's config, to show listener and server names instead of ids.
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Print the sessions as JSON (as `patroxy ctl --json show sessions`).
+        #[arg(long)]
+        json: bool,
     },
     /// Write a HAProxy configuration as patroxy's TOML (to stdout, or OUT). Directives not carried
     /// over exactly are reported on stderr with their line and why. Exit 0 = every directive
@@ -201,12 +204,16 @@ fn main() -> ExitCode {
             cli::ctl::socket_path(socket, &config)
                 .and_then(|socket| cli::ctl::run(&socket, &command)),
         ),
-        Command::Sessions { pin_path, config } => report(
+        Command::Sessions {
+            pin_path,
+            config,
+            json,
+        } => report(
             config
                 .map(|c| patroxy::config::load(&c))
                 .transpose()
                 .map_err(anyhow::Error::from)
-                .and_then(|c| cli::sessions::run(&pin_path, c.as_ref())),
+                .and_then(|c| cli::sessions::run(&pin_path, c.as_ref(), json)),
         ),
         Command::Maps { pin_path } => report(cli::maps::run(&pin_path)),
         Command::ImportHaproxy { file, out } => cli::import_haproxy::run(&file, out.as_deref()),

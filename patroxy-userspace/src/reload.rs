@@ -130,24 +130,30 @@ impl Reloader {
     }
 }
 
+/// What a reload applies a new file to.
+pub struct ReloadTargets {
+    pub proxy: Arc<Proxy>,
+    pub checker: Checker,
+    /// The attached allowlist, whose rules a reload rewrites; `None` when XDP is off or fell back.
+    pub firewall: Option<Arc<Firewall>>,
+}
+
 /// What a reload changes, owned by the task that serves the requests.
 struct Applier {
     path: PathBuf,
     proxy: Arc<Proxy>,
     checker: Checker,
-    /// The attached allowlist, whose rules a reload rewrites; `None` when XDP is off or fell back.
     firewall: Option<Arc<Firewall>>,
     status: Arc<Mutex<ReloadStatus>>,
     restructure: mpsc::Sender<Restructure>,
 }
 
-/// Starts the task that serves reloads of `path` (the file the daemon runs) until `stop`,
-/// counting on from `status` (a predecessor's); structural ones go to `restructure`.
+/// Starts the task that serves reloads of `path` (the file the daemon runs) into `targets`
+/// until `stop`, counting on from `status` (a predecessor's); structural ones go to
+/// `restructure`.
 pub fn spawn(
     path: PathBuf,
-    proxy: Arc<Proxy>,
-    checker: Checker,
-    firewall: Option<Arc<Firewall>>,
+    targets: ReloadTargets,
     status: ReloadStatus,
     restructure: mpsc::Sender<Restructure>,
     stop: CancellationToken,
@@ -155,6 +161,11 @@ pub fn spawn(
 ) -> Reloader {
     let (requests, mut rx) = mpsc::channel::<Reply>(8);
     let status = Arc::new(Mutex::new(status));
+    let ReloadTargets {
+        proxy,
+        checker,
+        firewall,
+    } = targets;
     let applier = Applier {
         path,
         proxy,

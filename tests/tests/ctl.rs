@@ -206,6 +206,13 @@ async fn every_command_over_the_runtime_socket(path: Path_) {
                     .any(|r| r["server"] == "b" && r["backend_id"] == 2),
                 "{json}"
             );
+            // Each session names its client and the proxy's address toward the server.
+            let client = held.local_addr().unwrap().to_string();
+            assert!(
+                rows.iter()
+                    .any(|r| r["client_addr"] == client && r["proxy_addr"].is_string()),
+                "{json}"
+            );
         }
         Path_::Fallback => {
             let e = failed(c.ctl(&["show", "sessions"]));

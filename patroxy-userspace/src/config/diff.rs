@@ -5,7 +5,7 @@
 //! `refresh` and `admin` access, and the `[[allow]]` rules and XDP SYN rate (map updates in the
 //! kernel). A change to the set of listeners and servers (added, removed, reordered, rebound,
 //! moved to another address), to the stats or runtime socket's bind or limits, or to
-//! `session_log_rate` is *structural*: the process's per-server structures are laid out by it,
+//! `session_log_rate` or the cancel rates is *structural*: the process's per-server structures are laid out by it,
 //! so the reload starts a successor process with the new file (see `reload`). The data path's
 //! settings (`bpf`, `pin_path`, `bpf_log*`, `[xdp]`'s `enabled`, `interfaces` and `mode`)
 //! need a restart: the successor takes
@@ -52,6 +52,13 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
         "global.session_log_rate",
         &og.session_log_rate,
         &ng.session_log_rate,
+    );
+    // The cancel limiter is built at start, like the session log's: a successor gets new rates.
+    d.structural("global.cancel_rate", &og.cancel_rate, &ng.cancel_rate);
+    d.structural(
+        "global.cancel_rate_per_client",
+        &og.cancel_rate_per_client,
+        &ng.cancel_rate_per_client,
     );
     d.change("global.maxconn", &og.maxconn, &ng.maxconn);
     let (od, nd) = (&old.defaults, &new.defaults);

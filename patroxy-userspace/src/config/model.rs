@@ -33,6 +33,11 @@ pub struct Global {
     /// Most lines per second about single clients (a session's end, a refusal), with bursts
     /// of twice that; the rest are counted and summed up every 10 s.
     pub session_log_rate: u32,
+    /// Most CancelRequests per second passed on to the servers, all clients together; bursts
+    /// of twice that. Each one opens a connection (a fork) on every server it goes to.
+    pub cancel_rate: u32,
+    /// Most CancelRequests per second from one client address, bursts of twice that.
+    pub cancel_rate_per_client: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -40,6 +40,8 @@ pub(crate) struct RawGlobal {
     pub bpf_log: Option<Spanned<bool>>,
     pub bpf_log_rate: Option<Spanned<u32>>,
     pub session_log_rate: Option<Spanned<u32>>,
+    pub cancel_rate: Option<Spanned<u32>>,
+    pub cancel_rate_per_client: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]

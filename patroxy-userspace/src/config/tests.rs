@@ -38,6 +38,13 @@ fn shipped_config_matches_the_seed_haproxy_setup() {
         (false, 100)
     );
     assert_eq!(config.global.session_log_rate, 100);
+    assert_eq!(
+        (
+            config.global.cancel_rate,
+            config.global.cancel_rate_per_client
+        ),
+        (200, 20)
+    );
     assert_eq!(config.defaults.timeout_startup, secs(10));
     let d = &config.defaults;
     assert_eq!((d.retries, d.redispatch), (2, false));

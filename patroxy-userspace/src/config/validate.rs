@@ -23,6 +23,14 @@ const MAX_BPF_LOG_RATE: u32 = 10_000;
 /// Most connect `retries`. Each waits a turn-around of up to a second, so a hundred already hold
 /// a client for minutes (and 2^32-1 overflowed the session's count of attempts).
 const MAX_RETRIES: u32 = 100;
+/// CancelRequests per second passed on, all clients together: each opens a connection on up to
+/// every server of its listener, so 200 a second keeps a flood to a few hundred forks a second
+/// per server, far below what PostgreSQL's postmaster takes, while no real workload cancels
+/// that often.
+const DEFAULT_CANCEL_RATE: u32 = 200;
+/// CancelRequests per second from one client address: a driver cancelling every statement of
+/// a busy application still fits, a single host's flood does not take the whole budget.
+const DEFAULT_CANCEL_RATE_PER_CLIENT: u32 = 20;
 
 /// Shortest check interval (`inter`, `fastinter`, `downinter`). Every check costs Patroni a
 /// request and a PostgreSQL query, and a bare number is milliseconds (`inter = 3` is 3 ms, not
@@ -310,6 +318,16 @@ impl Validator<'_> {
                 .session_log_rate
                 .as_ref()
                 .map_or(100, |r| self.nonzero(r, "session_log_rate")),
+            cancel_rate: raw
+                .cancel_rate
+                .as_ref()
+                .map_or(DEFAULT_CANCEL_RATE, |r| self.nonzero(r, "cancel_rate")),
+            cancel_rate_per_client: raw
+                .cancel_rate_per_client
+                .as_ref()
+                .map_or(DEFAULT_CANCEL_RATE_PER_CLIENT, |r| {
+                    self.nonzero(r, "cancel_rate_per_client")
+                }),
         }
     }
 

@@ -11,7 +11,7 @@ use super::{
     protocol::{Command, HELP, Request},
 };
 use crate::{
-    dataplane::{maps::OpenSessions, sockopt::monotonic_ns},
+    dataplane::{maps::OpenSessions, sock_diag, sockopt::monotonic_ns},
     operator_state::AdminWriter,
     proxy::StatsSource,
     stats::{collect, history::StatsHistory, sessions, text::status_table},
@@ -102,12 +102,17 @@ impl Commands {
             ));
         };
         // One syscall per entry: off the async worker, like the stats server's reads.
-        let open = tokio::task::spawn_blocking(move || OpenSessions::read(&dir))
-            .await
-            .map_err(|e| format!("reading SESSIONS: {e}"))?
-            .map_err(|e| format!("reading SESSIONS: {e}"))?;
+        let (open, sockets) = tokio::task::spawn_blocking(move || {
+            let open = OpenSessions::read(&dir).map_err(|e| format!("reading SESSIONS: {e}"))?;
+            let sockets = sock_diag::tcp_sockets()
+                .map_err(|e| format!("reading the sockets' addresses (sock_diag): {e}"))?;
+            Ok::<_, String>((open, sockets))
+        })
+        .await
+        .map_err(|e| format!("reading SESSIONS: {e}"))??;
         Ok(sessions::rows(
             &open,
+            &sockets,
             Some(self.source.server_ids()),
             monotonic_ns(),
         ))

@@ -10,6 +10,7 @@ mod kernel_log;
 pub mod loader;
 pub mod maps;
 pub mod pin_dir;
+pub mod sock_diag;
 mod sockmap;
 pub mod sockopt;
 

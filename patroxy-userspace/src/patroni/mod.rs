@@ -91,6 +91,8 @@ pub(crate) mod test_config {
                 bpf_log: false,
                 bpf_log_rate: 100,
                 session_log_rate: 100,
+                cancel_rate: 200,
+                cancel_rate_per_client: 20,
             },
             defaults: Defaults {
                 retries: 3,

@@ -110,6 +110,27 @@ pub struct ListenerCounters {
     pub connect_failed: AtomicU64,
     /// Clients waiting for any UP server now.
     pub waiting_for_server: AtomicU32,
+    /// CancelRequests: not sessions, so counted apart from all of the above.
+    pub cancels: CancelCounters,
+}
+
+/// What became of the CancelRequests a listener received (`proxy::cancel`).
+#[derive(Debug, Default)]
+pub struct CancelCounters {
+    /// CancelRequests recognised in a connection's first bytes.
+    pub received: AtomicU64,
+    /// Passed on to at least one server, which took it and closed.
+    pub delivered: AtomicU64,
+    /// Refused by the per-client or the total rate limit, before any server saw them.
+    pub dropped: AtomicU64,
+    /// Passed on to no server: every connection failed or timed out.
+    pub failed: AtomicU64,
+    /// Connections opened to servers for cancels (one cancel may go to several servers).
+    pub server_connections: AtomicU64,
+    /// Connections that began with an SSLRequest, a GSSENCRequest or a TLS handshake: patroxy
+    /// passes them through unread, so a cancel among them (PostgreSQL 17+ libpq cancels over
+    /// TLS when the session used TLS) goes where balancing sends it, as through HAProxy.
+    pub encrypted_starts: AtomicU64,
 }
 
 /// A listener's counters that keep counting in a successor process.

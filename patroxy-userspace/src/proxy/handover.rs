@@ -229,9 +229,10 @@ impl Proxy {
         });
         let proxy = self.clone();
         let meta = super::session::session_meta(&self.config(), listener, backend_id);
+        let local = handed.sockets.backend.local_addr().ok();
         tracker.spawn(async move {
             let _global = global;
-            let registered = proxy.sessions.register(backend_id);
+            let registered = proxy.sessions.register(backend_id, session.peer.ip());
             let kill = registered.kill.clone();
             // A server fenced here (marked down meanwhile) resets it, as a mark-down does.
             if proxy
@@ -261,6 +262,7 @@ impl Proxy {
                             client = %session.peer,
                             listener = %listener,
                             server = %server,
+                            local = %local.map_or_else(|| "?".to_owned(), |a| a.to_string()),
                             total_ms = session.accepted.elapsed().as_millis() as u64,
                             bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
                             path = proxy.dataplane.name(),

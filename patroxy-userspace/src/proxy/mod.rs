@@ -1,5 +1,7 @@
 //! Accepting clients, choosing and connecting a backend under HAProxy's limits, and handing the
-//! established pair to the data path.
+//! established pair to the data path; CancelRequests are passed on apart (`cancel`).
+mod cancel;
+mod cancel_limit;
 mod choose;
 pub mod counters;
 mod foreign_writes;
@@ -44,6 +46,8 @@ use crate::{
     server_ids::ServerIds,
     view::View,
 };
+use cancel::RecentServers;
+use cancel_limit::CancelLimit;
 use counters::{BackendCounters, ListenerCounters};
 use log_limit::LogLimit;
 use slots::ServerSlots;
@@ -80,6 +84,10 @@ pub struct Proxy {
     slots: Vec<ServerSlots>,
     /// The rate limit of the lines logged per client (session ends, refusals).
     log_limit: LogLimit,
+    /// The rate limits of CancelRequests, per client address and in total.
+    cancel_limit: CancelLimit,
+    /// Per listener: the servers its last sessions went to, for cancels after a failover.
+    recent_servers: Vec<RecentServers>,
     /// Where handed-over sessions go once an upgrade started (`hand_over_sessions`).
     successor: Mutex<Option<mpsc::UnboundedSender<HandedSession>>>,
     /// systemd's fd store, which keeps spliced sessions' sockets across a crash.
@@ -128,6 +136,15 @@ impl Proxy {
             listener_counters,
             global: Arc::new(Semaphore::new(config.global.maxconn as usize)),
             log_limit: LogLimit::new(config.global.session_log_rate),
+            cancel_limit: CancelLimit::new(
+                config.global.cancel_rate,
+                config.global.cancel_rate_per_client,
+            ),
+            recent_servers: config
+                .listeners
+                .iter()
+                .map(|_| RecentServers::default())
+                .collect(),
             config: RwLock::new(config),
             ids,
             dataplane,

@@ -18,6 +18,7 @@ use tracing::{Level, debug, info, warn};
 
 use super::{
     Proxy,
+    cancel::{self, FirstBytes},
     refusal::{self, Refusal},
     slots::Slot,
 };
@@ -53,22 +54,32 @@ impl Proxy {
         listener: usize,
         client: TcpStream,
         peer: SocketAddr,
-        _global: OwnedSemaphorePermit,
+        global_permit: OwnedSemaphorePermit,
     ) {
         let accepted = Instant::now();
         let config = self.config();
         let lname = &config.listeners[listener].name;
         let lcounters = &self.listener_counters[listener];
-        lcounters.accepted.fetch_add(1, Relaxed);
         // Wait for the client's first bytes (left unread for the data path) before taking a
         // server slot: a client that connects and says nothing would otherwise hold a slot
         // and a backend connection until PostgreSQL's own authentication_timeout.
         let startup = config.defaults.timeout_startup;
-        // `peek` (not `readable`, which may wake spuriously) leaves the bytes in the socket.
-        let gone = match timeout(startup, client.peek(&mut [0u8; 1])).await {
-            Ok(Ok(0)) => Some("client closed before sending anything".to_owned()),
+        let first = timeout(startup, first_bytes(&client)).await;
+        if let Ok(Ok(Some(FirstBytes::Cancel))) = first {
+            // Not a session: no maxconn permit, no count of accepted clients.
+            drop(global_permit);
+            return self.serve_cancel(listener, client, peer).await;
+        }
+        lcounters.accepted.fetch_add(1, Relaxed);
+        let gone = match first {
+            Ok(Ok(None)) => Some("client closed before sending anything".to_owned()),
             Ok(Err(e)) => Some(format!("client failed before sending anything: {e}")),
-            Ok(Ok(_)) => None,
+            Ok(Ok(Some(kind))) => {
+                if kind == FirstBytes::Encrypted {
+                    lcounters.cancels.encrypted_starts.fetch_add(1, Relaxed);
+                }
+                None
+            }
             Err(_) => {
                 if self.log_limit.allow() {
                     warn!(
@@ -121,7 +132,9 @@ impl Proxy {
         let sname = &config.listeners[listener].servers[server].name;
         let backend_id = self.backend_id(listener, server);
         let meta = session_meta(&config, listener, backend_id);
-        let registered = self.sessions.register(backend_id);
+        self.recent_servers[listener].note(server);
+        let local = backend.local_addr().ok();
+        let registered = self.sessions.register(backend_id, peer.ip());
         // A mark-down between our pick and this registration fenced the server without
         // seeing us: reset now rather than sit behind the fence.
         if self.backends.get(backend_id).is_some_and(|e| e.fenced != 0) {
@@ -153,6 +166,7 @@ impl Proxy {
                     info!(
                         client = %peer, listener = %lname,
                         server = %sname,
+                        local = %local.map_or_else(|| "?".to_owned(), |a| a.to_string()),
                         queue_ms = (dequeued - spoke).as_millis() as u64,
                         connect_ms = (connected - dequeued).as_millis() as u64,
                         total_ms = accepted.elapsed().as_millis() as u64,
@@ -264,6 +278,25 @@ impl Proxy {
                 Some(slot) => Ok((server, slot)),
                 None => Err(Refusal::QueueTimeout { up_servers: true }),
             };
+        }
+    }
+}
+
+/// The kind of the client's first bytes, peeked (left in the socket for the data path); `None`
+/// if it closed first. Waits past the first segment only while the bytes could still be a
+/// CancelRequest's (see [`cancel::classify`]).
+async fn first_bytes(client: &TcpStream) -> std::io::Result<Option<FirstBytes>> {
+    let mut buf = [0u8; cancel::CANCEL_LEN];
+    loop {
+        // `peek` (not `readable`, which may wake spuriously) leaves the bytes in the socket.
+        let n = client.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match cancel::classify(&buf[..n]) {
+            // `peek` returns at once while bytes wait: poll for the rest of the 16.
+            FirstBytes::Incomplete => sleep(Duration::from_millis(5)).await,
+            kind => return Ok(Some(kind)),
         }
     }
 }

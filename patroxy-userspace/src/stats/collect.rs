@@ -14,8 +14,8 @@ use tracing::warn;
 use super::{
     history::StatsHistory,
     model::{
-        FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats, StateClass,
-        StatsSnapshot, Traffic, XdpPortStats, XdpRuleStats, XdpStats,
+        CancelStats, FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats,
+        StateClass, StatsSnapshot, Traffic, XdpPortStats, XdpRuleStats, XdpStats,
     },
 };
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
     dataplane::maps::{LiveBytes, OpenSessions},
     operator_state::AdminState,
     patroni::{Role, ServerState},
-    proxy::StatsSource,
+    proxy::{StatsSource, counters::CancelCounters},
     reload::ReloadStatus,
     view::ServerView,
 };
@@ -105,6 +105,7 @@ pub fn snapshot(
                     no_server: counters.no_server.load(Relaxed),
                     queue_full: counters.queue_full.load(Relaxed),
                     connect_failed: counters.connect_failed.load(Relaxed),
+                    cancels: cancel_stats(&counters.cancels),
                 },
                 servers,
             }
@@ -297,6 +298,17 @@ pub fn role_name(role: &Role) -> String {
         Role::Replica => "replica".into(),
         Role::StandbyLeader => "standby_leader".into(),
         Role::Other(s) => s.clone(),
+    }
+}
+
+fn cancel_stats(c: &CancelCounters) -> CancelStats {
+    CancelStats {
+        received: c.received.load(Relaxed),
+        delivered: c.delivered.load(Relaxed),
+        dropped: c.dropped.load(Relaxed),
+        failed: c.failed.load(Relaxed),
+        server_connections: c.server_connections.load(Relaxed),
+        encrypted_starts: c.encrypted_starts.load(Relaxed),
     }
 }
 

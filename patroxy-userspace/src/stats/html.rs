@@ -161,13 +161,19 @@ fn listener(h: &mut String, snap: &StatsSnapshot, l: &ListenerStats) {
         "<section class=\"listener\" id=\"listener-{n}\" data-listener=\"{n}\"><h2>{n}</h2>\
          <div class=\"about\"><span>bind <b>{}</b></span><span>balance <b>{}</b></span>\
          <span>check <b>{}</b></span><span>leader <b>{}</b></span>\
-         <span>leader changes <b>{}</b></span><span>data path <b>{}</b></span></div>",
+         <span>leader changes <b>{}</b></span><span>data path <b>{}</b></span>\
+         <span title=\"CancelRequests: received, taken by a server, dropped by the rate limits, \
+         taken by none\">cancels <b>{} / {} / {} / {}</b></span></div>",
         esc(&l.bind),
         esc(&l.balance),
         l.check.as_deref().map_or("none".into(), esc),
         l.leader().map_or("none".into(), |s| esc(&s.name)),
         l.primary_changes,
         esc(&snap.data_path),
+        l.frontend.cancels.received,
+        l.frontend.cancels.delivered,
+        l.frontend.cancels.dropped,
+        l.frontend.cancels.failed,
         n = esc(&l.name),
     );
     h.push_str("<div class=\"scroll\"><table>\n");

@@ -110,6 +110,25 @@ pub struct FrontendStats {
     pub queue_full: u64,
     /// Clients closed because every connection attempt failed.
     pub connect_failed: u64,
+    /// CancelRequests, which are not sessions and count in none of the above.
+    #[serde(default)]
+    pub cancels: CancelStats,
+}
+
+/// What became of a listener's CancelRequests (`proxy::cancel`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CancelStats {
+    pub received: u64,
+    /// Taken by at least one server.
+    pub delivered: u64,
+    /// Refused by `cancel_rate_per_client` or `cancel_rate`.
+    pub dropped: u64,
+    /// Taken by no server (every connection failed).
+    pub failed: u64,
+    /// Connections opened to servers for cancels (one cancel may go to several).
+    pub server_connections: u64,
+    /// Connections that began encrypted (SSL/GSS request, TLS): their cancels cannot be read.
+    pub encrypted_starts: u64,
 }
 
 /// How a server's status is coloured: the states of HAProxy's stats page legend.

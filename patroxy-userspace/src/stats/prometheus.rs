@@ -293,7 +293,7 @@ const SERVER_METRICS: [PerServer; 20] = [
 ];
 
 /// The families with a series per listener, in the order of the text.
-const LISTENER_METRICS: [PerListener; 12] = [
+const LISTENER_METRICS: [PerListener; 18] = [
     (
         Kind::Gauge,
         "frontend_current_sessions",
@@ -365,6 +365,42 @@ const LISTENER_METRICS: [PerListener; 12] = [
         "listener_connect_failures",
         "Clients closed: every connect attempt failed",
         |_, l| l.frontend.connect_failed,
+    ),
+    (
+        Kind::Counter,
+        "listener_cancels_received",
+        "CancelRequests received (not sessions)",
+        |_, l| l.frontend.cancels.received,
+    ),
+    (
+        Kind::Counter,
+        "listener_cancels_delivered",
+        "CancelRequests taken by at least one server",
+        |_, l| l.frontend.cancels.delivered,
+    ),
+    (
+        Kind::Counter,
+        "listener_cancels_dropped",
+        "CancelRequests dropped by cancel_rate_per_client or cancel_rate",
+        |_, l| l.frontend.cancels.dropped,
+    ),
+    (
+        Kind::Counter,
+        "listener_cancels_failed",
+        "CancelRequests no server took (every connection failed)",
+        |_, l| l.frontend.cancels.failed,
+    ),
+    (
+        Kind::Counter,
+        "listener_cancel_server_connections",
+        "Connections opened to servers to pass CancelRequests on",
+        |_, l| l.frontend.cancels.server_connections,
+    ),
+    (
+        Kind::Counter,
+        "listener_encrypted_starts",
+        "Connections that began with an SSL/GSS request or TLS (passed through unread)",
+        |_, l| l.frontend.cancels.encrypted_starts,
     ),
 ];
 

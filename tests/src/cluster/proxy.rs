@@ -86,7 +86,12 @@ pub const SHIPPED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../patrox
 
 /// What [`patroxy_config`] changes in the shipped file, for reports.
 pub const SHIPPED_CONFIG_CHANGES: &str = "the servers' addresses (the test hosts), the binds \
-     (127.0.0.1, free ports), `bpf` and `pin_path` (a pin directory of its own)";
+     (127.0.0.1, free ports), the `[[allow]]` rules' sources (127.0.0.0/8: the clients run on \
+     this host), `bpf` and `pin_path` (a pin directory of its own)";
+
+/// Where the cluster's clients connect from: the seed's allowed subnet, rewritten like the
+/// servers' addresses.
+const CLIENTS: &str = "127.0.0.0/8";
 
 /// The shipped file's check settings as written there (`[default_server]` and `timeout_check`),
 /// for reports: "inter 1s, fastinter 250ms, ...; timeout_check unset".
@@ -178,6 +183,12 @@ pub fn patroxy_config(
         listener.insert("bind".into(), local(port).to_string().into());
         Ok(())
     })?;
+    if doc.contains_key("allow") {
+        each(&mut doc, "allow", &mut |rule| {
+            rule.insert("from".into(), Value::Array(vec![CLIENTS.into()]));
+            Ok(())
+        })?;
+    }
     let body = toml::to_string(&doc).map_err(|e| err(format!("writing the config: {e}")))?;
     Ok(format!(
         "# Written by the patroxy cluster harness: {SHIPPED_CONFIG} with these changed: \
@@ -455,6 +466,10 @@ mod tests {
             .enumerate()
         {
             l["bind"] = shipped["listener"][i]["bind"].clone();
+        }
+        for (i, rule) in back["allow"].as_array_mut().unwrap().iter_mut().enumerate() {
+            assert_eq!(rule["from"].as_array().unwrap(), &[CLIENTS.into()]);
+            rule["from"] = shipped["allow"][i]["from"].clone();
         }
         for (i, s) in back["server"]
             .as_array_mut()

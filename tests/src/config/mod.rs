@@ -97,6 +97,9 @@ pub struct Global {
     pub bpf_log_rate: Option<u32>,
     /// patroxy only: per-client log lines a second.
     pub session_log_rate: Option<u32>,
+    /// patroxy only: CancelRequests a second, in total and per client address.
+    pub cancel_rate: Option<u32>,
+    pub cancel_rate_per_client: Option<u32>,
 }
 
 /// `[defaults]`: the three traffic timeouts are required, as in patroxy's file.

@@ -20,6 +20,8 @@ impl ProxyConfig {
         toml.key("bpf_log", g.bpf_log);
         toml.key("bpf_log_rate", g.bpf_log_rate);
         toml.key("session_log_rate", g.session_log_rate);
+        toml.key("cancel_rate", g.cancel_rate);
+        toml.key("cancel_rate_per_client", g.cancel_rate_per_client);
 
         let d = &self.defaults;
         toml.table("[defaults]");
