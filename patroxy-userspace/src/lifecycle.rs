@@ -32,6 +32,7 @@ pub async fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Resu
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let checks = patroni::spawn_checker(&config, stop.clone(), &tracker)?;
+    patroni::dcs::spawn_watch(&config, checks.leader_events(), stop.clone(), &tracker)?;
     let backends = Arc::new(BackendTable::new(
         dataplane.kernel().cloned(),
         config

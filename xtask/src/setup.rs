@@ -32,6 +32,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "linux-perf",
     // The TLS checks' test certificates (tests/src/pki.rs).
     "openssl",
+    // protoc, for the etcd client's build script (etcd-client compiles etcd's protos).
+    "protobuf-compiler",
 ];
 
 /// The bpf-linker release the recipe was verified with.

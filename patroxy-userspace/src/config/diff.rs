@@ -4,7 +4,8 @@
 //! maxconn), check settings and timings, `on_marked_down`/`on_marked_up`, balance, and the
 //! stats page's `refresh` and `admin` access. The set of listeners and servers (names, order,
 //! binds, traffic addresses) keeps its shape, so every backend keeps its id, its check state,
-//! its operator state and its sessions. Changes the running process cannot take refuse the whole
+//! its operator state and its sessions. `[dcs]` (the DCS watch) needs a restart to change.
+//! Changes the running process cannot take refuse the whole
 //! reload with one line each, and the running config stays as it was.
 use std::fmt::Debug;
 
@@ -79,6 +80,9 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
         (None, None) => {}
         (o, n) => d.restart("[stats]", &o.is_some(), &n.is_some()),
     }
+    // The watch holds one etcd connection made at start-up; a new one (endpoints, TLS, auth,
+    // namespace, scope) is a new start rather than a swap under a running watch.
+    d.restart("[dcs]", &old.dcs, &new.dcs);
     if d.restart.is_empty() {
         Ok(ConfigDiff { changes: d.changes })
     } else {

@@ -25,6 +25,7 @@ pub(crate) struct RawConfig {
     pub listener: Vec<RawListener>,
     pub stats: Option<RawStats>,
     pub runtime: Option<RawRuntime>,
+    pub dcs: Option<RawDcs>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,4 +197,17 @@ pub(crate) struct RawRuntime {
     pub user: Option<Spanned<String>>,
     pub group: Option<Spanned<String>>,
     pub maxconn: Option<Spanned<u32>>,
+}
+
+/// `[dcs]`: Patroni's etcd v3, watched for leader changes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDcs {
+    pub etcd: Spanned<Vec<Spanned<String>>>,
+    pub namespace: Option<Spanned<String>>,
+    pub scope: Spanned<String>,
+    pub tls: Option<Spanned<RawTls>>,
+    pub user: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub burst_inter: Option<Spanned<Dur>>,
 }

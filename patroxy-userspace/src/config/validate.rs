@@ -12,6 +12,9 @@ use super::model::*;
 use super::raw::*;
 use super::{admin_token::AdminToken, owner, tls};
 
+#[path = "validate_dcs.rs"]
+mod dcs;
+
 /// Check paths whose 200 means "this is the writable node": listeners checking them default to
 /// `balance first`, since there is one primary and spreading writes makes no sense.
 pub(crate) const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
@@ -27,7 +30,7 @@ const MAX_RETRIES: u32 = 100;
 /// Shortest check interval (`inter`, `fastinter`, `downinter`). Every check costs Patroni a
 /// request and a PostgreSQL query, and a bare number is milliseconds (`inter = 3` is 3 ms, not
 /// 3 s), so a few milliseconds is a mistake; 50 ms still finds a new primary within a blink.
-const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 /// Shortest timeout: below it a connect, a check's answer or an idle session fails on ordinary
 /// scheduling delay, and a bare number meant as seconds (`timeout_connect = 4`) is caught.
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
@@ -141,12 +144,14 @@ impl Validator<'_> {
                 .and_then(|f| self.admin_token(s, f)),
         });
         let runtime = raw.runtime.as_ref().map(|r| self.runtime(r));
+        let dcs = raw.dcs.as_ref().map(|d| self.dcs(d));
         Config {
             global,
             defaults,
             listeners,
             stats,
             runtime,
+            dcs,
         }
     }
 

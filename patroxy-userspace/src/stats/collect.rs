@@ -13,15 +13,15 @@ use tracing::warn;
 use super::{
     history::StatsHistory,
     model::{
-        FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats, StateClass,
-        StatsSnapshot, Traffic,
+        DcsStats, FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats,
+        StateClass, StatsSnapshot, Traffic,
     },
 };
 use crate::{
     config::model::{Balance, CheckMethod},
     dataplane::maps::{LiveBytes, OpenSessions},
     operator_state::AdminState,
-    patroni::{Role, ServerState},
+    patroni::{Role, ServerState, dcs::DcsStatus},
     proxy::StatsSource,
     reload::ReloadStatus,
     view::ServerView,
@@ -123,7 +123,23 @@ pub fn snapshot(
         global_maxconn: config.global.maxconn,
         reload: reload_stats(reload),
         admin_unauthorized: history.admin_unauthorized.load(Relaxed),
+        dcs: view.dcs.as_ref().map(dcs_stats),
         listeners,
+    }
+}
+
+fn dcs_stats(status: &DcsStatus) -> DcsStats {
+    DcsStats {
+        endpoints: status.endpoints.clone(),
+        leader_key: status.leader_key.clone(),
+        connected: status.connected,
+        leader: status.leader.clone(),
+        leader_server: status.leader_server.clone(),
+        leader_changes: status.leader_changes,
+        last_event_unix: status.last_event.as_ref().map(|(at, _)| unix_secs(*at)),
+        last_event: status.last_event.as_ref().map(|(_, what)| what.clone()),
+        errors: status.errors,
+        last_error: status.last_error.clone(),
     }
 }
 
