@@ -327,6 +327,15 @@ impl Report {
             .count()
     }
 
+    /// When the first write after `t` succeeded on a server other than `not_on` (the new
+    /// primary).
+    pub fn first_success_elsewhere(&self, not_on: &str, t: SystemTime) -> Option<SystemTime> {
+        self.successes
+            .iter()
+            .find(|s| s.server != not_on && s.at > t)
+            .map(|s| s.at)
+    }
+
     /// One line: outage and error counts.
     pub fn summary(&self) -> String {
         let (outage, _) = self.outage();

@@ -34,6 +34,29 @@ pub struct ProxyConfig {
     pub stats: Option<StatsConfig>,
     /// patroxy only: the runtime socket (HAProxy's `stats socket` is not written).
     pub runtime: Option<RuntimeConfig>,
+    /// patroxy only: the DCS watch of Patroni's leader key (HAProxy has none).
+    pub dcs: Option<DcsConfig>,
+}
+
+/// patroxy's `[dcs]`.
+#[derive(Clone, Debug)]
+pub struct DcsConfig {
+    pub etcd: Vec<String>,
+    pub scope: String,
+    pub namespace: Option<String>,
+    pub burst_inter: Option<Duration>,
+}
+
+impl DcsConfig {
+    /// Patroni's default namespace, the daemon's default burst.
+    pub fn new(etcd: impl Into<String>, scope: impl Into<String>) -> Self {
+        DcsConfig {
+            etcd: vec![etcd.into()],
+            scope: scope.into(),
+            namespace: None,
+            burst_inter: None,
+        }
+    }
 }
 
 /// `[global]`.
@@ -174,6 +197,7 @@ impl ProxyConfig {
             listeners: Vec::new(),
             stats: None,
             runtime: None,
+            dcs: None,
         }
     }
 
@@ -194,6 +218,11 @@ impl ProxyConfig {
     pub fn data_path(mut self, bpf: Bpf, pin_path: impl Into<PathBuf>) -> Self {
         self.global.bpf = Some(bpf);
         self.global.pin_path = Some(pin_path.into());
+        self
+    }
+
+    pub fn dcs(mut self, dcs: DcsConfig) -> Self {
+        self.dcs = Some(dcs);
         self
     }
 
