@@ -294,13 +294,13 @@ impl Shared {
             let mut transition = server.health.record(outcome, at);
             if transition.is_none()
                 && !server.health.is_up()
-                && gate.confirms_up(key.listener, outcome)
+                && gate.confirms_up(key.listener, &server.name, outcome)
             {
                 transition = server.health.mark_up_now(at);
                 info!(
-                    "Server {name}/{} is primary on timeline {:?}, newer than the last UP \
-                     primary's: UP without waiting for rise",
-                    server.name, outcome.timeline
+                    "Server {name}/{} passed its check as Patroni's leader or on a newer \
+                     timeline (role {:?}, timeline {:?}): UP without waiting for rise",
+                    server.name, outcome.role, outcome.timeline
                 );
             }
             let after = server.health.server_state();
@@ -389,13 +389,20 @@ pub struct LeaderEvents {
 }
 
 impl LeaderEvents {
-    /// The leader key left server `old` (`None`: a member no server matched, or no leader
-    /// before): its backends on the leader listeners go DOWN now, and those listeners start a
-    /// fast burst. `update` records the change in the watch's state; all is published at once.
-    pub fn leader_moved(&self, old: Option<&str>, update: impl FnOnce(&mut DcsStatus)) {
+    /// The leader key left server `old` for server `new` (`None`: no leader, or a member no
+    /// server is): `old`'s backends on the leader listeners go DOWN now, those listeners start
+    /// a fast burst, and `new` is the key holder. `update` records the change in the watch's
+    /// state; all is published at once.
+    pub fn leader_moved(
+        &self,
+        old: Option<&str>,
+        new: Option<&str>,
+        update: impl FnOnce(&mut DcsStatus),
+    ) {
         let now = Instant::now();
         let mut state = self.shared.state.lock().unwrap();
         let mut gate = self.shared.gate.lock().unwrap();
+        gate.set_key_holder(new);
         let fenced = old.map_or_else(Vec::new, |name| gate.backends_of(&state, name));
         for key in fenced {
             let listener = state.listeners[key.listener].name.clone();
@@ -420,6 +427,12 @@ impl LeaderEvents {
         }
         state.generation += 1;
         self.shared.tx.send_replace(Arc::new(state.clone()));
+    }
+
+    /// The leader key as a (re)connected watch first reads it: the key holder, nothing fenced.
+    pub fn leader_read(&self, holder: Option<&str>, update: impl FnOnce(&mut DcsStatus)) {
+        self.shared.gate.lock().unwrap().set_key_holder(holder);
+        self.update_status(update);
     }
 
     /// Records a change of the watch's own state (connected, an error): never a server's.

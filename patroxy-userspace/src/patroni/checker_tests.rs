@@ -517,7 +517,7 @@ async fn a_leader_key_leaving_fences_at_once_and_the_new_primary_is_up_without_r
     fake2.set("/primary", Reply::primary(5));
     fake2.reset_counts();
     let events = checker.leader_events();
-    events.leader_moved(Some("pg1"), |s| s.leader = Some("pg2".into()));
+    events.leader_moved(Some("pg1"), Some("pg9"), |s| s.leader = Some("pg2".into()));
     let s = run.now();
     assert!(
         !s.server(K00).unwrap().is_up(),
@@ -559,6 +559,6 @@ async fn losing_the_dcs_marks_nothing_down() {
         before.server(K00).unwrap().health.down_transitions
     );
     // A leader key that moved from a member no server is leaves the servers alone too.
-    checker.leader_events().leader_moved(None, |_| {});
+    checker.leader_events().leader_moved(None, None, |_| {});
     assert!(run.now().server(K00).unwrap().is_up());
 }

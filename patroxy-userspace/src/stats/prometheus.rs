@@ -509,7 +509,10 @@ mod tests {
     fn the_dcs_watch_has_its_series_only_when_configured() {
         let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
         let text = render(&sample::snapshot(), &durations);
-        assert!(!text.contains("patroxy_dcs_"), "no [dcs], no series:\n{text}");
+        assert!(
+            !text.contains("patroxy_dcs_"),
+            "no [dcs], no series:\n{text}"
+        );
         let mut snap = sample::snapshot();
         snap.dcs = Some(DcsStats {
             endpoints: vec!["http://10.0.0.9:2379".into()],

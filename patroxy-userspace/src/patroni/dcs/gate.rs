@@ -5,8 +5,10 @@
 //!   the one primary; replica listeners are left to their checks;
 //! - the fast burst: from a leader change until a server of the listener is UP again (at most
 //!   [`BURST_LIMIT`]), its checks run every `burst_inter`;
-//! - the authoritative up: a `/primary` 200 on a timeline newer than the last UP primary's
-//!   takes a server UP without waiting for `rise`.
+//! - the authoritative up: a `/primary` 200 from the server the leader key names, or on a
+//!   timeline newer than the last UP primary's, takes a server UP without waiting for `rise`
+//!   (Patroni's DCS and its REST API agree; a promoted primary's REST API may report the old
+//!   timeline until its end-of-recovery checkpoint, so the key holder is the usual case).
 //!
 //! It never takes a server DOWN by itself except the leader the key just left, and nothing at
 //! all on a lost connection or a watch error: the checks stay the truth.
@@ -29,6 +31,8 @@ pub struct LeaderGate {
     burst_until: Vec<Option<Instant>>,
     /// Per listener: the newest timeline of a server seen UP as primary.
     newest_up_timeline: Vec<Option<u64>>,
+    /// The configured server the leader key names now, as the watch last read it.
+    key_holder: Option<String>,
     burst_inter: Duration,
 }
 
@@ -40,6 +44,7 @@ impl LeaderGate {
             governed: vec![false; n],
             burst_until: vec![None; n],
             newest_up_timeline: vec![None; n],
+            key_holder: None,
             burst_inter: Duration::ZERO,
         };
         gate.retune(config);
@@ -83,6 +88,11 @@ impl LeaderGate {
             .collect()
     }
 
+    /// The server the leader key names now (`None`: no leader, or a member no server is).
+    pub fn set_key_holder(&mut self, server: Option<&str>) {
+        self.key_holder = server.map(str::to_owned);
+    }
+
     /// A leader change: every governed listener checks every `burst_inter` until one of its
     /// servers is UP again.
     pub fn start_burst(&mut self, now: Instant) {
@@ -99,20 +109,25 @@ impl LeaderGate {
         (now < until).then_some(self.burst_inter)
     }
 
-    /// Whether a check of a DOWN server of `listener` that ended in `outcome` takes it UP at
-    /// once: Patroni's primary on a timeline newer than the last UP primary's, on a governed
-    /// listener (a primary Patroni just promoted; one on the old timeline still needs `rise`).
-    pub fn confirms_up(&self, listener: usize, outcome: &CheckOutcome) -> bool {
-        let (Some(timeline), Some(newest)) = (
+    /// Whether a check of DOWN server `server` of `listener` that ended in `outcome` takes it
+    /// UP at once, on a governed listener: a passed check of the server the leader key names,
+    /// or Patroni's primary on a timeline newer than the last UP primary's (a primary Patroni
+    /// just promoted). Any other server, such as an old leader on the old timeline whose key
+    /// is gone, still needs `rise`.
+    pub fn confirms_up(&self, listener: usize, server: &str, outcome: &CheckOutcome) -> bool {
+        let newer_timeline = match (
             outcome.timeline,
             self.newest_up_timeline.get(listener).copied().flatten(),
-        ) else {
-            return false;
+        ) {
+            (Some(timeline), Some(newest)) => timeline > newest,
+            _ => false,
         };
+        // A passed check of a /primary-like path is Patroni's own "I am the primary"; its
+        // body's role may still say otherwise for a moment while it promotes.
+        let key_holder = self.key_holder.as_deref() == Some(server);
         self.governs(listener)
             && outcome.status.passed()
-            && outcome.role == Some(Role::Primary)
-            && timeline > newest
+            && (key_holder || (outcome.role == Some(Role::Primary) && newer_timeline))
     }
 
     /// Learns from a published snapshot: the newest timeline of an UP primary per listener,
@@ -225,28 +240,36 @@ mod tests {
         let config = cluster(true);
         let mut gate = LeaderGate::new(&config);
         // Nothing is known before a primary was UP: rise applies.
-        assert!(!gate.confirms_up(0, &primary(9)));
+        assert!(!gate.confirms_up(0, "pg2", &primary(9)));
         gate.observe(&with_up_primary(&config, 0, 5));
-        assert!(gate.confirms_up(0, &primary(6)));
-        assert!(!gate.confirms_up(0, &primary(5)));
-        assert!(!gate.confirms_up(0, &primary(4)));
+        assert!(gate.confirms_up(0, "pg2", &primary(6)));
+        assert!(!gate.confirms_up(0, "pg2", &primary(5)));
+        assert!(!gate.confirms_up(0, "pg2", &primary(4)));
         let failed = CheckOutcome {
             status: CheckStatus::L7Sts,
             code: Some(503),
             ..primary(6)
         };
-        assert!(!gate.confirms_up(0, &failed));
+        assert!(!gate.confirms_up(0, "pg2", &failed));
         let replica = CheckOutcome {
             role: Some(Role::Replica),
             ..primary(6)
         };
-        assert!(!gate.confirms_up(0, &replica));
+        assert!(!gate.confirms_up(0, "pg2", &replica));
         // Not a leader listener.
-        assert!(!gate.confirms_up(1, &primary(6)));
+        assert!(!gate.confirms_up(1, "pg2", &primary(6)));
+        // The key holder is confirmed on the old timeline too (Patroni reports the new one
+        // only after the end-of-recovery checkpoint); another server is not.
+        gate.set_key_holder(Some("pg2"));
+        assert!(gate.confirms_up(0, "pg2", &primary(5)));
+        assert!(!gate.confirms_up(0, "pg1", &primary(5)));
+        assert!(!gate.confirms_up(0, "pg2", &failed));
+        assert!(!gate.confirms_up(1, "pg2", &primary(5)));
         // Without [dcs], the hysteresis alone decides.
         let mut unwatched = LeaderGate::new(&cluster(false));
         unwatched.observe(&with_up_primary(&config, 0, 5));
-        assert!(!unwatched.confirms_up(0, &primary(6)));
+        unwatched.set_key_holder(Some("pg2"));
+        assert!(!unwatched.confirms_up(0, "pg2", &primary(6)));
     }
 
     #[test]

@@ -217,12 +217,13 @@ impl Watch {
             describe(&change.to, &new),
         );
         info!("dcs: {what}");
-        self.events.leader_moved(old.as_deref(), |s| {
-            s.leader = change.to.clone();
-            s.leader_server = new;
-            s.leader_changes += 1;
-            s.last_event = Some((SystemTime::now(), what));
-        });
+        self.events
+            .leader_moved(old.as_deref(), new.as_deref(), |s| {
+                s.leader = change.to.clone();
+                s.leader_server = new.clone();
+                s.leader_changes += 1;
+                s.last_event = Some((SystemTime::now(), what));
+            });
     }
 
     fn connected(&self, view: &ClusterView) {
@@ -236,10 +237,10 @@ impl Watch {
             describe(&view.leader, &leader_server)
         );
         info!(endpoints = ?self.endpoints, "dcs: {what}");
-        self.events.update_status(|s| {
+        self.events.leader_read(leader_server.as_deref(), |s| {
             s.connected = true;
             s.leader = view.leader.clone();
-            s.leader_server = leader_server;
+            s.leader_server = leader_server.clone();
             s.last_event = Some((SystemTime::now(), what));
         });
     }
