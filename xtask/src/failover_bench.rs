@@ -122,8 +122,8 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
         s,
         "- patroxy+dcs: patroxy's settings plus `[dcs]` on the cluster's etcd (burst_inter \
          50ms): the leader key leaving the old primary fences it and resets its sessions, the \
-         write listener checks every 50 ms until a server is UP, and a primary on a newer \
-         timeline is UP on its first 200"
+         write listener checks every 50 ms until a server is UP, and the key's holder (or a \
+         primary on a newer timeline) is UP on its first passed check"
     );
     let _ = writeln!(
         s,

@@ -291,8 +291,14 @@ impl Shared {
             let name = state.listeners[key.listener].name.clone();
             let server = &mut state.listeners[key.listener].servers[key.server];
             let before = server.health.server_state();
-            let mut transition = server.health.record(outcome, at);
-            if transition.is_none()
+            let held = gate.holds_down(key.listener, &server.name);
+            let mut transition = if held {
+                server.health.record_held_down(outcome, at)
+            } else {
+                server.health.record(outcome, at)
+            };
+            if !held
+                && transition.is_none()
                 && !server.health.is_up()
                 && gate.confirms_up(key.listener, &server.name, outcome)
             {
@@ -429,7 +435,8 @@ impl LeaderEvents {
         self.shared.tx.send_replace(Arc::new(state.clone()));
     }
 
-    /// The leader key as a (re)connected watch first reads it: the key holder, nothing fenced.
+    /// The leader key as a (re)connected watch first reads it: the key holder, nothing fenced;
+    /// `None` when the watch lost etcd, which releases every server it held down.
     pub fn leader_read(&self, holder: Option<&str>, update: impl FnOnce(&mut DcsStatus)) {
         self.shared.gate.lock().unwrap().set_key_holder(holder);
         self.update_status(update);

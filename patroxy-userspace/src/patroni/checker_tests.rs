@@ -517,7 +517,7 @@ async fn a_leader_key_leaving_fences_at_once_and_the_new_primary_is_up_without_r
     fake2.set("/primary", Reply::primary(5));
     fake2.reset_counts();
     let events = checker.leader_events();
-    events.leader_moved(Some("pg1"), Some("pg9"), |s| s.leader = Some("pg2".into()));
+    events.leader_moved(Some("pg1"), Some("pg2"), |s| s.leader = Some("pg2".into()));
     let s = run.now();
     assert!(
         !s.server(K00).unwrap().is_up(),
@@ -530,15 +530,20 @@ async fn a_leader_key_leaving_fences_at_once_and_the_new_primary_is_up_without_r
     assert_eq!(
         fake2.requests("/primary"),
         1,
-        "UP on its first 200 on a newer timeline, not after rise (3)"
+        "the key's holder is UP on its first 200, not after rise (3)"
     );
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "found by the burst, not at downinter (2 s): {:?}",
         started.elapsed()
     );
-    // pg1 keeps answering 200 on the old timeline: the hysteresis, not the watch, decides.
-    assert!(fake1.requests("/primary") >= 1);
+    // pg1 keeps answering 200 on the old timeline: held DOWN while the key names another.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fake1.requests("/primary") >= 3, "pg1 checked past its rise");
+    assert!(!run.now().server(K00).unwrap().is_up(), "pg1 held DOWN");
+    // The watch losing etcd releases it: its checks decide again.
+    events.leader_read(None, |_| {});
+    run.until("pg1 UP by its checks", up(K00)).await;
 }
 
 #[tokio::test]

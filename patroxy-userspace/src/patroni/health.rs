@@ -279,6 +279,24 @@ impl ServerHealth {
         })
     }
 
+    /// Applies a check result to a server the leader key does not name while it names another:
+    /// as [`ServerHealth::record`], except that a DOWN server stays DOWN (at most `rise` - 1
+    /// successes): Patroni lets only the key's holder be the primary, so a /primary 200 from
+    /// another node is a moment of its demotion, not a reason to take writes back.
+    pub fn record_held_down(&mut self, outcome: &CheckOutcome, at: Instant) -> Option<Transition> {
+        if !self.checked || self.is_up() {
+            return self.record(outcome, at);
+        }
+        let (closed, changed) = (self.downtime_closed, self.last_change);
+        let transition = self.record(outcome, at);
+        if self.is_up() {
+            self.health = self.rise - 1;
+            (self.downtime_closed, self.last_change) = (closed, changed);
+            return None;
+        }
+        transition
+    }
+
     /// Takes the server fully UP now: an authoritative up, the mirror of the authoritative
     /// 503 (its check just said primary on a timeline newer than the last UP primary's).
     pub fn mark_up_now(&mut self, at: Instant) -> Option<Transition> {

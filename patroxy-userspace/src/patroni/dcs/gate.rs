@@ -93,6 +93,12 @@ impl LeaderGate {
         self.key_holder = server.map(str::to_owned);
     }
 
+    /// Whether `server` of `listener` must stay DOWN whatever its checks say: on a governed
+    /// listener, while the (connected) watch reads the key naming another server.
+    pub fn holds_down(&self, listener: usize, server: &str) -> bool {
+        self.governs(listener) && self.key_holder.as_deref().is_some_and(|h| h != server)
+    }
+
     /// A leader change: every governed listener checks every `burst_inter` until one of its
     /// servers is UP again.
     pub fn start_burst(&mut self, now: Instant) {
@@ -265,6 +271,11 @@ mod tests {
         assert!(!gate.confirms_up(0, "pg1", &primary(5)));
         assert!(!gate.confirms_up(0, "pg2", &failed));
         assert!(!gate.confirms_up(1, "pg2", &primary(5)));
+        // While the key names pg2, pg1 stays DOWN; with no leader, or no watch, nobody is held.
+        assert!(gate.holds_down(0, "pg1") && !gate.holds_down(0, "pg2"));
+        assert!(!gate.holds_down(1, "pg1"), "replica listeners are not held");
+        gate.set_key_holder(None);
+        assert!(!gate.holds_down(0, "pg1"));
         // Without [dcs], the hysteresis alone decides.
         let mut unwatched = LeaderGate::new(&cluster(false));
         unwatched.observe(&with_up_primary(&config, 0, 5));

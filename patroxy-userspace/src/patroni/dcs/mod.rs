@@ -8,8 +8,13 @@
 //! demoting or gone, and what it accepts now is lost or refused. Those listeners then check in
 //! a fast burst, and the new primary is UP on its first `/primary` 200 with a newer timeline.
 //!
-//! The checks stay the truth: a lost connection or a watch error marks nothing down (Patroni's
-//! failsafe mode can keep a leader without the DCS); the watch reconnects and re-reads.
+//! While the watch reads the key naming another server, a leader listener's other servers stay
+//! DOWN whatever their checks say (Patroni lets only the key's holder be the primary; a 200
+//! from the old one is a moment of its demotion).
+//!
+//! The checks stay the truth: a lost connection or a watch error marks nothing down and
+//! releases what the watch held down (Patroni's failsafe mode can keep a leader without the
+//! DCS); the watch reconnects and re-reads.
 //!
 //! # Layout
 //! - `keys`: Patroni's etcd3 keys and member JSON, the cluster they describe, member -> server.

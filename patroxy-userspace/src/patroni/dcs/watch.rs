@@ -249,7 +249,7 @@ impl Watch {
     fn disconnected(&self, end: &SessionEnd) -> bool {
         let mut was = false;
         warn!(endpoints = ?self.endpoints, "dcs: {end}; servers keep their check states, reconnecting");
-        self.events.update_status(|s| {
+        self.events.leader_read(None, |s| {
             was = s.connected;
             s.connected = false;
             s.errors += 1;
