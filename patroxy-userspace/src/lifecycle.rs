@@ -77,6 +77,7 @@ async fn run_daemon(
     let ids = server_ids(&config, carried.ids.as_ref())?;
     let health = takeover.as_ref().map_or(&[][..], |t| &t.health[..]);
     let checks = patroni::spawn_checker_from(&config, &ids, health, stop.clone(), &tracker)?;
+    patroni::dcs::spawn_watch(&config, checks.leader_events(), stop.clone(), &tracker)?;
     let listeners = config
         .listeners
         .iter()

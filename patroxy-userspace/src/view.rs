@@ -7,13 +7,15 @@
 //! and then publishes it, so routing, the data path and the stats agree on every server.
 use crate::{
     operator_state::{AdminState, AdminStates},
-    patroni::{BackendKey, HealthSnapshot, ServerHealth, health::Transition},
+    patroni::{BackendKey, HealthSnapshot, ServerHealth, dcs::DcsStatus, health::Transition},
 };
 
 /// Every backend at one moment, laid out like the checker's snapshot (listener, then server).
 #[derive(Clone, Debug)]
 pub struct View {
     pub listeners: Vec<ListenerView>,
+    /// The DCS watch's state, as the checker last published it; `None` without `[dcs]`.
+    pub dcs: Option<DcsStatus>,
 }
 
 #[derive(Clone, Debug)]
@@ -68,7 +70,10 @@ impl View {
                     .collect(),
             })
             .collect();
-        Self { listeners }
+        Self {
+            listeners,
+            dcs: health.dcs.clone(),
+        }
     }
 
     pub fn listener(&self, index: usize) -> &[ServerView] {

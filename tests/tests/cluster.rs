@@ -16,7 +16,7 @@ use patroxy_tests::process::{patroxy_bin, require_root};
 use patroxy_tests::stats_client::{get, parse_csv, row};
 
 /// Every scenario runs by default; `PTX_SCENARIOS=2,3` runs a subset (in this order).
-const ALL: &[u32] = &[1, 2, 3, 4, 5, 6, 7];
+const ALL: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8];
 
 /// How long after its "is DOWN"/"is UP" line patroxy's routing may still be the old one: the
 /// checker logs the line, then the proxy applies the change (routing, fence, resets). A read or
@@ -121,6 +121,11 @@ fn patroni_cluster_scenarios() {
         let t = step("7. whole cluster down then up");
         whole_cluster(&mut cluster, &px);
         eprintln!("7. ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    if wanted(8) {
+        let t = step("8. the DCS watch: switchover, then etcd out of reach");
+        dcs_watch(&mut cluster);
+        eprintln!("8. ok in {:.1}s", t.elapsed().as_secs_f64());
     }
     drop(px);
     cluster.down();
@@ -516,4 +521,108 @@ fn whole_cluster(cluster: &mut Cluster, px: &Proxy) {
     let (_, in_recovery) = whoami(px.read_port).unwrap();
     assert!(in_recovery);
     assert_eq!(px.pid(), pid, "same patroxy process");
+}
+
+/// Scenario 8: patroxy with `[dcs]` on the cluster's etcd. A switchover: the leader key moving
+/// fences the old primary (its sessions reset, no write taken by it after the key moved) and
+/// the new primary is UP on its first 200 on the new timeline, not after `rise`. Then etcd out
+/// of patroxy's reach (an unreachable route in the root namespace only, so Patroni keeps its
+/// DCS): nothing is marked down, and the watch connects again once the route is gone.
+fn dcs_watch(cluster: &mut Cluster) {
+    let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let px = Proxy::start_patroxy_dcs(&patroxy_bin(), &cluster.nodes, ports, "auto")
+        .expect("patroxy with [dcs]");
+    assert!(
+        px.wait_logged(
+            "dcs: connected",
+            SystemTime::UNIX_EPOCH,
+            Duration::from_secs(15)
+        )
+        .is_some(),
+        "the watch never connected:\n{}",
+        px.log()
+    );
+    let o = scenario::failover(cluster, &px, Event::Switchover).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("8. {}", o.summary());
+    eprintln!(
+        "   key moved at {:?}, proxy share {:?}",
+        o.t_key_moved,
+        o.proxy_share()
+    );
+    assert!(
+        o.t_key_moved.is_some(),
+        "no leader key change logged:\n{}",
+        px.log()
+    );
+    assert_eq!(
+        o.writes_on_old_after_key_moved(),
+        Some(0),
+        "writes taken by {} after its leader key moved",
+        o.old
+    );
+    assert_eq!(o.idle_left, 0, "sessions left on the old primary {}", o.old);
+    assert_eq!(o.ro_new_sessions_after_down(), Some(0));
+    let fenced = format!(
+        "Server postgres_write/{} is DOWN, reason: its Patroni leader key moved",
+        o.old
+    );
+    assert!(
+        px.logged_at(&fenced, o.t_event).is_some() || px.log().contains(&fenced),
+        "the old primary was not fenced by its key:\n{}",
+        px.log()
+    );
+    assert!(
+        px.logged_at("UP without waiting for rise", o.t_event)
+            .is_some(),
+        "the new primary waited for rise:\n{}",
+        px.log()
+    );
+
+    // etcd out of patroxy's reach; Patroni's nodes still reach it through the bridge.
+    let etcd_ip = patroxy_tests::cluster::etcd::client_addr();
+    let etcd_ip = etcd_ip.split(':').next().unwrap().to_owned();
+    let route = |op: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["route", op, "unreachable", &format!("{etcd_ip}/32")])
+            .status()
+            .expect("ip route");
+        assert!(status.success(), "ip route {op} unreachable {etcd_ip}/32");
+    };
+    let _ = std::process::Command::new("ip")
+        .args(["route", "del", "unreachable", &format!("{etcd_ip}/32")])
+        .status();
+    let cut = SystemTime::now();
+    route("add");
+    let lost = px.wait_logged("dcs: ", cut, Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(5));
+    let down_meanwhile = px
+        .log()
+        .lines()
+        .filter(|l| l.contains("is DOWN"))
+        .filter(|l| px.logged_at(l, cut).is_some())
+        .count();
+    route("del");
+    assert!(
+        lost.is_some(),
+        "the watch never noticed etcd was gone:\n{}",
+        px.log()
+    );
+    assert_eq!(
+        down_meanwhile,
+        0,
+        "a server went DOWN while etcd was out of reach:\n{}",
+        px.log()
+    );
+    let leader = cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+    let (ip, in_recovery) = whoami(px.write_port).unwrap();
+    assert_eq!(
+        (ip.as_str(), in_recovery),
+        (cluster.nodes[leader].ip.as_str(), false)
+    );
+    assert!(
+        px.wait_logged("dcs: connected", cut, Duration::from_secs(20))
+            .is_some(),
+        "the watch did not connect again:\n{}",
+        px.log()
+    );
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask failover-bench`: scenarios 2-4 of the cluster issue (switchover, kill -9 of the
-//! primary, primary cut off) through patroxy and through Debian's HAProxy with the seed's
-//! config, side by side on one cluster in one run, under the continuous writer. Prints the
-//! table and writes bench/failover.md.
+//! primary, primary cut off) through patroxy, patroxy with the DCS watch (`[dcs]` on the
+//! cluster's etcd) and Debian's HAProxy with the seed's config, side by side on one cluster in
+//! one run, under the continuous writer. Prints the table and writes bench/failover.md.
 //!
 //! A benchmark, not a test: it reports and does not fail on a number.
 
@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, anyhow};
 use patroxy_tests::cluster::patroni;
 use patroxy_tests::cluster::proxy::{Proxy, SHIPPED_CONFIG_CHANGES, shipped_check_settings};
 use patroxy_tests::cluster::scenario::{self, Event, Outcome};
+use patroxy_tests::cluster::writer::ErrorKind;
 use patroxy_tests::cluster::{Cluster, writer};
 use patroxy_tests::ports::free_tcp_port;
 
@@ -20,7 +21,7 @@ use crate::setup;
 
 #[derive(clap::Args)]
 pub struct FailoverArgs {
-    /// Rounds of the three scenarios through both proxies (the table shows every run).
+    /// Rounds of the three scenarios through the three proxies (the table shows every run).
     #[arg(long, default_value_t = 1)]
     rounds: u32,
 }
@@ -35,12 +36,14 @@ pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
     let ports = || (free_tcp_port(), free_tcp_port(), free_tcp_port());
     let patroxy = Proxy::start_patroxy(&bin, &cluster.nodes, ports(), "auto")
         .map_err(|e| anyhow!("starting patroxy: {e}"))?;
+    let patroxy_dcs = Proxy::start_patroxy_dcs(&bin, &cluster.nodes, ports(), "auto")
+        .map_err(|e| anyhow!("starting patroxy with the DCS watch: {e}"))?;
     let haproxy = Proxy::start_haproxy(&cluster.nodes, ports())
         .map_err(|e| anyhow!("starting HAProxy: {e}"))?;
     let leader = cluster
         .wait_healthy(Duration::from_secs(90))
         .map_err(|e| anyhow!("{e}"))?;
-    for p in [&patroxy, &haproxy] {
+    for p in [&patroxy, &patroxy_dcs, &haproxy] {
         scenario::wait_routed(
             p.write_port,
             &cluster.nodes[leader].ip,
@@ -53,12 +56,9 @@ pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
     let mut outcomes = Vec::new();
     for round in 1..=args.rounds {
         for event in [Event::Switchover, Event::Kill, Event::Partition] {
-            // Alternate which proxy goes first so neither always meets a freshly healed node.
-            let order: [&Proxy; 2] = if round % 2 == 1 {
-                [&patroxy, &haproxy]
-            } else {
-                [&haproxy, &patroxy]
-            };
+            // Rotate which proxy goes first so none always meets a freshly healed node.
+            let mut order: [&Proxy; 3] = [&patroxy, &patroxy_dcs, &haproxy];
+            order.rotate_left((round as usize - 1) % 3);
             for proxy in order {
                 println!(
                     "failover-bench: round {round}: {} through {}",
@@ -73,6 +73,7 @@ pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
         }
     }
     drop(patroxy);
+    drop(patroxy_dcs);
     drop(haproxy);
     cluster.down();
 
@@ -91,7 +92,9 @@ fn command_line(program: &str, args: &[&str]) -> String {
 }
 
 fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
-    let mut s = String::from("# Failover through patroxy and HAProxy, side by side\n\n");
+    let mut s = String::from(
+        "# Failover through patroxy, patroxy with the DCS watch and HAProxy, side by side\n\n",
+    );
     let _ = writeln!(s, "Written by `cargo xtask failover-bench`.\n");
     let _ = writeln!(
         s,
@@ -121,6 +124,20 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     );
     let _ = writeln!(
         s,
+        "- patroxy+dcs: patroxy's settings plus `[dcs]` on the cluster's etcd (burst_inter \
+         50ms): the leader key leaving the old primary fences it and resets its sessions, the \
+         write listener checks every 50 ms until a server is UP, and the key's holder (or a \
+         primary on a newer timeline) is UP on its first passed check"
+    );
+    let _ = writeln!(
+        s,
+        "- proxy share past promotion: from the harness's first /primary 200 on the new leader \
+         (polled directly every ~50 ms) to the first write through the proxy that succeeded on \
+         it; writes on the old primary after its key moved: writes sent after patroxy+dcs \
+         logged the leader key change that the old primary took"
+    );
+    let _ = writeln!(
+        s,
         "- writer: one INSERT every 20 ms through the write port, reconnecting after an error; \
          outage = the longest gap between two successful writes"
     );
@@ -135,11 +152,13 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     let _ = writeln!(s, "- load average at the start: {load}");
     let _ = writeln!(s, "- run took {:.0} s\n", took.as_secs_f64());
     s += &scenario::table(outcomes);
-    s += "\n## Medians, patroxy ÷ HAProxy (goal: outage ratio ≤ 0.5)\n\n\
+    s += "\n## Medians, each proxy ÷ HAProxy (goal: switchover outage ratio ≤ 0.5, proxy \
+          share ≤ 100 ms)\n\n\
           `past Patroni` = write outage minus Patroni's own time to a new primary answering \
-          /primary: the part of the outage a proxy controls.\n\n\
-          | scenario | patroxy outage | haproxy outage | ratio | patroxy past Patroni | \
-          haproxy past Patroni |\n|---|--:|--:|--:|--:|--:|\n";
+          /primary; `proxy share` = from that first 200 to the first write through the proxy \
+          on the new primary: the part of the outage a proxy controls.\n\n\
+          | scenario | proxy | outage | ratio to HAProxy | past Patroni | proxy share | \
+          read-only errors |\n|---|---|--:|--:|--:|--:|--:|\n";
     for event in [Event::Switchover, Event::Kill, Event::Partition] {
         let median = |kind: &str, f: &dyn Fn(&Outcome) -> Option<f64>| {
             let mut v: Vec<f64> = outcomes
@@ -152,15 +171,27 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
         };
         let outage = |o: &Outcome| Some(o.outage().as_secs_f64());
         let past = |o: &Outcome| o.outage_past_patroni();
-        if let (Some(p), Some(h)) = (median("patroxy", &outage), median("haproxy", &outage)) {
+        let share = |o: &Outcome| o.proxy_share();
+        let Some(h) = median("haproxy", &outage) else {
+            continue;
+        };
+        for kind in ["patroxy", "patroxy+dcs", "haproxy"] {
+            let Some(p) = median(kind, &outage) else {
+                continue;
+            };
+            let read_only: usize = outcomes
+                .iter()
+                .filter(|o| o.event == event && o.proxy.name() == kind)
+                .map(|o| o.report.count(ErrorKind::ReadOnly))
+                .sum();
             let fmt = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.2} s"));
             let _ = writeln!(
                 s,
-                "| {} | {p:.2} s | {h:.2} s | {:.2} | {} | {} |",
+                "| {} | {kind} | {p:.2} s | {:.2} | {} | {} | {read_only} |",
                 event.name(),
                 p / h,
-                fmt(median("patroxy", &past)),
-                fmt(median("haproxy", &past)),
+                fmt(median(kind, &past)),
+                median(kind, &share).map_or("?".into(), |v| format!("{:.0} ms", v * 1000.0)),
             );
         }
     }

@@ -38,6 +38,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "hping3",
     // The bench's nftables side of the XDP drop-rate comparison.
     "nftables",
+    // protoc, for the etcd client's build script (etcd-client compiles etcd's protos).
+    "protobuf-compiler",
 ];
 
 /// The bpf-linker release the recipe was verified with.

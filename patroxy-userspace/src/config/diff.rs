@@ -5,12 +5,12 @@
 //! `refresh` and `admin` access, and the `[[allow]]` rules and XDP SYN rate (map updates in the
 //! kernel). A change to the set of listeners and servers (added, removed, reordered, rebound,
 //! moved to another address), to the stats or runtime socket's bind or limits, or to
-//! `session_log_rate` or the cancel rates is *structural*: the process's per-server structures are laid out by it,
-//! so the reload starts a successor process with the new file (see `reload`). The data path's
-//! settings (`bpf`, `pin_path`, `bpf_log*`, `[xdp]`'s `enabled`, `interfaces` and `mode`)
-//! need a restart: the successor takes
-//! the pinned maps and programs over as they are; they refuse the whole reload with one line
-//! each, and the running config stays as it was.
+//! `session_log_rate` or the cancel rates is *structural*: the process's per-server structures
+//! are laid out by it, so the reload starts a successor process with the new file (see
+//! `reload`). The data path's settings (`bpf`, `pin_path`, `bpf_log*`, `[xdp]`'s `enabled`,
+//! `interfaces` and `mode`) and `[dcs]` (the DCS watch) need a restart: the successor takes the
+//! pinned maps and programs over as they are; they refuse the whole reload with one line each,
+//! and the running config stays as it was.
 use std::fmt::Debug;
 
 use super::model::{AllowRule, Config, Listener, ServerSpec};
@@ -112,6 +112,9 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
     d.restart("xdp.mode", &of.xdp.mode, &nf.xdp.mode);
     d.change("xdp.syn_rate", &of.xdp.syn_limit, &nf.xdp.syn_limit);
     d.allow_rules(&of.rules, &nf.rules);
+    // The watch holds one etcd connection made at start-up; a new one (endpoints, TLS, auth,
+    // namespace, scope) is a new start rather than a swap under a running watch.
+    d.restart("[dcs]", &old.dcs, &new.dcs);
     if d.restart.is_empty() {
         Ok(ConfigDiff {
             changes: d.changes,

@@ -15,6 +15,9 @@ pub struct Config {
     pub runtime: Option<Runtime>,
     /// The XDP allowlist: `[[allow]]` rules and `[xdp]`.
     pub firewall: Firewall,
+    /// Patroni's DCS, watched for leader changes; `None` when the file has no `[dcs]` section
+    /// (then the checks alone decide, as without the watch).
+    pub dcs: Option<Dcs>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -274,4 +277,40 @@ pub struct SynRate {
     pub rate: u32,
     /// SYNs it may send at once after a quiet spell.
     pub burst: u32,
+}
+
+/// `[dcs]`: the etcd v3 cluster Patroni keeps its leader key in. The watch only speeds up
+/// what the checks would find: a leader key that moves fences the old leader at once, and the
+/// new one is UP on its first `/primary` 200 with a newer timeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dcs {
+    /// etcd endpoints as written: all `http://host:port`, or all `https://` with `tls`.
+    pub etcd: Vec<String>,
+    /// Patroni's `namespace`, with a leading `/` and no trailing one ("/service").
+    pub namespace: String,
+    /// Patroni's `scope` (the cluster's name).
+    pub scope: String,
+    /// The CA that signs etcd's certificate and an optional client identity.
+    pub tls: Option<CheckTls>,
+    pub auth: Option<DcsAuth>,
+    /// How often the leader listeners' checks run from a leader change until a server of the
+    /// listener is UP again.
+    pub burst_inter: Duration,
+}
+
+/// etcd's user and password; the password is kept out of `Debug` output (and so out of logs
+/// and reload messages).
+#[derive(Clone, PartialEq)]
+pub struct DcsAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for DcsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DcsAuth")
+            .field("user", &self.user)
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }

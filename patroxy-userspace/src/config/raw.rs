@@ -29,6 +29,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub allow: Vec<RawAllow>,
     pub xdp: Option<RawXdp>,
+    pub dcs: Option<RawDcs>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,4 +241,17 @@ pub(crate) enum RawXdpMode {
     Auto,
     Native,
     Generic,
+}
+
+/// `[dcs]`: Patroni's etcd v3, watched for leader changes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDcs {
+    pub etcd: Spanned<Vec<Spanned<String>>>,
+    pub namespace: Option<Spanned<String>>,
+    pub scope: Spanned<String>,
+    pub tls: Option<Spanned<RawTls>>,
+    pub user: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub burst_inter: Option<Spanned<Dur>>,
 }

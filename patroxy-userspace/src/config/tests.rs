@@ -388,6 +388,28 @@ fn role_based_balance_defaults() {
 }
 
 #[test]
+fn dcs_section_takes_patronis_namespace_and_hides_the_password() {
+    let path = manifest_dir().join("src/config/fixtures/valid/dcs.toml");
+    let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let dcs = config.dcs.as_ref().expect("[dcs]");
+    assert_eq!(dcs.etcd, ["http://127.0.0.1:2379", "http://[::1]:2379"]);
+    assert_eq!(
+        (dcs.namespace.as_str(), dcs.scope.as_str()),
+        ("/service", "demo"),
+        "a trailing '/' of the namespace is dropped"
+    );
+    assert_eq!(dcs.burst_inter, Duration::from_millis(100));
+    let auth = dcs.auth.as_ref().expect("auth");
+    assert_eq!(
+        (auth.user.as_str(), auth.password.as_str()),
+        ("patroxy", "secret")
+    );
+    assert!(!format!("{config:?}").contains("secret"));
+    let minimal = load(&manifest_dir().join("src/config/fixtures/valid/minimal.toml")).unwrap();
+    assert_eq!(minimal.dcs, None, "no [dcs], no watch");
+}
+
+#[test]
 fn all_problems_are_reported_in_file_order() {
     let text =
         fs::read_to_string(manifest_dir().join("src/config/fixtures/valid/minimal.toml")).unwrap();

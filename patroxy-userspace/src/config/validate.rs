@@ -12,6 +12,9 @@ use super::model::*;
 use super::raw::*;
 use super::{admin_token::AdminToken, allow, owner, tls};
 
+#[path = "validate_dcs.rs"]
+mod dcs;
+
 /// Check paths whose 200 means "this is the writable node": listeners checking them default to
 /// `balance first`, since there is one primary and spreading writes makes no sense.
 pub(crate) const WRITE_PATHS: &[&str] = &["/primary", "/master", "/leader", "/read-write", "/"];
@@ -35,7 +38,7 @@ const DEFAULT_CANCEL_RATE_PER_CLIENT: u32 = 20;
 /// Shortest check interval (`inter`, `fastinter`, `downinter`). Every check costs Patroni a
 /// request and a PostgreSQL query, and a bare number is milliseconds (`inter = 3` is 3 ms, not
 /// 3 s), so a few milliseconds is a mistake; 50 ms still finds a new primary within a blink.
-const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 /// `inter` when unset: 1 s (HAProxy: 2 s). A demoted primary's 503 is seen within one `inter`,
 /// which bounds a switchover's share of the proxy; a check a second costs Patroni next to
 /// nothing, and without `timeout_check` a check may take up to `inter`, which a busy Patroni
@@ -167,6 +170,7 @@ impl Validator<'_> {
             self.src,
         );
         self.diags.extend(diags);
+        let dcs = raw.dcs.as_ref().map(|d| self.dcs(d));
         Config {
             global,
             defaults,
@@ -174,6 +178,7 @@ impl Validator<'_> {
             stats,
             runtime,
             firewall,
+            dcs,
         }
     }
 

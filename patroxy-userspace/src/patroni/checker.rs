@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use super::{
     BackendKey,
     client::{CheckClient, CheckOutcome, CheckTimeouts, ClientError, Role},
+    dcs::{DcsStatus, LeaderGate},
     health::{ServerHealth, Transition},
     keys,
 };
@@ -33,6 +34,8 @@ pub struct HealthSnapshot {
     /// Bumped on every publish, so readers can tell snapshots apart cheaply.
     pub generation: u64,
     pub listeners: Vec<ListenerSnapshot>,
+    /// The DCS watch's state; `None` without `[dcs]`.
+    pub dcs: Option<DcsStatus>,
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +119,10 @@ impl HealthSnapshot {
         HealthSnapshot {
             generation: 0,
             listeners,
+            dcs: config.dcs.as_ref().map(|d| DcsStatus {
+                endpoints: d.etcd.clone(),
+                ..DcsStatus::default()
+            }),
         }
     }
 
@@ -201,6 +208,8 @@ struct Shared {
     state: Mutex<HealthSnapshot>,
     /// Per listener, per server; a reload replaces them (locked after `state` when both are).
     timings: Mutex<Vec<Vec<CheckTiming>>>,
+    /// What the DCS watch may decide (locked after `state` and `timings`).
+    gate: Mutex<LeaderGate>,
     tx: watch::Sender<Arc<HealthSnapshot>>,
 }
 
@@ -239,6 +248,7 @@ pub fn spawn_checker_from(
         shared: Arc::new(Shared {
             state: Mutex::new(initial),
             timings: Mutex::new(timings(config)),
+            gate: Mutex::new(LeaderGate::new(config)),
             tx,
         }),
         jobs: Mutex::new(cancel.child_token()),
@@ -269,6 +279,13 @@ impl Checker {
         self.shared.retune(running, config, Instant::now());
         self.spawn(jobs, cancel);
         Ok(())
+    }
+
+    /// What the DCS watch reports to: its leader changes and its state.
+    pub fn leader_events(&self) -> LeaderEvents {
+        LeaderEvents {
+            shared: self.shared.clone(),
+        }
     }
 
     fn spawn(&self, jobs: Vec<Job>, cancel: CancellationToken) {
@@ -367,11 +384,29 @@ async fn run(job: Job, shared: &Shared) {
 impl Shared {
     fn apply(&self, subscribers: &[BackendKey], outcome: &CheckOutcome, at: Instant) {
         let mut state = self.state.lock().unwrap();
+        let mut gate = self.gate.lock().unwrap();
         for &key in subscribers {
             let name = state.listeners[key.listener].name.clone();
             let server = &mut state.listeners[key.listener].servers[key.server];
             let before = server.health.server_state();
-            let transition = server.health.record(outcome, at);
+            let held = gate.holds_down(key.listener, &server.name);
+            let mut transition = if held {
+                server.health.record_held_down(outcome, at)
+            } else {
+                server.health.record(outcome, at)
+            };
+            if !held
+                && transition.is_none()
+                && !server.health.is_up()
+                && gate.confirms_up(key.listener, &server.name, outcome)
+            {
+                transition = server.health.mark_up_now(at);
+                info!(
+                    "Server {name}/{} passed its check as Patroni's leader or on a newer \
+                     timeline (role {:?}, timeline {:?}): UP without waiting for rise",
+                    server.name, outcome.role, outcome.timeline
+                );
+            }
             let after = server.health.server_state();
             let server_name = server.name.clone();
             if before != after {
@@ -390,6 +425,7 @@ impl Shared {
                 );
             }
         }
+        gate.observe(&state);
         state.generation += 1;
         self.tx.send_replace(Arc::new(state.clone()));
     }
@@ -422,6 +458,7 @@ impl Shared {
             }
         }
         *self.timings.lock().unwrap() = timings(config);
+        self.gate.lock().unwrap().retune(config);
         state.generation += 1;
         self.tx.send_replace(Arc::new(state.clone()));
     }
@@ -430,17 +467,91 @@ impl Shared {
     fn next_interval(&self, subscribers: &[BackendKey]) -> Duration {
         let state = self.state.lock().unwrap();
         let timings = self.timings.lock().unwrap();
+        let gate = self.gate.lock().unwrap();
+        let now = Instant::now();
         subscribers
             .iter()
             .filter_map(|&k| Some((k, timings.get(k.listener)?.get(k.server)?)))
             .map(|(k, timing)| {
                 let changing = state.listener_changing(k.listener);
-                state.listeners[k.listener].servers[k.server]
+                let interval = state.listeners[k.listener].servers[k.server]
                     .health
-                    .next_interval(timing, changing)
+                    .next_interval(timing, changing);
+                gate.burst_interval(k.listener, now)
+                    .map_or(interval, |burst| interval.min(burst))
             })
             .min()
             .unwrap_or(Duration::from_secs(2))
+    }
+}
+
+/// The checker as the DCS watch sees it: leader changes to act on, and the watch's state to
+/// publish. Holds no check task; cloned into the watch's task.
+#[derive(Clone)]
+pub struct LeaderEvents {
+    shared: Arc<Shared>,
+}
+
+impl LeaderEvents {
+    /// The leader key left server `old` for server `new` (`None`: no leader, or a member no
+    /// server is): `old`'s backends on the leader listeners go DOWN now, those listeners start
+    /// a fast burst, and `new` is the key holder. `update` records the change in the watch's
+    /// state; all is published at once.
+    pub fn leader_moved(
+        &self,
+        old: Option<&str>,
+        new: Option<&str>,
+        update: impl FnOnce(&mut DcsStatus),
+    ) {
+        let now = Instant::now();
+        let mut state = self.shared.state.lock().unwrap();
+        let mut gate = self.shared.gate.lock().unwrap();
+        gate.set_key_holder(new);
+        let fenced = old.map_or_else(Vec::new, |name| gate.backends_of(&state, name));
+        for key in fenced {
+            let listener = state.listeners[key.listener].name.clone();
+            let server = &mut state.listeners[key.listener].servers[key.server];
+            if server.health.mark_down_now(now).is_some() {
+                let up = state
+                    .listener(key.listener)
+                    .iter()
+                    .filter(|s| s.is_up())
+                    .count();
+                warn!(
+                    "Server {listener}/{} is DOWN, reason: its Patroni leader key moved. \
+                     {up} active servers left.",
+                    state.listeners[key.listener].servers[key.server].name
+                );
+            }
+        }
+        gate.start_burst(now);
+        gate.observe(&state);
+        if let Some(status) = state.dcs.as_mut() {
+            update(status);
+        }
+        state.generation += 1;
+        self.shared.tx.send_replace(Arc::new(state.clone()));
+    }
+
+    /// The leader key as a (re)connected watch first reads it: the key holder, nothing fenced;
+    /// `None` when the watch lost etcd, which releases every server it held down.
+    pub fn leader_read(&self, holder: Option<&str>, update: impl FnOnce(&mut DcsStatus)) {
+        self.shared.gate.lock().unwrap().set_key_holder(holder);
+        self.update_status(update);
+    }
+
+    /// Records a change of the watch's own state (connected, an error): never a server's.
+    pub fn update_status(&self, update: impl FnOnce(&mut DcsStatus)) {
+        let mut state = self.shared.state.lock().unwrap();
+        let Some(status) = state.dcs.as_mut() else {
+            return;
+        };
+        let before = status.clone();
+        update(status);
+        if *status != before {
+            state.generation += 1;
+            self.shared.tx.send_replace(Arc::new(state.clone()));
+        }
     }
 }
 

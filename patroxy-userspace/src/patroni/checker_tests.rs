@@ -496,3 +496,109 @@ fn a_successor_keeps_a_state_only_for_the_same_question() {
     assert!(a.is_up(), "a keeps UP with no rise wait");
     assert!(!b.is_up(), "b answered another question");
 }
+
+/// Two nodes behind a leader listener watched through `[dcs]`: pg1 the primary on timeline
+/// 4, pg2 a replica; slow steady checks (2 s) and `rise` 3, so anything faster is the watch.
+async fn watched_pair() -> (FakePatroni, FakePatroni, Checker, Running) {
+    let (fake1, fake2) = (FakePatroni::start().await, FakePatroni::start().await);
+    fake1.set("/primary", Reply::primary(4));
+    fake2.set("/primary", Reply::replica(503, 4));
+    let t = timing(2000, 30, 2000, 3, 3);
+    let mut cfg = config(
+        vec![listener(
+            "postgres_write",
+            Some(check("/primary", true)),
+            vec![
+                server("pg1", fake1.addr(), t),
+                server("pg2", fake2.addr(), t),
+            ],
+        )],
+        None,
+    );
+    cfg.dcs = Some(crate::config::Dcs {
+        etcd: vec!["http://127.0.0.1:2379".into()],
+        namespace: "/service".into(),
+        scope: "demo".into(),
+        tls: None,
+        auth: None,
+        burst_inter: Duration::from_millis(50),
+    });
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let checker = spawn_checker(&cfg, cancel.clone(), &tracker).expect("checker starts");
+    let mut run = Running {
+        rx: checker.subscribe(),
+        cancel,
+        tracker,
+    };
+    run.until("pg1 UP", up(K00)).await;
+    // Both settled: pg1 UP at inter, pg2 DOWN at downinter.
+    run.until("pg2 checked", |s| {
+        s.listener(0)[1].health.last_check.is_some()
+    })
+    .await;
+    (fake1, fake2, checker, run)
+}
+
+const K01: BackendKey = BackendKey {
+    listener: 0,
+    server: 1,
+};
+
+#[tokio::test]
+async fn a_leader_key_leaving_fences_at_once_and_the_new_primary_is_up_without_rise() {
+    let (fake1, fake2, checker, mut run) = watched_pair().await;
+    // Patroni promoted pg2 (timeline 5); pg1's checks have not noticed yet (2 s apart).
+    fake2.set("/primary", Reply::primary(5));
+    fake2.reset_counts();
+    let events = checker.leader_events();
+    events.leader_moved(Some("pg1"), Some("pg2"), |s| s.leader = Some("pg2".into()));
+    let s = run.now();
+    assert!(
+        !s.server(K00).unwrap().is_up(),
+        "pg1 DOWN in the same publish"
+    );
+    assert_eq!(s.server(K00).unwrap().health.down_transitions, 1);
+    assert_eq!(s.dcs.as_ref().unwrap().leader.as_deref(), Some("pg2"));
+    let started = std::time::Instant::now();
+    run.until("pg2 UP", up(K01)).await;
+    assert_eq!(
+        fake2.requests("/primary"),
+        1,
+        "the key's holder is UP on its first 200, not after rise (3)"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "found by the burst, not at downinter (2 s): {:?}",
+        started.elapsed()
+    );
+    // pg1 keeps answering 200 on the old timeline: held DOWN while the key names another.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fake1.requests("/primary") >= 3, "pg1 checked past its rise");
+    assert!(!run.now().server(K00).unwrap().is_up(), "pg1 held DOWN");
+    // The watch losing etcd releases it: its checks decide again.
+    events.leader_read(None, |_| {});
+    run.until("pg1 UP by its checks", up(K00)).await;
+}
+
+#[tokio::test]
+async fn losing_the_dcs_marks_nothing_down() {
+    let (_fake1, _fake2, checker, mut run) = watched_pair().await;
+    let before = run.now();
+    checker.leader_events().update_status(|s| {
+        s.connected = false;
+        s.errors += 1;
+        s.last_error = Some("connection refused".into());
+    });
+    let s = run
+        .until("status published", |s| s.dcs.as_ref().unwrap().errors == 1)
+        .await;
+    assert!(s.server(K00).unwrap().is_up());
+    assert_eq!(
+        s.server(K00).unwrap().health.down_transitions,
+        before.server(K00).unwrap().health.down_transitions
+    );
+    // A leader key that moved from a member no server is leaves the servers alone too.
+    checker.leader_events().leader_moved(None, None, |_| {});
+    assert!(run.now().server(K00).unwrap().is_up());
+}

@@ -279,6 +279,54 @@ impl ServerHealth {
     }
 }
 
+/// What the DCS watch may decide without waiting for the hysteresis (see `patroni::dcs`).
+impl ServerHealth {
+    /// Takes the server fully DOWN now: its leader key moved to another member (or expired),
+    /// so it is demoting or gone. Its checks may bring it back after `rise` successes.
+    pub fn mark_down_now(&mut self, at: Instant) -> Option<Transition> {
+        if !self.checked || self.health == 0 {
+            return None;
+        }
+        let was_up = self.is_up();
+        self.health = 0;
+        was_up.then(|| {
+            self.down_transitions += 1;
+            self.last_change = at;
+            Transition::WentDown
+        })
+    }
+
+    /// Applies a check result to a server the leader key does not name while it names another:
+    /// as [`ServerHealth::record`], except that a DOWN server stays DOWN (at most `rise` - 1
+    /// successes): Patroni lets only the key's holder be the primary, so a /primary 200 from
+    /// another node is a moment of its demotion, not a reason to take writes back.
+    pub fn record_held_down(&mut self, outcome: &CheckOutcome, at: Instant) -> Option<Transition> {
+        if !self.checked || self.is_up() {
+            return self.record(outcome, at);
+        }
+        let (closed, changed) = (self.downtime_closed, self.last_change);
+        let transition = self.record(outcome, at);
+        if self.is_up() {
+            self.health = self.rise - 1;
+            (self.downtime_closed, self.last_change) = (closed, changed);
+            return None;
+        }
+        transition
+    }
+
+    /// Takes the server fully UP now: an authoritative up, the mirror of the authoritative
+    /// 503 (its check just said primary on a timeline newer than the last UP primary's).
+    pub fn mark_up_now(&mut self, at: Instant) -> Option<Transition> {
+        if !self.checked || self.is_up() {
+            return None;
+        }
+        self.health = self.max();
+        self.downtime_closed += at.saturating_duration_since(self.last_change);
+        self.last_change = at;
+        Some(Transition::WentUp)
+    }
+}
+
 /// Whether `outcome` is Patroni itself answering "not this role".
 fn says_not_this_role(outcome: &CheckOutcome) -> bool {
     outcome.status == CheckStatus::L7Sts

@@ -5,6 +5,8 @@
 //!   (L4OK, L7STS, ...), with the role and timeline read from the JSON body.
 //! - `health`: the pure hysteresis state machine (rise/fall counter, status strings, intervals).
 //! - `checker`: the tokio tasks that run checks on schedule and publish a [`HealthSnapshot`].
+//! - `dcs`: the optional watch of Patroni's leader key in etcd, which fences a leader the key
+//!   left and speeds up finding the new one; the checker applies what it reports.
 //!
 //! The checker owns all check state; everyone else reads the published snapshot, which is
 //! immutable, so readers never lock and never see half an update.
@@ -12,10 +14,12 @@ use crate::config::model::Config;
 
 pub mod checker;
 pub mod client;
+pub mod dcs;
 pub mod health;
 
 pub use checker::{
-    CarriedHealth, Checker, HealthSnapshot, ServerSnapshot, spawn_checker, spawn_checker_from,
+    CarriedHealth, Checker, HealthSnapshot, LeaderEvents, ServerSnapshot, spawn_checker,
+    spawn_checker_from,
 };
 pub use client::{CheckOutcome, CheckStatus, Role};
 pub use health::{ServerHealth, ServerState};
@@ -108,6 +112,7 @@ pub(crate) mod test_config {
             stats: None,
             runtime: None,
             firewall: Default::default(),
+            dcs: None,
         }
     }
 }

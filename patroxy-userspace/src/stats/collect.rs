@@ -14,15 +14,15 @@ use tracing::warn;
 use super::{
     history::StatsHistory,
     model::{
-        CancelStats, FrontendStats, LastCheckStats, ListenerStats, ReloadStats, ServerStats,
-        StateClass, StatsSnapshot, Traffic, XdpPortStats, XdpRuleStats, XdpStats,
+        CancelStats, DcsStats, FrontendStats, LastCheckStats, ListenerStats, ReloadStats,
+        ServerStats, StateClass, StatsSnapshot, Traffic, XdpPortStats, XdpRuleStats, XdpStats,
     },
 };
 use crate::{
     config::model::{Balance, CheckMethod, Firewall, XdpEnabled},
     dataplane::maps::{LiveBytes, OpenSessions},
     operator_state::AdminState,
-    patroni::{Role, ServerState},
+    patroni::{Role, ServerState, dcs::DcsStatus},
     proxy::{StatsSource, counters::CancelCounters},
     reload::ReloadStatus,
     view::ServerView,
@@ -125,6 +125,7 @@ pub fn snapshot(
         global_maxconn: config.global.maxconn,
         reload: reload_stats(reload),
         admin_unauthorized: history.admin_unauthorized.load(Relaxed),
+        dcs: view.dcs.as_ref().map(dcs_stats),
         listeners,
         xdp: xdp_stats(&config.firewall, &config.global.pin_path),
     }
@@ -174,6 +175,21 @@ fn xdp_stats(firewall: &Firewall, pin_path: &Path) -> Option<XdpStats> {
             })
             .collect(),
     })
+}
+
+fn dcs_stats(status: &DcsStatus) -> DcsStats {
+    DcsStats {
+        endpoints: status.endpoints.clone(),
+        leader_key: status.leader_key.clone(),
+        connected: status.connected,
+        leader: status.leader.clone(),
+        leader_server: status.leader_server.clone(),
+        leader_changes: status.leader_changes,
+        last_event_unix: status.last_event.as_ref().map(|(at, _)| unix_secs(*at)),
+        last_event: status.last_event.as_ref().map(|(_, what)| what.clone()),
+        errors: status.errors,
+        last_error: status.last_error.clone(),
+    }
 }
 
 fn reload_stats(status: &ReloadStatus) -> ReloadStats {

@@ -96,13 +96,48 @@ fn last_reload(s: &StatsSnapshot) -> String {
     )
 }
 
+/// "dcs connected|DISCONNECTED, leader <member> (<server>)", the last event in the tooltip;
+/// nothing without `[dcs]`.
+fn dcs(s: &StatsSnapshot) -> String {
+    let Some(d) = &s.dcs else {
+        return String::new();
+    };
+    let leader = match (&d.leader, &d.leader_server) {
+        (Some(m), Some(server)) => format!("{m} ({server})"),
+        (Some(m), None) => format!("{m} (no configured server)"),
+        (None, _) => "none".to_owned(),
+    };
+    let last = match (&d.last_event, d.last_event_unix) {
+        (Some(what), Some(at)) => format!("last event at {}: {what}", utc(at)),
+        _ => "no event yet".to_owned(),
+    };
+    let error = d.last_error.as_ref().map_or(String::new(), |e| {
+        format!("\n{} errors, last: {e}", d.errors)
+    });
+    format!(
+        "<span id=\"dcs\" title=\"{} {}\n{}{}\">dcs <b>{}</b>, leader <b>{}</b> \
+         ({} changes)</span>",
+        esc(&d.leader_key),
+        esc(&d.endpoints.join(",")),
+        esc(&last),
+        esc(&error),
+        if d.connected {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        esc(&leader),
+        d.leader_changes,
+    )
+}
+
 fn header(h: &mut String, s: &StatsSnapshot) {
     let _ = write!(
         h,
         "<header><h1>patroxy</h1><div class=\"meta\">\
          <span>version <b>{}</b></span><span>pid <b>{}</b></span><span>uptime <b>{}</b></span>\
          <span>data path <span class=\"path {}\" id=\"data-path\">{}</span></span>\
-         <span>refresh <b>{}s</b></span><span>at <b>{}</b></span>{}</div></header>\n<main>\n",
+         <span>refresh <b>{}s</b></span><span>at <b>{}</b></span>{}{}</div></header>\n<main>\n",
         esc(&s.version),
         s.pid,
         duration(s.uptime_secs),
@@ -111,6 +146,7 @@ fn header(h: &mut String, s: &StatsSnapshot) {
         s.refresh_secs,
         utc(s.generated_unix),
         last_reload(s),
+        dcs(s),
     );
     h.push_str("<div class=\"legend\">");
     for (class, text) in [

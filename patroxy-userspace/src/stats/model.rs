@@ -26,6 +26,9 @@ pub struct StatsSnapshot {
     /// Admin requests refused for a missing or wrong token since start.
     #[serde(default)]
     pub admin_unauthorized: u64,
+    /// The DCS watch; absent without `[dcs]` (and from older daemons' JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dcs: Option<DcsStats>,
     pub listeners: Vec<ListenerStats>,
     /// The XDP allowlist's counters; `None` when it is not attached.
     #[serde(default)]
@@ -62,6 +65,25 @@ pub struct XdpPortStats {
     /// TCP packets from sources no rule allows, dropped.
     pub denied: u64,
     pub syn_limited: u64,
+}
+
+/// The DCS watch of Patroni's leader key.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DcsStats {
+    pub endpoints: Vec<String>,
+    /// `<namespace>/<scope>/leader`.
+    pub leader_key: String,
+    pub connected: bool,
+    /// The member the key names, and the configured server that member is.
+    pub leader: Option<String>,
+    pub leader_server: Option<String>,
+    pub leader_changes: u64,
+    /// Wall clock (seconds since the Unix epoch) and text of the last leader or connection
+    /// change.
+    pub last_event_unix: Option<u64>,
+    pub last_event: Option<String>,
+    pub errors: u64,
+    pub last_error: Option<String>,
 }
 
 /// Configuration reloads since start (SIGHUP, `patroxy reload`) and the last one's outcome.
@@ -419,6 +441,7 @@ pub(crate) mod sample {
                 last_messages: vec!["/etc/patroxy/patroxy.toml:12:9: unknown key `balanse`".into()],
             },
             admin_unauthorized: 0,
+            dcs: None,
             listeners: vec![
                 ListenerStats {
                     name: "postgres_write".into(),

@@ -16,7 +16,7 @@ use prometheus_client::{
 
 use super::{
     history::CheckDurations,
-    model::{ListenerStats, ReloadStats, ServerStats, StatsSnapshot, XdpStats},
+    model::{DcsStats, ListenerStats, ReloadStats, ServerStats, StatsSnapshot, XdpStats},
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -51,6 +51,9 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
     reload(&mut reg, &snap.reload);
     if let Some(x) = &snap.xdp {
         xdp(&mut reg, x);
+    }
+    if let Some(d) = &snap.dcs {
+        dcs(&mut reg, d);
     }
     let uptime: Gauge = Gauge::default();
     uptime.set(snap.uptime_secs as i64);
@@ -144,6 +147,57 @@ fn reload(reg: &mut Registry, r: &ReloadStats) {
             time,
         );
     }
+}
+
+/// The DCS watch: connected, leader changes, errors, the last event's time, and the leader
+/// the key names (an info series, absent while no member holds it).
+fn dcs(reg: &mut Registry, d: &DcsStats) {
+    let connected: Gauge = Gauge::default();
+    connected.set(i64::from(d.connected));
+    reg.register(
+        "dcs_connected",
+        "Whether the DCS watch is connected and following Patroni's leader key",
+        connected,
+    );
+    let changes: Counter = Counter::default();
+    changes.inc_by(d.leader_changes);
+    reg.register(
+        "dcs_leader_changes",
+        "Leader key changes seen by the DCS watch (deleted, or naming another member)",
+        changes,
+    );
+    let errors: Counter = Counter::default();
+    errors.inc_by(d.errors);
+    reg.register(
+        "dcs_errors",
+        "Failed connections, reads and watches of the DCS (each followed by a reconnect)",
+        errors,
+    );
+    if let Some(at) = d.last_event_unix {
+        let time: Gauge = Gauge::default();
+        time.set(at as i64);
+        reg.register_with_unit(
+            "dcs_last_event_timestamp",
+            "When the DCS watch last saw a leader or connection change, since the Unix epoch",
+            Unit::Seconds,
+            time,
+        );
+    }
+    let leader: Family<Labels, Gauge> = Family::default();
+    if let Some(member) = &d.leader {
+        leader
+            .get_or_create(&vec![
+                ("key", d.leader_key.clone()),
+                ("member", member.clone()),
+                ("server", d.leader_server.clone().unwrap_or_default()),
+            ])
+            .set(1);
+    }
+    reg.register(
+        "dcs_leader",
+        "The member Patroni's leader key names, and the configured server it is",
+        leader,
+    );
 }
 
 /// Gauges (a value now) or counters (a total since start, `_total` in the name).
@@ -569,6 +623,42 @@ mod tests {
             r#"patroxy_xdp_port_packets_total{port="5432",verdict="syn_limited"} 7"#,
             r#"patroxy_xdp_port_packets_total{port="5433",verdict="passed"} 500"#,
             r#"patroxy_xdp_rule_packets_total{rule="0",from="10.100.100.0/24",verdict="passed"} 1500"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_dcs_watch_has_its_series_only_when_configured() {
+        let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
+        let text = render(&sample::snapshot(), &durations);
+        assert!(
+            !text.contains("patroxy_dcs_"),
+            "no [dcs], no series:\n{text}"
+        );
+        let mut snap = sample::snapshot();
+        snap.dcs = Some(DcsStats {
+            endpoints: vec!["http://10.0.0.9:2379".into()],
+            leader_key: "/service/demo/leader".into(),
+            connected: false,
+            leader: Some("pg-sv02".into()),
+            leader_server: Some("pg2".into()),
+            leader_changes: 3,
+            last_event_unix: Some(1_780_000_000),
+            last_event: Some("disconnected: the watch stream ended".into()),
+            errors: 2,
+            last_error: Some("the watch stream ended".into()),
+        });
+        let text = render(&snap, &durations);
+        for line in [
+            "patroxy_dcs_connected 0",
+            "patroxy_dcs_leader_changes_total 3",
+            "patroxy_dcs_errors_total 2",
+            "patroxy_dcs_last_event_timestamp_seconds 1780000000",
+            r#"patroxy_dcs_leader{key="/service/demo/leader",member="pg-sv02",server="pg2"} 1"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -25,6 +25,8 @@ use crate::postgres::PgError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Patroxy,
+    /// patroxy with the DCS watch of the cluster's etcd (`[dcs]`).
+    PatroxyDcs,
     Haproxy,
 }
 
@@ -32,6 +34,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Patroxy => "patroxy",
+            Kind::PatroxyDcs => "patroxy+dcs",
             Kind::Haproxy => "haproxy",
         }
     }
@@ -196,6 +199,22 @@ pub fn patroxy_config(
     ))
 }
 
+/// [`patroxy_config`] plus `[dcs]`: the cluster's etcd, Patroni's scope and namespace, the
+/// daemon's default burst.
+pub fn patroxy_dcs_config(
+    nodes: &[Node],
+    ports: (u16, u16, u16),
+    bpf: Bpf,
+    pin_path: &Path,
+) -> Result<String, PgError> {
+    Ok(format!(
+        "{}\n[dcs]\netcd = [\"http://{}\"]\nnamespace = \"/service\"\nscope = \"{}\"\n",
+        patroxy_config(nodes, ports, bpf, pin_path)?,
+        super::etcd::client_addr(),
+        super::patroni::SCOPE,
+    ))
+}
+
 /// HAProxy's config for the cluster: [`seed_config`] exactly (HAProxy's default fastinter is
 /// inter), logging to stderr instead of /dev/log so the harness keeps its log.
 pub fn haproxy_config(nodes: &[Node], ports: (u16, u16, u16)) -> String {
@@ -229,15 +248,39 @@ impl Proxy {
         ports: (u16, u16, u16),
         bpf: &str,
     ) -> Result<Proxy, PgError> {
+        Self::start_patroxy_kind(Kind::Patroxy, bin, nodes, ports, bpf)
+    }
+
+    /// Starts patroxy (`bin`) with [`patroxy_dcs_config`]: watching the cluster's etcd.
+    pub fn start_patroxy_dcs(
+        bin: &Path,
+        nodes: &[Node],
+        ports: (u16, u16, u16),
+        bpf: &str,
+    ) -> Result<Proxy, PgError> {
+        Self::start_patroxy_kind(Kind::PatroxyDcs, bin, nodes, ports, bpf)
+    }
+
+    fn start_patroxy_kind(
+        kind: Kind,
+        bin: &Path,
+        nodes: &[Node],
+        ports: (u16, u16, u16),
+        bpf: &str,
+    ) -> Result<Proxy, PgError> {
         let dir = Path::new(STATE_DIR);
         let bpf: Bpf = bpf.parse().map_err(err)?;
         let pin = PathBuf::from(format!("/sys/fs/bpf/patroxy-cluster-{}", ports.0));
         let cfg = dir.join(format!("patroxy-{}.toml", ports.0));
-        std::fs::write(&cfg, patroxy_config(nodes, ports, bpf, &pin)?)?;
+        let text = match kind {
+            Kind::PatroxyDcs => patroxy_dcs_config(nodes, ports, bpf, &pin)?,
+            _ => patroxy_config(nodes, ports, bpf, &pin)?,
+        };
+        std::fs::write(&cfg, text)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("--config").arg(&cfg);
         cmd.env("PATROXY_LOG", "info");
-        Self::spawn(Kind::Patroxy, cmd, ports)
+        Self::spawn(kind, cmd, ports)
     }
 
     /// Starts Debian's HAProxy (foreground) with [`haproxy_config`].

@@ -51,6 +51,8 @@ pub struct Outcome {
     /// Idle sessions opened on the old primary before the event that were not closed.
     pub idle_left: usize,
     pub idle_total: usize,
+    /// patroxy with the DCS watch: when it logged the leader key leaving the old primary.
+    pub t_key_moved: Option<SystemTime>,
 }
 
 impl Outcome {
@@ -64,6 +66,26 @@ impl Outcome {
     pub fn outage_past_patroni(&self) -> Option<f64> {
         self.patroni_new_primary
             .map(|p| self.outage().as_secs_f64() - p.as_secs_f64())
+    }
+
+    /// The proxy's share past Patroni's own promotion: from the harness's first `/primary`
+    /// 200 on the new leader (polled directly every ~50 ms) to the first write through the
+    /// proxy that succeeded on it. Negative when the proxy got there before the harness's poll.
+    pub fn proxy_share(&self) -> Option<f64> {
+        let promoted = self.t_event + self.patroni_new_primary?;
+        let first = self
+            .report
+            .first_success_elsewhere(&self.old_ip, self.t_event)?;
+        Some(match first.duration_since(promoted) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        })
+    }
+
+    /// Writes sent after the leader key left the old primary that the old primary took.
+    pub fn writes_on_old_after_key_moved(&self) -> Option<usize> {
+        self.t_key_moved
+            .map(|t| self.report.successes_on_after(&self.old_ip, t))
     }
 
     /// Read-only errors on sessions established after the proxy marked the old primary down.
@@ -199,7 +221,10 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
         })
         .sum();
 
-    let (t_old_down, down_line) = if proxy.kind == Kind::Patroxy {
+    let t_key_moved = (proxy.kind == Kind::PatroxyDcs)
+        .then(|| proxy.logged_at("dcs: leader key", t_event))
+        .flatten();
+    let (t_old_down, down_line) = if proxy.kind != Kind::Haproxy {
         // patroxy stamps its log lines: the exact time it marked the old primary DOWN.
         let t = proxy.logged_at(&down_needle, t_event);
         let line = t.and_then(|_| {
@@ -243,6 +268,7 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
         down_line,
         idle_left,
         idle_total,
+        t_key_moved,
     })
 }
 
@@ -339,12 +365,13 @@ pub fn whoami(port: u16) -> Result<(String, bool), PgError> {
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::from(
         "| scenario | proxy | write outage | Patroni new primary | outage past it | refused | \
-         reset | read-only | read-only after DOWN | idle sessions left on old primary |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         reset | read-only | read-only after DOWN | idle sessions left on old primary | \
+         proxy share past promotion | writes on old primary after its key moved |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         s += &format!(
-            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {} | {}/{} |\n",
+            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} |\n",
             o.event.name(),
             o.proxy.name(),
             o.outage().as_secs_f64(),
@@ -358,6 +385,10 @@ pub fn table(outcomes: &[Outcome]) -> String {
             o.ro_after_down().map_or("n/a".into(), |n| n.to_string()),
             o.idle_left,
             o.idle_total,
+            o.proxy_share()
+                .map_or("?".into(), |d| format!("{:.0} ms", d * 1000.0)),
+            o.writes_on_old_after_key_moved()
+                .map_or("n/a".into(), |n| n.to_string()),
         );
     }
     s

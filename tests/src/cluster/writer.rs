@@ -330,6 +330,15 @@ impl Report {
             .count()
     }
 
+    /// When the first write after `t` succeeded on a server other than `not_on` (the new
+    /// primary).
+    pub fn first_success_elsewhere(&self, not_on: &str, t: SystemTime) -> Option<SystemTime> {
+        self.successes
+            .iter()
+            .find(|s| s.server != not_on && s.at > t)
+            .map(|s| s.at)
+    }
+
     /// One line: outage and error counts.
     /// The ids of the successful writes that are no longer in `ptx_writes`, read through
     /// 127.0.0.1:`port` (the current primary).

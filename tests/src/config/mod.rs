@@ -38,6 +38,8 @@ pub struct ProxyConfig {
     pub allow: Vec<AllowConfig>,
     /// patroxy only: `[xdp]`, where the allow rules are enforced.
     pub xdp: Option<XdpConfig>,
+    /// patroxy only: the DCS watch of Patroni's leader key (HAProxy has none).
+    pub dcs: Option<DcsConfig>,
 }
 
 /// One `[[allow]]`: sources (CIDRs) and the ports or listener names they may reach.
@@ -83,6 +85,27 @@ impl XdpConfig {
             mode: None,
             syn_rate: None,
             syn_burst: None,
+        }
+    }
+}
+
+/// patroxy's `[dcs]`.
+#[derive(Clone, Debug)]
+pub struct DcsConfig {
+    pub etcd: Vec<String>,
+    pub scope: String,
+    pub namespace: Option<String>,
+    pub burst_inter: Option<Duration>,
+}
+
+impl DcsConfig {
+    /// Patroni's default namespace, the daemon's default burst.
+    pub fn new(etcd: impl Into<String>, scope: impl Into<String>) -> Self {
+        DcsConfig {
+            etcd: vec![etcd.into()],
+            scope: scope.into(),
+            namespace: None,
+            burst_inter: None,
         }
     }
 }
@@ -230,6 +253,7 @@ impl ProxyConfig {
             runtime: None,
             allow: Vec::new(),
             xdp: None,
+            dcs: None,
         }
     }
 
@@ -250,6 +274,11 @@ impl ProxyConfig {
     pub fn data_path(mut self, bpf: Bpf, pin_path: impl Into<PathBuf>) -> Self {
         self.global.bpf = Some(bpf);
         self.global.pin_path = Some(pin_path.into());
+        self
+    }
+
+    pub fn dcs(mut self, dcs: DcsConfig) -> Self {
+        self.dcs = Some(dcs);
         self
     }
 

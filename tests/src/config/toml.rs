@@ -120,6 +120,14 @@ impl ProxyConfig {
             toml.key("syn_rate", x.syn_rate);
             toml.key("syn_burst", x.syn_burst);
         }
+        if let Some(d) = &self.dcs {
+            toml.table("[dcs]");
+            let endpoints: Vec<String> = d.etcd.iter().map(|e| quoted(e)).collect();
+            toml.key("etcd", Some(format!("[{}]", endpoints.join(", "))));
+            toml.key("namespace", d.namespace.as_deref().map(quoted));
+            toml.key("scope", Some(quoted(&d.scope)));
+            toml.key("burst_inter", d.burst_inter.map(quoted_duration));
+        }
         toml.finish()
     }
 }
