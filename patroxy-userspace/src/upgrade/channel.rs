@@ -21,11 +21,14 @@ const MAX_PAYLOAD: usize = 256 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
     /// Predecessor to successor, first. Descriptors, in order: the pin directory's lock (if
-    /// `pin_lock`), the listening sockets named in `listeners`, the stats listener (if `stats`),
+    /// `pin_lock`), the XDP allowlist's pin directory's lock (if `xdp_lock`), the listening sockets named in `listeners`, the stats listener (if `stats`),
     /// the runtime socket (if `runtime`, its path).
     Start {
         pid: u32,
         pin_lock: bool,
+        /// Absent from a predecessor older than the hand-over of the XDP allowlist.
+        #[serde(default)]
+        xdp_lock: bool,
         listeners: Vec<String>,
         stats: bool,
         #[serde(default)]
