@@ -162,3 +162,25 @@ fn cmsg_space(fds: usize) -> usize {
     // SAFETY: pure arithmetic.
     unsafe { libc::CMSG_SPACE((fds.max(1) * size_of::<RawFd>()) as u32) as usize }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_from_a_predecessor_without_the_xdp_hand_over_carries_no_xdp_lock() {
+        let older = r#"{"Start":{"pid":7,"pin_lock":true,"listeners":["pg"],"stats":false,
+            "health":[],"carried":{"ids":null,"admin":[],"counters":{"backends":[],"listeners":[]},
+            "reload":{}}}}"#;
+        let reload = serde_json::to_value(crate::reload::ReloadStatus::default()).unwrap();
+        let older = older.replace(r#""reload":{}"#, &format!("\"reload\":{reload}"));
+        let Message::Start {
+            xdp_lock, carried, ..
+        } = serde_json::from_str(&older).expect("an older Start parses")
+        else {
+            panic!("not Start");
+        };
+        assert!(!xdp_lock);
+        assert_eq!(carried.xdp, None);
+    }
+}

@@ -588,3 +588,33 @@ fn same_address(
 fn tcp_listener(fd: OwnedFd) -> std::net::TcpListener {
     std::net::TcpListener::from(fd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Xdp, XdpEnabled, XdpMode};
+
+    #[test]
+    fn the_restart_only_xdp_settings_are_compared_and_the_syn_limit_is_not() {
+        let xdp = Xdp {
+            enabled: XdpEnabled::Required,
+            interfaces: vec!["eth0".into()],
+            mode: XdpMode::Auto,
+            syn_limit: None,
+        };
+        let carried = CarriedXdp::of(&xdp);
+        assert_eq!(carried.enabled, "required");
+        let mut limited = xdp.clone();
+        limited.syn_limit = Some(crate::config::SynRate {
+            rate: 10,
+            burst: 20,
+        });
+        assert_eq!(CarriedXdp::of(&limited), carried);
+        let mut moved = xdp.clone();
+        moved.interfaces.push("eth1".into());
+        assert_ne!(CarriedXdp::of(&moved), carried);
+        let mut generic = xdp;
+        generic.mode = XdpMode::Generic;
+        assert_ne!(CarriedXdp::of(&generic), carried);
+    }
+}
