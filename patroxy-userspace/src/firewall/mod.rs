@@ -115,7 +115,8 @@ struct Predecessor {
     syn_limit: SynLimit,
 }
 
-/// The attached allowlist. Dropping it detaches the program and removes the pins.
+/// The attached allowlist. Dropping it detaches the program and removes the pins, unless a
+/// successor holds them ([`Firewall::hand_over`], [`Firewall::leave_pins_on_exit`]).
 pub struct Firewall {
     maps: Mutex<RuleMaps>,
     /// Dropped before the pins are removed: each detaches its interface.
