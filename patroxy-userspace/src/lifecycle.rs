@@ -23,7 +23,7 @@ use crate::{
     reload::{self, Reloader},
     server_ids::ServerIds,
     stats,
-    upgrade::{Carried, Handed, Predecessor, Relaunch, Takeover},
+    upgrade::{Carried, CarriedXdp, Handed, Predecessor, Relaunch, Takeover},
 };
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains for at most `relaunch.drain_grace`; or,
@@ -56,18 +56,21 @@ async fn run_daemon(
     fd_limit::raise(&config);
     let log = KernelLog::from_config(&config.global)?;
     let dataplane = Arc::new(select_data_path(&config, takeover.as_mut(), log)?);
-    let pins_owned = |owned: bool| {
+    if let Some(kernel) = dataplane.kernel().filter(|_| takeover.is_some()) {
+        kernel.leave_pins_on_exit(true);
+    }
+    // Attached (or taken over attached) before any port is bound, so no client reaches one the
+    // rules protect unfiltered.
+    let firewall = start_firewall(&config, takeover.as_mut())?.map(Arc::new);
+    // Until this process serves, a failed start leaves its predecessor's pins as they are.
+    let pins_owned = || {
         if let Some(kernel) = dataplane.kernel() {
-            kernel.leave_pins_on_exit(!owned);
+            kernel.leave_pins_on_exit(false);
+        }
+        if let Some(firewall) = &firewall {
+            firewall.leave_pins_on_exit(false);
         }
     };
-    if takeover.is_some() {
-        pins_owned(false);
-    }
-    // Attached before any port is bound, so no client reaches one the rules protect unfiltered.
-    let firewall = Firewall::start(&config.firewall, &config.global.pin_path)
-        .context("XDP allowlist (xdp enabled = \"required\")")?
-        .map(Arc::new);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let carried = takeover
@@ -217,7 +220,7 @@ async fn run_daemon(
     if let Some(takeover) = takeover {
         tracker.spawn(takeover.adopt_sessions(proxy.clone(), tracker.clone()));
     }
-    pins_owned(true);
+    pins_owned();
     info!(
         data_path = dataplane.name(),
         listeners = ?proxy.listen_addresses(),
@@ -240,6 +243,7 @@ async fn run_daemon(
         };
         let handed = Handed {
             pin_lock: dataplane.kernel().map(|k| k.pin_lock()),
+            xdp_lock: firewall.as_deref().map(Firewall::pin_lock),
             listeners: handed_fds.listeners(&config),
             stats: handed_fds.stats.as_ref().map(|f| f.as_fd()),
             runtime: handed_fds.runtime(),
@@ -249,6 +253,7 @@ async fn run_daemon(
                 admin: admin.carry(),
                 counters: proxy.carry_counters(),
                 reload: reload_status,
+                xdp: Some(CarriedXdp::of(&config.firewall.xdp)),
             },
         };
         // The successor writes BACKENDS from its start: nothing here may overwrite it.
@@ -289,6 +294,9 @@ async fn run_daemon(
             stop.cancel();
             if let Some(kernel) = dataplane.kernel() {
                 kernel.hand_over();
+            }
+            if let Some(firewall) = &firewall {
+                firewall.hand_over();
             }
             let (to_successor, sessions) = tokio::sync::mpsc::unbounded_channel();
             proxy.hand_over_sessions(to_successor, kept_here);
@@ -339,6 +347,32 @@ fn server_ids(config: &Config, predecessor: Option<&ServerIds>) -> anyhow::Resul
         info!(%listener, %server, backend = id, "server added: new id");
     }
     Ok(ids)
+}
+
+/// The XDP allowlist: a predecessor's, taken over attached as it is (with the new rules), else
+/// attached as `[xdp]` says. A successor refuses a file whose `[xdp]` enabled, interfaces or
+/// mode differ from its predecessor's: changing them needs a restart.
+fn start_firewall(
+    config: &Config,
+    takeover: Option<&mut Takeover>,
+) -> anyhow::Result<Option<Firewall>> {
+    let pin_path = &config.global.pin_path;
+    if let Some(takeover) = takeover {
+        let now = CarriedXdp::of(&config.firewall.xdp);
+        if let Some(was) = takeover.carried.xdp.as_ref().filter(|was| **was != now) {
+            anyhow::bail!(
+                "[xdp] enabled, interfaces or mode changed (running: {was:?}; new: {now:?}): \
+                 that needs a restart, not an upgrade or reload"
+            );
+        }
+        if let Some(lock) = takeover.xdp_lock.take() {
+            return Firewall::adopt(&config.firewall, pin_path, lock)
+                .map(Some)
+                .context("taking over the XDP allowlist");
+        }
+    }
+    Firewall::start(&config.firewall, pin_path)
+        .context("XDP allowlist (xdp enabled = \"required\")")
 }
 
 /// The data path: a predecessor's pinned maps when sessions come that live in them (an upgrade,

@@ -614,6 +614,231 @@ fn a_crash_leaves_the_program_attached_and_the_next_start_replaces_it() {
     remove_pin_path(&pin);
 }
 
+/// The pid of the daemon whose stats server answers on `stats`, if one does.
+fn daemon_pid(stats: u16) -> Option<u32> {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], stats))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /;json HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let json = &body[body.find("\r\n\r\n")? + 4..];
+    serde_json::from_str::<serde_json::Value>(json).ok()?["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+}
+
+/// Whether `pid` is gone (or a zombie its new parent has not reaped yet).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+fn wait_exited(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !exited(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops whichever daemon answers on the stats port when the test ends: an upgrade's successor
+/// is not the test's child.
+struct StopLast(u16);
+
+impl Drop for StopLast {
+    fn drop(&mut self) {
+        if let Some(pid) = daemon_pid(self.0) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !exited(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// An upgrade (`patroxy upgrade`) and then a structural reload hand the attached allowlist to
+/// a successor (which runs without capabilities): the same program stays attached throughout,
+/// D never gets an answer, A's session and pgbench run across both and A's new connects
+/// succeed; the successor's new rules are in force and the counters go on. A SIGUSR2 with a
+/// changed `[xdp]` is refused and the daemon runs on; the last daemon's stop detaches.
+#[test]
+fn upgrades_and_structural_reloads_keep_the_allowlist_attached() {
+    if !require_root("upgrades_and_structural_reloads_keep_the_allowlist_attached") {
+        return;
+    }
+    let _lab = Lab::up();
+    let pg = start_pg();
+    let pin = Patroxy::unique_pin_path("xdp-handover");
+    let mut config = config(&pin, &pg, Bpf::Required);
+    let (port, stats) = ports(&config);
+    let mut first = Patroxy::start("xdp-handover", &config);
+    let _stop_last = StopLast(stats);
+    let program = attached_program(A.veth).expect("attached");
+    let attached_throughout = || {
+        for h in HOSTS {
+            assert_eq!(attached_program(h.veth), Some(program), "on {}", h.veth);
+        }
+    };
+
+    // Interfaces changed: the successor refuses, the daemon runs on as it was.
+    let mut narrowed = config.clone();
+    narrowed.xdp.as_mut().unwrap().interfaces.pop();
+    std::fs::write(&first.config_path, narrowed.to_toml()).unwrap();
+    first.child.signal(libc::SIGUSR2).unwrap();
+    assert!(
+        first.wait_for_log("upgrade failed, running on", Duration::from_secs(20)),
+        "{}",
+        first.log()
+    );
+    assert!(first.log().contains("needs a restart"), "{}", first.log());
+    std::fs::write(&first.config_path, config.to_toml()).unwrap();
+    attached_throughout();
+    assert_eq!(daemon_pid(stats), Some(first.child.id()));
+    assert_no_answer(&D, v4(D.host4, port));
+    assert_psql(&pg, &A, A.host4, port);
+
+    // A structural reload whose successor adopts the allowlist, writes rules that allow D, then
+    // cannot bind its new listener (PostgreSQL's port): the rules D is denied by are back.
+    let mut failing = config.clone();
+    failing.allow[0].from.push("10.214.2.0/24".into());
+    failing
+        .listeners
+        .push(ListenerConfig::new("postgres_taken", pg.addr(), ["pg1"]));
+    std::fs::write(&first.config_path, failing.to_toml()).unwrap();
+    let out = run_with_timeout(
+        Command::new(patroxy_bin())
+            .args(["reload", "--config"])
+            .arg(&first.config_path),
+        Duration::from_secs(30),
+    )
+    .expect("patroxy reload ran");
+    assert!(!out.status.success(), "the successor could not bind");
+    assert!(
+        first
+            .log()
+            .contains("the running daemon's rules written back"),
+        "{}",
+        first.log()
+    );
+    std::fs::write(&first.config_path, config.to_toml()).unwrap();
+    attached_throughout();
+    assert_no_answer(&D, v4(D.host4, port));
+    assert_psql(&pg, &A, A.host4, port);
+
+    // A's session and pgbench run across the upgrade and the reload.
+    let mut session = client(&pg, &A, "psql", A.host4, port);
+    session
+        .args(["-X", "-At", "-d", "postgres"])
+        .args(["-c", "SELECT pg_sleep(5)", "-c", "SELECT 7"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let session = session.spawn().expect("spawn psql");
+    let bench = spawn_pgbench(&pg, &A, port, 6);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let before = stats_json(stats);
+    let out = run_with_timeout(
+        Command::new(patroxy_bin()).args([
+            "upgrade",
+            "--url",
+            &format!("http://127.0.0.1:{stats}"),
+            "--timeout",
+            "20s",
+        ]),
+        Duration::from_secs(30),
+    )
+    .expect("patroxy upgrade ran");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    first.child.wait().unwrap();
+    assert!(
+        first.log().contains("XDP allowlist taken over"),
+        "{}",
+        first.log()
+    );
+    // The old process is gone; its program and links are not.
+    attached_throughout();
+    assert!(pin.join(format!("xdp/link_{}", A.veth)).exists());
+    assert_no_answer(&D, v4(D.host4, port));
+    assert_psql(&pg, &A, A.host4, port);
+    let upgraded = stats_json(stats);
+    for what in ["passed", "denied"] {
+        assert!(
+            port_counter(&upgraded, port, what) > port_counter(&before, port, what),
+            "{what} did not move across the upgrade"
+        );
+    }
+
+    // A structural reload (a new listener) whose rules allow A to it too.
+    let upgraded_pid = daemon_pid(stats).expect("the successor answers");
+    let read_port = free_tcp_port();
+    config.listeners.push(ListenerConfig::new(
+        "postgres_read",
+        SocketAddr::new("::".parse().unwrap(), read_port),
+        ["pg1"],
+    ));
+    config.allow[0]
+        .to
+        .push(PortRef::Name("postgres_read".into()));
+    std::fs::write(&first.config_path, config.to_toml()).unwrap();
+    let out = run_with_timeout(
+        Command::new(patroxy_bin())
+            .args(["reload", "--config"])
+            .arg(&first.config_path),
+        Duration::from_secs(30),
+    )
+    .expect("patroxy reload ran");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_exited(upgraded_pid, Duration::from_secs(20));
+    attached_throughout();
+    assert_psql(&pg, &A, A.host4, read_port);
+    assert_psql(&pg, &A, A.host4, port);
+    assert_no_answer(&D, v4(D.host4, read_port));
+    assert_no_answer(&D, v4(D.host4, port));
+    let reloaded = stats_json(stats);
+    for what in ["passed", "denied"] {
+        assert!(
+            port_counter(&reloaded, port, what) > port_counter(&upgraded, port, what),
+            "{what} did not move across the reload"
+        );
+    }
+    assert!(port_counter(&reloaded, read_port, "passed") > 0);
+
+    let session = session.wait_with_output().expect("psql ran");
+    assert!(
+        session.status.success() && String::from_utf8_lossy(&session.stdout).ends_with("7\n"),
+        "A's session: {}",
+        String::from_utf8_lossy(&session.stderr)
+    );
+    finish_pgbench(bench);
+
+    // The last daemon's stop detaches everywhere and removes the pins.
+    let last = daemon_pid(stats).expect("the reload's successor answers");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(last as libc::pid_t, libc::SIGTERM) };
+    wait_exited(last, Duration::from_secs(20));
+    for h in HOSTS {
+        assert_eq!(attached_program(h.veth), None, "left on {}", h.veth);
+    }
+    assert!(!pin.join("xdp").exists(), "pins left behind");
+    drop(first);
+    remove_pin_path(&pin);
+}
+
 /// The cluster harness (and so the demo) rewrites the shipped file's rule for its own clients; patroxy's
 /// `check-config` takes what it writes.
 #[test]

@@ -60,6 +60,23 @@ impl Drop for Attachment {
     }
 }
 
+impl Attachment {
+    /// Closes this process's reference to the link and leaves its pin, which keeps the program
+    /// attached (for an upgrade's successor).
+    pub fn leave_attached(mut self) {
+        drop(self.link.take());
+    }
+}
+
+/// The attachment a predecessor pinned for `iface`, if there is one: dropping it detaches.
+pub fn adopt(dir: &Path, iface: &str) -> Option<Attachment> {
+    let link = PinnedLink::from_pin(link_pin(dir, iface)).ok()?;
+    Some(Attachment {
+        iface: iface.to_string(),
+        link: Some(link),
+    })
+}
+
 /// Where the link of `iface` is pinned.
 pub fn link_pin(dir: &Path, iface: &str) -> PathBuf {
     dir.join(format!("link_{iface}"))

@@ -9,7 +9,9 @@
 //!
 //! Everything is pinned under `<pin_path>/xdp`, a directory claimed like the data path's
 //! (`dataplane::pin_dir`); dropping the [`Firewall`] detaches the program from every interface
-//! and removes the pins.
+//! and removes the pins, unless it was [handed over](Firewall::hand_over) to an upgrade's
+//! successor, which [adopts](Firewall::adopt) the pinned links and maps as they are: the
+//! interfaces stay filtered throughout.
 mod attach;
 pub mod counters;
 pub mod entries;
@@ -17,13 +19,16 @@ pub mod entries;
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
     },
     programs::Xdp,
     util::nr_cpus,
@@ -85,6 +90,11 @@ pub enum FirewallError {
     Pin { path: PathBuf, msg: String },
     #[error("counting CPUs: {0}")]
     Cpus(String),
+    #[error(
+        "the running daemon's XDP allowlist has no link pinned for interface {0} \
+         (the interfaces changed?)"
+    )]
+    NoLink(String),
 }
 
 /// The maps userspace writes, with the entries they hold.
@@ -98,15 +108,30 @@ struct RuleMaps {
     current: Entries,
 }
 
-/// The attached allowlist. Dropping it detaches the program and removes the pins.
+/// What a successor found in the maps it adopted: written back if it fails to start, since its
+/// predecessor runs on.
+struct Predecessor {
+    entries: Entries,
+    syn_limit: SynLimit,
+}
+
+/// The attached allowlist. Dropping it detaches the program and removes the pins, unless a
+/// successor holds them ([`Firewall::hand_over`], [`Firewall::leave_pins_on_exit`]).
 pub struct Firewall {
     maps: Mutex<RuleMaps>,
     /// Dropped before the pins are removed: each detaches its interface.
     attachments: Vec<Attachment>,
     dir: PathBuf,
-    _pin_lock: pin_dir::PinDirLock,
-    /// Owns the program for as long as it is attached.
-    _ebpf: Ebpf,
+    /// Held until `drop` is done with the pins; handed to an upgrade's successor.
+    pin_lock: pin_dir::PinDirLock,
+    /// Set once a successor took the allowlist over (or, in a successor, until it serves):
+    /// `drop` leaves the links and pins as they are.
+    handed_over: AtomicBool,
+    /// In a successor until it serves: the adopted maps' entries before it wrote its own.
+    predecessor: Mutex<Option<Predecessor>>,
+    /// Owns the program while this process attaches it; `None` when adopted (the pinned
+    /// links hold the predecessor's program).
+    _ebpf: Option<Ebpf>,
 }
 
 impl Firewall {
@@ -192,9 +217,92 @@ impl Firewall {
             maps: Mutex::new(maps),
             attachments,
             dir,
-            _pin_lock: pin_lock,
-            _ebpf: ebpf,
+            pin_lock,
+            handed_over: AtomicBool::new(false),
+            predecessor: Mutex::new(None),
+            _ebpf: Some(ebpf),
         })
+    }
+
+    /// Takes over the allowlist a predecessor attached (its pin directory's lock handed over as
+    /// `pin_lock`): opens the pinned links and maps, nothing loaded or attached, so no CAP_BPF
+    /// is needed beyond access to the pins; then rewrites the rules and the SYN limit as
+    /// `config` says, in place. Until [`Firewall::leave_pins_on_exit`]`(false)`, dropping it
+    /// leaves everything attached and puts the predecessor's entries back.
+    pub fn adopt(
+        config: &FirewallConfig,
+        pin_path: &Path,
+        pin_lock: pin_dir::PinDirLock,
+    ) -> Result<Self, FirewallError> {
+        let dir = pin_dir(pin_path);
+        let mut maps = RuleMaps {
+            allow_v4: open_pinned(&dir, MAP_ALLOW_V4)?,
+            allow_v6: open_pinned(&dir, MAP_ALLOW_V6)?,
+            protected: open_pinned(&dir, MAP_PROTECTED_PORTS)?,
+            port_counters: open_pinned(&dir, MAP_PORT_COUNTERS)?,
+            syn_limit: open_pinned(&dir, MAP_SYN_LIMIT)?,
+            current: Entries::default(),
+        };
+        maps.current = maps.read_entries()?;
+        let predecessor = Predecessor {
+            entries: maps.current.clone(),
+            syn_limit: maps
+                .syn_limit
+                .get(&0, 0)
+                .map_err(|e| FirewallError::Map(MAP_SYN_LIMIT, e))?,
+        };
+        let mut attachments = Vec::new();
+        for iface in &config.xdp.interfaces {
+            match attach::adopt(&dir, iface) {
+                Some(a) => attachments.push(a),
+                None => {
+                    attachments.into_iter().for_each(Attachment::leave_attached);
+                    return Err(FirewallError::NoLink(iface.clone()));
+                }
+            }
+        }
+        let firewall = Self {
+            maps: Mutex::new(maps),
+            attachments,
+            dir,
+            pin_lock,
+            handed_over: AtomicBool::new(true),
+            predecessor: Mutex::new(Some(predecessor)),
+            _ebpf: None,
+        };
+        // On an error `firewall` drops here, writing the predecessor's entries back.
+        firewall.apply(config)?;
+        info!(
+            interfaces = ?config.xdp.interfaces,
+            rules = config.rules.len(),
+            ports = ?config.protected_ports(),
+            pin_dir = %firewall.dir.display(),
+            "XDP allowlist taken over from the running daemon (still attached)"
+        );
+        Ok(firewall)
+    }
+
+    /// The pin directory's lock, for a successor to hold too before this process lets it go.
+    pub fn pin_lock(&self) -> &pin_dir::PinDirLock {
+        &self.pin_lock
+    }
+
+    /// A successor holds the allowlist now: this process's exit must leave it attached.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether this process's exit leaves the allowlist attached and pinned: set in a successor
+    /// while it starts (a failed start must leave what its predecessor runs on), cleared once
+    /// it serves and owns it.
+    pub fn leave_pins_on_exit(&self, leave: bool) {
+        if !leave {
+            self.predecessor
+                .lock()
+                .expect("firewall predecessor lock")
+                .take();
+        }
+        self.handed_over.store(leave, Ordering::SeqCst);
     }
 
     /// Rewrites the rules and the SYN limit in place (a reload): no detach, and no moment where
@@ -210,6 +318,20 @@ impl Firewall {
 
 impl Drop for Firewall {
     fn drop(&mut self) {
+        if self.handed_over.load(Ordering::SeqCst) {
+            for attachment in self.attachments.drain(..) {
+                attachment.leave_attached();
+            }
+            let predecessor = self.predecessor.get_mut().expect("lock").take();
+            if let Some(Predecessor { entries, syn_limit }) = predecessor {
+                let maps = self.maps.get_mut().expect("firewall maps lock");
+                match maps.write_entries(entries, syn_limit) {
+                    Ok(()) => info!("XDP allowlist: the running daemon's rules written back"),
+                    Err(e) => warn!("XDP allowlist: writing the running daemon's rules back: {e}"),
+                }
+            }
+            return;
+        }
         let detached: Vec<String> = self
             .attachments
             .drain(..)
@@ -228,11 +350,6 @@ impl Drop for Firewall {
 
 impl RuleMaps {
     fn apply(&mut self, config: &FirewallConfig) -> Result<(), FirewallError> {
-        let new = Entries::of(&config.rules);
-        for change in self.current.changes_to(&new) {
-            self.write(change)?;
-        }
-        self.current = new;
         let limit = config
             .xdp
             .syn_limit
@@ -240,9 +357,42 @@ impl RuleMaps {
                 rate: rate.into(),
                 burst: burst.into(),
             });
+        self.write_entries(Entries::of(&config.rules), limit)
+    }
+
+    fn write_entries(&mut self, new: Entries, limit: SynLimit) -> Result<(), FirewallError> {
+        for change in self.current.changes_to(&new) {
+            self.write(change)?;
+        }
+        self.current = new;
         self.syn_limit
             .set(0, limit, 0)
             .map_err(|e| FirewallError::Map(MAP_SYN_LIMIT, e))
+    }
+
+    /// The entries the maps hold, as a predecessor wrote them.
+    fn read_entries(&self) -> Result<Entries, FirewallError> {
+        let mut entries = Entries::default();
+        for item in self.allow_v4.iter() {
+            let (key, rule) = item.map_err(|e| FirewallError::Map(MAP_ALLOW_V4, e))?;
+            let AllowV4 { port, addr } = key.data();
+            let prefix = (key.prefix_len() - PORT_BITS) as u8;
+            let net = ipnet::Ipv4Net::new(addr.into(), prefix).expect("the kernel's prefix");
+            entries.v4.insert((port, net), rule);
+        }
+        for item in self.allow_v6.iter() {
+            let (key, rule) = item.map_err(|e| FirewallError::Map(MAP_ALLOW_V6, e))?;
+            let AllowV6 { port, addr } = key.data();
+            let prefix = (key.prefix_len() - PORT_BITS) as u8;
+            let net = ipnet::Ipv6Net::new(addr.into(), prefix).expect("the kernel's prefix");
+            entries.v6.insert((port, net), rule);
+        }
+        for port in self.protected.keys() {
+            entries
+                .ports
+                .insert(port.map_err(|e| FirewallError::Map(MAP_PROTECTED_PORTS, e))?);
+        }
+        Ok(entries)
     }
 
     fn write(&mut self, change: Change) -> Result<(), FirewallError> {
@@ -306,6 +456,16 @@ fn v6_key(port: u16, net: ipnet::Ipv6Net) -> Key<AllowV6> {
             addr: net.network().octets(),
         },
     )
+}
+
+/// A map a predecessor pinned in `dir`.
+fn open_pinned<T>(dir: &Path, name: &'static str) -> Result<T, FirewallError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let data = MapData::from_pin(dir.join(name)).map_err(|e| FirewallError::Map(name, e))?;
+    let map = Map::from_map_data(data).map_err(|e| FirewallError::Map(name, e))?;
+    T::try_from(map).map_err(|e| FirewallError::Map(name, e))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FirewallError>

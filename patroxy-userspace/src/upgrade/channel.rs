@@ -21,11 +21,14 @@ const MAX_PAYLOAD: usize = 256 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
     /// Predecessor to successor, first. Descriptors, in order: the pin directory's lock (if
-    /// `pin_lock`), the listening sockets named in `listeners`, the stats listener (if `stats`),
+    /// `pin_lock`), the XDP allowlist's pin directory's lock (if `xdp_lock`), the listening sockets named in `listeners`, the stats listener (if `stats`),
     /// the runtime socket (if `runtime`, its path).
     Start {
         pid: u32,
         pin_lock: bool,
+        /// Absent from a predecessor older than the hand-over of the XDP allowlist.
+        #[serde(default)]
+        xdp_lock: bool,
         listeners: Vec<String>,
         stats: bool,
         #[serde(default)]
@@ -158,4 +161,26 @@ impl AsFd for Channel {
 fn cmsg_space(fds: usize) -> usize {
     // SAFETY: pure arithmetic.
     unsafe { libc::CMSG_SPACE((fds.max(1) * size_of::<RawFd>()) as u32) as usize }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_from_a_predecessor_without_the_xdp_hand_over_carries_no_xdp_lock() {
+        let older = r#"{"Start":{"pid":7,"pin_lock":true,"listeners":["pg"],"stats":false,
+            "health":[],"carried":{"ids":null,"admin":[],"counters":{"backends":[],"listeners":[]},
+            "reload":{}}}}"#;
+        let reload = serde_json::to_value(crate::reload::ReloadStatus::default()).unwrap();
+        let older = older.replace(r#""reload":{}"#, &format!("\"reload\":{reload}"));
+        let Message::Start {
+            xdp_lock, carried, ..
+        } = serde_json::from_str(&older).expect("an older Start parses")
+        else {
+            panic!("not Start");
+        };
+        assert!(!xdp_lock);
+        assert_eq!(carried.xdp, None);
+    }
 }

@@ -1,5 +1,6 @@
 //! Upgrades that keep every session: the running daemon starts its successor (`SIGUSR2`) and
-//! hands it, over a unix socket pair with SCM_RIGHTS, the pin directory's lock, the listening
+//! hands it, over a unix socket pair with SCM_RIGHTS, the pin directories' locks (the data
+//! path's and the XDP allowlist's, which stays attached throughout), the listening
 //! sockets (the runtime socket's too), the health states, the rest of the running state
 //! ([`Carried`]: server ids, operator states, counters, reload status) and then both sockets of
 //! every spliced session. A structural reload is such an upgrade, with the new file.
@@ -65,11 +66,35 @@ pub struct Carried {
     pub admin: Vec<CarriedAdmin>,
     pub counters: CarriedCounters,
     pub reload: ReloadStatus,
+    /// The predecessor's `[xdp]` enabled, interfaces and mode, which a successor must keep:
+    /// `None` from a predecessor older than it.
+    #[serde(default)]
+    pub xdp: Option<CarriedXdp>,
+}
+
+/// The `[xdp]` settings only a restart may change (the attachment is handed over as it is).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedXdp {
+    pub enabled: String,
+    pub interfaces: Vec<String>,
+    pub mode: String,
+}
+
+impl CarriedXdp {
+    pub fn of(xdp: &crate::config::Xdp) -> Self {
+        Self {
+            enabled: format!("{:?}", xdp.enabled).to_lowercase(),
+            interfaces: xdp.interfaces.clone(),
+            mode: format!("{:?}", xdp.mode).to_lowercase(),
+        }
+    }
 }
 
 /// What the predecessor hands over first, besides the sessions.
 pub struct Handed<'a> {
     pub pin_lock: Option<&'a PinDirLock>,
+    /// The XDP allowlist's pin directory's lock, when it is attached.
+    pub xdp_lock: Option<&'a PinDirLock>,
     /// (name, listening socket), in the configuration's order.
     pub listeners: Vec<(String, BorrowedFd<'a>)>,
     pub stats: Option<BorrowedFd<'a>>,
@@ -114,12 +139,14 @@ impl Predecessor {
         info!(pid = successor.id(), binary = %relaunch.binary.display(), "upgrade: successor started");
         let channel = Arc::new(ours);
         let mut fds: Vec<BorrowedFd<'_>> = handed.pin_lock.map(|l| l.as_fd()).into_iter().collect();
+        fds.extend(handed.xdp_lock.map(|l| l.as_fd()));
         fds.extend(handed.listeners.iter().map(|(_, fd)| *fd));
         fds.extend(handed.stats);
         fds.extend(handed.runtime.as_ref().map(|(_, fd)| *fd));
         let start = Message::Start {
             pid: std::process::id(),
             pin_lock: handed.pin_lock.is_some(),
+            xdp_lock: handed.xdp_lock.is_some(),
             listeners: handed.listeners.iter().map(|(n, _)| n.clone()).collect(),
             stats: handed.stats.is_some(),
             runtime: handed.runtime.as_ref().map(|(path, _)| path.clone()),
@@ -265,6 +292,8 @@ pub struct Takeover {
     source: Source,
     /// The pin directory's lock, when a predecessor handed it over.
     pub pin_lock: Option<PinDirLock>,
+    /// The XDP allowlist's pin directory's lock, when a predecessor had it attached.
+    pub xdp_lock: Option<PinDirLock>,
     pub listeners: Vec<(String, std::net::TcpListener)>,
     pub stats: Option<std::net::TcpListener>,
     /// The runtime socket's path and listening socket.
@@ -290,6 +319,7 @@ impl Takeover {
         let Message::Start {
             pid,
             pin_lock,
+            xdp_lock,
             listeners,
             stats,
             runtime,
@@ -300,6 +330,7 @@ impl Takeover {
             bail!("the predecessor's first message is not Start");
         };
         let wanted = usize::from(pin_lock)
+            + usize::from(xdp_lock)
             + listeners.len()
             + usize::from(stats)
             + usize::from(runtime.is_some());
@@ -311,6 +342,7 @@ impl Takeover {
         }
         let mut fds = fds.into_iter();
         let pin_lock = pin_lock.then(|| PinDirLock::from_handed_over(fds.next().expect("counted")));
+        let xdp_lock = xdp_lock.then(|| PinDirLock::from_handed_over(fds.next().expect("counted")));
         let listeners = listeners
             .into_iter()
             .map(|name| (name, tcp_listener(fds.next().expect("counted"))))
@@ -329,6 +361,7 @@ impl Takeover {
                 pid,
             },
             pin_lock,
+            xdp_lock,
             listeners,
             stats,
             runtime,
@@ -370,6 +403,7 @@ impl Takeover {
         Takeover {
             source: Source::FdStore(sessions),
             pin_lock: None,
+            xdp_lock: None,
             listeners: restored.listeners,
             stats: restored.stats,
             // Not in the fd store: a stale socket file is replaced at start.
@@ -553,4 +587,34 @@ fn same_address(
 
 fn tcp_listener(fd: OwnedFd) -> std::net::TcpListener {
     std::net::TcpListener::from(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Xdp, XdpEnabled, XdpMode};
+
+    #[test]
+    fn the_restart_only_xdp_settings_are_compared_and_the_syn_limit_is_not() {
+        let xdp = Xdp {
+            enabled: XdpEnabled::Required,
+            interfaces: vec!["eth0".into()],
+            mode: XdpMode::Auto,
+            syn_limit: None,
+        };
+        let carried = CarriedXdp::of(&xdp);
+        assert_eq!(carried.enabled, "required");
+        let mut limited = xdp.clone();
+        limited.syn_limit = Some(crate::config::SynRate {
+            rate: 10,
+            burst: 20,
+        });
+        assert_eq!(CarriedXdp::of(&limited), carried);
+        let mut moved = xdp.clone();
+        moved.interfaces.push("eth1".into());
+        assert_ne!(CarriedXdp::of(&moved), carried);
+        let mut generic = xdp;
+        generic.mode = XdpMode::Generic;
+        assert_ne!(CarriedXdp::of(&generic), carried);
+    }
 }
