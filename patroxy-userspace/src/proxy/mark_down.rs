@@ -72,10 +72,7 @@ impl Proxy {
                         } else {
                             (KillReason::MarkedDown, "server marked down")
                         };
-                        let n = self.sessions.kill_backend(id, reason);
-                        self.counters(id)
-                            .markdown_resets
-                            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        let n = self.reset_backend(id, reason);
                         info!(
                             listener = %config.listeners[key.listener].name,
                             server = %spec.name, sessions = n,
@@ -114,10 +111,7 @@ impl Proxy {
                     continue;
                 }
                 let id = self.backend_id(li, index);
-                let n = self.sessions.kill_backend(id, KillReason::Superseded);
-                self.counters(id)
-                    .markdown_resets
-                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                let n = self.reset_backend(id, KillReason::Superseded);
                 warn!(
                     listener = %config.listeners[li].name,
                     server = %spec.name, sessions = n,

@@ -201,6 +201,16 @@ impl Proxy {
             .expect("listener and server indexes come from the config")
     }
 
+    /// Resets every session of backend `id` for `reason` and counts them as the mark-down
+    /// resets the stats show; returns how many.
+    fn reset_backend(&self, id: u32, reason: KillReason) -> usize {
+        let n = self.sessions.kill_backend(id, reason);
+        self.counters(id)
+            .markdown_resets
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        n
+    }
+
     /// The servers' backend ids.
     pub fn server_ids(&self) -> &ServerIds {
         &self.ids

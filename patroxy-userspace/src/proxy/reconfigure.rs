@@ -1,7 +1,7 @@
 //! A reload's new settings, applied to the running proxy in place: the listeners and servers
 //! stay (a reload that adds, removes or moves any is applied by a successor process instead,
 //! see `reload`), so every session, backend id, counter and queue stays too.
-use std::sync::{Arc, atomic::Ordering::Relaxed};
+use std::sync::Arc;
 
 use tracing::info;
 
@@ -41,10 +41,7 @@ impl Proxy {
             if was_fenced || !fenced(id) {
                 continue;
             }
-            let n = self.sessions.kill_backend(id, KillReason::MarkedDown);
-            self.counters(id)
-                .markdown_resets
-                .fetch_add(n as u64, Relaxed);
+            let n = self.reset_backend(id, KillReason::MarkedDown);
             info!(
                 backend = id,
                 sessions = n,

@@ -1,7 +1,7 @@
 //! Servers a structural reload removed (or moved to another address): their sessions are
 //! handled as a mark-down would handle them, under the server's `on_marked_down`, since the
 //! successor process that runs the new configuration does not know them.
-use std::{collections::HashSet, sync::atomic::Ordering::Relaxed};
+use std::collections::HashSet;
 
 use tracing::info;
 
@@ -26,10 +26,7 @@ impl Proxy {
                 );
                 continue;
             }
-            let n = self.sessions.kill_backend(id, KillReason::MarkedDown);
-            self.counters(id)
-                .markdown_resets
-                .fetch_add(n as u64, Relaxed);
+            let n = self.reset_backend(id, KillReason::MarkedDown);
             info!(
                 listener = %listener.name, server = %spec.name, backend = id, sessions = n,
                 "server removed by the reload: resetting its sessions (on_marked_down shutdown-sessions)"
