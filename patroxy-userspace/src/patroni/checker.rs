@@ -363,7 +363,19 @@ fn jobs(config: &Config) -> Result<Vec<Job>, ClientError> {
 
 async fn run(job: Job, shared: &Shared) {
     let mut changes = shared.tx.subscribe();
-    tokio::time::sleep(job.offset).await;
+    // The first check waits for its offset, unless a leader change starts a burst meanwhile
+    // (a new leader's first check must not wait up to an interval for its turn).
+    let first = Instant::now() + job.offset;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(first) => break,
+            r = changes.changed() => match r {
+                Err(_) => return,
+                Ok(()) if shared.in_burst(&job.subscribers) => break,
+                Ok(()) => {}
+            },
+        }
+    }
     loop {
         let outcome = job.client.check().await;
         let ended = Instant::now();
@@ -461,6 +473,15 @@ impl Shared {
         self.gate.lock().unwrap().retune(config);
         state.generation += 1;
         self.tx.send_replace(Arc::new(state.clone()));
+    }
+
+    /// Whether a leader change has one of the listeners this check feeds in a fast burst.
+    fn in_burst(&self, subscribers: &[BackendKey]) -> bool {
+        let gate = self.gate.lock().unwrap();
+        let now = Instant::now();
+        subscribers
+            .iter()
+            .any(|k| gate.burst_interval(k.listener, now).is_some())
     }
 
     /// The shortest next interval among the backends a check feeds.

@@ -500,6 +500,18 @@ fn a_successor_keeps_a_state_only_for_the_same_question() {
 /// Two nodes behind a leader listener watched through `[dcs]`: pg1 the primary on timeline
 /// 4, pg2 a replica; slow steady checks (2 s) and `rise` 3, so anything faster is the watch.
 async fn watched_pair() -> (FakePatroni, FakePatroni, Checker, Running) {
+    let (fake1, fake2, checker, mut run) = watched_pair_starting().await;
+    // Both settled: pg1 UP at inter, pg2 DOWN at downinter.
+    run.until("pg2 checked", |s| {
+        s.listener(0)[1].health.last_check.is_some()
+    })
+    .await;
+    (fake1, fake2, checker, run)
+}
+
+/// [`watched_pair`] as soon as pg1 is UP: pg2's first check still waits for its turn (offset
+/// 1 s, half the interval).
+async fn watched_pair_starting() -> (FakePatroni, FakePatroni, Checker, Running) {
     let (fake1, fake2) = (FakePatroni::start().await, FakePatroni::start().await);
     fake1.set("/primary", Reply::primary(4));
     fake2.set("/primary", Reply::replica(503, 4));
@@ -532,12 +544,24 @@ async fn watched_pair() -> (FakePatroni, FakePatroni, Checker, Running) {
         tracker,
     };
     run.until("pg1 UP", up(K00)).await;
-    // Both settled: pg1 UP at inter, pg2 DOWN at downinter.
-    run.until("pg2 checked", |s| {
-        s.listener(0)[1].health.last_check.is_some()
-    })
-    .await;
     (fake1, fake2, checker, run)
+}
+
+#[tokio::test]
+async fn a_leader_change_before_a_servers_first_check_does_not_wait_for_its_turn() {
+    let (_fake1, fake2, checker, mut run) = watched_pair_starting().await;
+    assert!(run.now().listener(0)[1].health.last_check.is_none());
+    fake2.set("/primary", Reply::primary(5));
+    let moved = std::time::Instant::now();
+    checker
+        .leader_events()
+        .leader_moved(Some("pg1"), Some("pg2"), |s| s.leader = Some("pg2".into()));
+    run.until("pg2 UP", up(K01)).await;
+    assert!(
+        moved.elapsed() < Duration::from_millis(500),
+        "pg2 waited {:?} for its first check's turn (1 s after start) instead of the burst",
+        moved.elapsed()
+    );
 }
 
 const K01: BackendKey = BackendKey {
