@@ -5,11 +5,13 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    // cargo fuzz builds with `--cfg fuzzing`: the fuzz targets never load the program, so an
-    // empty object stands in and saves a fuzz build the whole eBPF build (fuzz/).
+    // cargo fuzz builds with `--cfg fuzzing`: the fuzz targets never load the programs, so
+    // empty objects stand in and save a fuzz build the whole eBPF build (fuzz/).
     if std::env::var_os("CARGO_CFG_FUZZING").is_some() {
         let out_dir = std::env::var_os("OUT_DIR").context("OUT_DIR")?;
-        std::fs::write(std::path::Path::new(&out_dir).join("patroxy"), [])?;
+        for object in ["patroxy", "patroxy-xdp"] {
+            std::fs::write(std::path::Path::new(&out_dir).join(object), [])?;
+        }
         return Ok(());
     }
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
