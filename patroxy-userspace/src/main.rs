@@ -162,10 +162,9 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Status { url, config } => report(cli::stats_url(url, &config).and_then(|url| {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(cli::status::run(&url))
-        })),
+        Command::Status { url, config } => {
+            report(cli::stats_url(url, &config).and_then(|url| block_on(cli::status::run(&url))))
+        }
         Command::SetState {
             target,
             state,
@@ -177,10 +176,8 @@ fn main() -> ExitCode {
                     config,
                 },
         } => report(
-            cli::set_state::Via::choose(socket, url, token_file, &config).and_then(|via| {
-                let runtime = tokio::runtime::Runtime::new()?;
-                runtime.block_on(cli::set_state::run(via, &target, state))
-            }),
+            cli::set_state::Via::choose(socket, url, token_file, &config)
+                .and_then(|via| block_on(cli::set_state::run(via, &target, state))),
         ),
         Command::Reload {
             daemon:
@@ -191,10 +188,8 @@ fn main() -> ExitCode {
                     config,
                 },
         } => report(
-            reload_route(socket, url, token_file, &config).and_then(|via| {
-                let runtime = tokio::runtime::Runtime::new()?;
-                runtime.block_on(cli::reload::run(via))
-            }),
+            reload_route(socket, url, token_file, &config)
+                .and_then(|via| block_on(cli::reload::run(via))),
         ),
         Command::Ctl {
             socket,
@@ -222,10 +217,10 @@ fn main() -> ExitCode {
             url,
             config,
             timeout,
-        } => report(cli::stats_url(url, &config).and_then(|url| {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(cli::upgrade::run(&url, pid, timeout))
-        })),
+        } => report(
+            cli::stats_url(url, &config)
+                .and_then(|url| block_on(cli::upgrade::run(&url, pid, timeout))),
+        ),
         Command::Run {
             config: config_path,
             drain_grace,
@@ -300,6 +295,11 @@ fn reload_route(
             .transpose()?;
         Ok(cli::set_state::Via::Http { url, token })
     })
+}
+
+/// Runs an operator command's future on a runtime of its own.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(command)
 }
 
 /// Exit status of an operator command: errors on stderr, exit 1.
