@@ -31,12 +31,15 @@
 //! - `control`: the runtime socket `patroxy ctl` speaks to: the stats' reads, the operator's
 //!   states and the daemon's reload, behind file permissions.
 //! - `privileges`: the capabilities kept after start-up, and dropping the rest on every thread.
+//! - `capped_accept`: the accept loop with a connection cap that the stats server and the
+//!   runtime socket share.
 //! - `lifecycle`: start-up in dependency order, signals, reload, drain, upgrade and shutdown.
 //! - `import_haproxy`: a HAProxy configuration rewritten as this crate's TOML (`patroxy
 //!   import-haproxy`); it uses `config` only, to check what it writes.
 //!
 //! The operator's commands (`patroxy status`, `set-state`, `upgrade`, `sessions`, `maps`) are the
 //! binary's `cli` module, on top of this library.
+pub mod capped_accept;
 pub mod config;
 pub mod control;
 pub mod dataplane;

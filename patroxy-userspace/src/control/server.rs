@@ -7,14 +7,15 @@ use std::{io, sync::Arc, thread, time::Duration};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Semaphore,
     time::{Instant, timeout},
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{ControlHandle, commands::Commands, protocol, socket::BoundSocket};
-use crate::{operator_state::AdminWriter, proxy::StatsSource, stats::history::StatsHistory};
+use crate::{
+    capped_accept, operator_state::AdminWriter, proxy::StatsSource, stats::history::StatsHistory,
+};
 
 /// A client must send its command line within this.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,8 +25,6 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 pub const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// The longest command line: commands are a few words.
 pub const MAX_LINE: u64 = 1024;
-/// After a failed accept (out of file descriptors, say), wait this long before the next.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Starts the runtime socket's thread on `socket` (from [`bind`](super::bind)): it answers
 /// commands about `source`, sets states through `admin`, reloads through `handle`, until
@@ -80,44 +79,19 @@ async fn accept_loop(
     maxconn: usize,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(maxconn));
-    let connections = TaskTracker::new();
-    loop {
-        // Accept only with a free slot: past the cap, clients wait in the kernel's backlog.
-        let slot = tokio::select! {
-            _ = stop.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
-        let stream = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!("runtime socket: accept failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    let what = "runtime socket";
+    capped_accept::run(what, listener, maxconn, &stop, CLOSE_GRACE * 2, |(stream, _)| {
         let commands = commands.clone();
         let stop = stop.clone();
-        connections.spawn(async move {
+        async move {
             tokio::select! {
                 _ = serve_connection(stream, &commands) => {}
-                _ = tokio::time::sleep(CONNECTION_DEADLINE) => debug!("runtime socket: connection cut at its deadline"),
+                _ = tokio::time::sleep(CONNECTION_DEADLINE) => debug!("{what}: connection cut at its deadline"),
                 _ = async { stop.cancelled().await; tokio::time::sleep(CLOSE_GRACE).await } => {}
             }
-            drop(slot);
-        });
-    }
-    drop(listener);
-    connections.close();
-    if timeout(CLOSE_GRACE * 2, connections.wait()).await.is_err() {
-        warn!(
-            open = connections.len(),
-            "runtime socket: connections still open at exit"
-        );
-    }
+        }
+    })
+    .await;
 }
 
 /// Reads one command line, answers, closes.

@@ -4,17 +4,18 @@
 //! descriptor of the daemon), a header-read timeout and a deadline per connection (a client
 //! that sends half a request and stalls is closed), and a short grace at shutdown (a stalled
 //! client never holds up the exit).
-use std::{future::Future, io, sync::Arc, thread, time::Duration};
+use std::{future::Future, io, thread, time::Duration};
 
 use axum::{Router, extract::ConnectInfo, http::Request};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
 use super::admin_endpoint::Peer;
+use crate::capped_accept;
 
 /// A client must send a whole request head within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,8 +24,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(60);
 /// At shutdown, or at the deadline, requests in flight get this long before the connection is cut.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(500);
-/// After a failed accept (out of file descriptors, say), wait this long before the next.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Threads reading SESSIONS for the stats (each holds the pinned map's fd while it reads).
 const BLOCKING_THREADS: usize = 1;
 
@@ -64,48 +63,22 @@ async fn accept_loop(listener: TcpListener, app: Router, maxconn: usize, stop: C
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, maxconn, "stats page listening");
     }
-    let slots = Arc::new(Semaphore::new(maxconn));
-    let connections = TaskTracker::new();
-    loop {
-        // Accept only with a free slot: past the cap, clients wait in the kernel's backlog.
-        let slot = tokio::select! {
-            _ = stop.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
-        let (stream, remote) = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!("stats: accept failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
-        let peer = Peer {
-            remote,
-            local: stream.local_addr().ok(),
-        };
-        let app = app.clone();
-        let stop = stop.clone();
-        connections.spawn(async move {
-            serve_connection(stream, peer, app, stop).await;
-            drop(slot);
-        });
-    }
-    drop(listener);
-    connections.close();
     // Every connection closes within CLOSE_GRACE of `stop`; the margin covers the wake-ups.
-    if tokio::time::timeout(CLOSE_GRACE * 2, connections.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            open = connections.len(),
-            "stats: connections still open at exit"
-        );
-    }
+    capped_accept::run(
+        "stats",
+        listener,
+        maxconn,
+        &stop,
+        CLOSE_GRACE * 2,
+        |(stream, remote)| {
+            let peer = Peer {
+                remote,
+                local: stream.local_addr().ok(),
+            };
+            serve_connection(stream, peer, app.clone(), stop.clone())
+        },
+    )
+    .await;
 }
 
 async fn serve_connection(
