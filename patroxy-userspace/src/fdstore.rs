@@ -7,8 +7,8 @@
 //!
 //! Everything a session needs is in its two names, so no state file is kept:
 //! `s.<client socket cookie>.<c|b>.<listener name, hex>.<server name, hex>`; listeners are
-//! `l.<listener name, hex>`, the stats listener `stats`, and a memfd `health` holds the
-//! servers' last states. Names are hex because systemd
+//! `l.<listener name, hex>`, the stats listener `stats`; a memfd `health` holds the
+//! servers' last states and one named `ids` their backend ids. Names are hex because systemd
 //! allows only printable ASCII without `:` in them, at most 255 characters.
 use std::{
     collections::HashMap,
@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use crate::{
     dataplane::{Detached, sockopt},
     patroni::CarriedHealth,
+    server_ids::ServerIds,
 };
 
 /// systemd's limit on an FDNAME.
@@ -64,12 +65,24 @@ impl FdStore {
     /// after a crash starts from, as an upgrade's successor does: without them its servers
     /// would start as `init_state` says, and a DOWN one's resumed sessions be fenced.
     pub fn store_health(&self, health: &[CarriedHealth]) {
-        let stored = serde_json::to_vec(health)
+        self.store_json("health", c"patroxy-health", &health);
+    }
+
+    /// Replaces the stored server ids (a memfd named `ids`): a daemon restarted after a crash
+    /// goes on from them, as an upgrade's successor does, so resumed sessions, whose kernel
+    /// entries name their backend by id, keep meaning the same servers after a structural
+    /// reload renumbered them.
+    pub fn store_ids(&self, ids: &ServerIds) {
+        self.store_json("ids", c"patroxy-ids", ids);
+    }
+
+    /// Replaces the entry `name` with a memfd holding `value` as JSON.
+    fn store_json(&self, name: &str, memfd_name: &std::ffi::CStr, value: &impl serde::Serialize) {
+        let stored = serde_json::to_vec(value)
             .map_err(io::Error::other)
             .and_then(|json| {
                 // SAFETY: a plain syscall with a valid C string; the fd is owned below.
-                let fd =
-                    unsafe { libc::memfd_create(c"patroxy-health".as_ptr(), libc::MFD_CLOEXEC) };
+                let fd = unsafe { libc::memfd_create(memfd_name.as_ptr(), libc::MFD_CLOEXEC) };
                 if fd < 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -80,10 +93,12 @@ impl FdStore {
             });
         match stored {
             Ok(file) => {
-                let _ = self.socket.send(b"FDSTOREREMOVE=1\nFDNAME=health\n");
-                self.store("health", file.as_fd());
+                let _ = self
+                    .socket
+                    .send(format!("FDSTOREREMOVE=1\nFDNAME={name}\n").as_bytes());
+                self.store(name, file.as_fd());
             }
-            Err(e) => warn!("health states not kept in the fd store: {e}"),
+            Err(e) => warn!("{name} not kept in the fd store: {e}"),
         }
     }
 
@@ -153,6 +168,8 @@ pub struct Restored {
     pub sessions: Vec<(String, String, Detached)>,
     /// The servers' states when the stored health was last written.
     pub health: Vec<CarriedHealth>,
+    /// The server ids of the process that stored them.
+    pub ids: Option<ServerIds>,
 }
 
 impl Restored {
@@ -190,10 +207,13 @@ impl Restored {
             let parts: Vec<&str> = name.split('.').collect();
             match parts[..] {
                 ["stats"] => restored.stats = Some(fd.into()),
-                ["health"] => restored.health = read_health(fd).unwrap_or_else(|e| {
+                ["health"] => restored.health = read_json(fd).unwrap_or_else(|e| {
                     warn!("the stored health states are unreadable ({e}); servers start per init_state");
                     Vec::new()
                 }),
+                ["ids"] => restored.ids = read_json(fd).map_err(|e| {
+                    warn!("the stored server ids are unreadable ({e}); servers are numbered afresh");
+                }).ok(),
                 ["l", listener] => {
                     if let Some(listener) = unhex(listener) {
                         restored.listeners.push((listener, fd.into()));
@@ -276,7 +296,7 @@ fn scm_space(fds: usize) -> usize {
     unsafe { libc::CMSG_SPACE((fds.max(1) * std::mem::size_of::<RawFd>()) as u32) as usize }
 }
 
-fn read_health(fd: OwnedFd) -> io::Result<Vec<CarriedHealth>> {
+fn read_json<T: serde::de::DeserializeOwned>(fd: OwnedFd) -> io::Result<T> {
     let mut file = std::fs::File::from(fd);
     file.rewind()?;
     let mut json = Vec::new();

@@ -137,6 +137,7 @@ async fn run_daemon(
     )?;
     let fd_store = FdStore::from_env();
     if let Some(store) = &fd_store {
+        store.store_ids(&ids);
         for (name, fd) in handed_fds.listeners(&config) {
             store.store_listener(&name, fd);
         }

@@ -18,7 +18,7 @@ use std::{
 use common::{Path_, local, one_listener};
 use patroxy_tests::{
     backend::{Backend, Behaviour, Fnv, pattern},
-    config::{ProxyConfig, RuntimeConfig, StatsConfig},
+    config::{ListenerConfig, ProxyConfig, RuntimeConfig, ServerConfig, StatsConfig},
     daemon::Patroxy,
     ports::{free_tcp_port, wait_for_listen},
     postgres::{Postgres, PostgresOptions},
@@ -338,6 +338,123 @@ async fn sigkill_with_the_fd_store_keeps_established_sessions() {
     echo(&mut fresh, b"new client on the restored listener")
         .await
         .unwrap();
+    let _ = std::fs::remove_file(&config_path);
+}
+
+/// A crash after a structural reload: the restarted daemon goes on from the ids the reload's
+/// successor stored, not from a fresh numbering, so a resumed session's kernel entry (which
+/// names its backend by id) still means its server, and `patroxy sessions --config` names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_structural_reload_keeps_the_server_ids() {
+    if !Path_::Sockmap.available("a_crash_after_a_structural_reload_keeps_the_server_ids") {
+        return;
+    }
+    let (backend_a, backend_b) = (
+        Backend::start(Behaviour::Echo).await,
+        Backend::start(Behaviour::Echo).await,
+    );
+    let pin = Patroxy::unique_pin_path("fdstore-ids");
+    let stats = local(free_tcp_port());
+    let (write, read) = (local(free_tcp_port()), local(free_tcp_port()));
+    let base = one_listener(Path_::Sockmap, &pin, backend_a.addr).stats(StatsConfig::new(stats));
+    // "a" (id 1) behind the write listener, "b" (id 2) behind the read listener.
+    let mut both = base
+        .clone()
+        .server(ServerConfig::new("b", backend_b.addr))
+        .listener(ListenerConfig::new("postgres_read", read, ["b"]));
+    both.listeners[0].bind = write;
+    let mut only_read = both.clone();
+    only_read.listeners.remove(0);
+    only_read.servers.retain(|s| s.name == "b");
+    let config_path =
+        std::env::temp_dir().join(format!("patroxy-fdstore-ids-{}.toml", std::process::id()));
+    std::fs::write(&config_path, both.to_toml()).unwrap();
+    let manager = ServiceManager::start("fdstore-ids");
+    let first = manager.launch("patroxy-fdstore-ids-1", &config_path);
+    assert!(
+        wait_for_listen(read, Duration::from_secs(10)),
+        "log:\n{}",
+        first.log()
+    );
+    let url = format!("http://{stats}");
+    let first_pid = stats_pid(&url).expect("the first daemon's pid");
+
+    // Removing the write listener is structural: a successor takes over, "b" keeps id 2.
+    std::fs::write(&config_path, only_read.to_toml()).unwrap();
+    let reload = Command::new(patroxy_bin())
+        .args(["reload", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(
+        reload.status.success(),
+        "reload: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&reload.stdout),
+        String::from_utf8_lossy(&reload.stderr),
+        first.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let successor = loop {
+        match stats_pid(&url) {
+            Some(pid) if pid != first_pid => break pid,
+            _ if Instant::now() > deadline => panic!("no successor\n{}", first.log()),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let mut session = TcpStream::connect(read).await.unwrap();
+    echo(&mut session, b"to b, id 2").await.unwrap();
+    let session_names = |names: &[String]| names.iter().filter(|n| n.starts_with("s.")).count();
+    assert!(
+        manager.wait_for(Duration::from_secs(5), |n| session_names(n) == 2
+            && n.iter().any(|n| n == "ids")),
+        "stored: {:?}\nlog:\n{}",
+        manager.names(),
+        first.log()
+    );
+
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(successor as libc::pid_t, libc::SIGKILL) };
+    while std::path::Path::new(&format!("/proc/{successor}")).exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let restarted = manager.launch("patroxy-fdstore-ids-2", &config_path);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !restarted
+        .log()
+        .contains("sessions from the fd store resumed")
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        restarted.log().contains("resumed=1 of=1"),
+        "{}",
+        restarted.log()
+    );
+    echo(&mut session, b"still to b").await.unwrap();
+    let listed = Command::new(patroxy_bin())
+        .args(["sessions", "--json", "--pin-path"])
+        .arg(&pin)
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&listed.stdout),
+            String::from_utf8_lossy(&listed.stderr)
+        )
+    });
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    assert_eq!(
+        rows[0]["backend_id"],
+        2,
+        "the resumed session's id: {rows}\n{}",
+        restarted.log()
+    );
+    assert_eq!(rows[0]["server"], "b", "{rows}\n{}", restarted.log());
+    drop(restarted);
     let _ = std::fs::remove_file(&config_path);
 }
 

@@ -5,16 +5,17 @@ use anyhow::Context as _;
 use patroxy::{
     config::Config,
     dataplane::{
-        maps::{MAP_SESSIONS, OpenSessions},
+        maps::{MAP_BACKENDS, MAP_SESSIONS, OpenSessions, open_pinned},
         sock_diag,
         sockopt::monotonic_ns,
     },
-    server_ids::ServerIds,
-    stats::sessions,
+    stats::sessions::{self, BackendNames},
 };
+use patroxy_common::BackendEntry;
 
 /// Prints one line per open session, or a JSON array with `json`. With the daemon's config,
-/// listener and backend ids are shown as names.
+/// listener and backend ids are shown as names (matched through the pinned BACKENDS map, which
+/// says each id's listener and address).
 pub fn run(pin_dir: &Path, config: Option<&Config>, json: bool) -> anyhow::Result<()> {
     let open = OpenSessions::read(pin_dir).with_context(|| {
         format!(
@@ -23,12 +24,15 @@ pub fn run(pin_dir: &Path, config: Option<&Config>, json: bool) -> anyhow::Resul
         )
     })?;
     let sockets = sock_diag::tcp_sockets().context("reading the sockets' addresses (sock_diag)")?;
-    let rows = sessions::rows(
-        &open,
-        &sockets,
-        config.map(ServerIds::fresh).as_ref(),
-        monotonic_ns(),
-    );
+    let names = match config {
+        Some(config) => {
+            let backends = open_pinned::<u32, BackendEntry>(pin_dir, MAP_BACKENDS)
+                .with_context(|| format!("opening {}", pin_dir.join(MAP_BACKENDS).display()))?;
+            BackendNames::from_backends(config, backends.iter().filter_map(Result::ok))
+        }
+        None => BackendNames::default(),
+    };
+    let rows = sessions::rows(&open, &sockets, &names, monotonic_ns());
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

@@ -113,7 +113,7 @@ impl Commands {
         Ok(sessions::rows(
             &open,
             &sockets,
-            Some(self.source.server_ids()),
+            &sessions::BackendNames::of_ids(self.source.server_ids()),
             monotonic_ns(),
         ))
     }

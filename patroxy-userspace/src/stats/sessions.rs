@@ -4,13 +4,67 @@
 //! own address toward the server, whose port is the server's `pg_stat_activity.client_port`.
 use std::{collections::HashMap, net::SocketAddr};
 
+use patroxy_common::BackendEntry;
 use serde::Serialize;
 
 use super::text::columns;
 use crate::{
+    config::Config,
     dataplane::{maps::OpenSessions, sock_diag::SocketEnds},
     server_ids::ServerIds,
 };
+
+/// (listener, server) names by backend id: what the rows show instead of bare ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendNames(HashMap<u32, (String, String)>);
+
+impl BackendNames {
+    /// The running daemon's own ids.
+    pub fn of_ids(ids: &ServerIds) -> Self {
+        Self(
+            ids.backends()
+                .filter_map(|(_, id)| {
+                    let (listener, server) = ids.names(id)?;
+                    Some((id, (listener.to_owned(), server.to_owned())))
+                })
+                .collect(),
+        )
+    }
+
+    /// From outside the daemon: the BACKENDS map's entries (id -> listener index, address)
+    /// matched against `config`. Ids cannot be derived from the file alone: a structural
+    /// reload or a restart after one numbers servers differently from a fresh start. An IPv6
+    /// server (the entry holds no IPv6 address) is matched by listener and port when that
+    /// pair is unique; an entry matching nothing is shown by id.
+    pub fn from_backends(
+        config: &Config,
+        backends: impl IntoIterator<Item = (u32, BackendEntry)>,
+    ) -> Self {
+        let matches = |entry: &BackendEntry, address: SocketAddr| {
+            address.port() == entry.port
+                && match address {
+                    SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()) == entry.addr_v4,
+                    SocketAddr::V6(_) => entry.addr_v4 == 0,
+                }
+        };
+        let names = backends
+            .into_iter()
+            .filter_map(|(id, entry)| {
+                let listener = config.listeners.get(entry.listener as usize)?;
+                let mut servers = listener
+                    .servers
+                    .iter()
+                    .filter(|s| matches(&entry, s.address));
+                let server = servers.next()?;
+                if servers.next().is_some() {
+                    return None;
+                }
+                Some((id, (listener.name.clone(), server.name.clone())))
+            })
+            .collect();
+        Self(names)
+    }
+}
 
 /// One open session, by its client socket.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -38,21 +92,13 @@ pub struct SessionRow {
 pub fn rows(
     sessions: &OpenSessions,
     sockets: &HashMap<u64, SocketEnds>,
-    ids: Option<&ServerIds>,
+    names: &BackendNames,
     now_ns: u64,
 ) -> Vec<SessionRow> {
-    let names: HashMap<u32, (String, String)> = ids.map_or_else(HashMap::new, |ids| {
-        ids.backends()
-            .filter_map(|(_, id)| {
-                let (listener, server) = ids.names(id)?;
-                Some((id, (listener.to_owned(), server.to_owned())))
-            })
-            .collect()
-    });
     let mut rows: Vec<SessionRow> = sessions
         .clients()
         .map(|(cookie, e)| {
-            let (listener, server) = match names.get(&e.backend) {
+            let (listener, server) = match names.0.get(&e.backend) {
                 Some((l, s)) => (l.clone(), Some(s.clone())),
                 None => (e.listener.to_string(), None),
             };
@@ -123,6 +169,61 @@ fn addr(a: Option<SocketAddr>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::patroni::test_config::*;
+
+    #[test]
+    fn names_from_backends_follow_the_kernels_ids_not_the_file_order() {
+        let check = "127.0.0.1:8008".parse().unwrap();
+        let t = timing(100, 50, 100, 2, 3);
+        let at = |name, address: &str| {
+            let mut s = server(name, check, t);
+            s.address = address.parse().unwrap();
+            s
+        };
+        let config = config(
+            vec![
+                listener(
+                    "w",
+                    None,
+                    vec![at("a", "10.0.0.1:5432"), at("b", "10.0.0.2:5432")],
+                ),
+                listener(
+                    "v6",
+                    None,
+                    vec![at("c", "[fd00::3]:5432"), at("d", "[fd00::4]:5433")],
+                ),
+            ],
+            None,
+        );
+        let v4 = |ip: [u8; 4], listener| BackendEntry {
+            addr_v4: u32::from_ne_bytes(ip),
+            port: 5432,
+            listener,
+            ..Default::default()
+        };
+        let v6 = |port, listener| BackendEntry {
+            port,
+            listener,
+            ..Default::default()
+        };
+        // After a reload removed a server before "b", "b" is id 7, not 2.
+        let names = BackendNames::from_backends(
+            &config,
+            [
+                (7, v4([10, 0, 0, 2], 0)),
+                (9, v4([10, 0, 0, 9], 0)),
+                (11, v6(5433, 1)),
+                (12, v6(5432, 1)),
+                (13, v4([10, 0, 0, 1], 5)),
+            ],
+        );
+        let name = |id| names.0.get(&id).map(|(l, s)| (l.as_str(), s.as_str()));
+        assert_eq!(name(7), Some(("w", "b")));
+        assert_eq!(name(9), None, "an address no server of its listener has");
+        assert_eq!(name(11), Some(("v6", "d")), "IPv6: by listener and port");
+        assert_eq!(name(12), Some(("v6", "c")));
+        assert_eq!(name(13), None, "a listener index past the file's");
+    }
 
     #[test]
     fn table_names_servers_when_it_can() {

@@ -409,7 +409,10 @@ impl Takeover {
             // Not in the fd store: a stale socket file is replaced at start.
             runtime: None,
             health: restored.health,
-            carried: Carried::default(),
+            carried: Carried {
+                ids: restored.ids,
+                ..Carried::default()
+            },
         }
     }
 
