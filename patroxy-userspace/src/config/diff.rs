@@ -13,7 +13,10 @@
 //! and the running config stays as it was.
 use std::fmt::Debug;
 
-use super::model::{AllowRule, Config, Listener, ServerSpec};
+use super::{
+    admin_token::AdminToken,
+    model::{AllowRule, Config, Listener, ServerSpec},
+};
 
 /// What applying `new` over `old` changes, one line per changed setting.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -101,6 +104,7 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
             d.structural("stats.maxconn", &o.maxconn, &n.maxconn);
             d.change("stats.refresh", &o.refresh, &n.refresh);
             d.change("stats.admin", &o.admin, &n.admin);
+            d.admin_token(&o.admin_token, &n.admin_token);
         }
         (None, None) => {}
         (o, n) => d.structural("[stats]", &o.is_some(), &n.is_some()),
@@ -137,6 +141,22 @@ impl Differ {
         if old != new {
             self.changes.push(format!("{what}: {old:?} -> {new:?}"));
         }
+    }
+
+    /// The token is read at load, so a rotated token (same file, new contents) is a change
+    /// too; the line names the file, never the token.
+    fn admin_token(&mut self, old: &Option<AdminToken>, new: &Option<AdminToken>) {
+        if old == new {
+            return;
+        }
+        let path = |t: &Option<AdminToken>| t.as_ref().map(|t| t.path().to_owned());
+        let (old_path, new_path) = (path(old), path(new));
+        self.changes.push(match (&old_path, &new_path) {
+            (Some(p), Some(q)) if p == q => {
+                format!("stats.admin_auth_file: {} holds a new token", p.display())
+            }
+            _ => format!("stats.admin_auth_file: {old_path:?} -> {new_path:?}"),
+        });
     }
 
     fn structural<T: PartialEq + Debug>(&mut self, what: &str, old: &T, new: &T) {
@@ -272,7 +292,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::patroni::test_config::*;
+    use crate::{
+        config::model::{AdminAccess, Stats},
+        patroni::test_config::*,
+    };
 
     fn two_servers() -> Config {
         let a = "127.0.0.1:8008".parse().unwrap();
@@ -314,6 +337,47 @@ mod tests {
                  fastinter: 1s, downinter: 2s, fall: 3, rise: 2 }",
             ]
         );
+    }
+
+    #[test]
+    fn a_new_or_rotated_admin_token_is_applied_and_never_printed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("patroxy-diff-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = |name: &str, secret: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, secret).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Some(AdminToken::read(&path).unwrap())
+        };
+        let with = |admin_token| {
+            let mut c = two_servers();
+            c.stats = Some(Stats {
+                bind: "127.0.0.1:7000".parse().unwrap(),
+                refresh: Duration::from_secs(5),
+                admin: AdminAccess::Local,
+                maxconn: 16,
+                admin_token,
+            });
+            c
+        };
+        let first = with(token("a", "first-secret-token-0001"));
+        let rotated = with(token("a", "second-secret-token-002"));
+        let moved = with(token("b", "second-secret-token-002"));
+        let changes = |old: &Config, new: &Config| diff(old, new).unwrap().changes;
+        let a = dir.join("a").display().to_string();
+        assert_eq!(
+            changes(&first, &rotated),
+            [format!("stats.admin_auth_file: {a} holds a new token")]
+        );
+        let moved_lines = changes(&rotated, &moved);
+        assert_eq!(moved_lines.len(), 1, "{moved_lines:?}");
+        assert!(moved_lines[0].contains("/a\") -> Some(") && moved_lines[0].ends_with("/b\")"));
+        let dropped = changes(&moved, &with(None));
+        assert!(!dropped.join(" ").contains("secret"), "{dropped:?}");
+        assert_eq!(dropped.len(), 1, "{dropped:?}");
+        assert_eq!(diff(&moved, &moved.clone()), Ok(ConfigDiff::default()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
