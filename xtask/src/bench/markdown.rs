@@ -150,13 +150,13 @@ pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) ->
         plan.idle_hold.as_secs(),
         elapsed.as_secs_f64()
     ));
-    s.push_str(
-        "- setup: everything on loopback on the same machine (pgbench, psql, PostgreSQL and the proxy share the CPUs). \
-         PostgreSQL 127.0.0.1, fsync off, trust auth (so connection setup measures the proxy, not SCRAM), \
+    s.push_str(&format!(
+        "- setup: {}. PostgreSQL fsync off, trust auth (so connection setup measures the proxy, not SCRAM), \
          shared_buffers 512MB, max_connections 2100. Proxies: global maxconn 2000, retries 2, timeouts \
          connect 4s / client 30m / server 30m, one server without health check and without per-server maxconn; \
          patroxy logs at `warn`, HAProxy logs nothing.\n",
-    );
+        env.hosts
+    ));
     s.push_str(
         "- each cell is the median over the rounds; ratios are of medians. \"÷ direct\" and \"÷ haproxy\" \
          compare a proxy with the direct connection and with HAProxy.\n\n",

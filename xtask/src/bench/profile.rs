@@ -141,7 +141,7 @@ pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
     }
     bulk::drop_table(lab, &bulk_file)?;
     let mut md = markdown(&profiles, load.trim(), started.elapsed());
-    let path = out_dir.join("profile.md");
+    let path = out_dir.join(plan.file_name("profile", "md"));
     // The hand-written reading of the numbers survives a re-run.
     if let Ok(old) = std::fs::read_to_string(&path)
         && let Some(at) = old.find("\n## Analysis")
