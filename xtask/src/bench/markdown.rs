@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::environment::Environment;
 use super::plan::Plan;
-use super::results::{BPF, Better, DIRECT, FALLBACK, HAPROXY, Results, ratio};
+use super::results::{BPF, Better, DIRECT, FALLBACK, HAPROXY, Metric, Results, ratio};
 use super::workloads::{bulk, connect, idle, select};
 
 fn fmt(v: Option<f64>) -> String {
@@ -60,10 +60,15 @@ impl Goal {
     }
 }
 
+/// One metric's median for one case through target `a` ÷ through target `b`.
+fn median_ratio(r: &Results, metric: Metric, case: &str, a: usize, b: usize) -> Option<f64> {
+    let row = r.find(metric, case);
+    ratio(row.and_then(|x| x.median(a)), row.and_then(|x| x.median(b)))
+}
+
 fn goals(r: &Results) -> Vec<Goal> {
     let m = |metric, case: &str, t| r.find(metric, case).and_then(|row| row.median(t));
-    // One metric's median for one case through target `a` ÷ through target `b`.
-    let vs = |metric, case: &str, a, b| ratio(m(metric, case, a), m(metric, case, b));
+    let vs = |metric, case: &str, a, b| median_ratio(r, metric, case, a, b);
     let mut g = vec![
         Goal::at_least(
             "patroxy-bpf TPS at 8 clients ÷ direct ≥ 0.95",
@@ -126,10 +131,7 @@ fn goals(r: &Results) -> Vec<Goal> {
 /// The goals of issue 17 (a packet-level splice), which are measured on the namespace
 /// topology: what the sockmap path reaches today is the baseline for it.
 fn splice_goals(r: &Results) -> Vec<Goal> {
-    let vs = |metric, case: &str, a, b| {
-        let row = r.find(metric, case);
-        ratio(row.and_then(|x| x.median(a)), row.and_then(|x| x.median(b)))
-    };
+    let vs = |metric, case: &str, a, b| median_ratio(r, metric, case, a, b);
     vec![
         Goal::at_least(
             "pgbench -S TPS at 8 clients ÷ direct ≥ 0.95",
