@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: patroxy's two data paths against a direct connection and Debian's
-//! HAProxy, side by side on loopback (issue 6). It reports; it never fails on a number.
+//! HAProxy, side by side on loopback (issue 6) or, with `--netns`, on a client, a proxy and a
+//! server host of their own (issue 15). It reports; it never fails on a number.
 //!
-//! One PostgreSQL (fsync off, trust auth on loopback, max_connections > 2000) and three
+//! One PostgreSQL (fsync off, trust auth, max_connections > 2000) and three
 //! proxies in front of it, all started here and stopped when the bench ends:
 //! - `patroxy-bpf`: `bpf = "required"` (sockmap splice in the kernel),
 //! - `patroxy-fallback`: `bpf = "off"` (the userspace path),
