@@ -3,6 +3,7 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod fake_patroni;
+pub mod netns;
 pub mod pg_wire;
 pub mod pki;
 pub mod ports;

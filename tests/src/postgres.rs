@@ -57,6 +57,19 @@ pub struct PostgresOptions {
     pub fsync: bool,
     /// Extra `postgresql.conf` lines (e.g. `log_connections = on`).
     pub extra_conf: Vec<String>,
+    /// Run the server inside a network namespace instead of this host's.
+    pub netns: Option<InNamespace>,
+}
+
+/// A server inside a network namespace (the bench's server host): it listens on its
+/// namespace's 127.0.0.1 and on `listen`, and lets clients from `clients` in as it lets
+/// loopback ones in.
+#[derive(Clone, Debug)]
+pub struct InNamespace {
+    pub ns: String,
+    pub listen: Ipv4Addr,
+    /// A CIDR, e.g. `10.215.0.0/16`.
+    pub clients: String,
 }
 
 impl Default for PostgresOptions {
@@ -69,6 +82,7 @@ impl Default for PostgresOptions {
             auth: Auth::Scram,
             fsync: false,
             extra_conf: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -115,6 +129,17 @@ impl PostgresOptions {
         self.extra_conf.push(line.into());
         self
     }
+
+    /// Runs the server inside network namespace `ns`, also listening on `listen` there and
+    /// letting clients from `clients` (a CIDR) in.
+    pub fn in_netns(mut self, ns: &str, listen: Ipv4Addr, clients: &str) -> Self {
+        self.netns = Some(InNamespace {
+            ns: ns.to_owned(),
+            listen,
+            clients: clients.to_owned(),
+        });
+        self
+    }
 }
 
 /// What went wrong in the harness, with the command and its output when there was one.
@@ -155,6 +180,9 @@ pub struct Postgres {
     run_as: Option<(u32, u32)>,
     /// Set once the server was stopped, so Drop does not stop it again.
     stopped: bool,
+    /// The network namespace the server and [`Postgres::client`] commands run in, if not
+    /// this host's.
+    netns: Option<String>,
 }
 
 impl Postgres {
@@ -188,6 +216,7 @@ impl Postgres {
             password: opts.password.clone(),
             run_as,
             stopped: true,
+            netns: opts.netns.as_ref().map(|n| n.ns.clone()),
         };
         pg.initdb(&opts)?;
 
@@ -249,9 +278,13 @@ impl Postgres {
     }
 
     /// A client command (`psql`, `pgbench`, ...) from the server's bin dir with the password,
-    /// host 127.0.0.1, `port` and user `postgres` set in its environment.
+    /// host 127.0.0.1, `port` and user `postgres` set in its environment; inside the server's
+    /// namespace if it has one (so 127.0.0.1 is the server's loopback).
     pub fn client(&self, tool: &str, port: u16) -> Command {
         let mut cmd = Command::new(self.bin_dir.join(tool));
+        if let Some(ns) = &self.netns {
+            crate::netns::enter(&mut cmd, ns);
+        }
         cmd.env("PGPASSWORD", &self.password)
             .env("PGHOST", "127.0.0.1")
             .env("PGPORT", port.to_string())
@@ -363,6 +396,9 @@ impl Postgres {
                 .map(String::from),
             );
         }
+        if let Some(n) = &opts.netns {
+            conf.push(format!("listen_addresses = '127.0.0.1,{}'", n.listen));
+        }
         conf.extend(opts.extra_conf.iter().cloned());
         self.append_conf(&conf)?;
 
@@ -370,11 +406,14 @@ impl Postgres {
             Auth::Scram => "scram-sha-256",
             Auth::Trust => "trust",
         };
-        let hba = format!(
+        let mut hba = format!(
             "# Written by the patroxy test harness: loopback only.\n\
              local all all trust\n\
              host all all 127.0.0.1/32 {method}\n"
         );
+        if let Some(n) = &opts.netns {
+            hba.push_str(&format!("host all all {} {method}\n", n.clients));
+        }
         std::fs::write(self.data_dir().join("pg_hba.conf"), hba)?;
         Ok(())
     }
@@ -448,8 +487,31 @@ impl Postgres {
     fn as_server_user(&self, program: PathBuf) -> Command {
         let mut cmd = Command::new(program);
         cmd.current_dir(&self.dir).stdin(Stdio::null());
-        if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid).gid(gid);
+        match (&self.netns, self.run_as) {
+            (Some(ns), Some((uid, gid))) => {
+                crate::netns::enter(&mut cmd, ns);
+                // std switches the user before pre_exec hooks run, and setns needs root: the
+                // switch comes after entering the namespace instead.
+                // SAFETY: setgroups, setgid and setuid are async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::setgroups(0, std::ptr::null()) != 0
+                            || libc::setgid(gid) != 0
+                            || libc::setuid(uid) != 0
+                        {
+                            return Err(io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            (Some(ns), None) => {
+                crate::netns::enter(&mut cmd, ns);
+            }
+            (None, Some((uid, gid))) => {
+                cmd.uid(uid).gid(gid);
+            }
+            (None, None) => {}
         }
         cmd
     }

@@ -5,9 +5,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use patroxy_tests::netns;
 use patroxy_tests::ports::{free_tcp_port, is_listening, wait_for_listen};
 use patroxy_tests::postgres::{Postgres, PostgresOptions};
-use patroxy_tests::process::ChildGuard;
+use patroxy_tests::process::{ChildGuard, require_root};
 
 #[test]
 fn postgres_starts_answers_and_cleans_up() {
@@ -130,4 +131,77 @@ fn child_guard_escalates_to_sigkill() {
     let status = guard.stop().expect("stop");
     use std::os::unix::process::ExitStatusExt as _;
     assert_eq!(status.signal(), Some(libc::SIGKILL));
+}
+
+/// Namespaces of the test below, removed when it ends, however it ends.
+struct TestNamespaces;
+
+const NS_CLIENT: &str = "pxbt-cli";
+const NS_SERVER: &str = "pxbt-srv";
+
+impl Drop for TestNamespaces {
+    fn drop(&mut self) {
+        netns::remove(&[NS_CLIENT, NS_SERVER], &[]);
+    }
+}
+
+#[test]
+fn postgres_in_a_namespace_serves_a_client_in_another() {
+    if !require_root("postgres_in_a_namespace_serves_a_client_in_another") {
+        return;
+    }
+    netns::remove(&[NS_CLIENT, NS_SERVER], &[]);
+    let guard = TestNamespaces;
+    netns::add(NS_CLIENT).expect("client namespace");
+    netns::add(NS_SERVER).expect("server namespace");
+    netns::veth(
+        Some(NS_CLIENT),
+        "pxbt0",
+        "10.215.9.1/24",
+        NS_SERVER,
+        "pxbt1",
+        "10.215.9.2/24",
+    )
+    .expect("veth pair");
+    let server = Ipv4Addr::new(10, 215, 9, 2);
+    let pg = Postgres::start(PostgresOptions::default().trust().in_netns(
+        NS_SERVER,
+        server,
+        "10.215.9.0/24",
+    ));
+    // The harness's own psql runs inside the server's namespace, on its loopback.
+    assert_eq!(
+        pg.psql(pg.port(), "SHOW listen_addresses"),
+        "127.0.0.1,10.215.9.2"
+    );
+    // A client in the other namespace reaches it over the veth, and comes from there.
+    let mut psql = pg.client("psql", pg.port());
+    netns::enter(&mut psql, NS_CLIENT).args([
+        "-X",
+        "-At",
+        "-h",
+        "10.215.9.2",
+        "-c",
+        "SELECT inet_client_addr()",
+    ]);
+    let out = psql.output().expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql from {NS_CLIENT}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10.215.9.1");
+    // A thread inside the client's namespace sees the server's port; this one's namespace
+    // is unchanged (the server's loopback is not ours).
+    let addr = SocketAddr::from((server, pg.port()));
+    assert!(netns::within(NS_CLIENT, move || is_listening(addr)).expect("enter namespace"));
+    let own = SocketAddr::from((Ipv4Addr::LOCALHOST, pg.port()));
+    assert!(
+        !is_listening(own),
+        "the server's loopback port is open here"
+    );
+
+    drop(pg);
+    drop(guard);
+    assert!(!std::path::Path::new("/run/netns/pxbt-srv").exists());
 }

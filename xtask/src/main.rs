@@ -76,8 +76,9 @@ enum Cmd {
     /// Build (release) and install the binary, the systemd unit, the `patroxy` user and
     /// /etc/patroxy/patroxy.toml (never overwriting one); `--root DESTDIR` for files only.
     Install(install::InstallArgs),
-    /// Benchmark direct vs patroxy (sockmap, fallback) vs HAProxy on loopback; writes
-    /// bench/results.md and bench/ratios.png.
+    /// Benchmark direct vs patroxy (sockmap, fallback) vs HAProxy on loopback (or, with
+    /// --netns, on three network namespaces); writes bench/results.md and bench/ratios.png
+    /// (results-netns.md, ratios-netns.png).
     Bench(bench::BenchArgs),
     /// Measure failovers (switchover, kill -9, link down) through patroxy and HAProxy side
     /// by side on the test cluster; writes bench/failover.md.

@@ -120,7 +120,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                         let rss0 = rss_kib(pid);
                         // Growth from the first round's RSS (allocators keep freed memory).
                         let base = *rss_base.entry(i).or_insert(rss0);
-                        let (socks, _, _) = open_sessions(target.port, plan.idle_sessions);
+                        let (socks, _, _) = open_sessions(lab, target, plan.idle_sessions);
                         let open = socks.len();
                         std::thread::sleep(plan.idle_hold);
                         let rss1 = rss_kib(pid);

@@ -18,6 +18,8 @@ pub struct Environment {
     pub patroxy: String,
     /// /proc/loadavg when the bench started: other work on the machine skews every number.
     pub load: String,
+    /// Where the clients, the proxies and PostgreSQL ran.
+    pub hosts: &'static str,
 }
 
 impl Environment {
@@ -52,6 +54,7 @@ impl Environment {
         )
         .is_empty();
         Environment {
+            hosts: lab.hosts.describe(),
             load: std::fs::read_to_string("/proc/loadavg")
                 .unwrap_or_default()
                 .split_whitespace()

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::environment::Environment;
 use super::plan::Plan;
-use super::results::{BPF, Better, DIRECT, FALLBACK, HAPROXY, Results, ratio};
+use super::results::{BPF, Better, DIRECT, FALLBACK, HAPROXY, Metric, Results, ratio};
 use super::workloads::{bulk, connect, idle, select};
 
 fn fmt(v: Option<f64>) -> String {
@@ -60,10 +60,15 @@ impl Goal {
     }
 }
 
+/// One metric's median for one case through target `a` ÷ through target `b`.
+fn median_ratio(r: &Results, metric: Metric, case: &str, a: usize, b: usize) -> Option<f64> {
+    let row = r.find(metric, case);
+    ratio(row.and_then(|x| x.median(a)), row.and_then(|x| x.median(b)))
+}
+
 fn goals(r: &Results) -> Vec<Goal> {
     let m = |metric, case: &str, t| r.find(metric, case).and_then(|row| row.median(t));
-    // One metric's median for one case through target `a` ÷ through target `b`.
-    let vs = |metric, case: &str, a, b| ratio(m(metric, case, a), m(metric, case, b));
+    let vs = |metric, case: &str, a, b| median_ratio(r, metric, case, a, b);
     let mut g = vec![
         Goal::at_least(
             "patroxy-bpf TPS at 8 clients ÷ direct ≥ 0.95",
@@ -123,6 +128,54 @@ fn goals(r: &Results) -> Vec<Goal> {
     g
 }
 
+/// The goals of issue 17 (a packet-level splice), which are measured on the namespace
+/// topology: what the sockmap path reaches today is the baseline for it.
+fn splice_goals(r: &Results) -> Vec<Goal> {
+    let vs = |metric, case: &str, a, b| median_ratio(r, metric, case, a, b);
+    vec![
+        Goal::at_least(
+            "pgbench -S TPS at 8 clients ÷ direct ≥ 0.95",
+            vs(select::TPS, "-c 8", BPF, DIRECT),
+            0.95,
+        ),
+        Goal::at_most(
+            "round trip (latency avg) at 1 client ÷ direct ≤ 1.1",
+            vs(select::LATENCY, "-c 1", BPF, DIRECT),
+            1.1,
+        ),
+        Goal::at_least(
+            "COPY TO STDOUT ÷ direct ≥ 0.9",
+            vs(bulk::THROUGHPUT, "COPY TO", BPF, DIRECT),
+            0.9,
+        ),
+        Goal::at_least(
+            "COPY FROM STDIN ÷ direct ≥ 0.9",
+            vs(bulk::THROUGHPUT, "COPY FROM", BPF, DIRECT),
+            0.9,
+        ),
+        Goal::at_most(
+            "CPU/tx incl. softirq+kworker at 8 clients ÷ HAProxy's ≤ 0.2",
+            vs(select::PROXY_TOTAL, "-c 8", BPF, HAPROXY),
+            0.2,
+        ),
+    ]
+}
+
+fn goal_table(s: &mut String, title: &str, goals: &[Goal]) {
+    s.push_str(&format!(
+        "## {title}\n\n| goal | this run | met |\n|---|---|---|\n"
+    ));
+    for g in goals {
+        s.push_str(&format!(
+            "| {} | {} | {} |\n",
+            g.text,
+            fmt_ratio(g.value),
+            g.met()
+        ));
+    }
+    s.push('\n');
+}
+
 /// The whole report as Markdown.
 pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) -> String {
     let mut s = String::new();
@@ -150,28 +203,26 @@ pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) ->
         plan.idle_hold.as_secs(),
         elapsed.as_secs_f64()
     ));
-    s.push_str(
-        "- setup: everything on loopback on the same machine (pgbench, psql, PostgreSQL and the proxy share the CPUs). \
-         PostgreSQL 127.0.0.1, fsync off, trust auth (so connection setup measures the proxy, not SCRAM), \
+    s.push_str(&format!(
+        "- setup: {}. PostgreSQL fsync off, trust auth (so connection setup measures the proxy, not SCRAM), \
          shared_buffers 512MB, max_connections 2100. Proxies: global maxconn 2000, retries 2, timeouts \
          connect 4s / client 30m / server 30m, one server without health check and without per-server maxconn; \
          patroxy logs at `warn`, HAProxy logs nothing.\n",
-    );
+        env.hosts
+    ));
     s.push_str(
         "- each cell is the median over the rounds; ratios are of medians. \"÷ direct\" and \"÷ haproxy\" \
          compare a proxy with the direct connection and with HAProxy.\n\n",
     );
 
-    s.push_str("## Goals (issue 6)\n\n| goal | this run | met |\n|---|---|---|\n");
-    for g in goals(r) {
-        s.push_str(&format!(
-            "| {} | {} | {} |\n",
-            g.text,
-            fmt_ratio(g.value),
-            g.met()
-        ));
+    goal_table(&mut s, "Goals (issue 6)", &goals(r));
+    if plan.netns {
+        goal_table(
+            &mut s,
+            "Goals of issue 17 (packet-level splice), patroxy-bpf today",
+            &splice_goals(r),
+        );
     }
-    s.push('\n');
 
     // Sections in the order they were first measured, each with its rows in order.
     let mut sections: Vec<&str> = Vec::new();
@@ -215,9 +266,81 @@ pub fn render(r: &Results, plan: &Plan, env: &Environment, elapsed: Duration) ->
             fmt_ratio(ratio(med[2], med[3])),
         ));
     }
-    s.push_str(
+    s.push_str(&format!(
         "\n↑ higher is better, ↓ lower is better. Per-round samples are printed on the console while \
-         the bench runs.\n\nChart: `ratios.png` (top: throughput ÷ direct; bottom: cost ÷ HAProxy's).\n",
-    );
+         the bench runs.\n\nChart: `{}` (top: throughput ÷ direct; bottom: cost ÷ HAProxy's).\n",
+        plan.file_name("ratios", "png")
+    ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::render;
+    use crate::bench::environment::Environment;
+    use crate::bench::plan::{Plan, Workload};
+    use crate::bench::results::{BPF, DIRECT, HAPROXY, Results};
+    use crate::bench::workloads::select;
+
+    fn plan(netns: bool) -> Plan {
+        Plan {
+            quick: false,
+            rounds: 1,
+            duration: 1,
+            connect_duration: 1,
+            bulk_bytes: 1,
+            idle_sessions: 1,
+            idle_hold: Duration::ZERO,
+            clients: vec![1, 8],
+            scale: 1,
+            workloads: vec![Workload::Select],
+            netns,
+        }
+    }
+
+    fn env(hosts: &'static str) -> Environment {
+        let s = String::new;
+        Environment {
+            date: s(),
+            kernel: s(),
+            cpu: s(),
+            memory: s(),
+            postgres: s(),
+            haproxy: s(),
+            patroxy: s(),
+            load: s(),
+            hosts,
+        }
+    }
+
+    #[test]
+    fn the_namespace_report_names_its_topology_and_the_splice_goals() {
+        let mut r = Results::new();
+        r.add("-c 8", select::TPS, DIRECT, 1000.0);
+        r.add("-c 8", select::TPS, BPF, 960.0);
+        r.add("-c 8", select::TPS, HAPROXY, 800.0);
+        r.add("-c 1", select::LATENCY, DIRECT, 100.0);
+        r.add("-c 1", select::LATENCY, BPF, 150.0);
+
+        let md = render(&r, &plan(true), &env("three namespaces"), Duration::ZERO);
+        assert!(md.contains("- setup: three namespaces."), "{md}");
+        assert!(md.contains("Goals of issue 17"), "{md}");
+        assert!(
+            md.contains("| pgbench -S TPS at 8 clients ÷ direct ≥ 0.95 | 0.96 | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| round trip (latency avg) at 1 client ÷ direct ≤ 1.1 | 1.50 | **no** |"),
+            "{md}"
+        );
+        // Every ratio to direct and to HAProxy: bpf ÷ direct 0.96, bpf ÷ haproxy 1.20.
+        assert!(md.contains("| 0.96 |") && md.contains("| 1.20 |"), "{md}");
+        assert!(md.contains("`ratios-netns.png`"), "{md}");
+
+        let md = render(&r, &plan(false), &env("loopback"), Duration::ZERO);
+        assert!(!md.contains("issue 17"), "{md}");
+        assert!(md.contains("`ratios.png`"), "{md}");
+    }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: patroxy's two data paths against a direct connection and Debian's
-//! HAProxy, side by side on loopback (issue 6). It reports; it never fails on a number.
+//! HAProxy, side by side on loopback (issue 6) or, with `--netns`, on a client, a proxy and a
+//! server host of their own (issue 15). It reports; it never fails on a number.
 //!
-//! One PostgreSQL (fsync off, trust auth on loopback, max_connections > 2000) and three
+//! One PostgreSQL (fsync off, trust auth, max_connections > 2000) and three
 //! proxies in front of it, all started here and stopped when the bench ends:
 //! - `patroxy-bpf`: `bpf = "required"` (sockmap splice in the kernel),
 //! - `patroxy-fallback`: `bpf = "off"` (the userspace path),
@@ -18,7 +19,9 @@
 //! (one file per workload), `pgbench.rs` and `procfs.rs` (what the workloads run and read),
 //! `results.rs` (samples, medians, ratios), `environment.rs`, `markdown.rs` and `chart.rs`
 //! (`bench/results.md`, `bench/ratios.png`), `ab.rs` (`--ab`), `profile.rs` (`--profile`),
-//! `xdp.rs` (`--xdp`: the XDP allowlist's cost and drop rate, on namespaces of its own).
+//! `xdp.rs` (`--xdp`: the XDP allowlist's cost and drop rate, on namespaces of its own),
+//! `topology.rs` (`--netns`: client, proxy and server on hosts of their own, namespaces
+//! joined by veths, instead of loopback; every mode but `--xdp` runs on either).
 //! Imports go one way: no file here uses `mod.rs`.
 
 mod ab;
@@ -31,12 +34,13 @@ mod plan;
 mod procfs;
 mod profile;
 mod results;
+mod topology;
 mod workloads;
 mod xdp;
 
 pub use plan::BenchArgs;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -45,8 +49,8 @@ use anyhow::{Context as _, Result, bail};
 use patroxy_tests::config::{
     Bpf, DefaultServer, HaproxyLog, ListenerConfig, ProxyConfig, ServerConfig,
 };
-use patroxy_tests::ports::{free_tcp_port, wait_for_listen};
-use patroxy_tests::postgres::{Postgres, PostgresOptions};
+use patroxy_tests::ports::free_tcp_port;
+use patroxy_tests::postgres::{Postgres, PostgresOptions, run_checked};
 use patroxy_tests::process::ChildGuard;
 
 use crate::cargo::{build_patroxy, patroxy_path, workspace_root};
@@ -55,6 +59,7 @@ use environment::Environment;
 use lab::{Lab, Target};
 use plan::{Plan, Workload};
 use results::Results;
+use topology::{Hosts, Namespaces};
 
 fn pin_path(kind: &str) -> PathBuf {
     PathBuf::from(format!(
@@ -63,32 +68,24 @@ fn pin_path(kind: &str) -> PathBuf {
     ))
 }
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
 /// Both proxies' config: the seed's globals and defaults, one listener, one server without a
 /// health check (so it is always up, and none of the seed's check timing applies) and without
 /// a per-server maxconn (the seed's 200 per server would queue the 2000 idle sessions on one
 /// server).
-fn bench_config(bind: u16, pg_port: u16) -> ProxyConfig {
+fn bench_config(bind: SocketAddr, pg: SocketAddr) -> ProxyConfig {
     ProxyConfig {
         default_server: DefaultServer::default(),
         ..ProxyConfig::seed()
     }
-    .server(ServerConfig::new("pg-bench", local(pg_port)))
-    .listener(ListenerConfig::new(
-        "postgres_write",
-        local(bind),
-        ["pg-bench"],
-    ))
+    .server(ServerConfig::new("pg-bench", pg))
+    .listener(ListenerConfig::new("postgres_write", bind, ["pg-bench"]))
 }
 
 /// patroxy's config for one data path: [`bench_config`] with `bpf` ("required" or "off") and
 /// its maps pinned at `pin`.
-fn patroxy_toml(bpf: &str, pin: &Path, bind: u16, pg_port: u16) -> Result<String> {
+fn patroxy_toml(bpf: &str, pin: &Path, bind: SocketAddr, pg: SocketAddr) -> Result<String> {
     let bpf: Bpf = bpf.parse().map_err(anyhow::Error::msg)?;
-    let config = bench_config(bind, pg_port).data_path(bpf, pin);
+    let config = bench_config(bind, pg).data_path(bpf, pin);
     Ok(format!(
         "# Written by `cargo xtask bench`.\n{}",
         config.to_toml()
@@ -96,10 +93,10 @@ fn patroxy_toml(bpf: &str, pin: &Path, bind: u16, pg_port: u16) -> Result<String
 }
 
 /// HAProxy's config: [`bench_config`], no logging, no stats page.
-fn haproxy_cfg(bind: u16, pg_port: u16) -> String {
+fn haproxy_cfg(bind: SocketAddr, pg: SocketAddr) -> String {
     format!(
         "# Written by `cargo xtask bench`: the seed's settings (reference/haproxy.cfg), one server.\n{}",
-        bench_config(bind, pg_port).to_haproxy_cfg(HaproxyLog::Off)
+        bench_config(bind, pg).to_haproxy_cfg(HaproxyLog::Off)
     )
 }
 
@@ -175,23 +172,32 @@ impl Variant {
     }
 }
 
-fn start_lab(variants: &[Variant], haproxy: bool) -> Result<Lab> {
+fn start_lab(variants: &[Variant], haproxy: bool, netns: bool) -> Result<Lab> {
     let work_dir = std::env::temp_dir().join(format!("patroxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir)?;
+    let hosts = if netns {
+        println!("bench: creating the namespaces pxb-cli, pxb-prx, pxb-srv (10.215.1-2.0/24)");
+        Hosts::Namespaces(Namespaces::up().context("creating the bench's namespaces")?)
+    } else {
+        Hosts::Loopback
+    };
 
-    println!("bench: starting PostgreSQL (fsync off, trust on loopback, max_connections 2100)");
-    let pg = Postgres::try_start(
-        PostgresOptions::default()
-            .trust()
-            .max_connections(2100)
-            .conf("shared_buffers = 512MB")
-            .conf("max_wal_size = 4GB")
-            .conf("checkpoint_timeout = 30min"),
-    )
-    .map_err(|e| anyhow::anyhow!("starting PostgreSQL: {e}"))?;
+    println!("bench: starting PostgreSQL (fsync off, trust auth, max_connections 2100)");
+    let mut options = PostgresOptions::default()
+        .trust()
+        .max_connections(2100)
+        .conf("shared_buffers = 512MB")
+        .conf("max_wal_size = 4GB")
+        .conf("checkpoint_timeout = 30min");
+    if let Some((ns, addr, clients)) = hosts.server_ns() {
+        options = options.in_netns(ns, addr, clients);
+    }
+    let pg =
+        Postgres::try_start(options).map_err(|e| anyhow::anyhow!("starting PostgreSQL: {e}"))?;
     Ok(Lab {
         targets: vec![Target {
             name: "direct",
+            host: hosts.server(),
             port: pg.port(),
             pid: None,
         }],
@@ -199,6 +205,7 @@ fn start_lab(variants: &[Variant], haproxy: bool) -> Result<Lab> {
         _children: Vec::new(),
         work_dir,
         pins: Vec::new(),
+        hosts,
     })
     .and_then(|mut lab| {
         for v in variants {
@@ -213,14 +220,47 @@ fn start_lab(variants: &[Variant], haproxy: bool) -> Result<Lab> {
 }
 
 impl Lab {
+    /// PostgreSQL's address as the proxies reach it.
+    fn pg_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.hosts.server(), self.pg.port())
+    }
+
+    /// Starts `cmd` on the proxy host and waits until it listens on `bind`.
+    fn spawn_proxy(
+        &mut self,
+        name: &'static str,
+        cmd: &mut Command,
+        bind: SocketAddr,
+    ) -> Result<()> {
+        if let Some(ns) = self.hosts.proxy_ns() {
+            patroxy_tests::netns::enter(cmd, ns);
+        }
+        let mut child = ChildGuard::spawn(name, cmd)?;
+        if !self.hosts.wait_for_proxy(bind, Duration::from_secs(15))? {
+            let status = child.try_wait().ok().flatten();
+            bail!(
+                "{name} did not listen on {bind} (exit {status:?}); log:\n{}",
+                child.log()
+            );
+        }
+        self.targets.push(Target {
+            name,
+            host: bind.ip(),
+            port: bind.port(),
+            pid: Some(child.id()),
+        });
+        self._children.push(child);
+        Ok(())
+    }
+
     fn spawn_patroxy(&mut self, v: &Variant) -> Result<()> {
         let name = v.name;
-        let port = free_tcp_port();
+        let bind = SocketAddr::new(self.hosts.proxy(), free_tcp_port());
         let pin = pin_path(name);
         let _ = std::fs::remove_dir_all(&pin);
         self.pins.push(pin.clone());
         let cfg = self.work_dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, patroxy_toml(v.bpf, &pin, port, self.pg.port())?)?;
+        std::fs::write(&cfg, patroxy_toml(v.bpf, &pin, bind, self.pg_addr())?)?;
         let mut cmd = Command::new(&v.bin);
         cmd.arg("run")
             .arg("--config")
@@ -230,61 +270,42 @@ impl Lab {
             // Per-session logging would be part of what is measured; warnings only.
             .env("PATROXY_LOG", "warn")
             .envs(v.env.iter().map(|(k, val)| (k, val)));
-        let mut child = ChildGuard::spawn(name, &mut cmd)?;
-        if !wait_for_listen(local(port), Duration::from_secs(15)) {
-            let status = child.try_wait().ok().flatten();
-            bail!(
-                "{name} did not listen on 127.0.0.1:{port} (exit {status:?}); log:\n{}",
-                child.log()
-            );
-        }
-        self.targets.push(Target {
-            name,
-            port,
-            pid: Some(child.id()),
-        });
-        self._children.push(child);
-        Ok(())
+        self.spawn_proxy(name, &mut cmd, bind)
     }
 
     fn spawn_haproxy(&mut self) -> Result<()> {
         let haproxy = crate::command::find_on_path("haproxy")
             .context("haproxy is not installed (apt-get install haproxy; `cargo xtask setup`)")?;
-        let port = free_tcp_port();
+        let bind = SocketAddr::new(self.hosts.proxy(), free_tcp_port());
         let cfg = self.work_dir.join("haproxy.cfg");
-        std::fs::write(&cfg, haproxy_cfg(port, self.pg.port()))?;
+        std::fs::write(&cfg, haproxy_cfg(bind, self.pg_addr()))?;
         let mut cmd = Command::new(haproxy);
         cmd.arg("-db").arg("-f").arg(&cfg);
-        let mut child = ChildGuard::spawn("haproxy", &mut cmd)?;
-        if !wait_for_listen(local(port), Duration::from_secs(15)) {
-            let status = child.try_wait().ok().flatten();
-            bail!(
-                "haproxy did not listen on 127.0.0.1:{port} (exit {status:?}); log:\n{}",
-                child.log()
-            );
-        }
-        self.targets.push(Target {
-            name: "haproxy",
-            port,
-            pid: Some(child.id()),
-        });
-        self._children.push(child);
-        Ok(())
+        self.spawn_proxy("haproxy", &mut cmd, bind)
     }
 
     fn check_targets(&self) -> Result<()> {
         for t in &self.targets {
-            let out = self
-                .pg
-                .try_psql(t.port, "select 1")
+            let mut psql = self.client("psql", t);
+            psql.args([
+                "-X",
+                "-At",
+                "-h",
+                &t.host.to_string(),
+                "-p",
+                &t.port.to_string(),
+            ])
+            .args(["-U", "postgres", "-d", "postgres", "-c", "select 1"]);
+            let out = run_checked(&mut psql, Duration::from_secs(60))
                 .map_err(|e| anyhow::anyhow!("psql through {}: {e}", t.name))?;
-            if out != "1" {
+            let out = String::from_utf8_lossy(&out.stdout);
+            if out.trim() != "1" {
                 bail!("psql through {} returned {out:?}", t.name);
             }
             println!(
-                "bench: {:<17} 127.0.0.1:{:<5} {}",
+                "bench: {:<17} {:<21} {}",
                 t.name,
-                t.port,
+                SocketAddr::new(t.host, t.port),
                 t.pid.map(|p| format!("pid {p}")).unwrap_or_default()
             );
         }
@@ -337,12 +358,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .filter(|s| s.as_str() != "haproxy")
             .map(|s| Variant::parse(s, &bin))
             .collect::<Result<Vec<_>>>()?;
-        let lab = start_lab(&variants, args.ab.iter().any(|s| s == "haproxy"))?;
+        let lab = start_lab(
+            &variants,
+            args.ab.iter().any(|s| s == "haproxy"),
+            plan.netns,
+        )?;
         lab.pg.pgbench_init(lab.pg.port(), plan.scale);
         workloads::warm_up(&lab)?;
         return ab::run(&lab, &plan);
     }
-    let lab = start_lab(&Variant::standard(&bin), true)?;
+    let lab = start_lab(&Variant::standard(&bin), true, plan.netns)?;
     println!(
         "bench: pgbench -i -s {} on port {}",
         plan.scale,
@@ -371,10 +396,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 
     let md = markdown::render(&results, &plan, &env, elapsed);
     println!("\n{md}");
-    let md_path = out_dir.join("results.md");
+    let md_path = out_dir.join(plan.file_name("results", "md"));
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     println!("bench: wrote {}", md_path.display());
-    let png = out_dir.join("ratios.png");
+    let png = out_dir.join(plan.file_name("ratios", "png"));
     match chart::draw(&results, &png) {
         Ok(()) => println!("bench: wrote {}", png.display()),
         Err(e) => eprintln!("bench: no chart ({e:#})"),

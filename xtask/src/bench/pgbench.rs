@@ -34,10 +34,10 @@ fn parse_pgbench(out: &str) -> Option<PgbenchOut> {
 
 /// Runs pgbench with `args` through `t` against the `postgres` database.
 pub fn run(lab: &Lab, t: &Target, args: &[String], timeout: Duration) -> Result<PgbenchOut> {
-    let mut cmd = lab.pg.client("pgbench", t.port);
+    let mut cmd = lab.client("pgbench", t);
     cmd.args([
         "-h",
-        "127.0.0.1",
+        &t.host.to_string(),
         "-p",
         &t.port.to_string(),
         "-U",

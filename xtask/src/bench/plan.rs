@@ -63,6 +63,13 @@ pub struct BenchArgs {
     /// meaning on one core. Writes bench/xdp.md.
     #[arg(long, conflicts_with_all = ["ab", "profile"])]
     pub xdp: bool,
+    /// Run on three hosts instead of loopback: client (pgbench, psql), proxy (patroxy,
+    /// HAProxy; it routes, so direct passes it too) and server (PostgreSQL), network namespaces
+    /// joined by two veth pairs (pxb-cli, pxb-prx, pxb-srv; 10.215.1-2.0/24), created here and
+    /// removed at the end. Applies to the default run, --ab and --profile; the reports are
+    /// written as results-netns.md, ratios-netns.png, profile-netns.md.
+    #[arg(long, conflicts_with = "xdp")]
+    pub netns: bool,
 }
 
 /// The settings one run uses, with the defaults and --quick applied.
@@ -78,6 +85,8 @@ pub struct Plan {
     pub clients: Vec<u32>,
     pub scale: u32,
     pub workloads: Vec<Workload>,
+    /// On the namespace topology (`--netns`) rather than loopback.
+    pub netns: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +141,17 @@ impl Plan {
             clients: a.clients.clone(),
             scale: a.scale.max(1),
             workloads,
+            netns: a.netns,
         })
+    }
+
+    /// A report's file name: `stem.ext`, or `stem-netns.ext` on the namespace topology (so
+    /// one run does not overwrite the other's report).
+    pub fn file_name(&self, stem: &str, ext: &str) -> String {
+        if self.netns {
+            format!("{stem}-netns.{ext}")
+        } else {
+            format!("{stem}.{ext}")
+        }
     }
 }

@@ -43,6 +43,11 @@ const MARKERS: &[(&str, &str)] = &[
     ("__skb_send_sock", "… of which skb_send_sock → tcp send"),
     ("tcp_sendmsg_locked", "TCP send path (all senders)"),
     ("tcp_v4_rcv", "TCP receive path"),
+    (
+        "ip_forward",
+        "IP forwarding (`--netns`: direct's path through the proxy host)",
+    ),
+    ("veth_xmit", "veth transmit (`--netns`)"),
     ("__schedule", "context switches"),
     ("try_to_wake_up", "wakeups"),
     ("do_epoll_wait", "epoll_wait"),
@@ -140,8 +145,13 @@ pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
         }
     }
     bulk::drop_table(lab, &bulk_file)?;
-    let mut md = markdown(&profiles, load.trim(), started.elapsed());
-    let path = out_dir.join("profile.md");
+    let mut md = markdown(
+        &profiles,
+        load.trim(),
+        lab.hosts.describe(),
+        started.elapsed(),
+    );
+    let path = out_dir.join(plan.file_name("profile", "md"));
     // The hand-written reading of the numbers survives a re-run.
     if let Ok(old) = std::fs::read_to_string(&path)
         && let Some(at) = old.find("\n## Analysis")
@@ -328,7 +338,7 @@ const GROUP_ORDER: &[&str] = &[
     "other",
 ];
 
-fn markdown(profiles: &[Profile], load: &str, elapsed: Duration) -> String {
+fn markdown(profiles: &[Profile], load: &str, hosts: &str, elapsed: Duration) -> String {
     let ms_per_sample = 1000.0 / FREQ as f64;
     let mut s = String::new();
     let _ = writeln!(
@@ -337,7 +347,8 @@ fn markdown(profiles: &[Profile], load: &str, elapsed: Duration) -> String {
          Written by `cargo xtask bench --profile` ({:.0} s). `perf record -a -g -F {FREQ}` \
          (cpu-clock, every CPU) and `perf stat -a` around each run; samples classified by \
          callchain. Load average at the start: {load}. Everything else running on the machine \
-         lands in `other` and inflates `softirq`/`kworker: other` only if it does networking.\n",
+         lands in `other` and inflates `softirq`/`kworker: other` only if it does networking.\n\n\
+         Where: {hosts}.\n",
         elapsed.as_secs_f64()
     );
     let mut cases: Vec<&str> = Vec::new();

@@ -26,6 +26,7 @@ use patroxy_tests::{
         AllowConfig, Bpf, Defaults, ListenerConfig, PortRef, ProxyConfig, ServerConfig,
         StatsConfig, XdpConfig,
     },
+    netns,
     ports::{free_tcp_port, wait_for_listen},
     postgres::{Postgres, PostgresOptions, run_with_timeout},
     process::ChildGuard,
@@ -71,19 +72,6 @@ pub struct XdpPlan {
     pub scale: u32,
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10))
-        .map_err(|e| anyhow::anyhow!("ip {}: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// The namespaces and veths, and the nftables table; removed on drop.
 struct Net;
 
@@ -91,23 +79,15 @@ impl Net {
     fn up() -> Result<Net> {
         down();
         for h in HOSTS {
-            ip(&["netns", "add", h.ns])?;
-            ip(&[
-                "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns,
-            ])?;
-            ip(&["addr", "add", &format!("{}/24", h.host), "dev", h.veth])?;
-            ip(&["link", "set", h.veth, "up"])?;
-            ip(&[
-                "-n",
+            netns::add(h.ns)?;
+            netns::veth(
+                None,
+                h.veth,
+                &format!("{}/24", h.host),
                 h.ns,
-                "addr",
-                "add",
-                &format!("{}/24", h.client),
-                "dev",
                 "eth0",
-            ])?;
-            ip(&["-n", h.ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", h.ns, "link", "set", "lo", "up"])?;
+                &format!("{}/24", h.client),
+            )?;
         }
         Ok(Net)
     }
@@ -124,13 +104,7 @@ fn down() {
         .args(["delete", "table", "inet", NFT_TABLE])
         .stderr(Stdio::null())
         .status();
-    for h in HOSTS {
-        // Quiet: most runs find nothing to remove.
-        let _ = Command::new("ip").args(["netns", "del", h.ns]).output();
-        if Path::new(&format!("/sys/class/net/{}", h.veth)).exists() {
-            let _ = Command::new("ip").args(["link", "del", h.veth]).output();
-        }
-    }
+    netns::remove(&HOSTS.map(|h| h.ns), &HOSTS.map(|h| h.veth));
 }
 
 fn config(pg: &Postgres, pin: &Path, port: u16, stats: u16, xdp: bool) -> ProxyConfig {

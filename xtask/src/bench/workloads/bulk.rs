@@ -27,14 +27,14 @@ pub fn psql_timed(
     sql: &str,
     stdin: Option<&std::path::Path>,
 ) -> Result<Duration> {
-    let mut cmd = lab.pg.client("psql", t.port);
+    let mut cmd = lab.client("psql", t);
     cmd.args([
         "-X",
         "-q",
         "-v",
         "ON_ERROR_STOP=1",
         "-h",
-        "127.0.0.1",
+        &t.host.to_string(),
         "-p",
         &t.port.to_string(),
     ])

@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::bench::lab::Lab;
+use patroxy_tests::netns;
+
+use crate::bench::lab::{Lab, Target};
 use crate::bench::plan::Plan;
 use crate::bench::procfs::{Counters, delta, meminfo_kib, rss_kib};
 use crate::bench::results::{Metric, Results};
@@ -49,8 +51,8 @@ fn startup_message() -> Vec<u8> {
 }
 
 /// Connects, sends the StartupMessage and reads until ReadyForQuery (trust auth).
-fn open_session(port: u16) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+fn open_session(addr: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.write_all(&startup_message())?;
     loop {
@@ -67,8 +69,20 @@ fn open_session(port: u16) -> Result<TcpStream> {
     }
 }
 
-/// Opens `n` sessions through `port` with 4 threads.
-pub fn open_sessions(port: u16, n: u32) -> (Vec<TcpStream>, u32, Option<String>) {
+/// Opens `n` sessions through `t` from the client host: (the sessions, how many failed, the
+/// first failure).
+pub fn open_sessions(lab: &Lab, t: &Target, n: u32) -> (Vec<TcpStream>, u32, Option<String>) {
+    let addr = SocketAddr::new(t.host, t.port);
+    match lab.hosts.client_ns() {
+        None => open_sessions_from_here(addr, n),
+        // The threads it starts inherit the namespace of the thread that starts them.
+        Some(ns) => netns::within(ns, move || open_sessions_from_here(addr, n))
+            .unwrap_or_else(|e| (Vec::new(), n, Some(format!("entering {ns}: {e}")))),
+    }
+}
+
+/// Opens `n` sessions to `addr` with 4 threads.
+fn open_sessions_from_here(addr: SocketAddr, n: u32) -> (Vec<TcpStream>, u32, Option<String>) {
     let threads = 4;
     let handles: Vec<_> = (0..threads)
         .map(|k| {
@@ -78,7 +92,7 @@ pub fn open_sessions(port: u16, n: u32) -> (Vec<TcpStream>, u32, Option<String>)
                 let mut failed = 0;
                 let mut first_err = None;
                 for _ in 0..count {
-                    match open_session(port) {
+                    match open_session(addr) {
                         Ok(s) => ok.push(s),
                         Err(e) => {
                             failed += 1;
@@ -148,7 +162,7 @@ pub fn run(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
             let slab0 = meminfo_kib("Slab");
             let a = Counters::take(t.pid);
             let start = Instant::now();
-            let (sessions, failed, err) = open_sessions(t.port, n);
+            let (sessions, failed, err) = open_sessions(lab, t, n);
             let open_s = start.elapsed().as_secs_f64();
             std::thread::sleep(Duration::from_secs(1));
             let rss1 = t.pid.map(rss_kib).unwrap_or(0);

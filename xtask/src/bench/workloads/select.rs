@@ -14,7 +14,7 @@ use crate::bench::results::{Metric, Results};
 // and the chart too.
 const SECTION: &str = "1. select-only (pgbench -S)";
 pub const TPS: Metric = Metric::higher(SECTION, "TPS", "tx/s");
-const LATENCY: Metric = Metric::lower(SECTION, "latency avg", "us");
+pub const LATENCY: Metric = Metric::lower(SECTION, "latency avg", "us");
 pub const LATENCY_ADDED: Metric = Metric::lower(SECTION, "latency added over direct", "us");
 
 // Workload 5 (the CPU of workload 1's runs) has its own section.
