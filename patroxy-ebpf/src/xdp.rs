@@ -18,7 +18,7 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -75,7 +75,12 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-#[xdp]
+/// `frags`: the program handles multi-buffer packets (BPF_F_XDP_HAS_FRAGS), so attaching it does
+/// not make the driver shrink the MTU to one page, and veth keeps its peer's segmentation
+/// offloads (a program without it makes veth turn TSO/GSO off on the peer, see the README's
+/// Measured section). Only the first buffer is in `data..data_end`; `read` falls back to
+/// `bpf_xdp_load_bytes` for headers that continue past it.
+#[xdp(frags)]
 pub fn patroxy_xdp(ctx: XdpContext) -> u32 {
     try_xdp(&ctx).unwrap_or(XDP_PASS)
 }
@@ -278,10 +283,21 @@ fn take_syn_token(source: &SynSource) -> bool {
 fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return None;
+    if start + offset + core::mem::size_of::<T>() <= end {
+        return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
     }
-    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    // Past the first buffer of a multi-buffer packet (or past the end of the packet, which the
+    // helper reports as an error).
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    let copied = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            offset as u32,
+            value.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+        )
+    };
+    (copied == 0).then(|| unsafe { value.assume_init() })
 }
 
 #[cfg(not(test))]
