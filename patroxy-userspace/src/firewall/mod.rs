@@ -6,6 +6,7 @@
 //! - `attach`: one interface's attachment, a pinned bpf_link a crash leaves behind and the
 //!   next start replaces.
 //! - `counters`: the per-CPU counters read from the pins, for the stats and bpftool users.
+//! - `driver`: an interface's driver, which decides the mode `auto` attaches in.
 //!
 //! Everything is pinned under `<pin_path>/xdp`, a directory claimed like the data path's
 //! (`dataplane::pin_dir`); dropping the [`Firewall`] detaches the program from every interface
@@ -14,6 +15,7 @@
 //! interfaces stay filtered throughout.
 mod attach;
 pub mod counters;
+mod driver;
 pub mod entries;
 
 use std::{
