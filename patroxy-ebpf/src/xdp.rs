@@ -18,7 +18,7 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -75,9 +75,21 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-#[xdp]
+/// `frags`: the program handles multi-buffer packets (BPF_F_XDP_HAS_FRAGS), so a driver lets
+/// it attach where the MTU exceeds a page (a single-buffer program is refused there). veth
+/// turns its peer's segmentation offloads off either way (the README's Measured section). Only
+/// the first buffer is in `data..data_end`; `read` falls back to `bpf_xdp_load_bytes` for
+/// headers that continue past it.
+#[xdp(frags)]
 pub fn patroxy_xdp(ctx: XdpContext) -> u32 {
-    try_xdp(&ctx).unwrap_or(XDP_PASS)
+    try_xdp::<true>(&ctx).unwrap_or(XDP_PASS)
+}
+
+/// The same allowlist for kernels before 5.18, which know neither BPF_F_XDP_HAS_FRAGS nor
+/// `bpf_xdp_load_bytes`: userspace loads it when `patroxy_xdp` is refused.
+#[xdp]
+pub fn patroxy_xdp_single_buffer(ctx: XdpContext) -> u32 {
+    try_xdp::<false>(&ctx).unwrap_or(XDP_PASS)
 }
 
 /// The TCP header's fields the verdict needs.
@@ -88,35 +100,35 @@ struct Tcp {
 
 /// `None` = not a packet this program judges (it passes).
 #[inline(always)]
-fn try_xdp(ctx: &XdpContext) -> Option<u32> {
+fn try_xdp<const FRAGS: bool>(ctx: &XdpContext) -> Option<u32> {
     let mut offset = ETH_HLEN;
-    let mut ethertype = u16::from_be(read::<u16>(ctx, 12)?);
+    let mut ethertype = u16::from_be(read::<u16, FRAGS>(ctx, 12)?);
     // One VLAN tag (802.1Q or QinQ's outer): the allowlist applies to tagged frames too.
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = u16::from_be(read::<u16>(ctx, offset + 2)?);
+        ethertype = u16::from_be(read::<u16, FRAGS>(ctx, offset + 2)?);
         offset += 4;
     }
     match ethertype {
-        ETH_P_IP => ipv4(ctx, offset),
-        ETH_P_IPV6 => ipv6(ctx, offset),
+        ETH_P_IP => ipv4::<FRAGS>(ctx, offset),
+        ETH_P_IPV6 => ipv6::<FRAGS>(ctx, offset),
         _ => None,
     }
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, ip: usize) -> Option<u32> {
-    let [version_ihl, _] = read::<[u8; 2]>(ctx, ip)?;
-    let [_, protocol] = read::<[u8; 2]>(ctx, ip + 8)?;
+fn ipv4<const FRAGS: bool>(ctx: &XdpContext, ip: usize) -> Option<u32> {
+    let [version_ihl, _] = read::<[u8; 2], FRAGS>(ctx, ip)?;
+    let [_, protocol] = read::<[u8; 2], FRAGS>(ctx, ip + 8)?;
     if protocol != IPPROTO_TCP {
         return None;
     }
     // A fragment after the first has no TCP header.
-    let frag = u16::from_be(read::<u16>(ctx, ip + 6)?);
+    let frag = u16::from_be(read::<u16, FRAGS>(ctx, ip + 6)?);
     if frag & 0x1fff != 0 {
         return None;
     }
-    let src = read::<[u8; 4]>(ctx, ip + 12)?;
-    let tcp = tcp(ctx, ip + usize::from(version_ihl & 0x0f) * 4)?;
+    let src = read::<[u8; 4], FRAGS>(ctx, ip + 12)?;
+    let tcp = tcp::<FRAGS>(ctx, ip + usize::from(version_ihl & 0x0f) * 4)?;
     if !is_protected(tcp.port) {
         return None;
     }
@@ -137,21 +149,21 @@ fn ipv4(ctx: &XdpContext, ip: usize) -> Option<u32> {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, ip: usize) -> Option<u32> {
-    let src = read::<[u8; 16]>(ctx, ip + 8)?;
-    let [mut next, _] = read::<[u8; 2]>(ctx, ip + 6)?;
+fn ipv6<const FRAGS: bool>(ctx: &XdpContext, ip: usize) -> Option<u32> {
+    let src = read::<[u8; 16], FRAGS>(ctx, ip + 8)?;
+    let [mut next, _] = read::<[u8; 2], FRAGS>(ctx, ip + 6)?;
     let mut offset = ip + IPV6_HLEN;
     // A few extension headers before TCP; a longer chain passes (the stack parses it again).
     for _ in 0..4 {
         match next {
             IPPROTO_TCP => break,
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let [following, len] = read::<[u8; 2]>(ctx, offset)?;
+                let [following, len] = read::<[u8; 2], FRAGS>(ctx, offset)?;
                 next = following;
                 offset += (usize::from(len) + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
-                let [following, _, frag_hi, frag_lo] = read::<[u8; 4]>(ctx, offset)?;
+                let [following, _, frag_hi, frag_lo] = read::<[u8; 4], FRAGS>(ctx, offset)?;
                 if u16::from_be_bytes([frag_hi, frag_lo]) & 0xfff8 != 0 {
                     return None;
                 }
@@ -164,7 +176,7 @@ fn ipv6(ctx: &XdpContext, ip: usize) -> Option<u32> {
     if next != IPPROTO_TCP {
         return None;
     }
-    let tcp = tcp(ctx, offset)?;
+    let tcp = tcp::<FRAGS>(ctx, offset)?;
     if !is_protected(tcp.port) {
         return None;
     }
@@ -185,11 +197,11 @@ fn ipv6(ctx: &XdpContext, ip: usize) -> Option<u32> {
 }
 
 #[inline(always)]
-fn tcp(ctx: &XdpContext, at: usize) -> Option<Tcp> {
-    let port = u16::from_be(read::<u16>(ctx, at + 2)?);
+fn tcp<const FRAGS: bool>(ctx: &XdpContext, at: usize) -> Option<Tcp> {
+    let port = u16::from_be(read::<u16, FRAGS>(ctx, at + 2)?);
     // Bytes 12 (data offset) and 13 (flags), read together: a one-byte read at a variable
     // offset compiles to a bounds check (`>=` instead of `+ 1 >`) the verifier cannot follow.
-    let [_, flags] = read::<[u8; 2]>(ctx, at + 12)?;
+    let [_, flags] = read::<[u8; 2], FRAGS>(ctx, at + 12)?;
     Some(Tcp {
         port,
         syn_only: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
@@ -275,13 +287,27 @@ fn take_syn_token(source: &SynSource) -> bool {
 
 /// A `T` at `offset` in the packet, if the packet is that long.
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+fn read<T: Copy, const FRAGS: bool>(ctx: &XdpContext, offset: usize) -> Option<T> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
+    if start + offset + core::mem::size_of::<T>() <= end {
+        return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
+    if !FRAGS {
         return None;
     }
-    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    // Past the first buffer of a multi-buffer packet (or past the end of the packet, which the
+    // helper reports as an error).
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    let copied = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            offset as u32,
+            value.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+        )
+    };
+    (copied == 0).then(|| unsafe { value.assume_init() })
 }
 
 #[cfg(not(test))]

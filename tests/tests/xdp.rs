@@ -330,6 +330,20 @@ fn attached_program(veth: &str) -> Option<u64> {
     json[0]["xdp"]["prog"]["id"].as_u64()
 }
 
+/// How the program is attached to `veth` (`ip link`'s `xdp.mode`): 1 native, 2 generic.
+fn attached_mode(veth: &str) -> Option<u64> {
+    let out = Command::new("ip")
+        .args(["-j", "link", "show", "dev", veth])
+        .output()
+        .expect("ip link ran");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j JSON");
+    json[0]["xdp"]["mode"].as_u64()
+}
+
+/// `XDP_ATTACHED_DRV` and `XDP_ATTACHED_SKB` from linux/if_link.h.
+const XDP_ATTACHED_NATIVE: u64 = 1;
+const XDP_ATTACHED_GENERIC: u64 = 2;
+
 fn start_pg() -> Postgres {
     let pg = Postgres::start(PostgresOptions::default());
     pg.pgbench_init(pg.port(), 1);
@@ -358,7 +372,20 @@ fn allowed_sources_pass_and_the_rest_get_no_answer() {
     );
     for h in HOSTS {
         assert!(attached_program(h.veth).is_some(), "nothing on {}", h.veth);
+        // `mode = "auto"` takes generic on a veth, whose native mode costs more.
+        assert_eq!(
+            attached_mode(h.veth),
+            Some(XDP_ATTACHED_GENERIC),
+            "{}: {}",
+            h.veth,
+            proxy.log()
+        );
     }
+    assert!(
+        proxy.log().contains("generic mode (a veth"),
+        "{}",
+        proxy.log()
+    );
 
     // The allowed host: psql over IPv4 and IPv6, and pgbench.
     assert_psql(&pg, &A, A.host4, port);
@@ -427,8 +454,18 @@ fn a_reload_allows_a_denied_host_without_cutting_the_allowed_one() {
     let pg = start_pg();
     let pin = Patroxy::unique_pin_path("xdp-reload");
     let mut config = config(&pin, &pg, Bpf::Off);
+    // Native mode here (`auto` takes generic on a veth): the program as a physical NIC runs it.
+    config.xdp.as_mut().expect("xdp").mode = Some("native".into());
     let (port, stats) = ports(&config);
     let proxy = Patroxy::start("xdp-reload", &config);
+    for h in HOSTS {
+        assert_eq!(
+            attached_mode(h.veth),
+            Some(XDP_ATTACHED_NATIVE),
+            "{}",
+            h.veth
+        );
+    }
     assert_no_answer(&D, v4(D.host4, port));
 
     // A's session and pgbench run across the reload.

@@ -6,6 +6,7 @@
 //! - `attach`: one interface's attachment, a pinned bpf_link a crash leaves behind and the
 //!   next start replaces.
 //! - `counters`: the per-CPU counters read from the pins, for the stats and bpftool users.
+//! - `driver`: an interface's driver, which decides the mode `auto` attaches in.
 //!
 //! Everything is pinned under `<pin_path>/xdp`, a directory claimed like the data path's
 //! (`dataplane::pin_dir`); dropping the [`Firewall`] detaches the program from every interface
@@ -14,6 +15,7 @@
 //! interfaces stay filtered throughout.
 mod attach;
 pub mod counters;
+mod driver;
 pub mod entries;
 
 use std::{
@@ -43,8 +45,10 @@ use crate::{
 use attach::{AttachError, Attachment};
 use entries::{Change, Entries};
 
-/// The program in the object.
+/// The program in the object: multi-buffer aware (Linux 5.18 or later).
 pub const PROGRAM: &str = "patroxy_xdp";
+/// The same program without multi-buffer support, for a kernel that refuses `PROGRAM`.
+pub const PROGRAM_SINGLE_BUFFER: &str = "patroxy_xdp_single_buffer";
 pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
 pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
 pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
@@ -196,11 +200,7 @@ impl Firewall {
         };
         // The rules are in the maps before the program sees a packet.
         maps.apply(config)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(FirewallError::Missing(PROGRAM))?
-            .try_into()?;
-        program.load()?;
+        let program = load_program(&mut ebpf)?;
         let mut attachments = Vec::new();
         for iface in &config.xdp.interfaces {
             // On an error the attachments so far are dropped, which detaches them.
@@ -466,6 +466,31 @@ where
     let data = MapData::from_pin(dir.join(name)).map_err(|e| FirewallError::Map(name, e))?;
     let map = Map::from_map_data(data).map_err(|e| FirewallError::Map(name, e))?;
     T::try_from(map).map_err(|e| FirewallError::Map(name, e))
+}
+
+/// Loads `PROGRAM`, or where the kernel refuses it (before 5.18: no multi-buffer XDP)
+/// `PROGRAM_SINGLE_BUFFER`, said once.
+fn load_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, FirewallError> {
+    let multi_buffer = program(ebpf, PROGRAM)?.load();
+    let name = match multi_buffer {
+        Ok(()) => PROGRAM,
+        Err(e) => {
+            warn!(
+                "the multi-buffer XDP program was refused ({e}); loading the single-buffer one \
+                 (native mode then needs an MTU that fits a page)"
+            );
+            program(ebpf, PROGRAM_SINGLE_BUFFER)?.load()?;
+            PROGRAM_SINGLE_BUFFER
+        }
+    };
+    program(ebpf, name)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, FirewallError> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or(FirewallError::Missing(name))?
+        .try_into()?)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FirewallError>

@@ -1,12 +1,17 @@
 //! `cargo xtask bench --xdp`: what the XDP allowlist costs the traffic it lets through, and
 //! what it saves against denied traffic, in one run (issue 12). Writes bench/xdp.md.
 //!
-//! Three client namespaces joined to this host by veth pairs (`pxb*`, 10.214.11-13.0/24, apart
-//! from the XDP test's), one PostgreSQL and patroxy (sockmap data path) here:
-//! - allowed traffic: pgbench -S from `pxb-x`, whose veth carries the program, and from
-//!   `pxb-n`, whose veth does not, interleaved for `rounds` rounds, through the same patroxy;
-//! - denied traffic: hping3 floods SYNs from `pxb-d` (not allowed) to the protected port,
-//!   pinned to CPU 0, for `flood_secs`: first with the program on `pxb-d`'s veth, then with
+//! Four client namespaces joined to this host by veth pairs (`pxd*`, 10.214.11-14.0/24, apart
+//! from the XDP test's and the bench topology's), one PostgreSQL and patroxy (sockmap data
+//! path) here:
+//! - allowed traffic: pgbench -S from `pxd-x`, whose veth carries the program in native mode
+//!   (patroxy attaches it), from `pxd-g`, whose veth carries the same program in generic mode
+//!   (the bench attaches it by id, as `ip link` would), and from `pxd-n`, whose veth has none,
+//!   in rounds whose order rotates, through the same patroxy. Besides the tps, each run's CPU
+//!   time (all CPUs, softirq apart) per transaction: what XDP on a veth costs, less noisy
+//!   than the tps on a loaded machine;
+//! - denied traffic: hping3 floods SYNs from `pxd-d` (not allowed) to the protected port,
+//!   pinned to CPU 0, for `flood_secs`: first with the program on `pxd-d`'s veth, then with
 //!   patroxy restarted without XDP and an nftables rule with the same meaning (drop TCP to the
 //!   port from any IPv4 source but the allowed ones) on the same veth, as the seed's UFW does.
 //!   A veth delivers what its peer sends on the sending CPU, so the generator, the program or
@@ -33,7 +38,7 @@ use patroxy_tests::{
     stats_client::get_ok,
 };
 
-use super::procfs::clk_tck;
+use super::procfs::{self, clk_tck};
 
 struct Host {
     ns: &'static str,
@@ -43,25 +48,31 @@ struct Host {
 }
 
 const WITH_XDP: Host = Host {
-    ns: "pxb-x",
-    veth: "pxbvx",
+    ns: "pxd-x",
+    veth: "pxdvx",
     client: "10.214.11.2",
     host: "10.214.11.1",
 };
+const GENERIC_XDP: Host = Host {
+    ns: "pxd-g",
+    veth: "pxdvg",
+    client: "10.214.14.2",
+    host: "10.214.14.1",
+};
 const WITHOUT_XDP: Host = Host {
-    ns: "pxb-n",
-    veth: "pxbvn",
+    ns: "pxd-n",
+    veth: "pxdvn",
     client: "10.214.12.2",
     host: "10.214.12.1",
 };
 const DENIED: Host = Host {
-    ns: "pxb-d",
-    veth: "pxbvd",
+    ns: "pxd-d",
+    veth: "pxdvd",
     client: "10.214.13.2",
     host: "10.214.13.1",
 };
-const HOSTS: [&Host; 3] = [&WITH_XDP, &WITHOUT_XDP, &DENIED];
-const NFT_TABLE: &str = "pxbench";
+const HOSTS: [&Host; 4] = [&WITH_XDP, &GENERIC_XDP, &WITHOUT_XDP, &DENIED];
+const NFT_TABLE: &str = "pxdbench";
 
 #[derive(Clone, Copy, Debug)]
 pub struct XdpPlan {
@@ -118,12 +129,14 @@ fn config(pg: &Postgres, pin: &Path, port: u16, stats: u16, xdp: bool) -> ProxyC
     .listener(ListenerConfig::new("postgres_write", any, ["pg"]))
     .stats(StatsConfig::new(SocketAddr::from(([127, 0, 0, 1], stats))))
     .allow(AllowConfig::new(
-        &["10.214.11.0/24", "10.214.12.0/24"],
+        &["10.214.11.0/24", "10.214.12.0/24", "10.214.14.0/24"],
         vec![PortRef::Name("postgres_write".into())],
     ));
     config.global.maxconn = Some(2000);
     if xdp {
-        config = config.xdp(XdpConfig::required(&[WITH_XDP.veth, DENIED.veth]));
+        let mut xdp = XdpConfig::required(&[WITH_XDP.veth, DENIED.veth]);
+        xdp.mode = Some("native".into());
+        config = config.xdp(xdp);
     }
     config
 }
@@ -143,8 +156,19 @@ fn start_patroxy(bin: &Path, work: &Path, name: &str, config: &ProxyConfig) -> R
     Ok(child)
 }
 
-/// pgbench -S from `host` through patroxy; its TPS.
-fn pgbench(pg: &Postgres, host: &Host, port: u16, plan: &XdpPlan) -> Result<f64> {
+/// One pgbench run: its throughput and the machine's CPU time per transaction.
+#[derive(Clone, Copy)]
+struct Run {
+    tps: f64,
+    /// Busy time of every CPU (user, system, softirq...) per transaction, in microseconds:
+    /// pgbench, patroxy, PostgreSQL and the kernel's network path together.
+    cpu_us: f64,
+    /// The softirq part of it, where a veth's receive path and an XDP program run.
+    softirq_us: f64,
+}
+
+/// pgbench -S from `host` through patroxy.
+fn pgbench(pg: &Postgres, host: &Host, port: u16, plan: &XdpPlan) -> Result<Run> {
     let template = pg.client("pgbench", port);
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", host.ns])
@@ -157,8 +181,10 @@ fn pgbench(pg: &Postgres, host: &Host, port: u16, plan: &XdpPlan) -> Result<f64>
             cmd.env(k, v);
         }
     }
+    let before = procfs::Counters::take(None);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(plan.select_secs + 60))
         .map_err(|e| anyhow::anyhow!("pgbench from {}: {e}", host.ns))?;
+    let cpu = procfs::delta(&before, &procfs::Counters::take(None));
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -167,8 +193,65 @@ fn pgbench(pg: &Postgres, host: &Host, port: u16, plan: &XdpPlan) -> Result<f64>
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    patroxy_tests::postgres::parse_pgbench_tps(&stdout)
-        .with_context(|| format!("no tps in pgbench's output: {stdout}"))
+    let tps = patroxy_tests::postgres::parse_pgbench_tps(&stdout)
+        .with_context(|| format!("no tps in pgbench's output: {stdout}"))?;
+    let transactions = stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("number of transactions actually processed: ")
+        })
+        .and_then(|v| v.split('/').next()?.trim().parse::<f64>().ok())
+        .filter(|&n| n > 0.0)
+        .with_context(|| format!("no transaction count in pgbench's output: {stdout}"))?;
+    Ok(Run {
+        tps,
+        cpu_us: cpu.busy_ms * 1000.0 / transactions,
+        softirq_us: cpu.softirq_ms * 1000.0 / transactions,
+    })
+}
+
+/// Attaches the program patroxy attached to `WITH_XDP`'s veth to `GENERIC_XDP`'s too, in
+/// generic mode: the same program and maps, so the two modes are compared on one patroxy.
+/// The program is pinned at `prog_pin` for `ip link` (removed by the caller); deleting the
+/// namespace's veth detaches it.
+fn attach_generic(pin: &Path, prog_pin: &Path) -> Result<()> {
+    let link = firewall_pin(pin).join(format!("link_{}", WITH_XDP.veth));
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&link)
+        .output()
+        .context("bpftool (apt-get install bpftool)")?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "bpftool link show: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let id = json["prog_id"]
+        .as_u64()
+        .context("no prog_id in bpftool's link")?;
+    let status = Command::new("bpftool")
+        .args(["prog", "pin", "id", &id.to_string()])
+        .arg(prog_pin)
+        .status()?;
+    if !status.success() {
+        bail!("bpftool prog pin id {id} failed");
+    }
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        GENERIC_XDP.veth,
+        "xdpgeneric",
+        "pinned",
+        &prog_pin.to_string_lossy(),
+    ])
+}
+
+/// patroxy's XDP pin directory under its pin path (`firewall::pin_dir`).
+fn firewall_pin(pin: &Path) -> PathBuf {
+    pin.join("xdp")
 }
 
 /// CPU 0's ticks in /proc/stat: (user + nice, system, softirq, all).
@@ -290,6 +373,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The clients compared on allowed traffic, the reference (no program) first.
+const COMPARED: [(&Host, &str); 3] = [
+    (&WITHOUT_XDP, "without a program"),
+    (&WITH_XDP, "native mode"),
+    (&GENERIC_XDP, "generic mode"),
+];
+
+/// Each client's runs, in `COMPARED`'s order.
+struct Rounds([Vec<Run>; 3]);
+
+impl Rounds {
+    fn median(&self, i: usize, field: impl Fn(&Run) -> f64) -> f64 {
+        median(self.0[i].iter().map(&field).collect())
+    }
+
+    /// The median over rounds of client `i`'s tps over the reference's in the same round.
+    fn tps_ratio(&self, i: usize) -> f64 {
+        median(
+            self.0[i]
+                .iter()
+                .zip(&self.0[0])
+                .map(|(x, reference)| x.tps / reference.tps)
+                .collect(),
+        )
+    }
+}
+
 pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
     let _net = Net::up()?;
     let work = std::env::temp_dir().join(format!("patroxy-bench-xdp-{}", std::process::id()));
@@ -313,35 +423,38 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
         "patroxy-xdp",
         &config(&pg, &pin, port, stats, true),
     )?;
-    // One short warm-up each, then interleaved rounds.
-    pgbench(
-        &pg,
-        &WITH_XDP,
-        port,
-        &XdpPlan {
-            select_secs: 2,
-            ..*plan
-        },
-    )?;
-    pgbench(
-        &pg,
-        &WITHOUT_XDP,
-        port,
-        &XdpPlan {
-            select_secs: 2,
-            ..*plan
-        },
-    )?;
-    let (mut with, mut without) = (Vec::new(), Vec::new());
-    for round in 1..=plan.rounds {
-        with.push(pgbench(&pg, &WITH_XDP, port, plan)?);
-        without.push(pgbench(&pg, &WITHOUT_XDP, port, plan)?);
-        println!(
-            "bench --xdp: round {round}: {:.0} tps with XDP, {:.0} without",
-            with.last().unwrap(),
-            without.last().unwrap()
-        );
+    let prog_pin = PathBuf::from(format!(
+        "/sys/fs/bpf/patroxy-bench-xdp-prog-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&prog_pin);
+    attach_generic(&pin, &prog_pin)?;
+    let _ = std::fs::remove_file(&prog_pin);
+    let warm_up = XdpPlan {
+        select_secs: 2,
+        ..*plan
+    };
+    for (host, _) in COMPARED {
+        pgbench(&pg, host, port, &warm_up)?;
     }
+    // Rounds rotate the order, so no client always runs first after another's load.
+    let mut rounds = Rounds(Default::default());
+    for round in 0..plan.rounds as usize {
+        for k in 0..COMPARED.len() {
+            let i = (round + k) % COMPARED.len();
+            rounds.0[i].push(pgbench(&pg, COMPARED[i].0, port, plan)?);
+        }
+        let line: Vec<String> = COMPARED
+            .iter()
+            .enumerate()
+            .map(|(i, (_, name))| {
+                let r = rounds.0[i].last().unwrap();
+                format!("{name} {:.0} tps, {:.1} us CPU/tx", r.tps, r.cpu_us)
+            })
+            .collect();
+        println!("bench --xdp: round {}: {}", round + 1, line.join("; "));
+    }
+    ip(&["link", "set", "dev", GENERIC_XDP.veth, "xdpgeneric", "off"])?;
     println!(
         "bench --xdp: SYN flood at the XDP program for {} s",
         plan.flood_secs
@@ -353,7 +466,7 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
     let proxy = start_patroxy(bin, &work, "patroxy-plain", &plain)?;
     nft(&format!(
         "table inet {NFT_TABLE} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
-         iifname \"{}\" meta nfproto ipv4 tcp dport {port} ip saddr != {{ 10.214.11.0/24, 10.214.12.0/24 }} counter drop\n  }}\n}}\n",
+         iifname \"{}\" meta nfproto ipv4 tcp dport {port} ip saddr != {{ 10.214.11.0/24, 10.214.12.0/24, 10.214.14.0/24 }} counter drop\n  }}\n}}\n",
         DENIED.veth
     ))?;
     println!(
@@ -364,7 +477,6 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
     drop(proxy);
     let _ = std::fs::remove_dir_all(&work);
 
-    let (w, n) = (median(with), median(without));
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -372,24 +484,45 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
     );
     let _ = writeln!(
         md,
-        "Linux {}, {} CPUs, CLK_TCK {}. patroxy with the sockmap data path; clients in network \
-         namespaces over veth pairs; medians of {} interleaved rounds.\n",
+        "Linux {}, {} CPUs, CLK_TCK {}, load average {} at the end. patroxy with the sockmap \
+         data path; clients in network namespaces over veth pairs; medians of {} rounds, their \
+         order rotating.\n",
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         clk_tck(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?"),
         plan.rounds,
     );
     let _ = writeln!(
         md,
         "## Allowed traffic: pgbench -S, {} clients, {} s a round\n\n\
-         | client veth | tps (median) |\n|---|---:|\n| with the XDP program | {w:.0} |\n\
-         | without | {n:.0} |\n| ratio with / without | {:.3} |\n",
-        plan.clients,
-        plan.select_secs,
-        w / n
+         | client veth | tps | ratio to without (per round) | CPU us per transaction (all CPUs) | of which softirq |\n\
+         |---|---:|---:|---:|---:|",
+        plan.clients, plan.select_secs,
     );
+    for (i, (_, name)) in COMPARED.iter().enumerate() {
+        let per_round: Vec<String> = rounds.0[i]
+            .iter()
+            .zip(&rounds.0[0])
+            .map(|(x, reference)| format!("{:.2}", x.tps / reference.tps))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {:.3} ({}) | {:.1} | {:.1} |",
+            rounds.median(i, |r| r.tps),
+            rounds.tps_ratio(i),
+            per_round.join(", "),
+            rounds.median(i, |r| r.cpu_us),
+            rounds.median(i, |r| r.softirq_us),
+        );
+    }
+    let _ = writeln!(md);
     let _ = writeln!(
         md,
         "## Denied traffic: SYN flood from a denied source, {} s, generator and filter on CPU 0\n\n\
