@@ -238,7 +238,7 @@ fn attach_generic(pin: &Path, prog_pin: &Path) -> Result<()> {
     if !status.success() {
         bail!("bpftool prog pin id {id} failed");
     }
-    ip(&[
+    netns::ip(&[
         "link",
         "set",
         "dev",
@@ -246,7 +246,8 @@ fn attach_generic(pin: &Path, prog_pin: &Path) -> Result<()> {
         "xdpgeneric",
         "pinned",
         &prog_pin.to_string_lossy(),
-    ])
+    ])?;
+    Ok(())
 }
 
 /// patroxy's XDP pin directory under its pin path (`firewall::pin_dir`).
@@ -454,7 +455,7 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
             .collect();
         println!("bench --xdp: round {}: {}", round + 1, line.join("; "));
     }
-    ip(&["link", "set", "dev", GENERIC_XDP.veth, "xdpgeneric", "off"])?;
+    netns::ip(&["link", "set", "dev", GENERIC_XDP.veth, "xdpgeneric", "off"])?;
     println!(
         "bench --xdp: SYN flood at the XDP program for {} s",
         plan.flood_secs
