@@ -302,7 +302,7 @@ impl DataPlane {
 /// `tcp_eat_skb` moves `copied_seq` by its length, so an skb that starts before `copied_seq` (a
 /// segment overlapping bytes already received, which TCP queues untrimmed) has its old
 /// bytes forwarded a second time. It showed only for clients that streamed into a full receive
-/// window before the splice: without this limit, in 5 of 203 loaded runs of
+/// window before the splice: without this limit, in 5 of 215 loaded runs of
 /// `client_streams_before_backend_listens`, one session's verdict was handed 40–256 KiB of its
 /// client's stream twice. Such duplicates can also end in the reset seen earlier: the
 /// backend's send counter reaches the client's receive counter early, the FIN goes out with
