@@ -253,7 +253,8 @@ async fn wait_all_acked(stream: &TcpStream, limit: Duration) -> bool {
 /// than a PostgreSQL startup packet, and are served when a retry connects. Every byte comes
 /// back. The sockmap daemon serves such sessions on its fallback path: more than 64 KiB queued
 /// before the splice got sessions reset on the sockmap path (the bare-FIN bug fixed in
-/// 7e9520b, and once more in a loaded CI-like run after it).
+/// 7e9520b, and once more in a loaded CI-like run after it: the kernel forwarding bytes twice,
+/// see `SPLICE_QUEUE_LIMIT` in the data plane).
 async fn client_streams_before_backend_listens(path: Path_) {
     const SESSIONS: usize = 50;
     const LEN: usize = 4 << 20;

@@ -296,13 +296,18 @@ impl DataPlane {
 }
 
 /// Above this many bytes waiting in the client's receive queue at splice time, the session goes
-/// to the fallback path. Measured here: megabytes queued before insertion (a client streaming
-/// while the backend connect took a SYN retransmit) made the kernel's psock backlog fail the
-/// reverse direction with EPIPE under load (Linux 6.18). PostgreSQL clients send a startup or
-/// SSL request packet (< 1 KiB) and wait, so real sessions never come near this. Measured
-/// again after the bare-FIN fix (test `client_streams_before_backend_listens`: 50 clients
-/// sending 4 MiB while the backend refuses): without this limit every local run passed, but a
-/// fresh-clone CI run still saw one session reset, so the limit stays.
+/// to the fallback path. PostgreSQL clients send a startup or SSL request packet (< 1 KiB) and
+/// wait, so real sessions never come near this. The cause is the kernel's (Linux 6.18, found
+/// 2026-12-03, README "Data path"): `tcp_read_skb` hands the verdict each queued skb whole and
+/// `tcp_eat_skb` moves `copied_seq` by its length, so an skb that starts before `copied_seq` (a
+/// segment overlapping bytes already received, which TCP queues untrimmed) has its old
+/// bytes forwarded a second time. It showed only for clients that streamed into a full receive
+/// window before the splice: without this limit, in 5 of 215 loaded runs of
+/// `client_streams_before_backend_listens`, one session's verdict was handed 40–256 KiB of its
+/// client's stream twice. Such duplicates can also end in the reset seen earlier: the
+/// backend's send counter reaches the client's receive counter early, the FIN goes out with
+/// bytes still queued and the psock fails with EPIPE. `tests/kernel/sockmap_overlap.py`
+/// reproduces the kernel's part without patroxy.
 const SPLICE_QUEUE_LIMIT: usize = 64 * 1024;
 
 fn too_much_queued(client: &TcpStream) -> bool {
