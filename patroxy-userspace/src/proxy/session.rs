@@ -108,7 +108,7 @@ impl Proxy {
             slot: _slot,
             dequeued,
             connected,
-        } = match self.connect_backend(&config, listener).await {
+        } = match self.connect_backend(&config, listener, peer).await {
             Ok(x) => x,
             Err(refusal) => {
                 match &refusal {
@@ -193,6 +193,7 @@ impl Proxy {
         &self,
         config: &Config,
         listener: usize,
+        peer: SocketAddr,
     ) -> Result<Connected, Refusal> {
         let d = &config.defaults;
         let queue_deadline = Instant::now() + d.timeout_queue;
@@ -229,6 +230,14 @@ impl Proxy {
                 });
             }
             counters.retries.fetch_add(1, Relaxed);
+            // Each attempt, when debug lines are on (under the log limit: a server refusing
+            // every client must not flood the log).
+            if tracing::enabled!(Level::DEBUG) && self.log_limit.allow() {
+                debug!(
+                    client = %peer, server = %addr, attempt = attempts,
+                    "connect failed, retrying in {turnaround:?}: {err}"
+                );
+            }
             sleep(turnaround).await;
             if retries_left == 1 && d.redispatch {
                 counters.redispatches.fetch_add(1, Relaxed);
