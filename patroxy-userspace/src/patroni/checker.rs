@@ -12,7 +12,7 @@ use std::{
 
 use tokio::{sync::watch, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     BackendKey,
@@ -379,6 +379,16 @@ async fn run(job: Job, shared: &Shared) {
     loop {
         let outcome = job.client.check().await;
         let ended = Instant::now();
+        // Each check's answer, for a failover's timeline (which check saw the new leader when).
+        debug!(
+            "check {}: {}, code {:?}, role {:?}, timeline {:?}, {}ms",
+            job.client.url(),
+            outcome.status.description(),
+            outcome.code,
+            outcome.role,
+            outcome.timeline,
+            outcome.duration.as_millis()
+        );
         shared.apply(&job.subscribers, &outcome, ended);
         changes.borrow_and_update();
         // The next check comes `interval` after this one ended; any published change (a peer of
@@ -401,7 +411,8 @@ impl Shared {
             let name = state.listeners[key.listener].name.clone();
             let server = &mut state.listeners[key.listener].servers[key.server];
             let before = server.health.server_state();
-            let held = gate.holds_down(key.listener, &server.name);
+            let held = gate.holds_down(key.listener, &server.name)
+                || gate.promoting(key.listener, outcome);
             let mut transition = if held {
                 server.health.record_held_down(outcome, at)
             } else {
