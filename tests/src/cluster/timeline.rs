@@ -99,9 +99,11 @@ impl Timeline {
                 s.at,
                 "writer",
                 format!(
-                    "write on {} (sent {:+.0} ms, its session connected {connected} ms before)",
+                    "write on {} (sent {:+.0} ms, its session connected {connected} ms before, \
+                     connecting took {} ms)",
                     s.server,
-                    rel_ms(s.sent_at, t_event)
+                    rel_ms(s.sent_at, t_event),
+                    s.connect_took.as_millis()
                 ),
             );
         }
