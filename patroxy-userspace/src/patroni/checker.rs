@@ -418,12 +418,14 @@ impl Shared {
             } else {
                 server.health.record(outcome, at)
             };
-            if !held
-                && transition.is_none()
-                && !server.health.is_up()
-                && gate.confirms_up(key.listener, &server.name, outcome)
-            {
+            // The key holder's (or a newer timeline's) first check saying primary takes it UP;
+            // when its checks held down while it promoted already made up `rise`, the same
+            // check ends that by the hysteresis.
+            let confirmed = !held && gate.confirms_up(key.listener, &server.name, outcome);
+            if confirmed && transition.is_none() && !server.health.is_up() {
                 transition = server.health.mark_up_now(at);
+            }
+            if confirmed && transition == Some(Transition::WentUp) {
                 info!(
                     "Server {name}/{} passed its check as Patroni's leader or on a newer \
                      timeline (role {:?}, timeline {:?}): UP without waiting for rise",

@@ -72,12 +72,7 @@ impl Timeline {
         for e in &report.errors {
             self.point(e.at, "writer", format!("{:?}: {}", e.kind, e.message));
         }
-        if let Some(s) = report
-            .successes
-            .iter()
-            .filter(|s| s.server == old_ip)
-            .next_back()
-        {
+        if let Some(s) = report.successes.iter().rfind(|s| s.server == old_ip) {
             self.point(
                 s.at,
                 "writer",
