@@ -204,8 +204,8 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     s += "\n## Medians, each proxy ÷ HAProxy (goal: switchover outage ratio ≤ 0.5, proxy \
           share ≤ 100 ms)\n\n\
           `past Patroni` = write outage minus Patroni's own time to a new primary answering \
-          /primary; `proxy share` = from that first 200 to the first write through the proxy \
-          on the new primary: the part of the outage a proxy controls.\n\n\
+          /primary; `proxy share` = from that first 200 (whose body says role primary) to the first \
+          write through the proxy on the new primary: the part of the outage a proxy controls.\n\n\
           | scenario | proxy | outage | ratio to HAProxy | past Patroni | proxy share | \
           read-only errors |\n|---|---|--:|--:|--:|--:|--:|\n";
     for event in [Event::Switchover, Event::Kill, Event::Partition] {
