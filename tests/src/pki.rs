@@ -51,21 +51,35 @@ impl TestCa {
     /// A server certificate for `ip` (its subjectAltName, which the checker verifies), signed
     /// by this CA.
     pub fn server_cert(&self, ip: IpAddr) -> CertKey {
+        self.sign(
+            &format!("/CN={ip}"),
+            &format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\n"),
+        )
+    }
+
+    /// A client certificate for `name` (its CN; what etcd's `--client-cert-auth` takes as the
+    /// user), signed by this CA.
+    pub fn client_cert(&self, name: &str) -> CertKey {
+        self.sign(&format!("/CN={name}"), "extendedKeyUsage=clientAuth\n")
+    }
+
+    /// A new key and a certificate for `subject` with `extensions`, signed by this CA.
+    fn sign(&self, subject: &str, extensions: &str) -> CertKey {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let file = |ext: &str| self.dir.join(format!("server-{n}.{ext}"));
-        let (cert, key, csr, extensions) = (file("pem"), file("key"), file("csr"), file("ext"));
+        let file = |ext: &str| self.dir.join(format!("cert-{n}.{ext}"));
+        let (cert, key, csr, ext_file) = (file("pem"), file("key"), file("csr"), file("ext"));
         std::fs::write(
-            &extensions,
+            &ext_file,
             format!(
-                "subjectAltName=IP:{ip}\nbasicConstraints=critical,CA:FALSE\n\
-                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 {extensions}"
             ),
         )
         .expect("write the extensions file");
         openssl(
             Command::new("openssl")
                 .args(["req", "-new", "-subj"])
-                .arg(format!("/CN={ip}"))
+                .arg(subject)
                 .args(new_key())
                 .arg("-keyout")
                 .arg(&key)
@@ -81,7 +95,7 @@ impl TestCa {
                 .arg("-CAkey")
                 .arg(&self.key)
                 .arg("-extfile")
-                .arg(&extensions)
+                .arg(&ext_file)
                 .arg("-out")
                 .arg(&cert),
         );

@@ -357,13 +357,46 @@ fn replica_lost(cluster: &mut Cluster, px: &Proxy) {
 /// old Patroni finds it lost the lock, demotes its PostgreSQL and rejoins as a replica: on 4.1
 /// every committed write survives (asserted); Debian's 3.0.2 may take its lock back and lose
 /// the promoted node's writes (recorded).
+///
+/// Beside it, a second patroxy with `[dcs]` whose checks are too slow to take the frozen leader
+/// DOWN before its key expires (`fall` [`FROZEN_FALL`]: ~50 s of hung checks against a ttl of
+/// 20 s): the key's expiry alone fences the frozen leader there, ≈ ttl after the SIGSTOP, and
+/// resets the idle sessions it had on it.
 fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
     let leader = cluster.restore().unwrap();
     let old = cluster.nodes[leader].clone();
+    let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let watched =
+        Proxy::start_patroxy_dcs_fall(&patroxy_bin(), &cluster.nodes, ports, "auto", FROZEN_FALL)
+            .expect("patroxy with [dcs] and slow checks");
+    assert!(
+        watched
+            .wait_logged(
+                "dcs: connected",
+                SystemTime::UNIX_EPOCH,
+                Duration::from_secs(15)
+            )
+            .is_some(),
+        "the watch never connected:\n{}",
+        watched.log()
+    );
+    scenario::wait_routed(watched.write_port, &old.ip, Duration::from_secs(30)).unwrap();
+    let idle = idle_sessions_on(watched.write_port, &old.ip);
     let w = writer::Writer::start(px.write_port, Duration::from_millis(20));
     assert!(w.wait_successes_on(None, 25, Duration::from_secs(10)));
     let t_stop = SystemTime::now();
     cluster.signal_patroni(leader, libc::SIGSTOP).unwrap();
+    let key_fence = watched.wait_logged(
+        &format!(
+            "Server postgres_write/{} is DOWN, reason: its Patroni leader key moved",
+            old.name
+        ),
+        t_stop,
+        Duration::from_secs(45),
+    );
+    // The resets follow the line (see ROUTING_LAG).
+    std::thread::sleep(ROUTING_LAG);
+    let idle_left = idle_left(idle);
     let down = px.wait_logged(
         &format!("Server postgres_write/{} is DOWN", old.name),
         t_stop,
@@ -405,6 +438,30 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
         0,
         "writes on the frozen primary after it was superseded"
     );
+    let key_fence = key_fence.unwrap_or_else(|| {
+        panic!(
+            "the watching patroxy never fenced the frozen leader by its key:\n{}",
+            watched.log()
+        )
+    });
+    let fenced_after = key_fence.duration_since(t_stop).unwrap().as_secs_f64();
+    let ttl = f64::from(patroni::Flavor::from_env().ttl());
+    eprintln!(
+        "6. [dcs] with fall {FROZEN_FALL}: fenced by the key's expiry {fenced_after:.1}s after \
+         SIGSTOP (ttl {ttl}s); idle sessions left on the frozen leader {idle_left}"
+    );
+    // Patroni renews the key every loop_wait (1 s); etcd expires its lease ttl after the last
+    // renewal. Hung checks with fall 40 take ~50 s: a fence near ttl is the key's.
+    assert!(
+        (ttl - 3.0..=ttl + 4.0).contains(&fenced_after),
+        "the frozen leader was fenced {fenced_after:.1}s after SIGSTOP, not at its key's \
+         expiry (ttl {ttl}s)"
+    );
+    assert_eq!(
+        idle_left, 0,
+        "sessions left on the frozen leader after the key fenced it"
+    );
+    drop(watched);
     let down = down.expect("patroxy marks the frozen primary DOWN");
     let after = down.duration_since(t_stop).unwrap().as_secs_f64();
     // `fall` (3) hung checks, each failing after `inter` (1 s), two of them after fastinter.
@@ -449,6 +506,42 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
             "committed writes lost after the frozen leader came back"
         );
     }
+}
+
+/// `fall` of scenario 6's watching patroxy: hung checks of 1 s (+ 250 ms fastinter) each take
+/// ~50 s to fail that often, far past Patroni 4.1's ttl (20 s) and 3.0.2's (10 s).
+const FROZEN_FALL: u32 = 40;
+
+/// Three sessions opened through 127.0.0.1:`port` that landed on `ip` (idle from then on).
+fn idle_sessions_on(port: u16, ip: &str) -> Vec<postgres::Client> {
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut c = writer::connect(port, "ptx-idle").unwrap();
+        let row = writer::query_row(&mut c, "SELECT host(inet_server_addr())").unwrap();
+        assert_eq!(
+            row.first().map(String::as_str),
+            Some(ip),
+            "routed elsewhere"
+        );
+        idle.push(c);
+    }
+    idle
+}
+
+/// How many of `idle` still answer (or hang) rather than fail as reset sessions do.
+fn idle_left(idle: Vec<postgres::Client>) -> usize {
+    idle.into_iter()
+        .map(|mut c| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(writer::query_row(&mut c, "SELECT 1").is_ok());
+            });
+            match rx.recv_timeout(Duration::from_secs(3)) {
+                Ok(false) => 0,
+                Ok(true) | Err(_) => 1,
+            }
+        })
+        .sum()
 }
 
 /// Scenario 7: Whole cluster down then up: clients get a clean refusal (a PostgreSQL error after

@@ -16,16 +16,32 @@ use std::{
 use common::{Node, Path_, local, read_until_closed};
 use patroxy_tests::{
     config::{
-        CheckConfig, DcsConfig, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig,
+        CheckConfig, DcsConfig, DcsTls, DefaultServer, Defaults, ListenerConfig, OnMarkedDown,
+        ProxyConfig, StatsConfig,
     },
     daemon::Patroxy,
     fake_patroni::Reply,
+    pki::TestCa,
     ports::free_tcp_port,
     process::ChildGuard,
+    stats_client::get_ok,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 const SCOPE: &str = "dcs-test";
+
+/// How etcd's clients must prove who they are.
+enum Security {
+    /// Plain http, no auth.
+    Open,
+    /// https, and a client certificate signed by the test CA (`--client-cert-auth`).
+    ClientCerts,
+    /// Users and passwords (`etcdctl auth enable`): patroxy's user may read the scope's keys.
+    Passwords,
+}
+
+/// patroxy's etcd user with `Security::Passwords`, and its password.
+const PATROXY_USER: (&str, &str) = ("patroxy", "watch-secret");
 
 /// A one-member etcd on loopback ports of its own, its data in a fresh directory.
 struct Etcd {
@@ -33,19 +49,91 @@ struct Etcd {
     client_url: String,
     peer_url: String,
     dir: PathBuf,
+    /// etcd's own TLS flags (none when open).
+    serve_args: Vec<String>,
+    /// What etcdctl needs to get in (CA and client certificate, or the root user).
+    ctl_args: Vec<String>,
+    /// The CA of `Security::ClientCerts`, kept while etcd uses its files.
+    ca: Option<TestCa>,
 }
 
 impl Etcd {
     fn start(name: &str) -> Etcd {
+        Etcd::start_secured(name, Security::Open)
+    }
+
+    fn start_secured(name: &str, security: Security) -> Etcd {
         let dir = std::env::temp_dir().join(format!("patroxy-dcs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let scheme = match security {
+            Security::ClientCerts => "https",
+            _ => "http",
+        };
         let mut etcd = Etcd {
             child: None,
-            client_url: format!("http://127.0.0.1:{}", free_tcp_port()),
+            client_url: format!("{scheme}://127.0.0.1:{}", free_tcp_port()),
             peer_url: format!("http://127.0.0.1:{}", free_tcp_port()),
             dir,
+            serve_args: Vec::new(),
+            ctl_args: Vec::new(),
+            ca: None,
         };
+        if let Security::ClientCerts = security {
+            let ca = TestCa::new(name);
+            let server = ca.server_cert("127.0.0.1".parse().unwrap());
+            let client = ca.client_cert("etcdctl");
+            let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+            etcd.serve_args = vec![
+                "--cert-file".into(),
+                path(&server.cert),
+                "--key-file".into(),
+                path(&server.key),
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                path(&ca.cert),
+            ];
+            etcd.ctl_args = vec![
+                "--cacert".into(),
+                path(&ca.cert),
+                "--cert".into(),
+                path(&client.cert),
+                "--key".into(),
+                path(&client.key),
+            ];
+            etcd.ca = Some(ca);
+        }
         etcd.run();
+        if let Security::Passwords = security {
+            let prefix = format!("/service/{SCOPE}/");
+            let (user, password) = PATROXY_USER;
+            for args in [
+                vec!["user", "add", "root:root-secret", "--interactive=false"],
+                vec!["role", "add", "patroni-reader"],
+                vec![
+                    "role",
+                    "grant-permission",
+                    "patroni-reader",
+                    "--prefix=true",
+                    "read",
+                    &prefix,
+                ],
+                vec![
+                    "user",
+                    "add",
+                    &format!("{user}:{password}"),
+                    "--interactive=false",
+                ],
+                vec!["user", "grant-role", user, "patroni-reader"],
+                vec!["auth", "enable"],
+            ] {
+                assert!(etcd.ctl(&args), "etcdctl {args:?}");
+            }
+            etcd.ctl_args = vec!["--user".into(), "root:root-secret".into()];
+            assert!(
+                etcd.ctl(&["get", "--prefix", &prefix]),
+                "etcdctl as root after auth enable"
+            );
+        }
         etcd
     }
 
@@ -65,7 +153,8 @@ impl Etcd {
             .arg("--initial-advertise-peer-urls")
             .arg(&self.peer_url)
             .arg("--initial-cluster")
-            .arg(format!("dcs={}", self.peer_url));
+            .arg(format!("dcs={}", self.peer_url))
+            .args(&self.serve_args);
         self.child = Some(ChildGuard::spawn("etcd", &mut cmd).expect("etcd (etcd-server) runs"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.ctl(&["endpoint", "health"]) {
@@ -89,6 +178,7 @@ impl Etcd {
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(&self.client_url)
+            .args(&self.ctl_args)
             .args(args)
             .output()
             .is_ok_and(|o| o.status.success())
@@ -125,18 +215,30 @@ struct Watched {
     pg2: Node,
     proxy: Patroxy,
     bind: std::net::SocketAddr,
+    stats: std::net::SocketAddr,
 }
 
 impl Watched {
     async fn start(name: &str) -> Watched {
+        let w = Watched::start_on(Etcd::start(name), name, |dcs, _| dcs).await;
+        w.wait_connected();
+        w
+    }
+
+    /// Like [`Watched::start`] on `etcd`, with `[dcs]` as `dcs` makes it; waits for pg1 UP by
+    /// its checks, not for the watch.
+    async fn start_on(
+        etcd: Etcd,
+        name: &str,
+        dcs: impl FnOnce(DcsConfig, &Etcd) -> DcsConfig,
+    ) -> Watched {
         let (pg1, pg2) = (Node::start().await, Node::start().await);
         pg1.api.set("/primary", Reply::primary(4));
         pg2.api.set("/primary", Reply::replica(503, 4));
-        let etcd = Etcd::start(name);
         etcd.member("pg1", &pg1);
         etcd.member("pg2", &pg2);
         etcd.put("leader", "pg1");
-        let bind = local(free_tcp_port());
+        let (bind, stats) = (local(free_tcp_port()), local(free_tcp_port()));
         let defaults = Defaults::new(Duration::from_secs(60), Duration::from_secs(1))
             .retries(1)
             .timeout_check(Duration::from_millis(500));
@@ -157,7 +259,8 @@ impl Watched {
                 ListenerConfig::new("postgres_write", bind, ["pg1", "pg2"])
                     .check(CheckConfig::new("/primary")),
             )
-            .dcs(DcsConfig::new(etcd.client_url.clone(), SCOPE));
+            .stats(StatsConfig::new(stats))
+            .dcs(dcs(DcsConfig::new(etcd.client_url.clone(), SCOPE), &etcd));
         let proxy = Patroxy::start(name, &config);
         let w = Watched {
             etcd,
@@ -165,10 +268,67 @@ impl Watched {
             pg2,
             proxy,
             bind,
+            stats,
         };
-        w.wait_log("dcs: connected; leader key names pg1 (server pg1)", 1, 10);
         w.wait_log("Server postgres_write/pg1 is UP", 1, 20);
         w
+    }
+
+    fn wait_connected(&self) {
+        self.wait_log("dcs: connected; leader key names pg1 (server pg1)", 1, 10);
+    }
+
+    /// The key moves to pg2 (promoted, timeline 5): pg1 is fenced by the key and pg2 UP
+    /// without `rise`, which only the watch does within a second here.
+    fn follows_a_leader_change(&self) {
+        self.pg2.api.set("/primary", Reply::primary(5));
+        self.etcd.put("leader", "pg2");
+        self.wait_log(
+            "Server postgres_write/pg1 is DOWN, reason: its Patroni leader key moved",
+            1,
+            1,
+        );
+        self.wait_log("UP without waiting for rise", 1, 1);
+    }
+
+    /// The DCS state of the stats JSON.
+    fn dcs_stats(&self) -> serde_json::Value {
+        let json: serde_json::Value =
+            serde_json::from_str(&get_ok(self.stats, "/;json")).expect("the stats JSON");
+        json["dcs"].clone()
+    }
+
+    /// The watch cannot get in: it says why in the log and the stats JSON, and marks nothing
+    /// down (pg1 stays UP by its checks while the watch keeps trying).
+    fn refused_and_harmless(&self, why: &str) {
+        self.wait_log("dcs: ", 1, 10);
+        let line = self
+            .proxy
+            .log()
+            .lines()
+            .find(|l| l.contains("dcs: "))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        assert!(
+            line.to_lowercase().contains(why),
+            "the watch's error does not say {why:?}: {line}"
+        );
+        // A few reconnect attempts and checks later.
+        std::thread::sleep(Duration::from_secs(2));
+        let dcs = self.dcs_stats();
+        assert_eq!(dcs["connected"], false, "{dcs}");
+        assert!(dcs["errors"].as_u64().unwrap_or(0) >= 2, "{dcs}");
+        let last = dcs["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase();
+        assert!(
+            last.contains(why),
+            "stats JSON last_error {last:?} lacks {why:?}"
+        );
+        assert_eq!(self.proxy.count_log("is DOWN"), 0, "{}", self.proxy.log());
+        assert!(!self.proxy.log().contains("dcs: connected"));
+        eprintln!("OBSERVED the watch's error: {last}");
     }
 
     fn wait_log(&self, needle: &str, n: usize, secs: u64) {
@@ -188,9 +348,10 @@ async fn a_moved_leader_key_resets_the_old_leaders_sessions_and_ups_the_new_one_
     assert!(common::echo_once(&mut session, b"hello", Duration::from_secs(2)).await);
     assert_eq!(w.pg1.backend.accepted(), 1);
 
-    // Patroni promoted pg2 (timeline 5) and moved the key. pg1's API still answers 200 on the
-    // old timeline, so nothing but the key says pg1 is no longer the leader.
-    w.pg2.api.set("/primary", Reply::primary(5));
+    // Patroni moved the key to pg2, which answers 200 on /primary at once but is still in
+    // recovery (its body says replica). pg1's API still answers 200 on the old timeline, so
+    // nothing but the key says pg1 is no longer the leader.
+    w.pg2.api.set("/primary", Reply::replica(200, 4));
     let moved = Instant::now();
     w.etcd.put("leader", "pg2");
 
@@ -204,15 +365,30 @@ async fn a_moved_leader_key_resets_the_old_leaders_sessions_and_ups_the_new_one_
         1,
         1,
     );
+    // Several burst checks later, pg2 is still DOWN: writes there would fail read-only.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.proxy.count_log("Server postgres_write/pg2 is UP"),
+        0,
+        "pg2 UP while its PostgreSQL was in recovery:\n{}",
+        w.proxy.log()
+    );
+    // Promoted (timeline 5): UP on the next burst check.
+    w.pg2.api.set("/primary", Reply::primary(5));
+    let promoted = Instant::now();
     w.wait_log("Server postgres_write/pg2 is UP", 1, 1);
-    let up_in = moved.elapsed();
+    let up_in = promoted.elapsed();
     assert!(
         up_in < Duration::from_millis(900),
-        "pg2 UP {up_in:?} after the key moved: not the burst and the authoritative up \
+        "pg2 UP {up_in:?} after its promotion: not the burst and the authoritative up \
          (rise 3 at 1 s would take 2 s or more)"
     );
-    assert!(w.proxy.log().contains("UP without waiting for rise"));
-    eprintln!("OBSERVED fenced {fenced_in:?}, new primary UP {up_in:?} after the key moved");
+    // Once at start (pg1, the key holder), once now: the first check saying primary.
+    w.wait_log("UP without waiting for rise", 2, 1);
+    eprintln!(
+        "OBSERVED fenced {fenced_in:?} after the key moved, new primary UP {up_in:?} after \
+         its promotion"
+    );
 
     // New sessions reach pg2 only.
     let mut next = TcpStream::connect(w.bind).await.unwrap();
@@ -245,4 +421,66 @@ async fn losing_etcd_marks_nothing_down_and_the_watch_resumes() {
         1,
         1,
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_follows_the_key_through_tls_with_a_client_certificate() {
+    let name = "dcs-tls";
+    let etcd = Etcd::start_secured(name, Security::ClientCerts);
+    let w = Watched::start_on(etcd, name, |dcs, etcd| {
+        let ca = etcd.ca.as_ref().expect("a TLS etcd has its CA");
+        let client = ca.client_cert("patroxy");
+        dcs.tls(DcsTls {
+            ca_file: ca.cert.clone(),
+            client: Some((client.cert, client.key)),
+        })
+    })
+    .await;
+    w.wait_connected();
+    assert_eq!(w.dcs_stats()["connected"], true);
+    w.follows_a_leader_change();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_for_etcd_is_said_and_marks_nothing_down() {
+    let name = "dcs-tls-wrong-ca";
+    let etcd = Etcd::start_secured(name, Security::ClientCerts);
+    let other = TestCa::new("not etcd's");
+    let w = Watched::start_on(etcd, name, |dcs, etcd| {
+        let client = etcd.ca.as_ref().unwrap().client_cert("patroxy");
+        dcs.tls(DcsTls {
+            ca_file: other.cert.clone(),
+            client: Some((client.cert, client.key)),
+        })
+    })
+    .await;
+    w.refused_and_harmless("certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_follows_the_key_as_an_etcd_user() {
+    let name = "dcs-auth";
+    let etcd = Etcd::start_secured(name, Security::Passwords);
+    let w = Watched::start_on(etcd, name, |dcs, _| {
+        let (user, password) = PATROXY_USER;
+        dcs.auth(user, password)
+    })
+    .await;
+    w.wait_connected();
+    w.follows_a_leader_change();
+    assert!(
+        !w.proxy.log().contains(PATROXY_USER.1),
+        "the password is in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_etcd_password_is_said_and_marks_nothing_down() {
+    let name = "dcs-auth-wrong";
+    let etcd = Etcd::start_secured(name, Security::Passwords);
+    let w = Watched::start_on(etcd, name, |dcs, _| {
+        dcs.auth(PATROXY_USER.0, "not-the-password")
+    })
+    .await;
+    w.refused_and_harmless("authentication failed");
 }

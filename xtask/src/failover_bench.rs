@@ -24,9 +24,51 @@ pub struct FailoverArgs {
     /// Rounds of the three scenarios through the three proxies (the table shows every run).
     #[arg(long, default_value_t = 1)]
     rounds: u32,
+    /// Only these events (switchover, kill, partition; default all): to iterate on one.
+    #[arg(long, value_delimiter = ',')]
+    events: Vec<String>,
+    /// Only these proxies (patroxy, patroxy+dcs, haproxy; default all).
+    #[arg(long, value_delimiter = ',')]
+    proxies: Vec<String>,
+    /// Print each run's timeline: the harness's reference points, the writer's errors and
+    /// first writes, the proxy's and Patroni's log lines (with PTX_PATROXY_LOG=
+    /// "info,patroxy::patroni=debug,patroxy::proxy=debug" patroxy logs each check and routing).
+    #[arg(long)]
+    timeline: bool,
+}
+
+impl FailoverArgs {
+    fn events(&self) -> Result<Vec<Event>> {
+        let all = [Event::Switchover, Event::Kill, Event::Partition];
+        if self.events.is_empty() {
+            return Ok(all.to_vec());
+        }
+        self.events
+            .iter()
+            .map(|name| {
+                all.into_iter()
+                    .find(|e| e.short_name() == name)
+                    .ok_or_else(|| anyhow!("unknown event {name:?} (switchover, kill, partition)"))
+            })
+            .collect()
+    }
+
+    fn runs(&self, kind: &str) -> bool {
+        self.proxies.is_empty() || self.proxies.iter().any(|p| p == kind)
+    }
 }
 
 pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
+    let events = args.events()?;
+    if let Some(p) = args
+        .proxies
+        .iter()
+        .find(|p| !["patroxy", "patroxy+dcs", "haproxy"].contains(&p.as_str()))
+    {
+        return Err(anyhow!(
+            "unknown proxy {p:?} (patroxy, patroxy+dcs, haproxy)"
+        ));
+    }
     let env = setup::setup()?;
     let bin = build_patroxy(&env, true)?;
     let t0 = Instant::now();
@@ -55,11 +97,11 @@ pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
 
     let mut outcomes = Vec::new();
     for round in 1..=args.rounds {
-        for event in [Event::Switchover, Event::Kill, Event::Partition] {
+        for &event in &events {
             // Rotate which proxy goes first so none always meets a freshly healed node.
             let mut order: [&Proxy; 3] = [&patroxy, &patroxy_dcs, &haproxy];
             order.rotate_left((round as usize - 1) % 3);
-            for proxy in order {
+            for proxy in order.into_iter().filter(|p| args.runs(p.kind.name())) {
                 println!(
                     "failover-bench: round {round}: {} through {}",
                     event.name(),
@@ -68,6 +110,9 @@ pub fn failover_bench(args: &FailoverArgs) -> Result<()> {
                 let o = scenario::failover(&mut cluster, proxy, event)
                     .map_err(|e| anyhow!("{} through {}: {e}", event.name(), proxy.kind.name()))?;
                 println!("  {}", o.summary());
+                if args.timeline {
+                    println!("{}", o.timeline);
+                }
                 outcomes.push(o);
             }
         }
@@ -127,14 +172,18 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
         "- patroxy+dcs: patroxy's settings plus `[dcs]` on the cluster's etcd (burst_inter \
          50ms): the leader key leaving the old primary fences it and resets its sessions, the \
          write listener checks every 50 ms until a server is UP, and the key's holder (or a \
-         primary on a newer timeline) is UP on its first passed check"
+         primary on a newer timeline) is UP on its first passed check whose body says primary \
+         (a 200 saying replica is Patroni's lock before the promotion: held DOWN)"
     );
     let _ = writeln!(
         s,
         "- proxy share past promotion: from the harness's first /primary 200 on the new leader \
-         (polled directly every ~50 ms) to the first write through the proxy that succeeded on \
-         it; writes on the old primary after its key moved: writes sent after patroxy+dcs \
-         logged the leader key change that the old primary took"
+         whose body says role primary (Patroni's REST API asks PostgreSQL each time: it takes \
+         writes; its first 200 comes with the leader key, before the promotion), polled \
+         directly every 20 ms (also while `patronictl switchover` runs), to the first write \
+         through the proxy that succeeded on it; writes on the old primary after its key \
+         moved: writes sent after patroxy+dcs logged the leader key change that the old \
+         primary took"
     );
     let _ = writeln!(
         s,
@@ -155,8 +204,8 @@ fn render(outcomes: &[Outcome], took: Duration, load: &str) -> String {
     s += "\n## Medians, each proxy ÷ HAProxy (goal: switchover outage ratio ≤ 0.5, proxy \
           share ≤ 100 ms)\n\n\
           `past Patroni` = write outage minus Patroni's own time to a new primary answering \
-          /primary; `proxy share` = from that first 200 to the first write through the proxy \
-          on the new primary: the part of the outage a proxy controls.\n\n\
+          /primary; `proxy share` = from that first 200 (whose body says role primary) to the first \
+          write through the proxy on the new primary: the part of the outage a proxy controls.\n\n\
           | scenario | proxy | outage | ratio to HAProxy | past Patroni | proxy share | \
           read-only errors |\n|---|---|--:|--:|--:|--:|--:|\n";
     for event in [Event::Switchover, Event::Kill, Event::Partition] {

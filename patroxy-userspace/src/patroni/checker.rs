@@ -12,7 +12,7 @@ use std::{
 
 use tokio::{sync::watch, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     BackendKey,
@@ -379,6 +379,16 @@ async fn run(job: Job, shared: &Shared) {
     loop {
         let outcome = job.client.check().await;
         let ended = Instant::now();
+        // Each check's answer, for a failover's timeline (which check saw the new leader when).
+        debug!(
+            "check {}: {}, code {:?}, role {:?}, timeline {:?}, {}ms",
+            job.client.url(),
+            outcome.status.description(),
+            outcome.code,
+            outcome.role,
+            outcome.timeline,
+            outcome.duration.as_millis()
+        );
         shared.apply(&job.subscribers, &outcome, ended);
         changes.borrow_and_update();
         // The next check comes `interval` after this one ended; any published change (a peer of
@@ -401,18 +411,21 @@ impl Shared {
             let name = state.listeners[key.listener].name.clone();
             let server = &mut state.listeners[key.listener].servers[key.server];
             let before = server.health.server_state();
-            let held = gate.holds_down(key.listener, &server.name);
+            let held = gate.holds_down(key.listener, &server.name)
+                || gate.promoting(key.listener, outcome);
             let mut transition = if held {
                 server.health.record_held_down(outcome, at)
             } else {
                 server.health.record(outcome, at)
             };
-            if !held
-                && transition.is_none()
-                && !server.health.is_up()
-                && gate.confirms_up(key.listener, &server.name, outcome)
-            {
+            // The key holder's (or a newer timeline's) first check saying primary takes it UP;
+            // when its checks held down while it promoted already made up `rise`, the same
+            // check ends that by the hysteresis.
+            let confirmed = !held && gate.confirms_up(key.listener, &server.name, outcome);
+            if confirmed && transition.is_none() && !server.health.is_up() {
                 transition = server.health.mark_up_now(at);
+            }
+            if confirmed && transition == Some(Transition::WentUp) {
                 info!(
                     "Server {name}/{} passed its check as Patroni's leader or on a newer \
                      timeline (role {:?}, timeline {:?}): UP without waiting for rise",

@@ -197,6 +197,11 @@ struct PatroniBody {
 }
 
 impl CheckClient {
+    /// The URL checked.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     pub fn new(
         addr: std::net::SocketAddr,
         check: &HealthCheck,

@@ -1,10 +1,15 @@
 //! Health-driven choice of a server for a new client, and waiting while none is eligible.
-use tokio::time::{Instant, timeout_at};
+use std::sync::Arc;
+
+use tokio::{
+    sync::watch,
+    time::{Instant, timeout_at},
+};
 
 use super::Proxy;
 use crate::{
     routing::{Load, superseded_leaders},
-    view::ServerView,
+    view::{ServerView, View},
 };
 
 impl Proxy {
@@ -49,10 +54,19 @@ impl Proxy {
         }
     }
 
-    /// Waits until the view changes; false once `deadline` passed first.
-    pub(super) async fn wait_for_change(&self, deadline: Instant) -> bool {
+    /// A receiver of the view that sees changes from now on: taken before a `pick`, so that
+    /// a server coming UP between the pick and the wait still wakes the waiting client.
+    pub(super) fn view_changes(&self) -> watch::Receiver<Arc<View>> {
         let mut rx = self.view.clone();
         rx.mark_unchanged();
+        rx
+    }
+
+    /// Waits until the view changes after `rx` was taken; false once `deadline` passed first.
+    pub(super) async fn wait_for_change(
+        rx: &mut watch::Receiver<Arc<View>>,
+        deadline: Instant,
+    ) -> bool {
         matches!(timeout_at(deadline, rx.changed()).await, Ok(Ok(())))
     }
 }

@@ -130,6 +130,12 @@ impl Proxy {
             }
         };
         let sname = &config.listeners[listener].servers[server].name;
+        debug!(
+            client = %peer, listener = %lname, server = %sname,
+            queue_ms = (dequeued - spoke).as_millis() as u64,
+            connect_ms = (connected - dequeued).as_millis() as u64,
+            "session routed"
+        );
         let backend_id = self.backend_id(listener, server);
         let meta = session_meta(&config, listener, backend_id);
         self.recent_servers[listener].note(server);
@@ -238,7 +244,20 @@ impl Proxy {
                     "connect failed, retrying in {turnaround:?}: {err}"
                 );
             }
-            sleep(turnaround).await;
+            // A server that stops taking sessions meanwhile (DOWN, fenced by its leader key,
+            // DRAIN, MAINT) is not retried: choose again at once, as a client queued on it
+            // would, rather than sleeping out the turn-around towards a refusal.
+            let closed = tokio::select! {
+                () = sleep(turnaround) => false,
+                () = self.until_closed_to_new_sessions(listener, server) => true,
+            };
+            if closed {
+                counters.redispatches.fetch_add(1, Relaxed);
+                drop(slot);
+                let deadline = Instant::now() + d.timeout_queue;
+                (server, slot) = self.wait_for_slot(listener, &[], deadline).await?;
+                continue;
+            }
             if retries_left == 1 && d.redispatch {
                 counters.redispatches.fetch_add(1, Relaxed);
                 // The last retry may go elsewhere; fall back to the same server if none other.
@@ -264,10 +283,11 @@ impl Proxy {
         deadline: Instant,
     ) -> Result<(usize, Slot), Refusal> {
         loop {
+            let mut changes = self.view_changes();
             let Some(server) = self.pick(listener, excluded) else {
                 let _waiting =
                     WaitingGuard::new(&self.listener_counters[listener].waiting_for_server);
-                if !self.wait_for_change(deadline).await {
+                if !Self::wait_for_change(&mut changes, deadline).await {
                     return Err(Refusal::QueueTimeout { up_servers: false });
                 }
                 continue;

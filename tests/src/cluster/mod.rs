@@ -11,6 +11,7 @@ pub mod netns;
 pub mod patroni;
 pub mod proxy;
 pub mod scenario;
+pub mod timeline;
 pub mod writer;
 
 use std::fs::File;

@@ -215,6 +215,21 @@ pub fn patroxy_dcs_config(
     ))
 }
 
+/// `config` (TOML) with `fall` set in `[default_server]`.
+fn with_fall(config: &str, fall: u32) -> Result<String, PgError> {
+    let mut doc: toml::Table = config
+        .parse()
+        .map_err(|e| err(format!("the harness's config: {e}")))?;
+    let defaults = doc
+        .entry("default_server")
+        .or_insert_with(|| toml::Table::new().into());
+    let toml::Value::Table(defaults) = defaults else {
+        return Err(err("[default_server] is not a table"));
+    };
+    defaults.insert("fall".into(), i64::from(fall).into());
+    toml::to_string(&doc).map_err(|e| err(format!("writing the config: {e}")))
+}
+
 /// HAProxy's config for the cluster: [`seed_config`] exactly (HAProxy's default fastinter is
 /// inter), logging to stderr instead of /dev/log so the harness keeps its log.
 pub fn haproxy_config(nodes: &[Node], ports: (u16, u16, u16)) -> String {
@@ -261,12 +276,35 @@ impl Proxy {
         Self::start_patroxy_kind(Kind::PatroxyDcs, bin, nodes, ports, bpf)
     }
 
+    /// Like [`Proxy::start_patroxy_dcs`] with `fall` in `[default_server]`: checks too slow
+    /// to take a frozen leader DOWN before its key expires, so only the watch can fence it.
+    pub fn start_patroxy_dcs_fall(
+        bin: &Path,
+        nodes: &[Node],
+        ports: (u16, u16, u16),
+        bpf: &str,
+        fall: u32,
+    ) -> Result<Proxy, PgError> {
+        Self::start_patroxy_kind_with(Kind::PatroxyDcs, bin, nodes, ports, bpf, Some(fall))
+    }
+
     fn start_patroxy_kind(
         kind: Kind,
         bin: &Path,
         nodes: &[Node],
         ports: (u16, u16, u16),
         bpf: &str,
+    ) -> Result<Proxy, PgError> {
+        Self::start_patroxy_kind_with(kind, bin, nodes, ports, bpf, None)
+    }
+
+    fn start_patroxy_kind_with(
+        kind: Kind,
+        bin: &Path,
+        nodes: &[Node],
+        ports: (u16, u16, u16),
+        bpf: &str,
+        fall: Option<u32>,
     ) -> Result<Proxy, PgError> {
         let dir = Path::new(STATE_DIR);
         let bpf: Bpf = bpf.parse().map_err(err)?;
@@ -276,10 +314,16 @@ impl Proxy {
             Kind::PatroxyDcs => patroxy_dcs_config(nodes, ports, bpf, &pin)?,
             _ => patroxy_config(nodes, ports, bpf, &pin)?,
         };
+        let text = match fall {
+            Some(fall) => with_fall(&text, fall)?,
+            None => text,
+        };
         std::fs::write(&cfg, text)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("--config").arg(&cfg);
-        cmd.env("PATROXY_LOG", "info");
+        // PTX_PATROXY_LOG (e.g. "info,patroxy::patroni=debug") for a failover's timeline.
+        let log = std::env::var("PTX_PATROXY_LOG").unwrap_or_else(|_| "info".to_owned());
+        cmd.env("PATROXY_LOG", log);
         Self::spawn(kind, cmd, ports)
     }
 

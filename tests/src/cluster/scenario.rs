@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::netns;
 use super::patroni::http_get;
 use super::proxy::{Kind, Proxy};
+use super::timeline::{self, Timeline};
 use super::writer::{self, ErrorKind, Report, Writer};
 use super::{Cluster, err};
 use crate::postgres::PgError;
@@ -29,6 +30,15 @@ impl Event {
             Event::Partition => "primary link down",
         }
     }
+
+    /// The name `cargo xtask failover-bench --events` takes.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Event::Switchover => "switchover",
+            Event::Kill => "kill",
+            Event::Partition => "partition",
+        }
+    }
 }
 
 /// The measurements of one scenario run through one proxy.
@@ -41,7 +51,8 @@ pub struct Outcome {
     pub old_ip: String,
     pub report: Report,
     pub t_event: SystemTime,
-    /// When Patroni had a new leader answering 200 on /primary (Patroni's own floor).
+    /// When Patroni had a new primary taking writes: 200 on /primary with role primary in its
+    /// body (Patroni's own floor; its first 200 comes with the key, before the promotion).
     pub patroni_new_primary: Option<Duration>,
     /// When the proxy marked the old primary DOWN on the write listener: patroxy's log
     /// timestamp, or for HAProxy (no timestamps on stderr) when the harness saw the line,
@@ -53,6 +64,8 @@ pub struct Outcome {
     pub idle_total: usize,
     /// patroxy with the DCS watch: when it logged the leader key leaving the old primary.
     pub t_key_moved: Option<SystemTime>,
+    /// The event's timeline (see [`Timeline`]), one line per point.
+    pub timeline: String,
 }
 
 impl Outcome {
@@ -69,7 +82,7 @@ impl Outcome {
     }
 
     /// The proxy's share past Patroni's own promotion: from the harness's first `/primary`
-    /// 200 on the new leader (polled directly every ~50 ms) to the first write through the
+    /// 200 with role primary on the new leader (polled directly every 20 ms) to the first write through the
     /// proxy that succeeded on it. Negative when the proxy got there before the harness's poll.
     pub fn proxy_share(&self) -> Option<f64> {
         let promoted = self.t_event + self.patroni_new_primary?;
@@ -158,41 +171,51 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
     }
     let down_needle = format!("Server postgres_write/{} is DOWN", old.name);
     let mut down_watch = DownWatch::new(proxy, &down_needle);
+    let mut points = Points::default();
     let t_event = SystemTime::now();
     let started = Instant::now();
-    match event {
-        Event::Switchover => {
-            cluster.switchover(leader, candidate)?;
-        }
-        Event::Kill => cluster.kill_node(leader),
-        Event::Partition => netns::link_down(&old.ns)?,
+    if event == Event::Kill {
+        cluster.kill_node(leader);
     }
-    // Patroni's own time to a new primary, polled directly (not through a proxy).
-    let mut patroni_new_primary = None;
-    let mut new_idx = None;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        down_watch.poll(proxy);
-        if patroni_new_primary.is_none() {
-            for (i, n) in cluster.nodes.iter().enumerate() {
-                if i != leader
-                    && matches!(
-                        http_get(n.api_addr(), "/primary", Duration::from_millis(300)),
-                        Ok((200, _))
-                    )
-                {
-                    patroni_new_primary = Some(started.elapsed());
-                    new_idx = Some(i);
-                }
-            }
+    let cluster_ref = &*cluster;
+    std::thread::scope(|scope| -> Result<(), PgError> {
+        // patronictl returns only once the switchover is done: the poll below must run
+        // meanwhile, or Patroni's new primary would be seen late and the proxy's share short.
+        let switchover = (event == Event::Switchover).then(|| {
+            scope.spawn(move || {
+                let r = cluster_ref.switchover(leader, candidate);
+                (r, SystemTime::now())
+            })
+        });
+        match event {
+            Event::Switchover | Event::Kill => {}
+            Event::Partition => netns::link_down(&old.ns)?,
         }
-        if patroni_new_primary.is_some()
-            && w.wait_successes_since(Some(&old.ip), 10, t_event, Duration::from_millis(100))
-        {
-            break;
+        poll_new_primary(
+            cluster_ref,
+            leader,
+            &w,
+            &old.ip,
+            t_event,
+            started,
+            proxy,
+            &mut down_watch,
+            &mut points,
+        );
+        if let Some(handle) = switchover {
+            let (result, returned) = handle.join().expect("the patronictl thread");
+            result?;
+            points.ctl_returned = Some(returned);
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok(())
+    })?;
+    let Points {
+        patroni_new_primary,
+        new_idx,
+        ctl_returned,
+        first_200,
+    } = points;
+    down_watch.poll(proxy);
     std::thread::sleep(Duration::from_secs(1));
     let resumed = w.wait_successes_on(Some(&old.ip), 5, Duration::from_secs(5));
     // HAProxy may mark the old primary DOWN well after writes resumed elsewhere (fall x
@@ -240,6 +263,45 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
     };
 
     let new_name = new_idx.map_or("?".to_owned(), |i| cluster.nodes[i].name.clone());
+    let timeline = {
+        let until = report
+            .first_success_elsewhere(&old.ip, t_event)
+            .map_or(t_event + Duration::from_secs(30), |t| t + timeline::AFTER);
+        let mut tl = Timeline::new(t_event, until);
+        tl.point(t_event, "harness", event.name());
+        if let Some(t) = ctl_returned {
+            tl.point(t, "harness", "patronictl switchover returned");
+        }
+        if let Some((d, i)) = first_200 {
+            tl.point(
+                t_event + d,
+                "harness",
+                format!(
+                    "{} answers 200 on /primary (first; polled every {PRIMARY_POLL:?})",
+                    cluster.nodes[i].name
+                ),
+            );
+        }
+        if let Some(d) = patroni_new_primary {
+            tl.point(
+                t_event + d,
+                "harness",
+                format!("{new_name} answers 200 on /primary with role primary: takes writes"),
+            );
+        }
+        tl.writer(&report, &old.ip);
+        if proxy.kind != Kind::Haproxy {
+            tl.proxy_log(proxy.kind.name(), &proxy.log());
+        }
+        let mut leaders = vec![leader];
+        leaders.extend(new_idx);
+        for i in leaders {
+            let node = &cluster.nodes[i];
+            let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+            tl.patroni_log(&node.name, &log);
+        }
+        tl.render()
+    };
     // Restore three healthy members for what follows.
     match event {
         Event::Switchover => {}
@@ -269,7 +331,77 @@ pub fn failover(cluster: &mut Cluster, proxy: &Proxy, event: Event) -> Result<Ou
         idle_left,
         idle_total,
         t_key_moved,
+        timeline,
     })
+}
+
+/// What the harness saw of Patroni during the event.
+#[derive(Default)]
+struct Points {
+    /// Since the event: Patroni's new primary answering 200 on /primary (the poll's answer).
+    patroni_new_primary: Option<Duration>,
+    new_idx: Option<usize>,
+    /// When `patronictl switchover` returned.
+    ctl_returned: Option<SystemTime>,
+    /// Since the event: the first 200 on /primary of another node (Patroni holds the leader
+    /// key; its PostgreSQL may still be in recovery), and which node.
+    first_200: Option<(Duration, usize)>,
+}
+
+/// The `role` of Patroni's status JSON.
+fn body_role(body: &str) -> Option<String> {
+    let json: serde_json::Value = serde_json::from_str(body).ok()?;
+    json.get("role")?.as_str().map(str::to_owned)
+}
+
+/// How often the harness asks the other nodes' /primary: the granularity of "Patroni's new
+/// primary" (plus one request, a few ms on these namespaces).
+const PRIMARY_POLL: Duration = Duration::from_millis(20);
+
+/// Polls the nodes other than `leader` for Patroni's new primary, directly (not through a
+/// proxy), until writes through the proxy resumed on another server than `old_ip`.
+#[allow(clippy::too_many_arguments)]
+fn poll_new_primary(
+    cluster: &Cluster,
+    leader: usize,
+    w: &Writer,
+    old_ip: &str,
+    t_event: SystemTime,
+    started: Instant,
+    proxy: &Proxy,
+    down_watch: &mut DownWatch,
+    points: &mut Points,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        down_watch.poll(proxy);
+        if points.patroni_new_primary.is_none() {
+            for (i, n) in cluster.nodes.iter().enumerate() {
+                if i == leader {
+                    continue;
+                }
+                let Ok((200, body)) =
+                    http_get(n.api_addr(), "/primary", Duration::from_millis(300))
+                else {
+                    continue;
+                };
+                let at = started.elapsed();
+                points.first_200.get_or_insert((at, i));
+                // Patroni answers 200 once it holds the leader key; the body's role (asked of
+                // PostgreSQL each time) says primary once it has left recovery and takes writes.
+                if body_role(&body).as_deref() == Some("primary") {
+                    points.patroni_new_primary = Some(at);
+                    points.new_idx = Some(i);
+                }
+            }
+        }
+        if points.patroni_new_primary.is_some()
+            && w.wait_successes_since(Some(old_ip), 10, t_event, Duration::from_millis(100))
+        {
+            return;
+        }
+        std::thread::sleep(PRIMARY_POLL);
+    }
 }
 
 /// Watches a proxy's log for a new line containing a needle (HAProxy's log lines carry no

@@ -36,6 +36,8 @@ pub struct Success {
     pub at: SystemTime,
     /// When the session that wrote was established.
     pub connected_at: SystemTime,
+    /// How long establishing it took (TCP, the proxy's queue, startup and SCRAM).
+    pub connect_took: Duration,
     /// `inet_server_addr()` of the node that took the write.
     pub server: String,
     /// The row's `id` in `ptx_writes`: a committed write must still be there afterwards.
@@ -225,7 +227,7 @@ impl Drop for Writer {
 }
 
 fn run(port: u16, interval: Duration, stop: &AtomicBool, log: &Mutex<Log>) {
-    let mut session: Option<(Client, SystemTime)> = None;
+    let mut session: Option<(Client, SystemTime, Duration)> = None;
     let mut next = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
@@ -234,8 +236,9 @@ fn run(port: u16, interval: Duration, stop: &AtomicBool, log: &Mutex<Log>) {
         }
         next = Instant::now() + interval;
         if session.is_none() {
+            let connecting = Instant::now();
             match connect(port, "ptx-writer") {
-                Ok(c) => session = Some((c, SystemTime::now())),
+                Ok(c) => session = Some((c, SystemTime::now(), connecting.elapsed())),
                 Err(e) => {
                     log.lock().unwrap().errors.push(WriteError {
                         at: SystemTime::now(),
@@ -247,8 +250,8 @@ fn run(port: u16, interval: Duration, stop: &AtomicBool, log: &Mutex<Log>) {
                 }
             }
         }
-        let (client, connected_at) = session.as_mut().expect("connected above");
-        let connected_at = *connected_at;
+        let (client, connected_at, connect_took) = session.as_mut().expect("connected above");
+        let (connected_at, connect_took) = (*connected_at, *connect_took);
         let sent_at = SystemTime::now();
         match query_row(
             client,
@@ -258,6 +261,7 @@ fn run(port: u16, interval: Duration, stop: &AtomicBool, log: &Mutex<Log>) {
                 sent_at,
                 at: SystemTime::now(),
                 connected_at,
+                connect_took,
                 id: row.get(1).and_then(|id| id.parse().ok()).unwrap_or(-1),
                 server: row.into_iter().next().unwrap_or_default(),
             }),

@@ -96,6 +96,17 @@ pub struct DcsConfig {
     pub scope: String,
     pub namespace: Option<String>,
     pub burst_inter: Option<Duration>,
+    /// `tls = { ca_file, client_cert, client_key }`.
+    pub tls: Option<DcsTls>,
+    /// `user` and `password`.
+    pub auth: Option<(String, String)>,
+}
+
+/// `[dcs] tls`: the CA of etcd's certificate and an optional client identity.
+#[derive(Clone, Debug)]
+pub struct DcsTls {
+    pub ca_file: PathBuf,
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 impl DcsConfig {
@@ -106,7 +117,19 @@ impl DcsConfig {
             scope: scope.into(),
             namespace: None,
             burst_inter: None,
+            tls: None,
+            auth: None,
         }
+    }
+
+    pub fn tls(mut self, tls: DcsTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    pub fn auth(mut self, user: &str, password: &str) -> Self {
+        self.auth = Some((user.to_owned(), password.to_owned()));
+        self
     }
 }
 

@@ -127,6 +127,18 @@ impl ProxyConfig {
             toml.key("namespace", d.namespace.as_deref().map(quoted));
             toml.key("scope", Some(quoted(&d.scope)));
             toml.key("burst_inter", d.burst_inter.map(quoted_duration));
+            toml.key(
+                "tls",
+                d.tls.as_ref().map(|t| {
+                    let path = |p: &std::path::Path| quoted(&p.to_string_lossy());
+                    let client = t.client.as_ref().map_or(String::new(), |(cert, key)| {
+                        format!(", client_cert = {}, client_key = {}", path(cert), path(key))
+                    });
+                    format!("{{ ca_file = {}{client} }}", path(&t.ca_file))
+                }),
+            );
+            toml.key("user", d.auth.as_ref().map(|(u, _)| quoted(u)));
+            toml.key("password", d.auth.as_ref().map(|(_, p)| quoted(p)));
         }
         toml.finish()
     }

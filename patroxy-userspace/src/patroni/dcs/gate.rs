@@ -99,6 +99,15 @@ impl LeaderGate {
         self.governs(listener) && self.key_holder.as_deref().is_some_and(|h| h != server)
     }
 
+    /// Whether a passed check of `listener` is Patroni's lock without a writable primary yet:
+    /// in a switchover Patroni answers 200 on /primary as soon as it holds the leader key, and
+    /// its body says `replica` until PostgreSQL has left recovery (the REST API asks it each
+    /// time). Writes routed there now would fail read-only, so the server stays DOWN (checked
+    /// at the burst's pace) until the body says primary.
+    pub fn promoting(&self, listener: usize, outcome: &CheckOutcome) -> bool {
+        self.governs(listener) && outcome.status.passed() && outcome.role == Some(Role::Replica)
+    }
+
     /// A leader change: every governed listener checks every `burst_inter` until one of its
     /// servers is UP again.
     pub fn start_burst(&mut self, now: Instant) {
@@ -128,8 +137,8 @@ impl LeaderGate {
             (Some(timeline), Some(newest)) => timeline > newest,
             _ => false,
         };
-        // A passed check of a /primary-like path is Patroni's own "I am the primary"; its
-        // body's role may still say otherwise for a moment while it promotes.
+        // A passed check of a /primary-like path is Patroni's own "I am the primary" (one
+        // whose body still says replica is held down by `promoting` before it gets here).
         let key_holder = self.key_holder.as_deref() == Some(server);
         self.governs(listener)
             && outcome.status.passed()
@@ -276,11 +285,24 @@ mod tests {
         assert!(!gate.holds_down(1, "pg1"), "replica listeners are not held");
         gate.set_key_holder(None);
         assert!(!gate.holds_down(0, "pg1"));
+        // The key holder's 200 while its PostgreSQL is still in recovery: held, not confirmed.
+        let locked_not_promoted = CheckOutcome {
+            role: Some(Role::Replica),
+            ..primary(5)
+        };
+        assert!(gate.promoting(0, &locked_not_promoted));
+        assert!(!gate.promoting(0, &primary(5)));
+        assert!(!gate.promoting(0, &failed));
+        assert!(
+            !gate.promoting(1, &locked_not_promoted),
+            "replica listeners"
+        );
         // Without [dcs], the hysteresis alone decides.
         let mut unwatched = LeaderGate::new(&cluster(false));
         unwatched.observe(&with_up_primary(&config, 0, 5));
         unwatched.set_key_holder(Some("pg2"));
         assert!(!unwatched.confirms_up(0, "pg2", &primary(6)));
+        assert!(!unwatched.promoting(0, &locked_not_promoted));
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub enum WatchError {
 /// Why one connection of the watch ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
-    #[error("{0}")]
+    /// With its sources: etcd-client's "transport error" alone does not say that the
+    /// certificate was refused or etcd unreachable.
+    #[error("{}", with_sources(.0))]
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer within {REQUEST_TIMEOUT:?}")]
     Timeout,
@@ -260,6 +262,20 @@ impl Watch {
         });
         was
     }
+}
+
+/// `e`'s text followed by each source's that it does not already contain.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn describe(member: &Option<String>, server: &Option<String>) -> String {
