@@ -304,18 +304,20 @@ fn attribution(
         );
     }
     drop(session);
+    // The session's closing line (not the debug line that routed it) names both addresses.
     let needle = format!("client={client}");
-    assert!(
-        proxy.wait_for_log(&needle, Duration::from_secs(5)),
-        "{}",
-        proxy.log()
-    );
-    let line = proxy
-        .log()
-        .lines()
-        .find(|l| l.contains(&needle))
-        .unwrap()
-        .to_owned();
+    let closed_line = || {
+        proxy
+            .log()
+            .lines()
+            .find(|l| l.contains("session closed") && l.contains(&needle))
+            .map(str::to_owned)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while closed_line().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let line = closed_line().unwrap_or_else(|| panic!("no session closed line\n{}", proxy.log()));
     assert!(line.contains(" local=127.0.0.1:"), "{line}");
 }
 
