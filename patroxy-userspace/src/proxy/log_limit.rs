@@ -42,12 +42,6 @@ impl LogLimit {
         2.0 * f64::from(per_second)
     }
 
-    /// Whether one more debug line may be written now: only when debug lines are on, so at
-    /// info level such a line costs no token.
-    pub fn allow_debug(&self) -> bool {
-        tracing::enabled!(tracing::Level::DEBUG) && self.allow()
-    }
-
     /// Whether one more line may be written now; if not, it is counted as suppressed.
     pub fn allow(&self) -> bool {
         let now = Instant::now();

@@ -14,7 +14,7 @@ use tokio::{
     sync::OwnedSemaphorePermit,
     time::{Instant, sleep, timeout},
 };
-use tracing::{debug, info, warn};
+use tracing::{Level, debug, info, warn};
 
 use super::{
     Proxy,
@@ -93,8 +93,9 @@ impl Proxy {
         // A client gone before its first byte (a port probe, a health check of the proxy's
         // port) needs no backend connection: nothing could reach one.
         if let Some(why) = gone {
-            // Through the log limit like any session's end (a flood of port probes).
-            if self.log_limit.allow_debug() {
+            // Through the log limit like any session's end (a flood of port probes), but
+            // only when debug lines are on: at info this line costs no token.
+            if tracing::enabled!(Level::DEBUG) && self.log_limit.allow() {
                 debug!(client = %peer, listener = %lname, "session closed: {why}");
             }
             return;
@@ -129,14 +130,12 @@ impl Proxy {
             }
         };
         let sname = &config.listeners[listener].servers[server].name;
-        if self.log_limit.allow_debug() {
-            debug!(
-                client = %peer, listener = %lname, server = %sname,
-                queue_ms = (dequeued - spoke).as_millis() as u64,
-                connect_ms = (connected - dequeued).as_millis() as u64,
-                "session routed"
-            );
-        }
+        debug!(
+            client = %peer, listener = %lname, server = %sname,
+            queue_ms = (dequeued - spoke).as_millis() as u64,
+            connect_ms = (connected - dequeued).as_millis() as u64,
+            "session routed"
+        );
         let backend_id = self.backend_id(listener, server);
         let meta = session_meta(&config, listener, backend_id);
         self.recent_servers[listener].note(server);
@@ -237,9 +236,9 @@ impl Proxy {
                 });
             }
             counters.retries.fetch_add(1, Relaxed);
-            // Each attempt, under the log limit: a server refusing every client must not
-            // flood the log.
-            if self.log_limit.allow_debug() {
+            // Each attempt, when debug lines are on (under the log limit: a server refusing
+            // every client must not flood the log).
+            if tracing::enabled!(Level::DEBUG) && self.log_limit.allow() {
                 debug!(
                     client = %peer, server = %addr, attempt = attempts,
                     "connect failed, retrying in {turnaround:?}: {err}"
