@@ -583,7 +583,10 @@ async fn silent_client_is_closed_without_taking_a_slot(path: Path_) {
 }
 
 /// A flood of clients writes at most `session_log_rate`'s burst plus its rate of "session
-/// closed" lines; the rest are counted in the periodic summary, none lost from the count.
+/// closed" lines; the rest are counted in the periodic summary, none lost from the count. The
+/// debug lines of the same clients (accepted, routed: the harness runs at debug) have a budget
+/// of their own: they must not spend the session lines' tokens (with one shared bucket, three
+/// lines per client left about a third of the burst to the session ends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn session_log_lines_are_rate_limited() {
     const CLIENTS: usize = 500;
@@ -596,18 +599,15 @@ async fn session_log_lines_are_rate_limited() {
     let started = Instant::now();
     let proxy = Patroxy::start("lograte", &config);
     for _ in 0..CLIENTS {
-        drop(TcpStream::connect(bind).await.unwrap());
+        // One byte makes it a session (routed to the echo server); then the client leaves.
+        let mut client = TcpStream::connect(bind).await.unwrap();
+        client.write_all(b"x").await.unwrap();
     }
     // From the daemon's start to the last client, and a second for the last sessions to end.
     let flood = started.elapsed() + Duration::from_secs(1);
-    // Every session (the readiness probe's too) is either logged or counted as suppressed.
-    let sessions = CLIENTS + 1;
-    let accounted = || {
-        let log = proxy.log();
-        let logged = log.lines().filter(|l| l.contains("session closed")).count();
-        let suppressed: usize = log
-            .lines()
-            .filter(|l| l.contains("session log lines suppressed"))
+    let summed = |log: &str, what: &str| -> usize {
+        log.lines()
+            .filter(|l| l.contains(what))
             .filter_map(|l| {
                 l.split("suppressed=")
                     .nth(1)?
@@ -616,25 +616,48 @@ async fn session_log_lines_are_rate_limited() {
                     .parse::<usize>()
                     .ok()
             })
-            .sum();
+            .sum()
+    };
+    // Every routed session is either logged (its closing line carries the byte counts) or
+    // counted as suppressed.
+    let accounted = || {
+        let log = proxy.log();
+        let logged = log
+            .lines()
+            .filter(|l| l.contains("session closed") && l.contains("bytes_in="))
+            .count();
+        let suppressed = summed(&log, "session log lines suppressed");
         (logged, suppressed)
     };
     let deadline = Instant::now() + Duration::from_secs(25);
     let (logged, suppressed) = loop {
         let (logged, suppressed) = accounted();
-        if logged + suppressed >= sessions || Instant::now() > deadline {
+        if logged + suppressed >= CLIENTS || Instant::now() > deadline {
             break (logged, suppressed);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // Lines come from the burst and the refill while the flood lasted.
     let within = 2 * RATE + (RATE as f64 * flood.as_secs_f64()).ceil() as usize;
-    assert_eq!(logged + suppressed, sessions, "{}", proxy.log());
+    assert_eq!(logged + suppressed, CLIENTS, "{}", proxy.log());
     assert!(
         logged <= within,
         "{logged} lines logged, at most {within} expected"
     );
     assert!(suppressed > 0);
+    // The whole burst went to session ends, none to the debug lines before them ...
+    assert!(
+        logged >= 2 * RATE,
+        "only {logged} session lines logged of a burst of {}: the debug lines took tokens",
+        2 * RATE
+    );
+    // ... which were limited on their own and counted in their own summary.
+    assert!(
+        proxy.wait_for_log("debug lines suppressed", Duration::from_secs(15)),
+        "{}",
+        proxy.log()
+    );
+    assert!(summed(&proxy.log(), "debug lines suppressed") > 0);
 }
 
 async fn idle_sessions_time_out(path: Path_) {

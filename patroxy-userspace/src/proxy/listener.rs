@@ -56,7 +56,9 @@ impl Proxy {
             match accepted {
                 Ok((client, peer)) => {
                     backoff = Duration::from_millis(5);
-                    debug!(listener = %name, %peer, "accepted");
+                    if self.debug_line_allowed() {
+                        debug!(listener = %name, %peer, "accepted");
+                    }
                     tracker.spawn(self.clone().serve_client(index, client, peer, permit));
                 }
                 Err(e) => {

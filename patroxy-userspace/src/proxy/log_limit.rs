@@ -2,6 +2,9 @@
 //! clients would otherwise write a line each (500 connections, 500 lines; a soak, megabytes).
 //! Past the rate, lines are counted instead, and a summary every [`REPORT_EVERY`] says how
 //! many were dropped. The counters and the stats see every client either way.
+//!
+//! The debug lines per client (accepted, routed, each connect retry) have a bucket of their own:
+//! sharing one would let them spend the tokens of the session-end lines an operator relies on.
 use std::sync::{
     Mutex,
     atomic::{AtomicU64, Ordering::Relaxed},
@@ -15,6 +18,8 @@ use tracing::warn;
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 pub struct LogLimit {
+    /// What the lines are, for the summary ("session log lines").
+    what: &'static str,
     /// Lines per second in the long run; the bucket holds twice that, for a burst.
     per_second: u32,
     bucket: Mutex<Bucket>,
@@ -27,8 +32,9 @@ struct Bucket {
 }
 
 impl LogLimit {
-    pub fn new(per_second: u32) -> Self {
+    pub fn new(what: &'static str, per_second: u32) -> Self {
         Self {
+            what,
             per_second,
             bucket: Mutex::new(Bucket {
                 tokens: Self::burst(per_second),
@@ -82,7 +88,8 @@ impl LogLimit {
         if n > 0 {
             warn!(
                 suppressed = n,
-                "{n} session log lines suppressed in the last {}s (over session_log_rate = {}/s)",
+                "{n} {} suppressed in the last {}s (over session_log_rate = {}/s)",
+                self.what,
                 REPORT_EVERY.as_secs(),
                 self.per_second
             );
@@ -96,7 +103,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_twice_the_rate_then_the_rate() {
-        let limit = LogLimit::new(100);
+        let limit = LogLimit::new("test lines", 100);
         let allowed = (0..500).filter(|_| limit.allow()).count();
         assert_eq!(allowed, 200, "the burst");
         assert_eq!(limit.take_suppressed(), 300);
@@ -110,7 +117,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn counts_restart_after_each_report() {
-        let limit = LogLimit::new(1);
+        let limit = LogLimit::new("test lines", 1);
         (0..5).for_each(|_| {
             limit.allow();
         });

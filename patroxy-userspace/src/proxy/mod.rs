@@ -84,6 +84,8 @@ pub struct Proxy {
     slots: Vec<ServerSlots>,
     /// The rate limit of the lines logged per client (session ends, refusals).
     log_limit: LogLimit,
+    /// The same rate, separately, for the debug lines per client (when debug is on).
+    debug_log_limit: LogLimit,
     /// The rate limits of CancelRequests, per client address and in total.
     cancel_limit: CancelLimit,
     /// Per listener: the servers its last sessions went to, for cancels after a failover.
@@ -135,7 +137,8 @@ impl Proxy {
             backend_counters,
             listener_counters,
             global: Arc::new(Semaphore::new(config.global.maxconn as usize)),
-            log_limit: LogLimit::new(config.global.session_log_rate),
+            log_limit: LogLimit::new("session log lines", config.global.session_log_rate),
+            debug_log_limit: LogLimit::new("debug lines", config.global.session_log_rate),
             cancel_limit: CancelLimit::new(
                 config.global.cancel_rate,
                 config.global.cancel_rate_per_client,
@@ -173,7 +176,10 @@ impl Proxy {
         );
         tracker.spawn(self.clone().undo_foreign_writes(stop.clone()));
         let proxy = self.clone();
+        let debug_stop = stop.clone();
         tracker.spawn(async move { proxy.log_limit.report(stop).await });
+        let proxy = self.clone();
+        tracker.spawn(async move { proxy.debug_log_limit.report(debug_stop).await });
     }
 
     /// Waits up to `grace` for open sessions to end, then resets the rest.
@@ -195,6 +201,12 @@ impl Proxy {
     }
 
     /// The backend id (BPF map key) of server `server` of listener `listener`.
+    /// Whether one debug line per client may be written now: debug is on and its own budget
+    /// (`debug_log_limit`) has a token. At info, no token is spent.
+    fn debug_line_allowed(&self) -> bool {
+        tracing::enabled!(tracing::Level::DEBUG) && self.debug_log_limit.allow()
+    }
+
     fn backend_id(&self, listener: usize, server: usize) -> u32 {
         self.ids
             .id(crate::patroni::BackendKey { listener, server })

@@ -14,7 +14,7 @@ use tokio::{
     sync::OwnedSemaphorePermit,
     time::{Instant, sleep, timeout},
 };
-use tracing::{Level, debug, info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     Proxy,
@@ -93,9 +93,8 @@ impl Proxy {
         // A client gone before its first byte (a port probe, a health check of the proxy's
         // port) needs no backend connection: nothing could reach one.
         if let Some(why) = gone {
-            // Through the log limit like any session's end (a flood of port probes), but
-            // only when debug lines are on: at info this line costs no token.
-            if tracing::enabled!(Level::DEBUG) && self.log_limit.allow() {
+            // A flood of port probes must not flood the log: the debug lines' budget.
+            if self.debug_line_allowed() {
                 debug!(client = %peer, listener = %lname, "session closed: {why}");
             }
             return;
@@ -130,12 +129,14 @@ impl Proxy {
             }
         };
         let sname = &config.listeners[listener].servers[server].name;
-        debug!(
-            client = %peer, listener = %lname, server = %sname,
-            queue_ms = (dequeued - spoke).as_millis() as u64,
-            connect_ms = (connected - dequeued).as_millis() as u64,
-            "session routed"
-        );
+        if self.debug_line_allowed() {
+            debug!(
+                client = %peer, listener = %lname, server = %sname,
+                queue_ms = (dequeued - spoke).as_millis() as u64,
+                connect_ms = (connected - dequeued).as_millis() as u64,
+                "session routed"
+            );
+        }
         let backend_id = self.backend_id(listener, server);
         let meta = session_meta(&config, listener, backend_id);
         self.recent_servers[listener].note(server);
@@ -236,9 +237,9 @@ impl Proxy {
                 });
             }
             counters.retries.fetch_add(1, Relaxed);
-            // Each attempt, when debug lines are on (under the log limit: a server refusing
+            // Each attempt, when debug lines are on (under their budget: a server refusing
             // every client must not flood the log).
-            if tracing::enabled!(Level::DEBUG) && self.log_limit.allow() {
+            if self.debug_line_allowed() {
                 debug!(
                     client = %peer, server = %addr, attempt = attempts,
                     "connect failed, retrying in {turnaround:?}: {err}"
