@@ -47,6 +47,20 @@ impl Patroxy {
         config: &ProxyConfig,
         adjust: impl FnOnce(&mut Command),
     ) -> Patroxy {
+        Self::spawn(name, config, Duration::from_secs(1), adjust)
+    }
+
+    /// Like `start`, with `--drain-grace` (`start` gives 1 s: tests end quickly).
+    pub fn start_with_drain_grace(name: &str, config: &ProxyConfig, grace: Duration) -> Patroxy {
+        Self::spawn(name, config, grace, |_| {})
+    }
+
+    fn spawn(
+        name: &str,
+        config: &ProxyConfig,
+        drain_grace: Duration,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Patroxy {
         let pin_path = config
             .global
             .pin_path
@@ -62,7 +76,7 @@ impl Patroxy {
             .arg("--config")
             .arg(&config_path)
             .arg("--drain-grace")
-            .arg("1s")
+            .arg(format!("{}ms", drain_grace.as_millis()))
             .env("PATROXY_LOG", "info,patroxy=debug");
         adjust(&mut cmd);
         let mut child = ChildGuard::spawn(name, &mut cmd).expect("spawn patroxy");

@@ -18,7 +18,7 @@ use std::{
 use common::{Path_, local, one_listener};
 use patroxy_tests::{
     backend::{Backend, Behaviour, Fnv, pattern},
-    config::{ListenerConfig, ProxyConfig, RuntimeConfig, ServerConfig, StatsConfig},
+    config::{ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig, ServerConfig, StatsConfig},
     daemon::Patroxy,
     ports::{free_tcp_port, wait_for_listen},
     postgres::{Postgres, PostgresOptions},
@@ -621,4 +621,95 @@ async fn upgrades_keep_the_runtime_socket_and_reload() {
         first.log()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A structural reload that removes a server whose `on_marked_down` is "none" (HAProxy's
+/// default): its session is not reset. It runs on in the old process, which exits as soon as
+/// that session ends, long before its drain grace; the sessions of the server that stays go
+/// to the successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_servers_sessions_run_on_in_the_old_process_with_on_marked_down_none() {
+    if !Path_::Sockmap.available("a_removed_servers_sessions_run_on_in_the_old_process") {
+        return;
+    }
+    const GRACE: Duration = Duration::from_secs(60);
+    let (backend_a, backend_b) = (
+        Backend::start(Behaviour::Echo).await,
+        Backend::start(Behaviour::Echo).await,
+    );
+    let pin = Patroxy::unique_pin_path("removed-none");
+    let stats = local(free_tcp_port());
+    let read = local(free_tcp_port());
+    let mut both = one_listener(Path_::Sockmap, &pin, backend_a.addr)
+        .stats(StatsConfig::new(stats))
+        .server(ServerConfig::new("b", backend_b.addr))
+        .listener(ListenerConfig::new("postgres_read", read, ["b"]));
+    both.default_server.on_marked_down = Some(OnMarkedDown::Nothing);
+    let write = both.bind();
+    let mut without_b = both.clone();
+    without_b.listeners.retain(|l| l.name != "postgres_read");
+    without_b.servers.retain(|s| s.name != "b");
+
+    let mut proxy = Patroxy::start_with_drain_grace("removed-none", &both, GRACE);
+    let url = format!("http://{stats}");
+    let old_pid = stats_pid(&url).expect("the daemon's pid");
+    let mut on_a = TcpStream::connect(write).await.unwrap();
+    echo(&mut on_a, b"to a").await.unwrap();
+    let mut on_b = TcpStream::connect(read).await.unwrap();
+    echo(&mut on_b, b"to b").await.unwrap();
+
+    std::fs::write(&proxy.config_path, without_b.to_toml()).unwrap();
+    let reload = Command::new(patroxy_bin())
+        .args(["reload", "--config"])
+        .arg(&proxy.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        reload.status.success() && String::from_utf8_lossy(&reload.stdout).contains("new process"),
+        "reload: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&reload.stdout),
+        String::from_utf8_lossy(&reload.stderr),
+        proxy.log()
+    );
+    let _successor = Successor(url.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats_pid(&url) == Some(old_pid) {
+        assert!(Instant::now() < deadline, "no successor\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Both sessions still carry bytes: a's in the successor, b's in the old process, which
+    // stays for it.
+    for round in 0..3 {
+        echo(&mut on_a, b"still a").await.unwrap();
+        echo(&mut on_b, b"still b").await.unwrap_or_else(|e| {
+            panic!(
+                "round {round}: b's session after the reload: {e}\n{}",
+                proxy.log()
+            )
+        });
+        assert!(
+            proxy.child.try_wait().unwrap().is_none(),
+            "the old process left while b's session runs\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        !proxy.log().contains("resetting its sessions"),
+        "nothing was reset\n{}",
+        proxy.log()
+    );
+
+    // b's session ends: the old process exits, well within its grace.
+    drop(on_b);
+    let exited = proxy.child.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        exited.is_some(),
+        "the old process still runs after its last session ended\n{}",
+        proxy.log()
+    );
+    echo(&mut on_a, b"a after the old process left")
+        .await
+        .unwrap();
 }
