@@ -72,6 +72,19 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
 
 /// The XDP allowlist's packets per protected port and per rule, by verdict.
 fn xdp(reg: &mut Registry, x: &XdpStats) {
+    register(
+        reg,
+        Kind::Gauge,
+        "xdp_attached",
+        "1 for each interface the allowlist is attached to, by mode: native or generic (XDP), \
+         tc (tc ingress)",
+        x.attached.iter().map(|a| {
+            (
+                vec![("interface", a.interface.clone()), ("mode", a.mode.clone())],
+                1,
+            )
+        }),
+    );
     let per_port = x.ports.iter().flat_map(|p| {
         [
             ("passed", p.passed),
