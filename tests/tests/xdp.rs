@@ -631,7 +631,11 @@ fn a_crash_leaves_the_program_attached_and_the_next_start_replaces_it() {
         return;
     }
     // `auto`: the tc program's tcx link.
-    crash_and_restart(None, |veth| tc_programs(veth).first().map(|(id, _)| *id));
+    crash_and_restart(
+        None,
+        |veth| tc_programs(veth).first().map(|(id, _)| *id),
+        None,
+    );
 }
 
 #[test]
@@ -641,16 +645,26 @@ fn a_crash_in_generic_mode_leaves_the_xdp_program_and_the_next_start_replaces_it
     ) {
         return;
     }
-    crash_and_restart(Some("generic"), |veth| {
-        assert_eq!(attached_mode(veth), Some(XDP_ATTACHED_GENERIC), "{veth}");
-        attached_program(veth)
-    });
+    // After the second crash, a start in tc mode: the XDP link left behind goes.
+    crash_and_restart(
+        Some("generic"),
+        |veth| {
+            assert_eq!(attached_mode(veth), Some(XDP_ATTACHED_GENERIC), "{veth}");
+            attached_program(veth)
+        },
+        Some("tc"),
+    );
 }
 
 /// Starts patroxy in `mode`, kills it, checks that the allowlist stayed attached (`program`:
 /// the id of what `mode` attaches to a veth) and enforcing, and that the next start replaces
-/// it; then, killed again and started with XDP off, that what was left is detached.
-fn crash_and_restart(mode: Option<&str>, program: impl Fn(&str) -> Option<u64>) {
+/// it; then, killed again, that a start in the tc mode `switch_to` names replaces it with the
+/// tc program (and is killed in turn), and that a start with XDP off detaches what is left.
+fn crash_and_restart(
+    mode: Option<&str>,
+    program: impl Fn(&str) -> Option<u64>,
+    switch_to: Option<&str>,
+) {
     let _lab = Lab::up();
     let pg = start_pg();
     let pin = Patroxy::unique_pin_path("xdp-crash");
@@ -686,6 +700,24 @@ fn crash_and_restart(mode: Option<&str>, program: impl Fn(&str) -> Option<u64>) 
     second.child.wait().unwrap();
     drop(second);
     assert!(program(A.veth).is_some());
+    if let Some(tc) = switch_to {
+        let mut switched = config.clone();
+        switched.xdp.as_mut().unwrap().mode = Some(tc.into());
+        let mut switched = Patroxy::start("xdp-crash", &switched);
+        assert!(
+            switched.log().contains("and the mode changed"),
+            "{}",
+            switched.log()
+        );
+        for h in HOSTS {
+            assert_eq!(attached_program(h.veth), None, "XDP left on {}", h.veth);
+            assert_eq!(tc_programs(h.veth).len(), 1, "tc on {}", h.veth);
+        }
+        assert_psql(&pg, &A, A.host4, port);
+        assert_no_answer(&D, v4(D.host4, port));
+        switched.child.signal(libc::SIGKILL).unwrap();
+        switched.child.wait().unwrap();
+    }
     let mut off = config.clone();
     off.xdp.as_mut().unwrap().enabled = Some(Bpf::Off);
     let third = Patroxy::start("xdp-crash", &off);
