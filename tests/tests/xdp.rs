@@ -735,6 +735,48 @@ fn crash_and_restart(
     remove_pin_path(&pin);
 }
 
+/// A packet the tc program lets through goes on to the next program in the interface's tcx
+/// chain (TC_ACT_UNSPEC), not straight to the stack: a second daemon, attached in front of the
+/// first (`first` in the chain) and protecting other ports, must not let D through to the
+/// first one's port, which only the first daemon's program drops.
+#[test]
+fn the_tc_program_leaves_other_packets_to_the_next_program_in_the_chain() {
+    if !require_root("the_tc_program_leaves_other_packets_to_the_next_program_in_the_chain") {
+        return;
+    }
+    let _lab = Lab::up();
+    let pg = start_pg();
+    let (pin1, pin2) = (
+        Patroxy::unique_pin_path("xdp-chain-1"),
+        Patroxy::unique_pin_path("xdp-chain-2"),
+    );
+    let (config1, config2) = (config(&pin1, &pg, Bpf::Off), config(&pin2, &pg, Bpf::Off));
+    let ((port1, _), (port2, _)) = (ports(&config1), ports(&config2));
+    let first = Patroxy::start("xdp-chain-1", &config1);
+    let second = Patroxy::start("xdp-chain-2", &config2);
+    let chain = tc_programs(A.veth);
+    // Loaded later, so a higher id: the second daemon's program runs first.
+    assert!(
+        matches!(&chain[..], [(newer, _), (older, _)] if newer > older),
+        "{chain:?}"
+    );
+    assert_no_answer(&D, v4(D.host4, port1));
+    assert_no_answer(&D, v4(D.host4, port2));
+    connect_from(&A, v4(A.host4, port1)).expect("A reaches the first daemon");
+    connect_from(&A, v4(A.host4, port2)).expect("A reaches the second daemon");
+    drop(second);
+    assert_eq!(
+        tc_programs(A.veth).len(),
+        1,
+        "the second daemon's link is gone"
+    );
+    assert_no_answer(&D, v4(D.host4, port1));
+    drop(first);
+    assert!(tc_programs(A.veth).is_empty());
+    remove_pin_path(&pin1);
+    remove_pin_path(&pin2);
+}
+
 /// The pid of the daemon whose stats server answers on `stats`, if one does.
 fn daemon_pid(stats: u16) -> Option<u32> {
     use std::io::{Read as _, Write as _};
