@@ -507,6 +507,7 @@ mod tests {
         let page = render(&snap, false);
         assert!(page.contains("<h2>XDP allowlist</h2>"), "{page}");
         assert!(page.contains("<b>200/s</b>"), "{page}");
+        assert!(page.contains("<b>eth0 (native)</b>"), "{page}");
         assert!(
             page.contains("<td class=\"name\">5432</td><td>1000</td><td>42</td><td>7</td>"),
             "{page}"

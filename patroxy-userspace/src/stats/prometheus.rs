@@ -632,6 +632,7 @@ mod tests {
         let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
         let text = render(&snap, &durations);
         for line in [
+            r#"patroxy_xdp_attached{interface="eth0",mode="native"} 1"#,
             r#"patroxy_xdp_port_packets_total{port="5432",verdict="denied"} 42"#,
             r#"patroxy_xdp_port_packets_total{port="5432",verdict="syn_limited"} 7"#,
             r#"patroxy_xdp_port_packets_total{port="5433",verdict="passed"} 500"#,
