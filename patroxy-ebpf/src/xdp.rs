@@ -1,79 +1,26 @@
-//! `patroxy_xdp`: the allowlist in front of patroxy's ports, run on each packet as it arrives on
-//! an interface, before the kernel builds a socket buffer for it.
+//! `patroxy_xdp` and `patroxy_tc`: the allowlist in front of patroxy's ports (`allowlist`),
+//! run on each packet as it arrives on an interface, before any socket sees it.
 //!
-//! A TCP packet to a protected port (PROTECTED_PORTS: the ports the rules name) passes when an
-//! allow rule covers its source: ALLOW_V4/ALLOW_V6 are LPM tries keyed by (port, source), see
-//! `patroxy_common::xdp`. Otherwise it is dropped and counted. Every other packet passes
-//! untouched: other ports (the replies to patroxy's own connections to the servers arrive on
-//! ephemeral ports), other protocols, fragments after the first (the first one carries the TCP
-//! header and is judged; without it the kernel cannot reassemble the rest).
-//!
-//! An allowed SYN (without ACK) also takes a token from its source's bucket in SYN_BUCKETS
-//! (IPv4 /32, IPv6 /64) when SYN_LIMIT sets a rate; a SYN over the rate is dropped before it
-//! reaches the listen queue. The client retransmits it about a second later, so a reconnect
-//! storm is spread out rather than refused.
+//! The XDP program runs in the driver, before the kernel builds a socket buffer: the cheapest
+//! place on a physical NIC. On a veth, though, every XDP mode copies each TCP packet first
+//! (TCP transmits clones, which XDP may not write to), so there the tc program judges the
+//! socket buffer as it is, at tc ingress (tcx, Linux 6.6). Both call the same decision on
+//! the same maps; userspace picks which one an interface gets.
 #![no_std]
 #![no_main]
 
+mod allowlist;
+
+use allowlist::{Packet, Verdict};
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
-    helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    bindings::{
+        TC_ACT_SHOT, TC_ACT_UNSPEC,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
+    helpers::bpf_xdp_load_bytes,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
-use patroxy_common::xdp::{
-    AllowV4, AllowV6, MAX_ALLOW_ENTRIES, MAX_PROTECTED_PORTS, MAX_RULES, MAX_SYN_SOURCES,
-    PORT_BITS, RuleIndex, SynBucket, SynLimit, SynSource, XdpCounters,
-};
-
-/// (port, IPv4 source network) -> index of the rule that allows it.
-#[btf_map]
-static ALLOW_V4: LpmTrie<AllowV4, RuleIndex, { MAX_ALLOW_ENTRIES as usize }> = LpmTrie::new();
-
-/// (port, IPv6 source network) -> index of the rule that allows it.
-#[btf_map]
-static ALLOW_V6: LpmTrie<AllowV6, RuleIndex, { MAX_ALLOW_ENTRIES as usize }> = LpmTrie::new();
-
-/// The ports the rules protect (host byte order); the value is unused.
-#[btf_map]
-static PROTECTED_PORTS: HashMap<u16, u8, { MAX_PROTECTED_PORTS as usize }> = HashMap::new();
-
-/// Per rule index: packets passed and SYNs limited, per CPU.
-#[btf_map]
-static RULE_COUNTERS: PerCpuArray<XdpCounters, { MAX_RULES as usize }> = PerCpuArray::new();
-
-/// Per protected port: packets passed, denied and SYNs limited, per CPU. Userspace creates the
-/// entry of each port before protecting it.
-#[btf_map]
-static PORT_COUNTERS: PerCpuHashMap<u16, XdpCounters, { MAX_PROTECTED_PORTS as usize }> =
-    PerCpuHashMap::new();
-
-/// The SYN rate and burst per source; rate 0 = no limit.
-#[btf_map]
-static SYN_LIMIT: Array<SynLimit, 1> = Array::new();
-
-/// Token bucket per source; LRU, so a flood of spoofed sources evicts the quietest ones.
-#[btf_map]
-static SYN_BUCKETS: LruHashMap<SynSource, SynBucket, { MAX_SYN_SOURCES as usize }> =
-    LruHashMap::new();
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPPROTO_TCP: u8 = 6;
-const IPV6_HLEN: usize = 40;
-/// IPv6 extension headers walked to find TCP: hop-by-hop, routing, fragment, destination.
-const NEXTHDR_HOP: u8 = 0;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_DEST: u8 = 60;
-/// TCP flags byte (offset 13): SYN and ACK.
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// `frags`: the program handles multi-buffer packets (BPF_F_XDP_HAS_FRAGS), so a driver lets
 /// it attach where the MTU exceeds a page (a single-buffer program is refused there). veth
@@ -82,232 +29,83 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// headers that continue past it.
 #[xdp(frags)]
 pub fn patroxy_xdp(ctx: XdpContext) -> u32 {
-    try_xdp::<true>(&ctx).unwrap_or(XDP_PASS)
+    xdp_action(allowlist::judge(&Xdp::<true>(&ctx)))
 }
 
 /// The same allowlist for kernels before 5.18, which know neither BPF_F_XDP_HAS_FRAGS nor
 /// `bpf_xdp_load_bytes`: userspace loads it when `patroxy_xdp` is refused.
 #[xdp]
 pub fn patroxy_xdp_single_buffer(ctx: XdpContext) -> u32 {
-    try_xdp::<false>(&ctx).unwrap_or(XDP_PASS)
+    xdp_action(allowlist::judge(&Xdp::<false>(&ctx)))
 }
 
-/// The TCP header's fields the verdict needs.
-struct Tcp {
-    port: u16,
-    syn_only: bool,
-}
-
-/// `None` = not a packet this program judges (it passes).
-#[inline(always)]
-fn try_xdp<const FRAGS: bool>(ctx: &XdpContext) -> Option<u32> {
-    let mut offset = ETH_HLEN;
-    let mut ethertype = u16::from_be(read::<u16, FRAGS>(ctx, 12)?);
-    // One VLAN tag (802.1Q or QinQ's outer): the allowlist applies to tagged frames too.
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = u16::from_be(read::<u16, FRAGS>(ctx, offset + 2)?);
-        offset += 4;
-    }
-    match ethertype {
-        ETH_P_IP => ipv4::<FRAGS>(ctx, offset),
-        ETH_P_IPV6 => ipv6::<FRAGS>(ctx, offset),
-        _ => None,
+/// The allowlist at tc ingress, attached through tcx. A packet it lets through goes on with
+/// TC_ACT_UNSPEC (tcx's TCX_NEXT): the next program on the interface, then classic tc, then
+/// the stack. TC_ACT_OK would end the chain there, skipping the programs other owners
+/// attached after this one; only a drop is this program's decision to make.
+#[classifier]
+pub fn patroxy_tc(ctx: TcContext) -> i32 {
+    match allowlist::judge(&Tc(&ctx)) {
+        Some(Verdict::Drop) => TC_ACT_SHOT as i32,
+        Some(Verdict::Pass) | None => TC_ACT_UNSPEC,
     }
 }
 
-#[inline(always)]
-fn ipv4<const FRAGS: bool>(ctx: &XdpContext, ip: usize) -> Option<u32> {
-    let [version_ihl, _] = read::<[u8; 2], FRAGS>(ctx, ip)?;
-    let [_, protocol] = read::<[u8; 2], FRAGS>(ctx, ip + 8)?;
-    if protocol != IPPROTO_TCP {
-        return None;
+fn xdp_action(verdict: Option<Verdict>) -> u32 {
+    match verdict {
+        Some(Verdict::Drop) => XDP_DROP,
+        Some(Verdict::Pass) | None => XDP_PASS,
     }
-    // A fragment after the first has no TCP header.
-    let frag = u16::from_be(read::<u16, FRAGS>(ctx, ip + 6)?);
-    if frag & 0x1fff != 0 {
-        return None;
-    }
-    let src = read::<[u8; 4], FRAGS>(ctx, ip + 12)?;
-    let tcp = tcp::<FRAGS>(ctx, ip + usize::from(version_ihl & 0x0f) * 4)?;
-    if !is_protected(tcp.port) {
-        return None;
-    }
-    let key = Key::new(
-        PORT_BITS + 32,
-        AllowV4 {
-            port: tcp.port,
-            addr: src,
-        },
-    );
-    let rule = ALLOW_V4.get(&key).copied();
-    let mut source = SynSource {
-        family: 4,
-        ..SynSource::default()
-    };
-    source.addr[..4].copy_from_slice(&src);
-    Some(verdict(rule, &tcp, &source))
 }
 
-#[inline(always)]
-fn ipv6<const FRAGS: bool>(ctx: &XdpContext, ip: usize) -> Option<u32> {
-    let src = read::<[u8; 16], FRAGS>(ctx, ip + 8)?;
-    let [mut next, _] = read::<[u8; 2], FRAGS>(ctx, ip + 6)?;
-    let mut offset = ip + IPV6_HLEN;
-    // A few extension headers before TCP; a longer chain passes (the stack parses it again).
-    for _ in 0..4 {
-        match next {
-            IPPROTO_TCP => break,
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let [following, len] = read::<[u8; 2], FRAGS>(ctx, offset)?;
-                next = following;
-                offset += (usize::from(len) + 1) * 8;
-            }
-            NEXTHDR_FRAGMENT => {
-                let [following, _, frag_hi, frag_lo] = read::<[u8; 4], FRAGS>(ctx, offset)?;
-                if u16::from_be_bytes([frag_hi, frag_lo]) & 0xfff8 != 0 {
-                    return None;
-                }
-                next = following;
-                offset += 8;
-            }
-            _ => return None,
+/// An XDP packet; `FRAGS`: it may continue past its first buffer.
+struct Xdp<'a, const FRAGS: bool>(&'a XdpContext);
+
+impl<const FRAGS: bool> Packet for Xdp<'_, FRAGS> {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let ctx = self.0;
+        if let Some(value) = direct(ctx.data(), ctx.data_end(), offset) {
+            return Some(value);
         }
-    }
-    if next != IPPROTO_TCP {
-        return None;
-    }
-    let tcp = tcp::<FRAGS>(ctx, offset)?;
-    if !is_protected(tcp.port) {
-        return None;
-    }
-    let key = Key::new(
-        PORT_BITS + 128,
-        AllowV6 {
-            port: tcp.port,
-            addr: src,
-        },
-    );
-    let rule = ALLOW_V6.get(&key).copied();
-    let mut source = SynSource {
-        family: 6,
-        ..SynSource::default()
-    };
-    source.addr.copy_from_slice(&src[..8]);
-    Some(verdict(rule, &tcp, &source))
-}
-
-#[inline(always)]
-fn tcp<const FRAGS: bool>(ctx: &XdpContext, at: usize) -> Option<Tcp> {
-    let port = u16::from_be(read::<u16, FRAGS>(ctx, at + 2)?);
-    // Bytes 12 (data offset) and 13 (flags), read together: a one-byte read at a variable
-    // offset compiles to a bounds check (`>=` instead of `+ 1 >`) the verifier cannot follow.
-    let [_, flags] = read::<[u8; 2], FRAGS>(ctx, at + 12)?;
-    Some(Tcp {
-        port,
-        syn_only: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
-    })
-}
-
-#[inline(always)]
-fn is_protected(port: u16) -> bool {
-    unsafe { PROTECTED_PORTS.get(port) }.is_some()
-}
-
-/// Drops a packet to a protected port unless `rule` allows it and, for a SYN, its source has a
-/// token left; counts either way.
-#[inline(always)]
-fn verdict(rule: Option<RuleIndex>, tcp: &Tcp, source: &SynSource) -> u32 {
-    let port = PORT_COUNTERS.get_ptr_mut(tcp.port);
-    let Some(rule) = rule else {
-        count(port, |c| c.denied += 1);
-        return XDP_DROP;
-    };
-    let rule = RULE_COUNTERS.get_ptr_mut(u32::from(rule));
-    if tcp.syn_only && !take_syn_token(source) {
-        count(port, |c| c.syn_limited += 1);
-        count(rule, |c| c.syn_limited += 1);
-        return XDP_DROP;
-    }
-    count(port, |c| c.passed += 1);
-    count(rule, |c| c.passed += 1);
-    XDP_PASS
-}
-
-/// Per-CPU counters: this CPU's copy has one writer at a time (XDP runs with preemption off).
-#[inline(always)]
-fn count(counters: Option<*mut XdpCounters>, bump: impl FnOnce(&mut XdpCounters)) {
-    if let Some(c) = counters {
-        bump(unsafe { &mut *c });
-    }
-}
-
-/// Whether `source` may send one more SYN now. Buckets are shared by the CPUs; two SYNs of one
-/// source at the same instant on two CPUs may both take the last token, which only loosens the
-/// limit by a SYN.
-#[inline(always)]
-fn take_syn_token(source: &SynSource) -> bool {
-    let Some(limit) = SYN_LIMIT.get(0) else {
-        return true;
-    };
-    let (rate, burst) = (limit.rate, limit.burst);
-    if rate == 0 {
-        return true;
-    }
-    let full = burst * NS_PER_SEC;
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(bucket) = SYN_BUCKETS.get_ptr_mut(source) else {
-        // A new source starts with a full bucket, less this SYN.
-        let fresh = SynBucket {
-            last_ns: now,
-            credit: full.saturating_sub(NS_PER_SEC),
-        };
-        let _ = SYN_BUCKETS.insert(source, fresh, 0);
-        return burst > 0;
-    };
-    unsafe {
-        let elapsed = now.wrapping_sub((*bucket).last_ns);
-        // A burst's worth of time refills the bucket; below that the product fits in u64 for the
-        // rates and bursts the config accepts (each at most 1e6).
-        let credit = if elapsed >= full / rate {
-            full
-        } else {
-            let c = (*bucket).credit + elapsed * rate;
-            if c > full { full } else { c }
-        };
-        (*bucket).last_ns = now;
-        if credit >= NS_PER_SEC {
-            (*bucket).credit = credit - NS_PER_SEC;
-            true
-        } else {
-            (*bucket).credit = credit;
-            false
+        if !FRAGS {
+            return None;
         }
+        // Past the first buffer of a multi-buffer packet (or past the end of the packet, which
+        // the helper reports as an error).
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        let copied = unsafe {
+            bpf_xdp_load_bytes(
+                ctx.ctx,
+                offset as u32,
+                value.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        (copied == 0).then(|| unsafe { value.assume_init() })
     }
 }
 
-/// A `T` at `offset` in the packet, if the packet is that long.
+/// A socket buffer at tc ingress, its data starting at the Ethernet header (tcx pushes it back
+/// for ingress programs). A VLAN tag is usually in the skb's metadata by then, not in the data.
+struct Tc<'a>(&'a TcContext);
+
+impl Packet for Tc<'_> {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let ctx = self.0;
+        // Headers past the linear part (paged data) are copied out by bpf_skb_load_bytes.
+        direct(ctx.data(), ctx.data_end(), offset).or_else(|| ctx.load::<T>(offset).ok())
+    }
+}
+
+/// A `T` at `offset` in `start..end`, read in place, if it is all there.
 #[inline(always)]
-fn read<T: Copy, const FRAGS: bool>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn direct<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     if start + offset + core::mem::size_of::<T>() <= end {
         return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
     }
-    if !FRAGS {
-        return None;
-    }
-    // Past the first buffer of a multi-buffer packet (or past the end of the packet, which the
-    // helper reports as an error).
-    let mut value = core::mem::MaybeUninit::<T>::uninit();
-    let copied = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.ctx,
-            offset as u32,
-            value.as_mut_ptr().cast(),
-            core::mem::size_of::<T>() as u32,
-        )
-    };
-    (copied == 0).then(|| unsafe { value.assume_init() })
+    None
 }
 
 #[cfg(not(test))]

@@ -2,7 +2,9 @@
 //!
 //! Three client hosts, each a network namespace joined to this host by a veth pair; patroxy
 //! runs here with the program attached to the three host-side veths, so it sees every packet a
-//! client sends before this host's stack does:
+//! client sends before this host's stack does. `mode = "auto"` attaches the tc program there
+//! (a veth); the reload test runs the XDP program in native mode, the generic crash test in
+//! generic mode, so both program types are covered:
 //! - `pxd-a` 10.214.1.2, fd14:0:0:1::2: allowed to the listener and the stats port;
 //! - `pxd-b` 10.214.3.2: allowed to the listener only (its own rule, so its counters are its);
 //! - `pxd-d` 10.214.2.2, fd14:0:0:2::2: allowed nothing.
@@ -330,6 +332,21 @@ fn attached_program(veth: &str) -> Option<u64> {
     json[0]["xdp"]["prog"]["id"].as_u64()
 }
 
+/// The programs tcx runs at `veth`'s ingress, in order: (id, name).
+fn tc_programs(veth: &str) -> Vec<(u64, String)> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let (_, programs) = SchedClassifier::query_tcx(veth, TcAttachType::Ingress).expect("tcx query");
+    programs
+        .iter()
+        .map(|p| (u64::from(p.id()), p.name_as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+/// The id of the allowlist's program on `veth`, XDP or tc, if either is attached.
+fn allowlist_program(veth: &str) -> Option<u64> {
+    attached_program(veth).or_else(|| tc_programs(veth).first().map(|(id, _)| *id))
+}
+
 /// How the program is attached to `veth` (`ip link`'s `xdp.mode`): 1 native, 2 generic.
 fn attached_mode(veth: &str) -> Option<u64> {
     let out = Command::new("ip")
@@ -371,21 +388,29 @@ fn allowed_sources_pass_and_the_rest_get_no_answer() {
         proxy.log()
     );
     for h in HOSTS {
-        assert!(attached_program(h.veth).is_some(), "nothing on {}", h.veth);
-        // `mode = "auto"` takes generic on a veth, whose native mode costs more.
-        assert_eq!(
-            attached_mode(h.veth),
-            Some(XDP_ATTACHED_GENERIC),
-            "{}: {}",
-            h.veth,
-            proxy.log()
+        // `mode = "auto"` takes tc on a veth, whose XDP modes copy every TCP packet.
+        assert_eq!(attached_program(h.veth), None, "XDP on {}", h.veth);
+        let tc = tc_programs(h.veth);
+        assert!(
+            matches!(&tc[..], [(_, name)] if name == "patroxy_tc"),
+            "{}: {tc:?}",
+            h.veth
         );
     }
-    assert!(
-        proxy.log().contains("generic mode (a veth"),
+    assert_eq!(
+        proxy.count_log("XDP allowlist attached in tc mode (a virtual device"),
+        HOSTS.len(),
         "{}",
         proxy.log()
     );
+    let attached = &stats_json(stats)["xdp"]["attached"];
+    for h in HOSTS {
+        let mode = attached
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["interface"] == h.veth))
+            .map(|x| x["mode"].clone());
+        assert_eq!(mode, Some("tc".into()), "{}: {attached}", h.veth);
+    }
 
     // The allowed host: psql over IPv4 and IPv6, and pgbench.
     assert_psql(&pg, &A, A.host4, port);
@@ -425,6 +450,11 @@ fn allowed_sources_pass_and_the_rest_get_no_answer() {
     let denied_line =
         format!("patroxy_xdp_port_packets_total{{port=\"{port}\",verdict=\"denied\"}}");
     assert!(metrics.contains(&denied_line), "{metrics}");
+    let attached_line = format!(
+        "patroxy_xdp_attached{{interface=\"{}\",mode=\"tc\"}} 1",
+        A.veth
+    );
+    assert!(metrics.contains(&attached_line), "{metrics}");
     let dump = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(pin.join("xdp/PORT_COUNTERS"))
@@ -439,7 +469,7 @@ fn allowed_sources_pass_and_the_rest_get_no_answer() {
     // A clean stop detaches the program and removes the pins.
     drop(proxy);
     for h in HOSTS {
-        assert_eq!(attached_program(h.veth), None, "left on {}", h.veth);
+        assert_eq!(allowlist_program(h.veth), None, "left on {}", h.veth);
     }
     assert!(!pin.join("xdp").exists(), "pins left behind");
     remove_pin_path(&pin);
@@ -454,7 +484,7 @@ fn a_reload_allows_a_denied_host_without_cutting_the_allowed_one() {
     let pg = start_pg();
     let pin = Patroxy::unique_pin_path("xdp-reload");
     let mut config = config(&pin, &pg, Bpf::Off);
-    // Native mode here (`auto` takes generic on a veth): the program as a physical NIC runs it.
+    // Native mode here (`auto` takes tc on a veth): the XDP program as a physical NIC runs it.
     config.xdp.as_mut().expect("xdp").mode = Some("native".into());
     let (port, stats) = ports(&config);
     let proxy = Patroxy::start("xdp-reload", &config);
@@ -600,30 +630,66 @@ fn a_crash_leaves_the_program_attached_and_the_next_start_replaces_it() {
     if !require_root("a_crash_leaves_the_program_attached_and_the_next_start_replaces_it") {
         return;
     }
+    // `auto`: the tc program's tcx link.
+    crash_and_restart(
+        None,
+        |veth| tc_programs(veth).first().map(|(id, _)| *id),
+        None,
+    );
+}
+
+#[test]
+fn a_crash_in_generic_mode_leaves_the_xdp_program_and_the_next_start_replaces_it() {
+    if !require_root(
+        "a_crash_in_generic_mode_leaves_the_xdp_program_and_the_next_start_replaces_it",
+    ) {
+        return;
+    }
+    // After the second crash, a start in tc mode: the XDP link left behind goes.
+    crash_and_restart(
+        Some("generic"),
+        |veth| {
+            assert_eq!(attached_mode(veth), Some(XDP_ATTACHED_GENERIC), "{veth}");
+            attached_program(veth)
+        },
+        Some("tc"),
+    );
+}
+
+/// Starts patroxy in `mode`, kills it, checks that the allowlist stayed attached (`program`:
+/// the id of what `mode` attaches to a veth) and enforcing, and that the next start replaces
+/// it; then, killed again, that a start in the tc mode `switch_to` names replaces it with the
+/// tc program (and is killed in turn), and that a start with XDP off detaches what is left.
+fn crash_and_restart(
+    mode: Option<&str>,
+    program: impl Fn(&str) -> Option<u64>,
+    switch_to: Option<&str>,
+) {
     let _lab = Lab::up();
     let pg = start_pg();
     let pin = Patroxy::unique_pin_path("xdp-crash");
-    let config = config(&pin, &pg, Bpf::Off);
+    let mut config = config(&pin, &pg, Bpf::Off);
+    config.xdp.as_mut().expect("xdp").mode = mode.map(Into::into);
     let (port, _) = ports(&config);
     let mut first = Patroxy::start("xdp-crash", &config);
-    let before = attached_program(A.veth).expect("attached");
+    let before = program(A.veth).expect("attached");
     first.child.signal(libc::SIGKILL).unwrap();
     first.child.wait().unwrap();
     drop(first);
 
     // Still attached, still enforcing, with no daemon.
-    assert_eq!(attached_program(A.veth), Some(before));
+    assert_eq!(program(A.veth), Some(before));
     assert_no_answer(&D, v4(D.host4, port));
 
     let second = Patroxy::start("xdp-crash", &config);
     assert!(
         second
             .log()
-            .contains("replaced the XDP program a previous run left attached"),
+            .contains("replaced the allowlist a previous run left attached"),
         "{}",
         second.log()
     );
-    let after = attached_program(A.veth).expect("attached");
+    let after = program(A.veth).expect("attached");
     assert_ne!(after, before, "the new program replaced the old one");
     assert_psql(&pg, &A, A.host4, port);
     assert_no_answer(&D, v4(D.host4, port));
@@ -633,22 +699,82 @@ fn a_crash_leaves_the_program_attached_and_the_next_start_replaces_it() {
     second.child.signal(libc::SIGKILL).unwrap();
     second.child.wait().unwrap();
     drop(second);
-    assert!(attached_program(A.veth).is_some());
+    assert!(program(A.veth).is_some());
+    if let Some(tc) = switch_to {
+        let mut switched = config.clone();
+        switched.xdp.as_mut().unwrap().mode = Some(tc.into());
+        let mut switched = Patroxy::start("xdp-crash", &switched);
+        assert!(
+            switched.log().contains("and the mode changed"),
+            "{}",
+            switched.log()
+        );
+        for h in HOSTS {
+            assert_eq!(attached_program(h.veth), None, "XDP left on {}", h.veth);
+            assert_eq!(tc_programs(h.veth).len(), 1, "tc on {}", h.veth);
+        }
+        assert_psql(&pg, &A, A.host4, port);
+        assert_no_answer(&D, v4(D.host4, port));
+        switched.child.signal(libc::SIGKILL).unwrap();
+        switched.child.wait().unwrap();
+    }
     let mut off = config.clone();
     off.xdp.as_mut().unwrap().enabled = Some(Bpf::Off);
     let third = Patroxy::start("xdp-crash", &off);
     for h in HOSTS {
-        assert_eq!(attached_program(h.veth), None, "left on {}", h.veth);
+        assert_eq!(allowlist_program(h.veth), None, "left on {}", h.veth);
     }
     assert!(
         third
             .log()
-            .contains("detached the XDP program a previous run left attached"),
+            .contains("detached the allowlist a previous run left attached"),
         "{}",
         third.log()
     );
     drop(third);
     remove_pin_path(&pin);
+}
+
+/// A packet the tc program lets through goes on to the next program in the interface's tcx
+/// chain (TC_ACT_UNSPEC), not straight to the stack: a second daemon, attached in front of the
+/// first (`first` in the chain) and protecting other ports, must not let D through to the
+/// first one's port, which only the first daemon's program drops.
+#[test]
+fn the_tc_program_leaves_other_packets_to_the_next_program_in_the_chain() {
+    if !require_root("the_tc_program_leaves_other_packets_to_the_next_program_in_the_chain") {
+        return;
+    }
+    let _lab = Lab::up();
+    let pg = start_pg();
+    let (pin1, pin2) = (
+        Patroxy::unique_pin_path("xdp-chain-1"),
+        Patroxy::unique_pin_path("xdp-chain-2"),
+    );
+    let (config1, config2) = (config(&pin1, &pg, Bpf::Off), config(&pin2, &pg, Bpf::Off));
+    let ((port1, _), (port2, _)) = (ports(&config1), ports(&config2));
+    let first = Patroxy::start("xdp-chain-1", &config1);
+    let second = Patroxy::start("xdp-chain-2", &config2);
+    let chain = tc_programs(A.veth);
+    // Loaded later, so a higher id: the second daemon's program runs first.
+    assert!(
+        matches!(&chain[..], [(newer, _), (older, _)] if newer > older),
+        "{chain:?}"
+    );
+    assert_no_answer(&D, v4(D.host4, port1));
+    assert_no_answer(&D, v4(D.host4, port2));
+    connect_from(&A, v4(A.host4, port1)).expect("A reaches the first daemon");
+    connect_from(&A, v4(A.host4, port2)).expect("A reaches the second daemon");
+    drop(second);
+    assert_eq!(
+        tc_programs(A.veth).len(),
+        1,
+        "the second daemon's link is gone"
+    );
+    assert_no_answer(&D, v4(D.host4, port1));
+    drop(first);
+    assert!(tc_programs(A.veth).is_empty());
+    remove_pin_path(&pin1);
+    remove_pin_path(&pin2);
 }
 
 /// The pid of the daemon whose stats server answers on `stats`, if one does.
@@ -715,10 +841,10 @@ fn upgrades_and_structural_reloads_keep_the_allowlist_attached() {
     let (port, stats) = ports(&config);
     let mut first = Patroxy::start("xdp-handover", &config);
     let _stop_last = StopLast(stats);
-    let program = attached_program(A.veth).expect("attached");
+    let program = allowlist_program(A.veth).expect("attached");
     let attached_throughout = || {
         for h in HOSTS {
-            assert_eq!(attached_program(h.veth), Some(program), "on {}", h.veth);
+            assert_eq!(allowlist_program(h.veth), Some(program), "on {}", h.veth);
         }
     };
 
@@ -804,7 +930,7 @@ fn upgrades_and_structural_reloads_keep_the_allowlist_attached() {
     );
     // The old process is gone; its program and links are not.
     attached_throughout();
-    assert!(pin.join(format!("xdp/link_{}", A.veth)).exists());
+    assert!(pin.join(format!("xdp/tc_{}", A.veth)).exists());
     assert_no_answer(&D, v4(D.host4, port));
     assert_psql(&pg, &A, A.host4, port);
     let upgraded = stats_json(stats);
@@ -869,7 +995,7 @@ fn upgrades_and_structural_reloads_keep_the_allowlist_attached() {
     unsafe { libc::kill(last as libc::pid_t, libc::SIGTERM) };
     wait_exited(last, Duration::from_secs(20));
     for h in HOSTS {
-        assert_eq!(attached_program(h.veth), None, "left on {}", h.veth);
+        assert_eq!(allowlist_program(h.veth), None, "left on {}", h.veth);
     }
     assert!(!pin.join("xdp").exists(), "pins left behind");
     drop(first);

@@ -310,6 +310,7 @@ impl AllowValidator<'_> {
                 RawXdpMode::Auto => XdpMode::Auto,
                 RawXdpMode::Native => XdpMode::Native,
                 RawXdpMode::Generic => XdpMode::Generic,
+                RawXdpMode::Tc => XdpMode::Tc,
             },
             syn_limit,
         }

@@ -261,14 +261,17 @@ pub enum XdpEnabled {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpMode {
-    /// Native (in the driver) where the driver supports it, else generic, said once per
-    /// interface in the log.
+    /// Per interface, said once in the log: native on a NIC whose driver runs XDP, tc on a
+    /// virtual device (veth, loopback: their XDP modes copy every TCP packet), generic only
+    /// where neither attaches.
     #[default]
     Auto,
+    /// XDP in the driver, before the socket buffer is built.
     Native,
-    /// In the kernel's stack after the socket buffer is built (loopback, veth without native
-    /// support): slower, same verdicts.
+    /// XDP in the kernel's stack, on a copy of each socket buffer: slower, same verdicts.
     Generic,
+    /// The same allowlist at tc ingress (tcx, Linux 6.6), on the socket buffer as it is.
+    Tc,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

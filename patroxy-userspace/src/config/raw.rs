@@ -241,6 +241,7 @@ pub(crate) enum RawXdpMode {
     Auto,
     Native,
     Generic,
+    Tc,
 }
 
 /// `[dcs]`: Patroni's etcd v3, watched for leader changes.

@@ -159,6 +159,13 @@ fn allow_rules_resolve_names_and_xdp_takes_its_settings() {
 }
 
 #[test]
+fn xdp_mode_tc_is_the_tc_program() {
+    let config = load(&manifest_dir().join("src/config/fixtures/valid/xdp_tc.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.firewall.xdp.mode, XdpMode::Tc);
+}
+
+#[test]
 fn an_allow_rule_change_reloads_in_place_and_an_interface_change_needs_a_restart() {
     let path = manifest_dir().join("src/config/fixtures/valid/allow_and_xdp.toml");
     let old = load(&path).unwrap();

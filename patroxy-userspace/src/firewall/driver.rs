@@ -1,11 +1,12 @@
-//! The driver behind an interface (`ethtool -i`'s "driver"), which decides the attach mode
-//! `mode = "auto"` picks: native XDP on a veth costs more than generic (`attach`).
+//! The driver behind an interface (`ethtool -i`), which decides the attach mode `mode = "auto"`
+//! picks: a virtual device (no bus behind it: veth, loopback, bridge...) gets the tc program,
+//! since its XDP modes copy every TCP packet (`attach`).
 use std::{ffi::c_void, io, os::fd::FromRawFd as _, os::fd::OwnedFd};
 
 /// `ETHTOOL_GDRVINFO`, from linux/ethtool.h.
 const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
 
-/// `struct ethtool_drvinfo`, of which only `driver` is read.
+/// `struct ethtool_drvinfo`, of which `driver` and `bus_info` are read.
 #[repr(C)]
 struct DrvInfo {
     cmd: u32,
@@ -34,8 +35,29 @@ struct IfReq {
 
 const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
 
-/// The name of `iface`'s driver ("veth", "mlx5_core", ...), as `ethtool -i` prints it.
-pub fn driver(iface: &str) -> io::Result<String> {
+/// What `ethtool -i` says of an interface.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// "veth", "mlx5_core", ...
+    pub driver: String,
+    /// The device's bus address ("0000:03:00.0"); empty or "N/A" for a virtual device.
+    pub bus: String,
+}
+
+impl DriverInfo {
+    /// Whether no hardware is behind the interface: its packets are socket buffers already.
+    pub fn is_virtual(&self) -> bool {
+        self.bus.is_empty() || self.bus == "N/A"
+    }
+}
+
+/// Whether `iface` is a virtual device; so is one whose driver does not answer (loopback).
+pub fn is_virtual(iface: &str) -> bool {
+    driver(iface).map_or(true, |info| info.is_virtual())
+}
+
+/// `iface`'s driver and bus, as `ethtool -i` prints them.
+pub fn driver(iface: &str) -> io::Result<DriverInfo> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         data: std::ptr::null_mut(),
@@ -67,12 +89,15 @@ pub fn driver(iface: &str) -> io::Result<String> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    let len = info
-        .driver
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(info.driver.len());
-    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+    Ok(DriverInfo {
+        driver: c_string(&info.driver),
+        bus: c_string(&info.bus_info),
+    })
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
 }
 
 #[cfg(test)]
@@ -83,6 +108,29 @@ mod tests {
     fn an_interface_that_does_not_exist_is_an_error() {
         let err = driver("pxnosuchif0").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENODEV), "{err}");
+    }
+
+    #[test]
+    fn loopback_is_virtual() {
+        assert!(is_virtual("lo"));
+    }
+
+    #[test]
+    fn a_device_without_a_bus_is_virtual() {
+        let veth = DriverInfo {
+            driver: "veth".into(),
+            bus: String::new(),
+        };
+        let bridge = DriverInfo {
+            driver: "bridge".into(),
+            bus: "N/A".into(),
+        };
+        let nic = DriverInfo {
+            driver: "mlx5_core".into(),
+            bus: "0000:03:00.0".into(),
+        };
+        assert!(veth.is_virtual() && bridge.is_virtual());
+        assert!(!nic.is_virtual());
     }
 
     #[test]

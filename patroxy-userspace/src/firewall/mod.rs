@@ -1,12 +1,14 @@
-//! The XDP allowlist: `patroxy_xdp` (patroxy-ebpf's `patroxy-xdp` object) attached to the
-//! interfaces of `[xdp]`, enforcing the `[[allow]]` rules before any socket sees a packet.
+//! The XDP allowlist: patroxy-ebpf's `patroxy-xdp` object attached to the interfaces of
+//! `[xdp]`, enforcing the `[[allow]]` rules before any socket sees a packet. Each interface gets
+//! the XDP program (`patroxy_xdp`, native or generic) or the same allowlist at tc ingress
+//! (`patroxy_tc`), as `[xdp] mode` says; both share the object's maps.
 //!
 //! # Layout
 //! - `entries`: the rules as map entries, and the safe order of a change (pure).
-//! - `attach`: one interface's attachment, a pinned bpf_link a crash leaves behind and the
-//!   next start replaces.
+//! - `attach`: one interface's attachment and its mode, a pinned bpf_link a crash leaves behind
+//!   and the next start replaces.
 //! - `counters`: the per-CPU counters read from the pins, for the stats and bpftool users.
-//! - `driver`: an interface's driver, which decides the mode `auto` attaches in.
+//! - `driver`: an interface's driver and bus, which decide the mode `auto` attaches in.
 //!
 //! Everything is pinned under `<pin_path>/xdp`, a directory claimed like the data path's
 //! (`dataplane::pin_dir`); dropping the [`Firewall`] detaches the program from every interface
@@ -32,7 +34,7 @@ use aya::{
     maps::{
         Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
     },
-    programs::Xdp,
+    programs::{SchedClassifier, Xdp},
     util::nr_cpus,
 };
 use patroxy_common::xdp::{AllowV4, AllowV6, PORT_BITS, RuleIndex, SynLimit, XdpCounters};
@@ -42,13 +44,16 @@ use crate::{
     config::{Firewall as FirewallConfig, SynRate, XdpEnabled},
     dataplane::{loader, pin_dir},
 };
-use attach::{AttachError, Attachment};
+use attach::{AttachError, Attachment, Programs};
+pub use attach::{AttachMode, attached};
 use entries::{Change, Entries};
 
 /// The program in the object: multi-buffer aware (Linux 5.18 or later).
 pub const PROGRAM: &str = "patroxy_xdp";
 /// The same program without multi-buffer support, for a kernel that refuses `PROGRAM`.
 pub const PROGRAM_SINGLE_BUFFER: &str = "patroxy_xdp_single_buffer";
+/// The same allowlist at tc ingress.
+pub const PROGRAM_TC: &str = "patroxy_tc";
 pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
 pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
 pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
@@ -82,7 +87,7 @@ pub enum FirewallError {
     Missing(&'static str),
     #[error("map {0}: {1}")]
     Map(&'static str, MapError),
-    #[error("loading the XDP program: {0}")]
+    #[error("loading the allowlist's programs: {0}")]
     Program(#[from] aya::programs::ProgramError),
     #[error(transparent)]
     Attach(#[from] AttachError),
@@ -200,14 +205,15 @@ impl Firewall {
         };
         // The rules are in the maps before the program sees a packet.
         maps.apply(config)?;
-        let program = load_program(&mut ebpf)?;
+        let mut programs = load_programs(&mut ebpf)?;
         let mut attachments = Vec::new();
         for iface in &config.xdp.interfaces {
             // On an error the attachments so far are dropped, which detaches them.
-            attachments.push(attach::attach(program, &dir, iface, config.xdp.mode)?);
+            attachments.push(attach::attach(&mut programs, &dir, iface, config.xdp.mode)?);
         }
         info!(
             interfaces = ?config.xdp.interfaces,
+            modes = ?attachments.iter().map(|a| a.mode.name()).collect::<Vec<_>>(),
             rules = config.rules.len(),
             ports = ?config.protected_ports(),
             pin_dir = %dir.display(),
@@ -468,11 +474,18 @@ where
     T::try_from(map).map_err(|e| FirewallError::Map(name, e))
 }
 
-/// Loads `PROGRAM`, or where the kernel refuses it (before 5.18: no multi-buffer XDP)
-/// `PROGRAM_SINGLE_BUFFER`, said once.
-fn load_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, FirewallError> {
+/// Loads the XDP and the tc program, both whatever the mode: `auto` may fall back from one to
+/// the other per interface, and a kernel that refuses either says so before anything is
+/// attached. The XDP one is `PROGRAM`, or where the kernel refuses it (before 5.18: no
+/// multi-buffer XDP) `PROGRAM_SINGLE_BUFFER`, said once.
+fn load_programs(ebpf: &mut Ebpf) -> Result<Programs<'_>, FirewallError> {
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM_TC)
+        .ok_or(FirewallError::Missing(PROGRAM_TC))?
+        .try_into()?;
+    tc.load()?;
     let multi_buffer = program(ebpf, PROGRAM)?.load();
-    let name = match multi_buffer {
+    let xdp_name = match multi_buffer {
         Ok(()) => PROGRAM,
         Err(e) => {
             warn!(
@@ -483,7 +496,18 @@ fn load_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, FirewallError> {
             PROGRAM_SINGLE_BUFFER
         }
     };
-    program(ebpf, name)
+    let (mut xdp, mut tc) = (None, None);
+    for (name, program) in ebpf.programs_mut() {
+        if name == xdp_name {
+            xdp = Some(program.try_into()?);
+        } else if name == PROGRAM_TC {
+            tc = Some(program.try_into()?);
+        }
+    }
+    Ok(Programs {
+        xdp: xdp.ok_or(FirewallError::Missing(PROGRAM))?,
+        tc: tc.ok_or(FirewallError::Missing(PROGRAM_TC))?,
+    })
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, FirewallError> {

@@ -15,7 +15,8 @@ use super::{
     history::StatsHistory,
     model::{
         CancelStats, DcsStats, FrontendStats, LastCheckStats, ListenerStats, ReloadStats,
-        ServerStats, StateClass, StatsSnapshot, Traffic, XdpPortStats, XdpRuleStats, XdpStats,
+        ServerStats, StateClass, StatsSnapshot, Traffic, XdpAttached, XdpPortStats, XdpRuleStats,
+        XdpStats,
     },
 };
 use crate::{
@@ -150,6 +151,13 @@ fn xdp_stats(firewall: &Firewall, pin_path: &Path) -> Option<XdpStats> {
     };
     Some(XdpStats {
         interfaces: firewall.xdp.interfaces.clone(),
+        attached: crate::firewall::attached(&dir)
+            .into_iter()
+            .map(|(interface, mode)| XdpAttached {
+                interface,
+                mode: mode.name().into(),
+            })
+            .collect(),
         syn_rate: firewall.xdp.syn_limit.map(|l| l.rate),
         rules: firewall
             .rules

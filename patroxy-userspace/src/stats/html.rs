@@ -262,6 +262,19 @@ fn listener(h: &mut String, snap: &StatsSnapshot, l: &ListenerStats) {
     h.push_str("</tbody></table></div></section>\n");
 }
 
+/// "eth0 (native), veth1 (tc)"; the configured interfaces when no pin says more.
+fn attached(x: &XdpStats) -> String {
+    if x.attached.is_empty() {
+        return x.interfaces.join(", ");
+    }
+    let each: Vec<String> = x
+        .attached
+        .iter()
+        .map(|a| format!("{} ({})", a.interface, a.mode))
+        .collect();
+    each.join(", ")
+}
+
 /// The XDP allowlist: its counters per protected port, then per rule.
 fn xdp(h: &mut String, x: &XdpStats) {
     let _ = writeln!(
@@ -270,7 +283,7 @@ fn xdp(h: &mut String, x: &XdpStats) {
          <span>interfaces <b>{}</b></span><span>SYN rate per source <b>{}</b></span></div>\
          <div class=\"scroll\"><table><thead><tr><th class=\"name\">Port</th><th>Passed</th>\
          <th>Denied</th><th>SYN limited</th><th class=\"l\"></th></tr></thead><tbody>",
-        esc(&x.interfaces.join(", ")),
+        esc(&attached(x)),
         x.syn_rate.map_or("no limit".into(), |r| format!("{r}/s")),
     );
     for p in &x.ports {
@@ -494,6 +507,7 @@ mod tests {
         let page = render(&snap, false);
         assert!(page.contains("<h2>XDP allowlist</h2>"), "{page}");
         assert!(page.contains("<b>200/s</b>"), "{page}");
+        assert!(page.contains("<b>eth0 (native)</b>"), "{page}");
         assert!(
             page.contains("<td class=\"name\">5432</td><td>1000</td><td>42</td><td>7</td>"),
             "{page}"

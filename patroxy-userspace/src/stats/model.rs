@@ -39,10 +39,21 @@ pub struct StatsSnapshot {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct XdpStats {
     pub interfaces: Vec<String>,
+    /// Each interface the allowlist is attached to, and how.
+    #[serde(default)]
+    pub attached: Vec<XdpAttached>,
     /// SYNs per second per source; `None` = no limit.
     pub syn_rate: Option<u32>,
     pub rules: Vec<XdpRuleStats>,
     pub ports: Vec<XdpPortStats>,
+}
+
+/// One interface's attachment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpAttached {
+    pub interface: String,
+    /// "native" or "generic" (XDP), or "tc" (tc ingress).
+    pub mode: String,
 }
 
 /// One `[[allow]]` rule, by its position in the file.
@@ -477,6 +488,10 @@ pub(crate) mod sample {
     pub fn xdp() -> XdpStats {
         XdpStats {
             interfaces: vec!["eth0".into()],
+            attached: vec![XdpAttached {
+                interface: "eth0".into(),
+                mode: "native".into(),
+            }],
             syn_rate: Some(200),
             rules: vec![XdpRuleStats {
                 index: 0,

@@ -72,6 +72,19 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
 
 /// The XDP allowlist's packets per protected port and per rule, by verdict.
 fn xdp(reg: &mut Registry, x: &XdpStats) {
+    register(
+        reg,
+        Kind::Gauge,
+        "xdp_attached",
+        "1 for each interface the allowlist is attached to, by mode: native or generic (XDP), \
+         tc (tc ingress)",
+        x.attached.iter().map(|a| {
+            (
+                vec![("interface", a.interface.clone()), ("mode", a.mode.clone())],
+                1,
+            )
+        }),
+    );
     let per_port = x.ports.iter().flat_map(|p| {
         [
             ("passed", p.passed),
@@ -619,6 +632,7 @@ mod tests {
         let durations = CheckDurations::new_with_constructor(super::super::history::CheckBuckets);
         let text = render(&snap, &durations);
         for line in [
+            r#"patroxy_xdp_attached{interface="eth0",mode="native"} 1"#,
             r#"patroxy_xdp_port_packets_total{port="5432",verdict="denied"} 42"#,
             r#"patroxy_xdp_port_packets_total{port="5432",verdict="syn_limited"} 7"#,
             r#"patroxy_xdp_port_packets_total{port="5433",verdict="passed"} 500"#,

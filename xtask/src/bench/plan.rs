@@ -58,10 +58,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub ab: Vec<String>,
     /// The XDP allowlist instead: pgbench -S through patroxy from clients whose veths carry
-    /// the program in native mode, in generic mode, and none (`--rounds` in rotating order,
-    /// `--duration` s each; tps and CPU per transaction), and a SYN flood from a denied
-    /// source dropped by XDP and by an nftables rule of the same meaning on one core. Writes
-    /// bench/xdp.md.
+    /// the tc program, the XDP program in generic mode, in native mode, and none (`--rounds`
+    /// in rotating order, `--duration` s each; tps and CPU per transaction), and a SYN flood
+    /// from a denied source dropped by XDP, by tc and by an nftables rule of the same meaning
+    /// on one core. Writes bench/xdp.md.
     #[arg(long, conflicts_with_all = ["ab", "profile"])]
     pub xdp: bool,
     /// Run on three hosts instead of loopback: client (pgbench, psql), proxy (patroxy,

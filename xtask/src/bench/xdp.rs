@@ -1,19 +1,22 @@
 //! `cargo xtask bench --xdp`: what the XDP allowlist costs the traffic it lets through, and
 //! what it saves against denied traffic, in one run (issue 12). Writes bench/xdp.md.
 //!
-//! Four client namespaces joined to this host by veth pairs (`pxd*`, 10.214.11-14.0/24, apart
+//! Five client namespaces joined to this host by veth pairs (`pxd*`, 10.214.11-15.0/24, apart
 //! from the XDP test's and the bench topology's), one PostgreSQL and patroxy (sockmap data
 //! path) here:
-//! - allowed traffic: pgbench -S from `pxd-x`, whose veth carries the program in native mode
-//!   (patroxy attaches it), from `pxd-g`, whose veth carries the same program in generic mode
-//!   (the bench attaches it by id, as `ip link` would), and from `pxd-n`, whose veth has none,
-//!   in rounds whose order rotates, through the same patroxy. Besides the tps, each run's CPU
-//!   time (all CPUs, softirq apart) per transaction: what XDP on a veth costs, less noisy
-//!   than the tps on a loaded machine;
+//! - allowed traffic: pgbench -S from `pxd-t`, whose veth carries the tc program (patroxy
+//!   attaches it, `mode = "tc"`), from `pxd-x` and `pxd-g`, whose veths carry patroxy's XDP
+//!   program in native and in generic mode (the bench attaches it by id, as `ip link` would:
+//!   the same program and maps), and from `pxd-n`, whose veth has none, in rounds whose order
+//!   rotates, through the same patroxy. Besides the tps, each run's CPU time (all CPUs,
+//!   softirq apart) per transaction: what the allowlist on a veth costs, less noisy than the
+//!   tps on a loaded machine;
 //! - denied traffic: hping3 floods SYNs from `pxd-d` (not allowed) to the protected port,
-//!   pinned to CPU 0, for `flood_secs`: first with the program on `pxd-d`'s veth, then with
-//!   patroxy restarted without XDP and an nftables rule with the same meaning (drop TCP to the
-//!   port from any IPv4 source but the allowed ones) on the same veth, as the seed's UFW does.
+//!   pinned to CPU 0, for `flood_secs`: first with the XDP program in native mode on `pxd-d`'s
+//!   veth (it drops before tc ingress, where the tc program sits too), then with the tc program
+//!   alone, then with patroxy restarted without the allowlist and an nftables rule with the
+//!   same meaning (drop TCP to the port from any IPv4 source but the allowed ones) on the same
+//!   veth, as the seed's UFW does.
 //!   A veth delivers what its peer sends on the sending CPU, so the generator, the program or
 //!   the rule, and the drop all run on CPU 0: packets per second there is the rate one core
 //!   drops at, while it also generates them.
@@ -53,6 +56,12 @@ const WITH_XDP: Host = Host {
     client: "10.214.11.2",
     host: "10.214.11.1",
 };
+const WITH_TC: Host = Host {
+    ns: "pxd-t",
+    veth: "pxdvt",
+    client: "10.214.15.2",
+    host: "10.214.15.1",
+};
 const GENERIC_XDP: Host = Host {
     ns: "pxd-g",
     veth: "pxdvg",
@@ -71,7 +80,14 @@ const DENIED: Host = Host {
     client: "10.214.13.2",
     host: "10.214.13.1",
 };
-const HOSTS: [&Host; 4] = [&WITH_XDP, &GENERIC_XDP, &WITHOUT_XDP, &DENIED];
+const HOSTS: [&Host; 5] = [&WITH_XDP, &WITH_TC, &GENERIC_XDP, &WITHOUT_XDP, &DENIED];
+/// The sources the rule allows: every client but `DENIED`.
+const ALLOWED: [&str; 4] = [
+    "10.214.11.0/24",
+    "10.214.12.0/24",
+    "10.214.14.0/24",
+    "10.214.15.0/24",
+];
 const NFT_TABLE: &str = "pxdbench";
 
 #[derive(Clone, Copy, Debug)]
@@ -129,13 +145,13 @@ fn config(pg: &Postgres, pin: &Path, port: u16, stats: u16, xdp: bool) -> ProxyC
     .listener(ListenerConfig::new("postgres_write", any, ["pg"]))
     .stats(StatsConfig::new(SocketAddr::from(([127, 0, 0, 1], stats))))
     .allow(AllowConfig::new(
-        &["10.214.11.0/24", "10.214.12.0/24", "10.214.14.0/24"],
+        &ALLOWED,
         vec![PortRef::Name("postgres_write".into())],
     ));
     config.global.maxconn = Some(2000);
     if xdp {
-        let mut xdp = XdpConfig::required(&[WITH_XDP.veth, DENIED.veth]);
-        xdp.mode = Some("native".into());
+        let mut xdp = XdpConfig::required(&[WITH_TC.veth, DENIED.veth]);
+        xdp.mode = Some("tc".into());
         config = config.xdp(xdp);
     }
     config
@@ -211,42 +227,71 @@ fn pgbench(pg: &Postgres, host: &Host, port: u16, plan: &XdpPlan) -> Result<Run>
     })
 }
 
-/// Attaches the program patroxy attached to `WITH_XDP`'s veth to `GENERIC_XDP`'s too, in
-/// generic mode: the same program and maps, so the two modes are compared on one patroxy.
-/// The program is pinned at `prog_pin` for `ip link` (removed by the caller); deleting the
-/// namespace's veth detaches it.
-fn attach_generic(pin: &Path, prog_pin: &Path) -> Result<()> {
-    let link = firewall_pin(pin).join(format!("link_{}", WITH_XDP.veth));
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show", "pinned"])
-        .arg(&link)
-        .output()
-        .context("bpftool (apt-get install bpftool)")?;
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "bpftool link show: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let id = json["prog_id"]
+/// Pins patroxy's XDP program at `prog_pin` for `ip link` (removed by the caller): patroxy
+/// loads it beside the tc program it attached to `WITH_TC`'s veth, on the same maps, which is
+/// how it is found.
+fn pin_xdp_program(pin: &Path, prog_pin: &Path) -> Result<()> {
+    let link = firewall_pin(pin).join(format!("tc_{}", WITH_TC.veth));
+    let link: serde_json::Value = bpftool(&["link", "show", "pinned", &link.to_string_lossy()])?;
+    let tc_id = link["prog_id"]
         .as_u64()
         .context("no prog_id in bpftool's link")?;
+    let programs = bpftool(&["prog", "show"])?;
+    let programs = programs
+        .as_array()
+        .context("bpftool prog show: not a list")?;
+    let maps_of = |id: u64| {
+        programs
+            .iter()
+            .find(|p| p["id"] == id)
+            .map(|p| p["map_ids"].clone())
+    };
+    let maps = maps_of(tc_id).context("the tc program is not listed")?;
+    let xdp = programs
+        .iter()
+        .find(|p| p["name"] == "patroxy_xdp" && p["map_ids"] == maps)
+        .and_then(|p| p["id"].as_u64())
+        .context("no patroxy_xdp program on the tc program's maps")?;
     let status = Command::new("bpftool")
-        .args(["prog", "pin", "id", &id.to_string()])
+        .args(["prog", "pin", "id", &xdp.to_string()])
         .arg(prog_pin)
         .status()?;
     if !status.success() {
-        bail!("bpftool prog pin id {id} failed");
+        bail!("bpftool prog pin id {xdp} failed");
     }
-    netns::ip(&[
-        "link",
-        "set",
-        "dev",
-        GENERIC_XDP.veth,
-        "xdpgeneric",
-        "pinned",
-        &prog_pin.to_string_lossy(),
-    ])?;
+    Ok(())
+}
+
+fn bpftool(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("bpftool (apt-get install bpftool)")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "bpftool {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Attaches the pinned XDP program to `veth` in `mode` (`xdpdrv`, `xdpgeneric`) or, with
+/// `None`, detaches what is there in `mode`; deleting the namespace's veth detaches it too.
+fn xdp_link(veth: &str, mode: &str, prog_pin: Option<&Path>) -> Result<()> {
+    match prog_pin {
+        Some(prog) => netns::ip(&[
+            "link",
+            "set",
+            "dev",
+            veth,
+            mode,
+            "pinned",
+            &prog.to_string_lossy(),
+        ])?,
+        None => netns::ip(&["link", "set", "dev", veth, mode, "off"])?,
+    }
     Ok(())
 }
 
@@ -375,14 +420,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The clients compared on allowed traffic, the reference (no program) first.
-const COMPARED: [(&Host, &str); 3] = [
+const COMPARED: [(&Host, &str); 4] = [
     (&WITHOUT_XDP, "without a program"),
-    (&WITH_XDP, "native mode"),
-    (&GENERIC_XDP, "generic mode"),
+    (&WITH_TC, "tc (tcx)"),
+    (&GENERIC_XDP, "XDP generic mode"),
+    (&WITH_XDP, "XDP native mode"),
 ];
 
 /// Each client's runs, in `COMPARED`'s order.
-struct Rounds([Vec<Run>; 3]);
+struct Rounds([Vec<Run>; 4]);
 
 impl Rounds {
     fn median(&self, i: usize, field: impl Fn(&Run) -> f64) -> f64 {
@@ -429,8 +475,9 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
         std::process::id()
     ));
     let _ = std::fs::remove_file(&prog_pin);
-    attach_generic(&pin, &prog_pin)?;
-    let _ = std::fs::remove_file(&prog_pin);
+    pin_xdp_program(&pin, &prog_pin)?;
+    xdp_link(WITH_XDP.veth, "xdpdrv", Some(&prog_pin))?;
+    xdp_link(GENERIC_XDP.veth, "xdpgeneric", Some(&prog_pin))?;
     let warm_up = XdpPlan {
         select_secs: 2,
         ..*plan
@@ -455,20 +502,31 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
             .collect();
         println!("bench --xdp: round {}: {}", round + 1, line.join("; "));
     }
-    netns::ip(&["link", "set", "dev", GENERIC_XDP.veth, "xdpgeneric", "off"])?;
+    xdp_link(GENERIC_XDP.veth, "xdpgeneric", None)?;
+    xdp_link(WITH_XDP.veth, "xdpdrv", None)?;
+    // XDP in front of the tc program: it drops first, so the tc program never sees the flood.
+    xdp_link(DENIED.veth, "xdpdrv", Some(&prog_pin))?;
+    let _ = std::fs::remove_file(&prog_pin);
     println!(
-        "bench --xdp: SYN flood at the XDP program for {} s",
+        "bench --xdp: SYN flood at the XDP program (native) for {} s",
         plan.flood_secs
     );
     let xdp = flood(port, plan.flood_secs, || xdp_denied(stats, port))?;
+    xdp_link(DENIED.veth, "xdpdrv", None)?;
+    println!(
+        "bench --xdp: SYN flood at the tc program for {} s",
+        plan.flood_secs
+    );
+    let tc = flood(port, plan.flood_secs, || xdp_denied(stats, port))?;
     drop(proxy);
 
     let plain = config(&pg, &pin, port, stats, false);
     let proxy = start_patroxy(bin, &work, "patroxy-plain", &plain)?;
     nft(&format!(
         "table inet {NFT_TABLE} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
-         iifname \"{}\" meta nfproto ipv4 tcp dport {port} ip saddr != {{ 10.214.11.0/24, 10.214.12.0/24, 10.214.14.0/24 }} counter drop\n  }}\n}}\n",
-        DENIED.veth
+         iifname \"{}\" meta nfproto ipv4 tcp dport {port} ip saddr != {{ {} }} counter drop\n  }}\n}}\n",
+        DENIED.veth,
+        ALLOWED.join(", "),
     ))?;
     println!(
         "bench --xdp: SYN flood at the nftables rule for {} s",
@@ -531,7 +589,11 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
          |---|---:|---:|---:|---:|---:|",
         plan.flood_secs
     );
-    for (name, f) in [("XDP (patroxy)", &xdp), ("nftables input rule", &nft_flood)] {
+    for (name, f) in [
+        ("XDP native (patroxy's program)", &xdp),
+        ("tc ingress (patroxy)", &tc),
+        ("nftables input rule", &nft_flood),
+    ] {
         let _ = writeln!(
             md,
             "| {name} | {:.0} | {:.0} % | {:.0} % | {:.0} % | {:.0} |",
@@ -544,12 +606,15 @@ pub fn run(bin: &Path, out_dir: &Path, plan: &XdpPlan) -> Result<PathBuf> {
     }
     let _ = writeln!(
         md,
-        "\nratio XDP / nftables: {:.2}x the packets per second, {:.2}x the kernel time per packet. \
+        "\nratio XDP / nftables: {:.2}x the packets per second, {:.2}x the kernel time per packet; \
+         tc / nftables: {:.2}x, {:.2}x. \
          hping3 generates as fast as CPU 0 lets it (its user time is part of the core's), so the \
          packets per second include the generator's cost; the kernel time per packet is the \
          transmit, receive and filter side alone.",
         xdp.dropped_pps / nft_flood.dropped_pps,
-        xdp.kernel_ns_per_packet / nft_flood.kernel_ns_per_packet
+        xdp.kernel_ns_per_packet / nft_flood.kernel_ns_per_packet,
+        tc.dropped_pps / nft_flood.dropped_pps,
+        tc.kernel_ns_per_packet / nft_flood.kernel_ns_per_packet,
     );
     let path = out_dir.join("xdp.md");
     std::fs::write(&path, &md)?;
