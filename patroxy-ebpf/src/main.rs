@@ -12,6 +12,8 @@
 #![no_std]
 #![no_main]
 
+mod tc;
+
 use aya_ebpf::{
     Global,
     bindings::sk_action::{SK_DROP, SK_PASS},
