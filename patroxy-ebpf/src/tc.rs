@@ -43,6 +43,8 @@ const TCP_ACK: u8 = 0x10;
 const TCPOPT_NOP: u8 = 1;
 const TCPOPT_SACK_PERM: u8 = 4;
 const TCPOPT_TIMESTAMP: u8 = 8;
+/// Options walked in a SYN: real stacks send at most 8 (NOPs included).
+const MAX_SYN_OPTIONS: usize = 12;
 /// bpf_redirect_neigh's return on success (it cannot fail after the verifier's checks).
 const TC_ACT_REDIRECT: i32 = 7;
 
@@ -209,22 +211,26 @@ fn rewrite(ctx: &TcContext, tcp: &Tcp, entry: &FlowEntry) -> Result<(), i64> {
 }
 
 /// Replaces the timestamp and SACK-permitted options of a SYN by NOPs, fixing the checksum
-/// per 16-bit word changed.
+/// per 16-bit word changed. The options are read and written in the packet through the helpers
+/// (the verifier refuses stack writes at offsets it cannot bound).
 #[inline(always)]
 fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
-    let mut options = [0u8; 40];
     let len = tcp.len.saturating_sub(20);
     if len == 0 || len > 40 {
         return;
     }
     let start = tcp.at + 20;
-    if ctx.load_bytes(start, &mut options[..len]).is_err() {
-        return;
-    }
-    let original = options;
+    // Find the two options first, then rewrite: a rewrite inside the walk multiplies the
+    // verifier's states past its limit.
+    let (mut timestamp, mut sack_perm) = (None, None);
     let mut i = 0;
-    while i < len && i < 40 {
-        let kind = options[i];
+    for _ in 0..MAX_SYN_OPTIONS {
+        if i >= len {
+            break;
+        }
+        let Ok(kind) = ctx.load::<u8>(start + i) else {
+            break;
+        };
         if kind == 0 {
             break;
         }
@@ -232,36 +238,52 @@ fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
             i += 1;
             continue;
         }
-        if i + 1 >= len {
+        let Ok(size) = ctx.load::<u8>(start + i + 1) else {
             break;
-        }
-        let size = usize::from(options[i + 1]);
+        };
+        let size = usize::from(size);
         if size < 2 || i + size > len {
             break;
         }
-        if kind == TCPOPT_TIMESTAMP || kind == TCPOPT_SACK_PERM {
-            let mut j = 0;
-            while j < size && i + j < 40 {
-                options[i + j] = TCPOPT_NOP;
-                j += 1;
-            }
+        match (kind, size) {
+            (TCPOPT_TIMESTAMP, 10) => timestamp = Some(i),
+            (TCPOPT_SACK_PERM, 2) => sack_perm = Some(i),
+            _ => {}
         }
         i += size;
     }
-    let tcp_csum = tcp.at + 16;
-    let mut w = 0;
-    while w + 1 < len && w + 1 < 40 {
-        let old = u16::from_ne_bytes([original[w], original[w + 1]]);
-        let new = u16::from_ne_bytes([options[w], options[w + 1]]);
-        if old != new {
-            if ctx
-                .l4_csum_replace(tcp_csum, old.into(), new.into(), 2)
-                .is_err()
-                || ctx.store(start + w, &new, 0).is_err()
-            {
-                return;
-            }
-        }
-        w += 2;
+    if let Some(at) = timestamp
+        && nop_out(ctx, tcp.at, at + 20, 10).is_err()
+    {
+        return;
     }
+    if let Some(at) = sack_perm {
+        let _ = nop_out(ctx, tcp.at, at + 20, 2);
+    }
+}
+
+/// Overwrites `size` (at most 10) bytes at `from` (relative to the TCP header) with NOPs, one
+/// aligned 16-bit word at a time so the checksum update stays exact.
+#[inline(always)]
+fn nop_out(ctx: &TcContext, at: usize, from: usize, size: usize) -> Result<(), i64> {
+    let end = from + size;
+    let mut word = from & !1;
+    for _ in 0..6 {
+        if word >= end {
+            break;
+        }
+        let old = ctx.load::<[u8; 2]>(at + word)?;
+        let mut new = old;
+        if word >= from {
+            new[0] = TCPOPT_NOP;
+        }
+        if word + 1 < end {
+            new[1] = TCPOPT_NOP;
+        }
+        let (old, new) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+        ctx.l4_csum_replace(at + 16, old.into(), new.into(), 2)?;
+        ctx.store(at + word, &new, 0)?;
+        word += 2;
+    }
+    Ok(())
 }
