@@ -43,10 +43,12 @@ pub struct FlowEntry {
     /// reset of the receiver must carry.
     pub next_seq: u32,
     pub _pad2: u32,
-    /// Payload bytes forwarded.
+    /// Payload bytes forwarded, each once (a retransmission adds nothing).
     pub bytes: u64,
     /// `bpf_ktime_get_ns` of the last packet (CLOCK_MONOTONIC).
     pub last_ns: u64,
+    /// `bpf_ktime_get_ns` of the first FIN, 0 before: which side closed first.
+    pub fin_ns: u64,
 }
 
 pub const FLOW_PENDING: u8 = 0;

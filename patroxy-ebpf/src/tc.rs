@@ -144,20 +144,31 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
     }
     rewrite(ctx, &tcp, &entry).ok()?;
     let payload = (ctx.len() as usize).saturating_sub(tcp.at + tcp.len) as u32;
-    let mut end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
-    if tcp.flags & TCP_FIN != 0 {
-        end = end.wrapping_add(1);
-    }
+    let data_end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
+    let fin = tcp.flags & TCP_FIN != 0;
+    let end = if fin {
+        data_end.wrapping_add(1)
+    } else {
+        data_end
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
     // Packets of one flow arrive on one veth queue, so one CPU at a time updates its entry: a
-    // lost update would only miscount.
+    // lost update would only miscount. `next_seq` starts at the receiver's next expected
+    // sequence number (set at the hand-off), so only new bytes count.
     unsafe {
-        (*flow).bytes += u64::from(payload);
-        (*flow).last_ns = bpf_ktime_get_ns();
-        if (end.wrapping_sub((*flow).next_seq) as i32) > 0 || (*flow).next_seq == 0 {
+        let new_bytes = data_end.wrapping_sub((*flow).next_seq) as i32;
+        if new_bytes > 0 {
+            (*flow).bytes += new_bytes as u64;
+        }
+        if (end.wrapping_sub((*flow).next_seq) as i32) > 0 {
             (*flow).next_seq = end;
         }
-        if tcp.flags & TCP_FIN != 0 {
+        (*flow).last_ns = now;
+        if fin {
             (*flow).seen |= FLOW_FIN;
+            if (*flow).fin_ns == 0 {
+                (*flow).fin_ns = now;
+            }
         }
         if tcp.flags & TCP_RST != 0 {
             (*flow).seen |= FLOW_RST;

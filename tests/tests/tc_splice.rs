@@ -21,11 +21,15 @@ use std::{
 
 use patroxy_tests::{
     backend::{Fnv, pattern},
-    config::{Bpf, Defaults, ListenerConfig, ProxyConfig, ServerConfig},
+    config::{
+        Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
+        ServerConfig,
+    },
     daemon::Patroxy,
     netns,
     ports::free_tcp_port,
-    process::require_root,
+    postgres::{Postgres, PostgresOptions},
+    process::{patroxy_bin, require_root},
 };
 
 static LAB: Mutex<()> = Mutex::new(());
@@ -327,4 +331,263 @@ fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
     // The flows are gone with their sessions.
     let flows = patroxy_tests::daemon::bpftool_dump(&pin, "FLOWS");
     assert_eq!(flows.as_array().map(Vec::len), Some(0), "{flows}");
+}
+
+/// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
+fn timestamps_negotiated(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a tcp_info-sized out value with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO");
+    info.tcpi_options & 1 != 0
+}
+
+/// A session that has been handed off: its startup turn echoed, the hand-off logged.
+fn handed_off_session(proxy: &Patroxy, addr: SocketAddr) -> TcpStream {
+    let stream = connect(addr);
+    let hello = Arc::new(pattern(200, 7));
+    assert_eq!(echo(&stream, hello.clone()), *hello);
+    assert!(
+        wait_handed_off(proxy, local_port(&stream)),
+        "never handed off:\n{}",
+        proxy.log()
+    );
+    stream
+}
+
+#[test]
+fn fin_and_rst_each_way_end_a_spliced_session() {
+    if !require_root("fin_and_rst_each_way_end_a_spliced_session") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-ends");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-ends", &config);
+    let addr = config.bind();
+    let after = Arc::new(pattern(100_000, 9));
+
+    // The client half-closes first; the server's last words still arrive.
+    let s = handed_off_session(&proxy, addr);
+    assert!(
+        !timestamps_negotiated(&s),
+        "the listener's SYN-ACK carried timestamps: the program did not strip them"
+    );
+    assert_eq!(echo(&s, after.clone()), *after);
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: client close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(100_200), "{line}");
+    assert_eq!(server.wait_for_endings(1), [Ending::Eof]);
+
+    // The server half-closes first; the client may still send.
+    let s = handed_off_session(&proxy, addr);
+    (&s).write_all(b"FIN!").unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"ok");
+    (&s).write_all(b"late bytes").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: server close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(200 + 4 + 10), "{line}");
+    assert_eq!(server.wait_for_endings(2)[1], Ending::Eof);
+
+    // The client resets: the server hears it.
+    let s = handed_off_session(&proxy, addr);
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let port = local_port(&s);
+    drop(s);
+    let line = closed_line(&proxy, port).expect("closed line");
+    assert!(line.contains("session closed: client reset"), "{line}");
+    assert_eq!(
+        server.wait_for_endings(3)[2],
+        Ending::Error(io::ErrorKind::ConnectionReset)
+    );
+
+    // The server resets: the client hears it.
+    let s = handed_off_session(&proxy, addr);
+    (&s).write_all(b"RST!").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = (&s).read(&mut buf).expect_err("a reset");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: server reset"), "{line}");
+    assert_eq!(server.wait_for_endings(4)[3], Ending::ResetSent);
+}
+
+#[test]
+fn a_client_with_another_window_scale_stays_on_the_sockmap() {
+    if !require_root("a_client_with_another_window_scale_stays_on_the_sockmap") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-wscale");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-wscale", &config);
+    let addr = config.bind();
+    // A small receive buffer set before connecting: the client announces a smaller window
+    // scale than the proxy's socket toward the server, so the windows could not be passed on.
+    let stream = netns::within(NS_CLIENT, move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_recv_buffer_size(16 * 1024)?;
+        socket.connect(&addr.into())?;
+        io::Result::Ok(TcpStream::from(socket))
+    })
+    .expect("enter the client namespace")
+    .expect("connect");
+    let mut sent = 0;
+    for (turn, size) in [200usize, 3 << 20, 5000].into_iter().enumerate() {
+        let data = Arc::new(pattern(size, turn as u64));
+        assert!(echo(&stream, data.clone()) == *data, "turn {turn}");
+        sent += size as u64;
+        thread::sleep(Duration::from_millis(100));
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&stream).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let port = local_port(&stream);
+    let line = closed_line(&proxy, port).expect("closed line");
+    assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+    let log = proxy.log();
+    assert!(
+        log.contains("session not joinable at the packet level"),
+        "{log}"
+    );
+    assert!(!log.contains(HANDED_OFF), "{log}");
+}
+
+#[test]
+fn mark_down_resets_both_ends_of_spliced_sessions() {
+    if !require_root("mark_down_resets_both_ends_of_spliced_sessions") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-markdown");
+    let socket = std::env::temp_dir().join(format!("pxs-ctl-{}.sock", std::process::id()));
+    let config = config(&pin, server.port)
+        .default_server(DefaultServer {
+            on_marked_down: Some(OnMarkedDown::ShutdownSessions),
+            ..DefaultServer::default()
+        })
+        .runtime(RuntimeConfig::new(&socket));
+    let proxy = Patroxy::start("tc-markdown", &config);
+    let addr = config.bind();
+    const SESSIONS: usize = 20;
+    let sessions: Vec<TcpStream> = (0..SESSIONS)
+        .map(|_| handed_off_session(&proxy, addr))
+        .collect();
+    // Traffic after the hand-off moves the sequence numbers the resets must carry.
+    for s in &sessions {
+        let data = Arc::new(pattern(30_000, 3));
+        assert!(echo(s, data.clone()) == *data);
+    }
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 16];
+                let result = (&s).read(&mut buf);
+                (Instant::now(), result.map_err(|e| e.kind()))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    let down = Instant::now();
+    let out = std::process::Command::new(patroxy_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["set", "state", "l/pg", "maint"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = Duration::ZERO;
+    for r in readers {
+        let (at, result) = r.join().unwrap();
+        assert_eq!(result, Err(io::ErrorKind::ConnectionReset));
+        last = last.max(at - down);
+    }
+    eprintln!("mark-down: last client reset {last:?} after the state change");
+    assert!(last < Duration::from_secs(2), "{last:?}");
+    let endings = server.wait_for_endings(SESSIONS);
+    assert_eq!(endings.len(), SESSIONS);
+    assert!(
+        endings
+            .iter()
+            .all(|e| *e == Ending::Error(io::ErrorKind::ConnectionReset)),
+        "{endings:?}"
+    );
+    assert_eq!(
+        proxy.count_log("session closed: reset: server set to MAINT"),
+        SESSIONS
+    );
+}
+
+#[test]
+fn psql_through_the_packet_level_splice() {
+    if !require_root("psql_through_the_packet_level_splice") {
+        return;
+    }
+    let _lab = Lab::new();
+    let pg = Postgres::start(PostgresOptions::default().trust().in_netns(
+        NS_SERVER,
+        SERVER,
+        "10.218.2.0/24",
+    ));
+    let pin = Patroxy::unique_pin_path("tc-psql");
+    let config = config(&pin, pg.port());
+    let proxy = Patroxy::start("tc-psql", &config);
+    let mut psql = pg.client("psql", config.bind().port());
+    // pg.client enters the server's namespace; the client runs in the client's.
+    netns::enter(&mut psql, NS_CLIENT).args([
+        "-X",
+        "-At",
+        "-h",
+        &LISTEN.to_string(),
+        "-c",
+        "SELECT pg_sleep(0.3)",
+        "-c",
+        "SELECT sum(length(repeat('x', g))) FROM generate_series(1, 2000) g",
+        "-c",
+        "SELECT inet_client_addr()",
+    ]);
+    let out = psql.output().expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "\n2001000\n10.218.2.1".trim_start()
+    );
+    assert_eq!(proxy.count_log(HANDED_OFF), 1, "{}", proxy.log());
+    assert!(proxy.wait_for_log("session closed: client close", Duration::from_secs(5)));
 }

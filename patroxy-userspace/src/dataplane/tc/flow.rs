@@ -51,7 +51,6 @@ impl Flow {
         idle_timeout: Duration,
         kill: &KillSwitch,
     ) -> FlowEnd {
-        let mut first_fin = None;
         let mut last = self.entries(tc);
         let reason = loop {
             tokio::select! {
@@ -70,17 +69,14 @@ impl Flow {
             if to_client.seen & FLOW_RST != 0 {
                 break EndReason::ServerReset;
             }
-            if first_fin.is_none() {
-                if to_server.seen & FLOW_FIN != 0 {
-                    first_fin = Some(EndReason::ClientClose);
-                } else if to_client.seen & FLOW_FIN != 0 {
-                    first_fin = Some(EndReason::ServerClose);
-                }
-            }
             if to_server.seen & to_client.seen & FLOW_FIN != 0 {
                 sleep(LINGER).await;
                 last = self.entries(tc);
-                break first_fin.unwrap_or(EndReason::ClientClose);
+                break if to_client.fin_ns < to_server.fin_ns {
+                    EndReason::ServerClose
+                } else {
+                    EndReason::ClientClose
+                };
             }
             let idle_ns =
                 sockopt::monotonic_ns().saturating_sub(to_server.last_ns.max(to_client.last_ns));
