@@ -14,7 +14,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::HashMap,
-    helpers::{bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -55,9 +55,12 @@ pub fn patroxy_tc_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn patroxy_tc_egress(ctx: TcContext) -> i32 {
+    // Only this host's own SYNs (they have a socket): a SYN the host forwards as a router is
+    // none of patroxy's business.
     if let Some(tcp) = ipv4_tcp(&ctx)
         && tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && syn_port(tcp.dport) == SYN_TO_BACKEND
+        && unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } != 0
     {
         strip_syn_options(&ctx, &tcp);
     }
