@@ -132,6 +132,17 @@ impl TcPath {
 
 impl Drop for TcPath {
     fn drop(&mut self) {
+        let [handed_off, retried, ipv6, mismatched] = self.counters.snapshot();
+        // A target of its own, so a run at `warn` can still ask for this line
+        // (PATROXY_LOG=warn,patroxy_tc=info: the bench does).
+        info!(
+            target: "patroxy_tc",
+            handed_off,
+            retried,
+            ipv6,
+            mismatched,
+            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv6, options)"
+        );
         let _ = std::fs::remove_file(&self.flows_pin);
     }
 }
