@@ -591,3 +591,91 @@ fn psql_through_the_packet_level_splice() {
     assert_eq!(proxy.count_log(HANDED_OFF), 1, "{}", proxy.log());
     assert!(proxy.wait_for_log("session closed: client close", Duration::from_secs(5)));
 }
+
+#[test]
+fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
+    if !require_root("hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-race");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-race", &config);
+    let addr = config.bind();
+    const SESSIONS: usize = 16;
+    const TURNS: u64 = 150;
+    // Short messages with pauses of 0-2 ms: the hand-off is tried (every 1-50 ms) while
+    // bytes are on their way in either direction, so many attempts are abandoned before one
+    // takes.
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect(addr);
+                let mut seed = 0x5eed_u64 + i as u64;
+                let mut sent = 0;
+                for turn in 0..TURNS {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let data = Arc::new(pattern(1 + (seed % 3000) as usize, seed));
+                    assert!(
+                        echo(&stream, data.clone()) == *data,
+                        "session {i} turn {turn}"
+                    );
+                    sent += data.len() as u64;
+                    thread::sleep(Duration::from_micros(seed % 2000));
+                }
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                (&stream).read_to_end(&mut rest).unwrap();
+                assert_eq!(rest, b"bye", "session {i}");
+                (local_port(&stream), sent)
+            })
+        })
+        .collect();
+    let results: Vec<(u16, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut handed = 0;
+    for (port, sent) in results {
+        let line = closed_line(&proxy, port).expect("a session closed line");
+        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
+        handed += usize::from(wait_handed_off(&proxy, port));
+    }
+    eprintln!(
+        "raced hand-offs: {handed} of {SESSIONS} sessions handed off, {} attempts abandoned",
+        proxy.count_log("hand-off abandoned")
+    );
+    assert!(handed > 0, "no session was handed off:\n{}", proxy.log());
+}
+
+#[test]
+fn an_idle_spliced_session_times_out_with_a_reset_of_both_ends() {
+    if !require_root("an_idle_spliced_session_times_out_with_a_reset_of_both_ends") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-idle");
+    let mut config = config(&pin, server.port);
+    config.defaults.timeout_client = Duration::from_secs(1);
+    config.defaults.timeout_server = Duration::from_secs(1);
+    let proxy = Patroxy::start("tc-idle", &config);
+    let s = handed_off_session(&proxy, config.bind());
+    let since = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = (&s).read(&mut buf).expect_err("a reset");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    let waited = since.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: idle timeout"), "{line}");
+    assert_eq!(
+        server.wait_for_endings(1),
+        [Ending::Error(io::ErrorKind::ConnectionReset)]
+    );
+}

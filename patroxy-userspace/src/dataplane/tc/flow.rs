@@ -80,9 +80,7 @@ impl Flow {
             }
             let idle_ns =
                 sockopt::monotonic_ns().saturating_sub(to_server.last_ns.max(to_client.last_ns));
-            if to_server.last_ns.max(to_client.last_ns) != 0
-                && Duration::from_nanos(idle_ns) >= idle_timeout
-            {
+            if Duration::from_nanos(idle_ns) >= idle_timeout {
                 break EndReason::Timeout;
             }
         };

@@ -144,6 +144,8 @@ pub fn try_hand_off(
             return Attempt::Never;
         }
     };
+    // The idle timeout counts from the hand-off until the program sees a packet.
+    let now = sockopt::monotonic_ns();
     // client -> server: the client's bytes continue the backend socket's stream; its acks
     // acknowledge what the backend socket received from the server.
     let to_server = FlowEntry {
@@ -158,6 +160,7 @@ pub fn try_hand_off(
         state: FLOW_ACTIVE,
         side: SIDE_CLIENT,
         next_seq: b_snd,
+        last_ns: now,
         ..FlowEntry::default()
     };
     let to_client = FlowEntry {
@@ -172,6 +175,7 @@ pub fn try_hand_off(
         state: FLOW_ACTIVE,
         side: SIDE_BACKEND,
         next_seq: a_snd,
+        last_ns: now,
         ..FlowEntry::default()
     };
     {
