@@ -12,7 +12,7 @@
 //! own offset, and SACK edges would need the sequence shift too). The host's sysctls are left
 //! alone: other connections keep both options.
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::BPF_F_PSEUDO_HDR,
     btf_maps::HashMap,
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{btf_map, classifier},
@@ -45,12 +45,15 @@ const TCPOPT_SACK_PERM: u8 = 4;
 const TCPOPT_TIMESTAMP: u8 = 8;
 /// Options walked in a SYN: real stacks send at most 8 (NOPs included).
 const MAX_SYN_OPTIONS: usize = 12;
-/// bpf_redirect_neigh's return on success (it cannot fail after the verifier's checks).
+/// The classifier's verdicts (include/uapi/linux/pkt_cls.h); TC_ACT_REDIRECT is also what
+/// bpf_redirect_neigh returns on success.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
 #[classifier]
 pub fn patroxy_tc_ingress(ctx: TcContext) -> i32 {
-    try_ingress(&ctx).unwrap_or(TC_ACT_OK as i32)
+    try_ingress(&ctx).unwrap_or(TC_ACT_OK)
 }
 
 #[classifier]
@@ -64,7 +67,7 @@ pub fn patroxy_tc_egress(ctx: TcContext) -> i32 {
     {
         strip_syn_options(&ctx, &tcp);
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// Where the headers of an IPv4 TCP packet are, and the fields the programs read.
@@ -119,7 +122,7 @@ fn ipv4_tcp(ctx: &TcContext) -> Option<Tcp> {
 
 #[inline(always)]
 fn syn_port(port: u16) -> u8 {
-    unsafe { SYN_PORTS.get(&port) }.copied().unwrap_or(0)
+    unsafe { SYN_PORTS.get(port) }.copied().unwrap_or(0)
 }
 
 #[inline(always)]
@@ -129,21 +132,21 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
     if syn {
         // A new connection on a 4-tuple whose flow is still here: that session is over (its
         // client reused the port), so its entry goes and the SYN reaches the listener.
-        if unsafe { FLOWS.get(&tcp.key) }.is_some() {
-            let _ = FLOWS.remove(&tcp.key);
+        if unsafe { FLOWS.get(tcp.key) }.is_some() {
+            let _ = FLOWS.remove(tcp.key);
         }
         if syn_port(tcp.dport) == SYN_TO_LISTENER {
             strip_syn_options(ctx, &tcp);
         }
         return None;
     }
-    let flow = FLOWS.get_ptr_mut(&tcp.key)?;
+    let flow = FLOWS.get_ptr_mut(tcp.key)?;
     let entry = unsafe { *flow };
     // The mark-down fence holds here too; so does the hand-off's own, while it checks the
     // sockets (the sender retransmits what is dropped).
-    let fenced = unsafe { BACKENDS.get(&entry.backend) }.is_none_or(|b| b.fenced != 0);
+    let fenced = unsafe { BACKENDS.get(entry.backend) }.is_none_or(|b| b.fenced != 0);
     if fenced || entry.state != FLOW_ACTIVE {
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     rewrite(ctx, &tcp, &entry).ok()?;
     let payload = (ctx.len() as usize).saturating_sub(tcp.at + tcp.len) as u32;
@@ -179,7 +182,7 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
     }
     Some(unsafe { bpf_redirect_neigh(entry.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
         .filter(|&r| r == TC_ACT_REDIRECT)
-        .or(Some(TC_ACT_SHOT as i32))
+        .or(Some(TC_ACT_SHOT))
 }
 
 /// The other connection's addresses, ports, sequence and ack numbers, checksums kept right (for
