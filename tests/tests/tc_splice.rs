@@ -679,3 +679,70 @@ fn an_idle_spliced_session_times_out_with_a_reset_of_both_ends() {
         [Ending::Error(io::ErrorKind::ConnectionReset)]
     );
 }
+
+/// How many loaded BPF programs are named `name` (bpftool 7.1 lists tcx links only by type
+/// number, so the programs are counted: a detached program whose loader is gone is unloaded).
+fn programs_named(name: &str) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("run bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("name {name} ")))
+        .count()
+}
+
+#[test]
+fn a_crashed_runs_tc_links_are_detached_at_the_next_start_and_on_exit() {
+    if !require_root("a_crashed_runs_tc_links_are_detached_at_the_next_start_and_on_exit") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-crash");
+    let config = config(&pin, server.port);
+    let crashed = Patroxy::start("tc-crash", &config);
+    // Two interfaces, one attachment each.
+    assert_eq!(programs_named("patroxy_tc_ingress"), 1);
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(crashed.child.id() as i32, libc::SIGKILL) };
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        pin.join(format!("tc_ingress_{VETH_CLIENT}")).exists(),
+        "the crash left the pinned link"
+    );
+    drop(crashed);
+    let proxy = Patroxy::start("tc-crash-again", &config);
+    assert!(
+        proxy.wait_for_log(
+            "detached the TC program a previous run left attached",
+            Duration::from_secs(2)
+        ),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(
+        programs_named("patroxy_tc_ingress"),
+        1,
+        "the new run's ingress program alone"
+    );
+    let s = handed_off_session(&proxy, config.bind());
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    drop(proxy);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        programs_named("patroxy_tc_ingress"),
+        0,
+        "still attached after exit"
+    );
+    assert_eq!(
+        programs_named("patroxy_tc_egress"),
+        0,
+        "still attached after exit"
+    );
+    assert!(!pin.exists(), "the pin directory outlived the daemon");
+}
