@@ -543,9 +543,15 @@ fn mark_down_resets_both_ends_of_spliced_sessions() {
             .all(|e| *e == Ending::Error(io::ErrorKind::ConnectionReset)),
         "{endings:?}"
     );
-    assert_eq!(
-        proxy.count_log("session closed: reset: server set to MAINT"),
-        SESSIONS
+    // The resets go out before each session writes its line.
+    assert!(
+        proxy.wait_for_log_count(
+            "session closed: reset: server set to MAINT",
+            SESSIONS,
+            Duration::from_secs(5)
+        ),
+        "{}",
+        proxy.log()
     );
 }
 

@@ -9,7 +9,8 @@
 //!    before 2 has reached its socket by then): otherwise the entries go and the session stays
 //!    on the sockmap, to be tried again later;
 //! 4. both sockets leave SOCKS (their psocks are empty), enter TCP_REPAIR and give their
-//!    sequence numbers; the entries become active with the offsets between the two connections.
+//!    sequence numbers; quiet and unchanged once more (else back to the sockmap, retried
+//!    later); the entries become active with the offsets between the two connections.
 //!
 //! Only sessions whose legs can be joined are tried: IPv4, neither leg with timestamps or
 //! SACK (the SYN option stripping keeps them out), equal window scales crosswise and equal MSS,
@@ -144,6 +145,21 @@ pub fn try_hand_off(
             return Attempt::Never;
         }
     };
+    // A packet the program passed just before the fence may reach its socket only now (it sat
+    // in the socket's backlog while a check above held the socket): a last look, after the
+    // sequence numbers were read, so that none moved unseen.
+    let last = quiet(maps, client, backend, cookies, baseline);
+    if last != Some(before) {
+        debug!(
+            ?before,
+            ?last,
+            "hand-off abandoned: the session moved while it was read"
+        );
+        let _ = repair::leave(client);
+        let _ = repair::leave(backend);
+        reinsert(maps, client, backend, cookies);
+        return abandon(tc);
+    }
     // The idle timeout counts from the hand-off until the program sees a packet.
     let now = sockopt::monotonic_ns();
     // client -> server: the client's bytes continue the backend socket's stream; its acks
