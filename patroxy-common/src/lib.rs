@@ -4,6 +4,7 @@
 //! `bpftool map dump` shows named, typed fields (the maps carry BTF).
 #![no_std]
 
+pub mod tc;
 pub mod xdp;
 
 /// Key of SOCKS and SESSIONS: the kernel's socket cookie (`SO_COOKIE`).
@@ -98,6 +99,8 @@ mod pod {
     unsafe impl aya::Pod for super::SessionEntry {}
     unsafe impl aya::Pod for super::BackendEntry {}
     unsafe impl aya::Pod for super::LogLimit {}
+    unsafe impl aya::Pod for super::tc::FlowKey {}
+    unsafe impl aya::Pod for super::tc::FlowEntry {}
     unsafe impl aya::Pod for super::xdp::AllowV4 {}
     unsafe impl aya::Pod for super::xdp::AllowV6 {}
     unsafe impl aya::Pod for super::xdp::XdpCounters {}

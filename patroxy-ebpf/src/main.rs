@@ -6,11 +6,16 @@
 //! copies a byte. The program also keeps the per-socket counters in SESSIONS and refuses to forward
 //! for a session whose backend is fenced in BACKENDS (the mark-down fence).
 //!
+//! `tc.rs` holds the packet-level splice (`datapath = "tc"`): the TC programs that forward a
+//! handed-off session's packets between its two connections, sharing BACKENDS for the fence.
+//!
 //! For debugging it can say what it decided (aya-log, target `patroxy::ebpf`): off unless the
 //! loader sets `PATROXY_LOG`, and rate-limited per CPU by a token bucket in LOG_LIMIT so a bulk
 //! transfer cannot flood the log ring buffer.
 #![no_std]
 #![no_main]
+
+mod tc;
 
 use aya_ebpf::{
     Global,

@@ -152,7 +152,12 @@ async fn run_daemon(
         .iter()
         .map(|l| l.bind)
         .chain(config.stats.as_ref().map(|s| s.bind));
-    let needed = privileges::needed_after_start(binds, privileges::unprivileged_port_start());
+    let mut needed = privileges::needed_after_start(binds, privileges::unprivileged_port_start());
+    if dataplane.tc().is_some() {
+        // Every hand-off to the packet-level splice puts both sockets in TCP_REPAIR.
+        needed.insert(caps::Capability::CAP_NET_ADMIN);
+        info!("datapath = \"tc\" keeps CAP_NET_ADMIN for TCP_REPAIR");
+    }
     let kept = privileges::drop_all_but(&needed).context("dropping capabilities")?;
     info!(
         kept = %privileges::names(&kept),
@@ -387,7 +392,12 @@ fn select_data_path(
     let Some(takeover) =
         takeover.filter(|t| config.global.bpf != BpfMode::Off && t.needs_pinned_maps())
     else {
-        return Ok(DataPlane::select(config.global.bpf, pin_path, log)?);
+        return Ok(DataPlane::select(
+            config.global.bpf,
+            pin_path,
+            log,
+            tc_setup(config),
+        )?);
     };
     if log.is_some() {
         tracing::warn!("the eBPF debug log is not available in a taken-over data path");
@@ -405,11 +415,38 @@ fn select_data_path(
                     tracing::warn!(
                         "the stored sessions' maps cannot be opened ({e}); loading afresh, the sessions will be reset"
                     );
-                    Ok(DataPlane::select(config.global.bpf, pin_path, None)?)
+                    Ok(DataPlane::select(
+                        config.global.bpf,
+                        pin_path,
+                        None,
+                        tc_setup(config),
+                    )?)
                 }
             }
         }
     }
+}
+
+/// The TC programs' part of the config, when `datapath = "tc"`.
+fn tc_setup(config: &Config) -> Option<crate::dataplane::TcSetup<'_>> {
+    let crate::config::Datapath::Tc { interfaces } = &config.global.datapath else {
+        return None;
+    };
+    let mut listener_ports: Vec<u16> = config.listeners.iter().map(|l| l.bind.port()).collect();
+    let mut backend_ports: Vec<u16> = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.servers.iter().map(|s| s.address.port()))
+        .collect();
+    listener_ports.sort_unstable();
+    listener_ports.dedup();
+    backend_ports.sort_unstable();
+    backend_ports.dedup();
+    Some(crate::dataplane::TcSetup {
+        interfaces,
+        listener_ports,
+        backend_ports,
+    })
 }
 
 /// What the daemon's signals ask of `run` (SIGHUP's reload is done on the way).

@@ -50,6 +50,7 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
     d.restart("global.bpf", &og.bpf, &ng.bpf);
     d.restart("global.pin_path", &og.pin_path, &ng.pin_path);
     d.restart("global.bpf_log", &og.bpf_log, &ng.bpf_log);
+    d.restart("global.datapath", &og.datapath, &ng.datapath);
     d.restart("global.bpf_log_rate", &og.bpf_log_rate, &ng.bpf_log_rate);
     d.structural(
         "global.session_log_rate",

@@ -41,6 +41,20 @@ pub struct Global {
     pub cancel_rate: u32,
     /// Most CancelRequests per second from one client address, bursts of twice that.
     pub cancel_rate_per_client: u32,
+    /// Who forwards an established session's bytes.
+    pub datapath: Datapath,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Datapath {
+    /// The proxy's two sockets: sockmap or the userspace fallback, as `bpf` says.
+    Sockets,
+    /// Sessions start on the sockets and are handed to the TC program at the first moment both
+    /// directions are idle (opt-in; IPv4 only so far).
+    Tc {
+        /// The interfaces the TC programs attach to (`[tc] interfaces`): never any other.
+        interfaces: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

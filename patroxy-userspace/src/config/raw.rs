@@ -29,6 +29,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub allow: Vec<RawAllow>,
     pub xdp: Option<RawXdp>,
+    /// The packet-level splice's interfaces (`datapath = "tc"`).
+    pub tc: Option<RawTc>,
     pub dcs: Option<RawDcs>,
 }
 
@@ -40,9 +42,24 @@ pub(crate) struct RawGlobal {
     pub pin_path: Option<Spanned<PathBuf>>,
     pub bpf_log: Option<Spanned<bool>>,
     pub bpf_log_rate: Option<Spanned<u32>>,
+    pub datapath: Option<Spanned<RawDatapath>>,
     pub session_log_rate: Option<Spanned<u32>>,
     pub cancel_rate: Option<Spanned<u32>>,
     pub cancel_rate_per_client: Option<Spanned<u32>>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawDatapath {
+    Sockets,
+    Tc,
+}
+
+/// `[tc]`: where the packet-level splice's programs attach.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTc {
+    pub interfaces: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]

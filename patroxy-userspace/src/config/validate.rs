@@ -14,6 +14,8 @@ use super::{admin_token::AdminToken, allow, owner, tls};
 
 #[path = "validate_dcs.rs"]
 mod dcs;
+#[path = "validate_tc.rs"]
+mod tc;
 
 /// Check paths whose 200 means "this is the writable node": listeners checking them default to
 /// `balance first`, since there is one primary and spreading writes makes no sense.
@@ -115,7 +117,7 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: &RawConfig) -> Config {
-        let global = self.global(&raw.global);
+        let global = self.global(&raw.global, raw.tc.as_ref());
         let defaults = self.defaults(&raw.defaults);
         let servers = self.servers(raw);
         let listeners: Vec<Listener> = raw
@@ -255,7 +257,7 @@ impl Validator<'_> {
         }
     }
 
-    fn global(&mut self, raw: &RawGlobal) -> Global {
+    fn global(&mut self, raw: &RawGlobal, tc: Option<&RawTc>) -> Global {
         let pin_path = match &raw.pin_path {
             None => PathBuf::from("/sys/fs/bpf/patroxy"),
             Some(p) => {
@@ -302,7 +304,9 @@ impl Validator<'_> {
                 "bpf_log = true needs the eBPF data path, but bpf = \"off\"",
             );
         }
+        let datapath = self.datapath(raw, tc, bpf);
         Global {
+            datapath,
             maxconn: raw
                 .maxconn
                 .as_ref()

@@ -62,7 +62,7 @@ pub struct KernelMaps {
     /// Set once a successor took the maps over: `drop` leaves pins and program as they are.
     handed_over: AtomicBool,
     /// Owns the program for as long as the maps are used; `None` when adopted.
-    _ebpf: Option<Ebpf>,
+    ebpf: Option<Ebpf>,
 }
 
 impl KernelMaps {
@@ -106,7 +106,7 @@ impl KernelMaps {
             pin_lock,
             link: Some(link),
             handed_over: AtomicBool::new(false),
-            _ebpf: Some(ebpf),
+            ebpf: Some(ebpf),
         })
     }
 
@@ -131,10 +131,28 @@ impl KernelMaps {
             pin_lock,
             link: None,
             handed_over: AtomicBool::new(false),
-            _ebpf: None,
+            ebpf: None,
         };
         info!(pin_dir = %pin_dir.display(), "sockmap data path adopted from the pinned maps");
         Ok(maps)
+    }
+
+    /// Attaches the packet-level splice's programs, from the object this process loaded.
+    pub(super) fn attach_tc(
+        &mut self,
+        setup: &super::TcSetup,
+    ) -> Result<super::tc::TcPath, LoadError> {
+        let ebpf = self
+            .ebpf
+            .as_mut()
+            .ok_or(LoadError::Missing("a loaded object"))?;
+        super::tc::TcPath::attach(
+            ebpf,
+            &self.pin_dir,
+            setup.interfaces,
+            &setup.listener_ports,
+            &setup.backend_ports,
+        )
     }
 
     pub fn pin_dir(&self) -> &Path {

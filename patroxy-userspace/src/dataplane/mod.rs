@@ -2,7 +2,8 @@
 //!
 //! Two implementations with the same semantics (byte-exact, half-close after delivery, RST
 //! propagated, idle timeout, kill on demand): `sockmap` splices in the kernel, `fallback` copies in
-//! userspace. `DataPlane::select` picks one from the config's `bpf` mode.
+//! userspace. `DataPlane::select` picks one from the config's `bpf` mode. With `datapath =
+//! "tc"`, `tc` hands sockmap sessions on to the packet-level splice once they are quiet.
 mod backends;
 mod closewatch;
 mod fallback;
@@ -13,6 +14,7 @@ pub mod pin_dir;
 pub mod sock_diag;
 mod sockmap;
 pub mod sockopt;
+pub mod tc;
 
 use std::{
     fmt,
@@ -153,6 +155,9 @@ pub struct SessionEnd {
 /// The data path chosen at start-up.
 pub enum DataPlane {
     Sockmap {
+        /// The packet-level splice sessions are handed to, with `datapath = "tc"`. Declared
+        /// first so it is dropped first: its pins go before `maps` removes the pin directory.
+        tc: Option<Arc<tc::TcPath>>,
         maps: Arc<KernelMaps>,
         /// Tells spliced sessions about FIN/RST without waking them per message.
         closes: Arc<closewatch::CloseWatcher>,
@@ -168,6 +173,19 @@ pub enum SelectError {
     /// directory open to another user) in a log line while the daemon runs.
     #[error(transparent)]
     PinDir(pin_dir::PinDirError),
+    /// `datapath = "tc"` is opt-in: when it cannot attach, the daemon says so rather than run
+    /// on another path than the operator chose.
+    #[error("datapath = \"tc\": {0}")]
+    Tc(loader::LoadError),
+}
+
+/// What the TC programs need from the config (`datapath = "tc"`).
+pub struct TcSetup<'a> {
+    pub interfaces: &'a [String],
+    /// The listeners' ports: SYNs to them lose their timestamp and SACK options.
+    pub listener_ports: Vec<u16>,
+    /// The servers' ports: the proxy's SYNs to them lose the same options.
+    pub backend_ports: Vec<u16>,
 }
 
 impl DataPlane {
@@ -178,6 +196,7 @@ impl DataPlane {
         mode: BpfMode,
         pin_dir: &std::path::Path,
         log: Option<KernelLog>,
+        tc: Option<TcSetup>,
     ) -> Result<Self, SelectError> {
         if mode == BpfMode::Off {
             return Ok(Self::Fallback);
@@ -187,11 +206,19 @@ impl DataPlane {
             Ok((maps, closes))
         });
         match loaded {
-            Ok((maps, closes)) => Ok(Self::Sockmap {
-                maps: Arc::new(maps),
-                closes,
-            }),
+            Ok((mut maps, closes)) => {
+                let tc = match tc {
+                    Some(setup) => Some(Arc::new(maps.attach_tc(&setup).map_err(SelectError::Tc)?)),
+                    None => None,
+                };
+                Ok(Self::Sockmap {
+                    maps: Arc::new(maps),
+                    closes,
+                    tc,
+                })
+            }
             Err(loader::LoadError::PinDir(e)) => Err(SelectError::PinDir(e)),
+            Err(e) if tc.is_some() => Err(SelectError::Tc(e)),
             Err(e) if mode == BpfMode::Required => Err(SelectError::RequiredButUnavailable(e)),
             Err(e) => {
                 warn!("sockmap data path unavailable ({e}); using the userspace fallback");
@@ -212,13 +239,23 @@ impl DataPlane {
         Ok(Self::Sockmap {
             maps: Arc::new(maps),
             closes,
+            tc: None,
         })
     }
 
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Sockmap { tc: Some(_), .. } => "sockmap+tc",
             Self::Sockmap { .. } => "sockmap",
             Self::Fallback => "fallback",
+        }
+    }
+
+    /// The packet-level splice, when `datapath = "tc"` attached it.
+    pub fn tc(&self) -> Option<&Arc<tc::TcPath>> {
+        match self {
+            Self::Sockmap { tc, .. } => tc.as_ref(),
+            Self::Fallback => None,
         }
     }
 
@@ -246,8 +283,8 @@ impl DataPlane {
                 );
                 fallback::run(client, backend, meta, kill).await
             }
-            Self::Sockmap { maps, closes } => {
-                match sockmap::Spliced::insert(maps, &client, &backend, meta) {
+            Self::Sockmap { maps, closes, tc } => {
+                match sockmap::Spliced::insert(maps, tc.clone(), &client, &backend, meta) {
                     Ok(spliced) => return spliced.run(client, backend, closes, kill).await,
                     Err(e) => {
                         // EOPNOTSUPP: a socket no longer established (the client already closed);
@@ -275,7 +312,7 @@ impl DataPlane {
         meta: SessionMeta,
         kill: &KillSwitch,
     ) -> Option<Outcome> {
-        let Self::Sockmap { maps, closes } = self else {
+        let Self::Sockmap { maps, closes, .. } = self else {
             return None;
         };
         let Detached { client, backend } = detached;

@@ -3,7 +3,8 @@
 //! Userspace never reads or writes these sockets once they are in SOCKS: the verdict program
 //! forwards every byte. What userspace still does is what the kernel does not: propagate FIN
 //! (the verdict drops bare FIN skbs; TCP has recorded the FIN) once the bytes before it were
-//! delivered, propagate RST, expire idle sessions and reset on demand.
+//! delivered, propagate RST, expire idle sessions and reset on demand. With `datapath = "tc"`
+//! it also hands the session to the packet-level splice once it is quiet (`tc::handoff`).
 use std::{net::TcpStream as StdTcpStream, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use patroxy_common::{SIDE_BACKEND, SIDE_CLIENT, SessionEntry};
@@ -17,7 +18,20 @@ use super::{
     closewatch::{CloseWatcher, Watch},
     reset_both,
     sockopt::{self, TcpCounters},
+    tc::{self, TcPath},
 };
+
+/// First hand-off attempt this long after the splice, then backing off while the session is
+/// busy: a quiet moment is seldom missed by more than the current pause.
+const FIRST_HAND_OFF: Duration = Duration::from_millis(1);
+const MAX_HAND_OFF_PAUSE: Duration = Duration::from_millis(50);
+
+/// How the sockmap part of a session ended.
+enum Watched {
+    Ended(EndReason),
+    /// The TC program carries the session now.
+    HandedOff(tc::Flow),
+}
 
 /// A pair inserted in SOCKS/SESSIONS; removes its entries when dropped, unless handed over.
 pub(super) struct Spliced {
@@ -27,6 +41,9 @@ pub(super) struct Spliced {
     meta: SessionMeta,
     /// Set when the pair goes to a successor: its entries stay for it.
     keep_entries: bool,
+    /// The packet-level splice to hand the session to, and what the sockets carried before
+    /// the sockmap took them.
+    tc: Option<(Arc<TcPath>, tc::Baseline)>,
 }
 
 impl Spliced {
@@ -34,6 +51,7 @@ impl Spliced {
     /// meet a missing peer), then wakes both so bytes that arrived earlier are forwarded.
     pub(super) fn insert(
         maps: &Arc<KernelMaps>,
+        tc: Option<Arc<TcPath>>,
         client: &TcpStream,
         backend: &TcpStream,
         meta: SessionMeta,
@@ -46,6 +64,7 @@ impl Spliced {
             backend_cookie,
             meta,
             keep_entries: false,
+            tc: tc.map(|tc| (tc, tc::Baseline::read(client, backend))),
         };
         let now = sockopt::monotonic_ns();
         let entry = |peer, side| SessionEntry {
@@ -93,6 +112,7 @@ impl Spliced {
             backend_cookie: sockopt::cookie(backend)?,
             meta,
             keep_entries: false,
+            tc: None,
         };
         let sessions = maps.sessions.lock().expect("sessions lock");
         if sessions.get(&spliced.client_cookie, 0).is_err()
@@ -133,14 +153,31 @@ impl Spliced {
     ) -> Outcome {
         let watched = match (closes.watch(&client), closes.watch(&backend)) {
             (Ok(cw), Ok(bw)) => tokio::select! {
-                reason = self.watch(&client, &backend, &cw, &bw, kill) => Some(reason),
+                watched = self.watch(&client, &backend, &cw, &bw, kill) => Some(watched),
                 () = kill.handing_over() => None,
             },
-            (Err(e), _) | (_, Err(e)) => Some(EndReason::Error(format!("watching for close: {e}"))),
+            (Err(e), _) | (_, Err(e)) => Some(Watched::Ended(EndReason::Error(format!(
+                "watching for close: {e}"
+            )))),
         };
-        let Some(reason) = watched else {
-            self.keep_entries = true;
-            return Outcome::HandedOver(Detached { client, backend });
+        let reason = match watched {
+            None => {
+                self.keep_entries = true;
+                return Outcome::HandedOver(Detached { client, backend });
+            }
+            Some(Watched::Ended(reason)) => reason,
+            Some(Watched::HandedOff(flow)) => {
+                let (spliced, _) = self.tc.clone().expect("handed off without a TC path");
+                let flow = flow
+                    .run(&spliced, client, backend, self.meta.idle_timeout, kill)
+                    .await;
+                let (from_client, from_server) = self.counters();
+                return Outcome::Ended(SessionEnd {
+                    reason: flow.reason,
+                    bytes_from_client: from_client + flow.bytes_from_client,
+                    bytes_from_server: from_server + flow.bytes_from_server,
+                });
+            }
         };
         match &reason {
             EndReason::Killed(_) | EndReason::ClientReset | EndReason::ServerReset => {
@@ -167,24 +204,52 @@ impl Spliced {
         client_closes: &Watch,
         backend_closes: &Watch,
         kill: &KillSwitch,
-    ) -> EndReason {
+    ) -> Watched {
         let mut client_open = true;
         let mut backend_open = true;
         let mut first_close = None;
         // `insert` just stamped both entries with the current time: no need to read them back.
         let mut idle_deadline = Instant::now() + self.meta.idle_timeout;
+        let mut hand_off_pause = FIRST_HAND_OFF;
+        let mut hand_off_at = self.tc.as_ref().map(|_| Instant::now() + hand_off_pause);
         loop {
             if !client_open && !backend_open {
-                return first_close.unwrap_or(EndReason::ClientClose);
+                return Watched::Ended(first_close.unwrap_or(EndReason::ClientClose));
             }
+            let hand_off = async {
+                match hand_off_at {
+                    Some(at) if client_open && backend_open => sleep_until(at).await,
+                    _ => std::future::pending().await,
+                }
+            };
             let (side, events) = tokio::select! {
                 e = client_closes.next(), if client_open => (Side::Client, e),
                 e = backend_closes.next(), if backend_open => (Side::Server, e),
-                reason = kill.killed() => return EndReason::Killed(reason),
+                reason = kill.killed() => return Watched::Ended(EndReason::Killed(reason)),
                 _ = sleep_until(idle_deadline) => {
                     idle_deadline = self.idle_deadline();
                     if idle_deadline <= Instant::now() {
-                        return EndReason::Timeout;
+                        return Watched::Ended(EndReason::Timeout);
+                    }
+                    continue;
+                }
+                () = hand_off => {
+                    let (spliced, baseline) = self.tc.as_ref().expect("hand-off timer without TC");
+                    match tc::try_hand_off(
+                        spliced,
+                        &self.maps,
+                        client,
+                        backend,
+                        (self.client_cookie, self.backend_cookie),
+                        *baseline,
+                        self.meta.backend_id,
+                    ) {
+                        tc::Attempt::HandedOff(flow) => return Watched::HandedOff(flow),
+                        tc::Attempt::NotNow => {
+                            hand_off_pause = (hand_off_pause * 2).min(MAX_HAND_OFF_PAUSE);
+                            hand_off_at = Some(Instant::now() + hand_off_pause);
+                        }
+                        tc::Attempt::Never => hand_off_at = None,
                     }
                     continue;
                 }
@@ -196,7 +261,7 @@ impl Spliced {
             let event = classify(this, events);
             tracing::debug!(?side, ?event, "sockmap session event");
             match event {
-                Event::Reset => return side.reset_reason(),
+                Event::Reset => return Watched::Ended(side.reset_reason()),
                 Event::Spurious => continue,
                 Event::Fin => {
                     let delivered = tokio::select! {
@@ -204,7 +269,7 @@ impl Spliced {
                         reason = kill.killed() => Err(EndReason::Killed(reason)),
                     };
                     if let Err(reason) = delivered {
-                        return reason;
+                        return Watched::Ended(reason);
                     }
                     first_close.get_or_insert(side.close_reason());
                     match side {

@@ -94,6 +94,7 @@ pub(crate) mod test_config {
                 pin_path: "/sys/fs/bpf/patroxy".into(),
                 bpf_log: false,
                 bpf_log_rate: 100,
+                datapath: crate::config::Datapath::Sockets,
                 session_log_rate: 100,
                 cancel_rate: 200,
                 cancel_rate_per_client: 20,

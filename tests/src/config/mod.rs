@@ -40,6 +40,8 @@ pub struct ProxyConfig {
     pub xdp: Option<XdpConfig>,
     /// patroxy only: the DCS watch of Patroni's leader key (HAProxy has none).
     pub dcs: Option<DcsConfig>,
+    /// patroxy only: `datapath = "tc"` and `[tc] interfaces`, the packet-level splice.
+    pub tc_interfaces: Option<Vec<String>>,
 }
 
 /// One `[[allow]]`: sources (CIDRs) and the ports or listener names they may reach.
@@ -277,6 +279,7 @@ impl ProxyConfig {
             allow: Vec::new(),
             xdp: None,
             dcs: None,
+            tc_interfaces: None,
         }
     }
 
@@ -332,6 +335,12 @@ impl ProxyConfig {
 
     pub fn allow(mut self, rule: AllowConfig) -> Self {
         self.allow.push(rule);
+        self
+    }
+
+    /// `datapath = "tc"` on `interfaces`.
+    pub fn tc_splice(mut self, interfaces: &[&str]) -> Self {
+        self.tc_interfaces = Some(interfaces.iter().map(|i| i.to_string()).collect());
         self
     }
 

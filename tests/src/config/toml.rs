@@ -22,6 +22,10 @@ impl ProxyConfig {
         toml.key("session_log_rate", g.session_log_rate);
         toml.key("cancel_rate", g.cancel_rate);
         toml.key("cancel_rate_per_client", g.cancel_rate_per_client);
+        toml.key(
+            "datapath",
+            self.tc_interfaces.as_ref().map(|_| quoted("tc")),
+        );
 
         let d = &self.defaults;
         toml.table("[defaults]");
@@ -119,6 +123,11 @@ impl ProxyConfig {
             toml.key("mode", x.mode.as_deref().map(quoted));
             toml.key("syn_rate", x.syn_rate);
             toml.key("syn_burst", x.syn_burst);
+        }
+        if let Some(interfaces) = &self.tc_interfaces {
+            toml.table("[tc]");
+            let interfaces: Vec<String> = interfaces.iter().map(|i| quoted(i)).collect();
+            toml.key("interfaces", Some(format!("[{}]", interfaces.join(", "))));
         }
         if let Some(d) = &self.dcs {
             toml.table("[dcs]");

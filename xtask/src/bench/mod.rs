@@ -82,10 +82,19 @@ fn bench_config(bind: SocketAddr, pg: SocketAddr) -> ProxyConfig {
 }
 
 /// patroxy's config for one data path: [`bench_config`] with `bpf` ("required" or "off") and
-/// its maps pinned at `pin`.
-fn patroxy_toml(bpf: &str, pin: &Path, bind: SocketAddr, pg: SocketAddr) -> Result<String> {
+/// its maps pinned at `pin`; with `tc`, `datapath = "tc"` on those interfaces.
+fn patroxy_toml(
+    bpf: &str,
+    tc: Option<&[&str]>,
+    pin: &Path,
+    bind: SocketAddr,
+    pg: SocketAddr,
+) -> Result<String> {
     let bpf: Bpf = bpf.parse().map_err(anyhow::Error::msg)?;
-    let config = bench_config(bind, pg).data_path(bpf, pin);
+    let mut config = bench_config(bind, pg).data_path(bpf, pin);
+    if let Some(interfaces) = tc {
+        config = config.tc_splice(interfaces);
+    }
     Ok(format!(
         "# Written by `cargo xtask bench`.\n{}",
         config.to_toml()
@@ -123,6 +132,8 @@ pub struct Variant {
     pub bin: PathBuf,
     /// patroxy's `bpf` setting: "required" (sockmap) or "off" (fallback).
     pub bpf: &'static str,
+    /// `datapath = "tc"` on the proxy host's two interfaces (`--netns` only).
+    pub tc: bool,
     /// Extra environment for this process.
     pub env: Vec<(String, String)>,
 }
@@ -139,10 +150,11 @@ impl Variant {
             Some((m, b)) => (m, PathBuf::from(b)),
             None => (head, default_bin.to_path_buf()),
         };
-        let bpf = match mode {
-            "bpf" => "required",
-            "fallback" => "off",
-            other => bail!("--ab {spec:?}: mode {other:?} is not bpf or fallback"),
+        let (bpf, tc) = match mode {
+            "bpf" => ("required", false),
+            "fallback" => ("off", false),
+            "tc" => ("required", true),
+            other => bail!("--ab {spec:?}: mode {other:?} is not bpf, fallback or tc"),
         };
         let env = parts
             .map(|kv| {
@@ -155,6 +167,7 @@ impl Variant {
             name: Box::leak(name.to_owned().into_boxed_str()),
             bin,
             bpf,
+            tc,
             env,
         })
     }
@@ -166,6 +179,7 @@ impl Variant {
                 name,
                 bin: bin.to_path_buf(),
                 bpf,
+                tc: false,
                 env: Vec::new(),
             })
             .collect()
@@ -260,7 +274,21 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&pin);
         self.pins.push(pin.clone());
         let cfg = self.work_dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, patroxy_toml(v.bpf, &pin, bind, self.pg_addr())?)?;
+        let tc = match (v.tc, self.hosts.proxy_interfaces()) {
+            (false, _) => None,
+            (true, Some(interfaces)) => Some(interfaces),
+            (true, None) => bail!("{name}: the tc data path is measured with --netns only"),
+        };
+        std::fs::write(
+            &cfg,
+            patroxy_toml(
+                v.bpf,
+                tc.as_ref().map(|i| &i[..]),
+                &pin,
+                bind,
+                self.pg_addr(),
+            )?,
+        )?;
         let mut cmd = Command::new(&v.bin);
         cmd.arg("run")
             .arg("--config")

@@ -53,7 +53,7 @@ pub struct BenchArgs {
     pub profile: bool,
     /// A/B mode: compare patroxy variants (interleaved rounds, direct as the reference) instead
     /// of the four standard targets. Repeat per variant: `NAME=MODE[@BIN][:KEY=VALUE]...`, MODE
-    /// `bpf` or `fallback`, BIN a patroxy binary (default: the one built), KEY=VALUE extra
+    /// `bpf`, `fallback` or `tc` (`datapath = "tc"`, with --netns), BIN a patroxy binary (default: the one built), KEY=VALUE extra
     /// environment; `haproxy` alone adds HAProxy. Prints the table, writes nothing.
     #[arg(long)]
     pub ab: Vec<String>,

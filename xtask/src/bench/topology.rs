@@ -118,6 +118,14 @@ impl Hosts {
         }
     }
 
+    /// The proxy host's two interfaces (toward the client, toward the server).
+    pub fn proxy_interfaces(&self) -> Option<[&'static str; 2]> {
+        match self {
+            Hosts::Loopback => None,
+            Hosts::Namespaces(_) => Some(["pxbp0", "pxbp1"]),
+        }
+    }
+
     pub fn proxy_ns(&self) -> Option<&'static str> {
         match self {
             Hosts::Loopback => None,

@@ -1,0 +1,68 @@
+//! Map keys and values of the packet-level splice (`datapath = "tc"`): the TC program forwards a
+//! handed-off session's packets between its two connections by rewriting addresses, ports and
+//! sequence numbers, so the proxy's own TCP stack no longer handles them.
+
+/// Key of FLOWS: one direction of one connection as its packets arrive at the proxy. Addresses
+/// and ports in network byte order, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Value of FLOWS: how to rewrite and where to send the packets of one direction, and what the
+/// program saw of them. Two per spliced session (client->server, server->client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// The packet's new addresses and ports (network byte order): the other connection's.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// Added to the sequence number: the other connection's send sequence at the hand-off minus
+    /// this one's receive sequence.
+    pub seq_delta: u32,
+    /// Added to the acknowledgment number (the reverse mapping of the other direction).
+    pub ack_delta: u32,
+    /// The interface the rewritten packet leaves by (`bpf_redirect_neigh`).
+    pub ifindex: u32,
+    /// The session's backend: while BACKENDS fences it, the program drops the packets.
+    pub backend: u32,
+    /// `FLOW_PENDING` (dropped: the hand-off is checking the sockets) or `FLOW_ACTIVE`.
+    pub state: u8,
+    /// `FLOW_FIN` and `FLOW_RST` as seen in this direction.
+    pub seen: u8,
+    /// `SIDE_CLIENT` for client->server, `SIDE_BACKEND` for server->client.
+    pub side: u8,
+    pub _pad: u8,
+    /// The next sequence number the receiver expects, as rewritten (highest seen end): what a
+    /// reset of the receiver must carry.
+    pub next_seq: u32,
+    pub _pad2: u32,
+    /// Payload bytes forwarded, each once (a retransmission adds nothing).
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns` of the last packet (CLOCK_MONOTONIC).
+    pub last_ns: u64,
+    /// `bpf_ktime_get_ns` of the first FIN, 0 before: which side closed first.
+    pub fin_ns: u64,
+}
+
+pub const FLOW_PENDING: u8 = 0;
+pub const FLOW_ACTIVE: u8 = 1;
+pub const FLOW_FIN: u8 = 1;
+pub const FLOW_RST: u8 = 2;
+
+/// Capacity of FLOWS (two per spliced session).
+pub const MAX_FLOWS: u32 = 32_768;
+/// Most ports in SYN_PORTS.
+pub const MAX_SYN_PORTS: u32 = 256;
+
+/// Value of SYN_PORTS (key: destination port, host byte order): which SYNs get their timestamp
+/// and SACK-permitted options replaced by NOPs, so the connections patroxy may splice never
+/// negotiate them (the two legs' timestamps and SACK edges would not match).
+pub const SYN_TO_LISTENER: u8 = 1;
+pub const SYN_TO_BACKEND: u8 = 2;

@@ -1,0 +1,306 @@
+//! The packet-level splice (`datapath = "tc"`): TC programs on the interfaces the config names.
+//!
+//! `patroxy_tc_ingress` forwards the packets of a handed-off session straight from one of its
+//! connections to the other: FLOWS, keyed by the packet's 4-tuple, says which addresses, ports
+//! and sequence/ack offsets the other connection has and which interface it leaves by; the
+//! program rewrites them, fixes the checksums and redirects the packet there, so the proxy's own
+//! TCP stack never sees it. Packets of other connections pass untouched.
+//!
+//! Both programs also keep TCP timestamps and SACK out of the connections patroxy may splice:
+//! in a SYN to a port SYN_PORTS names (a tc listener's, at ingress; a backend's, at egress) the
+//! two options become NOPs, so neither leg negotiates them (each leg's timestamps have their
+//! own offset, and SACK edges would need the sequence shift too). The host's sysctls are left
+//! alone: other connections keep both options.
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
+    btf_maps::HashMap,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+use patroxy_common::tc::{
+    FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS, SYN_TO_BACKEND,
+    SYN_TO_LISTENER,
+};
+
+use crate::BACKENDS;
+
+/// One direction of a handed-off connection -> how to rewrite it (typed in `bpftool map dump`).
+#[btf_map]
+pub static FLOWS: HashMap<FlowKey, FlowEntry, { MAX_FLOWS as usize }> = HashMap::new();
+
+/// Destination port (host byte order) -> `SYN_TO_LISTENER` or `SYN_TO_BACKEND`.
+#[btf_map]
+static SYN_PORTS: HashMap<u16, u8, { MAX_SYN_PORTS as usize }> = HashMap::new();
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_SACK_PERM: u8 = 4;
+const TCPOPT_TIMESTAMP: u8 = 8;
+/// Options walked in a SYN: real stacks send at most 8 (NOPs included).
+const MAX_SYN_OPTIONS: usize = 12;
+/// The classifier's verdicts (include/uapi/linux/pkt_cls.h); TC_ACT_REDIRECT is also what
+/// bpf_redirect_neigh returns on success.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+#[classifier]
+pub fn patroxy_tc_ingress(ctx: TcContext) -> i32 {
+    try_ingress(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+#[classifier]
+pub fn patroxy_tc_egress(ctx: TcContext) -> i32 {
+    // Only this host's own SYNs (they have a socket): a SYN the host forwards as a router is
+    // none of patroxy's business.
+    if let Some(tcp) = ipv4_tcp(&ctx)
+        && tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && syn_port(tcp.dport) == SYN_TO_BACKEND
+        && unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } != 0
+    {
+        strip_syn_options(&ctx, &tcp);
+    }
+    TC_ACT_OK
+}
+
+/// Where the headers of an IPv4 TCP packet are, and the fields the programs read.
+struct Tcp {
+    ip: usize,
+    at: usize,
+    /// TCP header length in bytes.
+    len: usize,
+    key: FlowKey,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+}
+
+#[inline(always)]
+fn ipv4_tcp(ctx: &TcContext) -> Option<Tcp> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if ethertype != ETH_P_IP {
+        return None;
+    }
+    let ip = ETH_HLEN;
+    let [version_ihl, _] = ctx.load::<[u8; 2]>(ip).ok()?;
+    let [_, protocol] = ctx.load::<[u8; 2]>(ip + 8).ok()?;
+    let frag = u16::from_be(ctx.load::<u16>(ip + 6).ok()?);
+    if protocol != IPPROTO_TCP || frag & 0x1fff != 0 {
+        return None;
+    }
+    let saddr = ctx.load::<u32>(ip + 12).ok()?;
+    let daddr = ctx.load::<u32>(ip + 16).ok()?;
+    let at = ip + usize::from(version_ihl & 0x0f) * 4;
+    let [sport, dport] = ctx.load::<[u16; 2]>(at).ok()?;
+    let seq = ctx.load::<u32>(at + 4).ok()?;
+    let ack = ctx.load::<u32>(at + 8).ok()?;
+    let [doff, flags] = ctx.load::<[u8; 2]>(at + 12).ok()?;
+    Some(Tcp {
+        ip,
+        at,
+        len: usize::from(doff >> 4) * 4,
+        key: FlowKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+        },
+        dport: u16::from_be(dport),
+        flags,
+        seq: u32::from_be(seq),
+        ack: u32::from_be(ack),
+    })
+}
+
+#[inline(always)]
+fn syn_port(port: u16) -> u8 {
+    unsafe { SYN_PORTS.get(port) }.copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &TcContext) -> Option<i32> {
+    let tcp = ipv4_tcp(ctx)?;
+    let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn {
+        // A new connection on a 4-tuple whose flow is still here: that session is over (its
+        // client reused the port), so its entry goes and the SYN reaches the listener.
+        if unsafe { FLOWS.get(tcp.key) }.is_some() {
+            let _ = FLOWS.remove(tcp.key);
+        }
+        if syn_port(tcp.dport) == SYN_TO_LISTENER {
+            strip_syn_options(ctx, &tcp);
+        }
+        return None;
+    }
+    let flow = FLOWS.get_ptr_mut(tcp.key)?;
+    let entry = unsafe { *flow };
+    // The mark-down fence holds here too; so does the hand-off's own, while it checks the
+    // sockets (the sender retransmits what is dropped).
+    let fenced = unsafe { BACKENDS.get(entry.backend) }.is_none_or(|b| b.fenced != 0);
+    if fenced || entry.state != FLOW_ACTIVE {
+        return Some(TC_ACT_SHOT);
+    }
+    rewrite(ctx, &tcp, &entry).ok()?;
+    let payload = (ctx.len() as usize).saturating_sub(tcp.at + tcp.len) as u32;
+    let data_end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
+    let fin = tcp.flags & TCP_FIN != 0;
+    let end = if fin {
+        data_end.wrapping_add(1)
+    } else {
+        data_end
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Packets of one flow arrive on one veth queue, so one CPU at a time updates its entry: a
+    // lost update would only miscount. `next_seq` starts at the receiver's next expected
+    // sequence number (set at the hand-off), so only new bytes count.
+    unsafe {
+        let new_bytes = data_end.wrapping_sub((*flow).next_seq) as i32;
+        if new_bytes > 0 {
+            (*flow).bytes += new_bytes as u64;
+        }
+        if (end.wrapping_sub((*flow).next_seq) as i32) > 0 {
+            (*flow).next_seq = end;
+        }
+        (*flow).last_ns = now;
+        if fin {
+            (*flow).seen |= FLOW_FIN;
+            if (*flow).fin_ns == 0 {
+                (*flow).fin_ns = now;
+            }
+        }
+        if tcp.flags & TCP_RST != 0 {
+            (*flow).seen |= FLOW_RST;
+        }
+    }
+    Some(unsafe { bpf_redirect_neigh(entry.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        .filter(|&r| r == TC_ACT_REDIRECT)
+        .or(Some(TC_ACT_SHOT))
+}
+
+/// The other connection's addresses, ports, sequence and ack numbers, checksums kept right (for
+/// veth's CHECKSUM_PARTIAL packets the helpers update only the pseudo-header part).
+#[inline(always)]
+fn rewrite(ctx: &TcContext, tcp: &Tcp, entry: &FlowEntry) -> Result<(), i64> {
+    let ip_csum = tcp.ip + 10;
+    let tcp_csum = tcp.at + 16;
+    let addr = |offset: usize, old: u32, new: u32| -> Result<(), i64> {
+        if old == new {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(
+            tcp_csum,
+            old.into(),
+            new.into(),
+            (BPF_F_PSEUDO_HDR | 4).into(),
+        )?;
+        ctx.l3_csum_replace(ip_csum, old.into(), new.into(), 4)?;
+        ctx.store(offset, &new, 0)
+    };
+    addr(tcp.ip + 12, tcp.key.saddr, entry.saddr)?;
+    addr(tcp.ip + 16, tcp.key.daddr, entry.daddr)?;
+    let field16 = |offset: usize, old: u16, new: u16| -> Result<(), i64> {
+        if old == new {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(tcp_csum, old.into(), new.into(), 2)?;
+        ctx.store(offset, &new, 0)
+    };
+    field16(tcp.at, tcp.key.sport, entry.sport)?;
+    field16(tcp.at + 2, tcp.key.dport, entry.dport)?;
+    let field32 = |offset: usize, old: u32, delta: u32| -> Result<(), i64> {
+        let (old, new) = (old.to_be(), old.wrapping_add(delta).to_be());
+        ctx.l4_csum_replace(tcp_csum, old.into(), new.into(), 4)?;
+        ctx.store(offset, &new, 0)
+    };
+    field32(tcp.at + 4, tcp.seq, entry.seq_delta)?;
+    if tcp.flags & TCP_ACK != 0 {
+        field32(tcp.at + 8, tcp.ack, entry.ack_delta)?;
+    }
+    Ok(())
+}
+
+/// Replaces the timestamp and SACK-permitted options of a SYN by NOPs, fixing the checksum
+/// per 16-bit word changed. The options are read and written in the packet through the helpers
+/// (the verifier refuses stack writes at offsets it cannot bound).
+#[inline(always)]
+fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
+    let len = tcp.len.saturating_sub(20);
+    if len == 0 || len > 40 {
+        return;
+    }
+    let start = tcp.at + 20;
+    // Find the two options first, then rewrite: a rewrite inside the walk multiplies the
+    // verifier's states past its limit.
+    let (mut timestamp, mut sack_perm) = (None, None);
+    let mut i = 0;
+    for _ in 0..MAX_SYN_OPTIONS {
+        if i >= len {
+            break;
+        }
+        let Ok(kind) = ctx.load::<u8>(start + i) else {
+            break;
+        };
+        if kind == 0 {
+            break;
+        }
+        if kind == TCPOPT_NOP {
+            i += 1;
+            continue;
+        }
+        let Ok(size) = ctx.load::<u8>(start + i + 1) else {
+            break;
+        };
+        let size = usize::from(size);
+        if size < 2 || i + size > len {
+            break;
+        }
+        match (kind, size) {
+            (TCPOPT_TIMESTAMP, 10) => timestamp = Some(i),
+            (TCPOPT_SACK_PERM, 2) => sack_perm = Some(i),
+            _ => {}
+        }
+        i += size;
+    }
+    if let Some(at) = timestamp
+        && nop_out(ctx, tcp.at, at + 20, 10).is_err()
+    {
+        return;
+    }
+    if let Some(at) = sack_perm {
+        let _ = nop_out(ctx, tcp.at, at + 20, 2);
+    }
+}
+
+/// Overwrites `size` (at most 10) bytes at `from` (relative to the TCP header) with NOPs, one
+/// aligned 16-bit word at a time so the checksum update stays exact.
+#[inline(always)]
+fn nop_out(ctx: &TcContext, at: usize, from: usize, size: usize) -> Result<(), i64> {
+    let end = from + size;
+    let mut word = from & !1;
+    for _ in 0..6 {
+        if word >= end {
+            break;
+        }
+        let old = ctx.load::<[u8; 2]>(at + word)?;
+        let mut new = old;
+        if word >= from {
+            new[0] = TCPOPT_NOP;
+        }
+        if word + 1 < end {
+            new[1] = TCPOPT_NOP;
+        }
+        let (old, new) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+        ctx.l4_csum_replace(at + 16, old.into(), new.into(), 2)?;
+        ctx.store(at + word, &new, 0)?;
+        word += 2;
+    }
+    Ok(())
+}

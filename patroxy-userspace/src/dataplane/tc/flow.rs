@@ -1,0 +1,126 @@
+//! A session the TC program carries: watched through its two FLOWS entries until FIN both
+//! ways, a RST, the idle timeout or a kill ends it. The proxy's two sockets stay open in repair
+//! mode meanwhile, so the local ports stay reserved, and are closed silently at the end.
+use std::{net::SocketAddrV4, time::Duration};
+
+use patroxy_common::tc::{FLOW_FIN, FLOW_RST, FlowEntry, FlowKey};
+use tokio::time::sleep;
+use tracing::debug;
+
+use super::{TcPath, repair};
+use crate::dataplane::{EndReason, KillSwitch, sockopt};
+
+/// How often the entries are read: the delay of a session's end and of its idle check.
+const POLL: Duration = Duration::from_millis(20);
+/// After FIN both ways, how long the entries stay for the last ACK (and a retransmitted FIN).
+const LINGER: Duration = Duration::from_millis(200);
+
+pub struct Flow {
+    /// [client -> proxy, server -> proxy].
+    keys: [FlowKey; 2],
+    /// (client, listener address), (server, proxy's address toward it).
+    legs: ((SocketAddrV4, SocketAddrV4), (SocketAddrV4, SocketAddrV4)),
+}
+
+/// Bytes the program forwarded (from client, from server) and how the flow ended.
+pub struct FlowEnd {
+    pub reason: EndReason,
+    pub bytes_from_client: u64,
+    pub bytes_from_server: u64,
+}
+
+impl Flow {
+    pub(super) fn new(
+        keys: [FlowKey; 2],
+        legs: ((SocketAddrV4, SocketAddrV4), (SocketAddrV4, SocketAddrV4)),
+    ) -> Self {
+        Self { keys, legs }
+    }
+
+    fn entries(&self, tc: &TcPath) -> [Option<FlowEntry>; 2] {
+        let flows = tc.flows.lock().expect("flows lock");
+        self.keys.map(|k| flows.get(&k, 0).ok())
+    }
+
+    /// Watches the flow until it ends; `client` and `backend` are the repair-mode sockets.
+    pub async fn run(
+        self,
+        tc: &TcPath,
+        client: std::net::TcpStream,
+        backend: std::net::TcpStream,
+        idle_timeout: Duration,
+        kill: &KillSwitch,
+    ) -> FlowEnd {
+        let mut last = self.entries(tc);
+        let reason = loop {
+            tokio::select! {
+                reason = kill.killed() => break EndReason::Killed(reason),
+                () = sleep(POLL) => {}
+            }
+            let now = self.entries(tc);
+            let [Some(to_server), Some(to_client)] = now else {
+                // A SYN on the client's 4-tuple cleared it: the client started anew.
+                break EndReason::ClientClose;
+            };
+            last = now;
+            if to_server.seen & FLOW_RST != 0 {
+                break EndReason::ClientReset;
+            }
+            if to_client.seen & FLOW_RST != 0 {
+                break EndReason::ServerReset;
+            }
+            if to_server.seen & to_client.seen & FLOW_FIN != 0 {
+                sleep(LINGER).await;
+                last = self.entries(tc);
+                break if to_client.fin_ns < to_server.fin_ns {
+                    EndReason::ServerClose
+                } else {
+                    EndReason::ClientClose
+                };
+            }
+            let idle_ns =
+                sockopt::monotonic_ns().saturating_sub(to_server.last_ns.max(to_client.last_ns));
+            if Duration::from_nanos(idle_ns) >= idle_timeout {
+                break EndReason::Timeout;
+            }
+        };
+        self.remove(tc);
+        let bytes = |e: &Option<FlowEntry>| e.map_or(0, |e| e.bytes);
+        let end = FlowEnd {
+            bytes_from_client: bytes(&last[0]),
+            bytes_from_server: bytes(&last[1]),
+            reason,
+        };
+        // Closed in repair mode: the kernel sends nothing for either socket.
+        drop((client, backend));
+        if matches!(end.reason, EndReason::Killed(_) | EndReason::Timeout)
+            && let [Some(to_server), Some(to_client)] = last
+        {
+            self.reset_both(&to_server, &to_client);
+        }
+        end
+    }
+
+    fn remove(&self, tc: &TcPath) {
+        let mut flows = tc.flows.lock().expect("flows lock");
+        for k in &self.keys {
+            let _ = flows.remove(k);
+        }
+    }
+
+    /// A RST to each end with the sequence numbers it expects now.
+    fn reset_both(&self, to_server: &FlowEntry, to_client: &FlowEntry) {
+        let ((client, listener), (server, local)) = self.legs;
+        // What each end sent last, in its own sequence space.
+        let client_next = to_server.next_seq.wrapping_sub(to_server.seq_delta);
+        let server_next = to_client.next_seq.wrapping_sub(to_client.seq_delta);
+        for (local, peer, snd, rcv) in [
+            (listener, client, to_client.next_seq, client_next),
+            (local, server, to_server.next_seq, server_next),
+        ] {
+            if let Err(e) = repair::reset_peer(local, peer, snd, rcv) {
+                debug!(%peer, "resetting a spliced connection's end: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,754 @@
+//! The packet-level splice (`datapath = "tc"`): sessions handed from the sockmap path to the TC
+//! program once quiet, then forwarded by it alone.
+//!
+//! Two hosts, each a network namespace joined to this one by a veth pair; patroxy runs here, with
+//! the TC programs on the two host-side veths, so every packet between client and server crosses
+//! it as it would cross a proxy host:
+//! - `pxs-cli` 10.218.1.2, the client host (its veth here: `pxsc0`, 10.218.1.1, the listener);
+//! - `pxs-srv` 10.218.2.2, the server host (its veth here: `pxss0`, 10.218.2.1).
+//!
+//! Both namespaces keep the kernel's defaults (timestamps, SACK and window scaling on); the
+//! program keeps timestamps and SACK out of the proxied connections by itself. Everything is
+//! named `pxs*`, removed at the start of each test and when it ends; the tests share the
+//! names and run one at a time (`LAB`).
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use patroxy_tests::{
+    backend::{Fnv, pattern},
+    config::{
+        Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
+        ServerConfig,
+    },
+    daemon::Patroxy,
+    netns,
+    ports::free_tcp_port,
+    postgres::{Postgres, PostgresOptions},
+    process::{patroxy_bin, require_root},
+};
+
+static LAB: Mutex<()> = Mutex::new(());
+
+const NS_CLIENT: &str = "pxs-cli";
+const NS_SERVER: &str = "pxs-srv";
+const VETH_CLIENT: &str = "pxsc0";
+const VETH_SERVER: &str = "pxss0";
+const LISTEN: Ipv4Addr = Ipv4Addr::new(10, 218, 1, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 218, 2, 2);
+const HANDED_OFF: &str = "session handed to the TC program";
+
+/// The two hosts, removed when the test ends, however it ends.
+struct Lab {
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let turn = LAB.lock().unwrap_or_else(|e| e.into_inner());
+        remove();
+        netns::add(NS_CLIENT).expect("client namespace");
+        netns::add(NS_SERVER).expect("server namespace");
+        netns::veth(
+            None,
+            VETH_CLIENT,
+            "10.218.1.1/24",
+            NS_CLIENT,
+            "pxsc1",
+            "10.218.1.2/24",
+        )
+        .expect("client veth");
+        netns::veth(
+            None,
+            VETH_SERVER,
+            "10.218.2.1/24",
+            NS_SERVER,
+            "pxss1",
+            "10.218.2.2/24",
+        )
+        .expect("server veth");
+        Lab { _turn: turn }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        remove();
+    }
+}
+
+fn remove() {
+    netns::remove(&[NS_CLIENT, NS_SERVER], &[VETH_CLIENT, VETH_SERVER]);
+}
+
+fn config(pin: &std::path::Path, server_port: u16) -> ProxyConfig {
+    ProxyConfig::new(Defaults::new(
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    ))
+    .data_path(Bpf::Required, pin)
+    .tc_splice(&[VETH_CLIENT, VETH_SERVER])
+    .server(ServerConfig::new(
+        "pg",
+        SocketAddr::from((SERVER, server_port)),
+    ))
+    .listener(ListenerConfig::new(
+        "l",
+        SocketAddr::from((LISTEN, free_tcp_port())),
+        ["pg"],
+    ))
+}
+
+/// How the test server ended one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Read EOF, answered "bye" and closed.
+    Eof,
+    /// Read failed with this kind (a reset).
+    Error(io::ErrorKind),
+    /// Reset it on the client's "RST!".
+    ResetSent,
+}
+
+/// A server in `pxs-srv`: echoes what it reads; on "FIN!" answers "ok" and half-closes; on
+/// "RST!" closes with RST; on EOF answers "bye" (if it still may) and closes.
+struct Server {
+    port: u16,
+    endings: Arc<Mutex<Vec<Ending>>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = netns::within(NS_SERVER, || TcpListener::bind((SERVER, 0)))
+            .expect("enter the server namespace")
+            .expect("bind the test server");
+        let port = listener.local_addr().unwrap().port();
+        let endings = Arc::new(Mutex::new(Vec::new()));
+        let e = endings.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let e = e.clone();
+                thread::spawn(move || {
+                    let ending = serve(stream);
+                    e.lock().unwrap().push(ending);
+                });
+            }
+        });
+        Server { port, endings }
+    }
+
+    fn endings(&self) -> Vec<Ending> {
+        self.endings.lock().unwrap().clone()
+    }
+
+    fn wait_for_endings(&self, n: usize) -> Vec<Ending> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.endings().len() < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.endings()
+    }
+}
+
+fn serve(mut stream: TcpStream) -> Ending {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut write_closed = false;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => return Ending::Error(e.kind()),
+        };
+        if n == 0 {
+            if !write_closed {
+                let _ = stream.write_all(b"bye");
+            }
+            return Ending::Eof;
+        }
+        let reply = match &buf[..n] {
+            b"FIN!" => {
+                let _ = stream.write_all(b"ok");
+                let _ = stream.shutdown(Shutdown::Write);
+                write_closed = true;
+                continue;
+            }
+            b"RST!" => {
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                return Ending::ResetSent;
+            }
+            data => data,
+        };
+        if write_closed {
+            continue;
+        }
+        if let Err(e) = stream.write_all(reply) {
+            return Ending::Error(e.kind());
+        }
+    }
+}
+
+/// A client connection from `pxs-cli` to the listener.
+fn connect(proxy: SocketAddr) -> TcpStream {
+    netns::within(NS_CLIENT, move || TcpStream::connect(proxy))
+        .expect("enter the client namespace")
+        .expect("connect to patroxy")
+}
+
+/// Sends `data` and reads back as many bytes, writing on a thread of its own (a large echo
+/// would otherwise fill both directions' buffers).
+fn echo(stream: &TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.clone();
+    let w = thread::spawn(move || writer.write_all(&sent));
+    let mut got = vec![0u8; data.len()];
+    (&*stream).read_exact(&mut got).expect("read the echo");
+    w.join().unwrap().expect("send");
+    got
+}
+
+fn local_port(stream: &TcpStream) -> u16 {
+    stream.local_addr().unwrap().port()
+}
+
+/// Waits for the hand-off line of the client on `port`.
+fn wait_handed_off(proxy: &Patroxy, port: u16) -> bool {
+    let needle = format!("client={}:{port}", Ipv4Addr::new(10, 218, 1, 2));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if proxy
+            .log()
+            .lines()
+            .any(|l| l.contains(HANDED_OFF) && l.contains(&needle))
+        {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// The "session closed" line of the client on `port`, once written.
+fn closed_line(proxy: &Patroxy, port: u16) -> Option<String> {
+    let needle = format!("client={}:{port}", Ipv4Addr::new(10, 218, 1, 2));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(line) = proxy
+            .log()
+            .lines()
+            .find(|l| l.contains("session closed") && l.contains(&needle))
+        {
+            return Some(line.to_string());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sizes from 1 byte to 8 MiB, log-uniform.
+fn sizes(n: usize, mut seed: u64) -> Vec<usize> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let exp = (seed % 2300) as f64 / 100.0;
+            (2f64.powf(exp) as usize).clamp(1, 8 << 20)
+        })
+        .collect()
+}
+
+#[test]
+fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
+    if !require_root("quiet_sessions_are_handed_off_and_stay_byte_exact") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-exact");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-exact", &config);
+    let addr = config.bind();
+    const SESSIONS: usize = 30;
+    const TURNS: usize = 3;
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect(addr);
+                let mut sent = 0u64;
+                // A PostgreSQL client's first message is small (a startup packet); more than
+                // 64 KiB before the backend connects would put the session on the fallback path.
+                let turns = std::iter::once(200).chain(sizes(TURNS, 0x9e37 + i as u64));
+                for (turn, size) in turns.enumerate() {
+                    let data = Arc::new(pattern(size, (i * TURNS + turn) as u64));
+                    let got = echo(&stream, data.clone());
+                    assert_eq!(got.len(), data.len(), "session {i} turn {turn}: length");
+                    assert!(
+                        Fnv::of(&got) == Fnv::of(&data),
+                        "session {i} turn {turn}: bytes differ"
+                    );
+                    sent += size as u64;
+                    // A quiet moment: the session is handed off here (the first attempt
+                    // comes 1 ms after the splice, then every 50 ms at most).
+                    thread::sleep(Duration::from_millis(150));
+                }
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                (&stream).read_to_end(&mut rest).unwrap();
+                assert_eq!(rest, b"bye", "session {i}: the server's last words");
+                (local_port(&stream), sent)
+            })
+        })
+        .collect();
+    let results: Vec<(u16, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
+    for (port, sent) in results {
+        assert!(
+            wait_handed_off(&proxy, port),
+            "client port {port} was never handed off:\n{}",
+            proxy.log()
+        );
+        let line = closed_line(&proxy, port).expect("a session closed line");
+        assert!(line.contains("session closed: client close"), "{line}");
+        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
+    }
+    assert_eq!(server.wait_for_endings(SESSIONS).len(), SESSIONS);
+    assert!(server.endings().iter().all(|e| *e == Ending::Eof));
+    // The flows are gone with their sessions.
+    let flows = patroxy_tests::daemon::bpftool_dump(&pin, "FLOWS");
+    assert_eq!(flows.as_array().map(Vec::len), Some(0), "{flows}");
+}
+
+/// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
+fn timestamps_negotiated(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a tcp_info-sized out value with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO");
+    info.tcpi_options & 1 != 0
+}
+
+/// A session that has been handed off: its startup turn echoed, the hand-off logged.
+fn handed_off_session(proxy: &Patroxy, addr: SocketAddr) -> TcpStream {
+    let stream = connect(addr);
+    let hello = Arc::new(pattern(200, 7));
+    assert_eq!(echo(&stream, hello.clone()), *hello);
+    assert!(
+        wait_handed_off(proxy, local_port(&stream)),
+        "never handed off:\n{}",
+        proxy.log()
+    );
+    stream
+}
+
+#[test]
+fn fin_and_rst_each_way_end_a_spliced_session() {
+    if !require_root("fin_and_rst_each_way_end_a_spliced_session") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-ends");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-ends", &config);
+    let addr = config.bind();
+    let after = Arc::new(pattern(100_000, 9));
+
+    // The client half-closes first; the server's last words still arrive.
+    let s = handed_off_session(&proxy, addr);
+    assert!(
+        !timestamps_negotiated(&s),
+        "the listener's SYN-ACK carried timestamps: the program did not strip them"
+    );
+    assert_eq!(echo(&s, after.clone()), *after);
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: client close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(100_200), "{line}");
+    assert_eq!(server.wait_for_endings(1), [Ending::Eof]);
+
+    // The server half-closes first; the client may still send.
+    let s = handed_off_session(&proxy, addr);
+    (&s).write_all(b"FIN!").unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"ok");
+    (&s).write_all(b"late bytes").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: server close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(200 + 4 + 10), "{line}");
+    assert_eq!(server.wait_for_endings(2)[1], Ending::Eof);
+
+    // The client resets: the server hears it.
+    let s = handed_off_session(&proxy, addr);
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let port = local_port(&s);
+    drop(s);
+    let line = closed_line(&proxy, port).expect("closed line");
+    assert!(line.contains("session closed: client reset"), "{line}");
+    assert_eq!(
+        server.wait_for_endings(3)[2],
+        Ending::Error(io::ErrorKind::ConnectionReset)
+    );
+
+    // The server resets: the client hears it.
+    let s = handed_off_session(&proxy, addr);
+    (&s).write_all(b"RST!").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = (&s).read(&mut buf).expect_err("a reset");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: server reset"), "{line}");
+    assert_eq!(server.wait_for_endings(4)[3], Ending::ResetSent);
+}
+
+#[test]
+fn a_client_with_another_window_scale_stays_on_the_sockmap() {
+    if !require_root("a_client_with_another_window_scale_stays_on_the_sockmap") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-wscale");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-wscale", &config);
+    let addr = config.bind();
+    // A small receive buffer set before connecting: the client announces a smaller window
+    // scale than the proxy's socket toward the server, so the windows could not be passed on.
+    let stream = netns::within(NS_CLIENT, move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_recv_buffer_size(16 * 1024)?;
+        socket.connect(&addr.into())?;
+        io::Result::Ok(TcpStream::from(socket))
+    })
+    .expect("enter the client namespace")
+    .expect("connect");
+    let mut sent = 0;
+    for (turn, size) in [200usize, 3 << 20, 5000].into_iter().enumerate() {
+        let data = Arc::new(pattern(size, turn as u64));
+        assert!(echo(&stream, data.clone()) == *data, "turn {turn}");
+        sent += size as u64;
+        thread::sleep(Duration::from_millis(100));
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&stream).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let port = local_port(&stream);
+    let line = closed_line(&proxy, port).expect("closed line");
+    assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+    let log = proxy.log();
+    assert!(
+        log.contains("session not joinable at the packet level"),
+        "{log}"
+    );
+    assert!(!log.contains(HANDED_OFF), "{log}");
+}
+
+#[test]
+fn mark_down_resets_both_ends_of_spliced_sessions() {
+    if !require_root("mark_down_resets_both_ends_of_spliced_sessions") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-markdown");
+    let socket = std::env::temp_dir().join(format!("pxs-ctl-{}.sock", std::process::id()));
+    let config = config(&pin, server.port)
+        .default_server(DefaultServer {
+            on_marked_down: Some(OnMarkedDown::ShutdownSessions),
+            ..DefaultServer::default()
+        })
+        .runtime(RuntimeConfig::new(&socket));
+    let proxy = Patroxy::start("tc-markdown", &config);
+    let addr = config.bind();
+    const SESSIONS: usize = 20;
+    let sessions: Vec<TcpStream> = (0..SESSIONS)
+        .map(|_| handed_off_session(&proxy, addr))
+        .collect();
+    // Traffic after the hand-off moves the sequence numbers the resets must carry.
+    for s in &sessions {
+        let data = Arc::new(pattern(30_000, 3));
+        assert!(echo(s, data.clone()) == *data);
+    }
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 16];
+                let result = (&s).read(&mut buf);
+                (Instant::now(), result.map_err(|e| e.kind()))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    let down = Instant::now();
+    let out = std::process::Command::new(patroxy_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["set", "state", "l/pg", "maint"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = Duration::ZERO;
+    for r in readers {
+        let (at, result) = r.join().unwrap();
+        assert_eq!(result, Err(io::ErrorKind::ConnectionReset));
+        last = last.max(at - down);
+    }
+    eprintln!("mark-down: last client reset {last:?} after the state change");
+    assert!(last < Duration::from_secs(2), "{last:?}");
+    let endings = server.wait_for_endings(SESSIONS);
+    assert_eq!(endings.len(), SESSIONS);
+    assert!(
+        endings
+            .iter()
+            .all(|e| *e == Ending::Error(io::ErrorKind::ConnectionReset)),
+        "{endings:?}"
+    );
+    // The resets go out before each session writes its line.
+    assert!(
+        proxy.wait_for_log_count(
+            "session closed: reset: server set to MAINT",
+            SESSIONS,
+            Duration::from_secs(5)
+        ),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn psql_through_the_packet_level_splice() {
+    if !require_root("psql_through_the_packet_level_splice") {
+        return;
+    }
+    let _lab = Lab::new();
+    let pg = Postgres::start(PostgresOptions::default().trust().in_netns(
+        NS_SERVER,
+        SERVER,
+        "10.218.2.0/24",
+    ));
+    let pin = Patroxy::unique_pin_path("tc-psql");
+    let config = config(&pin, pg.port());
+    let proxy = Patroxy::start("tc-psql", &config);
+    let mut psql = pg.client("psql", config.bind().port());
+    // pg.client enters the server's namespace; the client runs in the client's.
+    netns::enter(&mut psql, NS_CLIENT).args([
+        "-X",
+        "-At",
+        "-h",
+        &LISTEN.to_string(),
+        "-c",
+        "SELECT pg_sleep(0.3)",
+        "-c",
+        "SELECT sum(length(repeat('x', g))) FROM generate_series(1, 2000) g",
+        "-c",
+        "SELECT inet_client_addr()",
+    ]);
+    let out = psql.output().expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "\n2001000\n10.218.2.1".trim_start()
+    );
+    assert_eq!(proxy.count_log(HANDED_OFF), 1, "{}", proxy.log());
+    assert!(proxy.wait_for_log("session closed: client close", Duration::from_secs(5)));
+}
+
+#[test]
+fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
+    if !require_root("hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-race");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-race", &config);
+    let addr = config.bind();
+    const SESSIONS: usize = 16;
+    const TURNS: u64 = 150;
+    // Short messages with pauses of 0-2 ms: the hand-off is tried (every 1-50 ms) while
+    // bytes are on their way in either direction, so many attempts are abandoned before one
+    // takes.
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect(addr);
+                let mut seed = 0x5eed_u64 + i as u64;
+                let mut sent = 0;
+                for turn in 0..TURNS {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let data = Arc::new(pattern(1 + (seed % 3000) as usize, seed));
+                    assert!(
+                        echo(&stream, data.clone()) == *data,
+                        "session {i} turn {turn}"
+                    );
+                    sent += data.len() as u64;
+                    thread::sleep(Duration::from_micros(seed % 2000));
+                }
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                (&stream).read_to_end(&mut rest).unwrap();
+                assert_eq!(rest, b"bye", "session {i}");
+                (local_port(&stream), sent)
+            })
+        })
+        .collect();
+    let results: Vec<(u16, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut handed = 0;
+    for (port, sent) in results {
+        let line = closed_line(&proxy, port).expect("a session closed line");
+        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
+        handed += usize::from(wait_handed_off(&proxy, port));
+    }
+    eprintln!(
+        "raced hand-offs: {handed} of {SESSIONS} sessions handed off, {} attempts abandoned",
+        proxy.count_log("hand-off abandoned")
+    );
+    assert!(handed > 0, "no session was handed off:\n{}", proxy.log());
+}
+
+#[test]
+fn an_idle_spliced_session_times_out_with_a_reset_of_both_ends() {
+    if !require_root("an_idle_spliced_session_times_out_with_a_reset_of_both_ends") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-idle");
+    let mut config = config(&pin, server.port);
+    config.defaults.timeout_client = Duration::from_secs(1);
+    config.defaults.timeout_server = Duration::from_secs(1);
+    let proxy = Patroxy::start("tc-idle", &config);
+    let s = handed_off_session(&proxy, config.bind());
+    let since = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = (&s).read(&mut buf).expect_err("a reset");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    let waited = since.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    let line = closed_line(&proxy, local_port(&s)).expect("closed line");
+    assert!(line.contains("session closed: idle timeout"), "{line}");
+    assert_eq!(
+        server.wait_for_endings(1),
+        [Ending::Error(io::ErrorKind::ConnectionReset)]
+    );
+}
+
+/// How many loaded BPF programs are named `name` (bpftool 7.1 lists tcx links only by type
+/// number, so the programs are counted: a detached program whose loader is gone is unloaded).
+fn programs_named(name: &str) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("run bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("name {name} ")))
+        .count()
+}
+
+#[test]
+fn a_crashed_runs_tc_links_are_detached_at_the_next_start_and_on_exit() {
+    if !require_root("a_crashed_runs_tc_links_are_detached_at_the_next_start_and_on_exit") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-crash");
+    let config = config(&pin, server.port);
+    let crashed = Patroxy::start("tc-crash", &config);
+    // Two interfaces, one attachment each.
+    assert_eq!(programs_named("patroxy_tc_ingress"), 1);
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(crashed.child.id() as i32, libc::SIGKILL) };
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        pin.join(format!("tc_ingress_{VETH_CLIENT}")).exists(),
+        "the crash left the pinned link"
+    );
+    drop(crashed);
+    let proxy = Patroxy::start("tc-crash-again", &config);
+    assert!(
+        proxy.wait_for_log(
+            "detached the TC program a previous run left attached",
+            Duration::from_secs(2)
+        ),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(
+        programs_named("patroxy_tc_ingress"),
+        1,
+        "the new run's ingress program alone"
+    );
+    let s = handed_off_session(&proxy, config.bind());
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    drop(proxy);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        programs_named("patroxy_tc_ingress"),
+        0,
+        "still attached after exit"
+    );
+    assert_eq!(
+        programs_named("patroxy_tc_egress"),
+        0,
+        "still attached after exit"
+    );
+    assert!(!pin.exists(), "the pin directory outlived the daemon");
+}
