@@ -26,7 +26,9 @@ pub struct TcpCounters {
     pub state: u8,
 }
 
-pub fn tcp_counters(stream: &impl AsFd) -> io::Result<TcpCounters> {
+/// The socket's TCP_INFO.
+pub fn tcp_info(stream: &impl AsFd) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a properly sized, writable tcp_info and `len` its size.
@@ -42,6 +44,11 @@ pub fn tcp_counters(stream: &impl AsFd) -> io::Result<TcpCounters> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+pub fn tcp_counters(stream: &impl AsFd) -> io::Result<TcpCounters> {
+    let info = tcp_info(stream)?;
     Ok(TcpCounters {
         bytes_received: info.tcpi_bytes_received,
         bytes_acked: info.tcpi_bytes_acked,

@@ -72,21 +72,7 @@ pub(super) struct Negotiated {
 }
 
 pub(super) fn negotiated(fd: &impl AsFd) -> io::Result<Negotiated> {
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a tcp_info-sized out value with its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let info = crate::dataplane::sockopt::tcp_info(fd)?;
     Ok(Negotiated {
         timestamps_or_sack: info.tcpi_options & (TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK) != 0,
         // A 4-bit field each: tcpi_snd_wscale in the low nibble (little-endian bitfields).
