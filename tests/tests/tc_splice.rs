@@ -323,6 +323,7 @@ fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
         );
         let line = closed_line(&proxy, port).expect("a session closed line");
         assert!(line.contains("session closed: client close"), "{line}");
+        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
         assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
         assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
     }
@@ -468,6 +469,8 @@ fn a_client_with_another_window_scale_stays_on_the_sockmap() {
     let port = local_port(&stream);
     let line = closed_line(&proxy, port).expect("closed line");
     assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+    // Its closing line names the path it took: the sockmap alone.
+    assert!(line.contains("path=\"sockmap\""), "{line}");
     let log = proxy.log();
     assert!(
         log.contains("session not joinable at the packet level"),

@@ -78,6 +78,7 @@ pub(super) async fn run(
         reason,
         bytes_from_client: activity.from_client.load(Ordering::Relaxed),
         bytes_from_server: activity.from_server.load(Ordering::Relaxed),
+        handed_off_to_tc: false,
     };
     match &end.reason {
         EndReason::ClientClose | EndReason::ServerClose | EndReason::Timeout => {}

@@ -150,6 +150,8 @@ pub struct SessionEnd {
     pub reason: EndReason,
     pub bytes_from_client: u64,
     pub bytes_from_server: u64,
+    /// The session was handed to the packet-level splice (`datapath = "tc"`) before it ended.
+    pub handed_off_to_tc: bool,
 }
 
 /// The data path chosen at start-up.
@@ -251,6 +253,16 @@ impl DataPlane {
         }
     }
 
+    /// The path one session took, for its closing log line: with `datapath = "tc"` only the
+    /// sessions that were handed off say "sockmap+tc".
+    pub fn session_path(&self, end: &SessionEnd) -> &'static str {
+        match self {
+            Self::Sockmap { .. } if end.handed_off_to_tc => "sockmap+tc",
+            Self::Sockmap { .. } => "sockmap",
+            Self::Fallback => "fallback",
+        }
+    }
+
     /// The packet-level splice, when `datapath = "tc"` attached it.
     pub fn tc(&self) -> Option<&Arc<tc::TcPath>> {
         match self {
@@ -325,6 +337,7 @@ impl DataPlane {
                         reason: EndReason::Error(format!("resuming: {e}")),
                         bytes_from_client: 0,
                         bytes_from_server: 0,
+                        handed_off_to_tc: false,
                     })
                 }
             },

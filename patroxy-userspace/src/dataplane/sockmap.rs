@@ -176,6 +176,7 @@ impl Spliced {
                     reason: flow.reason,
                     bytes_from_client: from_client + flow.bytes_from_client,
                     bytes_from_server: from_server + flow.bytes_from_server,
+                    handed_off_to_tc: true,
                 });
             }
         };
@@ -194,6 +195,7 @@ impl Spliced {
             reason,
             bytes_from_client,
             bytes_from_server,
+            handed_off_to_tc: false,
         }
     }
 

@@ -265,7 +265,7 @@ impl Proxy {
                             local = %local.map_or_else(|| "?".to_owned(), |a| a.to_string()),
                             total_ms = session.accepted.elapsed().as_millis() as u64,
                             bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
-                            path = proxy.dataplane.name(),
+                            path = proxy.dataplane.session_path(&end),
                             "session closed (taken over): {}", end.reason
                         );
                     }

@@ -178,7 +178,7 @@ impl Proxy {
                         connect_ms = (connected - dequeued).as_millis() as u64,
                         total_ms = accepted.elapsed().as_millis() as u64,
                         bytes_in = end.bytes_from_client, bytes_out = end.bytes_from_server,
-                        path = self.dataplane.name(),
+                        path = self.dataplane.session_path(&end),
                         "session closed: {}", end.reason
                     );
                 }
