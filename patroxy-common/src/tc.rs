@@ -60,9 +60,12 @@ pub const FLOW_RST: u8 = 2;
 pub const MAX_FLOWS: u32 = 32_768;
 /// Most ports in SYN_PORTS.
 pub const MAX_SYN_PORTS: u32 = 256;
+/// Most backend connects in flight at once in SYN_SOCKETS; past it a connect keeps its
+/// options and its session stays on the sockmap path.
+pub const MAX_SYN_SOCKETS: u32 = 8_192;
 
-/// Value of SYN_PORTS (key: destination port, host byte order): which SYNs get their timestamp
-/// and SACK-permitted options replaced by NOPs, so the connections patroxy may splice never
-/// negotiate them (the two legs' timestamps and SACK edges would not match).
+/// Value of SYN_PORTS (key: a listener's port, host byte order): SYNs arriving to it get their
+/// timestamp and SACK-permitted options replaced by NOPs, so the connections patroxy may splice
+/// never negotiate them (the two legs' timestamps and SACK edges would not match). The
+/// backend legs' SYNs are matched by socket cookie instead (SYN_SOCKETS).
 pub const SYN_TO_LISTENER: u8 = 1;
-pub const SYN_TO_BACKEND: u8 = 2;

@@ -7,10 +7,11 @@
 //! TCP stack never sees it. Packets of other connections pass untouched.
 //!
 //! Both programs also keep TCP timestamps and SACK out of the connections patroxy may splice:
-//! in a SYN to a port SYN_PORTS names (a tc listener's, at ingress; a backend's, at egress) the
-//! two options become NOPs, so neither leg negotiates them (each leg's timestamps have their
-//! own offset, and SACK edges would need the sequence shift too). The host's sysctls are left
-//! alone: other connections keep both options.
+//! in a SYN to a listener's port (SYN_PORTS, at ingress) and in a SYN of one of patroxy's own
+//! backend sockets while it connects (SYN_SOCKETS, at egress, by socket cookie) the two options
+//! become NOPs, so neither leg negotiates them (each leg's timestamps have their own offset,
+//! and SACK edges would need the sequence shift too). The host's sysctls are left alone: other
+//! connections keep both options, other local clients of the same server port included.
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
     btf_maps::HashMap,
@@ -19,7 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use patroxy_common::tc::{
-    FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS, SYN_TO_BACKEND,
+    FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS, MAX_SYN_SOCKETS,
     SYN_TO_LISTENER,
 };
 
@@ -29,9 +30,13 @@ use crate::BACKENDS;
 #[btf_map]
 pub static FLOWS: HashMap<FlowKey, FlowEntry, { MAX_FLOWS as usize }> = HashMap::new();
 
-/// Destination port (host byte order) -> `SYN_TO_LISTENER` or `SYN_TO_BACKEND`.
+/// Destination port (host byte order) -> `SYN_TO_LISTENER`.
 #[btf_map]
 static SYN_PORTS: HashMap<u16, u8, { MAX_SYN_PORTS as usize }> = HashMap::new();
+
+/// Socket cookies of patroxy's backend sockets while they connect (the value is unused).
+#[btf_map]
+static SYN_SOCKETS: HashMap<u64, u8, { MAX_SYN_SOCKETS as usize }> = HashMap::new();
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -58,16 +63,22 @@ pub fn patroxy_tc_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn patroxy_tc_egress(ctx: TcContext) -> i32 {
-    // Only this host's own SYNs (they have a socket): a SYN the host forwards as a router is
-    // none of patroxy's business.
     if let Some(tcp) = ipv4_tcp(&ctx)
         && tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && syn_port(tcp.dport) == SYN_TO_BACKEND
-        && unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } != 0
+        && is_backend_connect(&ctx)
     {
         strip_syn_options(&ctx, &tcp);
     }
     TC_ACT_OK
+}
+
+/// Whether the packet comes from one of patroxy's backend sockets while it connects: matched by
+/// socket cookie, so another local client of the same server port keeps its options (a SYN
+/// the host forwards as a router has no socket, cookie 0, never registered).
+#[inline(always)]
+fn is_backend_connect(ctx: &TcContext) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    cookie != 0 && unsafe { SYN_SOCKETS.get(cookie) }.is_some()
 }
 
 /// Where the headers of an IPv4 TCP packet are, and the fields the programs read.

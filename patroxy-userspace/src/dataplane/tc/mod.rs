@@ -9,7 +9,7 @@ mod handoff;
 mod repair;
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Mutex,
@@ -23,18 +23,22 @@ use aya::{
 };
 pub(super) use flow::Flow;
 pub(super) use handoff::{Attempt, Baseline, try_hand_off};
-use patroxy_common::tc::{FlowEntry, FlowKey, SYN_TO_BACKEND, SYN_TO_LISTENER};
-use tracing::info;
+use patroxy_common::tc::{FlowEntry, FlowKey, SYN_TO_LISTENER};
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, info};
 
 use super::loader::LoadError;
 
 /// FLOWS under the pin directory.
 pub const MAP_FLOWS: &str = "FLOWS";
 const MAP_SYN_PORTS: &str = "SYN_PORTS";
+const MAP_SYN_SOCKETS: &str = "SYN_SOCKETS";
 
 /// The TC programs attached and their maps.
 pub struct TcPath {
     flows: Mutex<HashMap<MapData, FlowKey, FlowEntry>>,
+    /// Cookies of the backend sockets connecting now: the egress program strips their SYNs.
+    syn_sockets: Mutex<HashMap<MapData, u64, u8>>,
     /// Each configured interface's index and IPv4 addresses: a leg leaves by the interface that
     /// holds its local address.
     interfaces: Vec<(u32, Vec<Ipv4Addr>)>,
@@ -73,14 +77,14 @@ impl TcCounters {
 
 impl TcPath {
     /// Attaches both programs of `ebpf` to every interface in `interfaces` (tcx, links pinned
-    /// under `pin_dir` and replacing what a crashed run left there) and tells them which SYNs
-    /// to strip: to `listener_ports` arriving, to `backend_ports` leaving.
+    /// under `pin_dir` and replacing what a crashed run left there) and tells them which
+    /// arriving SYNs to strip: those to `listener_ports` (the leaving ones are registered per
+    /// socket by [`TcPath::connect`]).
     pub fn attach(
         ebpf: &mut Ebpf,
         pin_dir: &Path,
         interfaces: &[String],
         listener_ports: &[u16],
-        backend_ports: &[u16],
     ) -> Result<Self, LoadError> {
         let flows_pin = pin_dir.join(MAP_FLOWS);
         let _ = std::fs::remove_file(&flows_pin);
@@ -92,16 +96,12 @@ impl TcPath {
                 msg: e.to_string(),
             })?;
         let flows: HashMap<MapData, FlowKey, FlowEntry> = take(ebpf, MAP_FLOWS)?;
+        let syn_sockets: HashMap<MapData, u64, u8> = take(ebpf, MAP_SYN_SOCKETS)?;
         let mut syn_ports: HashMap<MapData, u16, u8> = take(ebpf, MAP_SYN_PORTS)?;
-        for (ports, kind) in [
-            (listener_ports, SYN_TO_LISTENER),
-            (backend_ports, SYN_TO_BACKEND),
-        ] {
-            for port in ports {
-                syn_ports
-                    .insert(port, kind, 0)
-                    .map_err(|e| LoadError::Map(MAP_SYN_PORTS, e))?;
-            }
+        for port in listener_ports {
+            syn_ports
+                .insert(port, SYN_TO_LISTENER, 0)
+                .map_err(|e| LoadError::Map(MAP_SYN_PORTS, e))?;
         }
         let links = attach::attach_all(ebpf, pin_dir, interfaces)?;
         let interfaces = interfaces
@@ -114,11 +114,25 @@ impl TcPath {
         );
         Ok(Self {
             flows: Mutex::new(flows),
+            syn_sockets: Mutex::new(syn_sockets),
             interfaces,
             _links: links,
             flows_pin,
             counters: TcCounters::default(),
         })
+    }
+
+    /// Connects a backend socket whose SYN the egress program strips of timestamps and SACK:
+    /// its cookie is in SYN_SOCKETS while it connects (retransmitted SYNs included). Matching
+    /// the socket rather than the server's port leaves other local clients of that port alone;
+    /// a cookie rather than SO_MARK leaves routing and netfilter, which may act on marks, alone.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        let _connecting = Connecting::register(self, super::sockopt::cookie(&socket)?);
+        socket.connect(addr).await
     }
 
     /// The configured interface that holds `addr`.
@@ -127,6 +141,40 @@ impl TcPath {
             .iter()
             .find(|(_, addrs)| addrs.contains(&addr))
             .map(|(index, _)| *index)
+    }
+}
+
+/// A backend socket's cookie in SYN_SOCKETS, removed when the connect ends (or is cancelled).
+struct Connecting<'a> {
+    tc: &'a TcPath,
+    cookie: Option<u64>,
+}
+
+impl<'a> Connecting<'a> {
+    fn register(tc: &'a TcPath, cookie: u64) -> Self {
+        let mut sockets = tc.syn_sockets.lock().expect("syn sockets lock");
+        let cookie = match sockets.insert(cookie, 0, 0) {
+            Ok(()) => Some(cookie),
+            Err(e) => {
+                // The SYN keeps its options; the session will stay on the sockmap (counted).
+                debug!("registering a backend connect in {MAP_SYN_SOCKETS}: {e}");
+                None
+            }
+        };
+        Self { tc, cookie }
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        if let Some(cookie) = self.cookie {
+            let _ = self
+                .tc
+                .syn_sockets
+                .lock()
+                .expect("syn sockets lock")
+                .remove(&cookie);
+        }
     }
 }
 

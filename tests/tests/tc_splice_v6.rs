@@ -1,0 +1,350 @@
+//! The packet-level splice (`datapath = "tc"`) over IPv6, and the SYN option stripping kept to
+//! patroxy's own connections.
+//!
+//! Two hosts, each a network namespace joined to this one by a veth pair, each end with an IPv4
+//! and an IPv6 address; patroxy runs here with the TC programs on the two host-side veths:
+//! - `pxv-cli` 10.219.1.2 / fd00:219:1::2, the client host (its veth here: `pxvc0`, 10.219.1.1 /
+//!   fd00:219:1::1, the listeners);
+//! - `pxv-srv` 10.219.2.2 / fd00:219:2::2, the server host (its veth here: `pxvs0`, 10.219.2.1 /
+//!   fd00:219:2::1).
+//!
+//! Both namespaces keep the kernel's defaults (timestamps, SACK and window scaling on). Everything
+//! is named `pxv*`, removed at the start of each test and when it ends; the tests share the names
+//! and run one at a time (`LAB`).
+use std::{
+    io::{self, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use patroxy_tests::{
+    backend::pattern,
+    config::{Bpf, Defaults, ListenerConfig, ProxyConfig, ServerConfig},
+    daemon::Patroxy,
+    netns,
+    ports::free_tcp_port,
+    process::require_root,
+};
+
+static LAB: Mutex<()> = Mutex::new(());
+
+const NS_CLIENT: &str = "pxv-cli";
+const NS_SERVER: &str = "pxv-srv";
+const VETH_CLIENT: &str = "pxvc0";
+const VETH_SERVER: &str = "pxvs0";
+const LISTEN4: Ipv4Addr = Ipv4Addr::new(10, 219, 1, 1);
+const SERVER4: Ipv4Addr = Ipv4Addr::new(10, 219, 2, 2);
+const HANDED_OFF: &str = "session handed to the TC program";
+
+/// The two hosts, removed when the test ends, however it ends.
+struct Lab {
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let turn = LAB.lock().unwrap_or_else(|e| e.into_inner());
+        remove();
+        netns::add(NS_CLIENT).expect("client namespace");
+        netns::add(NS_SERVER).expect("server namespace");
+        for (host, peer, ns, net) in [
+            (VETH_CLIENT, "pxvc1", NS_CLIENT, 1),
+            (VETH_SERVER, "pxvs1", NS_SERVER, 2),
+        ] {
+            netns::veth(
+                None,
+                host,
+                &format!("10.219.{net}.1/24"),
+                ns,
+                peer,
+                &format!("10.219.{net}.2/24"),
+            )
+            .expect("veth");
+            // nodad: usable at once (duplicate address detection would hold them for ~2 s).
+            netns::ip(&[
+                "addr",
+                "add",
+                &format!("fd00:219:{net}::1/64"),
+                "dev",
+                host,
+                "nodad",
+            ])
+            .expect("host IPv6 address");
+            netns::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("fd00:219:{net}::2/64"),
+                "dev",
+                peer,
+                "nodad",
+            ])
+            .expect("namespace IPv6 address");
+        }
+        Lab { _turn: turn }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        remove();
+    }
+}
+
+fn remove() {
+    netns::remove(&[NS_CLIENT, NS_SERVER], &[VETH_CLIENT, VETH_SERVER]);
+}
+
+/// patroxy on both veths with one listener per `(listen address, server address)`: listener
+/// `l<i>` to server `s<i>`.
+fn config(pin: &std::path::Path, routes: &[(IpAddr, SocketAddr)]) -> ProxyConfig {
+    let mut config = ProxyConfig::new(Defaults::new(
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    ))
+    .data_path(Bpf::Required, pin)
+    .tc_splice(&[VETH_CLIENT, VETH_SERVER]);
+    for (i, (listen, server)) in routes.iter().enumerate() {
+        let name = format!("s{i}");
+        config = config
+            .server(ServerConfig::new(name.clone(), *server))
+            .listener(ListenerConfig::new(
+                format!("l{i}"),
+                SocketAddr::new(*listen, free_tcp_port()),
+                [name],
+            ));
+    }
+    config
+}
+
+/// How the test server ended one connection, and what it negotiated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Served {
+    peer: SocketAddr,
+    timestamps: bool,
+    ending: Ending,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Read EOF, answered "bye" and closed.
+    Eof,
+    /// Read failed with this kind (a reset).
+    Error(io::ErrorKind),
+    /// Reset it on the client's "RST!".
+    ResetSent,
+}
+
+/// A server in `pxv-srv` on both families ([::], dual-stack): echoes what it reads; on "FIN!"
+/// answers "ok" and half-closes; on "RST!" closes with RST; on EOF answers "bye" (if it still
+/// may) and closes.
+struct Server {
+    port: u16,
+    served: Arc<Mutex<Vec<Served>>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = netns::within(NS_SERVER, || TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)))
+            .expect("enter the server namespace")
+            .expect("bind the test server");
+        let port = listener.local_addr().unwrap().port();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let s = served.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let s = s.clone();
+                thread::spawn(move || {
+                    let peer = stream.peer_addr().unwrap();
+                    let timestamps = timestamps_negotiated(&stream);
+                    let ending = serve(stream);
+                    s.lock().unwrap().push(Served {
+                        peer: canonical(peer),
+                        timestamps,
+                        ending,
+                    });
+                });
+            }
+        });
+        Server { port, served }
+    }
+
+    fn addr4(&self) -> SocketAddr {
+        SocketAddr::from((SERVER4, self.port))
+    }
+
+    fn wait_for(&self, n: usize) -> Vec<Served> {
+        self.wait_until(|s| s.len() >= n)
+    }
+
+    /// The connections served so far, once `done` says so (or after 10 s).
+    fn wait_until(&self, done: impl Fn(&[Served]) -> bool) -> Vec<Served> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let served = self.served.lock().unwrap().clone();
+            if done(&served) || Instant::now() >= deadline {
+                return served;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// An IPv4 peer of the dual-stack server arrives as ::ffff:a.b.c.d.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn serve(mut stream: TcpStream) -> Ending {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut write_closed = false;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => return Ending::Error(e.kind()),
+        };
+        if n == 0 {
+            if !write_closed {
+                let _ = stream.write_all(b"bye");
+            }
+            return Ending::Eof;
+        }
+        let reply = match &buf[..n] {
+            b"FIN!" => {
+                let _ = stream.write_all(b"ok");
+                let _ = stream.shutdown(Shutdown::Write);
+                write_closed = true;
+                continue;
+            }
+            b"RST!" => {
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                return Ending::ResetSent;
+            }
+            data => data,
+        };
+        if write_closed {
+            continue;
+        }
+        if let Err(e) = stream.write_all(reply) {
+            return Ending::Error(e.kind());
+        }
+    }
+}
+
+/// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
+fn timestamps_negotiated(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a tcp_info-sized out value with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO");
+    info.tcpi_options & 1 != 0
+}
+
+/// A client connection from `pxv-cli`.
+fn connect(to: SocketAddr) -> TcpStream {
+    netns::within(NS_CLIENT, move || TcpStream::connect(to))
+        .expect("enter the client namespace")
+        .expect("connect to patroxy")
+}
+
+/// Sends `data` and reads back as many bytes, writing on a thread of its own (a large echo
+/// would otherwise fill both directions' buffers).
+fn echo(stream: &TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.clone();
+    let w = thread::spawn(move || writer.write_all(&sent));
+    let mut got = vec![0u8; data.len()];
+    (&*stream).read_exact(&mut got).expect("read the echo");
+    w.join().unwrap().expect("send");
+    got
+}
+
+/// The log's `client=` value for `stream`'s end.
+fn client_field(stream: &TcpStream) -> String {
+    format!("client={}", canonical(stream.local_addr().unwrap()))
+}
+
+/// Waits for a log line with `what` about the client `stream` is.
+fn wait_line(proxy: &Patroxy, stream_client: &str, what: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(line) = proxy
+            .log()
+            .lines()
+            .find(|l| l.contains(what) && l.split_whitespace().any(|w| w == stream_client))
+        {
+            return Some(line.to_string());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn only_patroxys_own_syns_to_a_server_port_lose_their_options() {
+    if !require_root("only_patroxys_own_syns_to_a_server_port_lose_their_options") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-syn");
+    let config = config(&pin, &[(LISTEN4.into(), server.addr4())]);
+    let proxy = Patroxy::start("tcv-syn", &config);
+    let served_before = server.wait_for(0).len();
+
+    let proxied = connect(config.bind());
+    let hello = Arc::new(pattern(200, 1));
+    assert_eq!(echo(&proxied, hello.clone()), *hello);
+    assert!(
+        !timestamps_negotiated(&proxied),
+        "the listener's SYN-ACK carried timestamps"
+    );
+    // Both legs without the options: the session is handed off.
+    assert!(
+        wait_line(&proxy, &client_field(&proxied), HANDED_OFF).is_some(),
+        "{}",
+        proxy.log()
+    );
+    // Another client on the proxy's host, to the same server port, through the same veth.
+    let direct = TcpStream::connect(server.addr4()).expect("connect to the server directly");
+    assert_eq!(echo(&direct, hello.clone()), *hello);
+    assert!(
+        timestamps_negotiated(&direct),
+        "a local client that is not patroxy lost its timestamps to the egress program"
+    );
+    let direct_port = direct.local_addr().unwrap().port();
+    drop(direct);
+    proxied.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&proxied).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+
+    let served = server.wait_until(|s| {
+        s.len() >= served_before + 2 && s.iter().any(|s| s.peer.port() == direct_port)
+    });
+    let (ours, theirs): (Vec<_>, Vec<_>) = served[served_before..]
+        .iter()
+        .partition(|s| s.peer.port() != direct_port);
+    assert_eq!(theirs.len(), 1, "{served:?}");
+    assert!(theirs[0].timestamps, "{served:?}");
+    assert!(
+        ours.iter().all(|s| !s.timestamps),
+        "patroxy's backend connection negotiated timestamps: {served:?}"
+    );
+}
