@@ -3,24 +3,29 @@
 //! sequence numbers, so the proxy's own TCP stack no longer handles them.
 
 /// Key of FLOWS: one direction of one connection as its packets arrive at the proxy. Addresses
-/// and ports in network byte order, as on the wire.
+/// and ports in network byte order, as on the wire; an IPv4 address as IPv4-mapped IPv6
+/// (`::ffff:a.b.c.d`, `V4_MAPPED` in word 2), which no IPv6 packet carries on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     pub sport: u16,
     pub dport: u16,
 }
+
+/// Word 2 of an IPv4-mapped address (`::ffff:0:0`), as it sits in memory.
+pub const V4_MAPPED: u32 = 0xffffu32.to_be();
 
 /// Value of FLOWS: how to rewrite and where to send the packets of one direction, and what the
 /// program saw of them. Two per spliced session (client->server, server->client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// The packet's new addresses and ports (network byte order): the other connection's.
-    pub saddr: u32,
-    pub daddr: u32,
+    /// The packet's new addresses and ports (network byte order, as in `FlowKey`): the other
+    /// connection's, of the same family.
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     pub sport: u16,
     pub dport: u16,
     /// Added to the sequence number: the other connection's send sequence at the hand-off minus

@@ -20,12 +20,15 @@ use std::{
 };
 
 use patroxy_tests::{
-    backend::pattern,
-    config::{Bpf, Defaults, ListenerConfig, ProxyConfig, ServerConfig},
-    daemon::Patroxy,
+    backend::{Fnv, pattern},
+    config::{
+        Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
+        ServerConfig,
+    },
+    daemon::{Patroxy, bpftool_dump},
     netns,
     ports::free_tcp_port,
-    process::require_root,
+    process::{patroxy_bin, require_root},
 };
 
 static LAB: Mutex<()> = Mutex::new(());
@@ -35,7 +38,10 @@ const NS_SERVER: &str = "pxv-srv";
 const VETH_CLIENT: &str = "pxvc0";
 const VETH_SERVER: &str = "pxvs0";
 const LISTEN4: Ipv4Addr = Ipv4Addr::new(10, 219, 1, 1);
+const LISTEN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 1, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 1, 0, 0, 0, 0, 2);
 const SERVER4: Ipv4Addr = Ipv4Addr::new(10, 219, 2, 2);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 2, 0, 0, 0, 0, 2);
 const HANDED_OFF: &str = "session handed to the TC program";
 
 /// The two hosts, removed when the test ends, however it ends.
@@ -175,6 +181,10 @@ impl Server {
 
     fn addr4(&self) -> SocketAddr {
         SocketAddr::from((SERVER4, self.port))
+    }
+
+    fn addr6(&self) -> SocketAddr {
+        SocketAddr::from((SERVER6, self.port))
     }
 
     fn wait_for(&self, n: usize) -> Vec<Served> {
@@ -346,5 +356,320 @@ fn only_patroxys_own_syns_to_a_server_port_lose_their_options() {
     assert!(
         ours.iter().all(|s| !s.timestamps),
         "patroxy's backend connection negotiated timestamps: {served:?}"
+    );
+}
+
+fn field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sizes from 1 byte to 4 MiB, log-uniform.
+fn sizes(n: usize, mut seed: u64) -> Vec<usize> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let exp = (seed % 2200) as f64 / 100.0;
+            (2f64.powf(exp) as usize).clamp(1, 4 << 20)
+        })
+        .collect()
+}
+
+/// A session through `listener` whose first turn was echoed and which was handed off.
+fn handed_off_session(proxy: &Patroxy, listener: SocketAddr) -> TcpStream {
+    let stream = connect(listener);
+    let hello = Arc::new(pattern(200, 7));
+    assert_eq!(echo(&stream, hello.clone()), *hello);
+    assert!(
+        wait_line(proxy, &client_field(&stream), HANDED_OFF).is_some(),
+        "never handed off:\n{}",
+        proxy.log()
+    );
+    stream
+}
+
+/// The words of an IPv6 address as FLOWS holds them (bpftool prints each u32 as a number).
+fn flow_words(ip: Ipv6Addr) -> Vec<u64> {
+    ip.octets()
+        .chunks(4)
+        .map(|w| u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect()
+}
+
+/// Stops patroxy with SIGTERM and returns the hand-off counters its TC path logs on the way out.
+fn stop_and_count(proxy: &Patroxy) -> String {
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGTERM) };
+    assert!(
+        proxy.wait_for_log("packet-level splice detached", Duration::from_secs(10)),
+        "{}",
+        proxy.log()
+    );
+    proxy
+        .log()
+        .lines()
+        .find(|l| l.contains("packet-level splice detached"))
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn ipv6_sessions_are_handed_off_byte_exact_and_end_by_fin_and_rst() {
+    if !require_root("ipv6_sessions_are_handed_off_byte_exact_and_end_by_fin_and_rst") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-exact");
+    // l0: IPv6 to IPv6; l1: an IPv6 client to an IPv4 server.
+    let config = config(
+        &pin,
+        &[
+            (LISTEN6.into(), server.addr6()),
+            (LISTEN6.into(), server.addr4()),
+        ],
+    );
+    let proxy = Patroxy::start("tcv-exact", &config);
+    let (v6, mixed) = (config.listeners[0].bind, config.listeners[1].bind);
+
+    // Concurrent sessions up to 4 MiB a turn, each handed off, byte-exact before and after.
+    const SESSIONS: usize = 12;
+    const TURNS: usize = 3;
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect(v6);
+                let mut sent = 0u64;
+                let turns = std::iter::once(200).chain(sizes(TURNS, 0x6e37 + i as u64));
+                for (turn, size) in turns.enumerate() {
+                    let data = Arc::new(pattern(size, (i * TURNS + turn) as u64));
+                    let got = echo(&stream, data.clone());
+                    assert_eq!(got.len(), data.len(), "session {i} turn {turn}: length");
+                    assert!(
+                        Fnv::of(&got) == Fnv::of(&data),
+                        "session {i} turn {turn}: bytes differ"
+                    );
+                    sent += size as u64;
+                    // A quiet moment for the hand-off.
+                    thread::sleep(Duration::from_millis(150));
+                }
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                (&stream).read_to_end(&mut rest).unwrap();
+                assert_eq!(rest, b"bye", "session {i}: the server's last words");
+                (client_field(&stream), sent)
+            })
+        })
+        .collect();
+    for session in sessions {
+        let (client, sent) = session.join().unwrap();
+        assert!(
+            wait_line(&proxy, &client, HANDED_OFF).is_some(),
+            "{client} was never handed off:\n{}",
+            proxy.log()
+        );
+        let line = wait_line(&proxy, &client, "session closed").expect("a session closed line");
+        assert!(line.contains("session closed: client close"), "{line}");
+        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
+        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
+    }
+
+    // A live session's two flows carry IPv6 addresses: the client's, the server's.
+    let s = handed_off_session(&proxy, v6);
+    let flows = bpftool_dump(&pin, "FLOWS");
+    let flows = flows.as_array().expect("FLOWS entries");
+    assert_eq!(flows.len(), 2, "{flows:?}");
+    let saddrs: Vec<Vec<u64>> = flows
+        .iter()
+        .map(|f| {
+            f["key"]["saddr"]
+                .as_array()
+                .expect("an address array")
+                .iter()
+                .map(|w| w.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert!(saddrs.contains(&flow_words(CLIENT6)), "{flows:?}");
+    assert!(saddrs.contains(&flow_words(SERVER6)), "{flows:?}");
+
+    // The client half-closes first; the server's last words still arrive.
+    let after = Arc::new(pattern(100_000, 9));
+    assert_eq!(echo(&s, after.clone()), *after);
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let line = wait_line(&proxy, &client_field(&s), "session closed").expect("closed line");
+    assert!(line.contains("session closed: client close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(100_200), "{line}");
+    let mut served = SESSIONS + 1;
+    assert_eq!(server.wait_for(served)[served - 1].ending, Ending::Eof);
+
+    // The server half-closes first; the client may still send.
+    let s = handed_off_session(&proxy, v6);
+    (&s).write_all(b"FIN!").unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"ok");
+    (&s).write_all(b"late bytes").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let line = wait_line(&proxy, &client_field(&s), "session closed").expect("closed line");
+    assert!(line.contains("session closed: server close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(200 + 4 + 10), "{line}");
+    served += 1;
+    assert_eq!(server.wait_for(served)[served - 1].ending, Ending::Eof);
+
+    // The client resets: the server hears it.
+    let s = handed_off_session(&proxy, v6);
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let client = client_field(&s);
+    drop(s);
+    let line = wait_line(&proxy, &client, "session closed").expect("closed line");
+    assert!(line.contains("session closed: client reset"), "{line}");
+    served += 1;
+    assert_eq!(
+        server.wait_for(served)[served - 1].ending,
+        Ending::Error(io::ErrorKind::ConnectionReset)
+    );
+
+    // The server resets: the client hears it.
+    let s = handed_off_session(&proxy, v6);
+    (&s).write_all(b"RST!").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = (&s).read(&mut buf).expect_err("a reset");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    let line = wait_line(&proxy, &client_field(&s), "session closed").expect("closed line");
+    assert!(line.contains("session closed: server reset"), "{line}");
+    served += 1;
+    assert_eq!(
+        server.wait_for(served)[served - 1].ending,
+        Ending::ResetSent
+    );
+    assert!(
+        server.wait_for(served).iter().all(|s| !s.timestamps),
+        "a backend leg negotiated timestamps"
+    );
+
+    // An IPv6 client to an IPv4 server: byte-exact on the sockmap, never handed off, counted.
+    let s = connect(mixed);
+    let mut sent = 0;
+    for (turn, size) in [200usize, 300_000, 5000].into_iter().enumerate() {
+        let data = Arc::new(pattern(size, turn as u64));
+        assert!(
+            echo(&s, data.clone()) == *data,
+            "mixed session, turn {turn}"
+        );
+        sent += size as u64;
+        thread::sleep(Duration::from_millis(100));
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let client = client_field(&s);
+    let line = wait_line(&proxy, &client, "session closed").expect("closed line");
+    assert!(line.contains("path=\"sockmap\""), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("an IPv4 leg and an IPv6 leg") && l.contains(&client)),
+        "{log}"
+    );
+    assert!(wait_line(&proxy, &client, HANDED_OFF).is_none(), "{log}");
+    let counts = stop_and_count(&proxy);
+    assert_eq!(field(&counts, "mixed_family"), Some(1), "{counts}");
+    assert_eq!(
+        field(&counts, "handed_off"),
+        Some(SESSIONS as u64 + 4),
+        "{counts}"
+    );
+}
+
+#[test]
+fn mark_down_resets_both_ends_of_spliced_ipv6_sessions() {
+    if !require_root("mark_down_resets_both_ends_of_spliced_ipv6_sessions") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-markdown");
+    let socket = std::env::temp_dir().join(format!("pxv-ctl-{}.sock", std::process::id()));
+    let config = config(&pin, &[(LISTEN6.into(), server.addr6())])
+        .default_server(DefaultServer {
+            on_marked_down: Some(OnMarkedDown::ShutdownSessions),
+            ..DefaultServer::default()
+        })
+        .runtime(RuntimeConfig::new(&socket));
+    let proxy = Patroxy::start("tcv-markdown", &config);
+    const SESSIONS: usize = 10;
+    let sessions: Vec<TcpStream> = (0..SESSIONS)
+        .map(|_| handed_off_session(&proxy, config.bind()))
+        .collect();
+    // Traffic after the hand-off moves the sequence numbers the resets must carry.
+    for s in &sessions {
+        let data = Arc::new(pattern(30_000, 3));
+        assert!(echo(s, data.clone()) == *data);
+    }
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 16];
+                let result = (&s).read(&mut buf);
+                (Instant::now(), result.map_err(|e| e.kind()))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    let down = Instant::now();
+    let out = std::process::Command::new(patroxy_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["set", "state", "l0/s0", "maint"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = Duration::ZERO;
+    for r in readers {
+        let (at, result) = r.join().unwrap();
+        assert_eq!(result, Err(io::ErrorKind::ConnectionReset));
+        last = last.max(at - down);
+    }
+    eprintln!("IPv6 mark-down: last client reset {last:?} after the state change");
+    assert!(last < Duration::from_secs(2), "{last:?}");
+    let served = server.wait_for(SESSIONS);
+    assert_eq!(served.len(), SESSIONS);
+    assert!(
+        served
+            .iter()
+            .all(|s| s.ending == Ending::Error(io::ErrorKind::ConnectionReset)),
+        "{served:?}"
+    );
+    assert!(
+        proxy.wait_for_log_count(
+            "session closed: reset: server set to MAINT",
+            SESSIONS,
+            Duration::from_secs(5)
+        ),
+        "{}",
+        proxy.log()
     );
 }

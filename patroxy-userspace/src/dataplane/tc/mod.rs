@@ -9,7 +9,7 @@ mod handoff;
 mod repair;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Mutex,
@@ -39,9 +39,9 @@ pub struct TcPath {
     flows: Mutex<HashMap<MapData, FlowKey, FlowEntry>>,
     /// Cookies of the backend sockets connecting now: the egress program strips their SYNs.
     syn_sockets: Mutex<HashMap<MapData, u64, u8>>,
-    /// Each configured interface's index and IPv4 addresses: a leg leaves by the interface that
+    /// Each configured interface's index and addresses: a leg leaves by the interface that
     /// holds its local address.
-    interfaces: Vec<(u32, Vec<Ipv4Addr>)>,
+    interfaces: Vec<(u32, Vec<IpAddr>)>,
     /// Detached (unpinned and closed) on drop.
     _links: Vec<attach::TcLink>,
     /// FLOWS' pin, for bpftool; removed on drop.
@@ -56,8 +56,8 @@ pub struct TcCounters {
     pub handed_off: AtomicU64,
     /// Attempts given up because a byte moved during the hand-off (retried later).
     pub retried: AtomicU64,
-    /// Sessions that stay on the sockmap path: IPv6.
-    pub ipv6: AtomicU64,
+    /// Sessions that stay on the sockmap path: one leg IPv4, the other IPv6.
+    pub mixed_family: AtomicU64,
     /// Sessions that stay on the sockmap path: options that do not match (timestamps or SACK
     /// negotiated, window scales or MSS differing between the legs), or a leg's interface is
     /// not one the programs are attached to.
@@ -69,7 +69,7 @@ impl TcCounters {
         [
             self.handed_off.load(Ordering::Relaxed),
             self.retried.load(Ordering::Relaxed),
-            self.ipv6.load(Ordering::Relaxed),
+            self.mixed_family.load(Ordering::Relaxed),
             self.mismatched.load(Ordering::Relaxed),
         ]
     }
@@ -106,7 +106,7 @@ impl TcPath {
         let links = attach::attach_all(ebpf, pin_dir, interfaces)?;
         let interfaces = interfaces
             .iter()
-            .map(|name| (attach::ifindex(name).unwrap_or(0), ipv4_addresses(name)))
+            .map(|name| (attach::ifindex(name).unwrap_or(0), addresses(name)))
             .collect();
         info!(
             ?interfaces,
@@ -136,7 +136,7 @@ impl TcPath {
     }
 
     /// The configured interface that holds `addr`.
-    fn interface_of(&self, addr: Ipv4Addr) -> Option<u32> {
+    fn interface_of(&self, addr: IpAddr) -> Option<u32> {
         self.interfaces
             .iter()
             .find(|(_, addrs)| addrs.contains(&addr))
@@ -180,16 +180,16 @@ impl Drop for Connecting<'_> {
 
 impl Drop for TcPath {
     fn drop(&mut self) {
-        let [handed_off, retried, ipv6, mismatched] = self.counters.snapshot();
+        let [handed_off, retried, mixed_family, mismatched] = self.counters.snapshot();
         // A target of its own, so a run at `warn` can still ask for this line
         // (PATROXY_LOG=warn,patroxy_tc=info: the bench does).
         info!(
             target: "patroxy_tc",
             handed_off,
             retried,
-            ipv6,
+            mixed_family,
             mismatched,
-            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv6, options)"
+            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options)"
         );
         let _ = std::fs::remove_file(&self.flows_pin);
     }
@@ -203,8 +203,8 @@ where
     T::try_from(map).map_err(|e| LoadError::Map(name, e))
 }
 
-/// The IPv4 addresses of interface `name` (getifaddrs).
-fn ipv4_addresses(name: &str) -> Vec<Ipv4Addr> {
+/// The IPv4 and IPv6 addresses of interface `name` (getifaddrs).
+fn addresses(name: &str) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list`, freed below; each entry's pointers are valid until then.
@@ -216,11 +216,19 @@ fn ipv4_addresses(name: &str) -> Vec<Ipv4Addr> {
         while !cur.is_null() {
             let ifa = &*cur;
             if !ifa.ifa_addr.is_null()
-                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
                 && std::ffi::CStr::from_ptr(ifa.ifa_name).to_bytes() == name.as_bytes()
             {
-                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        out.push(Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
+                    }
+                    _ => {}
+                }
             }
             cur = ifa.ifa_next;
         }
