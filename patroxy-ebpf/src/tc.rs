@@ -92,6 +92,9 @@ struct Tcp {
     at: usize,
     /// TCP header length in bytes.
     len: usize,
+    /// The TCP segment's length (header and payload) as the IP header says, 0 where it does
+    /// not (a GSO packet past 64 KiB, BIG TCP).
+    segment: usize,
     key: FlowKey,
     dport: u16,
     flags: u8,
@@ -105,9 +108,11 @@ struct Tcp {
 fn ip_tcp(ctx: &TcContext) -> Option<Tcp> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
     let ip = ETH_HLEN;
-    let (v6, at, saddr, daddr) = match ethertype {
+    let (v6, at, segment, saddr, daddr) = match ethertype {
         ETH_P_IP => {
             let [version_ihl, _] = ctx.load::<[u8; 2]>(ip).ok()?;
+            let total = usize::from(u16::from_be(ctx.load::<u16>(ip + 2).ok()?));
+            let header = usize::from(version_ihl & 0x0f) * 4;
             let [_, protocol] = ctx.load::<[u8; 2]>(ip + 8).ok()?;
             let frag = u16::from_be(ctx.load::<u16>(ip + 6).ok()?);
             if protocol != IPPROTO_TCP || frag & 0x1fff != 0 {
@@ -116,19 +121,22 @@ fn ip_tcp(ctx: &TcContext) -> Option<Tcp> {
             let mapped = |a: u32| [0, 0, V4_MAPPED, a];
             (
                 false,
-                ip + usize::from(version_ihl & 0x0f) * 4,
+                ip + header,
+                total.saturating_sub(header),
                 mapped(ctx.load::<u32>(ip + 12).ok()?),
                 mapped(ctx.load::<u32>(ip + 16).ok()?),
             )
         }
         ETH_P_IPV6 => {
             let [next_header, _] = ctx.load::<[u8; 2]>(ip + 6).ok()?;
+            let payload = usize::from(u16::from_be(ctx.load::<u16>(ip + 4).ok()?));
             if next_header != IPPROTO_TCP {
                 return None;
             }
             (
                 true,
                 ip + IPV6_HLEN,
+                payload,
                 ctx.load::<[u32; 4]>(ip + 8).ok()?,
                 ctx.load::<[u32; 4]>(ip + 24).ok()?,
             )
@@ -144,6 +152,7 @@ fn ip_tcp(ctx: &TcContext) -> Option<Tcp> {
         v6,
         at,
         len: usize::from(doff >> 4) * 4,
+        segment,
         key: FlowKey {
             saddr,
             daddr,
@@ -186,7 +195,13 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
         return Some(TC_ACT_SHOT);
     }
     rewrite(ctx, &tcp, &entry).ok()?;
-    let payload = (ctx.len() as usize).saturating_sub(tcp.at + tcp.len) as u32;
+    // The IP header's length, not the frame's: a NIC pads a bare ACK's frame to 60 bytes, and
+    // those bytes would count as payload and push `next_seq` past what the receiver expects.
+    let payload = if tcp.segment != 0 {
+        tcp.segment.saturating_sub(tcp.len)
+    } else {
+        (ctx.len() as usize).saturating_sub(tcp.at + tcp.len)
+    } as u32;
     let data_end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
     let fin = tcp.flags & TCP_FIN != 0;
     let end = if fin {
