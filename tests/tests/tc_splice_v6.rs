@@ -691,3 +691,146 @@ fn mark_down_resets_both_ends_of_spliced_ipv6_sessions() {
         proxy.log()
     );
 }
+
+/// The ones' complement sum of `data` (big-endian 16-bit words), folded.
+fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+/// A bare IPv4 ACK from `from` to `to`, checksums right, in a frame padded to Ethernet's 60-byte
+/// minimum as a NIC pads it.
+fn padded_ack(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, macs: [[u8; 6]; 2]) -> Vec<u8> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ip(), to.ip()) else {
+        panic!("IPv4 addresses");
+    };
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let csum = !(ones_sum(&ip, 0) as u16);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut tcp = Vec::new();
+    tcp.extend(from.port().to_be_bytes());
+    tcp.extend(to.port().to_be_bytes());
+    tcp.extend(seq.to_be_bytes());
+    tcp.extend(ack.to_be_bytes());
+    tcp.extend([5 << 4, 0x10, 0x01, 0x00, 0, 0, 0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend([0, 6, 0, 20]);
+    let csum = !(ones_sum(&tcp, ones_sum(&pseudo, 0)) as u16);
+    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend(macs[1]);
+    frame.extend(macs[0]);
+    frame.extend([0x08, 0x00]);
+    frame.extend(ip);
+    frame.extend(tcp);
+    frame.resize(60, 0);
+    frame
+}
+
+/// The MAC address of `dev` on this host.
+fn mac(dev: &str) -> [u8; 6] {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))
+        .expect("read the MAC address");
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    bytes.try_into().expect("a 6-byte MAC address")
+}
+
+/// Sends one raw Ethernet frame out of `dev` in namespace `ns`.
+fn send_frame(ns: &str, dev: &'static str, frame: Vec<u8>) {
+    netns::within(ns, move || {
+        let name = std::ffi::CString::new(dev).unwrap();
+        // SAFETY: plain socket calls with a sockaddr_ll of the right size.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+            let mut to: libc::sockaddr_ll = std::mem::zeroed();
+            to.sll_family = libc::AF_PACKET as u16;
+            to.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            to.sll_halen = 6;
+            to.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const to).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            libc::close(fd);
+            assert_eq!(sent, frame.len() as isize, "{}", io::Error::last_os_error());
+        }
+    })
+    .expect("enter the namespace");
+}
+
+/// The client->server flow's entry (`side` 0) as bpftool shows it.
+fn to_server_flow(pin: &std::path::Path) -> serde_json::Value {
+    let flows = bpftool_dump(pin, "FLOWS");
+    flows
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["value"]["side"] == 0))
+        .map(|f| f["value"].clone())
+        .unwrap_or_else(|| panic!("no client->server flow: {flows}"))
+}
+
+/// What the client expects next: the server->client flow's `next_seq` (already in the client's
+/// sequence space).
+fn seq_expected_by_client(pin: &std::path::Path) -> u32 {
+    let flows = bpftool_dump(pin, "FLOWS");
+    flows
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["value"]["side"] == 1))
+        .and_then(|f| f["value"]["next_seq"].as_u64())
+        .unwrap_or_else(|| panic!("no server->client flow: {flows}")) as u32
+}
+
+#[test]
+fn a_padded_bare_ack_counts_no_payload() {
+    if !require_root("a_padded_bare_ack_counts_no_payload") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-pad");
+    let config = config(&pin, &[(LISTEN4.into(), server.addr4())]);
+    let proxy = Patroxy::start("tcv-pad", &config);
+    let s = handed_off_session(&proxy, config.bind());
+    let before = to_server_flow(&pin);
+    let as_u32 = |v: &serde_json::Value| v.as_u64().expect("a number") as u32;
+    // The client's own sequence numbers: what it sends next, what it expects next.
+    let seq = as_u32(&before["next_seq"]).wrapping_sub(as_u32(&before["seq_delta"]));
+    let ack = seq_expected_by_client(&pin);
+    let frame = padded_ack(
+        s.local_addr().unwrap(),
+        config.bind(),
+        seq,
+        ack,
+        // Any source address will do: the frame is judged by its IP and TCP headers.
+        [[0x02, 0, 0, 0x02, 0x19, 0x01], mac(VETH_CLIENT)],
+    );
+    send_frame(NS_CLIENT, "pxvc1", frame);
+    thread::sleep(Duration::from_millis(100));
+    let after = to_server_flow(&pin);
+    assert_ne!(
+        after["last_ns"], before["last_ns"],
+        "the program never saw the ACK"
+    );
+    assert_eq!(after["next_seq"], before["next_seq"], "{before} -> {after}");
+    assert_eq!(after["bytes"], before["bytes"], "{before} -> {after}");
+    // The session goes on, byte-exact.
+    let data = Arc::new(pattern(50_000, 5));
+    assert!(echo(&s, data.clone()) == *data);
+}
