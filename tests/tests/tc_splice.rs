@@ -23,13 +23,14 @@ use patroxy_tests::{
     backend::{Fnv, pattern},
     config::{
         Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
-        ServerConfig,
+        ServerConfig, StatsConfig,
     },
     daemon::Patroxy,
     netns,
     ports::free_tcp_port,
     postgres::{Postgres, PostgresOptions},
     process::{patroxy_bin, require_root},
+    stats_client::get_ok,
 };
 
 static LAB: Mutex<()> = Mutex::new(());
@@ -432,6 +433,104 @@ fn fin_and_rst_each_way_end_a_spliced_session() {
     let line = closed_line(&proxy, local_port(&s)).expect("closed line");
     assert!(line.contains("session closed: server reset"), "{line}");
     assert_eq!(server.wait_for_endings(4)[3], Ending::ResetSent);
+}
+
+/// `patroxy ARGS`'s standard output as JSON, asserting it succeeded.
+fn patroxy_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = std::process::Command::new(patroxy_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "patroxy {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_handed_off_session_shows_in_the_stats_and_sessions_with_its_path_and_bytes() {
+    if !require_root("a_handed_off_session_shows_in_the_stats_and_sessions_with_its_path_and_bytes")
+    {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-stats");
+    let socket = std::env::temp_dir().join(format!("pxs-stats-{}.sock", std::process::id()));
+    let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
+    let config = config(&pin, server.port)
+        .stats(StatsConfig::new(stats))
+        .runtime(RuntimeConfig::new(&socket));
+    let proxy = Patroxy::start("tc-stats", &config);
+    let s = handed_off_session(&proxy, config.bind());
+    let client = s.local_addr().unwrap().to_string();
+    // Bytes after the hand-off are the TC program's to count.
+    let after = Arc::new(pattern(100_000, 5));
+    assert!(echo(&s, after.clone()) == *after);
+    let total = 100_200;
+    let row_of = |rows: serde_json::Value| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["client_addr"] == client)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {client}: {rows}"))
+    };
+    // The runtime socket's `show sessions` and `patroxy sessions` read the same rows.
+    let by_ctl = row_of(patroxy_json(&[
+        "ctl".as_ref(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "show".as_ref(),
+        "sessions".as_ref(),
+        "--json".as_ref(),
+    ]));
+    let by_cli = row_of(patroxy_json(&[
+        "sessions".as_ref(),
+        "--json".as_ref(),
+        "--pin-path".as_ref(),
+        pin.as_os_str(),
+    ]));
+    for row in [&by_ctl, &by_cli] {
+        assert_eq!(row["path"], "sockmap+tc", "{row}");
+        assert_eq!(row["bytes_in"], total, "{row}");
+        assert_eq!(row["bytes_out"], total, "{row}");
+        // Last activity from the program: the echo just now, not the hand-off.
+        assert!(row["idle_secs"].as_f64().unwrap() < 1.0, "{row}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&get_ok(stats, "/;json")).unwrap();
+    assert_eq!(json["data_path"], "sockmap+tc");
+    assert_eq!(json["tc"]["handed_off"], 1, "{json}");
+    assert_eq!(json["tc"]["carried"], 1, "{json}");
+    let pg = &json["listeners"][0]["servers"][0];
+    assert_eq!(pg["scur"], 1, "{pg}");
+    assert_eq!(pg["bin"], total, "{pg}");
+    assert_eq!(pg["bout"], total, "{pg}");
+    let metrics = get_ok(stats, "/metrics");
+    for line in [
+        "patroxy_tc_sessions_handed_off_total 1",
+        "patroxy_tc_sessions_carried 1",
+        &format!("patroxy_server_bytes_in_total{{proxy=\"l\",server=\"pg\"}} {total}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    let page = get_ok(stats, "/");
+    assert!(
+        page.contains("packet-level splice <b>1</b> now, <b>1</b> handed off"),
+        "{page}"
+    );
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    closed_line(&proxy, local_port(&s)).expect("closed line");
+    let json: serde_json::Value = serde_json::from_str(&get_ok(stats, "/;json")).unwrap();
+    assert_eq!(json["tc"]["carried"], 0, "{json}");
+    let pg = &json["listeners"][0]["servers"][0];
+    assert_eq!(pg["bin"], total, "{pg}");
+    assert_eq!(pg["bout"], total + 3, "{pg}");
 }
 
 #[test]
