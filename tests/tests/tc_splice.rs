@@ -288,6 +288,10 @@ fn byte_exact_sessions(
         .map(|i| {
             thread::spawn(move || {
                 let stream = connect(addr);
+                // A stalled session fails the test rather than hang it.
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
                 let mut sent = 0u64;
                 // A PostgreSQL client's first message is small (a startup packet); more than
                 // 64 KiB before the backend connects would put the session on the fallback path.
