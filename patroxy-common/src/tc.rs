@@ -3,24 +3,29 @@
 //! sequence numbers, so the proxy's own TCP stack no longer handles them.
 
 /// Key of FLOWS: one direction of one connection as its packets arrive at the proxy. Addresses
-/// and ports in network byte order, as on the wire.
+/// and ports in network byte order, as on the wire; an IPv4 address as IPv4-mapped IPv6
+/// (`::ffff:a.b.c.d`, `V4_MAPPED` in word 2), which no IPv6 packet carries on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     pub sport: u16,
     pub dport: u16,
 }
+
+/// Word 2 of an IPv4-mapped address (`::ffff:0:0`), as it sits in memory.
+pub const V4_MAPPED: u32 = 0xffffu32.to_be();
 
 /// Value of FLOWS: how to rewrite and where to send the packets of one direction, and what the
 /// program saw of them. Two per spliced session (client->server, server->client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// The packet's new addresses and ports (network byte order): the other connection's.
-    pub saddr: u32,
-    pub daddr: u32,
+    /// The packet's new addresses and ports (network byte order, as in `FlowKey`): the other
+    /// connection's, of the same family.
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     pub sport: u16,
     pub dport: u16,
     /// Added to the sequence number: the other connection's send sequence at the hand-off minus
@@ -60,9 +65,12 @@ pub const FLOW_RST: u8 = 2;
 pub const MAX_FLOWS: u32 = 32_768;
 /// Most ports in SYN_PORTS.
 pub const MAX_SYN_PORTS: u32 = 256;
+/// Most backend connects in flight at once in SYN_SOCKETS; past it a connect keeps its
+/// options and its session stays on the sockmap path.
+pub const MAX_SYN_SOCKETS: u32 = 8_192;
 
-/// Value of SYN_PORTS (key: destination port, host byte order): which SYNs get their timestamp
-/// and SACK-permitted options replaced by NOPs, so the connections patroxy may splice never
-/// negotiate them (the two legs' timestamps and SACK edges would not match).
+/// Value of SYN_PORTS (key: a listener's port, host byte order): SYNs arriving to it get their
+/// timestamp and SACK-permitted options replaced by NOPs, so the connections patroxy may splice
+/// never negotiate them (the two legs' timestamps and SACK edges would not match). The
+/// backend legs' SYNs are matched by socket cookie instead (SYN_SOCKETS).
 pub const SYN_TO_LISTENER: u8 = 1;
-pub const SYN_TO_BACKEND: u8 = 2;

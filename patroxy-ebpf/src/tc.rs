@@ -4,13 +4,16 @@
 //! connections to the other: FLOWS, keyed by the packet's 4-tuple, says which addresses, ports
 //! and sequence/ack offsets the other connection has and which interface it leaves by; the
 //! program rewrites them, fixes the checksums and redirects the packet there, so the proxy's own
-//! TCP stack never sees it. Packets of other connections pass untouched.
+//! TCP stack never sees it. Packets of other connections pass untouched. IPv4 and IPv6 (an
+//! IPv6 packet with extension headers passes to the stack: it belongs to no flow patroxy set up,
+//! the hand-off never joins an IPv6 leg with an IPv4 one).
 //!
 //! Both programs also keep TCP timestamps and SACK out of the connections patroxy may splice:
-//! in a SYN to a port SYN_PORTS names (a tc listener's, at ingress; a backend's, at egress) the
-//! two options become NOPs, so neither leg negotiates them (each leg's timestamps have their
-//! own offset, and SACK edges would need the sequence shift too). The host's sysctls are left
-//! alone: other connections keep both options.
+//! in a SYN to a listener's port (SYN_PORTS, at ingress) and in a SYN of one of patroxy's own
+//! backend sockets while it connects (SYN_SOCKETS, at egress, by socket cookie) the two options
+//! become NOPs, so neither leg negotiates them (each leg's timestamps have their own offset,
+//! and SACK edges would need the sequence shift too). The host's sysctls are left alone: other
+//! connections keep both options, other local clients of the same server port included.
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
     btf_maps::HashMap,
@@ -19,8 +22,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use patroxy_common::tc::{
-    FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS, SYN_TO_BACKEND,
-    SYN_TO_LISTENER,
+    FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS, MAX_SYN_SOCKETS,
+    SYN_TO_LISTENER, V4_MAPPED,
 };
 
 use crate::BACKENDS;
@@ -29,12 +32,18 @@ use crate::BACKENDS;
 #[btf_map]
 pub static FLOWS: HashMap<FlowKey, FlowEntry, { MAX_FLOWS as usize }> = HashMap::new();
 
-/// Destination port (host byte order) -> `SYN_TO_LISTENER` or `SYN_TO_BACKEND`.
+/// Destination port (host byte order) -> `SYN_TO_LISTENER`.
 #[btf_map]
 static SYN_PORTS: HashMap<u16, u8, { MAX_SYN_PORTS as usize }> = HashMap::new();
 
+/// Socket cookies of patroxy's backend sockets while they connect (the value is unused).
+#[btf_map]
+static SYN_SOCKETS: HashMap<u64, u8, { MAX_SYN_SOCKETS as usize }> = HashMap::new();
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HLEN: usize = 40;
 const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -58,24 +67,34 @@ pub fn patroxy_tc_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn patroxy_tc_egress(ctx: TcContext) -> i32 {
-    // Only this host's own SYNs (they have a socket): a SYN the host forwards as a router is
-    // none of patroxy's business.
-    if let Some(tcp) = ipv4_tcp(&ctx)
+    if let Some(tcp) = ip_tcp(&ctx)
         && tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && syn_port(tcp.dport) == SYN_TO_BACKEND
-        && unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } != 0
+        && is_backend_connect(&ctx)
     {
         strip_syn_options(&ctx, &tcp);
     }
     TC_ACT_OK
 }
 
-/// Where the headers of an IPv4 TCP packet are, and the fields the programs read.
+/// Whether the packet comes from one of patroxy's backend sockets while it connects: matched by
+/// socket cookie, so another local client of the same server port keeps its options (a SYN
+/// the host forwards as a router has no socket, cookie 0, never registered).
+#[inline(always)]
+fn is_backend_connect(ctx: &TcContext) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    cookie != 0 && unsafe { SYN_SOCKETS.get(cookie) }.is_some()
+}
+
+/// Where the headers of a TCP packet are, and the fields the programs read.
 struct Tcp {
     ip: usize,
+    v6: bool,
     at: usize,
     /// TCP header length in bytes.
     len: usize,
+    /// The TCP segment's length (header and payload) as the IP header says, 0 where it does
+    /// not (a GSO packet past 64 KiB, BIG TCP).
+    segment: usize,
     key: FlowKey,
     dport: u16,
     flags: u8,
@@ -83,30 +102,57 @@ struct Tcp {
     ack: u32,
 }
 
+/// The TCP packet's headers: IPv4 (not a later fragment) or IPv6 with TCP right after its
+/// fixed header. Anything else is not for the programs.
 #[inline(always)]
-fn ipv4_tcp(ctx: &TcContext) -> Option<Tcp> {
+fn ip_tcp(ctx: &TcContext) -> Option<Tcp> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    if ethertype != ETH_P_IP {
-        return None;
-    }
     let ip = ETH_HLEN;
-    let [version_ihl, _] = ctx.load::<[u8; 2]>(ip).ok()?;
-    let [_, protocol] = ctx.load::<[u8; 2]>(ip + 8).ok()?;
-    let frag = u16::from_be(ctx.load::<u16>(ip + 6).ok()?);
-    if protocol != IPPROTO_TCP || frag & 0x1fff != 0 {
-        return None;
-    }
-    let saddr = ctx.load::<u32>(ip + 12).ok()?;
-    let daddr = ctx.load::<u32>(ip + 16).ok()?;
-    let at = ip + usize::from(version_ihl & 0x0f) * 4;
+    let (v6, at, segment, saddr, daddr) = match ethertype {
+        ETH_P_IP => {
+            let [version_ihl, _] = ctx.load::<[u8; 2]>(ip).ok()?;
+            let total = usize::from(u16::from_be(ctx.load::<u16>(ip + 2).ok()?));
+            let header = usize::from(version_ihl & 0x0f) * 4;
+            let [_, protocol] = ctx.load::<[u8; 2]>(ip + 8).ok()?;
+            let frag = u16::from_be(ctx.load::<u16>(ip + 6).ok()?);
+            if protocol != IPPROTO_TCP || frag & 0x1fff != 0 {
+                return None;
+            }
+            let mapped = |a: u32| [0, 0, V4_MAPPED, a];
+            (
+                false,
+                ip + header,
+                total.saturating_sub(header),
+                mapped(ctx.load::<u32>(ip + 12).ok()?),
+                mapped(ctx.load::<u32>(ip + 16).ok()?),
+            )
+        }
+        ETH_P_IPV6 => {
+            let [next_header, _] = ctx.load::<[u8; 2]>(ip + 6).ok()?;
+            let payload = usize::from(u16::from_be(ctx.load::<u16>(ip + 4).ok()?));
+            if next_header != IPPROTO_TCP {
+                return None;
+            }
+            (
+                true,
+                ip + IPV6_HLEN,
+                payload,
+                ctx.load::<[u32; 4]>(ip + 8).ok()?,
+                ctx.load::<[u32; 4]>(ip + 24).ok()?,
+            )
+        }
+        _ => return None,
+    };
     let [sport, dport] = ctx.load::<[u16; 2]>(at).ok()?;
     let seq = ctx.load::<u32>(at + 4).ok()?;
     let ack = ctx.load::<u32>(at + 8).ok()?;
     let [doff, flags] = ctx.load::<[u8; 2]>(at + 12).ok()?;
     Some(Tcp {
         ip,
+        v6,
         at,
         len: usize::from(doff >> 4) * 4,
+        segment,
         key: FlowKey {
             saddr,
             daddr,
@@ -127,7 +173,7 @@ fn syn_port(port: u16) -> u8 {
 
 #[inline(always)]
 fn try_ingress(ctx: &TcContext) -> Option<i32> {
-    let tcp = ipv4_tcp(ctx)?;
+    let tcp = ip_tcp(ctx)?;
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if syn {
         // A new connection on a 4-tuple whose flow is still here: that session is over (its
@@ -149,7 +195,13 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
         return Some(TC_ACT_SHOT);
     }
     rewrite(ctx, &tcp, &entry).ok()?;
-    let payload = (ctx.len() as usize).saturating_sub(tcp.at + tcp.len) as u32;
+    // The IP header's length, not the frame's: a NIC pads a bare ACK's frame to 60 bytes, and
+    // those bytes would count as payload and push `next_seq` past what the receiver expects.
+    let payload = if tcp.segment != 0 {
+        tcp.segment.saturating_sub(tcp.len)
+    } else {
+        (ctx.len() as usize).saturating_sub(tcp.at + tcp.len)
+    } as u32;
     let data_end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
     let fin = tcp.flags & TCP_FIN != 0;
     let end = if fin {
@@ -186,12 +238,14 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
 }
 
 /// The other connection's addresses, ports, sequence and ack numbers, checksums kept right (for
-/// veth's CHECKSUM_PARTIAL packets the helpers update only the pseudo-header part).
+/// veth's CHECKSUM_PARTIAL packets the helpers update only the pseudo-header part). An address
+/// changes one 32-bit word at a time, in the TCP pseudo-header sum and, for IPv4, in the IP
+/// header's own checksum (IPv6 has none).
 #[inline(always)]
 fn rewrite(ctx: &TcContext, tcp: &Tcp, entry: &FlowEntry) -> Result<(), i64> {
     let ip_csum = tcp.ip + 10;
     let tcp_csum = tcp.at + 16;
-    let addr = |offset: usize, old: u32, new: u32| -> Result<(), i64> {
+    let addr_word = |offset: usize, old: u32, new: u32| -> Result<(), i64> {
         if old == new {
             return Ok(());
         }
@@ -201,11 +255,20 @@ fn rewrite(ctx: &TcContext, tcp: &Tcp, entry: &FlowEntry) -> Result<(), i64> {
             new.into(),
             (BPF_F_PSEUDO_HDR | 4).into(),
         )?;
-        ctx.l3_csum_replace(ip_csum, old.into(), new.into(), 4)?;
+        if !tcp.v6 {
+            ctx.l3_csum_replace(ip_csum, old.into(), new.into(), 4)?;
+        }
         ctx.store(offset, &new, 0)
     };
-    addr(tcp.ip + 12, tcp.key.saddr, entry.saddr)?;
-    addr(tcp.ip + 16, tcp.key.daddr, entry.daddr)?;
+    if tcp.v6 {
+        for i in 0..4 {
+            addr_word(tcp.ip + 8 + 4 * i, tcp.key.saddr[i], entry.saddr[i])?;
+            addr_word(tcp.ip + 24 + 4 * i, tcp.key.daddr[i], entry.daddr[i])?;
+        }
+    } else {
+        addr_word(tcp.ip + 12, tcp.key.saddr[3], entry.saddr[3])?;
+        addr_word(tcp.ip + 16, tcp.key.daddr[3], entry.daddr[3])?;
+    }
     let field16 = |offset: usize, old: u16, new: u16| -> Result<(), i64> {
         if old == new {
             return Ok(());

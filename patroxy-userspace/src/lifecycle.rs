@@ -433,19 +433,11 @@ fn tc_setup(config: &Config) -> Option<crate::dataplane::TcSetup<'_>> {
         return None;
     };
     let mut listener_ports: Vec<u16> = config.listeners.iter().map(|l| l.bind.port()).collect();
-    let mut backend_ports: Vec<u16> = config
-        .listeners
-        .iter()
-        .flat_map(|l| l.servers.iter().map(|s| s.address.port()))
-        .collect();
     listener_ports.sort_unstable();
     listener_ports.dedup();
-    backend_ports.sort_unstable();
-    backend_ports.dedup();
     Some(crate::dataplane::TcSetup {
         interfaces,
         listener_ports,
-        backend_ports,
     })
 }
 

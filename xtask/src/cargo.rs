@@ -54,8 +54,24 @@ pub fn cargo(env: &BuildEnv) -> Command {
 
 /// `cargo build -p patroxy [--release]`; returns the binary's path.
 pub fn build_patroxy(env: &BuildEnv, release: bool) -> Result<PathBuf> {
+    build_patroxy_with(env, release, &["-p", "patroxy"])
+}
+
+/// `cargo build --release` of everything `cargo test --workspace` builds, patroxy's binary
+/// included. Building the same selection as the tests gives the same feature unification
+/// (dev-dependencies included), so the test run that follows compiles nothing again; a
+/// `-p patroxy` build first would compile tokio, aya, rustls and patroxy (with its eBPF) twice.
+pub fn build_workspace_for_tests(env: &BuildEnv) -> Result<PathBuf> {
+    build_patroxy_with(
+        env,
+        true,
+        &["--workspace", "--exclude", "patroxy-ebpf", "--all-targets"],
+    )
+}
+
+fn build_patroxy_with(env: &BuildEnv, release: bool, selection: &[&str]) -> Result<PathBuf> {
     let mut cmd = cargo(env);
-    cmd.args(["build", "-p", "patroxy"]);
+    cmd.arg("build").args(selection);
     if release {
         cmd.arg("--release");
     }

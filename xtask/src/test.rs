@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use crate::cargo::{build_patroxy, cargo};
+use crate::cargo::{build_patroxy, build_workspace_for_tests, cargo};
 use crate::command;
 use crate::fuzz::{self, Fuzzer};
 use crate::setup::{self, BuildEnv};
@@ -32,18 +32,22 @@ pub fn test(
     let started = Instant::now();
     let env = setup::setup()?;
     fmt_check(&env);
-    let bin = build_patroxy(&env, true)?;
 
     let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &[][..]),
     };
+    let whole_workspace = !cargo_args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package"));
+    let bin = if whole_workspace {
+        build_workspace_for_tests(&env)?
+    } else {
+        build_patroxy(&env, true)?
+    };
     let mut cmd = cargo(&env);
     cmd.args(["test", "--release", "--no-fail-fast"]);
-    if !cargo_args
-        .iter()
-        .any(|a| a == "-p" || a.starts_with("--package"))
-    {
+    if whole_workspace {
         // The eBPF crate only builds for bpfel-unknown-none (build.rs of patroxy builds it).
         cmd.args(["--workspace", "--exclude", "patroxy-ebpf"]);
     }

@@ -153,13 +153,7 @@ impl KernelMaps {
             .ebpf
             .as_mut()
             .ok_or(LoadError::Missing("a loaded object"))?;
-        super::tc::TcPath::attach(
-            ebpf,
-            &self.pin_dir,
-            setup.interfaces,
-            &setup.listener_ports,
-            &setup.backend_ports,
-        )
+        super::tc::TcPath::attach(ebpf, &self.pin_dir, setup.interfaces, &setup.listener_ports)
     }
 
     pub fn pin_dir(&self) -> &Path {

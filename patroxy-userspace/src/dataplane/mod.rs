@@ -184,10 +184,9 @@ pub enum SelectError {
 /// What the TC programs need from the config (`datapath = "tc"`).
 pub struct TcSetup<'a> {
     pub interfaces: &'a [String],
-    /// The listeners' ports: SYNs to them lose their timestamp and SACK options.
+    /// The listeners' ports: SYNs to them lose their timestamp and SACK options (the proxy's
+    /// own SYNs to the servers lose them per socket, `TcPath::connect`).
     pub listener_ports: Vec<u16>,
-    /// The servers' ports: the proxy's SYNs to them lose the same options.
-    pub backend_ports: Vec<u16>,
 }
 
 impl DataPlane {
@@ -260,6 +259,14 @@ impl DataPlane {
             Self::Sockmap { .. } if end.handed_off_to_tc => "sockmap+tc",
             Self::Sockmap { .. } => "sockmap",
             Self::Fallback => "fallback",
+        }
+    }
+
+    /// Connects to a backend; with `datapath = "tc"` so that the connection may be spliced.
+    pub async fn connect(&self, addr: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+        match self.tc() {
+            Some(tc) => tc.connect(addr).await,
+            None => TcpStream::connect(addr).await,
         }
     }
 

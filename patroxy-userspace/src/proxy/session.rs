@@ -214,7 +214,7 @@ impl Proxy {
         loop {
             attempts += 1;
             let addr = config.listeners[listener].servers[server].address;
-            let err = match timeout(d.timeout_connect, TcpStream::connect(addr)).await {
+            let err = match timeout(d.timeout_connect, self.dataplane.connect(addr)).await {
                 Ok(Ok(stream)) => {
                     return Ok(Connected {
                         server,

@@ -150,7 +150,7 @@ fn tc_stats(c: &TcCounters) -> TcStats {
         handed_off: c.handed_off.load(Relaxed),
         carried: c.carried.load(Relaxed),
         retried: c.retried.load(Relaxed),
-        stayed_ipv6: c.ipv6.load(Relaxed),
+        stayed_mixed_family: c.mixed_family.load(Relaxed),
         stayed_options: c.mismatched.load(Relaxed),
     }
 }

@@ -103,9 +103,9 @@ fn packet_splice(s: &StatsSnapshot) -> String {
         return String::new();
     };
     format!(
-        "<span id=\"packet-splice\" title=\"left on the sockmap path: {} IPv6, {} options; \
+        "<span id=\"packet-splice\" title=\"left on the sockmap path: {} IPv4 and IPv6 legs, {} options; \
          {} hand-offs retried\">packet-level splice <b>{}</b> now, <b>{}</b> handed off</span>",
-        t.stayed_ipv6, t.stayed_options, t.retried, t.carried, t.handed_off,
+        t.stayed_mixed_family, t.stayed_options, t.retried, t.carried, t.handed_off,
     )
 }
 

@@ -47,8 +47,8 @@ pub struct TcStats {
     pub carried: u64,
     /// Hand-offs abandoned because a byte moved meanwhile (tried again later).
     pub retried: u64,
-    /// Sessions left on the sockmap path for an IPv6 leg.
-    pub stayed_ipv6: u64,
+    /// Sessions left on the sockmap path: one leg IPv4, the other IPv6.
+    pub stayed_mixed_family: u64,
     /// Sessions left on the sockmap path for options the legs do not share (or a leg on an
     /// interface the programs are not attached to).
     pub stayed_options: u64,

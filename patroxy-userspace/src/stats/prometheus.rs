@@ -244,11 +244,14 @@ fn tc(reg: &mut Registry, t: &TcStats) {
         reg,
         Kind::Counter,
         "tc_sessions_not_joinable",
-        "Sessions left on the sockmap path: ipv6 (an IPv6 leg), options (the legs' TCP options \
+        "Sessions left on the sockmap path: mixed_family (an IPv4 and an IPv6 leg), options (the legs' TCP options \
          differ, or a leg is on an interface the programs are not attached to)",
-        [("ipv6", t.stayed_ipv6), ("options", t.stayed_options)]
-            .into_iter()
-            .map(|(reason, n)| (vec![("reason", reason.to_owned())], n)),
+        [
+            ("mixed_family", t.stayed_mixed_family),
+            ("options", t.stayed_options),
+        ]
+        .into_iter()
+        .map(|(reason, n)| (vec![("reason", reason.to_owned())], n)),
     );
 }
 

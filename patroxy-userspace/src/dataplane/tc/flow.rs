@@ -1,7 +1,7 @@
 //! A session the TC program carries: watched through its two FLOWS entries until FIN both
 //! ways, a RST, the idle timeout or a kill ends it. The proxy's two sockets stay open in repair
 //! mode meanwhile, so the local ports stay reserved, and are closed silently at the end.
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use patroxy_common::tc::{FLOW_FIN, FLOW_RST, FlowEntry, FlowKey};
 use tokio::time::sleep;
@@ -25,7 +25,7 @@ pub struct Flow {
     /// [client -> proxy, server -> proxy].
     keys: [FlowKey; 2],
     /// (client, listener address), (server, proxy's address toward it).
-    legs: ((SocketAddrV4, SocketAddrV4), (SocketAddrV4, SocketAddrV4)),
+    legs: ((SocketAddr, SocketAddr), (SocketAddr, SocketAddr)),
 }
 
 /// Bytes the program forwarded (from client, from server) and how the flow ended.
@@ -38,7 +38,7 @@ pub struct FlowEnd {
 impl Flow {
     pub(super) fn new(
         keys: [FlowKey; 2],
-        legs: ((SocketAddrV4, SocketAddrV4), (SocketAddrV4, SocketAddrV4)),
+        legs: ((SocketAddr, SocketAddr), (SocketAddr, SocketAddr)),
     ) -> Self {
         Self { keys, legs }
     }

@@ -12,17 +12,18 @@
 //!    sequence numbers; quiet and unchanged once more (else back to the sockmap, retried
 //!    later); the entries become active with the offsets between the two connections.
 //!
-//! Only sessions whose legs can be joined are tried: IPv4, neither leg with timestamps or
-//! SACK (the SYN option stripping keeps them out), equal window scales crosswise and equal MSS,
-//! and both local addresses on interfaces the programs are attached to.
+//! Only sessions whose legs can be joined are tried: both legs of one family (a packet cannot
+//! change from IPv6 to IPv4 by a rewrite), neither leg with timestamps or SACK (the SYN option
+//! stripping keeps them out), equal window scales crosswise and equal MSS, and both local
+//! addresses on interfaces the programs are attached to.
 use std::{
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     sync::{Arc, atomic::Ordering},
 };
 
 use patroxy_common::{
     SIDE_BACKEND, SIDE_CLIENT,
-    tc::{FLOW_ACTIVE, FLOW_PENDING, FlowEntry, FlowKey},
+    tc::{FLOW_ACTIVE, FLOW_PENDING, FlowEntry, FlowKey, V4_MAPPED},
 };
 use tracing::debug;
 
@@ -59,9 +60,9 @@ pub enum Attempt {
 /// The session's two legs, as the program sees them.
 struct Legs {
     /// client -> proxy listener
-    client: (SocketAddrV4, SocketAddrV4),
+    client: (SocketAddr, SocketAddr),
     /// server -> proxy's connecting socket
-    server: (SocketAddrV4, SocketAddrV4),
+    server: (SocketAddr, SocketAddr),
     client_ifindex: u32,
     server_ifindex: u32,
 }
@@ -204,7 +205,8 @@ pub fn try_hand_off(
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
 }
 
-fn key(from: SocketAddrV4, to: SocketAddrV4) -> FlowKey {
+/// FLOWS' key of the packets from `from` to `to` (also what the stats look flows up by).
+pub(super) fn key(from: SocketAddr, to: SocketAddr) -> FlowKey {
     FlowKey {
         saddr: addr(from),
         daddr: addr(to),
@@ -213,19 +215,23 @@ fn key(from: SocketAddrV4, to: SocketAddrV4) -> FlowKey {
     }
 }
 
-/// An IPv4 address as the packet carries it (network byte order in a native u32).
-fn addr(a: SocketAddrV4) -> u32 {
-    u32::from_ne_bytes(a.ip().octets())
+/// An address as FLOWS holds it: the packet's bytes in native u32 words, IPv4 mapped.
+fn addr(a: SocketAddr) -> [u32; 4] {
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    match a {
+        SocketAddr::V4(a) => [0, 0, V4_MAPPED, word(&a.ip().octets())],
+        SocketAddr::V6(a) => {
+            let o = a.ip().octets();
+            [word(&o[0..]), word(&o[4..]), word(&o[8..]), word(&o[12..])]
+        }
+    }
 }
 
-fn v4(a: std::io::Result<SocketAddr>) -> Option<SocketAddrV4> {
-    match a.ok()? {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, a.port())),
-    }
+/// A socket's address as its packets carry it: an IPv4 client of a dual-stack listener is
+/// IPv4 on the wire.
+fn wire(a: std::io::Result<SocketAddr>) -> Option<SocketAddr> {
+    let a = a.ok()?;
+    Some(SocketAddr::new(a.ip().to_canonical(), a.port()))
 }
 
 /// The legs if this session can be spliced, else the counter that says why not.
@@ -235,13 +241,17 @@ fn legs<'a>(
     backend: &TcpStream,
 ) -> Result<Legs, &'a std::sync::atomic::AtomicU64> {
     let (Some(c_peer), Some(c_local), Some(s_peer), Some(s_local)) = (
-        v4(client.peer_addr()),
-        v4(client.local_addr()),
-        v4(backend.peer_addr()),
-        v4(backend.local_addr()),
+        wire(client.peer_addr()),
+        wire(client.local_addr()),
+        wire(backend.peer_addr()),
+        wire(backend.local_addr()),
     ) else {
-        return Err(&tc.counters.ipv6);
+        return Err(&tc.counters.mismatched);
     };
+    if c_local.is_ipv4() != s_local.is_ipv4() {
+        debug!(client = %c_peer, server = %s_peer, "session not joinable at the packet level: an IPv4 leg and an IPv6 leg");
+        return Err(&tc.counters.mixed_family);
+    }
     let (Ok(a), Ok(b)) = (repair::negotiated(client), repair::negotiated(backend)) else {
         return Err(&tc.counters.mismatched);
     };
@@ -251,10 +261,7 @@ fn legs<'a>(
         && a.snd_wscale == b.rcv_wscale
         && b.snd_wscale == a.rcv_wscale
         && a.mss == b.mss;
-    let ifaces = (
-        tc.interface_of(*c_local.ip()),
-        tc.interface_of(*s_local.ip()),
-    );
+    let ifaces = (tc.interface_of(c_local.ip()), tc.interface_of(s_local.ip()));
     match ifaces {
         (Some(client_ifindex), Some(server_ifindex)) if joinable => Ok(Legs {
             client: (c_peer, c_local),

@@ -11,7 +11,7 @@ mod open_flows;
 mod repair;
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Mutex,
@@ -26,21 +26,25 @@ use aya::{
 pub(super) use flow::Flow;
 pub(super) use handoff::{Attempt, Baseline, try_hand_off};
 pub use open_flows::{OpenFlows, SessionFlows};
-use patroxy_common::tc::{FlowEntry, FlowKey, SYN_TO_BACKEND, SYN_TO_LISTENER};
-use tracing::info;
+use patroxy_common::tc::{FlowEntry, FlowKey, SYN_TO_LISTENER};
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, info};
 
 use super::loader::LoadError;
 
 /// FLOWS under the pin directory.
 pub const MAP_FLOWS: &str = "FLOWS";
 const MAP_SYN_PORTS: &str = "SYN_PORTS";
+const MAP_SYN_SOCKETS: &str = "SYN_SOCKETS";
 
 /// The TC programs attached and their maps.
 pub struct TcPath {
     flows: Mutex<HashMap<MapData, FlowKey, FlowEntry>>,
-    /// Each configured interface's index and IPv4 addresses: a leg leaves by the interface that
+    /// Cookies of the backend sockets connecting now: the egress program strips their SYNs.
+    syn_sockets: Mutex<HashMap<MapData, u64, u8>>,
+    /// Each configured interface's index and addresses: a leg leaves by the interface that
     /// holds its local address.
-    interfaces: Vec<(u32, Vec<Ipv4Addr>)>,
+    interfaces: Vec<(u32, Vec<IpAddr>)>,
     /// Detached (unpinned and closed) on drop.
     _links: Vec<attach::TcLink>,
     /// FLOWS' pin, for bpftool; removed on drop.
@@ -55,8 +59,8 @@ pub struct TcCounters {
     pub handed_off: AtomicU64,
     /// Attempts given up because a byte moved during the hand-off (retried later).
     pub retried: AtomicU64,
-    /// Sessions that stay on the sockmap path: IPv6.
-    pub ipv6: AtomicU64,
+    /// Sessions that stay on the sockmap path: one leg IPv4, the other IPv6.
+    pub mixed_family: AtomicU64,
     /// Sessions that stay on the sockmap path: options that do not match (timestamps or SACK
     /// negotiated, window scales or MSS differing between the legs), or a leg's interface is
     /// not one the programs are attached to.
@@ -70,7 +74,7 @@ impl TcCounters {
         [
             self.handed_off.load(Ordering::Relaxed),
             self.retried.load(Ordering::Relaxed),
-            self.ipv6.load(Ordering::Relaxed),
+            self.mixed_family.load(Ordering::Relaxed),
             self.mismatched.load(Ordering::Relaxed),
         ]
     }
@@ -78,14 +82,14 @@ impl TcCounters {
 
 impl TcPath {
     /// Attaches both programs of `ebpf` to every interface in `interfaces` (tcx, links pinned
-    /// under `pin_dir` and replacing what a crashed run left there) and tells them which SYNs
-    /// to strip: to `listener_ports` arriving, to `backend_ports` leaving.
+    /// under `pin_dir` and replacing what a crashed run left there) and tells them which
+    /// arriving SYNs to strip: those to `listener_ports` (the leaving ones are registered per
+    /// socket by [`TcPath::connect`]).
     pub fn attach(
         ebpf: &mut Ebpf,
         pin_dir: &Path,
         interfaces: &[String],
         listener_ports: &[u16],
-        backend_ports: &[u16],
     ) -> Result<Self, LoadError> {
         let flows_pin = pin_dir.join(MAP_FLOWS);
         let _ = std::fs::remove_file(&flows_pin);
@@ -97,21 +101,17 @@ impl TcPath {
                 msg: e.to_string(),
             })?;
         let flows: HashMap<MapData, FlowKey, FlowEntry> = take(ebpf, MAP_FLOWS)?;
+        let syn_sockets: HashMap<MapData, u64, u8> = take(ebpf, MAP_SYN_SOCKETS)?;
         let mut syn_ports: HashMap<MapData, u16, u8> = take(ebpf, MAP_SYN_PORTS)?;
-        for (ports, kind) in [
-            (listener_ports, SYN_TO_LISTENER),
-            (backend_ports, SYN_TO_BACKEND),
-        ] {
-            for port in ports {
-                syn_ports
-                    .insert(port, kind, 0)
-                    .map_err(|e| LoadError::Map(MAP_SYN_PORTS, e))?;
-            }
+        for port in listener_ports {
+            syn_ports
+                .insert(port, SYN_TO_LISTENER, 0)
+                .map_err(|e| LoadError::Map(MAP_SYN_PORTS, e))?;
         }
         let links = attach::attach_all(ebpf, pin_dir, interfaces)?;
         let interfaces = interfaces
             .iter()
-            .map(|name| (attach::ifindex(name).unwrap_or(0), ipv4_addresses(name)))
+            .map(|name| (attach::ifindex(name).unwrap_or(0), addresses(name)))
             .collect();
         info!(
             ?interfaces,
@@ -119,6 +119,7 @@ impl TcPath {
         );
         Ok(Self {
             flows: Mutex::new(flows),
+            syn_sockets: Mutex::new(syn_sockets),
             interfaces,
             _links: links,
             flows_pin,
@@ -126,8 +127,21 @@ impl TcPath {
         })
     }
 
+    /// Connects a backend socket whose SYN the egress program strips of timestamps and SACK:
+    /// its cookie is in SYN_SOCKETS while it connects (retransmitted SYNs included). Matching
+    /// the socket rather than the server's port leaves other local clients of that port alone;
+    /// a cookie rather than SO_MARK leaves routing and netfilter, which may act on marks, alone.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        let _connecting = Connecting::register(self, super::sockopt::cookie(&socket)?);
+        socket.connect(addr).await
+    }
+
     /// The configured interface that holds `addr`.
-    fn interface_of(&self, addr: Ipv4Addr) -> Option<u32> {
+    fn interface_of(&self, addr: IpAddr) -> Option<u32> {
         self.interfaces
             .iter()
             .find(|(_, addrs)| addrs.contains(&addr))
@@ -135,18 +149,52 @@ impl TcPath {
     }
 }
 
+/// A backend socket's cookie in SYN_SOCKETS, removed when the connect ends (or is cancelled).
+struct Connecting<'a> {
+    tc: &'a TcPath,
+    cookie: Option<u64>,
+}
+
+impl<'a> Connecting<'a> {
+    fn register(tc: &'a TcPath, cookie: u64) -> Self {
+        let mut sockets = tc.syn_sockets.lock().expect("syn sockets lock");
+        let cookie = match sockets.insert(cookie, 0, 0) {
+            Ok(()) => Some(cookie),
+            Err(e) => {
+                // The SYN keeps its options; the session will stay on the sockmap (counted).
+                debug!("registering a backend connect in {MAP_SYN_SOCKETS}: {e}");
+                None
+            }
+        };
+        Self { tc, cookie }
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        if let Some(cookie) = self.cookie {
+            let _ = self
+                .tc
+                .syn_sockets
+                .lock()
+                .expect("syn sockets lock")
+                .remove(&cookie);
+        }
+    }
+}
+
 impl Drop for TcPath {
     fn drop(&mut self) {
-        let [handed_off, retried, ipv6, mismatched] = self.counters.snapshot();
+        let [handed_off, retried, mixed_family, mismatched] = self.counters.snapshot();
         // A target of its own, so a run at `warn` can still ask for this line
         // (PATROXY_LOG=warn,patroxy_tc=info: the bench does).
         info!(
             target: "patroxy_tc",
             handed_off,
             retried,
-            ipv6,
+            mixed_family,
             mismatched,
-            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv6, options)"
+            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options)"
         );
         let _ = std::fs::remove_file(&self.flows_pin);
     }
@@ -160,8 +208,8 @@ where
     T::try_from(map).map_err(|e| LoadError::Map(name, e))
 }
 
-/// The IPv4 addresses of interface `name` (getifaddrs).
-fn ipv4_addresses(name: &str) -> Vec<Ipv4Addr> {
+/// The IPv4 and IPv6 addresses of interface `name` (getifaddrs).
+fn addresses(name: &str) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list`, freed below; each entry's pointers are valid until then.
@@ -173,11 +221,19 @@ fn ipv4_addresses(name: &str) -> Vec<Ipv4Addr> {
         while !cur.is_null() {
             let ifa = &*cur;
             if !ifa.ifa_addr.is_null()
-                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
                 && std::ffi::CStr::from_ptr(ifa.ifa_name).to_bytes() == name.as_bytes()
             {
-                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        out.push(Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
+                    }
+                    _ => {}
+                }
             }
             cur = ifa.ifa_next;
         }

@@ -2,11 +2,7 @@
 //! pinned FLOWS map (a handle of their own, like [`OpenSessions`](crate::dataplane::maps::OpenSessions)):
 //! what each handed-off session forwarded since its hand-off, and when. Its SESSIONS entries
 //! stay while the flow lives, frozen at the hand-off, so a session's bytes are the two summed.
-use std::{
-    collections::HashMap,
-    net::{SocketAddr, SocketAddrV4},
-    path::Path,
-};
+use std::{collections::HashMap, path::Path};
 
 use aya::maps::MapError;
 use patroxy_common::{
@@ -14,7 +10,7 @@ use patroxy_common::{
     tc::{FLOW_ACTIVE, FlowEntry, FlowKey},
 };
 
-use super::MAP_FLOWS;
+use super::{MAP_FLOWS, handoff::key as flow_key};
 use crate::dataplane::{
     maps::{LiveBytes, open_pinned},
     sock_diag::SocketEnds,
@@ -61,8 +57,8 @@ impl OpenFlows {
     pub fn of_session(&self, client: &SocketEnds, backend: &SocketEnds) -> Option<SessionFlows> {
         // Each direction is keyed as its packets arrive at the proxy: from the peer to the
         // proxy's socket.
-        let to_server = self.0.get(&flow_key(client.remote, client.local)?)?;
-        let to_client = self.0.get(&flow_key(backend.remote, backend.local)?)?;
+        let to_server = self.0.get(&flow_key(client.remote, client.local))?;
+        let to_client = self.0.get(&flow_key(backend.remote, backend.local))?;
         Some(SessionFlows {
             bytes_from_client: to_server.bytes,
             bytes_from_server: to_client.bytes,
@@ -82,28 +78,6 @@ impl OpenFlows {
             }
         }
         out
-    }
-}
-
-/// FLOWS' key of the packets from `from` to `to`: the one place outside the hand-off that
-/// builds it from addresses. IPv4 only, like the flows themselves.
-fn flow_key(from: SocketAddr, to: SocketAddr) -> Option<FlowKey> {
-    let (from, to) = (v4(from)?, v4(to)?);
-    Some(FlowKey {
-        saddr: u32::from_ne_bytes(from.ip().octets()),
-        daddr: u32::from_ne_bytes(to.ip().octets()),
-        sport: from.port().to_be(),
-        dport: to.port().to_be(),
-    })
-}
-
-fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
-    match a {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, a.port())),
     }
 }
 
@@ -136,11 +110,11 @@ mod tests {
         let key = |from: &str, to: &str| flow_key(from.parse().unwrap(), to.parse().unwrap());
         let flows = OpenFlows(HashMap::from([
             (
-                key("10.0.1.2:40000", "10.0.1.1:5432").unwrap(),
+                key("10.0.1.2:40000", "10.0.1.1:5432"),
                 entry(SIDE_CLIENT, 100, 7),
             ),
             (
-                key("10.0.2.2:5433", "10.0.2.1:50000").unwrap(),
+                key("10.0.2.2:5433", "10.0.2.1:50000"),
                 entry(SIDE_BACKEND, 2000, 9),
             ),
         ]));
@@ -157,7 +131,26 @@ mod tests {
         // Another client on the same listener has no flows.
         let other = ends("10.0.1.1:5432", "10.0.1.2:40001");
         assert_eq!(flows.of_session(&other, &backend), None);
-        let v6 = ends("[fd00::1]:5432", "[fd00::2]:40000");
-        assert_eq!(flows.of_session(&v6, &backend), None);
+        // An IPv6 session's flows are keyed by its IPv6 addresses.
+        let v6_client = ends("[fd00::1]:5432", "[fd00::2]:40000");
+        let v6_backend = ends("[fd00:1::1]:50000", "[fd00:1::2]:5432");
+        assert_eq!(flows.of_session(&v6_client, &v6_backend), None);
+        let mut flows = flows;
+        flows.0.insert(
+            key("[fd00::2]:40000", "[fd00::1]:5432"),
+            entry(SIDE_CLIENT, 5, 1),
+        );
+        flows.0.insert(
+            key("[fd00:1::2]:5432", "[fd00:1::1]:50000"),
+            entry(SIDE_BACKEND, 6, 2),
+        );
+        assert_eq!(
+            flows.of_session(&v6_client, &v6_backend),
+            Some(SessionFlows {
+                bytes_from_client: 5,
+                bytes_from_server: 6,
+                last_ns: 2,
+            })
+        );
     }
 }

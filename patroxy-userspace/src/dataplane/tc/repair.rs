@@ -2,7 +2,7 @@
 //! CAP_NET_ADMIN, which is why `datapath = "tc"` keeps it after start-up (privileges.rs).
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
 };
 
@@ -128,15 +128,15 @@ pub(super) fn quiet(fd: &impl AsFd) -> io::Result<()> {
 /// tracked by the TC program; `rcv_nxt`), then closed with linger 0, sends the RST the peer
 /// accepts (RFC 5961 wants the exact next sequence number).
 pub(super) fn reset_peer(
-    local: SocketAddrV4,
-    peer: SocketAddrV4,
+    local: SocketAddr,
+    peer: SocketAddr,
     snd_nxt: u32,
     rcv_nxt: u32,
 ) -> io::Result<()> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let socket = Socket::new(Domain::for_address(local), Type::STREAM, None)?;
     enter(&socket)?;
     // SK_FORCE_REUSE in repair mode lets it take the local port (the flow's own socket is gone).
-    socket.bind(&SocketAddr::V4(local).into())?;
+    socket.bind(&local.into())?;
     let set_seq = |queue, seq: u32| {
         setsockopt_int(&socket, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, queue)?;
         setsockopt_int(
@@ -149,7 +149,7 @@ pub(super) fn reset_peer(
     set_seq(TCP_SEND_QUEUE, snd_nxt)?;
     set_seq(TCP_RECV_QUEUE, rcv_nxt)?;
     // In repair mode connect() sends no SYN: the socket is established at once.
-    socket.connect(&SocketAddr::V4(peer).into())?;
+    socket.connect(&peer.into())?;
     leave(&socket)?;
     socket.set_linger(Some(std::time::Duration::ZERO))?;
     drop(socket);

@@ -1,0 +1,836 @@
+//! The packet-level splice (`datapath = "tc"`) over IPv6, and the SYN option stripping kept to
+//! patroxy's own connections.
+//!
+//! Two hosts, each a network namespace joined to this one by a veth pair, each end with an IPv4
+//! and an IPv6 address; patroxy runs here with the TC programs on the two host-side veths:
+//! - `pxv-cli` 10.219.1.2 / fd00:219:1::2, the client host (its veth here: `pxvc0`, 10.219.1.1 /
+//!   fd00:219:1::1, the listeners);
+//! - `pxv-srv` 10.219.2.2 / fd00:219:2::2, the server host (its veth here: `pxvs0`, 10.219.2.1 /
+//!   fd00:219:2::1).
+//!
+//! Both namespaces keep the kernel's defaults (timestamps, SACK and window scaling on). Everything
+//! is named `pxv*`, removed at the start of each test and when it ends; the tests share the names
+//! and run one at a time (`LAB`).
+use std::{
+    io::{self, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use patroxy_tests::{
+    backend::{Fnv, pattern},
+    config::{
+        Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
+        ServerConfig,
+    },
+    daemon::{Patroxy, bpftool_dump},
+    netns,
+    ports::free_tcp_port,
+    process::{patroxy_bin, require_root},
+};
+
+static LAB: Mutex<()> = Mutex::new(());
+
+const NS_CLIENT: &str = "pxv-cli";
+const NS_SERVER: &str = "pxv-srv";
+const VETH_CLIENT: &str = "pxvc0";
+const VETH_SERVER: &str = "pxvs0";
+const LISTEN4: Ipv4Addr = Ipv4Addr::new(10, 219, 1, 1);
+const LISTEN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 1, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 1, 0, 0, 0, 0, 2);
+const SERVER4: Ipv4Addr = Ipv4Addr::new(10, 219, 2, 2);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 2, 0, 0, 0, 0, 2);
+const HANDED_OFF: &str = "session handed to the TC program";
+
+/// The two hosts, removed when the test ends, however it ends.
+struct Lab {
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let turn = LAB.lock().unwrap_or_else(|e| e.into_inner());
+        remove();
+        netns::add(NS_CLIENT).expect("client namespace");
+        netns::add(NS_SERVER).expect("server namespace");
+        for (host, peer, ns, net) in [
+            (VETH_CLIENT, "pxvc1", NS_CLIENT, 1),
+            (VETH_SERVER, "pxvs1", NS_SERVER, 2),
+        ] {
+            netns::veth(
+                None,
+                host,
+                &format!("10.219.{net}.1/24"),
+                ns,
+                peer,
+                &format!("10.219.{net}.2/24"),
+            )
+            .expect("veth");
+            // nodad: usable at once (duplicate address detection would hold them for ~2 s).
+            netns::ip(&[
+                "addr",
+                "add",
+                &format!("fd00:219:{net}::1/64"),
+                "dev",
+                host,
+                "nodad",
+            ])
+            .expect("host IPv6 address");
+            netns::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("fd00:219:{net}::2/64"),
+                "dev",
+                peer,
+                "nodad",
+            ])
+            .expect("namespace IPv6 address");
+            full_checksums(ns, peer);
+        }
+        Lab { _turn: turn }
+    }
+}
+
+/// Checksum offload off at a host's end: its packets leave with complete checksums, and what
+/// arrives is verified, as between real hosts (veth otherwise passes CHECKSUM_PARTIAL packets
+/// and trusts them unchecked, so a wrong incremental update by the program would go unseen).
+fn full_checksums(ns: &str, dev: &str) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "rx", "off",
+        ])
+        .output()
+        .expect("run ethtool");
+    assert!(
+        out.status.success(),
+        "ethtool -K {dev} tx off rx off: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        remove();
+    }
+}
+
+fn remove() {
+    netns::remove(&[NS_CLIENT, NS_SERVER], &[VETH_CLIENT, VETH_SERVER]);
+}
+
+/// patroxy on both veths with one listener per `(listen address, server address)`: listener
+/// `l<i>` to server `s<i>`.
+fn config(pin: &std::path::Path, routes: &[(IpAddr, SocketAddr)]) -> ProxyConfig {
+    let mut config = ProxyConfig::new(Defaults::new(
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    ))
+    .data_path(Bpf::Required, pin)
+    .tc_splice(&[VETH_CLIENT, VETH_SERVER]);
+    for (i, (listen, server)) in routes.iter().enumerate() {
+        let name = format!("s{i}");
+        config = config
+            .server(ServerConfig::new(name.clone(), *server))
+            .listener(ListenerConfig::new(
+                format!("l{i}"),
+                SocketAddr::new(*listen, free_tcp_port()),
+                [name],
+            ));
+    }
+    config
+}
+
+/// How the test server ended one connection, and what it negotiated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Served {
+    peer: SocketAddr,
+    timestamps: bool,
+    ending: Ending,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Read EOF, answered "bye" and closed.
+    Eof,
+    /// Read failed with this kind (a reset).
+    Error(io::ErrorKind),
+    /// Reset it on the client's "RST!".
+    ResetSent,
+}
+
+/// A server in `pxv-srv` on both families ([::], dual-stack): echoes what it reads; on "FIN!"
+/// answers "ok" and half-closes; on "RST!" closes with RST; on EOF answers "bye" (if it still
+/// may) and closes.
+struct Server {
+    port: u16,
+    served: Arc<Mutex<Vec<Served>>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = netns::within(NS_SERVER, || TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)))
+            .expect("enter the server namespace")
+            .expect("bind the test server");
+        let port = listener.local_addr().unwrap().port();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let s = served.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let s = s.clone();
+                thread::spawn(move || {
+                    let peer = stream.peer_addr().unwrap();
+                    let timestamps = timestamps_negotiated(&stream);
+                    let ending = serve(stream);
+                    s.lock().unwrap().push(Served {
+                        peer: canonical(peer),
+                        timestamps,
+                        ending,
+                    });
+                });
+            }
+        });
+        Server { port, served }
+    }
+
+    fn addr4(&self) -> SocketAddr {
+        SocketAddr::from((SERVER4, self.port))
+    }
+
+    fn addr6(&self) -> SocketAddr {
+        SocketAddr::from((SERVER6, self.port))
+    }
+
+    fn wait_for(&self, n: usize) -> Vec<Served> {
+        self.wait_until(|s| s.len() >= n)
+    }
+
+    /// The connections served so far, once `done` says so (or after 10 s).
+    fn wait_until(&self, done: impl Fn(&[Served]) -> bool) -> Vec<Served> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let served = self.served.lock().unwrap().clone();
+            if done(&served) || Instant::now() >= deadline {
+                return served;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// An IPv4 peer of the dual-stack server arrives as ::ffff:a.b.c.d.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn serve(mut stream: TcpStream) -> Ending {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut write_closed = false;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => return Ending::Error(e.kind()),
+        };
+        if n == 0 {
+            if !write_closed {
+                let _ = stream.write_all(b"bye");
+            }
+            return Ending::Eof;
+        }
+        let reply = match &buf[..n] {
+            b"FIN!" => {
+                let _ = stream.write_all(b"ok");
+                let _ = stream.shutdown(Shutdown::Write);
+                write_closed = true;
+                continue;
+            }
+            b"RST!" => {
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                return Ending::ResetSent;
+            }
+            data => data,
+        };
+        if write_closed {
+            continue;
+        }
+        if let Err(e) = stream.write_all(reply) {
+            return Ending::Error(e.kind());
+        }
+    }
+}
+
+/// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
+fn timestamps_negotiated(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a tcp_info-sized out value with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO");
+    info.tcpi_options & 1 != 0
+}
+
+/// A client connection from `pxv-cli`.
+fn connect(to: SocketAddr) -> TcpStream {
+    netns::within(NS_CLIENT, move || TcpStream::connect(to))
+        .expect("enter the client namespace")
+        .expect("connect to patroxy")
+}
+
+/// Sends `data` and reads back as many bytes, writing on a thread of its own (a large echo
+/// would otherwise fill both directions' buffers).
+fn echo(stream: &TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.clone();
+    let w = thread::spawn(move || writer.write_all(&sent));
+    let mut got = vec![0u8; data.len()];
+    (&*stream).read_exact(&mut got).expect("read the echo");
+    w.join().unwrap().expect("send");
+    got
+}
+
+/// The log's `client=` value for `stream`'s end.
+fn client_field(stream: &TcpStream) -> String {
+    format!("client={}", canonical(stream.local_addr().unwrap()))
+}
+
+/// Waits for a log line with `what` about the client `stream` is.
+fn wait_line(proxy: &Patroxy, stream_client: &str, what: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(line) = proxy
+            .log()
+            .lines()
+            .find(|l| l.contains(what) && l.split_whitespace().any(|w| w == stream_client))
+        {
+            return Some(line.to_string());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn only_patroxys_own_syns_to_a_server_port_lose_their_options() {
+    if !require_root("only_patroxys_own_syns_to_a_server_port_lose_their_options") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-syn");
+    let config = config(&pin, &[(LISTEN4.into(), server.addr4())]);
+    let proxy = Patroxy::start("tcv-syn", &config);
+    let served_before = server.wait_for(0).len();
+
+    let proxied = connect(config.bind());
+    let hello = Arc::new(pattern(200, 1));
+    assert_eq!(echo(&proxied, hello.clone()), *hello);
+    assert!(
+        !timestamps_negotiated(&proxied),
+        "the listener's SYN-ACK carried timestamps"
+    );
+    // Both legs without the options: the session is handed off.
+    assert!(
+        wait_line(&proxy, &client_field(&proxied), HANDED_OFF).is_some(),
+        "{}",
+        proxy.log()
+    );
+    // Another client on the proxy's host, to the same server port, through the same veth.
+    let direct = TcpStream::connect(server.addr4()).expect("connect to the server directly");
+    assert_eq!(echo(&direct, hello.clone()), *hello);
+    assert!(
+        timestamps_negotiated(&direct),
+        "a local client that is not patroxy lost its timestamps to the egress program"
+    );
+    let direct_port = direct.local_addr().unwrap().port();
+    drop(direct);
+    proxied.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&proxied).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+
+    let served = server.wait_until(|s| {
+        s.len() >= served_before + 2 && s.iter().any(|s| s.peer.port() == direct_port)
+    });
+    let (ours, theirs): (Vec<_>, Vec<_>) = served[served_before..]
+        .iter()
+        .partition(|s| s.peer.port() != direct_port);
+    assert_eq!(theirs.len(), 1, "{served:?}");
+    assert!(theirs[0].timestamps, "{served:?}");
+    assert!(
+        ours.iter().all(|s| !s.timestamps),
+        "patroxy's backend connection negotiated timestamps: {served:?}"
+    );
+}
+
+fn field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sizes from 1 byte to 4 MiB, log-uniform.
+fn sizes(n: usize, mut seed: u64) -> Vec<usize> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let exp = (seed % 2200) as f64 / 100.0;
+            (2f64.powf(exp) as usize).clamp(1, 4 << 20)
+        })
+        .collect()
+}
+
+/// A session through `listener` whose first turn was echoed and which was handed off.
+fn handed_off_session(proxy: &Patroxy, listener: SocketAddr) -> TcpStream {
+    let stream = connect(listener);
+    let hello = Arc::new(pattern(200, 7));
+    assert_eq!(echo(&stream, hello.clone()), *hello);
+    assert!(
+        wait_line(proxy, &client_field(&stream), HANDED_OFF).is_some(),
+        "never handed off:\n{}",
+        proxy.log()
+    );
+    stream
+}
+
+/// The words of an IPv6 address as FLOWS holds them (bpftool prints each u32 as a number).
+fn flow_words(ip: Ipv6Addr) -> Vec<u64> {
+    ip.octets()
+        .chunks(4)
+        .map(|w| u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect()
+}
+
+/// Stops patroxy with SIGTERM and returns the hand-off counters its TC path logs on the way out.
+fn stop_and_count(proxy: &Patroxy) -> String {
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGTERM) };
+    assert!(
+        proxy.wait_for_log("packet-level splice detached", Duration::from_secs(10)),
+        "{}",
+        proxy.log()
+    );
+    proxy
+        .log()
+        .lines()
+        .find(|l| l.contains("packet-level splice detached"))
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn ipv6_sessions_are_handed_off_byte_exact_and_end_by_fin_and_rst() {
+    if !require_root("ipv6_sessions_are_handed_off_byte_exact_and_end_by_fin_and_rst") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-exact");
+    // l0: IPv6 to IPv6; l1: an IPv6 client to an IPv4 server.
+    let config = config(
+        &pin,
+        &[
+            (LISTEN6.into(), server.addr6()),
+            (LISTEN6.into(), server.addr4()),
+        ],
+    );
+    let proxy = Patroxy::start("tcv-exact", &config);
+    let (v6, mixed) = (config.listeners[0].bind, config.listeners[1].bind);
+
+    // Concurrent sessions up to 4 MiB a turn, each handed off, byte-exact before and after.
+    const SESSIONS: usize = 12;
+    const TURNS: usize = 3;
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect(v6);
+                let mut sent = 0u64;
+                let turns = std::iter::once(200).chain(sizes(TURNS, 0x6e37 + i as u64));
+                for (turn, size) in turns.enumerate() {
+                    let data = Arc::new(pattern(size, (i * TURNS + turn) as u64));
+                    let got = echo(&stream, data.clone());
+                    assert_eq!(got.len(), data.len(), "session {i} turn {turn}: length");
+                    assert!(
+                        Fnv::of(&got) == Fnv::of(&data),
+                        "session {i} turn {turn}: bytes differ"
+                    );
+                    sent += size as u64;
+                    // A quiet moment for the hand-off.
+                    thread::sleep(Duration::from_millis(150));
+                }
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                (&stream).read_to_end(&mut rest).unwrap();
+                assert_eq!(rest, b"bye", "session {i}: the server's last words");
+                (client_field(&stream), sent)
+            })
+        })
+        .collect();
+    for session in sessions {
+        let (client, sent) = session.join().unwrap();
+        assert!(
+            wait_line(&proxy, &client, HANDED_OFF).is_some(),
+            "{client} was never handed off:\n{}",
+            proxy.log()
+        );
+        let line = wait_line(&proxy, &client, "session closed").expect("a session closed line");
+        assert!(line.contains("session closed: client close"), "{line}");
+        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
+        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
+    }
+
+    // A live session's two flows carry IPv6 addresses: the client's, the server's.
+    let s = handed_off_session(&proxy, v6);
+    let flows = bpftool_dump(&pin, "FLOWS");
+    let flows = flows.as_array().expect("FLOWS entries");
+    assert_eq!(flows.len(), 2, "{flows:?}");
+    let saddrs: Vec<Vec<u64>> = flows
+        .iter()
+        .map(|f| {
+            f["key"]["saddr"]
+                .as_array()
+                .expect("an address array")
+                .iter()
+                .map(|w| w.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert!(saddrs.contains(&flow_words(CLIENT6)), "{flows:?}");
+    assert!(saddrs.contains(&flow_words(SERVER6)), "{flows:?}");
+
+    // The client half-closes first; the server's last words still arrive.
+    let after = Arc::new(pattern(100_000, 9));
+    assert_eq!(echo(&s, after.clone()), *after);
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let line = wait_line(&proxy, &client_field(&s), "session closed").expect("closed line");
+    assert!(line.contains("session closed: client close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(100_200), "{line}");
+    let mut served = SESSIONS + 1;
+    assert_eq!(server.wait_for(served)[served - 1].ending, Ending::Eof);
+
+    // The server half-closes first; the client may still send.
+    let s = handed_off_session(&proxy, v6);
+    (&s).write_all(b"FIN!").unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"ok");
+    (&s).write_all(b"late bytes").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let line = wait_line(&proxy, &client_field(&s), "session closed").expect("closed line");
+    assert!(line.contains("session closed: server close"), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(200 + 4 + 10), "{line}");
+    served += 1;
+    assert_eq!(server.wait_for(served)[served - 1].ending, Ending::Eof);
+
+    // The client resets: the server hears it.
+    let s = handed_off_session(&proxy, v6);
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let client = client_field(&s);
+    drop(s);
+    let line = wait_line(&proxy, &client, "session closed").expect("closed line");
+    assert!(line.contains("session closed: client reset"), "{line}");
+    served += 1;
+    assert_eq!(
+        server.wait_for(served)[served - 1].ending,
+        Ending::Error(io::ErrorKind::ConnectionReset)
+    );
+
+    // The server resets: the client hears it.
+    let s = handed_off_session(&proxy, v6);
+    (&s).write_all(b"RST!").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = (&s).read(&mut buf).expect_err("a reset");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    let line = wait_line(&proxy, &client_field(&s), "session closed").expect("closed line");
+    assert!(line.contains("session closed: server reset"), "{line}");
+    served += 1;
+    assert_eq!(
+        server.wait_for(served)[served - 1].ending,
+        Ending::ResetSent
+    );
+    assert!(
+        server.wait_for(served).iter().all(|s| !s.timestamps),
+        "a backend leg negotiated timestamps"
+    );
+
+    // An IPv6 client to an IPv4 server: byte-exact on the sockmap, never handed off, counted.
+    let s = connect(mixed);
+    let mut sent = 0;
+    for (turn, size) in [200usize, 300_000, 5000].into_iter().enumerate() {
+        let data = Arc::new(pattern(size, turn as u64));
+        assert!(
+            echo(&s, data.clone()) == *data,
+            "mixed session, turn {turn}"
+        );
+        sent += size as u64;
+        thread::sleep(Duration::from_millis(100));
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let client = client_field(&s);
+    let line = wait_line(&proxy, &client, "session closed").expect("closed line");
+    assert!(line.contains("path=\"sockmap\""), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("an IPv4 leg and an IPv6 leg") && l.contains(&client)),
+        "{log}"
+    );
+    assert!(wait_line(&proxy, &client, HANDED_OFF).is_none(), "{log}");
+    let counts = stop_and_count(&proxy);
+    assert_eq!(field(&counts, "mixed_family"), Some(1), "{counts}");
+    assert_eq!(
+        field(&counts, "handed_off"),
+        Some(SESSIONS as u64 + 4),
+        "{counts}"
+    );
+}
+
+#[test]
+fn mark_down_resets_both_ends_of_spliced_ipv6_sessions() {
+    if !require_root("mark_down_resets_both_ends_of_spliced_ipv6_sessions") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-markdown");
+    let socket = std::env::temp_dir().join(format!("pxv-ctl-{}.sock", std::process::id()));
+    let config = config(&pin, &[(LISTEN6.into(), server.addr6())])
+        .default_server(DefaultServer {
+            on_marked_down: Some(OnMarkedDown::ShutdownSessions),
+            ..DefaultServer::default()
+        })
+        .runtime(RuntimeConfig::new(&socket));
+    let proxy = Patroxy::start("tcv-markdown", &config);
+    const SESSIONS: usize = 10;
+    let sessions: Vec<TcpStream> = (0..SESSIONS)
+        .map(|_| handed_off_session(&proxy, config.bind()))
+        .collect();
+    // Traffic after the hand-off moves the sequence numbers the resets must carry.
+    for s in &sessions {
+        let data = Arc::new(pattern(30_000, 3));
+        assert!(echo(s, data.clone()) == *data);
+    }
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 16];
+                let result = (&s).read(&mut buf);
+                (Instant::now(), result.map_err(|e| e.kind()))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    let down = Instant::now();
+    let out = std::process::Command::new(patroxy_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["set", "state", "l0/s0", "maint"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = Duration::ZERO;
+    for r in readers {
+        let (at, result) = r.join().unwrap();
+        assert_eq!(result, Err(io::ErrorKind::ConnectionReset));
+        last = last.max(at - down);
+    }
+    eprintln!("IPv6 mark-down: last client reset {last:?} after the state change");
+    assert!(last < Duration::from_secs(2), "{last:?}");
+    let served = server.wait_for(SESSIONS);
+    assert_eq!(served.len(), SESSIONS);
+    assert!(
+        served
+            .iter()
+            .all(|s| s.ending == Ending::Error(io::ErrorKind::ConnectionReset)),
+        "{served:?}"
+    );
+    assert!(
+        proxy.wait_for_log_count(
+            "session closed: reset: server set to MAINT",
+            SESSIONS,
+            Duration::from_secs(5)
+        ),
+        "{}",
+        proxy.log()
+    );
+}
+
+/// The ones' complement sum of `data` (big-endian 16-bit words), folded.
+fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+/// A bare IPv4 ACK from `from` to `to`, checksums right, in a frame padded to Ethernet's 60-byte
+/// minimum as a NIC pads it.
+fn padded_ack(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, macs: [[u8; 6]; 2]) -> Vec<u8> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ip(), to.ip()) else {
+        panic!("IPv4 addresses");
+    };
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let csum = !(ones_sum(&ip, 0) as u16);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut tcp = Vec::new();
+    tcp.extend(from.port().to_be_bytes());
+    tcp.extend(to.port().to_be_bytes());
+    tcp.extend(seq.to_be_bytes());
+    tcp.extend(ack.to_be_bytes());
+    tcp.extend([5 << 4, 0x10, 0x01, 0x00, 0, 0, 0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend([0, 6, 0, 20]);
+    let csum = !(ones_sum(&tcp, ones_sum(&pseudo, 0)) as u16);
+    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend(macs[1]);
+    frame.extend(macs[0]);
+    frame.extend([0x08, 0x00]);
+    frame.extend(ip);
+    frame.extend(tcp);
+    frame.resize(60, 0);
+    frame
+}
+
+/// The MAC address of `dev` on this host.
+fn mac(dev: &str) -> [u8; 6] {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))
+        .expect("read the MAC address");
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    bytes.try_into().expect("a 6-byte MAC address")
+}
+
+/// Sends one raw Ethernet frame out of `dev` in namespace `ns`.
+fn send_frame(ns: &str, dev: &'static str, frame: Vec<u8>) {
+    netns::within(ns, move || {
+        let name = std::ffi::CString::new(dev).unwrap();
+        // SAFETY: plain socket calls with a sockaddr_ll of the right size.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+            let mut to: libc::sockaddr_ll = std::mem::zeroed();
+            to.sll_family = libc::AF_PACKET as u16;
+            to.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            to.sll_halen = 6;
+            to.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const to).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            libc::close(fd);
+            assert_eq!(sent, frame.len() as isize, "{}", io::Error::last_os_error());
+        }
+    })
+    .expect("enter the namespace");
+}
+
+/// The client->server flow's entry (`side` 0) as bpftool shows it.
+fn to_server_flow(pin: &std::path::Path) -> serde_json::Value {
+    let flows = bpftool_dump(pin, "FLOWS");
+    flows
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["value"]["side"] == 0))
+        .map(|f| f["value"].clone())
+        .unwrap_or_else(|| panic!("no client->server flow: {flows}"))
+}
+
+/// What the client expects next: the server->client flow's `next_seq` (already in the client's
+/// sequence space).
+fn seq_expected_by_client(pin: &std::path::Path) -> u32 {
+    let flows = bpftool_dump(pin, "FLOWS");
+    flows
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["value"]["side"] == 1))
+        .and_then(|f| f["value"]["next_seq"].as_u64())
+        .unwrap_or_else(|| panic!("no server->client flow: {flows}")) as u32
+}
+
+#[test]
+fn a_padded_bare_ack_counts_no_payload() {
+    if !require_root("a_padded_bare_ack_counts_no_payload") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tcv-pad");
+    let config = config(&pin, &[(LISTEN4.into(), server.addr4())]);
+    let proxy = Patroxy::start("tcv-pad", &config);
+    let s = handed_off_session(&proxy, config.bind());
+    let before = to_server_flow(&pin);
+    let as_u32 = |v: &serde_json::Value| v.as_u64().expect("a number") as u32;
+    // The client's own sequence numbers: what it sends next, what it expects next.
+    let seq = as_u32(&before["next_seq"]).wrapping_sub(as_u32(&before["seq_delta"]));
+    let ack = seq_expected_by_client(&pin);
+    let frame = padded_ack(
+        s.local_addr().unwrap(),
+        config.bind(),
+        seq,
+        ack,
+        // Any source address will do: the frame is judged by its IP and TCP headers.
+        [[0x02, 0, 0, 0x02, 0x19, 0x01], mac(VETH_CLIENT)],
+    );
+    send_frame(NS_CLIENT, "pxvc1", frame);
+    thread::sleep(Duration::from_millis(100));
+    let after = to_server_flow(&pin);
+    assert_ne!(
+        after["last_ns"], before["last_ns"],
+        "the program never saw the ACK"
+    );
+    assert_eq!(after["next_seq"], before["next_seq"], "{before} -> {after}");
+    assert_eq!(after["bytes"], before["bytes"], "{before} -> {after}");
+    // The session goes on, byte-exact.
+    let data = Arc::new(pattern(50_000, 5));
+    assert!(echo(&s, data.clone()) == *data);
+}
