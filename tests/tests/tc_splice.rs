@@ -23,13 +23,14 @@ use patroxy_tests::{
     backend::{Fnv, pattern},
     config::{
         Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
-        ServerConfig,
+        ServerConfig, StatsConfig,
     },
     daemon::Patroxy,
     netns,
     ports::free_tcp_port,
     postgres::{Postgres, PostgresOptions},
     process::{patroxy_bin, require_root},
+    stats_client::get_ok,
 };
 
 static LAB: Mutex<()> = Mutex::new(());
@@ -272,29 +273,33 @@ fn sizes(n: usize, mut seed: u64) -> Vec<usize> {
         .collect()
 }
 
-#[test]
-fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
-    if !require_root("quiet_sessions_are_handed_off_and_stay_byte_exact") {
-        return;
-    }
-    let _lab = Lab::new();
-    let server = Server::start();
-    let pin = Patroxy::unique_pin_path("tc-exact");
-    let config = config(&pin, server.port);
-    let proxy = Patroxy::start("tc-exact", &config);
-    let addr = config.bind();
-    const SESSIONS: usize = 30;
-    const TURNS: usize = 3;
-    let sessions: Vec<_> = (0..SESSIONS)
+/// `sessions` concurrent sessions of a 200-byte turn (a startup packet's size) and `turns`
+/// echoes of 1 B..`max_size` each, with quiet moments between them; every byte echoed exactly,
+/// every session handed off, its log line counting the session's bytes, and FLOWS empty after.
+fn byte_exact_sessions(
+    proxy: &Patroxy,
+    addr: SocketAddr,
+    sessions: usize,
+    turns: usize,
+    max_size: usize,
+) {
+    let started = Instant::now();
+    let threads: Vec<_> = (0..sessions)
         .map(|i| {
             thread::spawn(move || {
                 let stream = connect(addr);
+                // A stalled session fails the test rather than hang it.
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
                 let mut sent = 0u64;
                 // A PostgreSQL client's first message is small (a startup packet); more than
                 // 64 KiB before the backend connects would put the session on the fallback path.
-                let turns = std::iter::once(200).chain(sizes(TURNS, 0x9e37 + i as u64));
-                for (turn, size) in turns.enumerate() {
-                    let data = Arc::new(pattern(size, (i * TURNS + turn) as u64));
+                let sizes = sizes(turns, 0x9e37 + i as u64)
+                    .into_iter()
+                    .map(|n| n.min(max_size));
+                for (turn, size) in std::iter::once(200).chain(sizes).enumerate() {
+                    let data = Arc::new(pattern(size, (i * turns + turn) as u64));
                     let got = echo(&stream, data.clone());
                     assert_eq!(got.len(), data.len(), "session {i} turn {turn}: length");
                     assert!(
@@ -314,24 +319,156 @@ fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
             })
         })
         .collect();
-    let results: Vec<(u16, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
-    for (port, sent) in results {
-        assert!(
-            wait_handed_off(&proxy, port),
-            "client port {port} was never handed off:\n{}",
-            proxy.log()
-        );
-        let line = closed_line(&proxy, port).expect("a session closed line");
+    let results: Vec<(u16, u64)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!(
+        "{sessions} sessions of {turns} turns up to {max_size} B echoed in {:?}",
+        started.elapsed()
+    );
+    for &(port, sent) in &results {
+        let line = closed_line(proxy, port).expect("a session closed line");
         assert!(line.contains("session closed: client close"), "{line}");
         assert!(line.contains("path=\"sockmap+tc\""), "{line}");
         assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
         assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
     }
+    // Each hand-off was logged before its session closed. One read of the log for all.
+    let log = proxy.log();
+    for (port, _) in results {
+        let client = format!("client={}:{port}", Ipv4Addr::new(10, 218, 1, 2));
+        assert!(
+            log.lines()
+                .any(|l| l.contains(HANDED_OFF) && l.contains(&client)),
+            "client port {port} was never handed off:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
+    if !require_root("quiet_sessions_are_handed_off_and_stay_byte_exact") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-exact");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-exact", &config);
+    const SESSIONS: usize = 200;
+    byte_exact_sessions(&proxy, config.bind(), SESSIONS, 3, 8 << 20);
     assert_eq!(server.wait_for_endings(SESSIONS).len(), SESSIONS);
     assert!(server.endings().iter().all(|e| *e == Ending::Eof));
     // The flows are gone with their sessions.
     let flows = patroxy_tests::daemon::bpftool_dump(&pin, "FLOWS");
     assert_eq!(flows.as_array().map(Vec::len), Some(0), "{flows}");
+}
+
+/// Runs `program` with `args` in namespace `ns`, `stdin` on its standard input.
+fn run_in(ns: &str, program: &str, args: &[&str], stdin: &str) {
+    let mut cmd = std::process::Command::new(program);
+    netns::enter(&mut cmd, ns)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{program}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Host `ns` (its veth `dev`) loses 1 % of the TCP segments it sends and of those it receives,
+/// and holds back 3 % of those it sends in a slow HTB class, so later ones overtake them. This
+/// kernel has no netem (CONFIG_NET_SCH_NETEM is off): nftables' random numbers drop and pick
+/// (`meta priority` names the HTB class). SYNs are spared, so connecting costs no 1 s timeout.
+fn impair(ns: &str, dev: &str) {
+    run_in(
+        ns,
+        "nft",
+        &["-f", "-"],
+        "table inet pxs_impair {
+           chain out {
+             type filter hook output priority 0;
+             tcp flags & syn == 0 numgen random mod 100 < 1 counter drop
+             tcp flags & syn == 0 numgen random mod 100 < 3 counter meta priority set 1:20
+           }
+           chain in {
+             type filter hook input priority 0;
+             tcp flags & syn == 0 numgen random mod 100 < 1 counter drop
+           }
+         }",
+    );
+    run_in(
+        ns,
+        "tc",
+        &["-batch", "-"],
+        &format!(
+            "qdisc add dev {dev} root handle 1: htb default 10\n\
+         class add dev {dev} parent 1: classid 1:10 htb rate 10gbit\n\
+         class add dev {dev} parent 1: classid 1:20 htb rate 100mbit\n"
+        ),
+    );
+}
+
+/// The packets [`impair`] dropped and held back in namespace `ns` (its rules' counters).
+fn impaired(ns: &str) -> (u64, u64) {
+    let mut cmd = std::process::Command::new("nft");
+    let out = netns::enter(&mut cmd, ns)
+        .args(["list", "table", "inet", "pxs_impair"])
+        .output()
+        .expect("run nft");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let packets = |l: &str| {
+        let at = l.find("counter packets ")? + "counter packets ".len();
+        l[at..].split_whitespace().next()?.parse::<u64>().ok()
+    };
+    let sum = |pick: &dyn Fn(&str) -> bool| {
+        text.lines()
+            .filter(|l| pick(l))
+            .filter_map(packets)
+            .sum::<u64>()
+    };
+    (
+        sum(&|l| l.contains("drop")),
+        sum(&|l| l.contains("priority set")),
+    )
+}
+
+#[test]
+fn sessions_stay_byte_exact_with_loss_and_reordering() {
+    if !require_root("sessions_stay_byte_exact_with_loss_and_reordering") {
+        return;
+    }
+    let _lab = Lab::new();
+    // Lost segments are sent again and held-back ones arrive late: retransmissions and
+    // out-of-order segments cross the program both ways. SACK is kept out of the connections
+    // patroxy splices, so it is not exercised here.
+    impair(NS_CLIENT, "pxsc1");
+    impair(NS_SERVER, "pxss1");
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-netem");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-netem", &config);
+    const SESSIONS: usize = 60;
+    byte_exact_sessions(&proxy, config.bind(), SESSIONS, 3, 8 << 20);
+    assert_eq!(server.wait_for_endings(SESSIONS).len(), SESSIONS);
+    assert!(server.endings().iter().all(|e| *e == Ending::Eof));
+    for ns in [NS_CLIENT, NS_SERVER] {
+        let (dropped, held_back) = impaired(ns);
+        eprintln!("{ns}: {dropped} packets dropped, {held_back} held back");
+        assert!(
+            dropped > 0 && held_back > 0,
+            "{ns}: the impairment did nothing"
+        );
+    }
 }
 
 /// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
@@ -434,6 +571,104 @@ fn fin_and_rst_each_way_end_a_spliced_session() {
     assert_eq!(server.wait_for_endings(4)[3], Ending::ResetSent);
 }
 
+/// `patroxy ARGS`'s standard output as JSON, asserting it succeeded.
+fn patroxy_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = std::process::Command::new(patroxy_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "patroxy {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_handed_off_session_shows_in_the_stats_and_sessions_with_its_path_and_bytes() {
+    if !require_root("a_handed_off_session_shows_in_the_stats_and_sessions_with_its_path_and_bytes")
+    {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-stats");
+    let socket = std::env::temp_dir().join(format!("pxs-stats-{}.sock", std::process::id()));
+    let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
+    let config = config(&pin, server.port)
+        .stats(StatsConfig::new(stats))
+        .runtime(RuntimeConfig::new(&socket));
+    let proxy = Patroxy::start("tc-stats", &config);
+    let s = handed_off_session(&proxy, config.bind());
+    let client = s.local_addr().unwrap().to_string();
+    // Bytes after the hand-off are the TC program's to count.
+    let after = Arc::new(pattern(100_000, 5));
+    assert!(echo(&s, after.clone()) == *after);
+    let total = 100_200;
+    let row_of = |rows: serde_json::Value| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["client_addr"] == client)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {client}: {rows}"))
+    };
+    // The runtime socket's `show sessions` and `patroxy sessions` read the same rows.
+    let by_ctl = row_of(patroxy_json(&[
+        "ctl".as_ref(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "show".as_ref(),
+        "sessions".as_ref(),
+        "--json".as_ref(),
+    ]));
+    let by_cli = row_of(patroxy_json(&[
+        "sessions".as_ref(),
+        "--json".as_ref(),
+        "--pin-path".as_ref(),
+        pin.as_os_str(),
+    ]));
+    for row in [&by_ctl, &by_cli] {
+        assert_eq!(row["path"], "sockmap+tc", "{row}");
+        assert_eq!(row["bytes_in"], total, "{row}");
+        assert_eq!(row["bytes_out"], total, "{row}");
+        // Last activity from the program: the echo just now, not the hand-off.
+        assert!(row["idle_secs"].as_f64().unwrap() < 1.0, "{row}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&get_ok(stats, "/;json")).unwrap();
+    assert_eq!(json["data_path"], "sockmap+tc");
+    assert_eq!(json["tc"]["handed_off"], 1, "{json}");
+    assert_eq!(json["tc"]["carried"], 1, "{json}");
+    let pg = &json["listeners"][0]["servers"][0];
+    assert_eq!(pg["scur"], 1, "{pg}");
+    assert_eq!(pg["bin"], total, "{pg}");
+    assert_eq!(pg["bout"], total, "{pg}");
+    let metrics = get_ok(stats, "/metrics");
+    for line in [
+        "patroxy_tc_sessions_handed_off_total 1",
+        "patroxy_tc_sessions_carried 1",
+        &format!("patroxy_server_bytes_in_total{{proxy=\"l\",server=\"pg\"}} {total}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    let page = get_ok(stats, "/");
+    assert!(
+        page.contains("packet-level splice <b>1</b> now, <b>1</b> handed off"),
+        "{page}"
+    );
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&s).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    closed_line(&proxy, local_port(&s)).expect("closed line");
+    let json: serde_json::Value = serde_json::from_str(&get_ok(stats, "/;json")).unwrap();
+    assert_eq!(json["tc"]["carried"], 0, "{json}");
+    let pg = &json["listeners"][0]["servers"][0];
+    assert_eq!(pg["bin"], total, "{pg}");
+    assert_eq!(pg["bout"], total + 3, "{pg}");
+}
+
 #[test]
 fn a_client_with_another_window_scale_stays_on_the_sockmap() {
     if !require_root("a_client_with_another_window_scale_stays_on_the_sockmap") {
@@ -488,18 +723,31 @@ fn mark_down_resets_both_ends_of_spliced_sessions() {
     let server = Server::start();
     let pin = Patroxy::unique_pin_path("tc-markdown");
     let socket = std::env::temp_dir().join(format!("pxs-ctl-{}.sock", std::process::id()));
-    let config = config(&pin, server.port)
+    let mut config = config(&pin, server.port)
         .default_server(DefaultServer {
             on_marked_down: Some(OnMarkedDown::ShutdownSessions),
             ..DefaultServer::default()
         })
         .runtime(RuntimeConfig::new(&socket));
+    // One client host: every session's closing line counts against its address's rate.
+    config.global.session_log_rate = Some(10_000);
     let proxy = Patroxy::start("tc-markdown", &config);
     let addr = config.bind();
-    const SESSIONS: usize = 20;
+    const SESSIONS: usize = 1000;
+    let hello = Arc::new(pattern(200, 7));
     let sessions: Vec<TcpStream> = (0..SESSIONS)
-        .map(|_| handed_off_session(&proxy, addr))
+        .map(|_| {
+            let s = connect(addr);
+            assert!(echo(&s, hello.clone()) == *hello);
+            s
+        })
         .collect();
+    assert!(
+        proxy.wait_for_log_count(HANDED_OFF, SESSIONS, Duration::from_secs(20)),
+        "{} of {SESSIONS} handed off:\n{}",
+        proxy.count_log(HANDED_OFF),
+        proxy.log()
+    );
     // Traffic after the hand-off moves the sequence numbers the resets must carry.
     for s in &sessions {
         let data = Arc::new(pattern(30_000, 3));
@@ -599,6 +847,164 @@ fn psql_through_the_packet_level_splice() {
     );
     assert_eq!(proxy.count_log(HANDED_OFF), 1, "{}", proxy.log());
     assert!(proxy.wait_for_log("session closed: client close", Duration::from_secs(5)));
+}
+
+#[test]
+fn pgbench_and_copy_through_the_packet_level_splice() {
+    if !require_root("pgbench_and_copy_through_the_packet_level_splice") {
+        return;
+    }
+    let _lab = Lab::new();
+    let pg = Postgres::start(PostgresOptions::default().trust().in_netns(
+        NS_SERVER,
+        SERVER,
+        "10.218.2.0/24",
+    ));
+    let pin = Patroxy::unique_pin_path("tc-pgbench");
+    let config = config(&pin, pg.port());
+    let proxy = Patroxy::start("tc-pgbench", &config);
+    let port = config.bind().port();
+    let in_client_ns = |tool: &str, args: &[&str]| {
+        let mut cmd = pg.client(tool, port);
+        netns::enter(&mut cmd, NS_CLIENT)
+            .args(["-h", &LISTEN.to_string()])
+            .args(args);
+        let out = cmd.output().expect("run a PostgreSQL client");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            proxy.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // COPY FROM and TO in one session handed off during the pause before them: 100,000 rows
+    // (about 7 MB) each way through the TC program, compared row for row.
+    let dir = std::env::temp_dir().join(format!("pxs-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (source, back) = (dir.join("in.csv"), dir.join("out.csv"));
+    let rows: String = (0..100_000)
+        .map(|i| format!("{i},{}\n", "x".repeat(i % 97 + 1)))
+        .collect();
+    std::fs::write(&source, &rows).unwrap();
+    let out = in_client_ns(
+        "psql",
+        &[
+            "-X",
+            "-At",
+            "-c",
+            "CREATE TABLE copied (i int, s text)",
+            "-c",
+            "SELECT pg_sleep(0.3)",
+            "-c",
+            &format!("\\copy copied FROM '{}' (FORMAT csv)", source.display()),
+            "-c",
+            "SELECT count(*), sum(i), sum(length(s)) FROM copied",
+            "-c",
+            // In the order written: a heap table may place rows elsewhere.
+            &format!(
+                "\\copy (SELECT * FROM copied ORDER BY i) TO '{}' (FORMAT csv)",
+                back.display()
+            ),
+        ],
+    );
+    let total_len: usize = (0..100_000).map(|i| i % 97 + 1).sum();
+    assert!(
+        out.contains(&format!("100000|4999950000|{total_len}")),
+        "{out}"
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == rows.as_bytes(),
+        "COPY TO differs"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(proxy.count_log(HANDED_OFF), 1, "{}", proxy.log());
+
+    // pgbench's own COPY (its initialization), then 4 clients at 10 transactions a second
+    // each: pauses longer than the delayed ACK (40 ms) of each answer let every session be
+    // handed off (at 100 a second, 2 of 4 were in one run: the answer stays unacknowledged
+    // until the next query comes, so the session is seldom quiet). pgbench's first, short
+    // connection (it reads the scale) may be handed off too.
+    in_client_ns("pgbench", &["-i", "-q", "-s", "1"]);
+    let before = proxy.count_log(HANDED_OFF);
+    let out = in_client_ns(
+        "pgbench",
+        &["-S", "-c", "4", "-j", "2", "-T", "1", "-R", "40"],
+    );
+    let bench_handed_off = proxy.count_log(HANDED_OFF) - before;
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    assert!(
+        (4..=5).contains(&bench_handed_off),
+        "{bench_handed_off} sessions handed off\n{out}\n{}",
+        proxy.log()
+    );
+    // At full speed a pgbench session is seldom quiet: correct results, however many were
+    // handed off.
+    let before = proxy.count_log(HANDED_OFF);
+    let out = in_client_ns("pgbench", &["-S", "-c", "4", "-j", "2", "-T", "1"]);
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    eprintln!(
+        "pgbench -S at full speed: {} of 4 sessions handed off",
+        proxy.count_log(HANDED_OFF) - before
+    );
+    let accounts = in_client_ns(
+        "psql",
+        &["-X", "-At", "-c", "SELECT count(*) FROM pgbench_accounts"],
+    );
+    assert_eq!(accounts.trim(), "100000");
+}
+
+#[test]
+fn maxconn_is_held_until_a_handed_off_flow_ends() {
+    if !require_root("maxconn_is_held_until_a_handed_off_flow_ends") {
+        return;
+    }
+    let _lab = Lab::new();
+    let server = Server::start();
+    let pin = Patroxy::unique_pin_path("tc-maxconn");
+    let mut config = config(&pin, server.port);
+    config.servers[0].maxconn = Some(1);
+    config.defaults.timeout_queue = Some(Duration::from_secs(10));
+    let proxy = Patroxy::start("tc-maxconn", &config);
+    let addr = config.bind();
+    let first = handed_off_session(&proxy, addr);
+    // The server's one slot is the handed-off session's: the next client waits in the queue.
+    let second = connect(addr);
+    let hello = pattern(200, 11);
+    (&second).write_all(&hello).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut got = vec![0u8; hello.len()];
+    let err = (&second)
+        .read_exact(&mut got)
+        .expect_err("served while the slot was held");
+    assert!(
+        matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    // The flow ends: the slot is free, and the queued client is served.
+    first.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&first).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    (&second)
+        .read_exact(&mut got)
+        .expect("served once the flow ended");
+    assert!(got == hello);
+    assert!(
+        wait_handed_off(&proxy, local_port(&second)),
+        "{}",
+        proxy.log()
+    );
 }
 
 #[test]

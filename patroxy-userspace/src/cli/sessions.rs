@@ -1,4 +1,5 @@
-//! `patroxy sessions`: the open sockmap sessions, from the pinned SESSIONS map.
+//! `patroxy sessions`: the open sockmap sessions, from the pinned SESSIONS map (and FLOWS, for
+//! those handed to the packet-level splice).
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -8,6 +9,7 @@ use patroxy::{
         maps::{MAP_BACKENDS, MAP_SESSIONS, OpenSessions, open_pinned},
         sock_diag,
         sockopt::monotonic_ns,
+        tc::{MAP_FLOWS, OpenFlows},
     },
     stats::sessions::{self, BackendNames},
 };
@@ -23,6 +25,8 @@ pub fn run(pin_dir: &Path, config: Option<&Config>, json: bool) -> anyhow::Resul
             pin_dir.join(MAP_SESSIONS).display()
         )
     })?;
+    let flows = OpenFlows::read(pin_dir)
+        .with_context(|| format!("opening {}", pin_dir.join(MAP_FLOWS).display()))?;
     let sockets = sock_diag::tcp_sockets().context("reading the sockets' addresses (sock_diag)")?;
     let names = match config {
         Some(config) => {
@@ -32,7 +36,7 @@ pub fn run(pin_dir: &Path, config: Option<&Config>, json: bool) -> anyhow::Resul
         }
         None => BackendNames::default(),
     };
-    let rows = sessions::rows(&open, &sockets, &names, monotonic_ns());
+    let rows = sessions::rows(&open, &flows, &sockets, &names, monotonic_ns());
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

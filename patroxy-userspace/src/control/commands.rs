@@ -11,7 +11,7 @@ use super::{
     protocol::{Command, HELP, Request},
 };
 use crate::{
-    dataplane::{maps::OpenSessions, sock_diag, sockopt::monotonic_ns},
+    dataplane::{maps::OpenSessions, sock_diag, sockopt::monotonic_ns, tc::OpenFlows},
     operator_state::AdminWriter,
     proxy::StatsSource,
     stats::{collect, history::StatsHistory, sessions, text::status_table},
@@ -102,16 +102,18 @@ impl Commands {
             ));
         };
         // One syscall per entry: off the async worker, like the stats server's reads.
-        let (open, sockets) = tokio::task::spawn_blocking(move || {
+        let (open, flows, sockets) = tokio::task::spawn_blocking(move || {
             let open = OpenSessions::read(&dir).map_err(|e| format!("reading SESSIONS: {e}"))?;
+            let flows = OpenFlows::read(&dir).map_err(|e| format!("reading FLOWS: {e}"))?;
             let sockets = sock_diag::tcp_sockets()
                 .map_err(|e| format!("reading the sockets' addresses (sock_diag): {e}"))?;
-            Ok::<_, String>((open, sockets))
+            Ok::<_, String>((open, flows, sockets))
         })
         .await
         .map_err(|e| format!("reading SESSIONS: {e}"))??;
         Ok(sessions::rows(
             &open,
+            &flows,
             &sockets,
             &sessions::BackendNames::of_ids(self.source.server_ids()),
             monotonic_ns(),

@@ -55,14 +55,22 @@ impl KernelLog {
     }
 
     /// Loads `object` with the program's log globals set. Off also shrinks the unused ring
-    /// buffer to one page (aya-log-ebpf declares 128 KiB).
-    pub(super) fn load_object(log: Option<Self>, object: &[u8]) -> Result<Ebpf, aya::EbpfError> {
+    /// buffer to one page (aya-log-ebpf declares 128 KiB). The maps in `unused` (another
+    /// feature's, turned off) are created with one entry.
+    pub(super) fn load_object(
+        log: Option<Self>,
+        object: &[u8],
+        unused: &[&str],
+    ) -> Result<Ebpf, aya::EbpfError> {
         let on = u8::from(log.is_some());
         let rate = u64::from(log.map_or(1, |l| l.rate));
         let mut loader = EbpfLoader::new();
         loader
             .override_global("PATROXY_LOG", &on, true)
             .override_global("PATROXY_LOG_RATE", &rate, true);
+        for name in unused {
+            loader.map_max_entries(name, 1);
+        }
         if log.is_none() {
             // SAFETY: sysconf has no preconditions.
             let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -67,11 +67,18 @@ pub struct KernelMaps {
 
 impl KernelMaps {
     /// Loads and attaches the program; with `log`, also starts printing its debug lines.
-    pub fn load(pin_dir: &Path, log: Option<KernelLog>) -> Result<Self, LoadError> {
+    /// Without `with_tc` the packet-level splice's flow map is created with one entry (its
+    /// 32k entries are preallocated: some MB of kernel memory no session would use).
+    pub fn load(pin_dir: &Path, log: Option<KernelLog>, with_tc: bool) -> Result<Self, LoadError> {
         if !privileged() {
             return Err(LoadError::NotPrivileged);
         }
-        let mut ebpf = KernelLog::load_object(log, crate::EBPF_OBJECT)?;
+        let unused: &[&str] = if with_tc {
+            &[]
+        } else {
+            &[super::tc::MAP_FLOWS]
+        };
+        let mut ebpf = KernelLog::load_object(log, crate::EBPF_OBJECT, unused)?;
         let pin_lock = prepare_pin_dir(pin_dir)?;
         for name in PINNED {
             let map = ebpf.map(name).ok_or(LoadError::Missing(name))?;

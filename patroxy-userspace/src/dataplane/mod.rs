@@ -202,7 +202,7 @@ impl DataPlane {
         if mode == BpfMode::Off {
             return Ok(Self::Fallback);
         }
-        let loaded = KernelMaps::load(pin_dir, log).and_then(|maps| {
+        let loaded = KernelMaps::load(pin_dir, log, tc.is_some()).and_then(|maps| {
             let closes = closewatch::CloseWatcher::new().map_err(loader::LoadError::Epoll)?;
             Ok((maps, closes))
         });

@@ -5,7 +5,12 @@
 //! (the verdict drops bare FIN skbs; TCP has recorded the FIN) once the bytes before it were
 //! delivered, propagate RST, expire idle sessions and reset on demand. With `datapath = "tc"`
 //! it also hands the session to the packet-level splice once it is quiet (`tc::handoff`).
-use std::{net::TcpStream as StdTcpStream, os::fd::AsRawFd as _, sync::Arc, time::Duration};
+use std::{
+    net::TcpStream as StdTcpStream,
+    os::fd::AsRawFd as _,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use patroxy_common::{SIDE_BACKEND, SIDE_CLIENT, SessionEntry};
 use tokio::{
@@ -168,9 +173,12 @@ impl Spliced {
             Some(Watched::Ended(reason)) => reason,
             Some(Watched::HandedOff(flow)) => {
                 let (spliced, _) = self.tc.clone().expect("handed off without a TC path");
+                let carried = &spliced.counters.carried;
+                carried.fetch_add(1, Ordering::Relaxed);
                 let flow = flow
                     .run(&spliced, client, backend, self.meta.idle_timeout, kill)
                     .await;
+                carried.fetch_sub(1, Ordering::Relaxed);
                 let (from_client, from_server) = self.counters();
                 return Outcome::Ended(SessionEnd {
                     reason: flow.reason,

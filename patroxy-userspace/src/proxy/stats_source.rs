@@ -8,7 +8,7 @@ use super::{
     Proxy,
     counters::{BackendCounters, ListenerCounters},
 };
-use crate::{config::Config, server_ids::ServerIds, view::View};
+use crate::{config::Config, dataplane::tc::TcCounters, server_ids::ServerIds, view::View};
 
 /// The proxy as the stats server sees it. [`Proxy`] implements it; the stats hold nothing else
 /// of the proxy (the operator-state writer of their admin endpoint is handed to them apart).
@@ -23,8 +23,10 @@ pub trait StatsSource: Send + Sync {
     fn listener_counters(&self, listener: usize) -> &ListenerCounters;
     /// Backend `id`'s BACKENDS entry: its open sessions and whether the kernel fences it.
     fn backend_entry(&self, id: u32) -> BackendEntry;
-    /// "sockmap" or "fallback".
+    /// "sockmap", "sockmap+tc" or "fallback".
     fn data_path(&self) -> &'static str;
+    /// The packet-level splice's counters, with `datapath = "tc"`.
+    fn tc_counters(&self) -> Option<&TcCounters>;
     /// Where the kernel's maps are pinned, on the sockmap data path: the bytes of open sessions
     /// are read there.
     fn pin_dir(&self) -> Option<&Path>;
@@ -57,6 +59,10 @@ impl StatsSource for Proxy {
 
     fn data_path(&self) -> &'static str {
         self.dataplane.name()
+    }
+
+    fn tc_counters(&self) -> Option<&TcCounters> {
+        self.dataplane.tc().map(|tc| &tc.counters)
     }
 
     fn pin_dir(&self) -> Option<&Path> {

@@ -15,13 +15,16 @@ use super::{
     history::StatsHistory,
     model::{
         CancelStats, DcsStats, FrontendStats, LastCheckStats, ListenerStats, ReloadStats,
-        ServerStats, StateClass, StatsSnapshot, Traffic, XdpAttached, XdpPortStats, XdpRuleStats,
-        XdpStats,
+        ServerStats, StateClass, StatsSnapshot, TcStats, Traffic, XdpAttached, XdpPortStats,
+        XdpRuleStats, XdpStats,
     },
 };
 use crate::{
     config::model::{Balance, CheckMethod, Firewall, XdpEnabled},
-    dataplane::maps::{LiveBytes, OpenSessions},
+    dataplane::{
+        maps::{LiveBytes, OpenSessions},
+        tc::{OpenFlows, TcCounters},
+    },
     operator_state::AdminState,
     patroni::{Role, ServerState, dcs::DcsStatus},
     proxy::{StatsSource, counters::CancelCounters},
@@ -30,18 +33,27 @@ use crate::{
 };
 
 /// The bytes of open sessions per backend, read from SESSIONS under `pin_dir` (the sockmap
-/// path); none on the fallback path or when the map cannot be read (logged).
+/// path) plus, for sessions handed to the packet-level splice, what FLOWS counted since; none
+/// on the fallback path or when a map cannot be read (logged).
 pub async fn live_bytes(pin_dir: Option<&Path>) -> LiveBytes {
     let Some(dir) = pin_dir else {
         return LiveBytes::new();
     };
     let dir = dir.to_owned();
     // Walking SESSIONS is one syscall per entry: keep it off the async workers.
-    let read = move || OpenSessions::read(&dir).map(|s| s.bytes_per_backend());
+    let read = move || {
+        let mut live = OpenSessions::read(&dir)?.bytes_per_backend();
+        for (backend, (from_client, from_server)) in OpenFlows::read(&dir)?.bytes_per_backend() {
+            let b = live.entry(backend).or_default();
+            b.0 += from_client;
+            b.1 += from_server;
+        }
+        Ok::<_, aya::maps::MapError>(live)
+    };
     match tokio::task::spawn_blocking(read).await {
         Ok(Ok(live)) => live,
         Ok(Err(e)) => {
-            warn!("stats: reading SESSIONS failed ({e}); bytes of open sessions missing");
+            warn!("stats: reading SESSIONS or FLOWS failed ({e}); bytes of open sessions missing");
             LiveBytes::new()
         }
         Err(e) => {
@@ -129,6 +141,17 @@ pub fn snapshot(
         dcs: view.dcs.as_ref().map(dcs_stats),
         listeners,
         xdp: xdp_stats(&config.firewall, &config.global.pin_path),
+        tc: source.tc_counters().map(tc_stats),
+    }
+}
+
+fn tc_stats(c: &TcCounters) -> TcStats {
+    TcStats {
+        handed_off: c.handed_off.load(Relaxed),
+        carried: c.carried.load(Relaxed),
+        retried: c.retried.load(Relaxed),
+        stayed_mixed_family: c.mixed_family.load(Relaxed),
+        stayed_options: c.mismatched.load(Relaxed),
     }
 }
 

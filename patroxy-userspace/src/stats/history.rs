@@ -343,6 +343,9 @@ mod tests {
         fn data_path(&self) -> &'static str {
             "fallback"
         }
+        fn tc_counters(&self) -> Option<&crate::dataplane::tc::TcCounters> {
+            None
+        }
         fn pin_dir(&self) -> Option<&std::path::Path> {
             None
         }

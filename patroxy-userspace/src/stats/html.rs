@@ -96,6 +96,19 @@ fn last_reload(s: &StatsSnapshot) -> String {
     )
 }
 
+/// "packet-level splice <carried> now, <handed off> handed off", what stayed on the sockmap
+/// path in the tooltip; nothing without `datapath = "tc"`.
+fn packet_splice(s: &StatsSnapshot) -> String {
+    let Some(t) = &s.tc else {
+        return String::new();
+    };
+    format!(
+        "<span id=\"packet-splice\" title=\"left on the sockmap path: {} IPv4 and IPv6 legs, {} options; \
+         {} hand-offs retried\">packet-level splice <b>{}</b> now, <b>{}</b> handed off</span>",
+        t.stayed_mixed_family, t.stayed_options, t.retried, t.carried, t.handed_off,
+    )
+}
+
 /// "dcs connected|DISCONNECTED, leader <member> (<server>)", the last event in the tooltip;
 /// nothing without `[dcs]`.
 fn dcs(s: &StatsSnapshot) -> String {
@@ -137,12 +150,13 @@ fn header(h: &mut String, s: &StatsSnapshot) {
         "<header><h1>patroxy</h1><div class=\"meta\">\
          <span>version <b>{}</b></span><span>pid <b>{}</b></span><span>uptime <b>{}</b></span>\
          <span>data path <span class=\"path {}\" id=\"data-path\">{}</span></span>\
-         <span>refresh <b>{}s</b></span><span>at <b>{}</b></span>{}{}</div></header>\n<main>\n",
+         {}<span>refresh <b>{}s</b></span><span>at <b>{}</b></span>{}{}</div></header>\n<main>\n",
         esc(&s.version),
         s.pid,
         duration(s.uptime_secs),
         esc(&s.data_path),
         esc(&s.data_path),
+        packet_splice(s),
         s.refresh_secs,
         utc(s.generated_unix),
         last_reload(s),
@@ -373,10 +387,13 @@ fn server(h: &mut String, l: &ListenerStats, s: &ServerStats) {
 }
 
 fn footer(h: &mut String, s: &StatsSnapshot) {
-    let bytes_note = if s.live_bytes {
-        "Bytes include open sessions (counted by the kernel's verdict program)."
-    } else {
-        "Bytes count closed sessions only on the fallback data path."
+    let bytes_note = match (s.live_bytes, &s.tc) {
+        (true, None) => "Bytes include open sessions (counted by the kernel's verdict program).",
+        (true, Some(_)) => {
+            "Bytes include open sessions (counted by the kernel's verdict program, then by the \
+             TC program once a session is handed to the packet-level splice)."
+        }
+        (false, _) => "Bytes count closed sessions only on the fallback data path.",
     };
     let _ = writeln!(
         h,

@@ -33,6 +33,25 @@ pub struct StatsSnapshot {
     /// The XDP allowlist's counters; `None` when it is not attached.
     #[serde(default)]
     pub xdp: Option<XdpStats>,
+    /// The packet-level splice's counters; `None` without `datapath = "tc"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tc: Option<TcStats>,
+}
+
+/// How sessions fared with the packet-level splice (`datapath = "tc"`) since start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcStats {
+    /// Sessions handed from the sockmap path to the TC program.
+    pub handed_off: u64,
+    /// Sessions the TC program carries now.
+    pub carried: u64,
+    /// Hand-offs abandoned because a byte moved meanwhile (tried again later).
+    pub retried: u64,
+    /// Sessions left on the sockmap path: one leg IPv4, the other IPv6.
+    pub stayed_mixed_family: u64,
+    /// Sessions left on the sockmap path for options the legs do not share (or a leg on an
+    /// interface the programs are not attached to).
+    pub stayed_options: u64,
 }
 
 /// The XDP allowlist: what it is attached to and its counters (summed over the CPUs).
@@ -481,6 +500,7 @@ pub(crate) mod sample {
                 },
             ],
             xdp: None,
+            tc: None,
         }
     }
 

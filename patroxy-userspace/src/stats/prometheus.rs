@@ -16,7 +16,7 @@ use prometheus_client::{
 
 use super::{
     history::CheckDurations,
-    model::{DcsStats, ListenerStats, ReloadStats, ServerStats, StatsSnapshot, XdpStats},
+    model::{DcsStats, ListenerStats, ReloadStats, ServerStats, StatsSnapshot, TcStats, XdpStats},
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -45,7 +45,7 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
     .set(1);
     reg.register(
         "build_info",
-        "patroxy's version and the data path in use (sockmap or fallback)",
+        "patroxy's version and the data path in use (sockmap, sockmap+tc or fallback)",
         info,
     );
     reload(&mut reg, &snap.reload);
@@ -54,6 +54,9 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
     }
     if let Some(d) = &snap.dcs {
         dcs(&mut reg, d);
+    }
+    if let Some(t) = &snap.tc {
+        tc(&mut reg, t);
     }
     let uptime: Gauge = Gauge::default();
     uptime.set(snap.uptime_secs as i64);
@@ -210,6 +213,45 @@ fn dcs(reg: &mut Registry, d: &DcsStats) {
         "dcs_leader",
         "The member Patroni's leader key names, and the configured server it is",
         leader,
+    );
+}
+
+/// The packet-level splice (`datapath = "tc"`): sessions handed to it, carried by it now, and
+/// left on the sockmap path, by reason.
+fn tc(reg: &mut Registry, t: &TcStats) {
+    let handed_off: Counter = Counter::default();
+    handed_off.inc_by(t.handed_off);
+    reg.register(
+        "tc_sessions_handed_off",
+        "Sessions handed from the sockmap path to the packet-level splice (datapath = \"tc\")",
+        handed_off,
+    );
+    let carried: Gauge = Gauge::default();
+    carried.set(t.carried as i64);
+    reg.register(
+        "tc_sessions_carried",
+        "Sessions the packet-level splice carries now",
+        carried,
+    );
+    let retried: Counter = Counter::default();
+    retried.inc_by(t.retried);
+    reg.register(
+        "tc_handoffs_retried",
+        "Hand-offs abandoned because a byte moved meanwhile (tried again later)",
+        retried,
+    );
+    register(
+        reg,
+        Kind::Counter,
+        "tc_sessions_not_joinable",
+        "Sessions left on the sockmap path: mixed_family (an IPv4 and an IPv6 leg), options (the legs' TCP options \
+         differ, or a leg is on an interface the programs are not attached to)",
+        [
+            ("mixed_family", t.stayed_mixed_family),
+            ("options", t.stayed_options),
+        ]
+        .into_iter()
+        .map(|(reason, n)| (vec![("reason", reason.to_owned())], n)),
     );
 }
 

@@ -2,6 +2,8 @@
 //! print them: one row per session (names from the server ids when known), as a table or
 //! as JSON, with the session's addresses (`dataplane::sock_diag`): the client, and the proxy's
 //! own address toward the server, whose port is the server's `pg_stat_activity.client_port`.
+//! A session handed to the packet-level splice keeps its SESSIONS entries (frozen at the
+//! hand-off): its row adds what FLOWS counted since, found by those addresses.
 use std::{collections::HashMap, net::SocketAddr};
 
 use patroxy_common::BackendEntry;
@@ -10,7 +12,7 @@ use serde::Serialize;
 use super::text::columns;
 use crate::{
     config::Config,
-    dataplane::{maps::OpenSessions, sock_diag::SocketEnds},
+    dataplane::{maps::OpenSessions, sock_diag::SocketEnds, tc::OpenFlows},
     server_ids::ServerIds,
 };
 
@@ -81,6 +83,8 @@ pub struct SessionRow {
     /// The proxy's address and port toward the server: PostgreSQL's `client_addr` and
     /// `client_port` of this session's backend.
     pub proxy_addr: Option<SocketAddr>,
+    /// "sockmap", or "sockmap+tc" once handed to the packet-level splice.
+    pub path: &'static str,
     /// Client -> server and server -> client.
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -88,9 +92,11 @@ pub struct SessionRow {
 }
 
 /// The sessions in `sessions`, by client cookie, with their addresses from `sockets` (by
-/// cookie, [`crate::dataplane::sock_diag::tcp_sockets`]); `now_ns` is the monotonic clock's now.
+/// cookie, [`crate::dataplane::sock_diag::tcp_sockets`]) and, once handed off, their `flows`;
+/// `now_ns` is the monotonic clock's now.
 pub fn rows(
     sessions: &OpenSessions,
+    flows: &OpenFlows,
     sockets: &HashMap<u64, SocketEnds>,
     names: &BackendNames,
     now_ns: u64,
@@ -102,17 +108,28 @@ pub fn rows(
                 Some((l, s)) => (l.clone(), Some(s.clone())),
                 None => (e.listener.to_string(), None),
             };
-            let idle_ns = now_ns.saturating_sub(sessions.last_activity_ns(e));
+            let (client, backend) = (sockets.get(&cookie), sockets.get(&e.peer));
+            let flow = client
+                .zip(backend)
+                .and_then(|(c, b)| flows.of_session(c, b));
+            let after_hand_off = flow.unwrap_or_default();
+            let last_ns = sessions.last_activity_ns(e).max(after_hand_off.last_ns);
+            let idle_ns = now_ns.saturating_sub(last_ns);
             SessionRow {
                 client_cookie: cookie,
                 backend_cookie: e.peer,
                 listener,
                 server,
                 backend_id: e.backend,
-                client_addr: sockets.get(&cookie).map(|s| s.remote),
-                proxy_addr: sockets.get(&e.peer).map(|s| s.local),
-                bytes_in: e.bytes_rx,
-                bytes_out: e.bytes_tx,
+                client_addr: client.map(|s| s.remote),
+                proxy_addr: backend.map(|s| s.local),
+                path: if flow.is_some() {
+                    "sockmap+tc"
+                } else {
+                    "sockmap"
+                },
+                bytes_in: e.bytes_rx + after_hand_off.bytes_from_client,
+                bytes_out: e.bytes_tx + after_hand_off.bytes_from_server,
                 idle_secs: idle_ns as f64 / 1e9,
             }
         })
@@ -131,6 +148,7 @@ pub fn table(rows: &[SessionRow]) -> String {
             "BACKEND",
             "CLIENT",
             "PROXY_ADDR",
+            "PATH",
             "BYTES_IN",
             "BYTES_OUT",
             "IDLE",
@@ -149,6 +167,7 @@ pub fn table(rows: &[SessionRow]) -> String {
             },
             addr(r.client_addr),
             addr(r.proxy_addr),
+            r.path.to_owned(),
             r.bytes_in.to_string(),
             r.bytes_out.to_string(),
             format!("{:.1}s", r.idle_secs),
@@ -235,6 +254,7 @@ mod tests {
             backend_id: 2,
             client_addr: Some("10.0.0.7:51234".parse().unwrap()),
             proxy_addr: server.map(|_| "10.0.0.2:40312".parse().unwrap()),
+            path: "sockmap+tc",
             bytes_in: 1000,
             bytes_out: 20,
             idle_secs: 1.5,
@@ -244,7 +264,7 @@ mod tests {
         assert!(lines[0].starts_with("CLIENT_COOKIE  BACKEND_COOKIE  LISTENER"));
         assert!(
             lines[1].contains("pg2 (#2)")
-                && lines[1].contains("10.0.0.7:51234  10.0.0.2:40312")
+                && lines[1].contains("10.0.0.7:51234  10.0.0.2:40312  sockmap+tc  1000")
                 && lines[1].ends_with("1.5s"),
             "{text}"
         );

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
+use super::handoffs;
 use super::lab::{Lab, Target};
 use super::pgbench::{self, PgbenchOut};
 use super::plan::{Plan, Workload};
@@ -43,6 +44,29 @@ impl Table {
         };
         self.metrics[i].samples[target].push(v);
     }
+
+    /// The share of `workload`'s sessions the target handed to the packet-level splice, in
+    /// percent (tc variants only), and a line for the round.
+    fn add_share(
+        &mut self,
+        workload: &str,
+        i: usize,
+        round: u32,
+        target: &Target,
+        share: Option<(u64, u64)>,
+    ) {
+        let Some((sessions, handed_off)) = share else {
+            return;
+        };
+        println!(
+            "  [r{round}] {:<20} {workload}: {handed_off} of {sessions} sessions handed to tc",
+            target.name
+        );
+        if sessions > 0 {
+            let pct = handed_off as f64 * 100.0 / sessions as f64;
+            self.add(&format!("{workload} handed to tc %"), true, i, pct);
+        }
+    }
 }
 
 pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
@@ -67,7 +91,11 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                         for &c in &plan.clients {
                             let args = select::pgbench_args(plan, c);
                             let timeout = Duration::from_secs(plan.duration + 120);
-                            let (out, cpu) = pgbench_with_cpu(lab, target, &args, timeout)?;
+                            let ((out, cpu), share) =
+                                handoffs::measure(target.tc.as_ref(), || {
+                                    pgbench_with_cpu(lab, target, &args, timeout)
+                                })?;
+                            t.add_share(&format!("-c {c}"), i, round, target, share);
                             t.add(&format!("-c {c} TPS"), true, i, out.tps);
                             t.add(
                                 &format!("-c {c} latency us"),
@@ -89,7 +117,10 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                     Workload::Connect => {
                         let args = connect::pgbench_args(plan);
                         let timeout = Duration::from_secs(plan.connect_duration + 120);
-                        let (out, cpu) = pgbench_with_cpu(lab, target, &args, timeout)?;
+                        let ((out, cpu), share) = handoffs::measure(target.tc.as_ref(), || {
+                            pgbench_with_cpu(lab, target, &args, timeout)
+                        })?;
+                        t.add_share("-C", i, round, target, share);
                         t.add("-C conn/s", true, i, out.tps);
                         if let Some(ms) = cpu {
                             t.add("-C proxy ms/1000conn", false, i, ms);
@@ -101,12 +132,17 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                     }
                     Workload::Bulk => {
                         let Some((file, mb)) = &bulk else { continue };
-                        let out = psql_timed(lab, target, "COPY bench_bulk TO STDOUT", None)?;
+                        let (out, share) = handoffs::measure(target.tc.as_ref(), || {
+                            psql_timed(lab, target, "COPY bench_bulk TO STDOUT", None)
+                        })?;
+                        t.add_share("COPY TO", i, round, target, share);
                         lab.pg
                             .try_psql(lab.targets[0].port, "TRUNCATE bench_bulk_in")
                             .map_err(|e| anyhow!("{e}"))?;
-                        let inn =
-                            psql_timed(lab, target, "COPY bench_bulk_in FROM STDIN", Some(file))?;
+                        let (inn, share) = handoffs::measure(target.tc.as_ref(), || {
+                            psql_timed(lab, target, "COPY bench_bulk_in FROM STDIN", Some(file))
+                        })?;
+                        t.add_share("COPY FROM", i, round, target, share);
                         let (o, n) = (mb / out.as_secs_f64(), mb / inn.as_secs_f64());
                         t.add("COPY TO MB/s", true, i, o);
                         t.add("COPY FROM MB/s", true, i, n);

@@ -9,6 +9,7 @@ use patroxy_tests::netns;
 use patroxy_tests::postgres::Postgres;
 use patroxy_tests::process::ChildGuard;
 
+use super::handoffs::TcControl;
 use super::topology::Hosts;
 
 /// One of the four things a workload connects to.
@@ -21,6 +22,8 @@ pub struct Target {
     pub port: u16,
     /// The proxy's process id (None for direct).
     pub pid: Option<u32>,
+    /// A `datapath = "tc"` patroxy's runtime socket: how many sessions it handed off.
+    pub tc: Option<TcControl>,
 }
 
 /// Everything the bench started; dropping it stops the proxies and PostgreSQL.

@@ -17,6 +17,7 @@
 //! Layout: `mod.rs` (starts PostgreSQL and the proxies with their configs, runs the bench),
 //! `plan.rs` (options), `lab.rs` (the targets and the processes behind them), `workloads/`
 //! (one file per workload), `pgbench.rs` and `procfs.rs` (what the workloads run and read),
+//! `handoffs.rs` (the sessions a `datapath = "tc"` variant handed to the packet-level splice),
 //! `results.rs` (samples, medians, ratios), `environment.rs`, `markdown.rs` and `chart.rs`
 //! (`bench/results.md`, `bench/ratios.png`), `ab.rs` (`--ab`), `profile.rs` (`--profile`),
 //! `xdp.rs` (`--xdp`: the XDP allowlist's cost and drop rate, on namespaces of its own),
@@ -27,6 +28,7 @@
 mod ab;
 mod chart;
 mod environment;
+mod handoffs;
 mod lab;
 mod markdown;
 mod pgbench;
@@ -47,7 +49,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use patroxy_tests::config::{
-    Bpf, DefaultServer, HaproxyLog, ListenerConfig, ProxyConfig, ServerConfig,
+    Bpf, DefaultServer, HaproxyLog, ListenerConfig, ProxyConfig, RuntimeConfig, ServerConfig,
 };
 use patroxy_tests::ports::free_tcp_port;
 use patroxy_tests::postgres::{Postgres, PostgresOptions, run_checked};
@@ -82,18 +84,21 @@ fn bench_config(bind: SocketAddr, pg: SocketAddr) -> ProxyConfig {
 }
 
 /// patroxy's config for one data path: [`bench_config`] with `bpf` ("required" or "off") and
-/// its maps pinned at `pin`; with `tc`, `datapath = "tc"` on those interfaces.
+/// its maps pinned at `pin`; with `tc`, `datapath = "tc"` on those interfaces and a runtime
+/// socket at that path (the bench reads the sessions handed off there).
 fn patroxy_toml(
     bpf: &str,
-    tc: Option<&[&str]>,
+    tc: Option<(&[&str], &Path)>,
     pin: &Path,
     bind: SocketAddr,
     pg: SocketAddr,
 ) -> Result<String> {
     let bpf: Bpf = bpf.parse().map_err(anyhow::Error::msg)?;
     let mut config = bench_config(bind, pg).data_path(bpf, pin);
-    if let Some(interfaces) = tc {
-        config = config.tc_splice(interfaces);
+    if let Some((interfaces, socket)) = tc {
+        config = config
+            .tc_splice(interfaces)
+            .runtime(RuntimeConfig::new(socket));
     }
     Ok(format!(
         "# Written by `cargo xtask bench`.\n{}",
@@ -214,6 +219,7 @@ fn start_lab(variants: &[Variant], haproxy: bool, netns: bool) -> Result<Lab> {
             host: hosts.server(),
             port: pg.port(),
             pid: None,
+            tc: None,
         }],
         pg,
         _children: Vec::new(),
@@ -262,6 +268,7 @@ impl Lab {
             host: bind.ip(),
             port: bind.port(),
             pid: Some(child.id()),
+            tc: None,
         });
         self._children.push(child);
         Ok(())
@@ -279,11 +286,12 @@ impl Lab {
             (true, Some(interfaces)) => Some(interfaces),
             (true, None) => bail!("{name}: the tc data path is measured with --netns only"),
         };
+        let socket = self.work_dir.join(format!("{name}.sock"));
         std::fs::write(
             &cfg,
             patroxy_toml(
                 v.bpf,
-                tc.as_ref().map(|i| &i[..]),
+                tc.as_ref().map(|i| (&i[..], socket.as_path())),
                 &pin,
                 bind,
                 self.pg_addr(),
@@ -298,7 +306,16 @@ impl Lab {
             // Per-session logging would be part of what is measured; warnings only.
             .env("PATROXY_LOG", "warn")
             .envs(v.env.iter().map(|(k, val)| (k, val)));
-        self.spawn_proxy(name, &mut cmd, bind)
+        self.spawn_proxy(name, &mut cmd, bind)?;
+        if tc.is_some()
+            && let Some(target) = self.targets.last_mut()
+        {
+            target.tc = Some(handoffs::TcControl {
+                bin: v.bin.clone(),
+                socket,
+            });
+        }
+        Ok(())
     }
 
     fn spawn_haproxy(&mut self) -> Result<()> {

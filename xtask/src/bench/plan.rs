@@ -54,7 +54,8 @@ pub struct BenchArgs {
     /// A/B mode: compare patroxy variants (interleaved rounds, direct as the reference) instead
     /// of the four standard targets. Repeat per variant: `NAME=MODE[@BIN][:KEY=VALUE]...`, MODE
     /// `bpf`, `fallback` or `tc` (`datapath = "tc"`, with --netns), BIN a patroxy binary (default: the one built), KEY=VALUE extra
-    /// environment; `haproxy` alone adds HAProxy. Prints the table, writes nothing.
+    /// environment; `haproxy` alone adds HAProxy. Prints the table, writes nothing. A `tc`
+    /// variant also reports the share of each workload's sessions it handed off.
     #[arg(long)]
     pub ab: Vec<String>,
     /// The XDP allowlist instead: pgbench -S through patroxy from clients whose veths carry

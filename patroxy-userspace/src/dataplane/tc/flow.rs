@@ -12,8 +12,14 @@ use crate::dataplane::{EndReason, KillSwitch, sockopt};
 
 /// How often the entries are read: the delay of a session's end and of its idle check.
 const POLL: Duration = Duration::from_millis(20);
-/// After FIN both ways, how long the entries stay for the last ACK (and a retransmitted FIN).
-const LINGER: Duration = Duration::from_millis(200);
+/// After FIN both ways the entries stay until neither end has sent anything for this long: a
+/// lost FIN, last bytes or last ACK are sent again (RTO from 200 ms, doubling) and must still
+/// find their flow; seeing a FIN pass says nothing of its arrival. Under 1 % loss a 200 ms
+/// linger left a client in FIN-WAIT-2 for good (the server's retransmitted "bye" and FIN met
+/// no entry).
+const QUIET_AFTER_FIN: Duration = Duration::from_secs(1);
+/// ... but no longer than this: a peer that keeps sending after both FINs is not waited for.
+const MAX_LINGER: Duration = Duration::from_secs(5);
 
 pub struct Flow {
     /// [client -> proxy, server -> proxy].
@@ -63,20 +69,21 @@ impl Flow {
                 break EndReason::ClientClose;
             };
             last = now;
-            if to_server.seen & FLOW_RST != 0 {
-                break EndReason::ClientReset;
-            }
-            if to_client.seen & FLOW_RST != 0 {
-                break EndReason::ServerReset;
-            }
+            // FIN both ways first: a RST seen since then (a host whose socket is gone answering
+            // a late duplicate) does not make a clean close a reset.
             if to_server.seen & to_client.seen & FLOW_FIN != 0 {
-                sleep(LINGER).await;
-                last = self.entries(tc);
+                last = self.linger(tc, kill).await.unwrap_or(last);
                 break if to_client.fin_ns < to_server.fin_ns {
                     EndReason::ServerClose
                 } else {
                     EndReason::ClientClose
                 };
+            }
+            if to_server.seen & FLOW_RST != 0 {
+                break EndReason::ClientReset;
+            }
+            if to_client.seen & FLOW_RST != 0 {
+                break EndReason::ServerReset;
             }
             let idle_ns =
                 sockopt::monotonic_ns().saturating_sub(to_server.last_ns.max(to_client.last_ns));
@@ -99,6 +106,29 @@ impl Flow {
             self.reset_both(&to_server, &to_client);
         }
         end
+    }
+
+    /// Waits after FIN both ways until the flow has been quiet for [`QUIET_AFTER_FIN`] (or
+    /// [`MAX_LINGER`] passed, the entries went, or the session was killed); the entries then.
+    async fn linger(&self, tc: &TcPath, kill: &KillSwitch) -> Option<[Option<FlowEntry>; 2]> {
+        let deadline = tokio::time::Instant::now() + MAX_LINGER;
+        loop {
+            tokio::select! {
+                _ = kill.killed() => return None,
+                () = sleep(POLL) => {}
+            }
+            let now = self.entries(tc);
+            let [Some(to_server), Some(to_client)] = now else {
+                return None;
+            };
+            let quiet_ns =
+                sockopt::monotonic_ns().saturating_sub(to_server.last_ns.max(to_client.last_ns));
+            if Duration::from_nanos(quiet_ns) >= QUIET_AFTER_FIN
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Some(now);
+            }
+        }
     }
 
     fn remove(&self, tc: &TcPath) {

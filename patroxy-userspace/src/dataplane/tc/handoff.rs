@@ -205,7 +205,8 @@ pub fn try_hand_off(
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
 }
 
-fn key(from: SocketAddr, to: SocketAddr) -> FlowKey {
+/// FLOWS' key of the packets from `from` to `to` (also what the stats look flows up by).
+pub(super) fn key(from: SocketAddr, to: SocketAddr) -> FlowKey {
     FlowKey {
         saddr: addr(from),
         daddr: addr(to),

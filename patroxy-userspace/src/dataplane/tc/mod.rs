@@ -2,10 +2,12 @@
 //! first moment both directions are idle and acknowledged, is handed to the TC program
 //! (`patroxy-ebpf/src/tc.rs`), which then forwards its packets between the two connections
 //! itself. `attach` puts the programs on the configured interfaces, `handoff` moves a session,
-//! `flow` watches a handed-off session to its end and `repair` has the socket options.
+//! `flow` watches a handed-off session to its end and `repair` has the socket options;
+//! `open_flows` reads the pinned flows for the stats and `patroxy sessions`.
 mod attach;
 mod flow;
 mod handoff;
+mod open_flows;
 mod repair;
 
 use std::{
@@ -23,6 +25,7 @@ use aya::{
 };
 pub(super) use flow::Flow;
 pub(super) use handoff::{Attempt, Baseline, try_hand_off};
+pub use open_flows::{OpenFlows, SessionFlows};
 use patroxy_common::tc::{FlowEntry, FlowKey, SYN_TO_LISTENER};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info};
@@ -62,6 +65,8 @@ pub struct TcCounters {
     /// negotiated, window scales or MSS differing between the legs), or a leg's interface is
     /// not one the programs are attached to.
     pub mismatched: AtomicU64,
+    /// Sessions the TC program carries now (handed off, not yet ended).
+    pub carried: AtomicU64,
 }
 
 impl TcCounters {
