@@ -10,17 +10,17 @@
 //! Both namespaces keep the kernel's defaults (timestamps, SACK and window scaling on); the
 //! program keeps timestamps and SACK out of the proxied connections by itself. Everything is
 //! named `pxs*`, removed at the start of each test and when it ends; the tests share the
-//! names and run one at a time (`LAB`).
+//! names and run one at a time (`tc_lab::Lab`, shared with `tc_splice_v6` but for the names).
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex, MutexGuard},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream},
+    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
 
 use patroxy_tests::{
-    backend::{Fnv, pattern},
+    backend::pattern,
     config::{
         Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
         ServerConfig, StatsConfig,
@@ -33,58 +33,31 @@ use patroxy_tests::{
     stats_client::get_ok,
 };
 
-static LAB: Mutex<()> = Mutex::new(());
+#[path = "common/tc_lab.rs"]
+mod tc_lab;
+
+use tc_lab::{
+    Ending, HANDED_OFF, Hosts, Lab, Server, echo, echo_turns_and_close, field, mark_down_resets,
+    sizes, timestamps_negotiated, wait_line,
+};
 
 const NS_CLIENT: &str = "pxs-cli";
 const NS_SERVER: &str = "pxs-srv";
 const VETH_CLIENT: &str = "pxsc0";
 const VETH_SERVER: &str = "pxss0";
+static HOSTS: Hosts = Hosts {
+    ns_client: NS_CLIENT,
+    ns_server: NS_SERVER,
+    veth_client: VETH_CLIENT,
+    peer_client: "pxsc1",
+    veth_server: VETH_SERVER,
+    peer_server: "pxss1",
+    subnet: 218,
+    ipv6: false,
+    full_checksums: false,
+};
 const LISTEN: Ipv4Addr = Ipv4Addr::new(10, 218, 1, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 218, 2, 2);
-const HANDED_OFF: &str = "session handed to the TC program";
-
-/// The two hosts, removed when the test ends, however it ends.
-struct Lab {
-    _turn: MutexGuard<'static, ()>,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let turn = LAB.lock().unwrap_or_else(|e| e.into_inner());
-        remove();
-        netns::add(NS_CLIENT).expect("client namespace");
-        netns::add(NS_SERVER).expect("server namespace");
-        netns::veth(
-            None,
-            VETH_CLIENT,
-            "10.218.1.1/24",
-            NS_CLIENT,
-            "pxsc1",
-            "10.218.1.2/24",
-        )
-        .expect("client veth");
-        netns::veth(
-            None,
-            VETH_SERVER,
-            "10.218.2.1/24",
-            NS_SERVER,
-            "pxss1",
-            "10.218.2.2/24",
-        )
-        .expect("server veth");
-        Lab { _turn: turn }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        remove();
-    }
-}
-
-fn remove() {
-    netns::remove(&[NS_CLIENT, NS_SERVER], &[VETH_CLIENT, VETH_SERVER]);
-}
 
 fn config(pin: &std::path::Path, server_port: u16) -> ProxyConfig {
     ProxyConfig::new(Defaults::new(
@@ -104,173 +77,28 @@ fn config(pin: &std::path::Path, server_port: u16) -> ProxyConfig {
     ))
 }
 
-/// How the test server ended one connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Ending {
-    /// Read EOF, answered "bye" and closed.
-    Eof,
-    /// Read failed with this kind (a reset).
-    Error(io::ErrorKind),
-    /// Reset it on the client's "RST!".
-    ResetSent,
-}
-
-/// A server in `pxs-srv`: echoes what it reads; on "FIN!" answers "ok" and half-closes; on
-/// "RST!" closes with RST; on EOF answers "bye" (if it still may) and closes.
-struct Server {
-    port: u16,
-    endings: Arc<Mutex<Vec<Ending>>>,
-}
-
-impl Server {
-    fn start() -> Server {
-        let listener = netns::within(NS_SERVER, || TcpListener::bind((SERVER, 0)))
-            .expect("enter the server namespace")
-            .expect("bind the test server");
-        let port = listener.local_addr().unwrap().port();
-        let endings = Arc::new(Mutex::new(Vec::new()));
-        let e = endings.clone();
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let e = e.clone();
-                thread::spawn(move || {
-                    let ending = serve(stream);
-                    e.lock().unwrap().push(ending);
-                });
-            }
-        });
-        Server { port, endings }
-    }
-
-    fn endings(&self) -> Vec<Ending> {
-        self.endings.lock().unwrap().clone()
-    }
-
-    fn wait_for_endings(&self, n: usize) -> Vec<Ending> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.endings().len() < n && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        self.endings()
-    }
-}
-
-fn serve(mut stream: TcpStream) -> Ending {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut write_closed = false;
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) => return Ending::Error(e.kind()),
-        };
-        if n == 0 {
-            if !write_closed {
-                let _ = stream.write_all(b"bye");
-            }
-            return Ending::Eof;
-        }
-        let reply = match &buf[..n] {
-            b"FIN!" => {
-                let _ = stream.write_all(b"ok");
-                let _ = stream.shutdown(Shutdown::Write);
-                write_closed = true;
-                continue;
-            }
-            b"RST!" => {
-                socket2::SockRef::from(&stream)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-                return Ending::ResetSent;
-            }
-            data => data,
-        };
-        if write_closed {
-            continue;
-        }
-        if let Err(e) = stream.write_all(reply) {
-            return Ending::Error(e.kind());
-        }
-    }
-}
-
 /// A client connection from `pxs-cli` to the listener.
 fn connect(proxy: SocketAddr) -> TcpStream {
-    netns::within(NS_CLIENT, move || TcpStream::connect(proxy))
-        .expect("enter the client namespace")
-        .expect("connect to patroxy")
-}
-
-/// Sends `data` and reads back as many bytes, writing on a thread of its own (a large echo
-/// would otherwise fill both directions' buffers).
-fn echo(stream: &TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
-    let mut writer = stream.try_clone().unwrap();
-    let sent = data.clone();
-    let w = thread::spawn(move || writer.write_all(&sent));
-    let mut got = vec![0u8; data.len()];
-    (&*stream).read_exact(&mut got).expect("read the echo");
-    w.join().unwrap().expect("send");
-    got
+    HOSTS.connect(proxy)
 }
 
 fn local_port(stream: &TcpStream) -> u16 {
     stream.local_addr().unwrap().port()
 }
 
+/// The log's `client=` value of the client on `port`.
+fn client_on(port: u16) -> String {
+    format!("client={}:{port}", Ipv4Addr::new(10, 218, 1, 2))
+}
+
 /// Waits for the hand-off line of the client on `port`.
 fn wait_handed_off(proxy: &Patroxy, port: u16) -> bool {
-    let needle = format!("client={}:{port}", Ipv4Addr::new(10, 218, 1, 2));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if proxy
-            .log()
-            .lines()
-            .any(|l| l.contains(HANDED_OFF) && l.contains(&needle))
-        {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    false
+    wait_line(proxy, &client_on(port), HANDED_OFF).is_some()
 }
 
 /// The "session closed" line of the client on `port`, once written.
 fn closed_line(proxy: &Patroxy, port: u16) -> Option<String> {
-    let needle = format!("client={}:{port}", Ipv4Addr::new(10, 218, 1, 2));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Some(line) = proxy
-            .log()
-            .lines()
-            .find(|l| l.contains("session closed") && l.contains(&needle))
-        {
-            return Some(line.to_string());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-fn field(line: &str, name: &str) -> Option<u64> {
-    let at = line.find(&format!("{name}="))? + name.len() + 1;
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Sizes from 1 byte to 8 MiB, log-uniform.
-fn sizes(n: usize, mut seed: u64) -> Vec<usize> {
-    (0..n)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let exp = (seed % 2300) as f64 / 100.0;
-            (2f64.powf(exp) as usize).clamp(1, 8 << 20)
-        })
-        .collect()
+    wait_line(proxy, &client_on(port), "session closed")
 }
 
 /// `sessions` concurrent sessions of a 200-byte turn (a startup packet's size) and `turns`
@@ -292,29 +120,12 @@ fn byte_exact_sessions(
                 stream
                     .set_read_timeout(Some(Duration::from_secs(30)))
                     .unwrap();
-                let mut sent = 0u64;
                 // A PostgreSQL client's first message is small (a startup packet); more than
                 // 64 KiB before the backend connects would put the session on the fallback path.
-                let sizes = sizes(turns, 0x9e37 + i as u64)
+                let sizes = sizes(turns, 0x9e37 + i as u64, 23)
                     .into_iter()
                     .map(|n| n.min(max_size));
-                for (turn, size) in std::iter::once(200).chain(sizes).enumerate() {
-                    let data = Arc::new(pattern(size, (i * turns + turn) as u64));
-                    let got = echo(&stream, data.clone());
-                    assert_eq!(got.len(), data.len(), "session {i} turn {turn}: length");
-                    assert!(
-                        Fnv::of(&got) == Fnv::of(&data),
-                        "session {i} turn {turn}: bytes differ"
-                    );
-                    sent += size as u64;
-                    // A quiet moment: the session is handed off here (the first attempt
-                    // comes 1 ms after the splice, then every 50 ms at most).
-                    thread::sleep(Duration::from_millis(150));
-                }
-                stream.shutdown(Shutdown::Write).unwrap();
-                let mut rest = Vec::new();
-                (&stream).read_to_end(&mut rest).unwrap();
-                assert_eq!(rest, b"bye", "session {i}: the server's last words");
+                let sent = echo_turns_and_close(&stream, i, turns, sizes);
                 (local_port(&stream), sent)
             })
         })
@@ -348,8 +159,8 @@ fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
     if !require_root("quiet_sessions_are_handed_off_and_stay_byte_exact") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-exact");
     let config = config(&pin, server.port);
     let proxy = Patroxy::start("tc-exact", &config);
@@ -447,13 +258,13 @@ fn sessions_stay_byte_exact_with_loss_and_reordering() {
     if !require_root("sessions_stay_byte_exact_with_loss_and_reordering") {
         return;
     }
-    let _lab = Lab::new();
+    let _lab = Lab::new(&HOSTS);
     // Lost segments are sent again and held-back ones arrive late: retransmissions and
     // out-of-order segments cross the program both ways. SACK is kept out of the connections
     // patroxy splices, so it is not exercised here.
     impair(NS_CLIENT, "pxsc1");
     impair(NS_SERVER, "pxss1");
-    let server = Server::start();
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-netem");
     let config = config(&pin, server.port);
     let proxy = Patroxy::start("tc-netem", &config);
@@ -471,36 +282,9 @@ fn sessions_stay_byte_exact_with_loss_and_reordering() {
     }
 }
 
-/// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
-fn timestamps_negotiated(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a tcp_info-sized out value with its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO");
-    info.tcpi_options & 1 != 0
-}
-
 /// A session that has been handed off: its startup turn echoed, the hand-off logged.
 fn handed_off_session(proxy: &Patroxy, addr: SocketAddr) -> TcpStream {
-    let stream = connect(addr);
-    let hello = Arc::new(pattern(200, 7));
-    assert_eq!(echo(&stream, hello.clone()), *hello);
-    assert!(
-        wait_handed_off(proxy, local_port(&stream)),
-        "never handed off:\n{}",
-        proxy.log()
-    );
-    stream
+    tc_lab::handed_off_session(&HOSTS, proxy, addr)
 }
 
 #[test]
@@ -508,8 +292,8 @@ fn fin_and_rst_each_way_end_a_spliced_session() {
     if !require_root("fin_and_rst_each_way_end_a_spliced_session") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-ends");
     let config = config(&pin, server.port);
     let proxy = Patroxy::start("tc-ends", &config);
@@ -591,8 +375,8 @@ fn a_handed_off_session_shows_in_the_stats_and_sessions_with_its_path_and_bytes(
     {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-stats");
     let socket = std::env::temp_dir().join(format!("pxs-stats-{}.sock", std::process::id()));
     let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
@@ -674,8 +458,8 @@ fn a_client_with_another_window_scale_stays_on_the_sockmap() {
     if !require_root("a_client_with_another_window_scale_stays_on_the_sockmap") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-wscale");
     let config = config(&pin, server.port);
     let proxy = Patroxy::start("tc-wscale", &config);
@@ -719,8 +503,8 @@ fn mark_down_resets_both_ends_of_spliced_sessions() {
     if !require_root("mark_down_resets_both_ends_of_spliced_sessions") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-markdown");
     let socket = std::env::temp_dir().join(format!("pxs-ctl-{}.sock", std::process::id()));
     let mut config = config(&pin, server.port)
@@ -748,42 +532,7 @@ fn mark_down_resets_both_ends_of_spliced_sessions() {
         proxy.count_log(HANDED_OFF),
         proxy.log()
     );
-    // Traffic after the hand-off moves the sequence numbers the resets must carry.
-    for s in &sessions {
-        let data = Arc::new(pattern(30_000, 3));
-        assert!(echo(s, data.clone()) == *data);
-    }
-    let readers: Vec<_> = sessions
-        .into_iter()
-        .map(|s| {
-            thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut buf = [0u8; 16];
-                let result = (&s).read(&mut buf);
-                (Instant::now(), result.map_err(|e| e.kind()))
-            })
-        })
-        .collect();
-    thread::sleep(Duration::from_millis(100));
-    let down = Instant::now();
-    let out = std::process::Command::new(patroxy_bin())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(&socket)
-        .args(["set", "state", "l/pg", "maint"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut last = Duration::ZERO;
-    for r in readers {
-        let (at, result) = r.join().unwrap();
-        assert_eq!(result, Err(io::ErrorKind::ConnectionReset));
-        last = last.max(at - down);
-    }
+    let last = mark_down_resets(sessions, &socket, "l/pg");
     eprintln!("mark-down: last client reset {last:?} after the state change");
     assert!(last < Duration::from_secs(2), "{last:?}");
     let endings = server.wait_for_endings(SESSIONS);
@@ -811,7 +560,7 @@ fn psql_through_the_packet_level_splice() {
     if !require_root("psql_through_the_packet_level_splice") {
         return;
     }
-    let _lab = Lab::new();
+    let _lab = Lab::new(&HOSTS);
     let pg = Postgres::start(PostgresOptions::default().trust().in_netns(
         NS_SERVER,
         SERVER,
@@ -854,7 +603,7 @@ fn pgbench_and_copy_through_the_packet_level_splice() {
     if !require_root("pgbench_and_copy_through_the_packet_level_splice") {
         return;
     }
-    let _lab = Lab::new();
+    let _lab = Lab::new(&HOSTS);
     let pg = Postgres::start(PostgresOptions::default().trust().in_netns(
         NS_SERVER,
         SERVER,
@@ -961,8 +710,8 @@ fn maxconn_is_held_until_a_handed_off_flow_ends() {
     if !require_root("maxconn_is_held_until_a_handed_off_flow_ends") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-maxconn");
     let mut config = config(&pin, server.port);
     config.servers[0].maxconn = Some(1);
@@ -1012,8 +761,8 @@ fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
     if !require_root("hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-race");
     let config = config(&pin, server.port);
     let proxy = Patroxy::start("tc-race", &config);
@@ -1069,8 +818,8 @@ fn an_idle_spliced_session_times_out_with_a_reset_of_both_ends() {
     if !require_root("an_idle_spliced_session_times_out_with_a_reset_of_both_ends") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-idle");
     let mut config = config(&pin, server.port);
     config.defaults.timeout_client = Duration::from_secs(1);
@@ -1113,8 +862,8 @@ fn a_crashed_runs_tc_links_are_detached_at_the_next_start_and_on_exit() {
     if !require_root("a_crashed_runs_tc_links_are_detached_at_the_next_start_and_on_exit") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path("tc-crash");
     let config = config(&pin, server.port);
     let crashed = Patroxy::start("tc-crash", &config);

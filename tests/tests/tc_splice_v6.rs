@@ -10,17 +10,17 @@
 //!
 //! Both namespaces keep the kernel's defaults (timestamps, SACK and window scaling on). Everything
 //! is named `pxv*`, removed at the start of each test and when it ends; the tests share the names
-//! and run one at a time (`LAB`).
+//! and run one at a time (`tc_lab::Lab`, shared with `tc_splice` but for the names).
 use std::{
     io::{self, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex, MutexGuard},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
+    sync::Arc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use patroxy_tests::{
-    backend::{Fnv, pattern},
+    backend::pattern,
     config::{
         Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
         ServerConfig,
@@ -28,99 +28,37 @@ use patroxy_tests::{
     daemon::{Patroxy, bpftool_dump},
     netns,
     ports::free_tcp_port,
-    process::{patroxy_bin, require_root},
+    process::require_root,
 };
 
-static LAB: Mutex<()> = Mutex::new(());
+#[path = "common/tc_lab.rs"]
+mod tc_lab;
+
+use tc_lab::{
+    Ending, HANDED_OFF, Hosts, Lab, Server, client_field, echo, echo_turns_and_close, field,
+    mark_down_resets, sizes, timestamps_negotiated, wait_line,
+};
 
 const NS_CLIENT: &str = "pxv-cli";
 const NS_SERVER: &str = "pxv-srv";
 const VETH_CLIENT: &str = "pxvc0";
 const VETH_SERVER: &str = "pxvs0";
+static HOSTS: Hosts = Hosts {
+    ns_client: NS_CLIENT,
+    ns_server: NS_SERVER,
+    veth_client: VETH_CLIENT,
+    peer_client: "pxvc1",
+    veth_server: VETH_SERVER,
+    peer_server: "pxvs1",
+    subnet: 219,
+    ipv6: true,
+    full_checksums: true,
+};
 const LISTEN4: Ipv4Addr = Ipv4Addr::new(10, 219, 1, 1);
 const LISTEN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 1, 0, 0, 0, 0, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 1, 0, 0, 0, 0, 2);
 const SERVER4: Ipv4Addr = Ipv4Addr::new(10, 219, 2, 2);
 const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x219, 2, 0, 0, 0, 0, 2);
-const HANDED_OFF: &str = "session handed to the TC program";
-
-/// The two hosts, removed when the test ends, however it ends.
-struct Lab {
-    _turn: MutexGuard<'static, ()>,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let turn = LAB.lock().unwrap_or_else(|e| e.into_inner());
-        remove();
-        netns::add(NS_CLIENT).expect("client namespace");
-        netns::add(NS_SERVER).expect("server namespace");
-        for (host, peer, ns, net) in [
-            (VETH_CLIENT, "pxvc1", NS_CLIENT, 1),
-            (VETH_SERVER, "pxvs1", NS_SERVER, 2),
-        ] {
-            netns::veth(
-                None,
-                host,
-                &format!("10.219.{net}.1/24"),
-                ns,
-                peer,
-                &format!("10.219.{net}.2/24"),
-            )
-            .expect("veth");
-            // nodad: usable at once (duplicate address detection would hold them for ~2 s).
-            netns::ip(&[
-                "addr",
-                "add",
-                &format!("fd00:219:{net}::1/64"),
-                "dev",
-                host,
-                "nodad",
-            ])
-            .expect("host IPv6 address");
-            netns::ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("fd00:219:{net}::2/64"),
-                "dev",
-                peer,
-                "nodad",
-            ])
-            .expect("namespace IPv6 address");
-            full_checksums(ns, peer);
-        }
-        Lab { _turn: turn }
-    }
-}
-
-/// Checksum offload off at a host's end: its packets leave with complete checksums, and what
-/// arrives is verified, as between real hosts (veth otherwise passes CHECKSUM_PARTIAL packets
-/// and trusts them unchecked, so a wrong incremental update by the program would go unseen).
-fn full_checksums(ns: &str, dev: &str) {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "rx", "off",
-        ])
-        .output()
-        .expect("run ethtool");
-    assert!(
-        out.status.success(),
-        "ethtool -K {dev} tx off rx off: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        remove();
-    }
-}
-
-fn remove() {
-    netns::remove(&[NS_CLIENT, NS_SERVER], &[VETH_CLIENT, VETH_SERVER]);
-}
 
 /// patroxy on both veths with one listener per `(listen address, server address)`: listener
 /// `l<i>` to server `s<i>`.
@@ -144,59 +82,12 @@ fn config(pin: &std::path::Path, routes: &[(IpAddr, SocketAddr)]) -> ProxyConfig
     config
 }
 
-/// How the test server ended one connection, and what it negotiated.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Served {
-    peer: SocketAddr,
-    timestamps: bool,
-    ending: Ending,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Ending {
-    /// Read EOF, answered "bye" and closed.
-    Eof,
-    /// Read failed with this kind (a reset).
-    Error(io::ErrorKind),
-    /// Reset it on the client's "RST!".
-    ResetSent,
-}
-
-/// A server in `pxv-srv` on both families ([::], dual-stack): echoes what it reads; on "FIN!"
-/// answers "ok" and half-closes; on "RST!" closes with RST; on EOF answers "bye" (if it still
-/// may) and closes.
-struct Server {
-    port: u16,
-    served: Arc<Mutex<Vec<Served>>>,
+/// The dual-stack test server ([::]) in `pxv-srv`.
+fn start_server() -> Server {
+    Server::start(&HOSTS, Ipv6Addr::UNSPECIFIED.into())
 }
 
 impl Server {
-    fn start() -> Server {
-        let listener = netns::within(NS_SERVER, || TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)))
-            .expect("enter the server namespace")
-            .expect("bind the test server");
-        let port = listener.local_addr().unwrap().port();
-        let served = Arc::new(Mutex::new(Vec::new()));
-        let s = served.clone();
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let s = s.clone();
-                thread::spawn(move || {
-                    let peer = stream.peer_addr().unwrap();
-                    let timestamps = timestamps_negotiated(&stream);
-                    let ending = serve(stream);
-                    s.lock().unwrap().push(Served {
-                        peer: canonical(peer),
-                        timestamps,
-                        ending,
-                    });
-                });
-            }
-        });
-        Server { port, served }
-    }
-
     fn addr4(&self) -> SocketAddr {
         SocketAddr::from((SERVER4, self.port))
     }
@@ -204,124 +95,11 @@ impl Server {
     fn addr6(&self) -> SocketAddr {
         SocketAddr::from((SERVER6, self.port))
     }
-
-    fn wait_for(&self, n: usize) -> Vec<Served> {
-        self.wait_until(|s| s.len() >= n)
-    }
-
-    /// The connections served so far, once `done` says so (or after 10 s).
-    fn wait_until(&self, done: impl Fn(&[Served]) -> bool) -> Vec<Served> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let served = self.served.lock().unwrap().clone();
-            if done(&served) || Instant::now() >= deadline {
-                return served;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// An IPv4 peer of the dual-stack server arrives as ::ffff:a.b.c.d.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-fn serve(mut stream: TcpStream) -> Ending {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut write_closed = false;
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) => return Ending::Error(e.kind()),
-        };
-        if n == 0 {
-            if !write_closed {
-                let _ = stream.write_all(b"bye");
-            }
-            return Ending::Eof;
-        }
-        let reply = match &buf[..n] {
-            b"FIN!" => {
-                let _ = stream.write_all(b"ok");
-                let _ = stream.shutdown(Shutdown::Write);
-                write_closed = true;
-                continue;
-            }
-            b"RST!" => {
-                socket2::SockRef::from(&stream)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-                return Ending::ResetSent;
-            }
-            data => data,
-        };
-        if write_closed {
-            continue;
-        }
-        if let Err(e) = stream.write_all(reply) {
-            return Ending::Error(e.kind());
-        }
-    }
-}
-
-/// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
-fn timestamps_negotiated(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a tcp_info-sized out value with its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO");
-    info.tcpi_options & 1 != 0
 }
 
 /// A client connection from `pxv-cli`.
 fn connect(to: SocketAddr) -> TcpStream {
-    netns::within(NS_CLIENT, move || TcpStream::connect(to))
-        .expect("enter the client namespace")
-        .expect("connect to patroxy")
-}
-
-/// Sends `data` and reads back as many bytes, writing on a thread of its own (a large echo
-/// would otherwise fill both directions' buffers).
-fn echo(stream: &TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
-    let mut writer = stream.try_clone().unwrap();
-    let sent = data.clone();
-    let w = thread::spawn(move || writer.write_all(&sent));
-    let mut got = vec![0u8; data.len()];
-    (&*stream).read_exact(&mut got).expect("read the echo");
-    w.join().unwrap().expect("send");
-    got
-}
-
-/// The log's `client=` value for `stream`'s end.
-fn client_field(stream: &TcpStream) -> String {
-    format!("client={}", canonical(stream.local_addr().unwrap()))
-}
-
-/// Waits for a log line with `what` about the client `stream` is.
-fn wait_line(proxy: &Patroxy, stream_client: &str, what: &str) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Some(line) = proxy
-            .log()
-            .lines()
-            .find(|l| l.contains(what) && l.split_whitespace().any(|w| w == stream_client))
-        {
-            return Some(line.to_string());
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    None
+    HOSTS.connect(to)
 }
 
 #[test]
@@ -329,8 +107,8 @@ fn only_patroxys_own_syns_to_a_server_port_lose_their_options() {
     if !require_root("only_patroxys_own_syns_to_a_server_port_lose_their_options") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
     let pin = Patroxy::unique_pin_path("tcv-syn");
     let config = config(&pin, &[(LISTEN4.into(), server.addr4())]);
     let proxy = Patroxy::start("tcv-syn", &config);
@@ -377,39 +155,9 @@ fn only_patroxys_own_syns_to_a_server_port_lose_their_options() {
     );
 }
 
-fn field(line: &str, name: &str) -> Option<u64> {
-    let at = line.find(&format!(" {name}="))? + name.len() + 2;
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Sizes from 1 byte to 4 MiB, log-uniform.
-fn sizes(n: usize, mut seed: u64) -> Vec<usize> {
-    (0..n)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let exp = (seed % 2200) as f64 / 100.0;
-            (2f64.powf(exp) as usize).clamp(1, 4 << 20)
-        })
-        .collect()
-}
-
 /// A session through `listener` whose first turn was echoed and which was handed off.
 fn handed_off_session(proxy: &Patroxy, listener: SocketAddr) -> TcpStream {
-    let stream = connect(listener);
-    let hello = Arc::new(pattern(200, 7));
-    assert_eq!(echo(&stream, hello.clone()), *hello);
-    assert!(
-        wait_line(proxy, &client_field(&stream), HANDED_OFF).is_some(),
-        "never handed off:\n{}",
-        proxy.log()
-    );
-    stream
+    tc_lab::handed_off_session(&HOSTS, proxy, listener)
 }
 
 /// The words of an IPv6 address as FLOWS holds them (bpftool prints each u32 as a number).
@@ -442,8 +190,8 @@ fn ipv6_sessions_are_handed_off_byte_exact_and_end_by_fin_and_rst() {
     if !require_root("ipv6_sessions_are_handed_off_byte_exact_and_end_by_fin_and_rst") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
     let pin = Patroxy::unique_pin_path("tcv-exact");
     // l0: IPv6 to IPv6; l1: an IPv6 client to an IPv4 server.
     let config = config(
@@ -463,24 +211,8 @@ fn ipv6_sessions_are_handed_off_byte_exact_and_end_by_fin_and_rst() {
         .map(|i| {
             thread::spawn(move || {
                 let stream = connect(v6);
-                let mut sent = 0u64;
-                let turns = std::iter::once(200).chain(sizes(TURNS, 0x6e37 + i as u64));
-                for (turn, size) in turns.enumerate() {
-                    let data = Arc::new(pattern(size, (i * TURNS + turn) as u64));
-                    let got = echo(&stream, data.clone());
-                    assert_eq!(got.len(), data.len(), "session {i} turn {turn}: length");
-                    assert!(
-                        Fnv::of(&got) == Fnv::of(&data),
-                        "session {i} turn {turn}: bytes differ"
-                    );
-                    sent += size as u64;
-                    // A quiet moment for the hand-off.
-                    thread::sleep(Duration::from_millis(150));
-                }
-                stream.shutdown(Shutdown::Write).unwrap();
-                let mut rest = Vec::new();
-                (&stream).read_to_end(&mut rest).unwrap();
-                assert_eq!(rest, b"bye", "session {i}: the server's last words");
+                let sizes = sizes(TURNS, 0x6e37 + i as u64, 22).into_iter();
+                let sent = echo_turns_and_close(&stream, i, TURNS, sizes);
                 (client_field(&stream), sent)
             })
         })
@@ -620,8 +352,8 @@ fn mark_down_resets_both_ends_of_spliced_ipv6_sessions() {
     if !require_root("mark_down_resets_both_ends_of_spliced_ipv6_sessions") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
     let pin = Patroxy::unique_pin_path("tcv-markdown");
     let socket = std::env::temp_dir().join(format!("pxv-ctl-{}.sock", std::process::id()));
     let config = config(&pin, &[(LISTEN6.into(), server.addr6())])
@@ -635,42 +367,7 @@ fn mark_down_resets_both_ends_of_spliced_ipv6_sessions() {
     let sessions: Vec<TcpStream> = (0..SESSIONS)
         .map(|_| handed_off_session(&proxy, config.bind()))
         .collect();
-    // Traffic after the hand-off moves the sequence numbers the resets must carry.
-    for s in &sessions {
-        let data = Arc::new(pattern(30_000, 3));
-        assert!(echo(s, data.clone()) == *data);
-    }
-    let readers: Vec<_> = sessions
-        .into_iter()
-        .map(|s| {
-            thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut buf = [0u8; 16];
-                let result = (&s).read(&mut buf);
-                (Instant::now(), result.map_err(|e| e.kind()))
-            })
-        })
-        .collect();
-    thread::sleep(Duration::from_millis(100));
-    let down = Instant::now();
-    let out = std::process::Command::new(patroxy_bin())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(&socket)
-        .args(["set", "state", "l0/s0", "maint"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut last = Duration::ZERO;
-    for r in readers {
-        let (at, result) = r.join().unwrap();
-        assert_eq!(result, Err(io::ErrorKind::ConnectionReset));
-        last = last.max(at - down);
-    }
+    let last = mark_down_resets(sessions, &socket, "l0/s0");
     eprintln!("IPv6 mark-down: last client reset {last:?} after the state change");
     assert!(last < Duration::from_secs(2), "{last:?}");
     let served = server.wait_for(SESSIONS);
@@ -802,8 +499,8 @@ fn a_padded_bare_ack_counts_no_payload() {
     if !require_root("a_padded_bare_ack_counts_no_payload") {
         return;
     }
-    let _lab = Lab::new();
-    let server = Server::start();
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
     let pin = Patroxy::unique_pin_path("tcv-pad");
     let config = config(&pin, &[(LISTEN4.into(), server.addr4())]);
     let proxy = Patroxy::start("tcv-pad", &config);

@@ -1,0 +1,435 @@
+//! The two-host lab of the packet-level splice tests (`tc_splice`, `tc_splice_v6`): a client and
+//! a server network namespace, each joined to this one by a veth pair, the test server in the
+//! server's and client connections from the client's. Each test file names its own hosts and
+//! subnets ([`Hosts`]), so the two files never share a namespace.
+#![allow(dead_code)]
+
+use std::{
+    io::{self, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use patroxy_tests::{
+    backend::{Fnv, pattern},
+    daemon::Patroxy,
+    netns,
+    process::patroxy_bin,
+};
+
+/// What patroxy logs when it hands a session to the TC program.
+pub const HANDED_OFF: &str = "session handed to the TC program";
+
+/// One test at a time owns the hosts: they have fixed names.
+static LAB: Mutex<()> = Mutex::new(());
+
+/// The names and addresses of a lab: host `net` 1 is the client, 2 the server; the host-side
+/// veth end is `10.<subnet>.<net>.1`, the namespace's `10.<subnet>.<net>.2` (and
+/// `fd00:<subnet>:<net>::1`, `::2` with IPv6).
+pub struct Hosts {
+    pub ns_client: &'static str,
+    pub ns_server: &'static str,
+    /// The client's veth here and its peer in `ns_client`.
+    pub veth_client: &'static str,
+    pub peer_client: &'static str,
+    /// The server's veth here and its peer in `ns_server`.
+    pub veth_server: &'static str,
+    pub peer_server: &'static str,
+    /// The second byte of the IPv4 subnets (written the same in the IPv6 ones).
+    pub subnet: u8,
+    /// IPv6 addresses next to the IPv4 ones.
+    pub ipv6: bool,
+    /// Checksum offload off at the namespaces' ends (see [`full_checksums`]).
+    pub full_checksums: bool,
+}
+
+impl Hosts {
+    /// A client connection from the client host.
+    pub fn connect(&'static self, to: SocketAddr) -> TcpStream {
+        netns::within(self.ns_client, move || TcpStream::connect(to))
+            .expect("enter the client namespace")
+            .expect("connect to patroxy")
+    }
+
+    fn remove(&self) {
+        netns::remove(
+            &[self.ns_client, self.ns_server],
+            &[self.veth_client, self.veth_server],
+        );
+    }
+}
+
+/// The two hosts, removed when the test ends, however it ends.
+pub struct Lab {
+    hosts: &'static Hosts,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    pub fn new(hosts: &'static Hosts) -> Lab {
+        let turn = LAB.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.remove();
+        netns::add(hosts.ns_client).expect("client namespace");
+        netns::add(hosts.ns_server).expect("server namespace");
+        let subnet = hosts.subnet;
+        for (host, peer, ns, net) in [
+            (hosts.veth_client, hosts.peer_client, hosts.ns_client, 1),
+            (hosts.veth_server, hosts.peer_server, hosts.ns_server, 2),
+        ] {
+            netns::veth(
+                None,
+                host,
+                &format!("10.{subnet}.{net}.1/24"),
+                ns,
+                peer,
+                &format!("10.{subnet}.{net}.2/24"),
+            )
+            .expect("veth");
+            if hosts.ipv6 {
+                // nodad: usable at once (duplicate address detection would hold them for ~2 s).
+                netns::ip(&[
+                    "addr",
+                    "add",
+                    &format!("fd00:{subnet}:{net}::1/64"),
+                    "dev",
+                    host,
+                    "nodad",
+                ])
+                .expect("host IPv6 address");
+                netns::ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("fd00:{subnet}:{net}::2/64"),
+                    "dev",
+                    peer,
+                    "nodad",
+                ])
+                .expect("namespace IPv6 address");
+            }
+            if hosts.full_checksums {
+                full_checksums(ns, peer);
+            }
+        }
+        Lab { hosts, _turn: turn }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.hosts.remove();
+    }
+}
+
+/// Checksum offload off at a host's end: its packets leave with complete checksums, and what
+/// arrives is verified, as between real hosts (veth otherwise passes CHECKSUM_PARTIAL packets
+/// and trusts them unchecked, so a wrong incremental update by the program would go unseen).
+fn full_checksums(ns: &str, dev: &str) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "rx", "off",
+        ])
+        .output()
+        .expect("run ethtool");
+    assert!(
+        out.status.success(),
+        "ethtool -K {dev} tx off rx off: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How the test server ended one connection, and what it negotiated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    pub peer: SocketAddr,
+    pub timestamps: bool,
+    pub ending: Ending,
+}
+
+/// How the test server ended one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Read EOF, answered "bye" and closed.
+    Eof,
+    /// Read failed with this kind (a reset).
+    Error(io::ErrorKind),
+    /// Reset it on the client's "RST!".
+    ResetSent,
+}
+
+/// A server in the server host: echoes what it reads; on "FIN!" answers "ok" and half-closes;
+/// on "RST!" closes with RST; on EOF answers "bye" (if it still may) and closes.
+pub struct Server {
+    pub port: u16,
+    served: Arc<Mutex<Vec<Served>>>,
+}
+
+impl Server {
+    /// The server on `ip` (port chosen by the kernel); [::] takes both families.
+    pub fn start(hosts: &Hosts, ip: IpAddr) -> Server {
+        let listener = netns::within(hosts.ns_server, move || TcpListener::bind((ip, 0)))
+            .expect("enter the server namespace")
+            .expect("bind the test server");
+        let port = listener.local_addr().unwrap().port();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let s = served.clone();
+        thread::spawn(move || {
+            while let Ok((stream, peer)) = listener.accept() {
+                let s = s.clone();
+                thread::spawn(move || {
+                    let timestamps = timestamps_negotiated(&stream);
+                    let ending = serve(stream);
+                    s.lock().unwrap().push(Served {
+                        peer: canonical(peer),
+                        timestamps,
+                        ending,
+                    });
+                });
+            }
+        });
+        Server { port, served }
+    }
+
+    pub fn wait_for(&self, n: usize) -> Vec<Served> {
+        self.wait_until(|s| s.len() >= n)
+    }
+
+    /// The connections served so far, once `done` says so (or after 10 s).
+    pub fn wait_until(&self, done: impl Fn(&[Served]) -> bool) -> Vec<Served> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let served = self.served.lock().unwrap().clone();
+            if done(&served) || Instant::now() >= deadline {
+                return served;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How the connections served so far ended.
+    pub fn endings(&self) -> Vec<Ending> {
+        self.wait_until(|_| true)
+            .into_iter()
+            .map(|s| s.ending)
+            .collect()
+    }
+
+    /// How the first `n` connections ended, once they have (or after 10 s).
+    pub fn wait_for_endings(&self, n: usize) -> Vec<Ending> {
+        self.wait_for(n).into_iter().map(|s| s.ending).collect()
+    }
+}
+
+/// An IPv4 peer of a dual-stack server arrives as ::ffff:a.b.c.d.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn serve(mut stream: TcpStream) -> Ending {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut write_closed = false;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => return Ending::Error(e.kind()),
+        };
+        if n == 0 {
+            if !write_closed {
+                let _ = stream.write_all(b"bye");
+            }
+            return Ending::Eof;
+        }
+        let reply = match &buf[..n] {
+            b"FIN!" => {
+                let _ = stream.write_all(b"ok");
+                let _ = stream.shutdown(Shutdown::Write);
+                write_closed = true;
+                continue;
+            }
+            b"RST!" => {
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                return Ending::ResetSent;
+            }
+            data => data,
+        };
+        if write_closed {
+            continue;
+        }
+        if let Err(e) = stream.write_all(reply) {
+            return Ending::Error(e.kind());
+        }
+    }
+}
+
+/// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
+pub fn timestamps_negotiated(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a tcp_info-sized out value with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO");
+    info.tcpi_options & 1 != 0
+}
+
+/// Sends `data` and reads back as many bytes, writing on a thread of its own (a large echo
+/// would otherwise fill both directions' buffers).
+pub fn echo(stream: &TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.clone();
+    let w = thread::spawn(move || writer.write_all(&sent));
+    let mut got = vec![0u8; data.len()];
+    (&*stream).read_exact(&mut got).expect("read the echo");
+    w.join().unwrap().expect("send");
+    got
+}
+
+/// The log's `client=` value for `stream`'s end.
+pub fn client_field(stream: &TcpStream) -> String {
+    format!("client={}", canonical(stream.local_addr().unwrap()))
+}
+
+/// Waits (5 s at most) for a log line with `what` about `client` (a `client=` word).
+pub fn wait_line(proxy: &Patroxy, client: &str, what: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(line) = proxy
+            .log()
+            .lines()
+            .find(|l| l.contains(what) && l.split_whitespace().any(|w| w == client))
+        {
+            return Some(line.to_string());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// A session through `listener` whose first turn (a startup packet's size) was echoed and
+/// which was handed off.
+pub fn handed_off_session(
+    hosts: &'static Hosts,
+    proxy: &Patroxy,
+    listener: SocketAddr,
+) -> TcpStream {
+    let stream = hosts.connect(listener);
+    let hello = Arc::new(pattern(200, 7));
+    assert_eq!(echo(&stream, hello.clone()), *hello);
+    assert!(
+        wait_line(proxy, &client_field(&stream), HANDED_OFF).is_some(),
+        "never handed off:\n{}",
+        proxy.log()
+    );
+    stream
+}
+
+/// Session `session`'s echoes on `stream`: a 200-byte turn (a startup packet's size), then one
+/// of each of `sizes`, each byte-exact, with a quiet moment after each; then the client
+/// half-closes and hears the server's last words. Returns the bytes it sent.
+pub fn echo_turns_and_close(
+    stream: &TcpStream,
+    session: usize,
+    turns: usize,
+    sizes: impl Iterator<Item = usize>,
+) -> u64 {
+    let i = session;
+    let mut sent = 0u64;
+    for (turn, size) in std::iter::once(200).chain(sizes).enumerate() {
+        let data = Arc::new(pattern(size, (i * turns + turn) as u64));
+        let got = echo(stream, data.clone());
+        assert_eq!(got.len(), data.len(), "session {i} turn {turn}: length");
+        assert!(
+            Fnv::of(&got) == Fnv::of(&data),
+            "session {i} turn {turn}: bytes differ"
+        );
+        sent += size as u64;
+        // A quiet moment: the session is handed off here (the first attempt comes 1 ms after
+        // the splice, then every 50 ms at most).
+        thread::sleep(Duration::from_millis(150));
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&*stream).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye", "session {i}: the server's last words");
+    sent
+}
+
+/// Marks `server` (`listener/server`) down through the runtime `socket` while every one of the
+/// handed-off `sessions` waits to read, each first moved on by 30 kB each way (the resets must
+/// carry the sequence numbers of after the hand-off); asserts each client was reset and returns
+/// how long after the state change the last reset came.
+pub fn mark_down_resets(sessions: Vec<TcpStream>, socket: &Path, server: &str) -> Duration {
+    for s in &sessions {
+        let data = Arc::new(pattern(30_000, 3));
+        assert!(echo(s, data.clone()) == *data);
+    }
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 16];
+                let result = (&s).read(&mut buf);
+                (Instant::now(), result.map_err(|e| e.kind()))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    let down = Instant::now();
+    let out = std::process::Command::new(patroxy_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .args(["set", "state", server, "maint"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = Duration::ZERO;
+    for r in readers {
+        let (at, result) = r.join().unwrap();
+        assert_eq!(result, Err(io::ErrorKind::ConnectionReset));
+        last = last.max(at - down);
+    }
+    last
+}
+
+/// The number after ` name=` in a log line.
+pub fn field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sizes from 1 byte to 2^`max_log2` bytes, log-uniform.
+pub fn sizes(n: usize, mut seed: u64, max_log2: u32) -> Vec<usize> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let exp = (seed % (u64::from(max_log2) * 100)) as f64 / 100.0;
+            (2f64.powf(exp) as usize).clamp(1, 1 << max_log2)
+        })
+        .collect()
+}
