@@ -12,6 +12,7 @@
 //! (IPv4 /32, IPv6 /64) when SYN_LIMIT sets a rate; a SYN over the rate is dropped before it
 //! reaches the listen queue. The client retransmits it about a second later, so a reconnect
 //! storm is spread out rather than refused.
+use crate::token_bucket::{self, NS_PER_SEC};
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     helpers::bpf_ktime_get_ns,
@@ -68,7 +69,6 @@ const NEXTHDR_DEST: u8 = 60;
 /// TCP flags byte (offset 13): SYN and ACK.
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
-const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// A packet as a program type sees it, starting at its Ethernet header.
 pub trait Packet {
@@ -254,23 +254,13 @@ fn take_syn_token(source: &SynSource) -> bool {
         let _ = SYN_BUCKETS.insert(source, fresh, 0);
         return burst > 0;
     };
-    unsafe {
-        let elapsed = now.wrapping_sub((*bucket).last_ns);
-        // A burst's worth of time refills the bucket; below that the product fits in u64 for the
-        // rates and bursts the config accepts (each at most 1e6).
-        let credit = if elapsed >= full / rate {
-            full
-        } else {
-            let c = (*bucket).credit + elapsed * rate;
-            if c > full { full } else { c }
-        };
-        (*bucket).last_ns = now;
-        if credit >= NS_PER_SEC {
-            (*bucket).credit = credit - NS_PER_SEC;
-            true
-        } else {
-            (*bucket).credit = credit;
-            false
-        }
-    }
+    let bucket = unsafe { &mut *bucket };
+    token_bucket::take(
+        &mut bucket.last_ns,
+        &mut bucket.credit,
+        now,
+        rate,
+        full,
+        full / rate,
+    )
 }

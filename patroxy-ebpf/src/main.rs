@@ -16,6 +16,7 @@
 #![no_main]
 
 mod tc;
+mod token_bucket;
 
 use aya_ebpf::{
     Global,
@@ -30,6 +31,7 @@ use aya_log_ebpf::info;
 use patroxy_common::{
     BackendEntry, LogLimit, MAX_BACKENDS, MAX_SOCKETS, SessionEntry, SocketCookie,
 };
+use token_bucket::NS_PER_SEC;
 
 /// Established sockets keyed by SO_COOKIE. A legacy map: the kernel refuses BTF on sockmaps.
 #[map]
@@ -57,7 +59,6 @@ static PATROXY_LOG_RATE: Global<u64> = Global::new(100);
 #[btf_map]
 static LOG_LIMIT: PerCpuArray<LogLimit, 1> = PerCpuArray::new();
 
-const NS_PER_SEC: u64 = 1_000_000_000;
 const LOG_TARGET: &str = "patroxy::ebpf";
 
 /// Whether to print one line now: logging is on and this CPU's bucket has a line left.
@@ -76,27 +77,21 @@ fn take_token() -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     // The verdict can run in process context and in softirq on one CPU; a lost update here only
     // miscounts a debug line.
-    unsafe {
-        let elapsed = now.wrapping_sub((*bucket).last_ns);
-        // A second or more since the last line refills the bucket; below that the product fits
-        // in u64 for any rate the config accepts.
-        let credit = if elapsed >= NS_PER_SEC {
-            full
-        } else {
-            let c = (*bucket).credit + elapsed * rate;
-            if c > full { full } else { c }
-        };
-        (*bucket).last_ns = now;
-        if credit >= NS_PER_SEC {
-            (*bucket).credit = credit - NS_PER_SEC;
-            (*bucket).printed += 1;
-            true
-        } else {
-            (*bucket).credit = credit;
-            (*bucket).suppressed += 1;
-            false
-        }
+    let bucket = unsafe { &mut *bucket };
+    let taken = token_bucket::take(
+        &mut bucket.last_ns,
+        &mut bucket.credit,
+        now,
+        rate,
+        full,
+        NS_PER_SEC,
+    );
+    if taken {
+        bucket.printed += 1;
+    } else {
+        bucket.suppressed += 1;
     }
+    taken
 }
 
 #[stream_verdict]

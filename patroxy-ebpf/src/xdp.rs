@@ -10,6 +10,7 @@
 #![no_main]
 
 mod allowlist;
+mod token_bucket;
 
 use allowlist::{Packet, Verdict};
 use aya_ebpf::{
