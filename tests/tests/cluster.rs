@@ -366,9 +366,14 @@ fn patroni_frozen(cluster: &mut Cluster, px: &Proxy) {
     let leader = cluster.restore().unwrap();
     let old = cluster.nodes[leader].clone();
     let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
-    let watched =
-        Proxy::start_patroxy_dcs_fall(&patroxy_bin(), &cluster.nodes, ports, "auto", FROZEN_FALL)
-            .expect("patroxy with [dcs] and slow checks");
+    let watched = Proxy::start_patroxy_dcs_key_only(
+        &patroxy_bin(),
+        &cluster.nodes,
+        ports,
+        "auto",
+        FROZEN_FALL,
+    )
+    .expect("patroxy with [dcs] and slow checks");
     assert!(
         watched
             .wait_logged(
@@ -621,10 +626,20 @@ fn whole_cluster(cluster: &mut Cluster, px: &Proxy) {
 /// the new primary is UP on its first 200 on the new timeline, not after `rise`. Then etcd out
 /// of patroxy's reach (an unreachable route in the root namespace only, so Patroni keeps its
 /// DCS): nothing is marked down, and the watch connects again once the route is gone.
+///
+/// The write checks here cannot fence (`fall` [`FROZEN_FALL`], 503 not authoritative): a
+/// demoting primary answers 503 while it stops PostgreSQL, before it releases its key, and
+/// with the shipped checks that 503 wins the race some of the time (scenario 2 covers it).
 fn dcs_watch(cluster: &mut Cluster) {
     let ports = (free_tcp_port(), free_tcp_port(), free_tcp_port());
-    let px = Proxy::start_patroxy_dcs(&patroxy_bin(), &cluster.nodes, ports, "auto")
-        .expect("patroxy with [dcs]");
+    let px = Proxy::start_patroxy_dcs_key_only(
+        &patroxy_bin(),
+        &cluster.nodes,
+        ports,
+        "auto",
+        FROZEN_FALL,
+    )
+    .expect("patroxy with [dcs] and checks that cannot fence");
     assert!(
         px.wait_logged(
             "dcs: connected",
@@ -671,6 +686,23 @@ fn dcs_watch(cluster: &mut Cluster) {
         px.log()
     );
 
+    // The promoted replica is off the read listener (its /replica answers 503) before etcd
+    // goes, so that the window below sees no DOWN of the switchover's own.
+    let stats = std::net::SocketAddr::from(([127, 0, 0, 1], px.stats_port));
+    let read_status = || {
+        let csv = parse_csv(&get(stats, "/;csv").ok()?.2);
+        Some(row(&csv, "postgres_read", &o.new)["status"].clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_status().as_deref() != Some("DOWN") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        read_status().as_deref(),
+        Some("DOWN"),
+        "the new primary {} stayed on the read listener",
+        o.new
+    );
     // etcd out of patroxy's reach; Patroni's nodes still reach it through the bridge.
     let etcd_ip = patroxy_tests::cluster::etcd::client_addr();
     let etcd_ip = etcd_ip.split(':').next().unwrap().to_owned();

@@ -215,8 +215,9 @@ pub fn patroxy_dcs_config(
     ))
 }
 
-/// `config` (TOML) with `fall` set in `[default_server]`.
-fn with_fall(config: &str, fall: u32) -> Result<String, PgError> {
+/// `config` (TOML) with `fall` set in `[default_server]` and the write listener's check not
+/// authoritative (the read listener's stays so: a promoted replica leaves it at once).
+fn with_slow_checks(config: &str, fall: u32) -> Result<String, PgError> {
     let mut doc: toml::Table = config
         .parse()
         .map_err(|e| err(format!("the harness's config: {e}")))?;
@@ -227,6 +228,17 @@ fn with_fall(config: &str, fall: u32) -> Result<String, PgError> {
         return Err(err("[default_server] is not a table"));
     };
     defaults.insert("fall".into(), i64::from(fall).into());
+    let Some(toml::Value::Array(listeners)) = doc.get_mut("listener") else {
+        return Err(err("no [[listener]]"));
+    };
+    let check = listeners
+        .iter_mut()
+        .filter_map(toml::Value::as_table_mut)
+        .find(|l| l.get("name").and_then(toml::Value::as_str) == Some("postgres_write"))
+        .and_then(|l| l.get_mut("check"))
+        .and_then(toml::Value::as_table_mut)
+        .ok_or_else(|| err("no [listener.check] for postgres_write"))?;
+    check.insert("authoritative".into(), false.into());
     toml::to_string(&doc).map_err(|e| err(format!("writing the config: {e}")))
 }
 
@@ -276,9 +288,11 @@ impl Proxy {
         Self::start_patroxy_kind(Kind::PatroxyDcs, bin, nodes, ports, bpf)
     }
 
-    /// Like [`Proxy::start_patroxy_dcs`] with `fall` in `[default_server]`: checks too slow
-    /// to take a frozen leader DOWN before its key expires, so only the watch can fence it.
-    pub fn start_patroxy_dcs_fall(
+    /// Like [`Proxy::start_patroxy_dcs`] with write checks that cannot fence a leader in time:
+    /// `fall` in `[default_server]` and Patroni's 503 not authoritative on the write listener.
+    /// Only the watch fences then: a frozen leader's hung checks, or a demoting one's 503s,
+    /// count slowly against `fall`.
+    pub fn start_patroxy_dcs_key_only(
         bin: &Path,
         nodes: &[Node],
         ports: (u16, u16, u16),
@@ -315,7 +329,7 @@ impl Proxy {
             _ => patroxy_config(nodes, ports, bpf, &pin)?,
         };
         let text = match fall {
-            Some(fall) => with_fall(&text, fall)?,
+            Some(fall) => with_slow_checks(&text, fall)?,
             None => text,
         };
         std::fs::write(&cfg, text)?;
