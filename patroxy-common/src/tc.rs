@@ -37,9 +37,11 @@ pub struct FlowEntry {
     pub ifindex: u32,
     /// The session's backend: while BACKENDS fences it, the program drops the packets.
     pub backend: u32,
-    /// `FLOW_PENDING` (dropped: the hand-off is checking the sockets) or `FLOW_ACTIVE`.
+    /// `FLOW_PENDING` (the hand-off is checking the sockets: segments with data, FIN or RST are
+    /// dropped and the sender retransmits them; bare ACKs reach the proxy's socket) or
+    /// `FLOW_ACTIVE`.
     pub state: u8,
-    /// `FLOW_FIN` and `FLOW_RST` as seen in this direction.
+    /// `FLOW_FIN` and `FLOW_RST` as seen in this direction; `FLOW_ACKED` once `peer_ack` holds.
     pub seen: u8,
     /// `SIDE_CLIENT` for client->server, `SIDE_BACKEND` for server->client.
     pub side: u8,
@@ -47,7 +49,10 @@ pub struct FlowEntry {
     /// The next sequence number the receiver expects, as rewritten (highest seen end): what a
     /// reset of the receiver must carry.
     pub next_seq: u32,
-    pub _pad2: u32,
+    /// While pending: the highest acknowledgment number among the segments the program dropped
+    /// (valid once `seen` has `FLOW_ACKED`). It covers the proxy socket's own stream: what the
+    /// sender had received from the proxy, which the hand-off need not wait to see acked again.
+    pub peer_ack: u32,
     /// Payload bytes forwarded, each once (a retransmission adds nothing).
     pub bytes: u64,
     /// `bpf_ktime_get_ns` of the last packet (CLOCK_MONOTONIC).
@@ -60,6 +65,7 @@ pub const FLOW_PENDING: u8 = 0;
 pub const FLOW_ACTIVE: u8 = 1;
 pub const FLOW_FIN: u8 = 1;
 pub const FLOW_RST: u8 = 2;
+pub const FLOW_ACKED: u8 = 4;
 
 /// Capacity of FLOWS (two per spliced session).
 pub const MAX_FLOWS: u32 = 32_768;

@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use patroxy_common::tc::{
-    FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS, MAX_SYN_SOCKETS,
-    SYN_TO_LISTENER, V4_MAPPED,
+    FLOW_ACKED, FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS,
+    MAX_SYN_SOCKETS, SYN_TO_LISTENER, V4_MAPPED,
 };
 
 use crate::BACKENDS;
@@ -188,13 +188,11 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
     }
     let flow = FLOWS.get_ptr_mut(tcp.key)?;
     let entry = unsafe { *flow };
-    // The mark-down fence holds here too; so does the hand-off's own, while it checks the
-    // sockets (the sender retransmits what is dropped).
+    // The mark-down fence holds here too.
     let fenced = unsafe { BACKENDS.get(entry.backend) }.is_none_or(|b| b.fenced != 0);
-    if fenced || entry.state != FLOW_ACTIVE {
+    if fenced {
         return Some(TC_ACT_SHOT);
     }
-    rewrite(ctx, &tcp, &entry).ok()?;
     // The IP header's length, not the frame's: a NIC pads a bare ACK's frame to 60 bytes, and
     // those bytes would count as payload and push `next_seq` past what the receiver expects.
     let payload = if tcp.segment != 0 {
@@ -202,6 +200,10 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
     } else {
         (ctx.len() as usize).saturating_sub(tcp.at + tcp.len)
     } as u32;
+    if entry.state != FLOW_ACTIVE {
+        return Some(hold_while_pending(flow, &tcp, payload));
+    }
+    rewrite(ctx, &tcp, &entry).ok()?;
     let data_end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
     let fin = tcp.flags & TCP_FIN != 0;
     let end = if fin {
@@ -235,6 +237,30 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
     Some(unsafe { bpf_redirect_neigh(entry.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
         .filter(|&r| r == TC_ACT_REDIRECT)
         .or(Some(TC_ACT_SHOT))
+}
+
+/// The hand-off's fence while it checks the sockets: nothing that moves a socket's receive
+/// side gets through (data, FIN and RST are dropped; the sender retransmits them, rewritten
+/// once the flow is active), bare ACKs do, so the proxy's sent bytes get acknowledged and a
+/// window that opens lets its queued bytes out. A dropped segment's acknowledgment is kept:
+/// the peer had what it acknowledges, whether or not the proxy's socket hears it.
+#[inline(always)]
+fn hold_while_pending(flow: *mut FlowEntry, tcp: &Tcp, payload: u32) -> i32 {
+    if payload == 0 && tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        return TC_ACT_OK;
+    }
+    if tcp.flags & TCP_ACK != 0 {
+        // Two CPUs racing here can only leave a lower acknowledgment: the hand-off then waits
+        // longer, never less.
+        unsafe {
+            let seen = (*flow).seen;
+            if seen & FLOW_ACKED == 0 || (tcp.ack.wrapping_sub((*flow).peer_ack) as i32) > 0 {
+                (*flow).peer_ack = tcp.ack;
+                (*flow).seen = seen | FLOW_ACKED;
+            }
+        }
+    }
+    TC_ACT_SHOT
 }
 
 /// The other connection's addresses, ports, sequence and ack numbers, checksums kept right (for

@@ -813,6 +813,151 @@ fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
     assert!(handed > 0, "no session was handed off:\n{}", proxy.log());
 }
 
+/// One session that is never quiet: `turns` echoes of 1-400 B with no pause, each side's next
+/// message carrying the ack of the last, until `until`. Returns the bytes sent.
+fn ping_pong_until(stream: &TcpStream, i: usize, until: Instant) -> u64 {
+    let mut sent = 0;
+    let mut seed = 0xb0b_u64 + i as u64;
+    let mut got = vec![0u8; 400];
+    while Instant::now() < until {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let data = pattern(1 + (seed % 400) as usize, seed);
+        (&*stream).write_all(&data).unwrap();
+        (&*stream).read_exact(&mut got[..data.len()]).unwrap();
+        assert!(got[..data.len()] == data[..], "session {i} after {sent} B");
+        sent += data.len() as u64;
+    }
+    sent
+}
+
+/// One session streaming both ways at once until `until`: a writer sends a 1 MiB + 7 pattern
+/// over and over, 16 KiB a millisecond, while this thread reads the echo and compares every
+/// byte with it (a byte lost or repeated shifts everything after it). Returns the bytes sent.
+///
+/// Not at line rate: an echo at line rate cannot settle behind the fence (the server, whose
+/// segments are dropped, fills its send buffer and stops reading, so the proxy's queue toward
+/// it never empties); such a session stays on the sockmap, its fenced attempts counted.
+fn stream_both_ways_until(stream: &TcpStream, i: usize, until: Instant) -> u64 {
+    const PERIOD: usize = (1 << 20) + 7;
+    // A first message of a startup packet's size, echoed before the stream starts: more than
+    // 64 KiB before the backend connects would put the session on the fallback path.
+    let hello = Arc::new(pattern(200, i as u64));
+    assert!(
+        echo(stream, hello.clone()) == *hello,
+        "session {i}: first echo"
+    );
+    let data = Arc::new(pattern(PERIOD, 0x5717 + i as u64));
+    let mut writer = stream.try_clone().unwrap();
+    let chunks = data.clone();
+    let w = thread::spawn(move || {
+        let mut sent = 0u64;
+        let mut at = 0;
+        while Instant::now() < until {
+            let end = (at + 16 * 1024).min(PERIOD);
+            writer.write_all(&chunks[at..end]).unwrap();
+            sent += (end - at) as u64;
+            at = end % PERIOD;
+            thread::sleep(Duration::from_millis(1));
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+        sent
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    // The server's "bye" follows the echo: the last 3 bytes wait until more arrive.
+    let mut last = std::collections::VecDeque::with_capacity(4);
+    let mut at = 0usize;
+    loop {
+        let n = (&*stream).read(&mut buf).expect("read the echo");
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            last.push_back(b);
+            if last.len() > 3 {
+                let echoed = last.pop_front().unwrap();
+                assert_eq!(echoed, data[at % PERIOD], "session {i}: byte {at}");
+                at += 1;
+            }
+        }
+    }
+    let sent = w.join().unwrap();
+    assert_eq!(last, b"bye", "session {i}: what followed the echo");
+    assert_eq!(at as u64, sent, "session {i}: bytes echoed");
+    sent + hello.len() as u64
+}
+
+/// Sessions that are never quiet (ping-pong with no pause, and streams both ways at once) are
+/// handed off all the same, behind the program's fence, and stay byte-exact; their closed lines
+/// count every byte. The sockmap-only hand-off never finds such a session quiet.
+#[test]
+fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
+    if !require_root("busy_sessions_are_handed_off_behind_the_fence_byte_exact") {
+        return;
+    }
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
+    let pin = Patroxy::unique_pin_path("tc-busy");
+    let config = config(&pin, server.port);
+    let proxy = Patroxy::start("tc-busy", &config);
+    let addr = config.bind();
+    const PING_PONG: usize = 8;
+    const STREAMS: usize = 3;
+    // Past the first fenced attempt (250 ms) and two more should it fail.
+    let until = Instant::now() + Duration::from_millis(2500);
+    let sessions: Vec<_> = (0..PING_PONG + STREAMS)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect(addr);
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let sent = if i < PING_PONG {
+                    let sent = ping_pong_until(&stream, i, until);
+                    stream.shutdown(Shutdown::Write).unwrap();
+                    let mut rest = Vec::new();
+                    (&stream).read_to_end(&mut rest).unwrap();
+                    assert_eq!(rest, b"bye", "session {i}");
+                    sent
+                } else {
+                    stream_both_ways_until(&stream, i, until)
+                };
+                (local_port(&stream), sent)
+            })
+        })
+        .collect();
+    let results: Vec<(u16, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
+    for &(port, sent) in &results {
+        let line = closed_line(&proxy, port).expect("a session closed line");
+        assert!(line.contains("session closed: client close"), "{line}");
+        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
+        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
+    }
+    let log = proxy.log();
+    let handed_off = |port: u16| {
+        log.lines()
+            .find(|l| l.contains(HANDED_OFF) && l.contains(&client_on(port)))
+            .map(str::to_owned)
+    };
+    let mut fenced = 0;
+    for &(port, _) in &results {
+        let line = handed_off(port)
+            .unwrap_or_else(|| panic!("client port {port} was never handed off:\n{log}"));
+        fenced += usize::from(line.contains("mode=Fenced"));
+    }
+    let sent: u64 = results.iter().map(|r| r.1).sum();
+    eprintln!(
+        "busy sessions: {} handed off, {fenced} behind the fence, {} fenced attempts abandoned, \
+         {:.1} MB echoed",
+        results.len(),
+        proxy.count_log("hand-off abandoned: the session did not settle"),
+        sent as f64 / 1e6
+    );
+    assert!(fenced > 0, "no session needed the fence:\n{log}");
+}
+
 #[test]
 fn an_idle_spliced_session_times_out_with_a_reset_of_both_ends() {
     if !require_root("an_idle_spliced_session_times_out_with_a_reset_of_both_ends") {

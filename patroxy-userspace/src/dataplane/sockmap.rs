@@ -26,11 +26,6 @@ use super::{
     tc::{self, TcPath},
 };
 
-/// First hand-off attempt this long after the splice, then backing off while the session is
-/// busy: a quiet moment is seldom missed by more than the current pause.
-const FIRST_HAND_OFF: Duration = Duration::from_millis(1);
-const MAX_HAND_OFF_PAUSE: Duration = Duration::from_millis(50);
-
 /// How the sockmap part of a session ended.
 enum Watched {
     Ended(EndReason),
@@ -220,15 +215,16 @@ impl Spliced {
         let mut first_close = None;
         // `insert` just stamped both entries with the current time: no need to read them back.
         let mut idle_deadline = Instant::now() + self.meta.idle_timeout;
-        let mut hand_off_pause = FIRST_HAND_OFF;
-        let mut hand_off_at = self.tc.as_ref().map(|_| Instant::now() + hand_off_pause);
+        let mut hand_off = self.tc.as_ref().map(|_| tc::Schedule::new(Instant::now()));
         loop {
             if !client_open && !backend_open {
                 return Watched::Ended(first_close.unwrap_or(EndReason::ClientClose));
             }
-            let hand_off = async {
-                match hand_off_at {
-                    Some(at) if client_open && backend_open => sleep_until(at).await,
+            let hand_off_due = async {
+                match &hand_off {
+                    Some(schedule) if client_open && backend_open => {
+                        sleep_until(schedule.due()).await;
+                    }
                     _ => std::future::pending().await,
                 }
             };
@@ -243,8 +239,12 @@ impl Spliced {
                     }
                     continue;
                 }
-                () = hand_off => {
+                () = hand_off_due => {
                     let (spliced, baseline) = self.tc.as_ref().expect("hand-off timer without TC");
+                    let schedule = hand_off.as_mut().expect("hand-off timer without a schedule");
+                    let mode = schedule.mode(Instant::now());
+                    // A fenced attempt holds the session's data for at most 50 ms: a kill or a
+                    // close seen after it is not late by more.
                     match tc::try_hand_off(
                         spliced,
                         &self.maps,
@@ -253,13 +253,13 @@ impl Spliced {
                         (self.client_cookie, self.backend_cookie),
                         *baseline,
                         self.meta.backend_id,
-                    ) {
+                        mode,
+                    )
+                    .await
+                    {
                         tc::Attempt::HandedOff(flow) => return Watched::HandedOff(flow),
-                        tc::Attempt::NotNow => {
-                            hand_off_pause = (hand_off_pause * 2).min(MAX_HAND_OFF_PAUSE);
-                            hand_off_at = Some(Instant::now() + hand_off_pause);
-                        }
-                        tc::Attempt::Never => hand_off_at = None,
+                        tc::Attempt::NotNow => schedule.failed(mode, Instant::now()),
+                        tc::Attempt::Never => hand_off = None,
                     }
                     continue;
                 }

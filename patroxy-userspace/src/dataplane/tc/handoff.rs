@@ -1,16 +1,21 @@
 //! Moving one sockmap session to the TC program without losing or duplicating a byte.
 //!
 //! The order makes every failure safe to undo:
-//! 1. the session must be quiet: nothing unread, nothing unacknowledged, nothing waiting in the
-//!    sockmap's queues (each socket's TCP counted exactly the bytes the verdict gave it);
-//! 2. both flows go into FLOWS as pending: from now on the program drops the session's packets
-//!    (a sender retransmits them), so the sockets' state can no longer change;
-//! 3. quiet again, and the counters unchanged since 1 (a packet that passed the program just
-//!    before 2 has reached its socket by then): otherwise the entries go and the session stays
-//!    on the sockmap, to be tried again later;
-//! 4. both sockets leave SOCKS (their psocks are empty), enter TCP_REPAIR and give their
-//!    sequence numbers; quiet and unchanged once more (else back to the sockmap, retried
-//!    later); the entries become active with the offsets between the two connections.
+//! 1. both flows go into FLOWS as pending: from now on the program drops the session's data,
+//!    FIN and RST segments (a sender retransmits them) and keeps their acknowledgments; bare
+//!    ACKs still reach the sockets. So the sockets' receive side can no longer change.
+//! 2. the sockets must have settled: nothing unread, nothing waiting in the sockmap's queues
+//!    (each socket's TCP counted exactly the bytes the verdict gave it);
+//! 3. both sockets leave SOCKS (their psocks are empty), enter TCP_REPAIR and give their
+//!    sequence numbers; every byte each one sent must have reached its peer (acknowledged to
+//!    the socket, or by a segment the program dropped), and the counters must not have moved
+//!    since 2 (a packet the program passed just before 1 reaches its socket by then);
+//! 4. the entries become active with the offsets between the two connections.
+//!
+//! Otherwise the sockets go back to the sockmap, the entries go, and the session is tried again
+//! later. A [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it
+//! drops nothing; a [`Mode::Fenced`] one (for a session that is never quiet) waits behind the
+//! fence, at most [`FENCE_WINDOW`], for 2 and 3 to hold.
 //!
 //! Only sessions whose legs can be joined are tried: both legs of one family (a packet cannot
 //! change from IPv6 to IPv4 by a rewrite), neither leg with timestamps or SACK (the SYN option
@@ -23,8 +28,9 @@ use std::{
 
 use patroxy_common::{
     SIDE_BACKEND, SIDE_CLIENT,
-    tc::{FLOW_ACTIVE, FLOW_PENDING, FlowEntry, FlowKey, V4_MAPPED},
+    tc::{FLOW_ACKED, FLOW_ACTIVE, FLOW_PENDING, FlowEntry, FlowKey, V4_MAPPED},
 };
+use tokio::time::{Duration, Instant};
 use tracing::debug;
 
 use super::{Flow, TcPath, repair};
@@ -57,6 +63,25 @@ pub enum Attempt {
     Never,
 }
 
+/// How a hand-off knows that no byte is in flight between the proxy's two sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Only from a moment the session is already quiet: nothing is dropped, but a session
+    /// under continuous load has no such moment (each side's next message carries the ack of
+    /// the last one).
+    Quiet,
+    /// Fence first: the program drops the session's data segments (keeping their acks) while
+    /// the sockets settle, for at most [`FENCE_WINDOW`]. A sender retransmits what was dropped
+    /// after its retransmission timeout (200 ms at least), rewritten then: one pause per
+    /// direction that was sending, the price of a busy session's hand-off.
+    Fenced,
+}
+
+/// How long a fenced hand-off waits for the sockets to settle before it lifts the fence.
+const FENCE_WINDOW: Duration = Duration::from_millis(50);
+/// How often a fenced hand-off looks at the sockets.
+const FENCE_POLL: Duration = Duration::from_millis(1);
+
 /// The session's two legs, as the program sees them.
 struct Legs {
     /// client -> proxy listener
@@ -67,7 +92,17 @@ struct Legs {
     server_ifindex: u32,
 }
 
-pub fn try_hand_off(
+/// The session's sockets and what the checks compare them with.
+struct Session<'a> {
+    maps: &'a KernelMaps,
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    cookies: (u64, u64),
+    baseline: Baseline,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn try_hand_off(
     tc: &TcPath,
     maps: &Arc<KernelMaps>,
     client: &TcpStream,
@@ -75,6 +110,7 @@ pub fn try_hand_off(
     cookies: (u64, u64),
     baseline: Baseline,
     backend_id: u32,
+    mode: Mode,
 ) -> Attempt {
     let legs = match legs(tc, client, backend) {
         Ok(legs) => legs,
@@ -83,8 +119,21 @@ pub fn try_hand_off(
             return Attempt::Never;
         }
     };
-    let Some(before) = quiet(maps, client, backend, cookies, baseline) else {
-        return Attempt::NotNow;
+    let session = Session {
+        maps,
+        client,
+        backend,
+        cookies,
+        baseline,
+    };
+    // A quiet session's counters must not move behind the fence: a packet the program passed
+    // just before it would reach its socket by the checks after.
+    let expected = match mode {
+        Mode::Quiet => match session.quiet() {
+            Some(counters) => Some(counters),
+            None => return Attempt::NotNow,
+        },
+        Mode::Fenced => None,
     };
     let keys = [
         key(legs.client.0, legs.client.1),
@@ -105,62 +154,34 @@ pub fn try_hand_off(
             }
         }
     }
-    let abandon = |tc: &TcPath| {
-        let mut flows = tc.flows.lock().expect("flows lock");
-        for k in &keys {
-            let _ = flows.remove(k);
+    // The program drops the session's data from now on. A quiet session is checked once; a
+    // busy one until its sockets settle, first after a pause that lets a packet passed just
+    // before the fence reach its socket.
+    let deadline = Instant::now() + FENCE_WINDOW;
+    let taken = loop {
+        if mode == Mode::Fenced {
+            tokio::time::sleep(FENCE_POLL).await;
         }
+        match session.take_over(tc, &keys, expected) {
+            Ok(Some(sequences)) => break Some(sequences),
+            Ok(None) if mode == Mode::Fenced && Instant::now() < deadline => {}
+            Ok(None) => break None,
+            Err(e) => {
+                // Without TCP_REPAIR (no CAP_NET_ADMIN) no session can be handed off: back to
+                // the sockmap, for good.
+                debug!("TCP_REPAIR failed ({e}); the session stays on the sockmap path");
+                lift_fence(tc, &keys);
+                tc.counters.mismatched.fetch_add(1, Ordering::Relaxed);
+                return Attempt::Never;
+            }
+        }
+    };
+    let Some(((a_snd, a_rcv), (b_snd, b_rcv))) = taken else {
+        debug!(?mode, "hand-off abandoned: the session did not settle");
+        lift_fence(tc, &keys);
         tc.counters.retried.fetch_add(1, Ordering::Relaxed);
-        Attempt::NotNow
+        return Attempt::NotNow;
     };
-    let after = quiet(maps, client, backend, cookies, baseline);
-    if after != Some(before) {
-        debug!(?before, ?after, "hand-off abandoned: the session moved");
-        return abandon(tc);
-    }
-    {
-        let mut socks = maps.socks.lock().expect("socks lock");
-        let _ = socks.remove(&cookies.0);
-        let _ = socks.remove(&cookies.1);
-    }
-    let sequences = (|| {
-        repair::enter(client)?;
-        repair::enter(backend)?;
-        let a = repair::sequences(client)?;
-        let b = repair::sequences(backend)?;
-        repair::quiet(client)?;
-        repair::quiet(backend)?;
-        std::io::Result::Ok((a, b))
-    })();
-    let ((a_snd, a_rcv), (b_snd, b_rcv)) = match sequences {
-        Ok(s) => s,
-        Err(e) => {
-            // Without TCP_REPAIR (no CAP_NET_ADMIN) no session can be handed off: back to the
-            // sockmap, for good.
-            debug!("TCP_REPAIR failed ({e}); the session stays on the sockmap path");
-            let _ = repair::leave(client);
-            let _ = repair::leave(backend);
-            reinsert(maps, client, backend, cookies);
-            abandon(tc);
-            tc.counters.mismatched.fetch_add(1, Ordering::Relaxed);
-            return Attempt::Never;
-        }
-    };
-    // A packet the program passed just before the fence may reach its socket only now (it sat
-    // in the socket's backlog while a check above held the socket): a last look, after the
-    // sequence numbers were read, so that none moved unseen.
-    let last = quiet(maps, client, backend, cookies, baseline);
-    if last != Some(before) {
-        debug!(
-            ?before,
-            ?last,
-            "hand-off abandoned: the session moved while it was read"
-        );
-        let _ = repair::leave(client);
-        let _ = repair::leave(backend);
-        reinsert(maps, client, backend, cookies);
-        return abandon(tc);
-    }
     // The idle timeout counts from the hand-off until the program sees a packet.
     let now = sockopt::monotonic_ns();
     // client -> server: the client's bytes continue the backend socket's stream; its acks
@@ -201,8 +222,135 @@ pub fn try_hand_off(
         let _ = flows.insert(keys[1], to_client, 0);
     }
     tc.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-    debug!(client = %legs.client.0, "session handed to the TC program");
+    debug!(client = %legs.client.0, ?mode, "session handed to the TC program");
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
+}
+
+/// The pending entries go: the session's packets reach its sockets again (and the ones dropped
+/// meanwhile are retransmitted to them).
+fn lift_fence(tc: &TcPath, keys: &[FlowKey; 2]) {
+    let mut flows = tc.flows.lock().expect("flows lock");
+    for k in keys {
+        let _ = flows.remove(k);
+    }
+}
+
+impl Session<'_> {
+    /// The sockets' counters if the session is quiet now: settled, and every byte each socket
+    /// sent acknowledged.
+    fn quiet(&self) -> Option<[u64; 2]> {
+        let counters = self.settled()?;
+        let acked = |socket| repair::unacked_bytes(socket).is_ok_and(|n| n == 0);
+        (acked(self.client) && acked(self.backend)).then_some(counters)
+    }
+
+    /// Behind the fence: if the sockets have settled and every byte they sent reached its peer
+    /// (acknowledged to the socket, or in a segment the program dropped), both sockets leave
+    /// SOCKS and stay in repair mode, and their (send, receive) sequence numbers come back.
+    /// `None`: not yet (or the counters are not `expected`), and the sockets are as they were.
+    #[allow(clippy::type_complexity)]
+    fn take_over(
+        &self,
+        tc: &TcPath,
+        keys: &[FlowKey; 2],
+        expected: Option<[u64; 2]>,
+    ) -> std::io::Result<Option<((u32, u32), (u32, u32))>> {
+        let Some(before) = self.settled() else {
+            return Ok(None);
+        };
+        if expected.is_some_and(|e| e != before) {
+            return Ok(None);
+        }
+        let (client, backend) = (self.client, self.backend);
+        {
+            let mut socks = self.maps.socks.lock().expect("socks lock");
+            let _ = socks.remove(&self.cookies.0);
+            let _ = socks.remove(&self.cookies.1);
+        }
+        let sequences = (|| {
+            repair::enter(client)?;
+            repair::enter(backend)?;
+            let a = repair::sequences(client)?;
+            let b = repair::sequences(backend)?;
+            std::io::Result::Ok((a, b))
+        })();
+        let back = || {
+            let _ = repair::leave(client);
+            let _ = repair::leave(backend);
+            reinsert(self.maps, client, backend, self.cookies);
+        };
+        let (a, b) = match sequences {
+            Ok(s) => s,
+            Err(e) => {
+                back();
+                return Err(e);
+            }
+        };
+        let acked = {
+            let flows = tc.flows.lock().expect("flows lock");
+            let reached = |socket: &TcpStream, snd_nxt: u32, from_peer: &FlowKey| {
+                repair::unacked_bytes(socket).is_ok_and(|n| n == 0)
+                    || flows.get(from_peer, 0).is_ok_and(|e| {
+                        e.seen & FLOW_ACKED != 0 && e.peer_ack.wrapping_sub(snd_nxt) as i32 >= 0
+                    })
+            };
+            reached(client, a.0, &keys[0]) && reached(backend, b.0, &keys[1])
+        };
+        // A packet the program passed just before the fence may reach its socket only now (it
+        // sat in the socket's backlog while a check above held the socket): a last look, after
+        // the sequence numbers were read, so that none moved unseen.
+        let after = self.settled();
+        if !acked || after != Some(before) {
+            tracing::trace!(acked, ?before, ?after, "hand-off: not settled yet");
+            back();
+            return Ok(None);
+        }
+        if let Err(e) = repair::quiet(client).and_then(|()| repair::quiet(backend)) {
+            back();
+            return Err(e);
+        }
+        Ok(Some((a, b)))
+    }
+
+    /// The bytes each socket received if the session has settled: both established, nothing
+    /// unread, and every byte the verdict forwarded to a socket handed to its TCP. (Bytes a
+    /// socket sent may still be unacknowledged: [`Session::take_over`] asks about those.)
+    fn settled(&self) -> Option<[u64; 2]> {
+        let forwarded_to = |cookie| {
+            self.maps
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .get(&cookie, 0)
+                .map(|e| e.bytes_tx)
+                .ok()
+        };
+        let (to_client, to_backend) =
+            (forwarded_to(self.cookies.0)?, forwarded_to(self.cookies.1)?);
+        let (c, b) = (
+            sockopt::tcp_counters(self.client).ok()?,
+            sockopt::tcp_counters(self.backend).ok()?,
+        );
+        let established = c.state == 1 && b.state == 1;
+        let drained = sockopt::queued_bytes(self.client).ok()? == 0
+            && sockopt::queued_bytes(self.backend).ok()? == 0;
+        let delivered = c.bytes_written == self.baseline.client_written + to_client
+            && b.bytes_written == self.baseline.backend_written + to_backend;
+        if !(established && drained && delivered) {
+            tracing::trace!(
+                established,
+                drained,
+                delivered,
+                ?c,
+                ?b,
+                to_client,
+                to_backend,
+                baseline = ?self.baseline,
+                "not settled"
+            );
+        }
+        (established && drained && delivered).then_some([c.bytes_received, b.bytes_received])
+    }
 }
 
 /// FLOWS' key of the packets from `from` to `to` (also what the stats look flows up by).
@@ -274,56 +422,6 @@ fn legs<'a>(
             Err(&tc.counters.mismatched)
         }
     }
-}
-
-/// The sockets' counters if the session is quiet: both established, nothing unread, nothing
-/// unacknowledged, and every byte the verdict forwarded to a socket handed to its TCP.
-fn quiet(
-    maps: &KernelMaps,
-    client: &TcpStream,
-    backend: &TcpStream,
-    cookies: (u64, u64),
-    baseline: Baseline,
-) -> Option<[u64; 4]> {
-    let forwarded_to = |cookie| {
-        maps.sessions
-            .lock()
-            .expect("sessions lock")
-            .get(&cookie, 0)
-            .map(|e| e.bytes_tx)
-            .ok()
-    };
-    let (to_client, to_backend) = (forwarded_to(cookies.0)?, forwarded_to(cookies.1)?);
-    let (c, b) = (
-        sockopt::tcp_counters(client).ok()?,
-        sockopt::tcp_counters(backend).ok()?,
-    );
-    let established = c.state == 1 && b.state == 1;
-    let drained = sockopt::queued_bytes(client).ok()? == 0
-        && sockopt::queued_bytes(backend).ok()? == 0
-        && repair::unacked_bytes(client).ok()? == 0
-        && repair::unacked_bytes(backend).ok()? == 0;
-    let delivered = c.bytes_written == baseline.client_written + to_client
-        && b.bytes_written == baseline.backend_written + to_backend;
-    if !(established && drained && delivered) {
-        tracing::trace!(
-            established,
-            drained,
-            delivered,
-            ?c,
-            ?b,
-            to_client,
-            to_backend,
-            ?baseline,
-            "not quiet"
-        );
-    }
-    (established && drained && delivered).then_some([
-        c.bytes_received,
-        c.bytes_acked,
-        b.bytes_received,
-        b.bytes_acked,
-    ])
 }
 
 fn reinsert(maps: &KernelMaps, client: &TcpStream, backend: &TcpStream, cookies: (u64, u64)) {

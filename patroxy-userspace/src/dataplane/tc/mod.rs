@@ -1,14 +1,16 @@
 //! The packet-level splice (`datapath = "tc"`): a session starts on the sockmap path and, at the
-//! first moment both directions are idle and acknowledged, is handed to the TC program
-//! (`patroxy-ebpf/src/tc.rs`), which then forwards its packets between the two connections
-//! itself. `attach` puts the programs on the configured interfaces, `handoff` moves a session,
-//! `flow` watches a handed-off session to its end and `repair` has the socket options;
-//! `open_flows` reads the pinned flows for the stats and `patroxy sessions`.
+//! first moment both directions are idle and acknowledged (or, for a session still busy after
+//! 250 ms, behind a short fence), is handed to the TC program (`patroxy-ebpf/src/tc.rs`), which
+//! then forwards its packets between the two connections itself. `attach` puts the programs on
+//! the configured interfaces, `schedule` says when to try, `handoff` moves a session, `flow`
+//! watches a handed-off session to its end and `repair` has the socket options; `open_flows`
+//! reads the pinned flows for the stats and `patroxy sessions`.
 mod attach;
 mod flow;
 mod handoff;
 mod open_flows;
 mod repair;
+mod schedule;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -27,6 +29,7 @@ pub(super) use flow::Flow;
 pub(super) use handoff::{Attempt, Baseline, try_hand_off};
 pub use open_flows::{OpenFlows, SessionFlows};
 use patroxy_common::tc::{FlowEntry, FlowKey, SYN_TO_LISTENER};
+pub(super) use schedule::Schedule;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info};
 
