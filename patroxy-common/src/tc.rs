@@ -41,7 +41,8 @@ pub struct FlowEntry {
     /// dropped and the sender retransmits them; bare ACKs reach the proxy's socket) or
     /// `FLOW_ACTIVE`.
     pub state: u8,
-    /// `FLOW_FIN` and `FLOW_RST` as seen in this direction; `FLOW_ACKED` once `peer_ack` holds.
+    /// `FLOW_FIN` and `FLOW_RST` as seen in this direction; while pending, `FLOW_ACKED` once
+    /// `peer_ack` holds and `FLOW_DROPPED` once a segment was dropped.
     pub seen: u8,
     /// `SIDE_CLIENT` for client->server, `SIDE_BACKEND` for server->client.
     pub side: u8,
@@ -66,6 +67,8 @@ pub const FLOW_ACTIVE: u8 = 1;
 pub const FLOW_FIN: u8 = 1;
 pub const FLOW_RST: u8 = 2;
 pub const FLOW_ACKED: u8 = 4;
+/// While pending: the program dropped a segment with data, FIN or RST in this direction.
+pub const FLOW_DROPPED: u8 = 8;
 
 /// Capacity of FLOWS (two per spliced session).
 pub const MAX_FLOWS: u32 = 32_768;

@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use patroxy_common::tc::{
-    FLOW_ACKED, FLOW_ACTIVE, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS, MAX_SYN_PORTS,
-    MAX_SYN_SOCKETS, SYN_TO_LISTENER, V4_MAPPED,
+    FLOW_ACKED, FLOW_ACTIVE, FLOW_DROPPED, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS,
+    MAX_SYN_PORTS, MAX_SYN_SOCKETS, SYN_TO_LISTENER, V4_MAPPED,
 };
 
 use crate::BACKENDS;
@@ -243,22 +243,24 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
 /// side gets through (data, FIN and RST are dropped; the sender retransmits them, rewritten
 /// once the flow is active), bare ACKs do, so the proxy's sent bytes get acknowledged and a
 /// window that opens lets its queued bytes out. A dropped segment's acknowledgment is kept:
-/// the peer had what it acknowledges, whether or not the proxy's socket hears it.
+/// the peer had what it acknowledges, whether or not the proxy's socket hears it. A drop is
+/// noted too: the hand-off then tells the sender at once (duplicate ACKs).
 #[inline(always)]
 fn hold_while_pending(flow: *mut FlowEntry, tcp: &Tcp, payload: u32) -> i32 {
     if payload == 0 && tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
         return TC_ACT_OK;
     }
-    if tcp.flags & TCP_ACK != 0 {
-        // Two CPUs racing here can only leave a lower acknowledgment: the hand-off then waits
-        // longer, never less.
-        unsafe {
-            let seen = (*flow).seen;
-            if seen & FLOW_ACKED == 0 || (tcp.ack.wrapping_sub((*flow).peer_ack) as i32) > 0 {
-                (*flow).peer_ack = tcp.ack;
-                (*flow).seen = seen | FLOW_ACKED;
-            }
+    // Two CPUs racing here can only leave a lower acknowledgment: the hand-off then waits
+    // longer, never less.
+    unsafe {
+        let mut seen = (*flow).seen | FLOW_DROPPED;
+        if tcp.flags & TCP_ACK != 0
+            && (seen & FLOW_ACKED == 0 || (tcp.ack.wrapping_sub((*flow).peer_ack) as i32) > 0)
+        {
+            (*flow).peer_ack = tcp.ack;
+            seen |= FLOW_ACKED;
         }
+        (*flow).seen = seen;
     }
     TC_ACT_SHOT
 }

@@ -20,7 +20,7 @@ use std::{
 };
 
 use patroxy_tests::{
-    backend::pattern,
+    backend::{Fnv, pattern},
     config::{
         Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
         ServerConfig, StatsConfig,
@@ -37,8 +37,8 @@ use patroxy_tests::{
 mod tc_lab;
 
 use tc_lab::{
-    Ending, HANDED_OFF, Hosts, Lab, Server, echo, echo_turns_and_close, field, mark_down_resets,
-    sizes, timestamps_negotiated, wait_line,
+    Ending, HANDED_OFF, Hosts, Lab, STREAM_PERIOD, Server, echo, echo_turns_and_close, field,
+    mark_down_resets, sizes, stream_pattern, timestamps_negotiated, wait_line,
 };
 
 const NS_CLIENT: &str = "pxs-cli";
@@ -832,65 +832,188 @@ fn ping_pong_until(stream: &TcpStream, i: usize, until: Instant) -> u64 {
     sent
 }
 
-/// One session streaming both ways at once until `until`: a writer sends a 1 MiB + 7 pattern
-/// over and over, 16 KiB a millisecond, while this thread reads the echo and compares every
-/// byte with it (a byte lost or repeated shifts everything after it). Returns the bytes sent.
-///
-/// Not at line rate: an echo at line rate cannot settle behind the fence (the server, whose
-/// segments are dropped, fills its send buffer and stops reading, so the proxy's queue toward
-/// it never empties); such a session stays on the sockmap, its fenced attempts counted.
-fn stream_both_ways_until(stream: &TcpStream, i: usize, until: Instant) -> u64 {
-    const PERIOD: usize = (1 << 20) + 7;
-    // A first message of a startup packet's size, echoed before the stream starts: more than
-    // 64 KiB before the backend connects would put the session on the fallback path.
+/// A first message of a startup packet's size, echoed: more than 64 KiB before the backend
+/// connects would put the session on the fallback path.
+fn hello(stream: &TcpStream, i: usize) -> u64 {
     let hello = Arc::new(pattern(200, i as u64));
     assert!(
         echo(stream, hello.clone()) == *hello,
         "session {i}: first echo"
     );
-    let data = Arc::new(pattern(PERIOD, 0x5717 + i as u64));
-    let mut writer = stream.try_clone().unwrap();
-    let chunks = data.clone();
-    let w = thread::spawn(move || {
-        let mut sent = 0u64;
-        let mut at = 0;
-        while Instant::now() < until {
-            let end = (at + 16 * 1024).min(PERIOD);
-            writer.write_all(&chunks[at..end]).unwrap();
-            sent += (end - at) as u64;
-            at = end % PERIOD;
-            thread::sleep(Duration::from_millis(1));
-        }
-        writer.shutdown(Shutdown::Write).unwrap();
-        sent
-    });
-    let mut buf = vec![0u8; 256 * 1024];
-    // The server's "bye" follows the echo: the last 3 bytes wait until more arrive.
-    let mut last = std::collections::VecDeque::with_capacity(4);
-    let mut at = 0usize;
-    loop {
-        let n = (&*stream).read(&mut buf).expect("read the echo");
-        if n == 0 {
-            break;
-        }
-        for &b in &buf[..n] {
-            last.push_back(b);
-            if last.len() > 3 {
-                let echoed = last.pop_front().unwrap();
-                assert_eq!(echoed, data[at % PERIOD], "session {i}: byte {at}");
-                at += 1;
-            }
-        }
-    }
-    let sent = w.join().unwrap();
-    assert_eq!(last, b"bye", "session {i}: what followed the echo");
-    assert_eq!(at as u64, sent, "session {i}: bytes echoed");
-    sent + hello.len() as u64
+    hello.len() as u64
 }
 
-/// Sessions that are never quiet (ping-pong with no pause, and streams both ways at once) are
-/// handed off all the same, behind the program's fence, and stay byte-exact; their closed lines
-/// count every byte. The sockmap-only hand-off never finds such a session quiet.
+/// One session streaming to the server, as a COPY FROM does, until `until`: the server counts
+/// and hashes what it received. Returns the bytes sent and received.
+fn stream_to_server_until(stream: &TcpStream, i: usize, until: Instant) -> (u64, u64) {
+    let mut sent = hello(stream, i);
+    (&*stream).write_all(b"SINK").unwrap();
+    let mut ok = [0u8; 2];
+    (&*stream).read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"ok");
+    sent += 4;
+    let data = stream_pattern(i as u64);
+    let (mut streamed, mut at, mut hash) = (0u64, 0usize, Fnv::default());
+    while Instant::now() < until {
+        let end = (at + 64 * 1024).min(STREAM_PERIOD);
+        (&*stream).write_all(&data[at..end]).unwrap();
+        hash.update(&data[at..end]);
+        streamed += (end - at) as u64;
+        at = end % STREAM_PERIOD;
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    (&*stream).read_to_string(&mut answer).unwrap();
+    assert_eq!(
+        answer,
+        format!("{streamed} {:x}", hash.value()),
+        "session {i}: what the server received"
+    );
+    (sent + streamed, sent - 4 + 2 + answer.len() as u64)
+}
+
+/// One session streaming from the server, as a COPY TO does: `bytes` bytes, every one compared
+/// with the pattern. Returns the bytes sent and received.
+fn stream_from_server(stream: &TcpStream, i: usize, bytes: u64) -> (u64, u64) {
+    let mut sent = hello(stream, i);
+    let command = format!("SOURCE {bytes} {i}");
+    (&*stream).write_all(command.as_bytes()).unwrap();
+    sent += command.len() as u64;
+    let data = stream_pattern(i as u64);
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut got, mut at) = (0u64, 0usize);
+    while got < bytes {
+        let n = (&*stream)
+            .read(&mut buf[..(bytes - got).min(256 * 1024) as usize])
+            .expect("read the stream");
+        assert!(n > 0, "session {i}: EOF after {got} of {bytes} bytes");
+        for &b in &buf[..n] {
+            assert_eq!(b, data[at], "session {i}: byte {got}");
+            at = (at + 1) % STREAM_PERIOD;
+            got += 1;
+        }
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&*stream).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye", "session {i}");
+    (sent, 200 + bytes + 3)
+}
+
+/// A TcpExt counter of `/proc/net/netstat` in namespace `ns`.
+fn tcp_ext(ns: &str, name: &str) -> u64 {
+    let text = netns::within(ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+    })
+    .expect("enter the namespace")
+    .expect("read /proc/net/netstat");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let (names, values) = (lines[0], lines[1]);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TcpExt {name} in {ns}"))
+}
+
+/// Bytes a stream from the server carries: about 2.5 s at the source's pace (at most 256 KiB a
+/// millisecond), past the first fenced attempts.
+const SOURCE_BYTES: u64 = 500_000_000;
+
+/// What one run of busy sessions showed.
+struct Busy {
+    fenced: usize,
+    /// Fenced hand-offs whose fence dropped segments.
+    fenced_with_drops: usize,
+    abandoned: usize,
+    /// TCPTimeouts and TCPRenoRecovery (fast retransmits without SACK) counted by the client
+    /// host and the server host during the run.
+    timeouts: [u64; 2],
+    recoveries: [u64; 2],
+}
+
+/// `ping_pong` sessions of echoes with no pause, and `streams` one-way streams (to the server
+/// and from it in turn), all for at least 2.5 s (past the first fenced attempt at 250 ms, and
+/// two more should it fail): each byte-exact, handed off, its closed line counting every byte.
+fn busy_sessions(proxy: &Patroxy, addr: SocketAddr, ping_pong: usize, streams: usize) -> Busy {
+    let hosts = |name| [NS_CLIENT, NS_SERVER].map(|ns| tcp_ext(ns, name));
+    let abandoned_before = proxy.count_log("hand-off abandoned: the session did not settle");
+    let (timeouts_before, recoveries_before) = (hosts("TCPTimeouts"), hosts("TCPRenoRecovery"));
+    let until = Instant::now() + Duration::from_millis(2500);
+    let sessions: Vec<_> = (0..ping_pong + streams)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect(addr);
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let (sent, received) = if i < ping_pong {
+                    let sent = ping_pong_until(&stream, i, until);
+                    stream.shutdown(Shutdown::Write).unwrap();
+                    let mut rest = Vec::new();
+                    (&stream).read_to_end(&mut rest).unwrap();
+                    assert_eq!(rest, b"bye", "session {i}");
+                    (sent, sent + 3)
+                } else if i % 2 == 0 {
+                    stream_to_server_until(&stream, i, until)
+                } else {
+                    stream_from_server(&stream, i, SOURCE_BYTES)
+                };
+                (local_port(&stream), sent, received)
+            })
+        })
+        .collect();
+    let results: Vec<(u16, u64, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
+    for &(port, sent, received) in &results {
+        let line = closed_line(proxy, port).expect("a session closed line");
+        assert!(line.contains("session closed: client close"), "{line}");
+        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
+        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(received), "{line}");
+    }
+    let (timeouts_after, recoveries_after) = (hosts("TCPTimeouts"), hosts("TCPRenoRecovery"));
+    let log = proxy.log();
+    let (mut fenced, mut fenced_with_drops) = (0, 0);
+    for &(port, _, _) in &results {
+        let line = log
+            .lines()
+            .find(|l| l.contains(HANDED_OFF) && l.contains(&client_on(port)))
+            .unwrap_or_else(|| panic!("client port {port} was never handed off:\n{log}"));
+        fenced += usize::from(line.contains("mode=Fenced"));
+        fenced_with_drops += usize::from(
+            line.contains("mode=Fenced")
+                && (line.contains("dropped=[true") || line.contains(", true]")),
+        );
+    }
+    let busy = Busy {
+        fenced,
+        fenced_with_drops,
+        abandoned: proxy.count_log("hand-off abandoned: the session did not settle")
+            - abandoned_before,
+        timeouts: [0, 1].map(|i| timeouts_after[i] - timeouts_before[i]),
+        recoveries: [0, 1].map(|i| recoveries_after[i] - recoveries_before[i]),
+    };
+    let moved: u64 = results.iter().map(|r| r.1 + r.2).sum();
+    eprintln!(
+        "{ping_pong} ping-pong and {streams} streaming sessions: {fenced} handed off behind the \
+         fence ({fenced_with_drops} of them dropping segments), {} attempts abandoned, {:.1} MB moved; \
+         (client host, server host): retransmission timeouts {:?}, fast retransmits {:?}",
+        busy.abandoned,
+        moved as f64 / 1e6,
+        busy.timeouts,
+        busy.recoveries
+    );
+    busy
+}
+
+/// Sessions that are never quiet are handed off all the same, behind the program's fence, and
+/// stay byte-exact; the sockmap-only hand-off never finds such a session quiet.
+///
+/// One-way streams: what a fence dropped is retransmitted at once, the hand-off's duplicate
+/// ACKs starting a fast retransmit (the lab loses nothing else, so nothing else starts one).
+/// Ping-pong: a sender with one segment in flight cannot fast-retransmit (three duplicates
+/// need three later segments), so its dropped message waits for its timeout.
 #[test]
 fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
     if !require_root("busy_sessions_are_handed_off_behind_the_fence_byte_exact") {
@@ -902,60 +1025,20 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
     let config = config(&pin, server.port);
     let proxy = Patroxy::start("tc-busy", &config);
     let addr = config.bind();
-    const PING_PONG: usize = 8;
-    const STREAMS: usize = 3;
-    // Past the first fenced attempt (250 ms) and two more should it fail.
-    let until = Instant::now() + Duration::from_millis(2500);
-    let sessions: Vec<_> = (0..PING_PONG + STREAMS)
-        .map(|i| {
-            thread::spawn(move || {
-                let stream = connect(addr);
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .unwrap();
-                let sent = if i < PING_PONG {
-                    let sent = ping_pong_until(&stream, i, until);
-                    stream.shutdown(Shutdown::Write).unwrap();
-                    let mut rest = Vec::new();
-                    (&stream).read_to_end(&mut rest).unwrap();
-                    assert_eq!(rest, b"bye", "session {i}");
-                    sent
-                } else {
-                    stream_both_ways_until(&stream, i, until)
-                };
-                (local_port(&stream), sent)
-            })
-        })
-        .collect();
-    let results: Vec<(u16, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
-    for &(port, sent) in &results {
-        let line = closed_line(&proxy, port).expect("a session closed line");
-        assert!(line.contains("session closed: client close"), "{line}");
-        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
-        assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
-        assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
+    let streams = busy_sessions(&proxy, addr, 0, 4);
+    if streams.fenced_with_drops > 0 {
+        assert!(
+            streams.recoveries.iter().sum::<u64>() > 0,
+            "no sender retransmitted fast what a fence dropped:\n{}",
+            proxy.log()
+        );
     }
-    let log = proxy.log();
-    let handed_off = |port: u16| {
-        log.lines()
-            .find(|l| l.contains(HANDED_OFF) && l.contains(&client_on(port)))
-            .map(str::to_owned)
-    };
-    let mut fenced = 0;
-    for &(port, _) in &results {
-        let line = handed_off(port)
-            .unwrap_or_else(|| panic!("client port {port} was never handed off:\n{log}"));
-        fenced += usize::from(line.contains("mode=Fenced"));
-    }
-    let sent: u64 = results.iter().map(|r| r.1).sum();
-    eprintln!(
-        "busy sessions: {} handed off, {fenced} behind the fence, {} fenced attempts abandoned, \
-         {:.1} MB echoed",
-        results.len(),
-        proxy.count_log("hand-off abandoned: the session did not settle"),
-        sent as f64 / 1e6
+    let ping_pong = busy_sessions(&proxy, addr, 8, 0);
+    assert!(
+        ping_pong.fenced > 0,
+        "no ping-pong session needed the fence:\n{}",
+        proxy.log()
     );
-    assert!(fenced > 0, "no session needed the fence:\n{log}");
 }
 
 #[test]

@@ -162,7 +162,10 @@ pub enum Ending {
 }
 
 /// A server in the server host: echoes what it reads; on "FIN!" answers "ok" and half-closes;
-/// on "RST!" closes with RST; on EOF answers "bye" (if it still may) and closes.
+/// on "RST!" closes with RST; on EOF answers "bye" (if it still may) and closes. Two commands
+/// make a one-way stream, like a COPY: "SINK" (answered "ok") reads to EOF without echoing and
+/// then answers "<bytes> <fnv hash>"; "SOURCE <bytes> <seed>" sends that many bytes of
+/// [`stream_pattern`] and goes on echoing.
 pub struct Server {
     pub port: u16,
     served: Arc<Mutex<Vec<Served>>>,
@@ -244,6 +247,22 @@ fn serve(mut stream: TcpStream) -> Ending {
             return Ending::Eof;
         }
         let reply = match &buf[..n] {
+            b"SINK" => {
+                let _ = stream.write_all(b"ok");
+                return sink(stream);
+            }
+            command if command.starts_with(b"SOURCE ") => {
+                let command = String::from_utf8_lossy(command).into_owned();
+                let mut args = command
+                    .split(' ')
+                    .skip(1)
+                    .map(|a| a.parse::<u64>().unwrap());
+                let (bytes, seed) = (args.next().unwrap(), args.next().unwrap());
+                if let Err(e) = source(&mut stream, bytes, seed) {
+                    return Ending::Error(e.kind());
+                }
+                continue;
+            }
             b"FIN!" => {
                 let _ = stream.write_all(b"ok");
                 let _ = stream.shutdown(Shutdown::Write);
@@ -265,6 +284,51 @@ fn serve(mut stream: TcpStream) -> Ending {
             return Ending::Error(e.kind());
         }
     }
+}
+
+/// The period of the one-way streams' bytes: 1 MiB + 7, so that a byte lost or repeated
+/// shifts everything after it out of line.
+pub const STREAM_PERIOD: usize = (1 << 20) + 7;
+
+/// The bytes a one-way stream repeats.
+pub fn stream_pattern(seed: u64) -> Vec<u8> {
+    pattern(STREAM_PERIOD, seed)
+}
+
+/// "SINK": reads to EOF, then answers how many bytes came and their hash.
+fn sink(mut stream: TcpStream) -> Ending {
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut bytes, mut hash) = (0u64, Fnv::default());
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                bytes += n as u64;
+                hash.update(&buf[..n]);
+            }
+            Err(e) => return Ending::Error(e.kind()),
+        }
+    }
+    let _ = stream.write_all(format!("{bytes} {:x}", hash.value()).as_bytes());
+    Ending::Eof
+}
+
+/// "SOURCE": `bytes` bytes of [`stream_pattern`]`(seed)`, 256 KiB a millisecond at most (a
+/// PostgreSQL COPY TO's pace, not memory's: the sockmap queues without limit what a faster
+/// sender sends).
+fn source(stream: &mut TcpStream, bytes: u64, seed: u64) -> io::Result<()> {
+    let data = stream_pattern(seed);
+    let (mut sent, mut at) = (0u64, 0usize);
+    while sent < bytes {
+        let end = (at + 256 * 1024)
+            .min(STREAM_PERIOD)
+            .min(at + (bytes - sent) as usize);
+        stream.write_all(&data[at..end])?;
+        sent += (end - at) as u64;
+        at = end % STREAM_PERIOD;
+        thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).

@@ -10,7 +10,9 @@
 //!    sequence numbers; every byte each one sent must have reached its peer (acknowledged to
 //!    the socket, or by a segment the program dropped), and the counters must not have moved
 //!    since 2 (a packet the program passed just before 1 reaches its socket by then);
-//! 4. the entries become active with the offsets between the two connections.
+//! 4. the entries become active with the offsets between the two connections, and a sender
+//!    whose segments were dropped gets duplicate ACKs (`nudge`) so that it retransmits them
+//!    at once.
 //!
 //! Otherwise the sockets go back to the sockmap, the entries go, and the session is tried again
 //! later. A [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it
@@ -28,7 +30,7 @@ use std::{
 
 use patroxy_common::{
     SIDE_BACKEND, SIDE_CLIENT,
-    tc::{FLOW_ACKED, FLOW_ACTIVE, FLOW_PENDING, FlowEntry, FlowKey, V4_MAPPED},
+    tc::{FLOW_ACKED, FLOW_ACTIVE, FLOW_DROPPED, FLOW_PENDING, FlowEntry, FlowKey, V4_MAPPED},
 };
 use tokio::time::{Duration, Instant};
 use tracing::debug;
@@ -78,7 +80,7 @@ pub enum Mode {
 }
 
 /// How long a fenced hand-off waits for the sockets to settle before it lifts the fence.
-const FENCE_WINDOW: Duration = Duration::from_millis(50);
+const FENCE_WINDOW: Duration = Duration::from_millis(150);
 /// How often a fenced hand-off looks at the sockets.
 const FENCE_POLL: Duration = Duration::from_millis(1);
 
@@ -176,7 +178,12 @@ pub async fn try_hand_off(
             }
         }
     };
-    let Some(((a_snd, a_rcv), (b_snd, b_rcv))) = taken else {
+    let Some(Taken {
+        client: (a_snd, a_rcv),
+        backend: (b_snd, b_rcv),
+        dropped,
+    }) = taken
+    else {
         debug!(?mode, "hand-off abandoned: the session did not settle");
         lift_fence(tc, &keys);
         tc.counters.retried.fetch_add(1, Ordering::Relaxed);
@@ -222,8 +229,40 @@ pub async fn try_hand_off(
         let _ = flows.insert(keys[1], to_client, 0);
     }
     tc.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-    debug!(client = %legs.client.0, ?mode, "session handed to the TC program");
+    debug!(client = %legs.client.0, ?mode, ?dropped, "session handed to the TC program");
+    // The senders of what the fence dropped retransmit it now rather than at their timeout,
+    // to the active flows. Sent from the proxy's end of each connection, in its numbers.
+    if dropped[0] {
+        nudge(tc, client, legs.client, (a_snd, a_rcv));
+    }
+    if dropped[1] {
+        nudge(tc, backend, legs.server, (b_snd, b_rcv));
+    }
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
+}
+
+/// Duplicate ACKs to the peer of `socket` (in repair mode), whose connection is `leg` (peer,
+/// proxy's end) with the proxy's `(snd_nxt, rcv_nxt)`.
+fn nudge(tc: &TcPath, socket: &TcpStream, leg: (SocketAddr, SocketAddr), (snd, rcv): (u32, u32)) {
+    let sent = repair::negotiated(socket)
+        .and_then(|n| repair::advertised_window(socket, n.rcv_wscale))
+        .and_then(|window| tc.nudger.dup_acks(leg.1, leg.0, snd, rcv, window));
+    match sent {
+        Ok(()) => {
+            tc.counters.nudged.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            debug!(peer = %leg.0, "no duplicate ACKs after the hand-off ({e}): the sender retransmits at its timeout")
+        }
+    }
+}
+
+/// What [`Session::take_over`] took: each socket's (send, receive) sequence numbers, and
+/// whether the program dropped segments from [client, server] behind the fence.
+struct Taken {
+    client: (u32, u32),
+    backend: (u32, u32),
+    dropped: [bool; 2],
 }
 
 /// The pending entries go: the session's packets reach its sockets again (and the ones dropped
@@ -248,13 +287,12 @@ impl Session<'_> {
     /// (acknowledged to the socket, or in a segment the program dropped), both sockets leave
     /// SOCKS and stay in repair mode, and their (send, receive) sequence numbers come back.
     /// `None`: not yet (or the counters are not `expected`), and the sockets are as they were.
-    #[allow(clippy::type_complexity)]
     fn take_over(
         &self,
         tc: &TcPath,
         keys: &[FlowKey; 2],
         expected: Option<[u64; 2]>,
-    ) -> std::io::Result<Option<((u32, u32), (u32, u32))>> {
+    ) -> std::io::Result<Option<Taken>> {
         let Some(before) = self.settled() else {
             return Ok(None);
         };
@@ -286,16 +324,17 @@ impl Session<'_> {
                 return Err(e);
             }
         };
-        let acked = {
+        let pending = {
             let flows = tc.flows.lock().expect("flows lock");
-            let reached = |socket: &TcpStream, snd_nxt: u32, from_peer: &FlowKey| {
-                repair::unacked_bytes(socket).is_ok_and(|n| n == 0)
-                    || flows.get(from_peer, 0).is_ok_and(|e| {
-                        e.seen & FLOW_ACKED != 0 && e.peer_ack.wrapping_sub(snd_nxt) as i32 >= 0
-                    })
-            };
-            reached(client, a.0, &keys[0]) && reached(backend, b.0, &keys[1])
+            keys.map(|k| flows.get(&k, 0).ok())
         };
+        let reached = |socket: &TcpStream, snd_nxt: u32, from_peer: Option<FlowEntry>| {
+            repair::unacked_bytes(socket).is_ok_and(|n| n == 0)
+                || from_peer.is_some_and(|e| {
+                    e.seen & FLOW_ACKED != 0 && e.peer_ack.wrapping_sub(snd_nxt) as i32 >= 0
+                })
+        };
+        let acked = reached(client, a.0, pending[0]) && reached(backend, b.0, pending[1]);
         // A packet the program passed just before the fence may reach its socket only now (it
         // sat in the socket's backlog while a check above held the socket): a last look, after
         // the sequence numbers were read, so that none moved unseen.
@@ -309,7 +348,11 @@ impl Session<'_> {
             back();
             return Err(e);
         }
-        Ok(Some((a, b)))
+        Ok(Some(Taken {
+            client: a,
+            backend: b,
+            dropped: pending.map(|e| e.is_some_and(|e| e.seen & FLOW_DROPPED != 0)),
+        }))
     }
 
     /// The bytes each socket received if the session has settled: both established, nothing

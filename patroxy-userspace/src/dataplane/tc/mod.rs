@@ -2,12 +2,14 @@
 //! first moment both directions are idle and acknowledged (or, for a session still busy after
 //! 250 ms, behind a short fence), is handed to the TC program (`patroxy-ebpf/src/tc.rs`), which
 //! then forwards its packets between the two connections itself. `attach` puts the programs on
-//! the configured interfaces, `schedule` says when to try, `handoff` moves a session, `flow`
-//! watches a handed-off session to its end and `repair` has the socket options; `open_flows`
-//! reads the pinned flows for the stats and `patroxy sessions`.
+//! the configured interfaces, `schedule` says when to try, `handoff` moves a session (`nudge`
+//! hurries what its fence dropped), `flow` watches a handed-off session to its end and
+//! `repair` has the socket options; `open_flows` reads the pinned flows for the stats and
+//! `patroxy sessions`.
 mod attach;
 mod flow;
 mod handoff;
+mod nudge;
 mod open_flows;
 mod repair;
 mod schedule;
@@ -52,6 +54,8 @@ pub struct TcPath {
     _links: Vec<attach::TcLink>,
     /// FLOWS' pin, for bpftool; removed on drop.
     flows_pin: PathBuf,
+    /// Raw sockets for the duplicate ACKs after a fenced hand-off.
+    nudger: nudge::Nudger,
     pub counters: TcCounters,
 }
 
@@ -70,6 +74,8 @@ pub struct TcCounters {
     pub mismatched: AtomicU64,
     /// Sessions the TC program carries now (handed off, not yet ended).
     pub carried: AtomicU64,
+    /// Senders told by duplicate ACKs, after a fenced hand-off, to retransmit what was dropped.
+    pub nudged: AtomicU64,
 }
 
 impl TcCounters {
@@ -126,6 +132,7 @@ impl TcPath {
             interfaces,
             _links: links,
             flows_pin,
+            nudger: nudge::Nudger::open(),
             counters: TcCounters::default(),
         })
     }
@@ -189,6 +196,7 @@ impl Drop for Connecting<'_> {
 impl Drop for TcPath {
     fn drop(&mut self) {
         let [handed_off, retried, mixed_family, mismatched] = self.counters.snapshot();
+        let nudged = self.counters.nudged.load(Ordering::Relaxed);
         // A target of its own, so a run at `warn` can still ask for this line
         // (PATROXY_LOG=warn,patroxy_tc=info: the bench does).
         info!(
@@ -197,7 +205,8 @@ impl Drop for TcPath {
             retried,
             mixed_family,
             mismatched,
-            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options)"
+            nudged,
+            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options), senders told to retransmit what a fence dropped"
         );
         let _ = std::fs::remove_file(&self.flows_pin);
     }

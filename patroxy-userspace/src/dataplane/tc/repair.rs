@@ -117,6 +117,38 @@ pub(super) fn sequences(fd: &impl AsFd) -> io::Result<(u32, u32)> {
     Ok((read(TCP_SEND_QUEUE)?, read(TCP_RECV_QUEUE)?))
 }
 
+/// The window a socket in repair mode last advertised, as its peer reads the header field
+/// (scaled by `rcv_wscale`, the scale the socket announced).
+pub(super) fn advertised_window(fd: &impl AsFd, rcv_wscale: u8) -> io::Result<u16> {
+    /// include/uapi/linux/tcp.h: struct tcp_repair_window.
+    #[repr(C)]
+    #[derive(Default)]
+    struct RepairWindow {
+        snd_wl1: u32,
+        snd_wnd: u32,
+        max_window: u32,
+        rcv_wnd: u32,
+        rcv_wup: u32,
+    }
+    const TCP_REPAIR_WINDOW: libc::c_int = 29;
+    let mut w = RepairWindow::default();
+    let mut len = std::mem::size_of::<RepairWindow>() as libc::socklen_t;
+    // SAFETY: the struct the kernel fills, with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            (&raw mut w).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((w.rcv_wnd >> rcv_wscale).min(u32::from(u16::MAX)) as u16)
+}
+
 /// Keepalive off: a repair-mode socket must send nothing of its own while the TC program
 /// carries its connection.
 pub(super) fn quiet(fd: &impl AsFd) -> io::Result<()> {

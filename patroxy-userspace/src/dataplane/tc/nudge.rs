@@ -1,0 +1,171 @@
+//! After a fenced hand-off, a sender whose segments the program dropped learns at once that
+//! they were lost: five duplicate ACKs from the proxy's end of its connection. The first may
+//! count as a window update, the next three start a fast retransmit (SACK is off on these
+//! connections, so it is NewReno's count of three), and the retransmission meets the active
+//! flow. Without them the sender waits for its retransmission timeout, 200 ms at least, and
+//! a bulk sender then restarts from a window of one segment.
+//!
+//! Sent on IPPROTO_RAW sockets, which only send (they are handed no incoming packet), opened
+//! at start-up while CAP_NET_RAW is still held.
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tracing::debug;
+
+/// One more than NewReno's three duplicates: the first ACK after the sender's last window
+/// update is itself one (RFC 5681 counts only ACKs that leave the window alone).
+const DUP_ACKS: usize = 5;
+const IPPROTO_TCP: u8 = 6;
+const TCP_ACK: u8 = 0x10;
+
+pub struct Nudger {
+    v4: Option<Socket>,
+    v6: Option<Socket>,
+}
+
+impl Nudger {
+    /// The two raw sockets; one that cannot be had (no CAP_NET_RAW, no IPv6) only means its
+    /// family's senders wait for their timeout.
+    pub fn open() -> Self {
+        let raw = |domain| {
+            Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))
+                .map_err(|e| {
+                    debug!(
+                        ?domain,
+                        "no raw socket for the hand-off's duplicate ACKs: {e}"
+                    )
+                })
+                .ok()
+        };
+        Self {
+            v4: raw(Domain::IPV4),
+            v6: raw(Domain::IPV6),
+        }
+    }
+
+    /// Duplicate ACKs from `from` to `to`: `seq` is what `to` expects next, `ack` what it sent
+    /// first and has not had acknowledged, `window` the window field as `to` reads it (scaled).
+    pub fn dup_acks(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        seq: u32,
+        ack: u32,
+        window: u16,
+    ) -> io::Result<()> {
+        let socket = match to {
+            SocketAddr::V4(_) => self.v4.as_ref(),
+            SocketAddr::V6(_) => self.v6.as_ref(),
+        }
+        .ok_or_else(|| io::Error::other("no raw socket for this family"))?;
+        let packet = ack_packet(from, to, seq, ack, window)?;
+        // The port of a raw socket's destination must be 0 (or the protocol).
+        let dst = SockAddr::from(SocketAddr::new(to.ip(), 0));
+        for _ in 0..DUP_ACKS {
+            socket.send_to(&packet, &dst)?;
+        }
+        Ok(())
+    }
+}
+
+/// An IP packet holding a bare TCP ACK (no options), checksums included.
+fn ack_packet(
+    from: SocketAddr,
+    to: SocketAddr,
+    seq: u32,
+    ack: u32,
+    window: u16,
+) -> io::Result<Vec<u8>> {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&from.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&to.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_ACK;
+    tcp[14..16].copy_from_slice(&window.to_be_bytes());
+    let mut packet = Vec::with_capacity(60);
+    match (from.ip(), to.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut pseudo = Vec::with_capacity(12);
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&[0, IPPROTO_TCP, 0, 20]);
+            let sum = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            // Version 4, 5 words; total length 40; don't fragment; TTL 64. The kernel fills
+            // in the header checksum (and the id) of an IPPROTO_RAW packet.
+            packet.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, IPPROTO_TCP, 0, 0]);
+            packet.extend_from_slice(&src.octets());
+            packet.extend_from_slice(&dst.octets());
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut pseudo = Vec::with_capacity(40);
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP]);
+            let sum = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            // Version 6; payload length 20; next header TCP; hop limit 64.
+            packet.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, IPPROTO_TCP, 64]);
+            packet.extend_from_slice(&src.octets());
+            packet.extend_from_slice(&dst.octets());
+        }
+        _ => return Err(io::Error::other("an IPv4 and an IPv6 address")),
+    }
+    packet.extend_from_slice(&tcp);
+    Ok(packet)
+}
+
+/// The Internet checksum (RFC 1071) of the parts, each of even length.
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = parts
+        .iter()
+        .flat_map(|p| p.chunks(2))
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_ack_checks_out_with_its_own_checksum() {
+        let from: SocketAddr = "10.0.0.1:5432".parse().unwrap();
+        let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        let p = ack_packet(from, to, 0x0102_0304, 0xa0b0_c0d0, 512).unwrap();
+        assert_eq!(p.len(), 40);
+        assert_eq!(&p[24..28], &[1, 2, 3, 4], "seq");
+        assert_eq!(&p[28..32], &[0xa0, 0xb0, 0xc0, 0xd0], "ack");
+        assert_eq!(p[33], TCP_ACK);
+        // Summing the pseudo-header and the segment, its checksum included, gives 0.
+        let pseudo = [&p[12..20], &[0, IPPROTO_TCP, 0, 20][..]].concat();
+        assert_eq!(checksum(&[&pseudo, &p[20..]]), 0);
+    }
+
+    #[test]
+    fn an_ipv6_ack_checks_out_with_its_own_checksum() {
+        let from: SocketAddr = "[fd00::1]:5432".parse().unwrap();
+        let to: SocketAddr = "[fd00::2]:40000".parse().unwrap();
+        let p = ack_packet(from, to, 7, 9, 1024).unwrap();
+        assert_eq!(p.len(), 60);
+        assert_eq!(p[0] >> 4, 6);
+        let pseudo = [&p[8..40], &[0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP][..]].concat();
+        assert_eq!(checksum(&[&pseudo, &p[40..]]), 0);
+    }
+
+    #[test]
+    fn mixed_families_are_refused() {
+        let from: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let to: SocketAddr = "[fd00::2]:2".parse().unwrap();
+        assert!(ack_packet(from, to, 0, 0, 0).is_err());
+    }
+}
