@@ -101,6 +101,7 @@ mod pod {
     unsafe impl aya::Pod for super::LogLimit {}
     unsafe impl aya::Pod for super::tc::FlowKey {}
     unsafe impl aya::Pod for super::tc::FlowEntry {}
+    unsafe impl aya::Pod for super::tc::HeldSegment {}
     unsafe impl aya::Pod for super::xdp::AllowV4 {}
     unsafe impl aya::Pod for super::xdp::AllowV6 {}
     unsafe impl aya::Pod for super::xdp::XdpCounters {}

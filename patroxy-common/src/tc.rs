@@ -62,6 +62,26 @@ pub struct FlowEntry {
     pub fin_ns: u64,
 }
 
+/// Value of HELD (key: the direction's `FlowKey`): a copy of the first segment with data the
+/// hand-off's fence dropped in one direction, if its payload fits. After the hand-off the proxy
+/// sends it on to the other end itself: a sender with one segment in flight (a query) cannot be
+/// made to retransmit it at once, and would otherwise wait for its timeout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HeldSegment {
+    /// Its sequence number, as the sender numbered it.
+    pub seq: u32,
+    /// Payload bytes in `data`.
+    pub len: u32,
+    /// 2048 bytes, more than `HELD_MAX`: the program's copy length is bounded by a mask.
+    pub data: [u8; 2048],
+}
+
+/// The largest payload HELD keeps: a full-sized segment of a 1500-byte MTU.
+pub const HELD_MAX: usize = 1460;
+/// Capacity of HELD (two per session in a hand-off at once).
+pub const MAX_HELD: u32 = 1024;
+
 pub const FLOW_PENDING: u8 = 0;
 pub const FLOW_ACTIVE: u8 = 1;
 pub const FLOW_FIN: u8 = 1;

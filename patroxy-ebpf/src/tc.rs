@@ -16,14 +16,15 @@
 //! connections keep both options, other local clients of the same server port included.
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
-    btf_maps::HashMap,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
+    btf_maps::{HashMap, PerCpuArray},
+    cty::c_void,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_skb_load_bytes},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use patroxy_common::tc::{
-    FLOW_ACKED, FLOW_ACTIVE, FLOW_DROPPED, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, MAX_FLOWS,
-    MAX_SYN_PORTS, MAX_SYN_SOCKETS, SYN_TO_LISTENER, V4_MAPPED,
+    FLOW_ACKED, FLOW_ACTIVE, FLOW_DROPPED, FLOW_FIN, FLOW_RST, FlowEntry, FlowKey, HELD_MAX,
+    HeldSegment, MAX_FLOWS, MAX_HELD, MAX_SYN_PORTS, MAX_SYN_SOCKETS, SYN_TO_LISTENER, V4_MAPPED,
 };
 
 use crate::BACKENDS;
@@ -31,6 +32,14 @@ use crate::BACKENDS;
 /// One direction of a handed-off connection -> how to rewrite it (typed in `bpftool map dump`).
 #[btf_map]
 pub static FLOWS: HashMap<FlowKey, FlowEntry, { MAX_FLOWS as usize }> = HashMap::new();
+
+/// One direction of a session in a hand-off -> the first data segment its fence dropped.
+#[btf_map]
+static HELD: HashMap<FlowKey, HeldSegment, { MAX_HELD as usize }> = HashMap::new();
+
+/// Where a held segment is put together before it goes into HELD (too large for the stack).
+#[btf_map]
+static HELD_SCRATCH: PerCpuArray<HeldSegment, 1> = PerCpuArray::new();
 
 /// Destination port (host byte order) -> `SYN_TO_LISTENER`.
 #[btf_map]
@@ -201,7 +210,11 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
         (ctx.len() as usize).saturating_sub(tcp.at + tcp.len)
     } as u32;
     if entry.state != FLOW_ACTIVE {
-        return Some(hold_while_pending(flow, &tcp, payload));
+        let verdict = hold_while_pending(flow, &tcp, payload);
+        if verdict == TC_ACT_SHOT {
+            keep_first_dropped(ctx, &tcp, payload);
+        }
+        return Some(verdict);
     }
     rewrite(ctx, &tcp, &entry).ok()?;
     let data_end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
@@ -263,6 +276,41 @@ fn hold_while_pending(flow: *mut FlowEntry, tcp: &Tcp, payload: u32) -> i32 {
         (*flow).seen = seen;
     }
     TC_ACT_SHOT
+}
+
+/// Copies a dropped segment with data (no FIN, RST or SYN) into HELD if it is the first of
+/// its direction and its payload fits: the hand-off sends it on itself.
+#[inline(always)]
+fn keep_first_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
+    if payload == 0
+        || payload as usize > HELD_MAX
+        || tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+        || unsafe { HELD.get(tcp.key) }.is_some()
+    {
+        return;
+    }
+    let Some(scratch) = HELD_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let held = unsafe { &mut *scratch };
+    // Exactly the payload (the frame may be padded past it; it is 1..=HELD_MAX here), in a form
+    // the verifier can bound: 1..=2048 by a mask, within the 2048-byte buffer. The volatile read
+    // keeps the compiler from dropping the mask it knows to be a no-op.
+    let len = (unsafe { core::ptr::read_volatile(&payload) }.wrapping_sub(1) & 0x7ff) + 1;
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            (tcp.at + tcp.len) as u32,
+            held.data.as_mut_ptr() as *mut c_void,
+            len,
+        )
+    };
+    if loaded != 0 {
+        return;
+    }
+    held.seq = tcp.seq;
+    held.len = payload;
+    let _ = HELD.insert(tcp.key, &*held, 0);
 }
 
 /// The other connection's addresses, ports, sequence and ack numbers, checksums kept right (for

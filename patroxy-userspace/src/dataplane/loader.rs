@@ -67,8 +67,8 @@ pub struct KernelMaps {
 
 impl KernelMaps {
     /// Loads and attaches the program; with `log`, also starts printing its debug lines.
-    /// Without `with_tc` the packet-level splice's flow map is created with one entry (its
-    /// 32k entries are preallocated: some MB of kernel memory no session would use).
+    /// Without `with_tc` the packet-level splice's flow and held-segment maps are created with
+    /// one entry (their entries are preallocated: some MB of kernel memory no session would use).
     pub fn load(pin_dir: &Path, log: Option<KernelLog>, with_tc: bool) -> Result<Self, LoadError> {
         if !privileged() {
             return Err(LoadError::NotPrivileged);
@@ -76,7 +76,7 @@ impl KernelMaps {
         let unused: &[&str] = if with_tc {
             &[]
         } else {
-            &[super::tc::MAP_FLOWS]
+            &[super::tc::MAP_FLOWS, super::tc::MAP_HELD]
         };
         let mut ebpf = KernelLog::load_object(log, crate::EBPF_OBJECT, unused)?;
         let pin_lock = prepare_pin_dir(pin_dir)?;

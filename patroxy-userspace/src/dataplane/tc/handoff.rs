@@ -12,7 +12,7 @@
 //!    since 2 (a packet the program passed just before 1 reaches its socket by then);
 //! 4. the entries become active with the offsets between the two connections, and a sender
 //!    whose segments were dropped gets duplicate ACKs (`nudge`) so that it retransmits them
-//!    at once.
+//!    at once; the first dropped segment, if the program kept it, goes on to the other end.
 //!
 //! Otherwise the sockets go back to the sockmap, the entries go, and the session is tried again
 //! later. A [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it
@@ -30,7 +30,10 @@ use std::{
 
 use patroxy_common::{
     SIDE_BACKEND, SIDE_CLIENT,
-    tc::{FLOW_ACKED, FLOW_ACTIVE, FLOW_DROPPED, FLOW_PENDING, FlowEntry, FlowKey, V4_MAPPED},
+    tc::{
+        FLOW_ACKED, FLOW_ACTIVE, FLOW_DROPPED, FLOW_PENDING, FlowEntry, FlowKey, HeldSegment,
+        V4_MAPPED,
+    },
 };
 use tokio::time::{Duration, Instant};
 use tracing::debug;
@@ -238,6 +241,15 @@ pub async fn try_hand_off(
     if dropped[1] {
         nudge(tc, backend, legs.server, (b_snd, b_rcv));
     }
+    // A held segment that starts where the proxy's socket stopped receiving goes on, from the
+    // proxy's end of the other connection, in that connection's numbers.
+    let held = take_held(tc, &keys);
+    if let Some(segment) = held[0].filter(|h| dropped[0] && h.seq == a_rcv) {
+        forward(tc, backend, legs.server, (b_snd, b_rcv), &segment);
+    }
+    if let Some(segment) = held[1].filter(|h| dropped[1] && h.seq == b_rcv) {
+        forward(tc, client, legs.client, (a_snd, a_rcv), &segment);
+    }
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
 }
 
@@ -257,6 +269,39 @@ fn nudge(tc: &TcPath, socket: &TcpStream, leg: (SocketAddr, SocketAddr), (snd, r
     }
 }
 
+/// Sends `segment`'s payload to the peer of `socket` (in repair mode; its connection `leg`,
+/// the proxy's `(snd_nxt, rcv_nxt)`).
+fn forward(
+    tc: &TcPath,
+    socket: &TcpStream,
+    leg: (SocketAddr, SocketAddr),
+    (snd, rcv): (u32, u32),
+    segment: &HeldSegment,
+) {
+    let payload = &segment.data[..(segment.len as usize).min(segment.data.len())];
+    let sent = repair::negotiated(socket)
+        .and_then(|n| repair::advertised_window(socket, n.rcv_wscale))
+        .and_then(|window| tc.nudger.forward(leg.1, leg.0, snd, rcv, window, payload));
+    match sent {
+        Ok(()) => {
+            tc.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            debug!(peer = %leg.0, "the held segment was not sent on ({e}): its sender retransmits it at its timeout")
+        }
+    }
+}
+
+/// The held segments of both directions, removed from HELD.
+fn take_held(tc: &TcPath, keys: &[FlowKey; 2]) -> [Option<HeldSegment>; 2] {
+    let mut held = tc.held.lock().expect("held lock");
+    keys.map(|k| {
+        let segment = held.get(&k, 0).ok();
+        let _ = held.remove(&k);
+        segment
+    })
+}
+
 /// What [`Session::take_over`] took: each socket's (send, receive) sequence numbers, and
 /// whether the program dropped segments from [client, server] behind the fence.
 struct Taken {
@@ -272,6 +317,8 @@ fn lift_fence(tc: &TcPath, keys: &[FlowKey; 2]) {
     for k in keys {
         let _ = flows.remove(k);
     }
+    drop(flows);
+    take_held(tc, keys);
 }
 
 impl Session<'_> {

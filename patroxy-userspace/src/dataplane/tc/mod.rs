@@ -30,7 +30,7 @@ use aya::{
 pub(super) use flow::Flow;
 pub(super) use handoff::{Attempt, Baseline, try_hand_off};
 pub use open_flows::{OpenFlows, SessionFlows};
-use patroxy_common::tc::{FlowEntry, FlowKey, SYN_TO_LISTENER};
+use patroxy_common::tc::{FlowEntry, FlowKey, HeldSegment, SYN_TO_LISTENER};
 pub(super) use schedule::Schedule;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info};
@@ -41,6 +41,8 @@ use super::loader::LoadError;
 pub const MAP_FLOWS: &str = "FLOWS";
 const MAP_SYN_PORTS: &str = "SYN_PORTS";
 const MAP_SYN_SOCKETS: &str = "SYN_SOCKETS";
+/// The segments a hand-off's fence dropped first, per direction (sized down when tc is off).
+pub const MAP_HELD: &str = "HELD";
 
 /// The TC programs attached and their maps.
 pub struct TcPath {
@@ -54,8 +56,9 @@ pub struct TcPath {
     _links: Vec<attach::TcLink>,
     /// FLOWS' pin, for bpftool; removed on drop.
     flows_pin: PathBuf,
-    /// Raw sockets for the duplicate ACKs after a fenced hand-off.
+    /// Raw sockets for the duplicate ACKs and held segments after a fenced hand-off.
     nudger: nudge::Nudger,
+    held: Mutex<HashMap<MapData, FlowKey, HeldSegment>>,
     pub counters: TcCounters,
 }
 
@@ -76,6 +79,8 @@ pub struct TcCounters {
     pub carried: AtomicU64,
     /// Senders told by duplicate ACKs, after a fenced hand-off, to retransmit what was dropped.
     pub nudged: AtomicU64,
+    /// Segments a fence dropped that the proxy sent on itself after the hand-off.
+    pub forwarded: AtomicU64,
 }
 
 impl TcCounters {
@@ -111,6 +116,7 @@ impl TcPath {
             })?;
         let flows: HashMap<MapData, FlowKey, FlowEntry> = take(ebpf, MAP_FLOWS)?;
         let syn_sockets: HashMap<MapData, u64, u8> = take(ebpf, MAP_SYN_SOCKETS)?;
+        let held: HashMap<MapData, FlowKey, HeldSegment> = take(ebpf, MAP_HELD)?;
         let mut syn_ports: HashMap<MapData, u16, u8> = take(ebpf, MAP_SYN_PORTS)?;
         for port in listener_ports {
             syn_ports
@@ -133,6 +139,7 @@ impl TcPath {
             _links: links,
             flows_pin,
             nudger: nudge::Nudger::open(),
+            held: Mutex::new(held),
             counters: TcCounters::default(),
         })
     }
@@ -197,6 +204,7 @@ impl Drop for TcPath {
     fn drop(&mut self) {
         let [handed_off, retried, mixed_family, mismatched] = self.counters.snapshot();
         let nudged = self.counters.nudged.load(Ordering::Relaxed);
+        let forwarded = self.counters.forwarded.load(Ordering::Relaxed);
         // A target of its own, so a run at `warn` can still ask for this line
         // (PATROXY_LOG=warn,patroxy_tc=info: the bench does).
         info!(
@@ -206,7 +214,8 @@ impl Drop for TcPath {
             mixed_family,
             mismatched,
             nudged,
-            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options), senders told to retransmit what a fence dropped"
+            forwarded,
+            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options), senders told to retransmit what a fence dropped, dropped segments sent on by the proxy"
         );
         let _ = std::fs::remove_file(&self.flows_pin);
     }

@@ -5,6 +5,12 @@
 //! flow. Without them the sender waits for its retransmission timeout, 200 ms at least, and
 //! a bulk sender then restarts from a window of one segment.
 //!
+//! A sender with a single segment in flight (a query, an answer) cannot fast-retransmit: three
+//! duplicates need three later segments. For it the program kept a copy of the dropped segment
+//! (HELD), and the proxy sends it on to the other end itself, as the flow would have; the other
+//! end's acknowledgment then reaches the sender through the flow. Should the sender retransmit
+//! it anyway, the copy that arrives second is an old segment, which TCP discards.
+//!
 //! Sent on IPPROTO_RAW sockets, which only send (they are handed no incoming packet), opened
 //! at start-up while CAP_NET_RAW is still held.
 use std::{
@@ -19,6 +25,7 @@ use tracing::debug;
 /// update is itself one (RFC 5681 counts only ACKs that leave the window alone).
 const DUP_ACKS: usize = 5;
 const IPPROTO_TCP: u8 = 6;
+const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 
 pub struct Nudger {
@@ -61,7 +68,7 @@ impl Nudger {
             SocketAddr::V6(_) => self.v6.as_ref(),
         }
         .ok_or_else(|| io::Error::other("no raw socket for this family"))?;
-        let packet = ack_packet(from, to, seq, ack, window)?;
+        let packet = segment(from, to, seq, ack, window, &[])?;
         // The port of a raw socket's destination must be 0 (or the protocol).
         let dst = SockAddr::from(SocketAddr::new(to.ip(), 0));
         for _ in 0..DUP_ACKS {
@@ -69,23 +76,52 @@ impl Nudger {
         }
         Ok(())
     }
+
+    /// A segment carrying `payload` from `from` to `to`, numbered `seq`, acknowledging `ack`.
+    pub fn forward(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        seq: u32,
+        ack: u32,
+        window: u16,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let socket = match to {
+            SocketAddr::V4(_) => self.v4.as_ref(),
+            SocketAddr::V6(_) => self.v6.as_ref(),
+        }
+        .ok_or_else(|| io::Error::other("no raw socket for this family"))?;
+        let packet = segment(from, to, seq, ack, window, payload)?;
+        socket.send_to(&packet, &SockAddr::from(SocketAddr::new(to.ip(), 0)))?;
+        Ok(())
+    }
 }
 
-/// An IP packet holding a bare TCP ACK (no options), checksums included.
-fn ack_packet(
+/// An IP packet holding a TCP segment with ACK (and PSH with a payload), no options,
+/// checksums included.
+fn segment(
     from: SocketAddr,
     to: SocketAddr,
     seq: u32,
     ack: u32,
     window: u16,
+    payload: &[u8],
 ) -> io::Result<Vec<u8>> {
-    let mut tcp = [0u8; 20];
+    let mut tcp = vec![0u8; 20 + payload.len()];
+    tcp[20..].copy_from_slice(payload);
+    let tcp_len = u16::try_from(tcp.len()).map_err(|_| io::Error::other("payload too long"))?;
+    let [len_hi, len_lo] = tcp_len.to_be_bytes();
     tcp[0..2].copy_from_slice(&from.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&to.port().to_be_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
     tcp[8..12].copy_from_slice(&ack.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = TCP_ACK;
+    tcp[13] = if payload.is_empty() {
+        TCP_ACK
+    } else {
+        TCP_ACK | TCP_PSH
+    };
     tcp[14..16].copy_from_slice(&window.to_be_bytes());
     let mut packet = Vec::with_capacity(60);
     match (from.ip(), to.ip()) {
@@ -93,12 +129,14 @@ fn ack_packet(
             let mut pseudo = Vec::with_capacity(12);
             pseudo.extend_from_slice(&src.octets());
             pseudo.extend_from_slice(&dst.octets());
-            pseudo.extend_from_slice(&[0, IPPROTO_TCP, 0, 20]);
+            pseudo.extend_from_slice(&[0, IPPROTO_TCP, len_hi, len_lo]);
             let sum = checksum(&[&pseudo, &tcp]);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-            // Version 4, 5 words; total length 40; don't fragment; TTL 64. The kernel fills
-            // in the header checksum (and the id) of an IPPROTO_RAW packet.
-            packet.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, IPPROTO_TCP, 0, 0]);
+            // Version 4, 5 words; don't fragment; TTL 64. The kernel fills in the header
+            // checksum (and the id) of an IPPROTO_RAW packet.
+            let [tot_hi, tot_lo] = (tcp_len + 20).to_be_bytes();
+            packet.extend_from_slice(&[0x45, 0, tot_hi, tot_lo, 0, 0, 0x40, 0, 64, IPPROTO_TCP]);
+            packet.extend_from_slice(&[0, 0]);
             packet.extend_from_slice(&src.octets());
             packet.extend_from_slice(&dst.octets());
         }
@@ -106,11 +144,11 @@ fn ack_packet(
             let mut pseudo = Vec::with_capacity(40);
             pseudo.extend_from_slice(&src.octets());
             pseudo.extend_from_slice(&dst.octets());
-            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP]);
+            pseudo.extend_from_slice(&[0, 0, len_hi, len_lo, 0, 0, 0, IPPROTO_TCP]);
             let sum = checksum(&[&pseudo, &tcp]);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-            // Version 6; payload length 20; next header TCP; hop limit 64.
-            packet.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, IPPROTO_TCP, 64]);
+            // Version 6; next header TCP; hop limit 64.
+            packet.extend_from_slice(&[0x60, 0, 0, 0, len_hi, len_lo, IPPROTO_TCP, 64]);
             packet.extend_from_slice(&src.octets());
             packet.extend_from_slice(&dst.octets());
         }
@@ -120,7 +158,7 @@ fn ack_packet(
     Ok(packet)
 }
 
-/// The Internet checksum (RFC 1071) of the parts, each of even length.
+/// The Internet checksum (RFC 1071) of the parts, each but the last of even length.
 fn checksum(parts: &[&[u8]]) -> u16 {
     let mut sum: u32 = parts
         .iter()
@@ -141,7 +179,7 @@ mod tests {
     fn an_ipv4_ack_checks_out_with_its_own_checksum() {
         let from: SocketAddr = "10.0.0.1:5432".parse().unwrap();
         let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
-        let p = ack_packet(from, to, 0x0102_0304, 0xa0b0_c0d0, 512).unwrap();
+        let p = segment(from, to, 0x0102_0304, 0xa0b0_c0d0, 512, &[]).unwrap();
         assert_eq!(p.len(), 40);
         assert_eq!(&p[24..28], &[1, 2, 3, 4], "seq");
         assert_eq!(&p[28..32], &[0xa0, 0xb0, 0xc0, 0xd0], "ack");
@@ -155,7 +193,7 @@ mod tests {
     fn an_ipv6_ack_checks_out_with_its_own_checksum() {
         let from: SocketAddr = "[fd00::1]:5432".parse().unwrap();
         let to: SocketAddr = "[fd00::2]:40000".parse().unwrap();
-        let p = ack_packet(from, to, 7, 9, 1024).unwrap();
+        let p = segment(from, to, 7, 9, 1024, &[]).unwrap();
         assert_eq!(p.len(), 60);
         assert_eq!(p[0] >> 4, 6);
         let pseudo = [&p[8..40], &[0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP][..]].concat();
@@ -166,6 +204,25 @@ mod tests {
     fn mixed_families_are_refused() {
         let from: SocketAddr = "10.0.0.1:1".parse().unwrap();
         let to: SocketAddr = "[fd00::2]:2".parse().unwrap();
-        assert!(ack_packet(from, to, 0, 0, 0).is_err());
+        assert!(segment(from, to, 0, 0, 0, &[]).is_err());
+    }
+
+    #[test]
+    fn a_segment_with_an_odd_payload_checks_out_and_carries_it() {
+        let from: SocketAddr = "10.0.0.1:5432".parse().unwrap();
+        let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        let payload = b"SELECT 1;";
+        let p = segment(from, to, 1, 2, 64, payload).unwrap();
+        assert_eq!(p.len(), 40 + payload.len());
+        assert_eq!(
+            u16::from_be_bytes([p[2], p[3]]) as usize,
+            p.len(),
+            "total length"
+        );
+        assert_eq!(p[33], TCP_ACK | TCP_PSH);
+        assert_eq!(&p[40..], payload);
+        let len = (20 + payload.len()) as u8;
+        let pseudo = [&p[12..20], &[0, IPPROTO_TCP, 0, len][..]].concat();
+        assert_eq!(checksum(&[&pseudo, &p[20..]]), 0);
     }
 }
