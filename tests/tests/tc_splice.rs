@@ -77,6 +77,30 @@ fn config(pin: &std::path::Path, server_port: u16) -> ProxyConfig {
     ))
 }
 
+/// What most tests start from: the lab, its echo server and a patroxy splicing to it (fields
+/// dropped in this order: patroxy, then the server, then the hosts).
+struct Echoing {
+    proxy: Patroxy,
+    addr: SocketAddr,
+    pin: std::path::PathBuf,
+    server: Server,
+    _lab: Lab,
+}
+
+fn echoing(name: &str) -> Echoing {
+    let lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
+    let pin = Patroxy::unique_pin_path(name);
+    let config = config(&pin, server.port);
+    Echoing {
+        proxy: Patroxy::start(name, &config),
+        addr: config.bind(),
+        pin,
+        server,
+        _lab: lab,
+    }
+}
+
 /// A client connection from `pxs-cli` to the listener.
 fn connect(proxy: SocketAddr) -> TcpStream {
     HOSTS.connect(proxy)
@@ -159,13 +183,15 @@ fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
     if !require_root("quiet_sessions_are_handed_off_and_stay_byte_exact") {
         return;
     }
-    let _lab = Lab::new(&HOSTS);
-    let server = Server::start(&HOSTS, SERVER.into());
-    let pin = Patroxy::unique_pin_path("tc-exact");
-    let config = config(&pin, server.port);
-    let proxy = Patroxy::start("tc-exact", &config);
+    let Echoing {
+        proxy,
+        addr,
+        pin,
+        server,
+        _lab,
+    } = echoing("tc-exact");
     const SESSIONS: usize = 200;
-    byte_exact_sessions(&proxy, config.bind(), SESSIONS, 3, 8 << 20);
+    byte_exact_sessions(&proxy, addr, SESSIONS, 3, 8 << 20);
     assert_eq!(server.wait_for_endings(SESSIONS).len(), SESSIONS);
     assert!(server.endings().iter().all(|e| *e == Ending::Eof));
     // The flows are gone with their sessions.
@@ -292,12 +318,13 @@ fn fin_and_rst_each_way_end_a_spliced_session() {
     if !require_root("fin_and_rst_each_way_end_a_spliced_session") {
         return;
     }
-    let _lab = Lab::new(&HOSTS);
-    let server = Server::start(&HOSTS, SERVER.into());
-    let pin = Patroxy::unique_pin_path("tc-ends");
-    let config = config(&pin, server.port);
-    let proxy = Patroxy::start("tc-ends", &config);
-    let addr = config.bind();
+    let Echoing {
+        proxy,
+        addr,
+        server,
+        _lab,
+        ..
+    } = echoing("tc-ends");
     let after = Arc::new(pattern(100_000, 9));
 
     // The client half-closes first; the server's last words still arrive.
@@ -458,12 +485,13 @@ fn a_client_with_another_window_scale_stays_on_the_sockmap() {
     if !require_root("a_client_with_another_window_scale_stays_on_the_sockmap") {
         return;
     }
-    let _lab = Lab::new(&HOSTS);
-    let server = Server::start(&HOSTS, SERVER.into());
-    let pin = Patroxy::unique_pin_path("tc-wscale");
-    let config = config(&pin, server.port);
-    let proxy = Patroxy::start("tc-wscale", &config);
-    let addr = config.bind();
+    let Echoing {
+        proxy,
+        addr,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-wscale");
     // A small receive buffer set before connecting: the client announces a smaller window
     // scale than the proxy's socket toward the server, so the windows could not be passed on.
     let stream = netns::within(NS_CLIENT, move || {
@@ -761,12 +789,13 @@ fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
     if !require_root("hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing") {
         return;
     }
-    let _lab = Lab::new(&HOSTS);
-    let server = Server::start(&HOSTS, SERVER.into());
-    let pin = Patroxy::unique_pin_path("tc-race");
-    let config = config(&pin, server.port);
-    let proxy = Patroxy::start("tc-race", &config);
-    let addr = config.bind();
+    let Echoing {
+        proxy,
+        addr,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-race");
     const SESSIONS: usize = 16;
     const TURNS: u64 = 150;
     // Short messages with pauses of 0-2 ms: the hand-off is tried (every 1-50 ms) while
@@ -1021,12 +1050,13 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
     if !require_root("busy_sessions_are_handed_off_behind_the_fence_byte_exact") {
         return;
     }
-    let _lab = Lab::new(&HOSTS);
-    let server = Server::start(&HOSTS, SERVER.into());
-    let pin = Patroxy::unique_pin_path("tc-busy");
-    let config = config(&pin, server.port);
-    let proxy = Patroxy::start("tc-busy", &config);
-    let addr = config.bind();
+    let Echoing {
+        proxy,
+        addr,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-busy");
     let streams = busy_sessions(&proxy, addr, 0, 4);
     if streams.fenced_with_drops > 0 {
         assert!(

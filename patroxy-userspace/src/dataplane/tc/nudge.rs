@@ -63,16 +63,9 @@ impl Nudger {
         ack: u32,
         window: u16,
     ) -> io::Result<()> {
-        let socket = match to {
-            SocketAddr::V4(_) => self.v4.as_ref(),
-            SocketAddr::V6(_) => self.v6.as_ref(),
-        }
-        .ok_or_else(|| io::Error::other("no raw socket for this family"))?;
         let packet = segment(from, to, seq, ack, window, &[])?;
-        // The port of a raw socket's destination must be 0 (or the protocol).
-        let dst = SockAddr::from(SocketAddr::new(to.ip(), 0));
         for _ in 0..DUP_ACKS {
-            socket.send_to(&packet, &dst)?;
+            self.send(to, &packet)?;
         }
         Ok(())
     }
@@ -87,13 +80,17 @@ impl Nudger {
         window: u16,
         payload: &[u8],
     ) -> io::Result<()> {
+        self.send(to, &segment(from, to, seq, ack, window, payload)?)
+    }
+
+    fn send(&self, to: SocketAddr, packet: &[u8]) -> io::Result<()> {
         let socket = match to {
             SocketAddr::V4(_) => self.v4.as_ref(),
             SocketAddr::V6(_) => self.v6.as_ref(),
         }
         .ok_or_else(|| io::Error::other("no raw socket for this family"))?;
-        let packet = segment(from, to, seq, ack, window, payload)?;
-        socket.send_to(&packet, &SockAddr::from(SocketAddr::new(to.ip(), 0)))?;
+        // The port of a raw socket's destination must be 0 (or the protocol).
+        socket.send_to(packet, &SockAddr::from(SocketAddr::new(to.ip(), 0)))?;
         Ok(())
     }
 }
