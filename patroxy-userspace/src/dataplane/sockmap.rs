@@ -4,7 +4,8 @@
 //! forwards every byte. What userspace still does is what the kernel does not: propagate FIN
 //! (the verdict drops bare FIN skbs; TCP has recorded the FIN) once the bytes before it were
 //! delivered, propagate RST, expire idle sessions and reset on demand. With `datapath = "tc"`
-//! it also hands the session to the packet-level splice once it is quiet (`tc::handoff`).
+//! it also hands the session to the packet-level splice once it is quiet, or behind a short
+//! fence if it stays busy (`tc::schedule`, `tc::handoff`).
 use std::{
     net::TcpStream as StdTcpStream,
     os::fd::AsRawFd as _,
@@ -243,7 +244,7 @@ impl Spliced {
                     let (spliced, baseline) = self.tc.as_ref().expect("hand-off timer without TC");
                     let schedule = hand_off.as_mut().expect("hand-off timer without a schedule");
                     let mode = schedule.mode(Instant::now());
-                    // A fenced attempt holds the session's data for at most 50 ms: a kill or a
+                    // A fenced attempt holds the session's data for at most 150 ms: a kill or a
                     // close seen after it is not late by more.
                     match tc::try_hand_off(
                         spliced,
