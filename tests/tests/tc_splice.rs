@@ -83,6 +83,8 @@ struct Echoing {
     proxy: Patroxy,
     addr: SocketAddr,
     pin: std::path::PathBuf,
+    /// The stats page, on loopback.
+    stats: SocketAddr,
     server: Server,
     _lab: Lab,
 }
@@ -91,14 +93,24 @@ fn echoing(name: &str) -> Echoing {
     let lab = Lab::new(&HOSTS);
     let server = Server::start(&HOSTS, SERVER.into());
     let pin = Patroxy::unique_pin_path(name);
-    let config = config(&pin, server.port);
+    let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
+    let config = config(&pin, server.port).stats(StatsConfig::new(stats));
     Echoing {
         proxy: Patroxy::start(name, &config),
         addr: config.bind(),
         pin,
+        stats,
         server,
         _lab: lab,
     }
+}
+
+/// A counter's value in `/metrics`.
+fn metric(stats: SocketAddr, name: &str) -> u64 {
+    get_ok(stats, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 /// A client connection from `pxs-cli` to the listener.
@@ -189,6 +201,7 @@ fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
         pin,
         server,
         _lab,
+        ..
     } = echoing("tc-exact");
     const SESSIONS: usize = 200;
     byte_exact_sessions(&proxy, addr, SESSIONS, 3, 8 << 20);
@@ -1053,6 +1066,7 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
     let Echoing {
         proxy,
         addr,
+        stats,
         server: _server,
         _lab,
         ..
@@ -1071,6 +1085,20 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
         "no ping-pong session needed the fence:\n{}",
         proxy.log()
     );
+    // The stats count what the log says: fenced hand-offs, senders nudged, segments sent on
+    // (each ping-pong hand-off that dropped a message held it: at most 400 bytes).
+    let fenced = (streams.fenced + ping_pong.fenced) as u64;
+    assert_eq!(
+        metric(stats, "patroxy_tc_sessions_handed_off_fenced_total"),
+        fenced
+    );
+    let forwarded = metric(stats, "patroxy_tc_fence_segments_forwarded_total");
+    assert!(
+        forwarded >= ping_pong.fenced_with_drops as u64,
+        "{forwarded} held segments sent on after {} ping-pong hand-offs that dropped one",
+        ping_pong.fenced_with_drops
+    );
+    assert!(metric(stats, "patroxy_tc_fence_senders_nudged_total") >= forwarded);
     // A failed attempt's drops wait for the timeout (the sockets take them back); so may one
     // whose fence outlasted a sender's 200 ms on a loaded machine, but not most.
     if ping_pong.abandoned == 0 && ping_pong.fenced_with_drops >= 4 {

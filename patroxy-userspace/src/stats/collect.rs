@@ -152,6 +152,9 @@ fn tc_stats(c: &TcCounters) -> TcStats {
         retried: c.retried.load(Relaxed),
         stayed_mixed_family: c.mixed_family.load(Relaxed),
         stayed_options: c.mismatched.load(Relaxed),
+        handed_off_fenced: c.fenced.load(Relaxed),
+        senders_nudged: c.nudged.load(Relaxed),
+        segments_forwarded: c.forwarded.load(Relaxed),
     }
 }
 

@@ -104,8 +104,14 @@ fn packet_splice(s: &StatsSnapshot) -> String {
     };
     format!(
         "<span id=\"packet-splice\" title=\"left on the sockmap path: {} IPv4 and IPv6 legs, {} options; \
-         {} hand-offs retried\">packet-level splice <b>{}</b> now, <b>{}</b> handed off</span>",
-        t.stayed_mixed_family, t.stayed_options, t.retried, t.carried, t.handed_off,
+         {} hand-offs retried; {} handed off behind a fence\">packet-level splice <b>{}</b> now, \
+         <b>{}</b> handed off</span>",
+        t.stayed_mixed_family,
+        t.stayed_options,
+        t.retried,
+        t.handed_off_fenced,
+        t.carried,
+        t.handed_off,
     )
 }
 

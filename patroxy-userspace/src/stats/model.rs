@@ -52,6 +52,15 @@ pub struct TcStats {
     /// Sessions left on the sockmap path for options the legs do not share (or a leg on an
     /// interface the programs are not attached to).
     pub stayed_options: u64,
+    /// Of `handed_off`, the sessions handed off behind a fence (never quiet).
+    #[serde(default)]
+    pub handed_off_fenced: u64,
+    /// Senders told by duplicate ACKs to retransmit what a fence dropped.
+    #[serde(default)]
+    pub senders_nudged: u64,
+    /// Segments a fence dropped that the proxy sent on itself after the hand-off.
+    #[serde(default)]
+    pub segments_forwarded: u64,
 }
 
 /// The XDP allowlist: what it is attached to and its counters (summed over the CPUs).

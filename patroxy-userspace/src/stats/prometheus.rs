@@ -233,6 +233,27 @@ fn tc(reg: &mut Registry, t: &TcStats) {
         "Sessions the packet-level splice carries now",
         carried,
     );
+    let fenced: Counter = Counter::default();
+    fenced.inc_by(t.handed_off_fenced);
+    reg.register(
+        "tc_sessions_handed_off_fenced",
+        "Of the sessions handed off, those handed off behind a fence (busy, never quiet)",
+        fenced,
+    );
+    let nudged: Counter = Counter::default();
+    nudged.inc_by(t.senders_nudged);
+    reg.register(
+        "tc_fence_senders_nudged",
+        "Senders told by duplicate ACKs to retransmit what a hand-off's fence dropped",
+        nudged,
+    );
+    let forwarded: Counter = Counter::default();
+    forwarded.inc_by(t.segments_forwarded);
+    reg.register(
+        "tc_fence_segments_forwarded",
+        "Segments a hand-off's fence dropped that the proxy sent on itself",
+        forwarded,
+    );
     let retried: Counter = Counter::default();
     retried.inc_by(t.retried);
     reg.register(

@@ -232,6 +232,9 @@ pub async fn try_hand_off(
         let _ = flows.insert(keys[1], to_client, 0);
     }
     tc.counters.handed_off.fetch_add(1, Ordering::Relaxed);
+    if mode == Mode::Fenced {
+        tc.counters.fenced.fetch_add(1, Ordering::Relaxed);
+    }
     debug!(client = %legs.client.0, ?mode, ?dropped, "session handed to the TC program");
     // The senders of what the fence dropped retransmit it now rather than at their timeout,
     // to the active flows. Sent from the proxy's end of each connection, in its numbers.

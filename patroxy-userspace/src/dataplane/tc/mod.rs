@@ -67,6 +67,8 @@ pub struct TcPath {
 pub struct TcCounters {
     /// Sessions handed to the TC program.
     pub handed_off: AtomicU64,
+    /// Of those, the ones handed off behind a fence.
+    pub fenced: AtomicU64,
     /// Attempts given up because a byte moved during the hand-off (retried later).
     pub retried: AtomicU64,
     /// Sessions that stay on the sockmap path: one leg IPv4, the other IPv6.
