@@ -409,6 +409,16 @@ impl Session<'_> {
     /// unread, and every byte the verdict forwarded to a socket handed to its TCP. (Bytes a
     /// socket sent may still be unacknowledged: [`Session::take_over`] asks about those.)
     fn settled(&self) -> Option<[u64; 2]> {
+        // The sockets first, the verdict's counts after: the verdict runs in the same locked
+        // step as the receive it counts, so every byte a socket counted as received is in the
+        // counts read after it. Read the other way round, a segment arriving in between is in
+        // the socket's count but not yet forwarded, and a busy session passes for quiet.
+        let (c, b) = (
+            sockopt::tcp_counters(self.client).ok()?,
+            sockopt::tcp_counters(self.backend).ok()?,
+        );
+        let drained = sockopt::queued_bytes(self.client).ok()? == 0
+            && sockopt::queued_bytes(self.backend).ok()? == 0;
         let forwarded_to = |cookie| {
             self.maps
                 .sessions
@@ -420,13 +430,7 @@ impl Session<'_> {
         };
         let (to_client, to_backend) =
             (forwarded_to(self.cookies.0)?, forwarded_to(self.cookies.1)?);
-        let (c, b) = (
-            sockopt::tcp_counters(self.client).ok()?,
-            sockopt::tcp_counters(self.backend).ok()?,
-        );
         let established = c.state == 1 && b.state == 1;
-        let drained = sockopt::queued_bytes(self.client).ok()? == 0
-            && sockopt::queued_bytes(self.backend).ok()? == 0;
         let delivered = c.bytes_written == self.baseline.client_written + to_client
             && b.bytes_written == self.baseline.backend_written + to_backend;
         if !(established && drained && delivered) {
