@@ -77,6 +77,14 @@ pub struct HeldSegment {
     pub data: [u8; 2048],
 }
 
+#[cfg(feature = "user")]
+impl HeldSegment {
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.data[..(self.len as usize).min(self.data.len())]
+    }
+}
+
 /// The largest payload HELD keeps: a full-sized segment of a 1500-byte MTU.
 pub const HELD_MAX: usize = 1460;
 /// Capacity of HELD (two per session in a hand-off at once).

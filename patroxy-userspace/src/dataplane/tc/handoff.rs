@@ -38,7 +38,7 @@ use patroxy_common::{
 use tokio::time::{Duration, Instant};
 use tracing::debug;
 
-use super::{Flow, TcPath, repair};
+use super::{Flow, TcPath, nudge, repair};
 use crate::dataplane::{KernelMaps, sockopt};
 
 /// Bytes userspace wrote to each socket before the sockmap took it (the verdict's counters
@@ -238,59 +238,57 @@ pub async fn try_hand_off(
     debug!(client = %legs.client.0, ?mode, ?dropped, "session handed to the TC program");
     // The senders of what the fence dropped retransmit it now rather than at their timeout,
     // to the active flows. Sent from the proxy's end of each connection, in its numbers.
+    let client_end = (client, legs.client, (a_snd, a_rcv));
+    let server_end = (backend, legs.server, (b_snd, b_rcv));
     if dropped[0] {
-        nudge(tc, client, legs.client, (a_snd, a_rcv));
+        speak_for(tc, client_end, &[]);
     }
     if dropped[1] {
-        nudge(tc, backend, legs.server, (b_snd, b_rcv));
+        speak_for(tc, server_end, &[]);
     }
     // A held segment that starts where the proxy's socket stopped receiving goes on, from the
     // proxy's end of the other connection, in that connection's numbers.
     let held = take_held(tc, &keys);
     if let Some(segment) = held[0].filter(|h| dropped[0] && h.seq == a_rcv) {
-        forward(tc, backend, legs.server, (b_snd, b_rcv), &segment);
+        speak_for(tc, server_end, segment.payload());
     }
     if let Some(segment) = held[1].filter(|h| dropped[1] && h.seq == b_rcv) {
-        forward(tc, client, legs.client, (a_snd, a_rcv), &segment);
+        speak_for(tc, client_end, segment.payload());
     }
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
 }
 
-/// Duplicate ACKs to the peer of `socket` (in repair mode), whose connection is `leg` (peer,
-/// proxy's end) with the proxy's `(snd_nxt, rcv_nxt)`.
-fn nudge(tc: &TcPath, socket: &TcpStream, leg: (SocketAddr, SocketAddr), (snd, rcv): (u32, u32)) {
-    let sent = repair::negotiated(socket)
-        .and_then(|n| repair::advertised_window(socket, n.rcv_wscale))
-        .and_then(|window| tc.nudger.dup_acks(leg.1, leg.0, snd, rcv, window));
-    match sent {
-        Ok(()) => {
-            tc.counters.nudged.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            debug!(peer = %leg.0, "no duplicate ACKs after the hand-off ({e}): the sender retransmits at its timeout")
-        }
-    }
-}
-
-/// Sends `segment`'s payload to the peer of `socket` (in repair mode; its connection `leg`,
-/// the proxy's `(snd_nxt, rcv_nxt)`).
-fn forward(
+/// Sends, from the proxy's end of a connection (`socket` in repair mode, its `leg` (peer,
+/// proxy's address), its `(snd_nxt, rcv_nxt)`), duplicate ACKs (an empty `payload`) or a held
+/// segment's payload, and counts it.
+fn speak_for(
     tc: &TcPath,
-    socket: &TcpStream,
-    leg: (SocketAddr, SocketAddr),
-    (snd, rcv): (u32, u32),
-    segment: &HeldSegment,
+    (socket, leg, (snd, rcv)): (&TcpStream, (SocketAddr, SocketAddr), (u32, u32)),
+    payload: &[u8],
 ) {
-    let payload = &segment.data[..(segment.len as usize).min(segment.data.len())];
     let sent = repair::negotiated(socket)
         .and_then(|n| repair::advertised_window(socket, n.rcv_wscale))
-        .and_then(|window| tc.nudger.forward(leg.1, leg.0, snd, rcv, window, payload));
+        .and_then(|window| {
+            let end = nudge::ProxyEnd {
+                from: leg.1,
+                to: leg.0,
+                seq: snd,
+                ack: rcv,
+                window,
+            };
+            tc.nudger.send(&end, payload)
+        });
+    let (counter, what) = if payload.is_empty() {
+        (&tc.counters.nudged, "duplicate ACKs")
+    } else {
+        (&tc.counters.forwarded, "the held segment")
+    };
     match sent {
         Ok(()) => {
-            tc.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
-            debug!(peer = %leg.0, "the held segment was not sent on ({e}): its sender retransmits it at its timeout")
+            debug!(peer = %leg.0, "{what} not sent after the hand-off ({e}): the sender retransmits at its timeout")
         }
     }
 }

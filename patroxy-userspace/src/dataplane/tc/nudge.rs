@@ -28,6 +28,18 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 
+/// The proxy's end of one connection, as the raw sockets speak for it: from `from` to `to`,
+/// numbered `seq` (what `to` expects next), acknowledging `ack` (the first byte `to` sent and has
+/// not had acknowledged), with `window` as `to` reads the field (scaled).
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyEnd {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
+}
+
 pub struct Nudger {
     v4: Option<Socket>,
     v6: Option<Socket>,
@@ -53,37 +65,14 @@ impl Nudger {
         }
     }
 
-    /// Duplicate ACKs from `from` to `to`: `seq` is what `to` expects next, `ack` what it sent
-    /// first and has not had acknowledged, `window` the window field as `to` reads it (scaled).
-    pub fn dup_acks(
-        &self,
-        from: SocketAddr,
-        to: SocketAddr,
-        seq: u32,
-        ack: u32,
-        window: u16,
-    ) -> io::Result<()> {
-        let packet = segment(from, to, seq, ack, window, &[])?;
-        for _ in 0..DUP_ACKS {
-            self.send(to, &packet)?;
-        }
-        Ok(())
+    /// With an empty `payload`, the duplicate ACKs; else one segment carrying it.
+    pub fn send(&self, end: &ProxyEnd, payload: &[u8]) -> io::Result<()> {
+        let packet = segment(end, payload)?;
+        let copies = if payload.is_empty() { DUP_ACKS } else { 1 };
+        (0..copies).try_for_each(|_| self.send_packet(end.to, &packet))
     }
 
-    /// A segment carrying `payload` from `from` to `to`, numbered `seq`, acknowledging `ack`.
-    pub fn forward(
-        &self,
-        from: SocketAddr,
-        to: SocketAddr,
-        seq: u32,
-        ack: u32,
-        window: u16,
-        payload: &[u8],
-    ) -> io::Result<()> {
-        self.send(to, &segment(from, to, seq, ack, window, payload)?)
-    }
-
-    fn send(&self, to: SocketAddr, packet: &[u8]) -> io::Result<()> {
+    fn send_packet(&self, to: SocketAddr, packet: &[u8]) -> io::Result<()> {
         let socket = match to {
             SocketAddr::V4(_) => self.v4.as_ref(),
             SocketAddr::V6(_) => self.v6.as_ref(),
@@ -97,14 +86,14 @@ impl Nudger {
 
 /// An IP packet holding a TCP segment with ACK (and PSH with a payload), no options,
 /// checksums included.
-fn segment(
-    from: SocketAddr,
-    to: SocketAddr,
-    seq: u32,
-    ack: u32,
-    window: u16,
-    payload: &[u8],
-) -> io::Result<Vec<u8>> {
+fn segment(end: &ProxyEnd, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let ProxyEnd {
+        from,
+        to,
+        seq,
+        ack,
+        window,
+    } = *end;
     let mut tcp = vec![0u8; 20 + payload.len()];
     tcp[20..].copy_from_slice(payload);
     let tcp_len = u16::try_from(tcp.len()).map_err(|_| io::Error::other("payload too long"))?;
@@ -172,11 +161,21 @@ fn checksum(parts: &[&[u8]]) -> u16 {
 mod tests {
     use super::*;
 
+    fn end(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, window: u16) -> ProxyEnd {
+        ProxyEnd {
+            from,
+            to,
+            seq,
+            ack,
+            window,
+        }
+    }
+
     #[test]
     fn an_ipv4_ack_checks_out_with_its_own_checksum() {
         let from: SocketAddr = "10.0.0.1:5432".parse().unwrap();
         let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
-        let p = segment(from, to, 0x0102_0304, 0xa0b0_c0d0, 512, &[]).unwrap();
+        let p = segment(&end(from, to, 0x0102_0304, 0xa0b0_c0d0, 512), &[]).unwrap();
         assert_eq!(p.len(), 40);
         assert_eq!(&p[24..28], &[1, 2, 3, 4], "seq");
         assert_eq!(&p[28..32], &[0xa0, 0xb0, 0xc0, 0xd0], "ack");
@@ -190,7 +189,7 @@ mod tests {
     fn an_ipv6_ack_checks_out_with_its_own_checksum() {
         let from: SocketAddr = "[fd00::1]:5432".parse().unwrap();
         let to: SocketAddr = "[fd00::2]:40000".parse().unwrap();
-        let p = segment(from, to, 7, 9, 1024, &[]).unwrap();
+        let p = segment(&end(from, to, 7, 9, 1024), &[]).unwrap();
         assert_eq!(p.len(), 60);
         assert_eq!(p[0] >> 4, 6);
         let pseudo = [&p[8..40], &[0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP][..]].concat();
@@ -201,7 +200,7 @@ mod tests {
     fn mixed_families_are_refused() {
         let from: SocketAddr = "10.0.0.1:1".parse().unwrap();
         let to: SocketAddr = "[fd00::2]:2".parse().unwrap();
-        assert!(segment(from, to, 0, 0, 0, &[]).is_err());
+        assert!(segment(&end(from, to, 0, 0, 0), &[]).is_err());
     }
 
     #[test]
@@ -209,7 +208,7 @@ mod tests {
         let from: SocketAddr = "10.0.0.1:5432".parse().unwrap();
         let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
         let payload = b"SELECT 1;";
-        let p = segment(from, to, 1, 2, 64, payload).unwrap();
+        let p = segment(&end(from, to, 1, 2, 64), payload).unwrap();
         assert_eq!(p.len(), 40 + payload.len());
         assert_eq!(
             u16::from_be_bytes([p[2], p[3]]) as usize,
