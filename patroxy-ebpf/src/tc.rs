@@ -16,7 +16,7 @@
 //! connections keep both options, other local clients of the same server port included.
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
     cty::c_void,
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_skb_load_bytes},
     macros::{btf_map, classifier},
@@ -33,9 +33,11 @@ use crate::BACKENDS;
 #[btf_map]
 pub static FLOWS: HashMap<FlowKey, FlowEntry, { MAX_FLOWS as usize }> = HashMap::new();
 
-/// One direction of a session in a hand-off -> the first data segment its fence dropped.
+/// One direction of a session in a hand-off -> the first data segment its fence dropped. LRU:
+/// an entry a packet added just after the hand-off took the others is evicted in time, not
+/// kept for good.
 #[btf_map]
-static HELD: HashMap<FlowKey, HeldSegment, { MAX_HELD as usize }> = HashMap::new();
+static HELD: LruHashMap<FlowKey, HeldSegment, { MAX_HELD as usize }> = LruHashMap::new();
 
 /// Where a held segment is put together before it goes into HELD (too large for the stack).
 #[btf_map]
