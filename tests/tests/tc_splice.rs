@@ -118,6 +118,16 @@ fn connect(proxy: SocketAddr) -> TcpStream {
     HOSTS.connect(proxy)
 }
 
+/// [`connect`], with reads that give up after 30 s: a stalled session fails the test rather
+/// than hang it.
+fn connect_failing_stalls(proxy: SocketAddr) -> TcpStream {
+    let stream = connect(proxy);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
 fn local_port(stream: &TcpStream) -> u16 {
     stream.local_addr().unwrap().port()
 }
@@ -151,11 +161,7 @@ fn byte_exact_sessions(
     let threads: Vec<_> = (0..sessions)
         .map(|i| {
             thread::spawn(move || {
-                let stream = connect(addr);
-                // A stalled session fails the test rather than hang it.
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .unwrap();
+                let stream = connect_failing_stalls(addr);
                 // A PostgreSQL client's first message is small (a startup packet); more than
                 // 64 KiB before the backend connects would put the session on the fallback path.
                 let sizes = sizes(turns, 0x9e37 + i as u64, 23)
@@ -986,10 +992,7 @@ fn busy_sessions(proxy: &Patroxy, addr: SocketAddr, ping_pong: usize, streams: u
     let sessions: Vec<_> = (0..ping_pong + streams)
         .map(|i| {
             thread::spawn(move || {
-                let stream = connect(addr);
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .unwrap();
+                let stream = connect_failing_stalls(addr);
                 let (sent, received) = if i < ping_pong {
                     let sent = ping_pong_until(&stream, i, until);
                     stream.shutdown(Shutdown::Write).unwrap();

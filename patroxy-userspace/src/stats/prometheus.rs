@@ -61,12 +61,11 @@ pub fn render(snap: &StatsSnapshot, check_durations: &CheckDurations) -> String 
     let uptime: Gauge = Gauge::default();
     uptime.set(snap.uptime_secs as i64);
     reg.register_with_unit("process_uptime", "Time since start", Unit::Seconds, uptime);
-    let unauthorized: Counter = Counter::default();
-    unauthorized.inc_by(snap.admin_unauthorized);
-    reg.register(
+    counter(
+        &mut reg,
         "admin_unauthorized_requests",
         "Admin requests refused for a missing or wrong token (HTTP 401)",
-        unauthorized,
+        snap.admin_unauthorized,
     );
     let mut out = String::new();
     prometheus_text::encode(&mut out, &reg).expect("writing to a String cannot fail");
@@ -132,19 +131,17 @@ fn xdp(reg: &mut Registry, x: &XdpStats) {
 
 /// Configuration reloads: counts, the last one's outcome and time (absent before the first).
 fn reload(reg: &mut Registry, r: &ReloadStats) {
-    let reloads: Counter = Counter::default();
-    reloads.inc_by(r.reloads);
-    reg.register(
+    counter(
+        reg,
         "config_reloads",
         "Configuration reloads attempted (SIGHUP, patroxy reload)",
-        reloads,
+        r.reloads,
     );
-    let failures: Counter = Counter::default();
-    failures.inc_by(r.failures);
-    reg.register(
+    counter(
+        reg,
         "config_reload_failures",
         "Configuration reloads refused; the running configuration was kept",
-        failures,
+        r.failures,
     );
     if let (Some(ok), Some(at)) = (r.last_ok, r.last_unix) {
         let successful: Gauge = Gauge::default();
@@ -175,19 +172,17 @@ fn dcs(reg: &mut Registry, d: &DcsStats) {
         "Whether the DCS watch is connected and following Patroni's leader key",
         connected,
     );
-    let changes: Counter = Counter::default();
-    changes.inc_by(d.leader_changes);
-    reg.register(
+    counter(
+        reg,
         "dcs_leader_changes",
         "Leader key changes seen by the DCS watch (deleted, or naming another member)",
-        changes,
+        d.leader_changes,
     );
-    let errors: Counter = Counter::default();
-    errors.inc_by(d.errors);
-    reg.register(
+    counter(
+        reg,
         "dcs_errors",
         "Failed connections, reads and watches of the DCS (each followed by a reconnect)",
-        errors,
+        d.errors,
     );
     if let Some(at) = d.last_event_unix {
         let time: Gauge = Gauge::default();
@@ -219,12 +214,11 @@ fn dcs(reg: &mut Registry, d: &DcsStats) {
 /// The packet-level splice (`datapath = "tc"`): sessions handed to it, carried by it now, and
 /// left on the sockmap path, by reason.
 fn tc(reg: &mut Registry, t: &TcStats) {
-    let handed_off: Counter = Counter::default();
-    handed_off.inc_by(t.handed_off);
-    reg.register(
+    counter(
+        reg,
         "tc_sessions_handed_off",
         "Sessions handed from the sockmap path to the packet-level splice (datapath = \"tc\")",
-        handed_off,
+        t.handed_off,
     );
     let carried: Gauge = Gauge::default();
     carried.set(t.carried as i64);
@@ -233,33 +227,29 @@ fn tc(reg: &mut Registry, t: &TcStats) {
         "Sessions the packet-level splice carries now",
         carried,
     );
-    let fenced: Counter = Counter::default();
-    fenced.inc_by(t.handed_off_fenced);
-    reg.register(
+    counter(
+        reg,
         "tc_sessions_handed_off_fenced",
         "Of the sessions handed off, those handed off behind a fence (busy, never quiet)",
-        fenced,
+        t.handed_off_fenced,
     );
-    let nudged: Counter = Counter::default();
-    nudged.inc_by(t.senders_nudged);
-    reg.register(
+    counter(
+        reg,
         "tc_fence_senders_nudged",
         "Senders told by duplicate ACKs to retransmit what a hand-off's fence dropped",
-        nudged,
+        t.senders_nudged,
     );
-    let forwarded: Counter = Counter::default();
-    forwarded.inc_by(t.segments_forwarded);
-    reg.register(
+    counter(
+        reg,
         "tc_fence_segments_forwarded",
         "Segments a hand-off's fence dropped that the proxy sent on itself",
-        forwarded,
+        t.segments_forwarded,
     );
-    let retried: Counter = Counter::default();
-    retried.inc_by(t.retried);
-    reg.register(
+    counter(
+        reg,
         "tc_handoffs_retried",
         "Hand-offs abandoned because a byte moved meanwhile (tried again later)",
-        retried,
+        t.retried,
     );
     register(
         reg,
@@ -274,6 +264,13 @@ fn tc(reg: &mut Registry, t: &TcStats) {
         .into_iter()
         .map(|(reason, n)| (vec![("reason", reason.to_owned())], n)),
     );
+}
+
+/// One counter without labels (a total since start, `_total` in the name).
+fn counter(reg: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    reg.register(name, help, c);
 }
 
 /// Gauges (a value now) or counters (a total since start, `_total` in the name).
