@@ -38,6 +38,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "hping3",
     // The bench's nftables side of the XDP drop-rate comparison.
     "nftables",
+    // The IPv6 packet-level splice tests turn checksum offload off on their veths
+    // (tests/tests/common/tc_lab.rs), so that every rewritten checksum is verified.
+    "ethtool",
     // protoc, for the etcd client's build script (etcd-client compiles etcd's protos).
     "protobuf-compiler",
 ];
