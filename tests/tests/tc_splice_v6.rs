@@ -23,7 +23,7 @@ use patroxy_tests::{
     backend::pattern,
     config::{
         Bpf, DefaultServer, Defaults, ListenerConfig, OnMarkedDown, ProxyConfig, RuntimeConfig,
-        ServerConfig,
+        ServerConfig, StatsConfig,
     },
     daemon::{Patroxy, bpftool_dump},
     netns,
@@ -31,9 +31,12 @@ use patroxy_tests::{
     process::require_root,
 };
 
+#[path = "common/tc_busy.rs"]
+mod tc_busy;
 #[path = "common/tc_lab.rs"]
 mod tc_lab;
 
+use tc_busy::busy_sessions_are_handed_off;
 use tc_lab::{
     Ending, HANDED_OFF, Hosts, Lab, Server, client_field, echo, echo_turns_and_close, field,
     mark_down_resets, sizes, timestamps_negotiated, wait_line,
@@ -387,6 +390,22 @@ fn mark_down_resets_both_ends_of_spliced_ipv6_sessions() {
         "{}",
         proxy.log()
     );
+}
+
+/// IPv6 sessions that are never quiet are handed off behind the fence, byte-exact: the
+/// duplicate ACKs and the held segments the proxy sends on are IPv6 packets here (`tc_busy`).
+#[test]
+fn busy_ipv6_sessions_are_handed_off_behind_the_fence_byte_exact() {
+    if !require_root("busy_ipv6_sessions_are_handed_off_behind_the_fence_byte_exact") {
+        return;
+    }
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
+    let pin = Patroxy::unique_pin_path("tcv-busy");
+    let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
+    let config = config(&pin, &[(LISTEN6.into(), server.addr6())]).stats(StatsConfig::new(stats));
+    let proxy = Patroxy::start("tcv-busy", &config);
+    busy_sessions_are_handed_off(&HOSTS, &proxy, config.bind(), stats);
 }
 
 /// The ones' complement sum of `data` (big-endian 16-bit words), folded.

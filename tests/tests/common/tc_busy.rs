@@ -1,0 +1,296 @@
+//! Busy sessions (the tc_splice tests, IPv4 and IPv6): sessions that are never quiet, handed off
+//! behind the TC program's fence all the same, byte-exact, with what the fence dropped
+//! retransmitted fast (duplicate ACKs) or sent on by the proxy (held segments).
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use patroxy_tests::{
+    backend::{Fnv, pattern},
+    daemon::Patroxy,
+    netns,
+    stats_client::get_ok,
+};
+
+use super::tc_lab::{
+    HANDED_OFF, Hosts, STREAM_PERIOD, client_field, echo, field, stream_pattern, wait_line,
+};
+
+/// A counter's value in `/metrics`.
+pub fn metric(stats: SocketAddr, name: &str) -> u64 {
+    get_ok(stats, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// A client connection from the client host, with reads that give up after 30 s: a stalled
+/// session fails the test rather than hang it.
+pub fn connect_failing_stalls(hosts: &'static Hosts, proxy: SocketAddr) -> TcpStream {
+    let stream = hosts.connect(proxy);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+/// One session that is never quiet: `turns` echoes of 1-400 B with no pause, each side's next
+/// message carrying the ack of the last, until `until`. Returns the bytes sent.
+fn ping_pong_until(stream: &TcpStream, i: usize, until: Instant) -> u64 {
+    let mut sent = 0;
+    let mut seed = 0xb0b_u64 + i as u64;
+    let mut got = vec![0u8; 400];
+    while Instant::now() < until {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let data = pattern(1 + (seed % 400) as usize, seed);
+        (&*stream).write_all(&data).unwrap();
+        (&*stream).read_exact(&mut got[..data.len()]).unwrap();
+        assert!(got[..data.len()] == data[..], "session {i} after {sent} B");
+        sent += data.len() as u64;
+    }
+    sent
+}
+
+/// A first message of a startup packet's size, echoed: more than 64 KiB before the backend
+/// connects would put the session on the fallback path.
+fn hello(stream: &TcpStream, i: usize) -> u64 {
+    let hello = Arc::new(pattern(200, i as u64));
+    assert!(
+        echo(stream, hello.clone()) == *hello,
+        "session {i}: first echo"
+    );
+    hello.len() as u64
+}
+
+/// One session streaming to the server, as a COPY FROM does, until `until`: the server counts
+/// and hashes what it received. Returns the bytes sent and received.
+fn stream_to_server_until(stream: &TcpStream, i: usize, until: Instant) -> (u64, u64) {
+    let mut sent = hello(stream, i);
+    (&*stream).write_all(b"SINK").unwrap();
+    let mut ok = [0u8; 2];
+    (&*stream).read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"ok");
+    sent += 4;
+    let data = stream_pattern(i as u64);
+    let (mut streamed, mut at, mut hash) = (0u64, 0usize, Fnv::default());
+    while Instant::now() < until {
+        let end = (at + 64 * 1024).min(STREAM_PERIOD);
+        (&*stream).write_all(&data[at..end]).unwrap();
+        hash.update(&data[at..end]);
+        streamed += (end - at) as u64;
+        at = end % STREAM_PERIOD;
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    (&*stream).read_to_string(&mut answer).unwrap();
+    assert_eq!(
+        answer,
+        format!("{streamed} {:x}", hash.value()),
+        "session {i}: what the server received"
+    );
+    (sent + streamed, sent - 4 + 2 + answer.len() as u64)
+}
+
+/// One session streaming from the server, as a COPY TO does: `bytes` bytes, every one compared
+/// with the pattern. Returns the bytes sent and received.
+fn stream_from_server(stream: &TcpStream, i: usize, bytes: u64) -> (u64, u64) {
+    let mut sent = hello(stream, i);
+    let command = format!("SOURCE {bytes} {i}");
+    (&*stream).write_all(command.as_bytes()).unwrap();
+    sent += command.len() as u64;
+    let data = stream_pattern(i as u64);
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut got, mut at) = (0u64, 0usize);
+    while got < bytes {
+        let n = (&*stream)
+            .read(&mut buf[..(bytes - got).min(256 * 1024) as usize])
+            .expect("read the stream");
+        assert!(n > 0, "session {i}: EOF after {got} of {bytes} bytes");
+        for &b in &buf[..n] {
+            assert_eq!(b, data[at], "session {i}: byte {got}");
+            at = (at + 1) % STREAM_PERIOD;
+            got += 1;
+        }
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&*stream).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye", "session {i}");
+    (sent, 200 + bytes + 3)
+}
+
+/// A TcpExt counter of `/proc/net/netstat` in namespace `ns`.
+fn tcp_ext(ns: &str, name: &str) -> u64 {
+    let text = netns::within(ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+    })
+    .expect("enter the namespace")
+    .expect("read /proc/net/netstat");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let (names, values) = (lines[0], lines[1]);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TcpExt {name} in {ns}"))
+}
+
+/// Bytes a stream from the server carries: about 2.5 s at the source's pace (at most 256 KiB a
+/// millisecond), past the first fenced attempts.
+const SOURCE_BYTES: u64 = 500_000_000;
+
+/// What one run of busy sessions showed.
+struct Busy {
+    fenced: usize,
+    /// Fenced hand-offs whose fence dropped segments.
+    fenced_with_drops: usize,
+    abandoned: usize,
+    /// TCPTimeouts and TCPRenoRecovery (fast retransmits without SACK) counted by the client
+    /// host and the server host during the run.
+    timeouts: [u64; 2],
+    recoveries: [u64; 2],
+}
+
+/// `ping_pong` sessions of echoes with no pause, and `streams` one-way streams (to the server
+/// and from it in turn), all for at least 2.5 s (past the first fenced attempt at 250 ms, and
+/// two more should it fail): each byte-exact, handed off, its closed line counting every byte.
+fn busy_sessions(
+    hosts: &'static Hosts,
+    proxy: &Patroxy,
+    addr: SocketAddr,
+    ping_pong: usize,
+    streams: usize,
+) -> Busy {
+    let counters = |name| [hosts.ns_client, hosts.ns_server].map(|ns| tcp_ext(ns, name));
+    let abandoned_before = proxy.count_log("hand-off abandoned: the session did not settle");
+    let (timeouts_before, recoveries_before) =
+        (counters("TCPTimeouts"), counters("TCPRenoRecovery"));
+    let until = Instant::now() + Duration::from_millis(2500);
+    let sessions: Vec<_> = (0..ping_pong + streams)
+        .map(|i| {
+            thread::spawn(move || {
+                let stream = connect_failing_stalls(hosts, addr);
+                let (sent, received) = if i < ping_pong {
+                    let sent = ping_pong_until(&stream, i, until);
+                    stream.shutdown(Shutdown::Write).unwrap();
+                    let mut rest = Vec::new();
+                    (&stream).read_to_end(&mut rest).unwrap();
+                    assert_eq!(rest, b"bye", "session {i}");
+                    (sent, sent + 3)
+                } else if i % 2 == 0 {
+                    stream_to_server_until(&stream, i, until)
+                } else {
+                    stream_from_server(&stream, i, SOURCE_BYTES)
+                };
+                (client_field(&stream), sent, received)
+            })
+        })
+        .collect();
+    let results: Vec<(String, u64, u64)> =
+        sessions.into_iter().map(|t| t.join().unwrap()).collect();
+    for (client, sent, received) in &results {
+        let line = wait_line(proxy, client, "session closed").expect("a session closed line");
+        assert!(line.contains("session closed: client close"), "{line}");
+        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
+        assert_eq!(field(&line, "bytes_in"), Some(*sent), "{line}");
+        assert_eq!(field(&line, "bytes_out"), Some(*received), "{line}");
+    }
+    let (timeouts_after, recoveries_after) = (counters("TCPTimeouts"), counters("TCPRenoRecovery"));
+    let log = proxy.log();
+    let (mut fenced, mut fenced_with_drops) = (0, 0);
+    for (client, _, _) in &results {
+        let line = log
+            .lines()
+            .find(|l| l.contains(HANDED_OFF) && l.split_whitespace().any(|w| w == client))
+            .unwrap_or_else(|| panic!("{client} was never handed off:\n{log}"));
+        fenced += usize::from(line.contains("mode=Fenced"));
+        fenced_with_drops += usize::from(
+            line.contains("mode=Fenced")
+                && (line.contains("dropped=[true") || line.contains(", true]")),
+        );
+    }
+    let busy = Busy {
+        fenced,
+        fenced_with_drops,
+        abandoned: proxy.count_log("hand-off abandoned: the session did not settle")
+            - abandoned_before,
+        timeouts: [0, 1].map(|i| timeouts_after[i] - timeouts_before[i]),
+        recoveries: [0, 1].map(|i| recoveries_after[i] - recoveries_before[i]),
+    };
+    let moved: u64 = results.iter().map(|r| r.1 + r.2).sum();
+    eprintln!(
+        "{ping_pong} ping-pong and {streams} streaming sessions: {fenced} handed off behind the \
+         fence ({fenced_with_drops} of them dropping segments), {} attempts abandoned, {:.1} MB moved; \
+         (client host, server host): retransmission timeouts {:?}, fast retransmits {:?}",
+        busy.abandoned,
+        moved as f64 / 1e6,
+        busy.timeouts,
+        busy.recoveries
+    );
+    busy
+}
+
+/// Sessions that are never quiet are handed off all the same, behind the program's fence, and
+/// stay byte-exact; the sockmap-only hand-off never finds such a session quiet.
+///
+/// One-way streams: what a fence dropped is retransmitted at once, the hand-off's duplicate
+/// ACKs starting a fast retransmit (the lab loses nothing else, so nothing else starts one).
+/// Ping-pong: a sender with one segment in flight cannot fast-retransmit (three duplicates
+/// need three later segments); the proxy sends the dropped message on itself (the program kept
+/// a copy), so its sender does not wait for its timeout: without that, every such hand-off
+/// costs one timeout.
+pub fn busy_sessions_are_handed_off(
+    hosts: &'static Hosts,
+    proxy: &Patroxy,
+    addr: SocketAddr,
+    stats: SocketAddr,
+) {
+    let streams = busy_sessions(hosts, proxy, addr, 0, 4);
+    if streams.fenced_with_drops > 0 {
+        assert!(
+            streams.recoveries.iter().sum::<u64>() > 0,
+            "no sender retransmitted fast what a fence dropped:\n{}",
+            proxy.log()
+        );
+    }
+    let ping_pong = busy_sessions(hosts, proxy, addr, 8, 0);
+    assert!(
+        ping_pong.fenced > 0,
+        "no ping-pong session needed the fence:\n{}",
+        proxy.log()
+    );
+    // The stats count what the log says: fenced hand-offs, senders nudged, segments sent on
+    // (each ping-pong hand-off that dropped a message held it: at most 400 bytes).
+    let fenced = (streams.fenced + ping_pong.fenced) as u64;
+    assert_eq!(
+        metric(stats, "patroxy_tc_sessions_handed_off_fenced_total"),
+        fenced
+    );
+    let forwarded = metric(stats, "patroxy_tc_fence_segments_forwarded_total");
+    assert!(
+        forwarded >= ping_pong.fenced_with_drops as u64,
+        "{forwarded} held segments sent on after {} ping-pong hand-offs that dropped one",
+        ping_pong.fenced_with_drops
+    );
+    assert!(metric(stats, "patroxy_tc_fence_senders_nudged_total") >= forwarded);
+    // A failed attempt's drops wait for the timeout (the sockets take them back); so may one
+    // whose fence outlasted a sender's 200 ms on a loaded machine, but not most.
+    if ping_pong.abandoned == 0 && ping_pong.fenced_with_drops >= 4 {
+        let timeouts: u64 = ping_pong.timeouts.iter().sum();
+        assert!(
+            timeouts * 2 < ping_pong.fenced_with_drops as u64,
+            "{timeouts} timeouts after {} hand-offs that dropped a message:\n{}",
+            ping_pong.fenced_with_drops,
+            proxy.log()
+        );
+    }
+}
