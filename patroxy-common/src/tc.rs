@@ -54,18 +54,26 @@ pub struct FlowEntry {
     /// (valid once `seen` has `FLOW_ACKED`). It covers the proxy socket's own stream: what the
     /// sender had received from the proxy, which the hand-off need not wait to see acked again.
     pub peer_ack: u32,
-    /// Payload bytes forwarded, each once (a retransmission adds nothing).
+    /// Payload bytes forwarded, each once (a retransmission adds nothing): how far past
+    /// `start_seq` the sender's stream has reached, as a 64-bit count. The program sets it
+    /// (never adds to it) from a packet's end, so two CPUs carrying the flow's packets at once
+    /// cannot count a byte twice; the lower of two such stores is made good by the next packet.
     pub bytes: u64,
     /// `bpf_ktime_get_ns` of the last packet (CLOCK_MONOTONIC).
     pub last_ns: u64,
     /// `bpf_ktime_get_ns` of the first FIN, 0 before: which side closed first.
     pub fin_ns: u64,
+    /// `next_seq` at the hand-off: where `bytes` counts from.
+    pub start_seq: u32,
+    pub _pad2: u32,
 }
 
-/// Value of HELD (key: the direction's `FlowKey`): a copy of the first segment with data the
-/// hand-off's fence dropped in one direction, if its payload fits. After the hand-off the proxy
-/// sends it on to the other end itself: a sender with one segment in flight (a query) cannot be
-/// made to retransmit it at once, and would otherwise wait for its timeout.
+/// Value of HELD (key: the direction's `FlowKey`): a copy of what the hand-off's fence dropped
+/// first in one direction, a segment with data and the segments that continue it, up to
+/// `HELD_MAX` bytes. After the hand-off the proxy sends it on to the other end itself: a sender
+/// with fewer than four segments in flight (a query, an answer of a few KB) cannot be made to
+/// retransmit them at once (NewReno needs three duplicate ACKs beyond the lost segment), and
+/// would otherwise wait for its timeout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HeldSegment {
@@ -73,22 +81,34 @@ pub struct HeldSegment {
     pub seq: u32,
     /// Payload bytes in `data`.
     pub len: u32,
-    /// 2048 bytes, more than `HELD_MAX`: the program's copy length is bounded by a mask.
-    pub data: [u8; 2048],
+    /// Twice `HELD_MAX`: the program appends a segment of up to `HELD_MAX` bytes at an offset
+    /// below `HELD_MAX`, both bounded by masks, which the verifier checks only together.
+    pub data: [u8; 2 * HELD_MAX],
 }
 
 #[cfg(feature = "user")]
 impl HeldSegment {
     /// The payload bytes.
     pub fn payload(&self) -> &[u8] {
-        &self.data[..(self.len as usize).min(self.data.len())]
+        &self.data[..(self.len as usize).min(HELD_MAX)]
+    }
+
+    /// The held bytes from sequence number `seq` on, if `seq` is among them (a receiver that
+    /// already has the first of them, retransmitted, needs only the rest).
+    pub fn from_seq(&self, seq: u32) -> Option<&[u8]> {
+        let payload = self.payload();
+        let skip = seq.wrapping_sub(self.seq) as usize;
+        (skip < payload.len()).then(|| &payload[skip..])
     }
 }
 
-/// The largest payload HELD keeps: a full-sized segment of a 1500-byte MTU.
-pub const HELD_MAX: usize = 1460;
-/// Capacity of HELD (two per session in a hand-off at once).
-pub const MAX_HELD: u32 = 1024;
+/// The most payload HELD keeps per direction (a power of two, for the program's masks): five
+/// full-sized segments of a 1500-byte MTU and then some, whether they came as one GSO packet
+/// or one by one.
+pub const HELD_MAX: usize = 8192;
+/// Capacity of HELD (two per session in a hand-off at once); its entries are preallocated,
+/// 16 KiB each.
+pub const MAX_HELD: u32 = 512;
 
 pub const FLOW_PENDING: u8 = 0;
 pub const FLOW_ACTIVE: u8 = 1;
@@ -111,3 +131,23 @@ pub const MAX_SYN_SOCKETS: u32 = 8_192;
 /// never negotiate them (the two legs' timestamps and SACK edges would not match). The
 /// backend legs' SYNs are matched by socket cookie instead (SYN_SOCKETS).
 pub const SYN_TO_LISTENER: u8 = 1;
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_bytes_are_taken_from_a_sequence_number_among_them() {
+        let mut held = HeldSegment {
+            seq: u32::MAX - 1,
+            len: 5,
+            data: [0; 2 * HELD_MAX],
+        };
+        held.data[..5].copy_from_slice(b"abcde");
+        assert_eq!(held.from_seq(u32::MAX - 1), Some(&b"abcde"[..]));
+        // Across the wrap of the sequence space.
+        assert_eq!(held.from_seq(1), Some(&b"de"[..]));
+        assert_eq!(held.from_seq(3), None, "past the held bytes");
+        assert_eq!(held.from_seq(u32::MAX - 2), None, "before them");
+    }
+}

@@ -33,7 +33,7 @@ use crate::BACKENDS;
 #[btf_map]
 pub static FLOWS: HashMap<FlowKey, FlowEntry, { MAX_FLOWS as usize }> = HashMap::new();
 
-/// One direction of a session in a hand-off -> the first data segment its fence dropped. LRU:
+/// One direction of a session in a hand-off -> the data its fence dropped first. LRU:
 /// an entry a packet added just after the hand-off took the others is evicted in time, not
 /// kept for good.
 #[btf_map]
@@ -214,7 +214,7 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
     if entry.state != FLOW_ACTIVE {
         let verdict = hold_while_pending(flow, &tcp, payload);
         if verdict == TC_ACT_SHOT {
-            keep_first_dropped(ctx, &tcp, payload);
+            keep_dropped(ctx, &tcp, payload);
         }
         return Some(verdict);
     }
@@ -227,15 +227,23 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
         data_end
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    // Packets of one flow arrive on one veth queue, so one CPU at a time updates its entry: a
-    // lost update would only miscount. `next_seq` starts at the receiver's next expected
-    // sequence number (set at the hand-off), so only new bytes count.
+    // Two CPUs can carry one flow's packets at once (a sender's process and the softirq of the
+    // ACKs it receives both send, and a veth delivers on the sending CPU), and this BPF CPU
+    // version has no compare-and-swap: so `bytes` is stored as the stream's reach, one 64-bit
+    // store, never added to. A race can at worst leave the lower of two reaches, which the
+    // flow's next segment with data or FIN repairs (a session ends with one); it cannot count
+    // a byte twice. Bare ACKs and RSTs do not count: after a FIN their sequence number is one
+    // past the data. `next_seq`, which resets carry, is kept as before.
     unsafe {
-        let new_bytes = data_end.wrapping_sub((*flow).next_seq) as i32;
-        if new_bytes > 0 {
-            (*flow).bytes += new_bytes as u64;
+        if payload > 0 || fin {
+            let reached = core::ptr::read_volatile(&(*flow).bytes);
+            let from = (*flow).start_seq.wrapping_add(reached as u32);
+            let beyond = data_end.wrapping_sub(from) as i32;
+            if beyond > 0 {
+                core::ptr::write_volatile(&mut (*flow).bytes, reached + beyond as u64);
+            }
         }
-        if (end.wrapping_sub((*flow).next_seq) as i32) > 0 {
+        if (end.wrapping_sub(core::ptr::read_volatile(&(*flow).next_seq)) as i32) > 0 {
             (*flow).next_seq = end;
         }
         (*flow).last_ns = now;
@@ -280,39 +288,59 @@ fn hold_while_pending(flow: *mut FlowEntry, tcp: &Tcp, payload: u32) -> i32 {
     TC_ACT_SHOT
 }
 
-/// Copies a dropped segment with data (no FIN, RST or SYN) into HELD if it is the first of
-/// its direction and its payload fits: the hand-off sends it on itself.
+/// Copies a dropped segment with data (no FIN, RST or SYN) into HELD: the first of its
+/// direction, and then each that continues what is held while the whole fits in `HELD_MAX`.
+/// The hand-off sends it on itself.
 #[inline(always)]
-fn keep_first_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
-    if payload == 0
-        || payload as usize > HELD_MAX
-        || tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
-        || unsafe { HELD.get(tcp.key) }.is_some()
+fn keep_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
+    if payload == 0 || payload as usize > HELD_MAX || tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
     {
+        return;
+    }
+    if let Some(held) = HELD.get_ptr_mut(tcp.key) {
+        let held = unsafe { &mut *held };
+        let len = unsafe { core::ptr::read_volatile(&held.len) };
+        if tcp.seq != held.seq.wrapping_add(len) || len as usize + payload as usize > HELD_MAX {
+            return;
+        }
+        // `len` is below HELD_MAX here: the mask only tells the verifier so (on a volatile
+        // copy, which the compiler cannot prove it a no-op on), and the append ends within the
+        // buffer of twice HELD_MAX.
+        let at = (unsafe { core::ptr::read_volatile(&len) } & (HELD_MAX as u32 - 1)) as usize;
+        if load_payload(ctx, tcp, unsafe { held.data.as_mut_ptr().add(at) }, payload) {
+            held.len = len + payload;
+        }
         return;
     }
     let Some(scratch) = HELD_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     let held = unsafe { &mut *scratch };
-    // Exactly the payload (the frame may be padded past it; it is 1..=HELD_MAX here), in a form
-    // the verifier can bound: 1..=2048 by a mask, within the 2048-byte buffer. The volatile read
-    // keeps the compiler from dropping the mask it knows to be a no-op.
-    let len = (unsafe { core::ptr::read_volatile(&payload) }.wrapping_sub(1) & 0x7ff) + 1;
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
-            (tcp.at + tcp.len) as u32,
-            held.data.as_mut_ptr() as *mut c_void,
-            len,
-        )
-    };
-    if loaded != 0 {
+    if !load_payload(ctx, tcp, held.data.as_mut_ptr(), payload) {
         return;
     }
     held.seq = tcp.seq;
     held.len = payload;
     let _ = HELD.insert(tcp.key, &*held, 0);
+}
+
+/// Copies the segment's payload (1..=HELD_MAX bytes) to `to`; true if it was copied.
+#[inline(always)]
+fn load_payload(ctx: &TcContext, tcp: &Tcp, to: *mut u8, payload: u32) -> bool {
+    // Exactly the payload (the frame may be padded past it), in a form the verifier can bound:
+    // 1..=HELD_MAX by a mask. The volatile read keeps the compiler from dropping the mask it
+    // knows to be a no-op.
+    let len =
+        (unsafe { core::ptr::read_volatile(&payload) }.wrapping_sub(1) & (HELD_MAX as u32 - 1)) + 1;
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            (tcp.at + tcp.len) as u32,
+            to as *mut c_void,
+            len,
+        )
+    };
+    loaded == 0
 }
 
 /// The other connection's addresses, ports, sequence and ack numbers, checksums kept right (for

@@ -22,6 +22,8 @@ pub struct TcpCounters {
     /// Payload bytes handed to TCP for sending: sent once (retransmissions excluded) or still
     /// queued. Bytes the verdict redirected count here once they left the sockmap's queue.
     pub bytes_written: u64,
+    /// Of `bytes_written`, the bytes still waiting in the send queue, never sent.
+    pub not_sent: u64,
     /// The TCP state (libc::TCP_ESTABLISHED, ...).
     pub state: u8,
 }
@@ -54,6 +56,7 @@ pub fn tcp_counters(stream: &impl AsFd) -> io::Result<TcpCounters> {
         bytes_acked: info.tcpi_bytes_acked,
         bytes_written: (info.tcpi_bytes_sent - info.tcpi_bytes_retrans)
             + u64::from(info.tcpi_notsent_bytes),
+        not_sent: u64::from(info.tcpi_notsent_bytes),
         state: info.tcpi_state,
     })
 }

@@ -208,6 +208,7 @@ pub async fn try_hand_off(
         state: FLOW_ACTIVE,
         side: SIDE_CLIENT,
         next_seq: b_snd,
+        start_seq: b_snd,
         last_ns: now,
         ..FlowEntry::default()
     };
@@ -223,6 +224,7 @@ pub async fn try_hand_off(
         state: FLOW_ACTIVE,
         side: SIDE_BACKEND,
         next_seq: a_snd,
+        start_seq: a_snd,
         last_ns: now,
         ..FlowEntry::default()
     };
@@ -235,7 +237,17 @@ pub async fn try_hand_off(
     if mode == Mode::Fenced {
         tc.counters.fenced.fetch_add(1, Ordering::Relaxed);
     }
-    debug!(client = %legs.client.0, ?mode, ?dropped, "session handed to the TC program");
+    // Held data from where the proxy's socket stopped receiving goes on (below), from the
+    // proxy's end of the other connection, in that connection's numbers.
+    let held = take_held(tc, &keys);
+    let rest = [(0, a_rcv), (1, b_rcv)].map(|(i, rcv)| {
+        held[i]
+            .as_ref()
+            .filter(|_| dropped[i])
+            .and_then(|h| h.from_seq(rcv))
+    });
+    let held_bytes = rest.map(|r| r.map_or(0, <[u8]>::len));
+    debug!(client = %legs.client.0, ?mode, ?dropped, ?held_bytes, "session handed to the TC program");
     // The senders of what the fence dropped retransmit it now rather than at their timeout,
     // to the active flows. Sent from the proxy's end of each connection, in its numbers.
     let client_end = (client, legs.client, (a_snd, a_rcv));
@@ -246,46 +258,44 @@ pub async fn try_hand_off(
     if dropped[1] {
         speak_for(tc, server_end, &[]);
     }
-    // A held segment that starts where the proxy's socket stopped receiving goes on, from the
-    // proxy's end of the other connection, in that connection's numbers.
-    let held = take_held(tc, &keys);
-    if let Some(segment) = held[0].filter(|h| dropped[0] && h.seq == a_rcv) {
-        speak_for(tc, server_end, segment.payload());
+    if let Some(rest) = rest[0] {
+        speak_for(tc, server_end, rest);
     }
-    if let Some(segment) = held[1].filter(|h| dropped[1] && h.seq == b_rcv) {
-        speak_for(tc, client_end, segment.payload());
+    if let Some(rest) = rest[1] {
+        speak_for(tc, client_end, rest);
     }
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
 }
 
 /// Sends, from the proxy's end of a connection (`socket` in repair mode, its `leg` (peer,
-/// proxy's address), its `(snd_nxt, rcv_nxt)`), duplicate ACKs (an empty `payload`) or a held
-/// segment's payload, and counts it.
+/// proxy's address), its `(snd_nxt, rcv_nxt)`), duplicate ACKs (an empty `payload`) or what the
+/// program held, and counts them.
 fn speak_for(
     tc: &TcPath,
     (socket, leg, (snd, rcv)): (&TcpStream, (SocketAddr, SocketAddr), (u32, u32)),
     payload: &[u8],
 ) {
-    let sent = repair::negotiated(socket)
-        .and_then(|n| repair::advertised_window(socket, n.rcv_wscale))
-        .and_then(|window| {
-            let end = nudge::ProxyEnd {
-                from: leg.1,
-                to: leg.0,
-                seq: snd,
-                ack: rcv,
-                window,
-            };
-            tc.nudger.send(&end, payload)
-        });
+    let sent = repair::negotiated(socket).and_then(|n| {
+        let end = nudge::ProxyEnd {
+            from: leg.1,
+            to: leg.0,
+            seq: snd,
+            ack: rcv,
+            window: repair::advertised_window(socket, n.rcv_wscale)?,
+            mss: n.mss as usize,
+        };
+        tc.nudger.send(&end, payload)
+    });
+    // Senders nudged count once; held segments, each.
     let (counter, what) = if payload.is_empty() {
         (&tc.counters.nudged, "duplicate ACKs")
     } else {
-        (&tc.counters.forwarded, "the held segment")
+        (&tc.counters.forwarded, "the held segments")
     };
     match sent {
-        Ok(()) => {
-            counter.fetch_add(1, Ordering::Relaxed);
+        Ok(packets) => {
+            let n = if payload.is_empty() { 1 } else { packets };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         Err(e) => {
             debug!(peer = %leg.0, "{what} not sent after the hand-off ({e}): the sender retransmits at its timeout")
@@ -404,8 +414,14 @@ impl Session<'_> {
     }
 
     /// The bytes each socket received if the session has settled: both established, nothing
-    /// unread, and every byte the verdict forwarded to a socket handed to its TCP. (Bytes a
-    /// socket sent may still be unacknowledged: [`Session::take_over`] asks about those.)
+    /// unread, every byte the verdict forwarded to a socket handed to its TCP, and sent. (Bytes
+    /// a socket sent may still be unacknowledged: [`Session::take_over`] asks about those.)
+    ///
+    /// Nothing unsent, because a socket in repair mode with its send queue selected (as
+    /// [`repair::sequences`] selects it to read it) "sends" its whole unsent queue without
+    /// transmitting it when an ACK arrives: the bytes then wait for the retransmission timeout
+    /// once the attempt is abandoned, and TCP_INFO never counts them as sent (only as
+    /// retransmitted), so the session would never look delivered again.
     fn settled(&self) -> Option<[u64; 2]> {
         // The sockets first, the verdict's counts after: the verdict runs in the same locked
         // step as the receive it counts, so every byte a socket counted as received is in the
@@ -416,7 +432,9 @@ impl Session<'_> {
             sockopt::tcp_counters(self.backend).ok()?,
         );
         let drained = sockopt::queued_bytes(self.client).ok()? == 0
-            && sockopt::queued_bytes(self.backend).ok()? == 0;
+            && sockopt::queued_bytes(self.backend).ok()? == 0
+            && c.not_sent == 0
+            && b.not_sent == 0;
         let forwarded_to = |cookie| {
             self.maps
                 .sessions

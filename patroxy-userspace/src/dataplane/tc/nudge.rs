@@ -5,11 +5,12 @@
 //! flow. Without them the sender waits for its retransmission timeout, 200 ms at least, and
 //! a bulk sender then restarts from a window of one segment.
 //!
-//! A sender with a single segment in flight (a query, an answer) cannot fast-retransmit: three
-//! duplicates need three later segments. For it the program kept a copy of the dropped segment
-//! (HELD), and the proxy sends it on to the other end itself, as the flow would have; the other
-//! end's acknowledgment then reaches the sender through the flow. Should the sender retransmit
-//! it anyway, the copy that arrives second is an old segment, which TCP discards.
+//! A sender with fewer than four segments in flight (a query, an answer of a few KB) cannot
+//! fast-retransmit: three duplicates need three segments beyond the lost one. For it the program
+//! kept a copy of what it dropped (HELD, up to `HELD_MAX` bytes), and the proxy sends it on to
+//! the other end itself, as the flow would have, cut to that connection's MSS; the other end's
+//! acknowledgment then reaches the sender through the flow. Should the sender retransmit it
+//! anyway, the copy that arrives second is an old segment, which TCP discards.
 //!
 //! Sent on IPPROTO_RAW sockets, which only send (they are handed no incoming packet), opened
 //! at start-up while CAP_NET_RAW is still held.
@@ -30,7 +31,8 @@ const TCP_ACK: u8 = 0x10;
 
 /// The proxy's end of one connection, as the raw sockets speak for it: from `from` to `to`,
 /// numbered `seq` (what `to` expects next), acknowledging `ack` (the first byte `to` sent and has
-/// not had acknowledged), with `window` as `to` reads the field (scaled).
+/// not had acknowledged), with `window` as `to` reads the field (scaled), in segments of at most
+/// `mss` payload bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct ProxyEnd {
     pub from: SocketAddr,
@@ -38,6 +40,7 @@ pub struct ProxyEnd {
     pub seq: u32,
     pub ack: u32,
     pub window: u16,
+    pub mss: usize,
 }
 
 pub struct Nudger {
@@ -65,11 +68,14 @@ impl Nudger {
         }
     }
 
-    /// With an empty `payload`, the duplicate ACKs; else one segment carrying it.
-    pub fn send(&self, end: &ProxyEnd, payload: &[u8]) -> io::Result<()> {
-        let packet = segment(end, payload)?;
-        let copies = if payload.is_empty() { DUP_ACKS } else { 1 };
-        (0..copies).try_for_each(|_| self.send_packet(end.to, &packet))
+    /// With an empty `payload`, the duplicate ACKs; else the segments carrying it. Returns how
+    /// many packets went.
+    pub fn send(&self, end: &ProxyEnd, payload: &[u8]) -> io::Result<usize> {
+        let packets = packets(end, payload)?;
+        for packet in &packets {
+            self.send_packet(end.to, packet)?;
+        }
+        Ok(packets.len())
     }
 
     fn send_packet(&self, to: SocketAddr, packet: &[u8]) -> io::Result<()> {
@@ -84,6 +90,25 @@ impl Nudger {
     }
 }
 
+/// With an empty `payload`, `DUP_ACKS` bare ACKs; else the payload in segments of at most
+/// `end.mss` bytes (536, the least a host must take, should the MSS be unknown), numbered on
+/// from `end.seq`.
+fn packets(end: &ProxyEnd, payload: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    if payload.is_empty() {
+        return Ok(vec![segment(end, payload)?; DUP_ACKS]);
+    }
+    let mss = if end.mss == 0 { 536 } else { end.mss };
+    let mut seq = end.seq;
+    payload
+        .chunks(mss)
+        .map(|chunk| {
+            let packet = segment(&ProxyEnd { seq, ..*end }, chunk);
+            seq = seq.wrapping_add(chunk.len() as u32);
+            packet
+        })
+        .collect()
+}
+
 /// An IP packet holding a TCP segment with ACK (and PSH with a payload), no options,
 /// checksums included.
 fn segment(end: &ProxyEnd, payload: &[u8]) -> io::Result<Vec<u8>> {
@@ -93,6 +118,7 @@ fn segment(end: &ProxyEnd, payload: &[u8]) -> io::Result<Vec<u8>> {
         seq,
         ack,
         window,
+        ..
     } = *end;
     let mut tcp = vec![0u8; 20 + payload.len()];
     tcp[20..].copy_from_slice(payload);
@@ -168,6 +194,7 @@ mod tests {
             seq,
             ack,
             window,
+            mss: 1460,
         }
     }
 
@@ -220,5 +247,33 @@ mod tests {
         let len = (20 + payload.len()) as u8;
         let pseudo = [&p[12..20], &[0, IPPROTO_TCP, 0, len][..]].concat();
         assert_eq!(checksum(&[&pseudo, &p[20..]]), 0);
+    }
+
+    #[test]
+    fn a_held_payload_goes_in_segments_of_the_mss_numbered_on() {
+        let from: SocketAddr = "10.0.0.1:5432".parse().unwrap();
+        let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        // Numbered across the wrap of the sequence space.
+        let at = u32::MAX - 99;
+        let held = packets(&end(from, to, at, 2, 64), &payload).unwrap();
+        let lens: Vec<usize> = held.iter().map(|p| p.len() - 40).collect();
+        assert_eq!(lens, [1460, 1460, 80]);
+        let seqs: Vec<u32> = held
+            .iter()
+            .map(|p| u32::from_be_bytes([p[24], p[25], p[26], p[27]]))
+            .collect();
+        assert_eq!(seqs, [at, at.wrapping_add(1460), at.wrapping_add(2920)]);
+        let carried: Vec<u8> = held.iter().flat_map(|p| p[40..].to_vec()).collect();
+        assert_eq!(carried, payload);
+        for p in &held {
+            let len = u16::try_from(p.len() - 20).unwrap().to_be_bytes();
+            let pseudo = [&p[12..20], &[0, IPPROTO_TCP, len[0], len[1]][..]].concat();
+            assert_eq!(checksum(&[&pseudo, &p[20..]]), 0);
+        }
+        // Duplicate ACKs: five bare, identical segments.
+        let acks = packets(&end(from, to, at, 2, 64), &[]).unwrap();
+        assert_eq!(acks.len(), DUP_ACKS);
+        assert!(acks.iter().all(|p| p.len() == 40 && *p == acks[0]));
     }
 }

@@ -108,7 +108,10 @@ pub(super) fn leave(fd: &impl AsFd) -> io::Result<()> {
     )
 }
 
-/// (next sequence number to send, next expected to receive) of a socket in repair mode.
+/// (next sequence number to send, next expected to receive) of a socket in repair mode. The
+/// receive queue is selected last and stays so: with the send queue selected, the socket
+/// would "send" without transmitting whatever it queues (the caller makes sure nothing is
+/// unsent when it selects it).
 pub(super) fn sequences(fd: &impl AsFd) -> io::Result<(u32, u32)> {
     let read = |queue| {
         setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, queue)?;
