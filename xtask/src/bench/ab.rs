@@ -10,7 +10,7 @@ use super::handoffs;
 use super::lab::{Lab, Target};
 use super::pgbench::{self, PgbenchOut};
 use super::plan::{Plan, Workload};
-use super::procfs::{clk_tck, proc_ticks, rss_kib};
+use super::procfs::{Counters, delta, rss_kib};
 use super::results::median;
 use super::workloads::bulk::{self, psql_timed};
 use super::workloads::connect;
@@ -43,6 +43,28 @@ impl Table {
             }
         };
         self.metrics[i].samples[target].push(v);
+    }
+
+    /// A pgbench run's CPU per 1000 `unit`s: the proxy process's, every CPU's, and every CPU's
+    /// above the direct run of the same round (target 0, which runs first in each round).
+    fn add_cpu(&mut self, case: &str, unit: &str, i: usize, cpu: CpuPerKtx) {
+        if let Some(ms) = cpu.proxy {
+            self.add(&format!("{case} proxy ms/1000{unit}"), false, i, ms);
+        }
+        let all = format!("{case} all CPUs ms/1000{unit}");
+        self.add(&all, false, i, cpu.busy);
+        if i > 0
+            && let Some(direct) = self.last_sample(&all, 0)
+        {
+            let above = format!("{case} all CPUs above direct ms/1000{unit}");
+            self.add(&above, false, i, cpu.busy - direct);
+        }
+    }
+
+    /// The latest sample of metric `name` for target `i`.
+    fn last_sample(&self, name: &str, i: usize) -> Option<f64> {
+        let m = self.metrics.iter().find(|m| m.name == name)?;
+        m.samples[i].last().copied()
     }
 
     /// The share of `workload`'s sessions the target handed to the packet-level splice, in
@@ -103,9 +125,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                                 i,
                                 out.latency_ms * 1000.0,
                             );
-                            if let Some(ms) = cpu {
-                                t.add(&format!("-c {c} proxy ms/1000tx"), false, i, ms);
-                            }
+                            t.add_cpu(&format!("-c {c}"), "tx", i, cpu);
                             println!(
                                 "  [r{round}] {:<20} -c {c}: {:>7.0} tps {:>7.1} us",
                                 target.name,
@@ -122,9 +142,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                         })?;
                         t.add_share("-C", i, round, target, share);
                         t.add("-C conn/s", true, i, out.tps);
-                        if let Some(ms) = cpu {
-                            t.add("-C proxy ms/1000conn", false, i, ms);
-                        }
+                        t.add_cpu("-C", "conn", i, cpu);
                         println!(
                             "  [r{round}] {:<20} -C: {:>7.1} conn/s",
                             target.name, out.tps
@@ -182,20 +200,33 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
         load.trim()
     );
     let names: Vec<&str> = lab.targets.iter().map(|t| t.name).collect();
-    println!("| metric | {} | ratios ÷ {} |", names.join(" | "), names[1]);
-    println!("|---|{}---|", "--:|".repeat(names.len()));
+    // Ratios to the first variant, and to HAProxy when it ran (the issues' goals against it).
+    let haproxy = names.iter().position(|n| *n == "haproxy");
+    let mut header = format!("| metric | {} | ratios ÷ {} |", names.join(" | "), names[1]);
+    if haproxy.is_some() {
+        header.push_str(" ratios ÷ haproxy |");
+    }
+    println!("{header}");
+    println!(
+        "|---|{}---|{}",
+        "--:|".repeat(names.len()),
+        if haproxy.is_some() { "---|" } else { "" }
+    );
     for m in &t.metrics {
         let med: Vec<Option<f64>> = m.samples.iter().map(|s| median(s)).collect();
-        let base = med.get(1).copied().flatten();
-        let ratios: Vec<String> = med
-            .iter()
-            .skip(2)
-            .map(|v| match (v, base) {
-                (Some(v), Some(b)) if b.abs() > 1e-9 => format!("{:.3}", v / b),
-                _ => "—".into(),
-            })
-            .collect();
-        println!(
+        let ratios_to = |base: usize, from: usize| -> String {
+            med.iter()
+                .enumerate()
+                .skip(from)
+                .filter(|&(i, _)| i != base)
+                .map(|(_, v)| match (v, med[base]) {
+                    (Some(v), Some(b)) if b.abs() > 1e-9 => format!("{:.3}", v / b),
+                    _ => "—".into(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut row = format!(
             "| {} {} | {} | {} |",
             m.name,
             if m.higher_is_better { "↑" } else { "↓" },
@@ -203,8 +234,12 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                 .map(|v| v.map_or("—".into(), |v| format!("{v:.1}")))
                 .collect::<Vec<_>>()
                 .join(" | "),
-            ratios.join(", ")
+            ratios_to(1, 2)
         );
+        if let Some(h) = haproxy {
+            row.push_str(&format!(" {} |", ratios_to(h, 1)));
+        }
+        println!("{row}");
     }
     Ok(())
 }
@@ -216,12 +251,28 @@ fn pgbench_with_cpu(
     target: &Target,
     args: &[String],
     timeout: Duration,
-) -> Result<(PgbenchOut, Option<f64>)> {
-    let before = target.pid.map(proc_ticks);
+) -> Result<(PgbenchOut, CpuPerKtx)> {
+    let before = Counters::take(target.pid);
     let out = pgbench::run(lab, target, args, timeout)?;
-    let after = target.pid.map(proc_ticks);
-    let ms = before.zip(after).map(|(a, b)| {
-        (b - a) as f64 * 1000.0 / clk_tck() * 1000.0 / out.transactions.max(1) as f64
-    });
-    Ok((out, ms))
+    let d = delta(&before, &Counters::take(target.pid));
+    let per_ktx = 1000.0 / out.transactions.max(1) as f64;
+    Ok((
+        out,
+        CpuPerKtx {
+            proxy: d.proxy_ms.map(|ms| ms * per_ktx),
+            busy: d.busy_ms * per_ktx,
+        },
+    ))
+}
+
+/// CPU per 1000 transactions of one pgbench run, in ms.
+#[derive(Debug, Clone, Copy)]
+struct CpuPerKtx {
+    /// The proxy process (user + system); None for direct.
+    proxy: Option<f64>,
+    /// Every CPU's busy time (user, system, softirq, irq...), system-wide: the clients,
+    /// PostgreSQL and the proxy with the kernel work they cause, wherever it runs. Above the
+    /// same round's direct run, it is a proxy's whole cost, which the packet-level splice and
+    /// the sockmap pay in softirq and kernel threads rather than in the proxy process.
+    busy: f64,
 }
