@@ -15,7 +15,7 @@ use super::results::median;
 use super::workloads::bulk::{self, psql_timed};
 use super::workloads::connect;
 use super::workloads::idle::{open_sessions, wait_backends_gone};
-use super::workloads::select;
+use super::workloads::select::{self, PerKtx};
 
 /// Samples of one metric: per target, one value per round.
 struct Metric {
@@ -47,7 +47,7 @@ impl Table {
 
     /// A pgbench run's CPU per 1000 `unit`s: the proxy process's, every CPU's, and every CPU's
     /// above the direct run of the same round (target 0, which runs first in each round).
-    fn add_cpu(&mut self, case: &str, unit: &str, i: usize, cpu: CpuPerKtx) {
+    fn add_cpu(&mut self, case: &str, unit: &str, i: usize, cpu: PerKtx) {
         if let Some(ms) = cpu.proxy {
             self.add(&format!("{case} proxy ms/1000{unit}"), false, i, ms);
         }
@@ -244,35 +244,19 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Runs pgbench through `target`; with it the proxy's CPU per 1000 transactions in ms (None
-/// for direct).
+/// Runs pgbench through `target`; with it the CPU per 1000 transactions: the proxy's (None
+/// for direct) and every CPU's.
 fn pgbench_with_cpu(
     lab: &Lab,
     target: &Target,
     args: &[String],
     timeout: Duration,
-) -> Result<(PgbenchOut, CpuPerKtx)> {
+) -> Result<(PgbenchOut, PerKtx)> {
     let before = Counters::take(target.pid);
     let out = pgbench::run(lab, target, args, timeout)?;
-    let d = delta(&before, &Counters::take(target.pid));
-    let per_ktx = 1000.0 / out.transactions.max(1) as f64;
-    Ok((
-        out,
-        CpuPerKtx {
-            proxy: d.proxy_ms.map(|ms| ms * per_ktx),
-            busy: d.busy_ms * per_ktx,
-        },
-    ))
-}
-
-/// CPU per 1000 transactions of one pgbench run, in ms.
-#[derive(Debug, Clone, Copy)]
-struct CpuPerKtx {
-    /// The proxy process (user + system); None for direct.
-    proxy: Option<f64>,
-    /// Every CPU's busy time (user, system, softirq, irq...), system-wide: the clients,
-    /// PostgreSQL and the proxy with the kernel work they cause, wherever it runs. Above the
-    /// same round's direct run, it is a proxy's whole cost, which the packet-level splice and
-    /// the sockmap pay in softirq and kernel threads rather than in the proxy process.
-    busy: f64,
+    let cpu = PerKtx::of(
+        &delta(&before, &Counters::take(target.pid)),
+        out.transactions,
+    );
+    Ok((out, cpu))
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use crate::bench::lab::Lab;
 use crate::bench::pgbench::{self, strings};
 use crate::bench::plan::Plan;
-use crate::bench::procfs::{Counters, delta};
+use crate::bench::procfs::{Counters, CpuDelta, delta};
 use crate::bench::results::{Metric, Results};
 
 // Workload 1's section of results.md and its metrics; the `pub` ones are read by the goals
@@ -30,13 +30,28 @@ pub const PROXY_TOTAL: Metric = Metric::lower(
 );
 const BUSY_ADDED: Metric = Metric::lower(CPU_SECTION, "all CPUs busy above direct", "ms");
 
-/// Per-1000-transaction CPU of one run, in ms.
+/// Per-1000-transaction CPU of one run, in ms (also what `--ab` reports).
 #[derive(Debug, Clone, Copy)]
-struct PerKtx {
-    proxy: Option<f64>,
-    softirq: f64,
-    kthreads: f64,
-    busy: f64,
+pub struct PerKtx {
+    /// The proxy process (user + system); None for direct.
+    pub proxy: Option<f64>,
+    pub softirq: f64,
+    pub kthreads: f64,
+    /// Every CPU's busy time (user, system, softirq, irq...), system-wide.
+    pub busy: f64,
+}
+
+impl PerKtx {
+    /// The CPU `d` of a run that processed `transactions`, per 1000 of them.
+    pub fn of(d: &CpuDelta, transactions: u64) -> PerKtx {
+        let k = 1000.0 / transactions.max(1) as f64;
+        PerKtx {
+            proxy: d.proxy_ms.map(|p| p * k),
+            softirq: d.softirq_ms * k,
+            kthreads: d.kthreads_ms * k,
+            busy: d.busy_ms * k,
+        }
+    }
 }
 
 /// pgbench arguments of workload 1 with `clients` clients (at most 2 threads: 2 cores).
@@ -68,14 +83,7 @@ pub fn run(lab: &Lab, plan: &Plan, res: &mut Results) -> Result<()> {
                 let a = Counters::take(t.pid);
                 let out = pgbench::run(lab, t, &args, Duration::from_secs(plan.duration + 120))?;
                 let b = Counters::take(t.pid);
-                let d = delta(&a, &b);
-                let k = 1000.0 / out.transactions.max(1) as f64;
-                let cpu = PerKtx {
-                    proxy: d.proxy_ms.map(|p| p * k),
-                    softirq: d.softirq_ms * k,
-                    kthreads: d.kthreads_ms * k,
-                    busy: d.busy_ms * k,
-                };
+                let cpu = PerKtx::of(&delta(&a, &b), out.transactions);
                 let lat_us = out.latency_ms * 1000.0;
                 println!(
                     "  [{case} r{round}] {:<17} {:>8.0} tps {:>8.1} us | ms/1000 tx: proxy {:>6.1} softirq {:>5.1} kworker {:>5.1} busy {:>6.1}",
