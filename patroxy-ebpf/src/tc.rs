@@ -299,7 +299,7 @@ fn keep_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
     }
     if let Some(held) = HELD.get_ptr_mut(tcp.key) {
         let held = unsafe { &mut *held };
-        let len = unsafe { core::ptr::read_volatile(&held.len) };
+        let len = held.len;
         if tcp.seq != held.seq.wrapping_add(len) || len as usize + payload as usize > HELD_MAX {
             return;
         }

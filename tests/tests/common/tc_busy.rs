@@ -1,7 +1,6 @@
 //! Busy sessions (the tc_splice tests, IPv4 and IPv6): sessions that are never quiet, handed off
 //! behind the TC program's fence all the same, byte-exact, with what the fence dropped
 //! retransmitted fast (duplicate ACKs) or sent on by the proxy (held segments).
-#![allow(dead_code)]
 
 use std::{
     io::{Read, Write},
