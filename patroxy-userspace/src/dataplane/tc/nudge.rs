@@ -1,9 +1,10 @@
 //! After a fenced hand-off, a sender whose segments the program dropped learns at once that
-//! they were lost: five duplicate ACKs from the proxy's end of its connection. The first may
-//! count as a window update, the next three start a fast retransmit (SACK is off on these
-//! connections, so it is NewReno's count of three), and the retransmission meets the active
-//! flow. Without them the sender waits for its retransmission timeout, 200 ms at least, and
-//! a bulk sender then restarts from a window of one segment.
+//! they were lost: ten duplicate ACKs from the proxy's end of its connection. The first may
+//! count as a window update, the next ones start a fast retransmit (SACK is off on these
+//! connections, so it is NewReno's count: more than the connection's reordering estimate,
+//! three at first), and the retransmission meets the active flow. Without them the sender
+//! waits for its retransmission timeout, 200 ms at least, and a bulk sender then restarts from
+//! a window of one segment.
 //!
 //! A sender with fewer than four segments in flight (a query, an answer of a few KB) cannot
 //! fast-retransmit: three duplicates need three segments beyond the lost one. For it the program
@@ -22,9 +23,14 @@ use std::{
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::debug;
 
-/// One more than NewReno's three duplicates: the first ACK after the sender's last window
-/// update is itself one (RFC 5681 counts only ACKs that leave the window alone).
-const DUP_ACKS: usize = 5;
+/// Enough for a sender whose reordering estimate has grown past NewReno's three (Linux raises
+/// it when more duplicates arrive than segments are in flight, which two CPUs delivering one
+/// flow, or an earlier nudge of a short flight, can cause: `ss -ti` shows `reordering:4` on
+/// the lab's hosts), plus one: the first ACK after the sender's last window update is itself
+/// one (RFC 5681 counts only ACKs that leave the window alone). A sender with fewer segments
+/// in flight than duplicates takes the extra ones for reordering and does not retransmit fast;
+/// what it sent is held and sent on by the proxy instead (below 8 KiB).
+const DUP_ACKS: usize = 10;
 const IPPROTO_TCP: u8 = 6;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
@@ -271,7 +277,7 @@ mod tests {
             let pseudo = [&p[12..20], &[0, IPPROTO_TCP, len[0], len[1]][..]].concat();
             assert_eq!(checksum(&[&pseudo, &p[20..]]), 0);
         }
-        // Duplicate ACKs: five bare, identical segments.
+        // Duplicate ACKs: DUP_ACKS bare, identical segments.
         let acks = packets(&end(from, to, at, 2, 64), &[]).unwrap();
         assert_eq!(acks.len(), DUP_ACKS);
         assert!(acks.iter().all(|p| p.len() == 40 && *p == acks[0]));
