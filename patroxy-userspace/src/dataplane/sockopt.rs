@@ -112,3 +112,24 @@ pub fn queued_bytes(stream: &impl AsFd) -> io::Result<usize> {
     }
     Ok(n.max(0) as usize)
 }
+
+/// SO_MEMINFO (rmem_alloc, rcvbuf, wmem_alloc, sndbuf, fwd_alloc, wmem_queued, optmem,
+/// backlog, drops): for tracing.
+pub fn meminfo(stream: &impl AsFd) -> io::Result<[u32; 9]> {
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: an array of u32 the kernel fills, with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
+}

@@ -247,7 +247,14 @@ pub async fn try_hand_off(
             .and_then(|h| h.from_seq(rcv))
     });
     let held_bytes = rest.map(|r| r.map_or(0, <[u8]>::len));
-    debug!(client = %legs.client.0, ?mode, ?dropped, ?held_bytes, "session handed to the TC program");
+    // Where each direction's held data starts relative to what the proxy's socket expected
+    // next, and how long it is: a copy that does not start at or before it cannot be used.
+    let held_at = [(0, a_rcv), (1, b_rcv)].map(|(i, rcv)| {
+        held[i]
+            .as_ref()
+            .map(|h| (h.seq.wrapping_sub(rcv) as i32, h.len))
+    });
+    debug!(client = %legs.client.0, ?mode, ?dropped, ?held_bytes, ?held_at, "session handed to the TC program");
     // The senders of what the fence dropped retransmit it now rather than at their timeout,
     // to the active flows. Sent from the proxy's end of each connection, in its numbers.
     let client_end = (client, legs.client, (a_snd, a_rcv));
@@ -459,6 +466,8 @@ impl Session<'_> {
                 to_client,
                 to_backend,
                 baseline = ?self.baseline,
+                client_mem = ?sockopt::meminfo(self.client).ok(),
+                backend_mem = ?sockopt::meminfo(self.backend).ok(),
                 "not settled"
             );
         }
