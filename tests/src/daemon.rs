@@ -77,7 +77,12 @@ impl Patroxy {
             .arg(&config_path)
             .arg("--drain-grace")
             .arg(format!("{}ms", drain_grace.as_millis()))
-            .env("PATROXY_LOG", "info,patroxy=debug");
+            // PATROXY_TEST_LOG replaces the filter when debugging a test (e.g. with
+            // `patroxy::dataplane::tc::handoff=trace`).
+            .env(
+                "PATROXY_LOG",
+                std::env::var("PATROXY_TEST_LOG").unwrap_or_else(|_| "info,patroxy=debug".into()),
+            );
         adjust(&mut cmd);
         let mut child = ChildGuard::spawn(name, &mut cmd).expect("spawn patroxy");
         for addr in config.listen_addrs() {
