@@ -189,6 +189,17 @@ impl Variant {
             })
             .collect()
     }
+
+    /// `datapath = "tc"`, profiled beside the standard two on the namespace topology.
+    fn packet_splice(bin: &Path) -> Variant {
+        Variant {
+            name: "patroxy-tc",
+            bin: bin.to_path_buf(),
+            bpf: "required",
+            tc: true,
+            env: Vec::new(),
+        }
+    }
 }
 
 fn start_lab(variants: &[Variant], haproxy: bool, netns: bool) -> Result<Lab> {
@@ -412,7 +423,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         workloads::warm_up(&lab)?;
         return ab::run(&lab, &plan);
     }
-    let lab = start_lab(&Variant::standard(&bin), true, plan.netns)?;
+    let mut variants = Variant::standard(&bin);
+    if args.profile && plan.netns {
+        variants.push(Variant::packet_splice(&bin));
+    }
+    let lab = start_lab(&variants, true, plan.netns)?;
     println!(
         "bench: pgbench -i -s {} on port {}",
         plan.scale,

@@ -46,7 +46,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub patroxy_bin: Option<PathBuf>,
     /// Profile instead of benchmarking: pgbench -S (8 and 1 clients) and COPY both ways through
-    /// patroxy-bpf and HAProxy under `perf record -a -g` and `perf stat`; writes
+    /// patroxy-bpf, HAProxy and (with --netns) patroxy-tc under `perf record -a -g` and
+    /// `perf stat`; writes
     /// bench/profile.md (CPU per transaction by group: kworker, softirq, postgres, pgbench,
     /// proxy).
     #[arg(long)]

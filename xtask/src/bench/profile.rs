@@ -1,5 +1,5 @@
-//! `cargo xtask bench --profile`: where the CPU goes, by group, for direct, patroxy-bpf and
-//! HAProxy (issue 6).
+//! `cargo xtask bench --profile`: where the CPU goes, by group, for direct, patroxy-bpf, HAProxy
+//! (issue 6) and, on the namespace topology, patroxy-tc (issue 17).
 //!
 //! Each case (pgbench -S with 8 and 1 clients, -S -C with 8, COPY TO STDOUT, COPY FROM STDIN) runs once per
 //! target under `perf record -a -g` (cpu-clock at `FREQ` Hz, every CPU) and `perf stat -a`
@@ -35,7 +35,18 @@ const MARKERS: &[(&str, &str)] = &[
         "sk_psock_verdict_data_ready",
         "sockmap receive: read_skb + verdict + queue to peer (softirq)",
     ),
-    ("bpf_prog_", "the verdict program itself"),
+    (
+        "bpf_prog_",
+        "the BPF programs (verdict; TC with patroxy-tc)",
+    ),
+    (
+        "patroxy_tc_ingress",
+        "… of which the TC program (patroxy-tc)",
+    ),
+    (
+        "skb_do_redirect",
+        "TC redirect to the other leg (patroxy-tc)",
+    ),
     (
         "sk_psock_backlog",
         "sockmap egress: backlog work item (kworker)",
@@ -101,7 +112,8 @@ pub fn run(lab: &Lab, plan: &Plan, out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let started = Instant::now();
-    let targets: Vec<&Target> = ["direct", "patroxy-bpf", "haproxy"]
+    // patroxy-tc runs only on the namespace topology (`--netns`).
+    let targets: Vec<&Target> = ["direct", "patroxy-bpf", "patroxy-tc", "haproxy"]
         .iter()
         .filter_map(|n| lab.target(n))
         .collect();
@@ -265,7 +277,11 @@ impl Recording {
             let group = classify(&comm, pid, target.pid, &frames);
             *p.groups.entry(group.clone()).or_default() += 1;
             for (m, _) in MARKERS {
-                if frames.iter().any(|(_, s)| s.starts_with(m)) {
+                // A BPF program's symbol is bpf_prog_<tag>_<name>.
+                if frames
+                    .iter()
+                    .any(|(_, s)| s.starts_with(m) || s.ends_with(m))
+                {
                     *p.markers.entry(m).or_default() += 1;
                 }
             }
@@ -343,7 +359,7 @@ fn markdown(profiles: &[Profile], load: &str, hosts: &str, elapsed: Duration) ->
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# patroxy profile: where the CPU goes (direct, patroxy-bpf, HAProxy)\n\n\
+        "# patroxy profile: where the CPU goes (direct, patroxy-bpf, patroxy-tc with --netns, HAProxy)\n\n\
          Written by `cargo xtask bench --profile` ({:.0} s). `perf record -a -g -F {FREQ}` \
          (cpu-clock, every CPU) and `perf stat -a` around each run; samples classified by \
          callchain. Load average at the start: {load}. Everything else running on the machine \
