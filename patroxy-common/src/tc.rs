@@ -70,10 +70,11 @@ pub struct FlowEntry {
 
 /// Value of HELD (key: the direction's `FlowKey`): a copy of what the hand-off's fence dropped
 /// first in one direction, a segment with data and the segments that continue it, up to
-/// `HELD_MAX` bytes. After the hand-off the proxy sends it on to the other end itself: a sender
-/// with fewer than four segments in flight (a query, an answer of a few KB) cannot be made to
-/// retransmit them at once (NewReno needs three duplicate ACKs beyond the lost segment), and
-/// would otherwise wait for its timeout.
+/// `HELD_MAX` bytes. After the hand-off the proxy sends it on to the other end itself; after an
+/// abandoned attempt, to its own socket, as the sender sent it. Either way a sender with fewer
+/// than four segments in flight (a query, an answer of a few KB), which cannot be made to
+/// retransmit them at once (NewReno needs three duplicate ACKs beyond the lost segment), does
+/// not wait for its timeout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HeldSegment {
@@ -81,6 +82,11 @@ pub struct HeldSegment {
     pub seq: u32,
     /// Payload bytes in `data`.
     pub len: u32,
+    /// The first held segment's acknowledgment number and window field (host byte order), as
+    /// the sender sent them: what a copy given back to the proxy's own socket carries.
+    pub ack: u32,
+    pub window: u16,
+    pub _pad: u16,
     /// Twice `HELD_MAX`: the program appends a segment of up to `HELD_MAX` bytes at an offset
     /// below `HELD_MAX`, both bounded by masks, which the verifier checks only together.
     pub data: [u8; 2 * HELD_MAX],
@@ -141,6 +147,9 @@ mod tests {
         let mut held = HeldSegment {
             seq: u32::MAX - 1,
             len: 5,
+            ack: 0,
+            window: 0,
+            _pad: 0,
             data: [0; 2 * HELD_MAX],
         };
         held.data[..5].copy_from_slice(b"abcde");

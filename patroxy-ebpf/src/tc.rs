@@ -321,6 +321,8 @@ fn keep_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
     }
     held.seq = tcp.seq;
     held.len = payload;
+    held.ack = tcp.ack;
+    held.window = ctx.load::<u16>(tcp.at + 14).map_or(0, u16::from_be);
     let _ = HELD.insert(tcp.key, &*held, 0);
 }
 

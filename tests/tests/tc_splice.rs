@@ -38,7 +38,10 @@ mod tc_busy;
 #[path = "common/tc_lab.rs"]
 mod tc_lab;
 
-use tc_busy::{busy_sessions_are_handed_off, connect_failing_stalls};
+use tc_busy::{
+    abandoned_hand_offs_give_back_what_they_dropped, busy_sessions_are_handed_off,
+    connect_failing_stalls,
+};
 use tc_lab::{
     Ending, HANDED_OFF, Hosts, Lab, Server, echo, echo_turns_and_close, field, mark_down_resets,
     sizes, timestamps_negotiated, wait_line,
@@ -862,6 +865,23 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
         ..
     } = echoing("tc-busy");
     busy_sessions_are_handed_off(&HOSTS, &proxy, addr, stats);
+}
+
+/// What an abandoned attempt's fence dropped goes back to the proxy's own socket (`tc_busy`).
+#[test]
+fn abandoned_hand_offs_give_back_what_their_fence_dropped() {
+    if !require_root("abandoned_hand_offs_give_back_what_their_fence_dropped") {
+        return;
+    }
+    let Echoing {
+        proxy,
+        addr,
+        stats,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-give-back");
+    abandoned_hand_offs_give_back_what_they_dropped(&HOSTS, &proxy, addr, stats);
 }
 
 #[test]

@@ -36,7 +36,7 @@ mod tc_busy;
 #[path = "common/tc_lab.rs"]
 mod tc_lab;
 
-use tc_busy::busy_sessions_are_handed_off;
+use tc_busy::{abandoned_hand_offs_give_back_what_they_dropped, busy_sessions_are_handed_off};
 use tc_lab::{
     Ending, HANDED_OFF, Hosts, Lab, Server, client_field, echo, echo_turns_and_close, field,
     mark_down_resets, sizes, timestamps_negotiated, wait_line,
@@ -406,6 +406,22 @@ fn busy_ipv6_sessions_are_handed_off_behind_the_fence_byte_exact() {
     let config = config(&pin, &[(LISTEN6.into(), server.addr6())]).stats(StatsConfig::new(stats));
     let proxy = Patroxy::start("tcv-busy", &config);
     busy_sessions_are_handed_off(&HOSTS, &proxy, config.bind(), stats);
+}
+
+/// An abandoned attempt gives what its fence dropped back to the proxy's own socket in IPv6
+/// packets too (`tc_busy`).
+#[test]
+fn abandoned_ipv6_hand_offs_give_back_what_their_fence_dropped() {
+    if !require_root("abandoned_ipv6_hand_offs_give_back_what_their_fence_dropped") {
+        return;
+    }
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
+    let pin = Patroxy::unique_pin_path("tcv-give-back");
+    let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
+    let config = config(&pin, &[(LISTEN6.into(), server.addr6())]).stats(StatsConfig::new(stats));
+    let proxy = Patroxy::start("tcv-give-back", &config);
+    abandoned_hand_offs_give_back_what_they_dropped(&HOSTS, &proxy, config.bind(), stats);
 }
 
 /// The ones' complement sum of `data` (big-endian 16-bit words), folded.

@@ -155,6 +155,7 @@ fn tc_stats(c: &TcCounters) -> TcStats {
         handed_off_fenced: c.fenced.load(Relaxed),
         senders_nudged: c.nudged.load(Relaxed),
         segments_forwarded: c.forwarded.load(Relaxed),
+        segments_given_back: c.given_back.load(Relaxed),
     }
 }
 

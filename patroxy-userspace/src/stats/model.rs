@@ -61,6 +61,10 @@ pub struct TcStats {
     /// Segments a fence dropped that the proxy sent on itself after the hand-off.
     #[serde(default)]
     pub segments_forwarded: u64,
+    /// Segments a fence dropped that the proxy gave back to its own sockets after an abandoned
+    /// attempt.
+    #[serde(default)]
+    pub segments_given_back: u64,
 }
 
 /// The XDP allowlist: what it is attached to and its counters (summed over the CPUs).

@@ -247,6 +247,12 @@ fn tc(reg: &mut Registry, t: &TcStats) {
     );
     counter(
         reg,
+        "tc_fence_segments_given_back",
+        "Segments an abandoned hand-off's fence dropped that the proxy gave back to its own sockets",
+        t.segments_given_back,
+    );
+    counter(
+        reg,
         "tc_handoffs_retried",
         "Hand-offs abandoned because a byte moved meanwhile (tried again later)",
         t.retried,

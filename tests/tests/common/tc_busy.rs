@@ -316,3 +316,101 @@ pub fn busy_sessions_are_handed_off(
         );
     }
 }
+
+/// A session that cannot settle (its client reads nothing of a stream from the server, so the
+/// proxy's socket toward it keeps unsent bytes) has every fenced attempt abandoned. The client's
+/// messages that a fence dropped are given back to the proxy's own socket when the fence lifts,
+/// so the client does not wait for its retransmission timeout (200 ms, more than the 150 ms
+/// fence) to have them acknowledged, and every byte still arrives, in order.
+pub fn abandoned_hand_offs_give_back_what_they_dropped(
+    hosts: &'static Hosts,
+    proxy: &Patroxy,
+    addr: SocketAddr,
+    stats: SocketAddr,
+) {
+    /// More than the client's receive buffer, the proxy's send buffer toward it and what the
+    /// sockmap queues between them: the stream cannot finish before the client reads.
+    const SOURCE: u64 = 64_000_000;
+    let timeouts_before = tcp_ext(hosts.ns_client, "TCPTimeouts");
+    let stream = connect_failing_stalls(hosts, addr);
+    stream.set_nodelay(true).unwrap();
+    let mut sent = hello(&stream, 0);
+    let command = format!("SOURCE {SOURCE} 0");
+    (&stream).write_all(command.as_bytes()).unwrap();
+    sent += command.len() as u64;
+    // The server reads a command whole: the messages follow once the stream has begun.
+    stream.peek(&mut [0u8]).unwrap();
+    // The fenced attempts come 250 ms after the splice, then 500 ms and 1 s after each failure
+    // (150 ms each): 2.2 s of small messages meet two of them. One every 100 ms, as queries
+    // come: too few for the proxy's socket to send back the three duplicate ACKs of a fast
+    // retransmit before the client's timeout, had the fence not given them back.
+    let mut messages = Vec::new();
+    let until = Instant::now() + Duration::from_millis(2200);
+    let mut i = 0u64;
+    while Instant::now() < until {
+        let message = pattern(40 + (i % 60) as usize, 0x91f7 + i);
+        (&stream).write_all(&message).unwrap();
+        messages.extend_from_slice(&message);
+        i += 1;
+        thread::sleep(Duration::from_millis(100));
+    }
+    let timeouts = tcp_ext(hosts.ns_client, "TCPTimeouts") - timeouts_before;
+    let log = proxy.log();
+    let given_back_by_client = log
+        .lines()
+        .filter(|l| l.contains("hand-off abandoned: the session did not settle"))
+        .filter_map(|l| {
+            l.split("given_back=[")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|&bytes: &u64| bytes > 0)
+        .count();
+    eprintln!(
+        "{i} messages while the client read nothing: {given_back_by_client} abandoned attempts \
+         gave messages back, {timeouts} retransmission timeouts on the client host"
+    );
+    assert!(
+        given_back_by_client > 0,
+        "no abandoned attempt gave back a client's message:\n{log}"
+    );
+    assert!(metric(stats, "patroxy_tc_fence_segments_given_back_total") > 0);
+    // Without the give-back, each of those attempts costs the client one timeout at least.
+    assert!(
+        (timeouts as usize) < given_back_by_client,
+        "{timeouts} retransmission timeouts on the client host after {given_back_by_client} \
+         abandoned attempts gave a message back:\n{log}"
+    );
+    // Every byte, in order: the stream, then the server's echo of the messages (it reads them
+    // once the stream is written).
+    let data = stream_pattern(0);
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut got, mut at) = (0u64, 0usize);
+    while got < SOURCE {
+        let n = (&stream)
+            .read(&mut buf[..(SOURCE - got).min(256 * 1024) as usize])
+            .expect("read the stream");
+        assert!(n > 0, "EOF after {got} of {SOURCE} bytes");
+        for &b in &buf[..n] {
+            assert_eq!(b, data[at], "byte {got} of the stream");
+            at = (at + 1) % STREAM_PERIOD;
+            got += 1;
+        }
+    }
+    let mut echoed = vec![0u8; messages.len()];
+    (&stream).read_exact(&mut echoed).unwrap();
+    assert!(echoed == messages, "the messages' echo differs");
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&stream).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let line = wait_line(proxy, &client_field(&stream), "session closed").expect("closed line");
+    assert_eq!(
+        field(&line, "bytes_in"),
+        Some(sent + messages.len() as u64),
+        "{line}"
+    );
+}

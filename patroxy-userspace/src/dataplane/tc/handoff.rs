@@ -175,7 +175,8 @@ pub async fn try_hand_off(
                 // Without TCP_REPAIR (no CAP_NET_ADMIN) no session can be handed off: back to
                 // the sockmap, for good.
                 debug!("TCP_REPAIR failed ({e}); the session stays on the sockmap path");
-                lift_fence(tc, &keys);
+                let held = lift_fence(tc, &keys);
+                give_back(tc, &legs, (client, backend), held);
                 tc.counters.mismatched.fetch_add(1, Ordering::Relaxed);
                 return Attempt::Never;
             }
@@ -187,8 +188,13 @@ pub async fn try_hand_off(
         dropped,
     }) = taken
     else {
-        debug!(?mode, "hand-off abandoned: the session did not settle");
-        lift_fence(tc, &keys);
+        let held = lift_fence(tc, &keys);
+        let given_back = give_back(tc, &legs, (client, backend), held);
+        debug!(
+            ?mode,
+            ?given_back,
+            "hand-off abandoned: the session did not settle"
+        );
         tc.counters.retried.fetch_add(1, Ordering::Relaxed);
         return Attempt::NotNow;
     };
@@ -329,14 +335,60 @@ struct Taken {
 }
 
 /// The pending entries go: the session's packets reach its sockets again (and the ones dropped
-/// meanwhile are retransmitted to them).
-fn lift_fence(tc: &TcPath, keys: &[FlowKey; 2]) {
+/// meanwhile are retransmitted to them). Returns what the program held of them.
+fn lift_fence(tc: &TcPath, keys: &[FlowKey; 2]) -> [Option<HeldSegment>; 2] {
     let mut flows = tc.flows.lock().expect("flows lock");
     for k in keys {
         let _ = flows.remove(k);
     }
     drop(flows);
-    take_held(tc, keys);
+    take_held(tc, keys)
+}
+
+/// After an abandoned attempt, what the fence dropped and the program held goes to the proxy's
+/// own sockets (client's, then server's direction), as its sender sent it: a raw packet from the
+/// peer's address to the socket's, which the kernel delivers locally. The sender then has it
+/// acknowledged at once rather than retransmitting it at its timeout, 200 ms at least and one
+/// pause per abandoned attempt; TCP discards what the socket already has (the sender's own
+/// retransmission, if it came first). Returns the bytes given back each way.
+fn give_back(
+    tc: &TcPath,
+    legs: &Legs,
+    (client, backend): (&TcpStream, &TcpStream),
+    held: [Option<HeldSegment>; 2],
+) -> [usize; 2] {
+    let mut given = [0; 2];
+    if std::env::var_os("PTX_NO_GIVE_BACK").is_some() {
+        return given;
+    }
+    let ends = [(legs.client, client), (legs.server, backend)];
+    for (i, ((peer, local), socket)) in ends.into_iter().enumerate() {
+        let Some(held) = &held[i] else { continue };
+        let payload = held.payload();
+        let sent = repair::negotiated(socket).and_then(|n| {
+            let sender = nudge::ProxyEnd {
+                from: peer,
+                to: local,
+                seq: held.seq,
+                ack: held.ack,
+                window: held.window,
+                mss: n.mss as usize,
+            };
+            tc.nudger.send(&sender, payload)
+        });
+        match sent {
+            Ok(packets) => {
+                tc.counters
+                    .given_back
+                    .fetch_add(packets as u64, Ordering::Relaxed);
+                given[i] = payload.len();
+            }
+            Err(e) => {
+                debug!(%peer, "held segments not given back to the proxy's socket ({e}): the sender retransmits at its timeout");
+            }
+        }
+    }
+    given
 }
 
 impl Session<'_> {

@@ -83,6 +83,9 @@ pub struct TcCounters {
     pub nudged: AtomicU64,
     /// Segments a fence dropped that the proxy sent on itself after the hand-off.
     pub forwarded: AtomicU64,
+    /// Segments a fence dropped that the proxy gave back to its own sockets after an abandoned
+    /// attempt.
+    pub given_back: AtomicU64,
 }
 
 impl TcCounters {
@@ -207,6 +210,7 @@ impl Drop for TcPath {
         let [handed_off, retried, mixed_family, mismatched] = self.counters.snapshot();
         let nudged = self.counters.nudged.load(Ordering::Relaxed);
         let forwarded = self.counters.forwarded.load(Ordering::Relaxed);
+        let given_back = self.counters.given_back.load(Ordering::Relaxed);
         // A target of its own, so a run at `warn` can still ask for this line
         // (PATROXY_LOG=warn,patroxy_tc=info: the bench does).
         info!(
@@ -217,7 +221,8 @@ impl Drop for TcPath {
             mismatched,
             nudged,
             forwarded,
-            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options), senders told to retransmit what a fence dropped, dropped segments sent on by the proxy"
+            given_back,
+            "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options), senders told to retransmit what a fence dropped, dropped segments sent on by the proxy, dropped segments given back to its sockets after an abandoned attempt"
         );
         let _ = std::fs::remove_file(&self.flows_pin);
     }
