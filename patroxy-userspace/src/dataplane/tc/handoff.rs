@@ -14,8 +14,8 @@
 //!    whose segments were dropped gets duplicate ACKs (`nudge`) so that it retransmits them
 //!    at once; the first dropped segment, if the program kept it, goes on to the other end.
 //!
-//! Otherwise the sockets go back to the sockmap, the entries go, and the session is tried again
-//! later. A [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it
+//! Otherwise the sockets go back to the sockmap, the entries go (what the program held of the
+//! dropped segments is given back to the sockets), and the session is tried again later. A [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it
 //! drops nothing; a [`Mode::Fenced`] one (for a session that is never quiet) waits behind the
 //! fence, at most [`FENCE_WINDOW`], for 2 and 3 to hold.
 //!
@@ -358,9 +358,6 @@ fn give_back(
     held: [Option<HeldSegment>; 2],
 ) -> [usize; 2] {
     let mut given = [0; 2];
-    if std::env::var_os("PTX_NO_GIVE_BACK").is_some() {
-        return given;
-    }
     let ends = [(legs.client, client), (legs.server, backend)];
     for (i, ((peer, local), socket)) in ends.into_iter().enumerate() {
         let Some(held) = &held[i] else { continue };
@@ -417,6 +414,20 @@ impl Session<'_> {
             return Ok(None);
         }
         let (client, backend) = (self.client, self.backend);
+        // A socket with bytes unacknowledged whose peer has sent no acknowledgment behind the
+        // fence cannot pass the check below yet: not worth taking the sockets out of SOCKS and
+        // into repair mode for (a fenced attempt looks every millisecond).
+        let pending = {
+            let flows = tc.flows.lock().expect("flows lock");
+            keys.map(|k| flows.get(&k, 0).ok())
+        };
+        let waiting_for_ack = |socket: &TcpStream, from_peer: Option<FlowEntry>| {
+            repair::unacked_bytes(socket).is_ok_and(|n| n > 0)
+                && from_peer.is_none_or(|e| e.seen & FLOW_ACKED == 0)
+        };
+        if waiting_for_ack(client, pending[0]) || waiting_for_ack(backend, pending[1]) {
+            return Ok(None);
+        }
         {
             let mut socks = self.maps.socks.lock().expect("socks lock");
             let _ = socks.remove(&self.cookies.0);

@@ -11,7 +11,9 @@
 //! kept a copy of what it dropped (HELD, up to `HELD_MAX` bytes), and the proxy sends it on to
 //! the other end itself, as the flow would have, cut to that connection's MSS; the other end's
 //! acknowledgment then reaches the sender through the flow. Should the sender retransmit it
-//! anyway, the copy that arrives second is an old segment, which TCP discards.
+//! anyway, the copy that arrives second is an old segment, which TCP discards. After an
+//! abandoned attempt the same copy goes to the proxy's own socket instead, from the sender's
+//! address (`handoff::give_back`): the kernel delivers a packet to a local address locally.
 //!
 //! Sent on IPPROTO_RAW sockets, which only send (they are handed no incoming packet), opened
 //! at start-up while CAP_NET_RAW is still held.
@@ -35,7 +37,8 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 
-/// The proxy's end of one connection, as the raw sockets speak for it: from `from` to `to`,
+/// The proxy's end of one connection (or, giving held segments back to the proxy's socket, the
+/// peer's end), as the raw sockets speak for it: from `from` to `to`,
 /// numbered `seq` (what `to` expects next), acknowledging `ack` (the first byte `to` sent and has
 /// not had acknowledged), with `window` as `to` reads the field (scaled), in segments of at most
 /// `mss` payload bytes.
