@@ -105,6 +105,16 @@ fn stream_from_server(stream: &TcpStream, i: usize, bytes: u64) -> (u64, u64) {
     let command = format!("SOURCE {bytes} {i}");
     (&*stream).write_all(command.as_bytes()).unwrap();
     sent += command.len() as u64;
+    read_source(stream, i, bytes);
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&*stream).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye", "session {i}");
+    (sent, 200 + bytes + 3)
+}
+
+/// Reads what "SOURCE <bytes> <i>" sends, comparing every byte with the pattern.
+fn read_source(stream: &TcpStream, i: usize, bytes: u64) {
     let data = stream_pattern(i as u64);
     let mut buf = vec![0u8; 256 * 1024];
     let (mut got, mut at) = (0u64, 0usize);
@@ -119,11 +129,6 @@ fn stream_from_server(stream: &TcpStream, i: usize, bytes: u64) -> (u64, u64) {
             got += 1;
         }
     }
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    (&*stream).read_to_end(&mut rest).unwrap();
-    assert_eq!(rest, b"bye", "session {i}");
-    (sent, 200 + bytes + 3)
 }
 
 /// A TcpExt counter of `/proc/net/netstat` in namespace `ns`.
@@ -386,20 +391,7 @@ pub fn abandoned_hand_offs_give_back_what_they_dropped(
     );
     // Every byte, in order: the stream, then the server's echo of the messages (it reads them
     // once the stream is written).
-    let data = stream_pattern(0);
-    let mut buf = vec![0u8; 256 * 1024];
-    let (mut got, mut at) = (0u64, 0usize);
-    while got < SOURCE {
-        let n = (&stream)
-            .read(&mut buf[..(SOURCE - got).min(256 * 1024) as usize])
-            .expect("read the stream");
-        assert!(n > 0, "EOF after {got} of {SOURCE} bytes");
-        for &b in &buf[..n] {
-            assert_eq!(b, data[at], "byte {got} of the stream");
-            at = (at + 1) % STREAM_PERIOD;
-            got += 1;
-        }
-    }
+    read_source(&stream, 0, SOURCE);
     let mut echoed = vec![0u8; messages.len()];
     (&stream).read_exact(&mut echoed).unwrap();
     assert!(echoed == messages, "the messages' echo differs");

@@ -2,7 +2,7 @@
 //! change, or one binary with different environment), interleaved per round with the direct
 //! connection as the reference. Prints a table of medians; writes nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 
@@ -10,7 +10,7 @@ use super::handoffs;
 use super::lab::{Lab, Target};
 use super::pgbench::{self, PgbenchOut};
 use super::plan::{Plan, Workload};
-use super::procfs::{Counters, delta, rss_kib};
+use super::procfs::{Counters, clk_tck, delta, proc_ticks, rss_kib};
 use super::results::median;
 use super::workloads::bulk::{self, psql_timed};
 use super::workloads::connect;
@@ -176,14 +176,23 @@ pub fn run(lab: &Lab, plan: &Plan) -> Result<()> {
                         let base = *rss_base.entry(i).or_insert(rss0);
                         let (socks, _, _) = open_sessions(lab, target, plan.idle_sessions);
                         let open = socks.len();
+                        // The hand-offs and their first reads happen in the first second; the
+                        // proxy's CPU is counted over the idle hold after it.
+                        std::thread::sleep(Duration::from_secs(1));
+                        let (ticks0, held) = (proc_ticks(pid), Instant::now());
                         std::thread::sleep(plan.idle_hold);
+                        let idle_cpu = (proc_ticks(pid) - ticks0) as f64 * 1000.0
+                            / clk_tck()
+                            / held.elapsed().as_secs_f64();
+                        t.add("idle proxy CPU ms/s", false, i, idle_cpu);
                         let rss1 = rss_kib(pid);
                         drop(socks);
                         wait_backends_gone(lab)?;
                         let per = (rss1 as f64 - base as f64) / open.max(1) as f64;
                         t.add("idle RSS KiB/session", false, i, per);
                         println!(
-                            "  [r{round}] {:<20} idle: {open} open, RSS {rss0} -> {rss1} KiB",
+                            "  [r{round}] {:<20} idle: {open} open, RSS {rss0} -> {rss1} KiB, \
+                             proxy CPU {idle_cpu:.1} ms/s",
                             target.name
                         );
                     }
