@@ -15,7 +15,7 @@
 //! and SACK edges would need the sequence shift too). The host's sysctls are left alone: other
 //! connections keep both options, other local clients of the same server port included.
 use aya_ebpf::{
-    bindings::BPF_F_PSEUDO_HDR,
+    bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     cty::c_void,
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_skb_load_bytes},
@@ -66,14 +66,17 @@ const TCPOPT_TIMESTAMP: u8 = 8;
 /// Options walked in a SYN: real stacks send at most 8 (NOPs included).
 const MAX_SYN_OPTIONS: usize = 12;
 /// The classifier's verdicts (include/uapi/linux/pkt_cls.h); TC_ACT_REDIRECT is also what
-/// bpf_redirect_neigh returns on success.
-const TC_ACT_OK: i32 = 0;
+/// bpf_redirect_neigh returns on success. A packet the programs let by goes on with
+/// TC_ACT_UNSPEC (tcx's TCX_NEXT): to the next program on the interface, then the stack.
+/// TC_ACT_OK would end the interface's chain there, and the programs other owners attached
+/// after these (another patroxy's among them) would never see a packet.
+const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
 #[classifier]
 pub fn patroxy_tc_ingress(ctx: TcContext) -> i32 {
-    try_ingress(&ctx).unwrap_or(TC_ACT_OK)
+    try_ingress(&ctx).unwrap_or(TC_ACT_UNSPEC)
 }
 
 #[classifier]
@@ -84,7 +87,7 @@ pub fn patroxy_tc_egress(ctx: TcContext) -> i32 {
     {
         strip_syn_options(&ctx, &tcp);
     }
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// Whether the packet comes from one of patroxy's backend sockets while it connects: matched by
@@ -271,7 +274,7 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
 #[inline(always)]
 fn hold_while_pending(flow: *mut FlowEntry, tcp: &Tcp, payload: u32) -> i32 {
     if payload == 0 && tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     // Two CPUs racing here can only leave a lower acknowledgment: the hand-off then waits
     // longer, never less.
@@ -323,7 +326,10 @@ fn keep_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
     held.len = payload;
     held.ack = tcp.ack;
     held.window = ctx.load::<u16>(tcp.at + 14).map_or(0, u16::from_be);
-    let _ = HELD.insert(tcp.key, &*held, 0);
+    // Never over an entry another CPU put there meanwhile: a replaced entry goes back to the
+    // map's free list at once (its elements are preallocated) while that CPU may still be
+    // appending to it, and its late bytes would land in whatever entry reuses it.
+    let _ = HELD.insert(tcp.key, &*held, BPF_NOEXIST.into());
 }
 
 /// Copies the segment's payload (1..=HELD_MAX bytes) to `to`; true if it was copied.

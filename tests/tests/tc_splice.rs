@@ -206,6 +206,38 @@ fn quiet_sessions_are_handed_off_and_stay_byte_exact() {
     assert_eq!(flows.as_array().map(Vec::len), Some(0), "{flows}");
 }
 
+/// The programs let other owners' programs on the same interfaces see every packet they do not
+/// take (tcx's TCX_NEXT, not TC_ACT_OK, which ends the chain): a second patroxy attached after
+/// the first strips its own listener's SYNs and hands its sessions off too. Before, the first
+/// program's TC_ACT_OK ended the chain, the second's SYNs kept their timestamps and its
+/// sessions stayed on the sockmap (found by a bench with two tc variants side by side).
+#[test]
+fn programs_attached_after_patroxys_still_see_the_packets() {
+    if !require_root("programs_attached_after_patroxys_still_see_the_packets") {
+        return;
+    }
+    let Echoing {
+        proxy: first,
+        addr: first_addr,
+        server,
+        _lab,
+        ..
+    } = echoing("tc-first");
+    let pin = Patroxy::unique_pin_path("tc-second");
+    let config = config(&pin, server.port);
+    let second = Patroxy::start("tc-second", &config);
+    for (proxy, addr) in [(&first, first_addr), (&second, config.bind())] {
+        let stream = connect_failing_stalls(&HOSTS, addr);
+        let hello = pattern(200, 7);
+        assert!(echo(&stream, Arc::new(hello.clone())) == hello);
+        assert!(
+            wait_handed_off(proxy, local_port(&stream)),
+            "the session through {addr} was never handed off:\n{}",
+            proxy.log()
+        );
+    }
+}
+
 /// Runs `program` with `args` in namespace `ns`, `stdin` on its standard input.
 fn run_in(ns: &str, program: &str, args: &[&str], stdin: &str) {
     let mut cmd = std::process::Command::new(program);
