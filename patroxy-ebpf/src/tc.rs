@@ -221,7 +221,13 @@ fn try_ingress(ctx: &TcContext) -> Option<i32> {
         }
         return Some(verdict);
     }
-    rewrite(ctx, &tcp, &entry).ok()?;
+    // A packet of an active flow never goes on to the stack: the proxy's repair-mode socket
+    // would take (and acknowledge) bytes the other end never gets. One that cannot be
+    // rewritten (the helpers fail only when the packet cannot be made writable) is dropped,
+    // and its sender sends it again.
+    if rewrite(ctx, &tcp, &entry).is_err() {
+        return Some(TC_ACT_SHOT);
+    }
     let data_end = tcp.seq.wrapping_add(entry.seq_delta).wrapping_add(payload);
     let fin = tcp.flags & TCP_FIN != 0;
     let end = if fin {

@@ -149,6 +149,10 @@ pub async fn try_hand_off(
         state: FLOW_PENDING,
         ..FlowEntry::default()
     };
+    // HELD is to hold this attempt's drops only: an entry a packet left just after an earlier
+    // attempt took its own (or one of an earlier connection on the same 4-tuple, in another
+    // sequence space) must not be sent on or given back.
+    take_held(tc, &keys);
     {
         let mut flows = tc.flows.lock().expect("flows lock");
         for k in &keys {
