@@ -15,9 +15,10 @@
 //!    at once; the first dropped segment, if the program kept it, goes on to the other end.
 //!
 //! Otherwise the sockets go back to the sockmap, the entries go (what the program held of the
-//! dropped segments is given back to the sockets), and the session is tried again later. A [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it
-//! drops nothing; a [`Mode::Fenced`] one (for a session that is never quiet) waits behind the
-//! fence, at most [`FENCE_WINDOW`], for 2 and 3 to hold.
+//! dropped segments is given back to the sockets), and the session is tried again later. A
+//! [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it drops at
+//! most what arrives during that check; a [`Mode::Fenced`] one (for a session that is never
+//! quiet) waits behind the fence, at most [`FENCE_WINDOW`], for 2 and 3 to hold.
 //!
 //! Only sessions whose legs can be joined are tried: both legs of one family (a packet cannot
 //! change from IPv6 to IPv4 by a rewrite), neither leg with timestamps or SACK (the SYN option
@@ -71,9 +72,9 @@ pub enum Attempt {
 /// How a hand-off knows that no byte is in flight between the proxy's two sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Only from a moment the session is already quiet: nothing is dropped, but a session
-    /// under continuous load has no such moment (each side's next message carries the ack of
-    /// the last one).
+    /// Only from a moment the session is already quiet: nothing is dropped but what arrives
+    /// during the one check; a session under continuous load has no such moment (each side's
+    /// next message carries the ack of the last one).
     Quiet,
     /// Fence first: the program drops the session's data segments (keeping their acks) while
     /// the sockets settle, for at most [`FENCE_WINDOW`]. A sender retransmits what was dropped
