@@ -48,8 +48,7 @@ impl Flow {
     }
 
     fn entries(&self, tc: &TcPath) -> [Option<FlowEntry>; 2] {
-        let flows = tc.flows.lock().expect("flows lock");
-        self.keys.map(|k| flows.get(&k, 0).ok())
+        tc.flow_entries(&self.keys)
     }
 
     /// Watches the flow until it ends; `client` and `backend` are the repair-mode sockets.

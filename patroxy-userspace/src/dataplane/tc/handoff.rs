@@ -422,10 +422,7 @@ impl Session<'_> {
         // A socket with bytes unacknowledged whose peer has sent no acknowledgment behind the
         // fence cannot pass the check below yet: not worth taking the sockets out of SOCKS and
         // into repair mode for (a fenced attempt looks every millisecond).
-        let pending = {
-            let flows = tc.flows.lock().expect("flows lock");
-            keys.map(|k| flows.get(&k, 0).ok())
-        };
+        let pending = tc.flow_entries(keys);
         let waiting_for_ack = |socket: &TcpStream, from_peer: Option<FlowEntry>| {
             repair::unacked_bytes(socket).is_ok_and(|n| n > 0)
                 && from_peer.is_none_or(|e| e.seen & FLOW_ACKED == 0)
@@ -457,10 +454,7 @@ impl Session<'_> {
                 return Err(e);
             }
         };
-        let pending = {
-            let flows = tc.flows.lock().expect("flows lock");
-            keys.map(|k| flows.get(&k, 0).ok())
-        };
+        let pending = tc.flow_entries(keys);
         let reached = |socket: &TcpStream, snd_nxt: u32, from_peer: Option<FlowEntry>| {
             repair::unacked_bytes(socket).is_ok_and(|n| n == 0)
                 || from_peer.is_some_and(|e| {

@@ -162,6 +162,12 @@ impl TcPath {
         socket.connect(addr).await
     }
 
+    /// The FLOWS entries of both directions of a session (absent ones as `None`).
+    fn flow_entries(&self, keys: &[FlowKey; 2]) -> [Option<FlowEntry>; 2] {
+        let flows = self.flows.lock().expect("flows lock");
+        keys.map(|k| flows.get(&k, 0).ok())
+    }
+
     /// The configured interface that holds `addr`.
     fn interface_of(&self, addr: IpAddr) -> Option<u32> {
         self.interfaces
