@@ -242,6 +242,8 @@ impl Restored {
                     Detached {
                         client: client.into(),
                         backend: backend.into(),
+                        // Not stored: nothing, for every session patroxy splices.
+                        baseline: Default::default(),
                     },
                 ));
             }

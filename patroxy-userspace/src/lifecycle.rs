@@ -56,17 +56,15 @@ async fn run_daemon(
     fd_limit::raise(&config);
     let log = KernelLog::from_config(&config.global)?;
     let dataplane = Arc::new(select_data_path(&config, takeover.as_mut(), log)?);
-    if let Some(kernel) = dataplane.kernel().filter(|_| takeover.is_some()) {
-        kernel.leave_pins_on_exit(true);
+    if takeover.is_some() {
+        dataplane.leave_pins_on_exit(true);
     }
     // Attached (or taken over attached) before any port is bound, so no client reaches one the
     // rules protect unfiltered.
     let firewall = start_firewall(&config, takeover.as_mut())?.map(Arc::new);
     // Until this process serves, a failed start leaves its predecessor's pins as they are.
     let pins_owned = || {
-        if let Some(kernel) = dataplane.kernel() {
-            kernel.leave_pins_on_exit(false);
-        }
+        dataplane.leave_pins_on_exit(false);
         if let Some(firewall) = &firewall {
             firewall.leave_pins_on_exit(false);
         }
@@ -153,12 +151,15 @@ async fn run_daemon(
         .map(|l| l.bind)
         .chain(config.stats.as_ref().map(|s| s.bind));
     let mut needed = privileges::needed_after_start(binds, privileges::unprivileged_port_start());
+    let mut passed_on = caps::CapsHashSet::new();
     if dataplane.tc().is_some() {
-        // Every hand-off to the packet-level splice puts both sockets in TCP_REPAIR.
+        // Every hand-off to the packet-level splice puts both sockets in TCP_REPAIR, in a
+        // successor too (an upgrade or structural reload takes the flows over).
         needed.insert(caps::Capability::CAP_NET_ADMIN);
-        info!("datapath = \"tc\" keeps CAP_NET_ADMIN for TCP_REPAIR");
+        passed_on.insert(caps::Capability::CAP_NET_ADMIN);
+        info!("datapath = \"tc\" keeps CAP_NET_ADMIN for TCP_REPAIR, and passes it to a successor");
     }
-    let kept = privileges::drop_all_but(&needed).context("dropping capabilities")?;
+    let kept = privileges::drop_all_but(&needed, &passed_on).context("dropping capabilities")?;
     info!(
         kept = %privileges::names(&kept),
         "dropped every capability not needed after start-up"
@@ -260,7 +261,9 @@ async fn run_daemon(
                 counters: proxy.carry_counters(),
                 reload: reload_status,
                 xdp: Some(CarriedXdp::of(&config.firewall.xdp)),
+                datapath: Some(format!("{:?}", config.global.datapath)),
             },
+            raw_sockets: dataplane.tc().map(|tc| tc.raw_sockets()),
         };
         // The successor writes BACKENDS from its start: nothing here may overwrite it.
         proxy.backends().write_kernel(false);
@@ -298,9 +301,7 @@ async fn run_daemon(
                 hand_over.done();
             }
             stop.cancel();
-            if let Some(kernel) = dataplane.kernel() {
-                kernel.hand_over();
-            }
+            dataplane.leave_pins_on_exit(true);
             if let Some(firewall) = &firewall {
                 firewall.hand_over();
             }
@@ -402,13 +403,27 @@ fn select_data_path(
     if log.is_some() {
         tracing::warn!("the eBPF debug log is not available in a taken-over data path");
     }
+    let datapath = format!("{:?}", config.global.datapath);
+    if let Some(was) = takeover
+        .carried
+        .datapath
+        .as_ref()
+        .filter(|was| **was != datapath)
+    {
+        anyhow::bail!(
+            "global.datapath changed (running: {was}; new: {datapath}): that needs a restart, \
+             not an upgrade or reload"
+        );
+    }
+    let raw_sockets = takeover.raw_sockets.take();
     match takeover.pin_lock.take() {
-        Some(lock) => DataPlane::adopt(pin_path, lock).context("taking over the pinned maps"),
+        Some(lock) => DataPlane::adopt(pin_path, lock, tc_setup(config), raw_sockets)
+            .context("taking over the pinned maps"),
         // After a crash nobody holds the lock; the pins the dead daemon left hold the sessions.
         None => {
             let adopted = pin_dir::claim(pin_path)
                 .map_err(LoadError::from)
-                .and_then(|lock| DataPlane::adopt(pin_path, lock));
+                .and_then(|lock| DataPlane::adopt(pin_path, lock, tc_setup(config), raw_sockets));
             match adopted {
                 Ok(dataplane) => Ok(dataplane),
                 Err(e) => {

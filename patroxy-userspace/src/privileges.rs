@@ -75,12 +75,17 @@ pub fn unprivileged_port_start() -> u16 {
 /// Keeps of `needed` what this thread has, and drops every other capability from the
 /// effective, permitted, inheritable and ambient sets of every thread (and from the bounding
 /// set where CAP_SETPCAP allows, so that a program this daemon executes as root gains none
-/// back). Returns the capabilities kept.
-pub fn drop_all_but(needed: &CapsHashSet) -> Result<CapsHashSet, PrivilegeError> {
+/// back). Of the kept ones, `passed_on` stay inheritable and ambient: a successor this daemon
+/// starts (an upgrade) has them too, as a user other than root. Returns the capabilities kept.
+pub fn drop_all_but(
+    needed: &CapsHashSet,
+    passed_on: &CapsHashSet,
+) -> Result<CapsHashSet, PrivilegeError> {
     let permitted = caps::read(None, CapSet::Permitted).map_err(PrivilegeError::Read)?;
     let effective = caps::read(None, CapSet::Effective).map_err(PrivilegeError::Read)?;
     let kept: CapsHashSet = needed.intersection(&permitted).copied().collect();
     TARGET.store(mask(&kept), Ordering::SeqCst);
+    PASSED_ON.store(mask(&kept) & mask(passed_on), Ordering::SeqCst);
     LAST_CAP.store(last_cap(), Ordering::SeqCst);
     DROP_BOUNDING.store(
         effective.contains(&Capability::CAP_SETPCAP),
@@ -107,6 +112,8 @@ pub fn names(caps: &CapsHashSet) -> String {
 
 /// The sets every thread ends with: effective = permitted = this mask, the others empty.
 static TARGET: AtomicU64 = AtomicU64::new(0);
+/// Of those, the ones also inheritable and ambient (see [`drop_all_but`]).
+static PASSED_ON: AtomicU64 = AtomicU64::new(0);
 /// The highest capability this kernel knows, for the bounding set.
 static LAST_CAP: AtomicU64 = AtomicU64::new(0);
 /// Whether the bounding set is dropped too (needs CAP_SETPCAP, which root has).
@@ -184,21 +191,31 @@ fn apply_target() -> bool {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
+    let passed_on = PASSED_ON.load(Ordering::SeqCst);
     let (low, high) = (target as u32, (target >> 32) as u32);
     let data = [
         CapData {
             effective: low,
             permitted: low,
-            inheritable: 0,
+            inheritable: passed_on as u32,
         },
         CapData {
             effective: high,
             permitted: high,
-            inheritable: 0,
+            inheritable: (passed_on >> 32) as u32,
         },
     ];
     // SAFETY: a version 3 header and the two data words that version reads.
-    unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) == 0 }
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return false;
+    }
+    // Ambient only now: a capability must be permitted and inheritable to be raised.
+    (0..64u64)
+        .filter(|cap| passed_on & (1 << cap) != 0)
+        // SAFETY: prctl with integer arguments.
+        .all(|cap| unsafe {
+            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) == 0
+        })
 }
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -274,7 +291,9 @@ fn at_target(tid: i32, target: u64) -> bool {
         read(CapSet::Permitted),
         read(CapSet::Inheritable),
     ) {
-        (Ok(e), Ok(p), Ok(i)) => e == target && p == target && i == 0,
+        (Ok(e), Ok(p), Ok(i)) => {
+            e == target && p == target && i == PASSED_ON.load(Ordering::SeqCst)
+        }
         _ => true,
     }
 }

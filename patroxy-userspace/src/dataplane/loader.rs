@@ -165,15 +165,10 @@ impl KernelMaps {
         &self.pin_lock
     }
 
-    /// A successor holds the maps now: this process's exit must leave the pins and the
-    /// program's attachment to SOCKS for it.
-    pub fn hand_over(&self) {
-        self.handed_over.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether this process's exit leaves the pins in place: set by a successor while it starts
-    /// on maps it adopted (a failed start must not remove what its predecessor runs on),
-    /// cleared once it serves and owns them.
+    /// Whether this process's exit leaves the pins and the program's attachment to SOCKS in
+    /// place: set by a successor while it starts on maps it adopted (a failed start must not
+    /// remove what its predecessor runs on), cleared once it serves and owns them, set again
+    /// once a successor of its own holds them.
     pub fn leave_pins_on_exit(&self, leave: bool) {
         self.handed_over.store(leave, Ordering::SeqCst);
     }

@@ -142,6 +142,9 @@ pub enum Outcome {
 pub struct Detached {
     pub client: std::net::TcpStream,
     pub backend: std::net::TcpStream,
+    /// What this process wrote to each socket before the splice (nothing, for a PostgreSQL
+    /// session): the packet-level hand-off's checks count from it.
+    pub baseline: tc::Baseline,
 }
 
 /// Totals of a finished session. Both counts are payload bytes.
@@ -231,17 +234,44 @@ impl DataPlane {
     /// The sockmap path from the maps and program a predecessor pinned and attached (an
     /// upgrade): nothing is loaded. Refused, whatever the mode, if the maps do not match this
     /// build; the predecessor then keeps running.
+    ///
+    /// With `tc`, the packet-level splice's programs are taken over attached as well, with the
+    /// flows they carry (`raw_sockets`: the predecessor's, for the duplicate ACKs).
     pub fn adopt(
         pin_dir: &std::path::Path,
         lock: pin_dir::PinDirLock,
+        tc: Option<TcSetup>,
+        raw_sockets: Option<[Option<std::os::fd::OwnedFd>; 2]>,
     ) -> Result<Self, loader::LoadError> {
         let maps = KernelMaps::adopt(pin_dir, lock)?;
+        let tc = match tc {
+            Some(setup) => Some(Arc::new(tc::TcPath::adopt(
+                pin_dir,
+                setup.interfaces,
+                &setup.listener_ports,
+                raw_sockets,
+            )?)),
+            None => None,
+        };
         let closes = closewatch::CloseWatcher::new().map_err(loader::LoadError::Epoll)?;
         Ok(Self::Sockmap {
             maps: Arc::new(maps),
             closes,
-            tc: None,
+            tc,
         })
+    }
+
+    /// Whether this process's exit leaves the pins and attachments in place: set in a
+    /// successor while it starts on what it adopted (a failed start must not remove what its
+    /// predecessor runs on), cleared once it serves and owns them, set again once it hands
+    /// them to a successor of its own.
+    pub fn leave_pins_on_exit(&self, leave: bool) {
+        if let Some(kernel) = self.kernel() {
+            kernel.leave_pins_on_exit(leave);
+        }
+        if let Some(tc) = self.tc() {
+            tc.leave_pins_on_exit(leave);
+        }
     }
 
     pub fn name(&self) -> &'static str {
@@ -331,13 +361,17 @@ impl DataPlane {
         meta: SessionMeta,
         kill: &KillSwitch,
     ) -> Option<Outcome> {
-        let Self::Sockmap { maps, closes, .. } = self else {
+        let Self::Sockmap { maps, closes, tc } = self else {
             return None;
         };
-        let Detached { client, backend } = detached;
+        let Detached {
+            client,
+            backend,
+            baseline,
+        } = detached;
         Some(
-            match sockmap::Spliced::resume(maps, &client, &backend, meta) {
-                Ok(spliced) => spliced.watch_std(client, backend, closes, kill).await,
+            match sockmap::Spliced::resume(maps, tc.clone(), &client, &backend, meta, baseline) {
+                Ok(spliced) => spliced.watch_resumed(client, backend, closes, kill).await,
                 Err(e) => {
                     reset_both(&client, &backend);
                     Outcome::Ended(SessionEnd {

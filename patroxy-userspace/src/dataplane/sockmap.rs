@@ -32,6 +32,9 @@ enum Watched {
     Ended(EndReason),
     /// The TC program carries the session now.
     HandedOff(tc::Flow),
+    /// A successor takes the session over (never in the middle of a hand-off attempt, whose
+    /// fence and repair-mode sockets must not be left behind).
+    HandingOver,
 }
 
 /// A pair inserted in SOCKS/SESSIONS; removes its entries when dropped, unless handed over.
@@ -100,12 +103,16 @@ impl Spliced {
     }
 
     /// A pair a predecessor inserted: its entries are in the maps already (the verdict program
-    /// has been forwarding its bytes all along), so only the watch starts again.
+    /// has been forwarding its bytes all along, or the TC program since a hand-off), so only
+    /// the watch starts again ([`Spliced::watch_resumed`]). `baseline`: what the predecessor
+    /// wrote to each socket before the splice.
     pub(super) fn resume(
         maps: &Arc<KernelMaps>,
+        tc: Option<Arc<TcPath>>,
         client: &StdTcpStream,
         backend: &StdTcpStream,
         meta: SessionMeta,
+        baseline: tc::Baseline,
     ) -> std::io::Result<Self> {
         let spliced = Self {
             maps: maps.clone(),
@@ -113,7 +120,7 @@ impl Spliced {
             backend_cookie: sockopt::cookie(backend)?,
             meta,
             keep_entries: false,
-            tc: None,
+            tc: tc.map(|tc| (tc, baseline)),
         };
         let sessions = maps.sessions.lock().expect("sessions lock");
         if sessions.get(&spliced.client_cookie, 0).is_err()
@@ -145,44 +152,42 @@ impl Spliced {
         self.watch_std(client, backend, closes, kill).await
     }
 
+    /// Goes on with a session a predecessor passed: with the TC program if it carries it,
+    /// else on the sockmap (from where it may be handed off here).
+    pub(super) async fn watch_resumed(
+        self,
+        client: StdTcpStream,
+        backend: StdTcpStream,
+        closes: &Arc<CloseWatcher>,
+        kill: &KillSwitch,
+    ) -> Outcome {
+        let carried = self
+            .tc
+            .as_ref()
+            .and_then(|(tc, _)| tc::carried_flow(tc, &client, &backend));
+        match carried {
+            Some(flow) => self.run_flow(flow, client, backend, kill).await,
+            None => self.watch_std(client, backend, closes, kill).await,
+        }
+    }
+
     pub(super) async fn watch_std(
-        mut self,
+        self,
         client: StdTcpStream,
         backend: StdTcpStream,
         closes: &Arc<CloseWatcher>,
         kill: &KillSwitch,
     ) -> Outcome {
         let watched = match (closes.watch(&client), closes.watch(&backend)) {
-            (Ok(cw), Ok(bw)) => tokio::select! {
-                watched = self.watch(&client, &backend, &cw, &bw, kill) => Some(watched),
-                () = kill.handing_over() => None,
-            },
-            (Err(e), _) | (_, Err(e)) => Some(Watched::Ended(EndReason::Error(format!(
-                "watching for close: {e}"
-            )))),
+            (Ok(cw), Ok(bw)) => self.watch(&client, &backend, &cw, &bw, kill).await,
+            (Err(e), _) | (_, Err(e)) => {
+                Watched::Ended(EndReason::Error(format!("watching for close: {e}")))
+            }
         };
         let reason = match watched {
-            None => {
-                self.keep_entries = true;
-                return Outcome::HandedOver(Detached { client, backend });
-            }
-            Some(Watched::Ended(reason)) => reason,
-            Some(Watched::HandedOff(flow)) => {
-                let (spliced, _) = self.tc.clone().expect("handed off without a TC path");
-                let carried = &spliced.counters.carried;
-                carried.fetch_add(1, Ordering::Relaxed);
-                let flow = flow
-                    .run(&spliced, client, backend, self.meta.idle_timeout, kill)
-                    .await;
-                carried.fetch_sub(1, Ordering::Relaxed);
-                let (from_client, from_server) = self.counters();
-                return Outcome::Ended(SessionEnd {
-                    reason: flow.reason,
-                    bytes_from_client: from_client + flow.bytes_from_client,
-                    bytes_from_server: from_server + flow.bytes_from_server,
-                    handed_off_to_tc: true,
-                });
-            }
+            Watched::HandingOver => return self.hand_over(client, backend),
+            Watched::Ended(reason) => reason,
+            Watched::HandedOff(flow) => return self.run_flow(flow, client, backend, kill).await,
         };
         match &reason {
             EndReason::Killed(_) | EndReason::ClientReset | EndReason::ServerReset => {
@@ -191,6 +196,45 @@ impl Spliced {
             _ => drop((client, backend)),
         }
         Outcome::Ended(self.end(reason))
+    }
+
+    /// Watches a session the TC program carries until it ends or a successor takes it over.
+    async fn run_flow(
+        self,
+        flow: tc::Flow,
+        client: StdTcpStream,
+        backend: StdTcpStream,
+        kill: &KillSwitch,
+    ) -> Outcome {
+        let (spliced, _) = self.tc.clone().expect("a flow without a TC path");
+        let carried = &spliced.counters.carried;
+        carried.fetch_add(1, Ordering::Relaxed);
+        let outcome = flow
+            .run(&spliced, client, backend, self.meta.idle_timeout, kill)
+            .await;
+        carried.fetch_sub(1, Ordering::Relaxed);
+        match outcome {
+            tc::FlowOutcome::Ended(flow) => {
+                let (from_client, from_server) = self.counters();
+                Outcome::Ended(SessionEnd {
+                    reason: flow.reason,
+                    bytes_from_client: from_client + flow.bytes_from_client,
+                    bytes_from_server: from_server + flow.bytes_from_server,
+                    handed_off_to_tc: true,
+                })
+            }
+            tc::FlowOutcome::HandedOver(client, backend) => self.hand_over(client, backend),
+        }
+    }
+
+    /// The pair goes to a successor: its entries stay in the maps for it.
+    fn hand_over(mut self, client: StdTcpStream, backend: StdTcpStream) -> Outcome {
+        self.keep_entries = true;
+        Outcome::HandedOver(Detached {
+            client,
+            backend,
+            baseline: self.tc.as_ref().map(|(_, b)| *b).unwrap_or_default(),
+        })
     }
 
     fn end(&self, reason: EndReason) -> SessionEnd {
@@ -233,6 +277,8 @@ impl Spliced {
                 e = client_closes.next(), if client_open => (Side::Client, e),
                 e = backend_closes.next(), if backend_open => (Side::Server, e),
                 reason = kill.killed() => return Watched::Ended(EndReason::Killed(reason)),
+                // Between hand-off attempts only: an attempt (below) runs to its end first.
+                () = kill.handing_over() => return Watched::HandingOver,
                 _ = sleep_until(idle_deadline) => {
                     idle_deadline = self.idle_deadline();
                     if idle_deadline <= Instant::now() {
@@ -278,6 +324,8 @@ impl Spliced {
                     let delivered = tokio::select! {
                         r = self.deliver_then_shutdown(this, peer, side.peer()) => r,
                         reason = kill.killed() => Err(EndReason::Killed(reason)),
+                        // The successor sees the FIN again and delivers it.
+                        () = kill.handing_over() => return Watched::HandingOver,
                     };
                     if let Err(reason) = delivered {
                         return Watched::Ended(reason);

@@ -22,7 +22,7 @@ const MAX_PAYLOAD: usize = 256 * 1024;
 pub enum Message {
     /// Predecessor to successor, first. Descriptors, in order: the pin directory's lock (if
     /// `pin_lock`), the XDP allowlist's pin directory's lock (if `xdp_lock`), the listening sockets named in `listeners`, the stats listener (if `stats`),
-    /// the runtime socket (if `runtime`, its path).
+    /// the runtime socket (if `runtime`, its path), the raw sockets (those `raw_sockets` says).
     Start {
         pid: u32,
         pin_lock: bool,
@@ -37,6 +37,10 @@ pub enum Message {
         /// The rest of the running state (absent from a predecessor older than it).
         #[serde(default)]
         carried: Box<Carried>,
+        /// With `datapath = "tc"`, which of the raw sockets for the duplicate ACKs [IPv4, IPv6]
+        /// follow, after the runtime socket.
+        #[serde(default)]
+        raw_sockets: Option<[bool; 2]>,
     },
     /// Successor to predecessor: it accepts on the listeners; the predecessor may stop.
     Accepting { pid: u32 },
@@ -56,6 +60,10 @@ pub struct SessionRecord {
     pub client: SocketAddr,
     /// Milliseconds since the client was accepted.
     pub age_ms: u64,
+    /// Bytes the predecessor wrote to [client, backend] before the splice (absent from a
+    /// predecessor older than it: nothing, as for every PostgreSQL session).
+    #[serde(default)]
+    pub written_before_splice: [u64; 2],
 }
 
 /// One end of the pair. Blocking: callers run it on a blocking thread.

@@ -70,6 +70,10 @@ pub struct Carried {
     /// `None` from a predecessor older than it.
     #[serde(default)]
     pub xdp: Option<CarriedXdp>,
+    /// The predecessor's `global.datapath` (with `[tc]` interfaces), which only a restart may
+    /// change: `None` from a predecessor older than it.
+    #[serde(default)]
+    pub datapath: Option<String>,
 }
 
 /// The `[xdp]` settings only a restart may change (the attachment is handed over as it is).
@@ -102,6 +106,9 @@ pub struct Handed<'a> {
     pub runtime: Option<(PathBuf, BorrowedFd<'a>)>,
     pub health: Vec<CarriedHealth>,
     pub carried: Carried,
+    /// With `datapath = "tc"`: the raw sockets of the duplicate ACKs, [IPv4, IPv6] (a
+    /// successor has no CAP_NET_RAW to open them).
+    pub raw_sockets: Option<[Option<BorrowedFd<'a>>; 2]>,
 }
 
 /// The running daemon's side, once its successor accepts.
@@ -143,6 +150,8 @@ impl Predecessor {
         fds.extend(handed.listeners.iter().map(|(_, fd)| *fd));
         fds.extend(handed.stats);
         fds.extend(handed.runtime.as_ref().map(|(_, fd)| *fd));
+        let raw_sockets = handed.raw_sockets.map(|raw| raw.map(|fd| fd.is_some()));
+        fds.extend(handed.raw_sockets.into_iter().flatten().flatten());
         let start = Message::Start {
             pid: std::process::id(),
             pin_lock: handed.pin_lock.is_some(),
@@ -152,6 +161,7 @@ impl Predecessor {
             runtime: handed.runtime.as_ref().map(|(path, _)| path.clone()),
             health: handed.health,
             carried: Box::new(handed.carried),
+            raw_sockets,
         };
         let answer = match channel.send(&start, &fds) {
             Ok(()) => {
@@ -251,6 +261,10 @@ impl Predecessor {
                 server: s.server.clone(),
                 client: s.client,
                 age_ms: s.age.as_millis() as u64,
+                written_before_splice: [
+                    s.sockets.baseline.client_written,
+                    s.sockets.baseline.backend_written,
+                ],
             })
             .collect();
         let fds: Vec<RawFd> = batch
@@ -300,6 +314,8 @@ pub struct Takeover {
     pub runtime: Option<(PathBuf, std::os::unix::net::UnixListener)>,
     pub health: Vec<CarriedHealth>,
     pub carried: Carried,
+    /// The predecessor's raw sockets for the packet-level splice's duplicate ACKs.
+    pub raw_sockets: Option<[Option<OwnedFd>; 2]>,
 }
 
 impl Takeover {
@@ -325,6 +341,7 @@ impl Takeover {
             runtime,
             health,
             carried,
+            raw_sockets,
         } = message
         else {
             bail!("the predecessor's first message is not Start");
@@ -333,7 +350,8 @@ impl Takeover {
             + usize::from(xdp_lock)
             + listeners.len()
             + usize::from(stats)
-            + usize::from(runtime.is_some());
+            + usize::from(runtime.is_some())
+            + raw_sockets.map_or(0, |raw| raw.iter().filter(|&&r| r).count());
         if fds.len() != wanted {
             bail!(
                 "the predecessor passed {} descriptors, not {wanted}",
@@ -354,6 +372,8 @@ impl Takeover {
                 std::os::unix::net::UnixListener::from(fds.next().expect("counted")),
             )
         });
+        let raw_sockets =
+            raw_sockets.map(|raw| raw.map(|r| r.then(|| fds.next().expect("counted"))));
         info!(predecessor = pid, "upgrade: taking over");
         Ok(Takeover {
             source: Source::Predecessor {
@@ -367,6 +387,7 @@ impl Takeover {
             runtime,
             health,
             carried: *carried,
+            raw_sockets,
         })
     }
 
@@ -413,6 +434,8 @@ impl Takeover {
                 ids: restored.ids,
                 ..Carried::default()
             },
+            // A process started afresh opens its own.
+            raw_sockets: None,
         }
     }
 
@@ -537,6 +560,10 @@ impl Takeover {
                     sockets: Detached {
                         client: client.into(),
                         backend: backend.into(),
+                        baseline: crate::dataplane::tc::Baseline {
+                            client_written: record.written_before_splice[0],
+                            backend_written: record.written_before_splice[1],
+                        },
                     },
                 };
                 match proxy.adopt(handed, &tracker) {

@@ -25,6 +25,13 @@ pub(super) struct TcLink {
     link: Option<PinnedLink>,
 }
 
+impl TcLink {
+    /// Leaves the program attached for a successor: the pin stays, only this handle closes.
+    pub(super) fn keep_pinned(&mut self) {
+        self.link.take();
+    }
+}
+
 impl Drop for TcLink {
     fn drop(&mut self) {
         if let Some(link) = self.link.take()
@@ -73,6 +80,43 @@ pub(super) fn attach_all(
             let link = fd.pin(&pin).map_err(|e| LoadError::Pin {
                 path: pin.clone(),
                 msg: e.to_string(),
+            })?;
+            links.push(TcLink {
+                iface: iface.clone(),
+                link: Some(link),
+            });
+        }
+    }
+    Ok(links)
+}
+
+/// The links a predecessor (an upgrade) or a crashed run pinned for each of `interfaces`,
+/// taken over as they are: the programs stay attached and the flows they carry go on. Every
+/// interface must have both; a pinned link for an interface not in `interfaces` is refused too
+/// (the attachment would outlive its configuration).
+pub(super) fn adopt_all(pin_dir: &Path, interfaces: &[String]) -> Result<Vec<TcLink>, LoadError> {
+    let wanted: Vec<String> = interfaces
+        .iter()
+        .flat_map(|iface| ["ingress", "egress"].map(|label| format!("{PIN_PREFIX}{label}_{iface}")))
+        .collect();
+    if let Ok(entries) = fs::read_dir(pin_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PIN_PREFIX) && !wanted.contains(&name) {
+                return Err(LoadError::Pin {
+                    path: entry.path(),
+                    msg: "the running TC attachment is on an interface this configuration does not name (changing [tc] interfaces needs a restart)".into(),
+                });
+            }
+        }
+    }
+    let mut links = Vec::new();
+    for iface in interfaces {
+        for label in ["ingress", "egress"] {
+            let pin = pin_dir.join(format!("{PIN_PREFIX}{label}_{iface}"));
+            let link = PinnedLink::from_pin(&pin).map_err(|e| LoadError::Pin {
+                path: pin.clone(),
+                msg: format!("no TC attachment to take over: {e}"),
             })?;
             links.push(TcLink {
                 iface: iface.clone(),

@@ -32,6 +32,14 @@ pub struct Flow {
     legs: ((SocketAddr, SocketAddr), (SocketAddr, SocketAddr)),
 }
 
+/// How the watch of a flow ended.
+pub enum FlowOutcome {
+    Ended(FlowEnd),
+    /// A successor watches it from now on: the entries stay, the sockets (client, backend)
+    /// go to it.
+    HandedOver(std::net::TcpStream, std::net::TcpStream),
+}
+
 /// Bytes the program forwarded (from client, from server) and how the flow ended.
 pub struct FlowEnd {
     pub reason: EndReason,
@@ -51,7 +59,8 @@ impl Flow {
         tc.flow_entries(&self.keys)
     }
 
-    /// Watches the flow until it ends; `client` and `backend` are the repair-mode sockets.
+    /// Watches the flow until it ends (or a successor takes it over); `client` and `backend`
+    /// are the repair-mode sockets, closed silently at the end.
     pub async fn run(
         self,
         tc: &TcPath,
@@ -59,7 +68,7 @@ impl Flow {
         backend: std::net::TcpStream,
         idle_timeout: Duration,
         kill: &KillSwitch,
-    ) -> FlowEnd {
+    ) -> FlowOutcome {
         let mut last = self.entries(tc);
         let mut pause = POLL;
         let reason = loop {
@@ -72,6 +81,9 @@ impl Flow {
                     }
                     break EndReason::Killed(reason);
                 }
+                // The program forwards on meanwhile; after the FINs the linger below is not
+                // cut short (at most MAX_LINGER), so a successor never meets a closing flow.
+                () = kill.handing_over() => return FlowOutcome::HandedOver(client, backend),
                 () = sleep(pause) => {}
             }
             let now = self.entries(tc);
@@ -112,14 +124,15 @@ impl Flow {
             bytes_from_server: bytes(&last[1]),
             reason,
         };
-        // Closed in repair mode: the kernel sends nothing for either socket.
+        // Closed in repair mode: the kernel sends nothing for either socket (and the resets
+        // below rebuild sockets on their 4-tuples).
         drop((client, backend));
         if matches!(end.reason, EndReason::Killed(_) | EndReason::Timeout)
             && let [Some(to_server), Some(to_client)] = last
         {
             self.reset_both(&to_server, &to_client);
         }
-        end
+        FlowOutcome::Ended(end)
     }
 
     /// Waits after FIN both ways until the flow has been quiet for [`QUIET_AFTER_FIN`] (or

@@ -285,6 +285,33 @@ pub async fn try_hand_off(
     Attempt::HandedOff(Flow::new(keys, (legs.client, legs.server)))
 }
 
+/// The flow of a session a predecessor (an upgrade) or a crashed run had handed to the TC
+/// program, if both its entries are in FLOWS and active: the program goes on forwarding it and
+/// only the watch starts again. Entries an attempt left pending (a crash behind its fence) are
+/// removed, so the session's packets reach its sockets again.
+pub fn carried_flow(tc: &TcPath, client: &TcpStream, backend: &TcpStream) -> Option<Flow> {
+    let (Some(c_peer), Some(c_local), Some(s_peer), Some(s_local)) = (
+        wire(client.peer_addr()),
+        wire(client.local_addr()),
+        wire(backend.peer_addr()),
+        wire(backend.local_addr()),
+    ) else {
+        return None;
+    };
+    let keys = [key(c_peer, c_local), key(s_peer, s_local)];
+    match tc.flow_entries(&keys) {
+        [None, None] => None,
+        [Some(a), Some(b)] if a.state == FLOW_ACTIVE && b.state == FLOW_ACTIVE => {
+            Some(Flow::new(keys, ((c_peer, c_local), (s_peer, s_local))))
+        }
+        _ => {
+            debug!(client = %c_peer, "a taken-over session's flows were pending: the fence is lifted");
+            lift_fence(tc, &keys);
+            None
+        }
+    }
+}
+
 /// Sends, from the proxy's end of a connection (`socket` in repair mode, its `leg` (peer,
 /// proxy's address), its `(snd_nxt, rcv_nxt)`), duplicate ACKs (an empty `payload`) or what the
 /// program held, and counts them.

@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -27,8 +27,9 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData},
 };
-pub(super) use flow::Flow;
-pub(super) use handoff::{Attempt, Baseline, try_hand_off};
+pub(super) use flow::{Flow, FlowOutcome};
+pub use handoff::Baseline;
+pub(super) use handoff::{Attempt, carried_flow, try_hand_off};
 pub use open_flows::{OpenFlows, SessionFlows};
 use patroxy_common::tc::{FlowEntry, FlowKey, HeldSegment, SYN_TO_LISTENER};
 pub(super) use schedule::Schedule;
@@ -43,6 +44,16 @@ const MAP_SYN_PORTS: &str = "SYN_PORTS";
 const MAP_SYN_SOCKETS: &str = "SYN_SOCKETS";
 /// The segments a hand-off's fence dropped first, per direction (sized down when tc is off).
 pub const MAP_HELD: &str = "HELD";
+/// Pinned while the programs are attached: a successor takes them over (in this order).
+const PINNED_MAPS: [&str; 4] = [MAP_FLOWS, MAP_HELD, MAP_SYN_SOCKETS, MAP_SYN_PORTS];
+
+/// The programs' maps, as `attach` takes them from the object or `adopt` opens their pins.
+struct Maps {
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    syn_sockets: HashMap<MapData, u64, u8>,
+    held: HashMap<MapData, FlowKey, HeldSegment>,
+    syn_ports: HashMap<MapData, u16, u8>,
+}
 
 /// The TC programs attached and their maps.
 pub struct TcPath {
@@ -52,10 +63,14 @@ pub struct TcPath {
     /// Each configured interface's index and addresses: a leg leaves by the interface that
     /// holds its local address.
     interfaces: Vec<(u32, Vec<IpAddr>)>,
-    /// Detached (unpinned and closed) on drop.
-    _links: Vec<attach::TcLink>,
-    /// FLOWS' pin, for bpftool; removed on drop.
-    flows_pin: PathBuf,
+    /// Detached (unpinned and closed) on drop, unless handed over.
+    links: Vec<attach::TcLink>,
+    /// The maps' pins (FLOWS for bpftool and `patroxy sessions`, all four for a successor);
+    /// removed on drop, unless handed over.
+    pins: Vec<PathBuf>,
+    /// Set once a successor took the programs and maps over (or, in a successor, until it
+    /// serves): `drop` leaves the attachment and the pins for it.
+    handed_over: AtomicBool,
     /// Raw sockets for the duplicate ACKs and held segments after a fenced hand-off.
     nudger: nudge::Nudger,
     held: Mutex<HashMap<MapData, FlowKey, HeldSegment>>,
@@ -110,43 +125,123 @@ impl TcPath {
         interfaces: &[String],
         listener_ports: &[u16],
     ) -> Result<Self, LoadError> {
-        let flows_pin = pin_dir.join(MAP_FLOWS);
-        let _ = std::fs::remove_file(&flows_pin);
-        ebpf.map(MAP_FLOWS)
-            .ok_or(LoadError::Missing(MAP_FLOWS))?
-            .pin(&flows_pin)
-            .map_err(|e| LoadError::Pin {
-                path: flows_pin.clone(),
-                msg: e.to_string(),
-            })?;
-        let flows: HashMap<MapData, FlowKey, FlowEntry> = take(ebpf, MAP_FLOWS)?;
-        let syn_sockets: HashMap<MapData, u64, u8> = take(ebpf, MAP_SYN_SOCKETS)?;
-        let held: HashMap<MapData, FlowKey, HeldSegment> = take(ebpf, MAP_HELD)?;
-        let mut syn_ports: HashMap<MapData, u16, u8> = take(ebpf, MAP_SYN_PORTS)?;
+        let pins = PINNED_MAPS.map(|name| pin_dir.join(name)).to_vec();
+        for (name, pin) in PINNED_MAPS.iter().zip(&pins) {
+            let _ = std::fs::remove_file(pin);
+            ebpf.map(name)
+                .ok_or(LoadError::Missing(name))?
+                .pin(pin)
+                .map_err(|e| LoadError::Pin {
+                    path: pin.clone(),
+                    msg: e.to_string(),
+                })?;
+        }
+        let maps = Maps {
+            flows: take(ebpf, MAP_FLOWS)?,
+            syn_sockets: take(ebpf, MAP_SYN_SOCKETS)?,
+            held: take(ebpf, MAP_HELD)?,
+            syn_ports: take(ebpf, MAP_SYN_PORTS)?,
+        };
+        let links = attach::attach_all(ebpf, pin_dir, interfaces)?;
+        info!("packet-level splice attached (datapath = \"tc\")");
+        Self::new(
+            maps,
+            links,
+            pins,
+            interfaces,
+            listener_ports,
+            nudge::Nudger::open(),
+        )
+    }
+
+    /// Takes over what a predecessor (an upgrade, a structural reload) or a crashed run left
+    /// in `pin_dir`: the programs stay attached to `interfaces` and the flows they carry go on.
+    /// Needs no capability beyond access to the pins; `raw_sockets` are the predecessor's, for
+    /// the duplicate ACKs (a process started afresh, after a crash, opens its own).
+    pub fn adopt(
+        pin_dir: &Path,
+        interfaces: &[String],
+        listener_ports: &[u16],
+        raw_sockets: Option<[Option<std::os::fd::OwnedFd>; 2]>,
+    ) -> Result<Self, LoadError> {
+        fn open<T>(pin: &Path, name: &'static str) -> Result<T, LoadError>
+        where
+            T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+        {
+            let data = MapData::from_pin(pin).map_err(|e| LoadError::Map(name, e))?;
+            let map = aya::maps::Map::from_map_data(data).map_err(|e| LoadError::Map(name, e))?;
+            T::try_from(map).map_err(|e| LoadError::Map(name, e))
+        }
+        let pins = PINNED_MAPS.map(|name| pin_dir.join(name)).to_vec();
+        let maps = Maps {
+            flows: open(&pins[0], MAP_FLOWS)?,
+            held: open(&pins[1], MAP_HELD)?,
+            syn_sockets: open(&pins[2], MAP_SYN_SOCKETS)?,
+            syn_ports: open(&pins[3], MAP_SYN_PORTS)?,
+        };
+        let links = attach::adopt_all(pin_dir, interfaces)?;
+        let nudger = match raw_sockets {
+            Some(handed) => nudge::Nudger::from_handed(handed),
+            None => nudge::Nudger::open(),
+        };
+        let tc = Self::new(maps, links, pins, interfaces, listener_ports, nudger)?;
+        // Until this process serves: a failed start leaves its predecessor's attachment alone.
+        tc.leave_pins_on_exit(true);
+        info!("packet-level splice taken over attached (datapath = \"tc\")");
+        Ok(tc)
+    }
+
+    fn new(
+        mut maps: Maps,
+        links: Vec<attach::TcLink>,
+        pins: Vec<PathBuf>,
+        interfaces: &[String],
+        listener_ports: &[u16],
+        nudger: nudge::Nudger,
+    ) -> Result<Self, LoadError> {
+        // A successor's listeners may differ: ports no listener has any more stop being
+        // stripped, new ones start.
+        let stale: Vec<u16> = maps
+            .syn_ports
+            .keys()
+            .flatten()
+            .filter(|p| !listener_ports.contains(p))
+            .collect();
+        for port in stale {
+            let _ = maps.syn_ports.remove(&port);
+        }
         for port in listener_ports {
-            syn_ports
+            maps.syn_ports
                 .insert(port, SYN_TO_LISTENER, 0)
                 .map_err(|e| LoadError::Map(MAP_SYN_PORTS, e))?;
         }
-        let links = attach::attach_all(ebpf, pin_dir, interfaces)?;
         let interfaces = interfaces
             .iter()
             .map(|name| (attach::ifindex(name).unwrap_or(0), addresses(name)))
             .collect();
-        info!(
-            ?interfaces,
-            "packet-level splice attached (datapath = \"tc\")"
-        );
+        info!(?interfaces, "packet-level splice's interfaces");
         Ok(Self {
-            flows: Mutex::new(flows),
-            syn_sockets: Mutex::new(syn_sockets),
+            flows: Mutex::new(maps.flows),
+            syn_sockets: Mutex::new(maps.syn_sockets),
             interfaces,
-            _links: links,
-            flows_pin,
-            nudger: nudge::Nudger::open(),
-            held: Mutex::new(held),
+            links,
+            pins,
+            handed_over: AtomicBool::new(false),
+            nudger,
+            held: Mutex::new(maps.held),
             counters: TcCounters::default(),
         })
+    }
+
+    /// Whether this process's exit leaves the programs attached and the maps pinned: set once
+    /// a successor holds them (and in a successor until it serves).
+    pub fn leave_pins_on_exit(&self, leave: bool) {
+        self.handed_over.store(leave, Ordering::SeqCst);
+    }
+
+    /// The raw sockets of the duplicate ACKs, [IPv4, IPv6], for a successor.
+    pub fn raw_sockets(&self) -> [Option<std::os::fd::BorrowedFd<'_>>; 2] {
+        self.nudger.sockets()
     }
 
     /// Connects a backend socket whose SYN the egress program strips of timestamps and SACK:
@@ -230,7 +325,13 @@ impl Drop for TcPath {
             given_back,
             "packet-level splice detached; sessions handed off, hand-offs retried, sessions left on sockmap (IPv4 and IPv6 legs, options), senders told to retransmit what a fence dropped, dropped segments sent on by the proxy, dropped segments given back to its sockets after an abandoned attempt"
         );
-        let _ = std::fs::remove_file(&self.flows_pin);
+        if self.handed_over.load(Ordering::SeqCst) {
+            self.links.iter_mut().for_each(attach::TcLink::keep_pinned);
+            return;
+        }
+        for pin in &self.pins {
+            let _ = std::fs::remove_file(pin);
+        }
     }
 }
 

@@ -77,6 +77,22 @@ impl Nudger {
         }
     }
 
+    /// The raw sockets a predecessor opened (an upgrade: this process has no CAP_NET_RAW to
+    /// open its own), [IPv4, IPv6].
+    pub fn from_handed(handed: [Option<std::os::fd::OwnedFd>; 2]) -> Self {
+        let [v4, v6] = handed.map(|fd| fd.map(Socket::from));
+        Self { v4, v6 }
+    }
+
+    /// The raw sockets, [IPv4, IPv6], for a successor.
+    pub fn sockets(&self) -> [Option<std::os::fd::BorrowedFd<'_>>; 2] {
+        use std::os::fd::AsFd as _;
+        [
+            self.v4.as_ref().map(|s| s.as_fd()),
+            self.v6.as_ref().map(|s| s.as_fd()),
+        ]
+    }
+
     /// With an empty `payload`, the duplicate ACKs; else the segments carrying it. Returns how
     /// many packets went.
     pub fn send(&self, end: &ProxyEnd, payload: &[u8]) -> io::Result<usize> {
