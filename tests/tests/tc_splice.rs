@@ -40,11 +40,11 @@ mod tc_lab;
 
 use tc_busy::{
     abandoned_hand_offs_give_back_what_they_dropped, busy_sessions_are_handed_off,
-    connect_failing_stalls,
+    connect_failing_stalls, upgrades_during_fenced_attempts_lose_nothing,
 };
 use tc_lab::{
-    Ending, HANDED_OFF, Hosts, Lab, Server, echo, echo_turns_and_close, field, mark_down_resets,
-    sizes, timestamps_negotiated, wait_line,
+    Ending, HANDED_OFF, Hosts, Lab, Server, Successor, echo, echo_turns_and_close, field,
+    mark_down_resets, sizes, stats_pid, timestamps_negotiated, upgrade, wait_line,
 };
 
 const NS_CLIENT: &str = "pxs-cli";
@@ -823,30 +823,18 @@ fn maxconn_is_held_until_a_handed_off_flow_ends() {
     );
 }
 
-#[test]
-fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
-    if !require_root("hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing") {
-        return;
-    }
-    let Echoing {
-        proxy,
-        addr,
-        server: _server,
-        _lab,
-        ..
-    } = echoing("tc-race");
-    const SESSIONS: usize = 16;
-    const TURNS: u64 = 150;
-    // Short messages with pauses of 0-2 ms: the hand-off is tried (every 1-50 ms) while
-    // bytes are on their way in either direction, so many attempts are abandoned before one
-    // takes.
-    let sessions: Vec<_> = (0..SESSIONS)
+/// `n` sessions of `turns` echoes each, short messages with pauses of 0-2 ms, then a close:
+/// the hand-off is tried (every 1-50 ms, fenced after 250 ms) while bytes are on their way in
+/// either direction, so many attempts are abandoned before one takes. Each thread returns its
+/// client port and the bytes it sent, every echo checked.
+fn raced_sessions(addr: SocketAddr, n: usize, turns: u64) -> Vec<thread::JoinHandle<(u16, u64)>> {
+    (0..n)
         .map(|i| {
             thread::spawn(move || {
                 let stream = connect(addr);
                 let mut seed = 0x5eed_u64 + i as u64;
                 let mut sent = 0;
-                for turn in 0..TURNS {
+                for turn in 0..turns {
                     seed ^= seed << 13;
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
@@ -865,15 +853,37 @@ fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
                 (local_port(&stream), sent)
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Joins [`raced_sessions`] and checks each one's closing line counts every byte; returns how
+/// many were handed off.
+fn raced_sessions_ended(proxy: &Patroxy, sessions: Vec<thread::JoinHandle<(u16, u64)>>) -> usize {
     let results: Vec<(u16, u64)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
     let mut handed = 0;
     for (port, sent) in results {
-        let line = closed_line(&proxy, port).expect("a session closed line");
+        let line = closed_line(proxy, port).expect("a session closed line");
         assert_eq!(field(&line, "bytes_in"), Some(sent), "{line}");
         assert_eq!(field(&line, "bytes_out"), Some(sent + 3), "{line}");
-        handed += usize::from(wait_handed_off(&proxy, port));
+        handed += usize::from(wait_handed_off(proxy, port));
     }
+    handed
+}
+
+#[test]
+fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
+    if !require_root("hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing") {
+        return;
+    }
+    let Echoing {
+        proxy,
+        addr,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-race");
+    const SESSIONS: usize = 16;
+    let handed = raced_sessions_ended(&proxy, raced_sessions(addr, SESSIONS, 150));
     eprintln!(
         "raced hand-offs: {handed} of {SESSIONS} sessions handed off, {} attempts abandoned",
         proxy.count_log("hand-off abandoned")
@@ -1012,4 +1022,155 @@ fn a_crashed_runs_tc_links_are_detached_at_the_next_start_and_on_exit() {
         "still attached after exit"
     );
     assert!(!pin.exists(), "the pin directory outlived the daemon");
+}
+
+#[test]
+fn upgrades_take_the_programs_and_the_flows_they_carry_over() {
+    if !require_root("upgrades_take_the_programs_and_the_flows_they_carry_over") {
+        return;
+    }
+    let Echoing {
+        proxy,
+        addr,
+        stats,
+        server,
+        _lab,
+        ..
+    } = echoing("tc-upgrade");
+    let successor = Successor(stats);
+    let data = Arc::new(pattern(300_000, 5));
+    let mut flows = Vec::new();
+    let mut pid = stats_pid(stats).expect("the daemon's pid");
+    for round in 0..2 {
+        let s = handed_off_session(&proxy, addr);
+        assert_eq!(echo(&s, data.clone()), *data, "round {round}");
+        flows.push(s);
+        pid = upgrade(&proxy, stats, pid);
+        // Every flow goes on through the successor, byte-exact, still the program's.
+        for s in &flows {
+            assert_eq!(echo(s, data.clone()), *data, "round {round}");
+        }
+        let json: serde_json::Value = serde_json::from_str(&get_ok(stats, "/;json")).unwrap();
+        assert_eq!(json["data_path"], "sockmap+tc", "{json}");
+        assert_eq!(
+            json["tc"]["carried"],
+            flows.len(),
+            "round {round}: the successor carries the flows it took over\n{json}\n{}",
+            proxy.log()
+        );
+        assert_eq!(
+            programs_named("patroxy_tc_ingress"),
+            1,
+            "round {round}: the attachment taken over, not doubled"
+        );
+    }
+    // The successor hands new sessions off too: its predecessor passed CAP_NET_ADMIN on (for
+    // TCP_REPAIR) as ambient, which a successor running as a service user needs as well.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let net_admin = format!("{:016x}", 1u64 << 12);
+    for set in ["CapEff", "CapInh", "CapAmb"] {
+        assert!(
+            status.lines().any(|l| l == format!("{set}:\t{net_admin}")),
+            "{set} of the successor is not CAP_NET_ADMIN alone:\n{status}"
+        );
+    }
+    let s = handed_off_session(&proxy, addr);
+    assert_eq!(echo(&s, data.clone()), *data);
+    flows.push(s);
+
+    // A flow taken over twice ends in its last process: a client close with every byte counted
+    // (the startup turn and three echoes), then a client reset.
+    let first = flows.remove(0);
+    first.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&first).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    let line = closed_line(&proxy, local_port(&first)).expect("closed line");
+    assert!(
+        line.contains("session closed (taken over): client close"),
+        "{line}"
+    );
+    assert!(line.contains("path=\"sockmap+tc\""), "{line}");
+    assert_eq!(field(&line, "bytes_in"), Some(200 + 3 * 300_000), "{line}");
+    let second = flows.remove(0);
+    socket2::SockRef::from(&second)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let port = local_port(&second);
+    drop(second);
+    let line = closed_line(&proxy, port).expect("closed line");
+    assert!(line.contains("client reset"), "{line}");
+    let endings = server.wait_for_endings(2);
+    assert_eq!(endings[0], Ending::Eof, "{endings:?}");
+    assert_eq!(
+        endings[1],
+        Ending::Error(io::ErrorKind::ConnectionReset),
+        "{endings:?}"
+    );
+    // The last successor owns the attachment: its exit detaches the programs.
+    drop(successor);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        programs_named("patroxy_tc_ingress"),
+        0,
+        "still attached after the successor's exit\n{}",
+        proxy.log()
+    );
+}
+
+/// Upgrades while hand-offs are raced by traffic: a session is passed on between two attempts,
+/// never in the middle of one (whose fence would stay, dropping the session's data for good, or
+/// whose sockets would stay out of the sockmap in repair mode), and flows handed off in one
+/// process go on in the next.
+#[test]
+fn upgrades_during_raced_hand_offs_lose_and_duplicate_nothing() {
+    if !require_root("upgrades_during_raced_hand_offs_lose_and_duplicate_nothing") {
+        return;
+    }
+    let Echoing {
+        proxy,
+        addr,
+        stats,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-race-upgrade");
+    let _successor = Successor(stats);
+    const SESSIONS: usize = 12;
+    let sessions = raced_sessions(addr, SESSIONS, 400);
+    let mut pid = stats_pid(stats).expect("the daemon's pid");
+    for _ in 0..4 {
+        thread::sleep(Duration::from_millis(300));
+        pid = upgrade(&proxy, stats, pid);
+    }
+    let handed = raced_sessions_ended(&proxy, sessions);
+    let taken_over = proxy.count_log("session closed (taken over)");
+    eprintln!(
+        "raced hand-offs across 4 upgrades: {handed} of {SESSIONS} sessions handed off, {} \
+         attempts abandoned, {taken_over} closed in a successor",
+        proxy.count_log("hand-off abandoned")
+    );
+    assert!(handed > 0, "no session was handed off:\n{}", proxy.log());
+    assert_eq!(taken_over, SESSIONS, "{}", proxy.log());
+}
+
+/// Upgrades while sessions that never settle are behind their fences (`tc_busy`).
+#[test]
+fn upgrades_during_fenced_attempts_lose_nothing_and_leave_no_fence() {
+    if !require_root("upgrades_during_fenced_attempts_lose_nothing_and_leave_no_fence") {
+        return;
+    }
+    let Echoing {
+        proxy,
+        addr,
+        stats,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-fence-upgrade");
+    let _successor = Successor(stats);
+    let mut pid = stats_pid(stats).expect("the daemon's pid");
+    upgrades_during_fenced_attempts_lose_nothing(&HOSTS, &proxy, addr, || {
+        pid = upgrade(&proxy, stats, pid);
+    });
 }

@@ -36,10 +36,13 @@ mod tc_busy;
 #[path = "common/tc_lab.rs"]
 mod tc_lab;
 
-use tc_busy::{abandoned_hand_offs_give_back_what_they_dropped, busy_sessions_are_handed_off};
+use tc_busy::{
+    abandoned_hand_offs_give_back_what_they_dropped, busy_sessions_are_handed_off,
+    upgrades_during_fenced_attempts_lose_nothing,
+};
 use tc_lab::{
-    Ending, HANDED_OFF, Hosts, Lab, Server, client_field, echo, echo_turns_and_close, field,
-    mark_down_resets, sizes, timestamps_negotiated, wait_line,
+    Ending, HANDED_OFF, Hosts, Lab, Server, Successor, client_field, echo, echo_turns_and_close,
+    field, mark_down_resets, sizes, stats_pid, timestamps_negotiated, upgrade, wait_line,
 };
 
 const NS_CLIENT: &str = "pxv-cli";
@@ -422,6 +425,26 @@ fn abandoned_ipv6_hand_offs_give_back_what_their_fence_dropped() {
     let config = config(&pin, &[(LISTEN6.into(), server.addr6())]).stats(StatsConfig::new(stats));
     let proxy = Patroxy::start("tcv-give-back", &config);
     abandoned_hand_offs_give_back_what_they_dropped(&HOSTS, &proxy, config.bind(), stats);
+}
+
+/// Upgrades while IPv6 sessions that never settle are behind their fences: the successor takes
+/// the programs and the IPv6 flows over too (`tc_busy`).
+#[test]
+fn upgrades_during_ipv6_fenced_attempts_lose_nothing() {
+    if !require_root("upgrades_during_ipv6_fenced_attempts_lose_nothing") {
+        return;
+    }
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
+    let pin = Patroxy::unique_pin_path("tcv-upgrade");
+    let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
+    let config = config(&pin, &[(LISTEN6.into(), server.addr6())]).stats(StatsConfig::new(stats));
+    let proxy = Patroxy::start("tcv-upgrade", &config);
+    let _successor = Successor(stats);
+    let mut pid = stats_pid(stats).expect("the daemon's pid");
+    upgrades_during_fenced_attempts_lose_nothing(&HOSTS, &proxy, config.bind(), || {
+        pid = upgrade(&proxy, stats, pid);
+    });
 }
 
 /// The ones' complement sum of `data` (big-endian 16-bit words), folded.

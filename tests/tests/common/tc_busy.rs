@@ -406,3 +406,89 @@ pub fn abandoned_hand_offs_give_back_what_they_dropped(
         "{line}"
     );
 }
+
+/// Sessions that cannot settle (each client reads nothing of a 16 MB stream from the server
+/// while it sends a small message every 100 ms) have a fenced attempt every 0.25-1 s, each
+/// holding its fence up to 150 ms; `upgrade` runs meanwhile, each time (four) landing while
+/// some of them is behind its fence. The session must be passed on between attempts, never
+/// in the middle of one, and go on in the successor: every byte of the stream and of the
+/// messages' echo arrives, in order, and the closing line counts them.
+pub fn upgrades_during_fenced_attempts_lose_nothing(
+    hosts: &'static Hosts,
+    proxy: &Patroxy,
+    addr: SocketAddr,
+    mut upgrade: impl FnMut(),
+) {
+    const SESSIONS: usize = 6;
+    const SOURCE: u64 = 16_000_000;
+    let clients: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let stream = connect_failing_stalls(hosts, addr);
+            stream.set_nodelay(true).unwrap();
+            let mut sent = hello(&stream, i);
+            let command = format!("SOURCE {SOURCE} {i}");
+            (&stream).write_all(command.as_bytes()).unwrap();
+            sent += command.len() as u64;
+            stream.peek(&mut [0u8]).unwrap();
+            // Their attempts fall at different moments.
+            thread::sleep(Duration::from_millis(40));
+            (stream, sent)
+        })
+        .collect();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, (stream, _))| {
+            let stream = stream.try_clone().unwrap();
+            let done = done.clone();
+            thread::spawn(move || {
+                let mut messages = Vec::new();
+                let mut n = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let message = pattern(40 + (n % 60) as usize, (i as u64) << 32 | n);
+                    (&stream).write_all(&message).unwrap();
+                    messages.extend_from_slice(&message);
+                    n += 1;
+                    thread::sleep(Duration::from_millis(100));
+                }
+                messages
+            })
+        })
+        .collect();
+    for _ in 0..4 {
+        thread::sleep(Duration::from_millis(250));
+        upgrade();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let abandoned = proxy.count_log("hand-off abandoned");
+    for (i, ((stream, sent), writer)) in clients.into_iter().zip(writers).enumerate() {
+        let messages = writer.join().unwrap();
+        read_source(&stream, i, SOURCE);
+        let mut echoed = vec![0u8; messages.len()];
+        (&stream).read_exact(&mut echoed).unwrap();
+        assert!(
+            echoed == messages,
+            "session {i}: the messages' echo differs"
+        );
+        stream.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        (&stream).read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"bye", "session {i}");
+        let line = wait_line(proxy, &client_field(&stream), "session closed").expect("closed line");
+        assert!(line.contains("(taken over)"), "session {i}: {line}");
+        assert_eq!(
+            field(&line, "bytes_in"),
+            Some(sent + messages.len() as u64),
+            "session {i}: {line}"
+        );
+    }
+    eprintln!(
+        "{SESSIONS} unsettled sessions across 4 upgrades: {abandoned} fenced attempts abandoned"
+    );
+    assert!(
+        abandoned >= SESSIONS,
+        "too few fenced attempts for the upgrades to meet ({abandoned}):\n{}",
+        proxy.log()
+    );
+}

@@ -497,3 +497,66 @@ pub fn sizes(n: usize, mut seed: u64, max_log2: u32) -> Vec<usize> {
         })
         .collect()
 }
+
+/// The daemon running at the end of an upgrade test is a successor, not the test's child:
+/// stopped by the pid its stats page gives (SIGTERM), however the test ends.
+pub struct Successor(pub SocketAddr);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = stats_pid(self.0) {
+            // SAFETY: kill(2) on the daemon this test upgraded to.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Whether process `pid` runs (the first daemon, this test's child, stays a zombie).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Runs `patroxy upgrade` against the daemon `pid` answering at `stats`; returns its
+/// successor's pid once `pid` has exited, which it does only when it has passed every session
+/// on (within its 1 s drain grace, else it resets them).
+pub fn upgrade(proxy: &Patroxy, stats: SocketAddr, pid: u32) -> u32 {
+    let url = format!("http://{stats}");
+    let out = std::process::Command::new(patroxy_bin())
+        .args(["upgrade", "--url", &url, "--timeout", "20s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "patroxy upgrade: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log()
+    );
+    let next = stats_pid(stats).expect("the successor's pid");
+    assert_ne!(next, pid, "the same process answers after the upgrade");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!running(pid), "the predecessor still runs\n{}", proxy.log());
+    next
+}
+
+/// The pid of the daemon answering on the stats page at `stats`.
+pub fn stats_pid(stats: SocketAddr) -> Option<u32> {
+    let (status, _, body) = patroxy_tests::stats_client::get(stats, "/;json").ok()?;
+    if status != 200 {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+    json["pid"].as_u64().map(|p| p as u32)
+}
