@@ -15,10 +15,16 @@
 //! and SACK edges would need the sequence shift too). The host's sysctls are left alone: other
 //! connections keep both options, other local clients of the same server port included.
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_F_PSEUDO_HDR, BPF_NOEXIST, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     cty::c_void,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_skb_load_bytes},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_sk_lookup_tcp,
+        bpf_sk_release, bpf_skb_load_bytes, bpf_tcp_sock,
+    },
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -321,6 +327,14 @@ fn keep_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
         }
         return;
     }
+    // Held only from where the proxy's socket stopped receiving. What it may give back must
+    // not overlap what the socket has: the sockmap forwards such a segment whole, its old
+    // bytes a second time (the kernel's tcp_read_skb, README "Data path"). A first dropped
+    // segment often starts before (a tail loss probe of bytes the socket has, its ACK delayed),
+    // and one past a gap may come to overlap the sender's own retransmission.
+    if socket_rcv_nxt(ctx, tcp) != Some(tcp.seq) {
+        return;
+    }
     let Some(scratch) = HELD_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -336,6 +350,51 @@ fn keep_dropped(ctx: &TcContext, tcp: &Tcp, payload: u32) {
     // map's free list at once (its elements are preallocated) while that CPU may still be
     // appending to it, and its late bytes would land in whatever entry reuses it.
     let _ = HELD.insert(tcp.key, &*held, BPF_NOEXIST.into());
+}
+
+/// The next sequence number the local socket this segment is for expects (its `rcv_nxt`),
+/// if there is one.
+#[inline(always)]
+fn socket_rcv_nxt(ctx: &TcContext, tcp: &Tcp) -> Option<u32> {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if tcp.v6 {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: tcp.key.saddr,
+            daddr: tcp.key.daddr,
+            sport: tcp.key.sport,
+            dport: tcp.key.dport,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } else {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: tcp.key.saddr[3],
+            daddr: tcp.key.daddr[3],
+            sport: tcp.key.sport,
+            dport: tcp.key.dport,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    };
+    // SAFETY: the tuple is on this stack; a socket found is released below, after the read.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.skb.skb as *mut c_void,
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return None;
+        }
+        let tp = bpf_tcp_sock(sk);
+        let rcv_nxt = if tp.is_null() {
+            None
+        } else {
+            Some((*tp).rcv_nxt)
+        };
+        bpf_sk_release(sk as *mut c_void);
+        rcv_nxt
+    }
 }
 
 /// Copies the segment's payload (1..=HELD_MAX bytes) to `to`; true if it was copied.

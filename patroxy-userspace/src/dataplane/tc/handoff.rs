@@ -14,8 +14,8 @@
 //!    whose segments were dropped gets duplicate ACKs (`nudge`) so that it retransmits them
 //!    at once; the first dropped segment, if the program kept it, goes on to the other end.
 //!
-//! Otherwise the sockets go back to the sockmap, the entries go (what the program held of the
-//! dropped segments is given back to the sockets), and the session is tried again later. A
+//! Otherwise the sockets go back to the sockmap, what the program held of the dropped segments
+//! is given back to them, the entries go, and the session is tried again later. A
 //! [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it drops at
 //! most what arrives during that check; a [`Mode::Fenced`] one (for a session that is never
 //! quiet) waits behind the fence, at most [`FENCE_WINDOW`], for 2 and 3 to hold.
@@ -180,8 +180,7 @@ pub async fn try_hand_off(
                 // Without TCP_REPAIR (no CAP_NET_ADMIN) no session can be handed off: back to
                 // the sockmap, for good.
                 debug!("TCP_REPAIR failed ({e}); the session stays on the sockmap path");
-                let held = lift_fence(tc, &keys);
-                give_back(tc, &legs, (client, backend), held);
+                abandon(tc, &legs, (client, backend), &keys).await;
                 tc.counters.mismatched.fetch_add(1, Ordering::Relaxed);
                 return Attempt::Never;
             }
@@ -193,8 +192,7 @@ pub async fn try_hand_off(
         dropped,
     }) = taken
     else {
-        let held = lift_fence(tc, &keys);
-        let given_back = give_back(tc, &legs, (client, backend), held);
+        let given_back = abandon(tc, &legs, (client, backend), &keys).await;
         debug!(
             ?mode,
             ?given_back,
@@ -377,12 +375,42 @@ fn lift_fence(tc: &TcPath, keys: &[FlowKey; 2]) -> [Option<HeldSegment>; 2] {
     take_held(tc, keys)
 }
 
-/// After an abandoned attempt, what the fence dropped and the program held goes to the proxy's
-/// own sockets (client's, then server's direction), as its sender sent it: a raw packet from the
-/// peer's address to the socket's, which the kernel delivers locally. The sender then has it
-/// acknowledged at once rather than retransmitting it at its timeout, 200 ms at least and one
-/// pause per abandoned attempt; TCP discards what the socket already has (the sender's own
-/// retransmission, if it came first). Returns the bytes given back each way.
+/// Ends an abandoned attempt: what the fence dropped and the program held goes back to the
+/// proxy's sockets while the fence still stands, and the fence lifts once each sender has had
+/// time to get their acknowledgment (two round trips, 1 to 20 ms). A sender's retransmission
+/// sent before it (its timeout may be near: what was held can be up to [`FENCE_WINDOW`] old)
+/// can cover more than was given back, and the sockmap would forward the overlap twice (the
+/// kernel's `tcp_read_skb`, README "Data path"); the fence drops it instead. What was held
+/// during that wait (an answer to what was given back) goes back after the lift: it is too
+/// fresh for its sender to retransmit yet. Returns the bytes given back each way.
+async fn abandon(
+    tc: &TcPath,
+    legs: &Legs,
+    sockets: (&TcpStream, &TcpStream),
+    keys: &[FlowKey; 2],
+) -> [usize; 2] {
+    let first = give_back(tc, legs, sockets, take_held(tc, keys));
+    if first != [0, 0] {
+        let rtt = |s: &TcpStream| sockopt::tcp_info(s).map_or(0, |i| i.tcpi_rtt);
+        let rtt = Duration::from_micros(u64::from(rtt(sockets.0).max(rtt(sockets.1))));
+        tokio::time::sleep((2 * rtt).clamp(ACK_WAIT_MIN, ACK_WAIT_MAX)).await;
+    }
+    let held = lift_fence(tc, keys);
+    let then = give_back(tc, legs, sockets, held);
+    [first[0] + then[0], first[1] + then[1]]
+}
+
+/// How long [`abandon`] keeps the fence after giving back, at least and at most.
+const ACK_WAIT_MIN: Duration = Duration::from_millis(1);
+const ACK_WAIT_MAX: Duration = Duration::from_millis(20);
+
+/// Gives what the fence dropped and the program held to the proxy's own sockets (client's,
+/// then server's direction), as its sender sent it: a raw packet from the peer's address to the
+/// socket's, which the kernel delivers locally (not through the interfaces the programs are
+/// on). The sender then has it acknowledged at once rather than retransmitting it at its
+/// timeout, 200 ms at least and one pause per abandoned attempt. The program holds only from
+/// the socket's next expected byte on, so nothing given back overlaps what the socket has.
+/// Returns the bytes given back each way.
 fn give_back(
     tc: &TcPath,
     legs: &Legs,
