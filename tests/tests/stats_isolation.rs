@@ -230,7 +230,10 @@ async fn a_flood_of_stalled_stats_clients_leaves_the_proxy_serving() {
     let answered = wait_for(Duration::from_secs(10), || get(stats, "/;csv").ok());
     assert!(answered.is_some(), "stats did not answer after the flood");
     let rows = parse_csv(&get_ok(stats, "/;csv"));
-    assert_eq!(row(&rows, "postgres_write", "db1")["status"], "UP");
+    // UP, or UP with a check failed on a loaded machine ("UP 2/3": going down, not down; the
+    // log says it never went DOWN, above).
+    let status = &row(&rows, "postgres_write", "db1")["status"];
+    assert!(status.starts_with("UP"), "db1: {status}");
     p.daemon.child.stop().unwrap();
 }
 
