@@ -288,14 +288,7 @@ pub async fn try_hand_off(
 /// only the watch starts again. Entries an attempt left pending (a crash behind its fence) are
 /// removed, so the session's packets reach its sockets again.
 pub fn carried_flow(tc: &TcPath, client: &TcpStream, backend: &TcpStream) -> Option<Flow> {
-    let (Some(c_peer), Some(c_local), Some(s_peer), Some(s_local)) = (
-        wire(client.peer_addr()),
-        wire(client.local_addr()),
-        wire(backend.peer_addr()),
-        wire(backend.local_addr()),
-    ) else {
-        return None;
-    };
+    let ((c_peer, c_local), (s_peer, s_local)) = wire_legs(client, backend)?;
     let keys = [key(c_peer, c_local), key(s_peer, s_local)];
     match tc.flow_entries(&keys) {
         [None, None] => None,
@@ -621,18 +614,23 @@ fn wire(a: std::io::Result<SocketAddr>) -> Option<SocketAddr> {
     Some(SocketAddr::new(a.ip().to_canonical(), a.port()))
 }
 
+/// The session's (peer, local) addresses of each socket as its packets carry them.
+type WireLegs = ((SocketAddr, SocketAddr), (SocketAddr, SocketAddr));
+
+fn wire_legs(client: &TcpStream, backend: &TcpStream) -> Option<WireLegs> {
+    Some((
+        (wire(client.peer_addr())?, wire(client.local_addr())?),
+        (wire(backend.peer_addr())?, wire(backend.local_addr())?),
+    ))
+}
+
 /// The legs if this session can be spliced, else the counter that says why not.
 fn legs<'a>(
     tc: &'a TcPath,
     client: &TcpStream,
     backend: &TcpStream,
 ) -> Result<Legs, &'a std::sync::atomic::AtomicU64> {
-    let (Some(c_peer), Some(c_local), Some(s_peer), Some(s_local)) = (
-        wire(client.peer_addr()),
-        wire(client.local_addr()),
-        wire(backend.peer_addr()),
-        wire(backend.local_addr()),
-    ) else {
+    let Some(((c_peer, c_local), (s_peer, s_local))) = wire_legs(client, backend) else {
         return Err(&tc.counters.mismatched);
     };
     if c_local.is_ipv4() != s_local.is_ipv4() {
