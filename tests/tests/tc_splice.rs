@@ -1174,3 +1174,106 @@ fn upgrades_during_fenced_attempts_lose_nothing_and_leave_no_fence() {
         pid = upgrade(&proxy, stats, pid);
     });
 }
+
+/// Waits (5 s at most) for a line of `log` with `what` about the client of `stream`.
+fn line_in(log: impl Fn() -> String, stream: &TcpStream, what: &str) -> Option<String> {
+    let client = client_on(local_port(stream));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(line) = log()
+            .lines()
+            .find(|l| l.contains(what) && l.split_whitespace().any(|w| w == client))
+        {
+            return Some(line.to_owned());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A crash under systemd (SIGKILL, the fd store keeping the sessions' sockets): the program
+/// goes on forwarding the handed-off flows with no daemon at all, and the restarted daemon
+/// takes the pinned attachment and the flows over (the upgrade's path) and ends them.
+#[test]
+fn a_restart_after_a_crash_takes_the_handed_off_flows_over() {
+    if !require_root("a_restart_after_a_crash_takes_the_handed_off_flows_over") {
+        return;
+    }
+    let _lab = Lab::new(&HOSTS);
+    let server = Server::start(&HOSTS, SERVER.into());
+    let pin = Patroxy::unique_pin_path("tc-fdstore");
+    let config = config(&pin, server.port);
+    let config_path =
+        std::env::temp_dir().join(format!("patroxy-tc-fdstore-{}.toml", std::process::id()));
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let manager = patroxy_tests::service_manager::ServiceManager::start("tc-fdstore");
+    let mut first = manager.launch("patroxy-tc-fdstore-1", &config_path);
+    assert!(
+        patroxy_tests::ports::wait_for_listen(config.bind(), Duration::from_secs(10)),
+        "{}",
+        first.log()
+    );
+    let data = Arc::new(pattern(200_000, 11));
+    let sessions: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            // A startup packet's size first: the splice takes no more than 64 KiB queued.
+            let s = connect(config.bind());
+            let hello = Arc::new(pattern(200, 7));
+            assert_eq!(echo(&s, hello.clone()), *hello);
+            assert!(
+                line_in(|| first.log(), &s, HANDED_OFF).is_some(),
+                "never handed off:\n{}",
+                first.log()
+            );
+            assert_eq!(echo(&s, data.clone()), *data);
+            s
+        })
+        .collect();
+    let stored = |names: &[String]| names.iter().filter(|n| n.starts_with("s.")).count();
+    assert!(
+        manager.wait_for(Duration::from_secs(5), |n| stored(n) == 4),
+        "stored: {:?}",
+        manager.names()
+    );
+    first.signal(libc::SIGKILL).unwrap();
+    first.wait().unwrap();
+    // No daemon: the TC program forwards the flows on its own.
+    for s in &sessions {
+        assert_eq!(echo(s, data.clone()), *data, "with no daemon");
+    }
+    let second = manager.launch("patroxy-tc-fdstore-2", &config_path);
+    let log = || second.log();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log().contains("sessions from the fd store resumed") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(log().contains("resumed=2 of=2"), "{}", log());
+    assert!(
+        log().contains("packet-level splice taken over attached"),
+        "{}",
+        log()
+    );
+    assert_eq!(programs_named("patroxy_tc_ingress"), 1, "{}", log());
+    for s in &sessions {
+        assert_eq!(echo(s, data.clone()), *data, "after the restart");
+    }
+    // The restarted daemon watches them to their end, every byte counted: the startup turn on
+    // the sockmap, three echoes in the flow.
+    for s in &sessions {
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        (&*s).read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"bye");
+        let line = line_in(log, s, "session closed").expect("closed line");
+        assert!(line.contains("(taken over): client close"), "{line}");
+        assert!(line.contains("path=\"sockmap+tc\""), "{line}");
+        assert_eq!(field(&line, "bytes_in"), Some(200 + 3 * 200_000), "{line}");
+    }
+    assert!(
+        manager.wait_for(Duration::from_secs(5), |n| stored(n) == 0),
+        "still stored: {:?}",
+        manager.names()
+    );
+    drop(second);
+    let _ = std::fs::remove_file(&config_path);
+}
