@@ -180,7 +180,7 @@ pub async fn try_hand_off(
                 // Without TCP_REPAIR (no CAP_NET_ADMIN) no session can be handed off: back to
                 // the sockmap, for good.
                 debug!("TCP_REPAIR failed ({e}); the session stays on the sockmap path");
-                abandon(tc, &legs, (client, backend), &keys).await;
+                abandon(tc, &legs, (client, backend), &keys, mode).await;
                 tc.counters.mismatched.fetch_add(1, Ordering::Relaxed);
                 return Attempt::Never;
             }
@@ -192,7 +192,7 @@ pub async fn try_hand_off(
         dropped,
     }) = taken
     else {
-        let given_back = abandon(tc, &legs, (client, backend), &keys).await;
+        let given_back = abandon(tc, &legs, (client, backend), &keys, mode).await;
         debug!(
             ?mode,
             ?given_back,
@@ -368,21 +368,28 @@ fn lift_fence(tc: &TcPath, keys: &[FlowKey; 2]) -> [Option<HeldSegment>; 2] {
     take_held(tc, keys)
 }
 
-/// Ends an abandoned attempt: what the fence dropped and the program held goes back to the
-/// proxy's sockets while the fence still stands, and the fence lifts once each sender has had
-/// time to get their acknowledgment (two round trips, 1 to 20 ms). A sender's retransmission
-/// sent before it (its timeout may be near: what was held can be up to [`FENCE_WINDOW`] old)
-/// can cover more than was given back, and the sockmap would forward the overlap twice (the
-/// kernel's `tcp_read_skb`, README "Data path"); the fence drops it instead. What was held
-/// during that wait (an answer to what was given back) goes back after the lift: it is too
-/// fresh for its sender to retransmit yet. Returns the bytes given back each way.
+/// Ends an abandoned attempt. After a fenced one, what the fence dropped and the program held
+/// goes back to the proxy's sockets while the fence still stands, and the fence lifts once each
+/// sender has had time to get their acknowledgment (two round trips, 1 to 20 ms): what was
+/// held can be up to [`FENCE_WINDOW`] old, so a sender's retransmission of it may be on its
+/// way, and one that covers more than was given back would overlap it, which the sockmap
+/// forwards twice (the kernel's `tcp_read_skb`, README "Data path"); the fence drops it
+/// instead. What was held during that wait (an answer to what was given back), and all a
+/// quiet attempt held (during its one check), goes back after the lift: it is too fresh for
+/// its sender to retransmit yet. (A quiet attempt of a bulk session holding its fence for
+/// milliseconds would cost the sender a window of drops each time.) Returns the bytes given
+/// back each way.
 async fn abandon(
     tc: &TcPath,
     legs: &Legs,
     sockets: (&TcpStream, &TcpStream),
     keys: &[FlowKey; 2],
+    mode: Mode,
 ) -> [usize; 2] {
-    let first = give_back(tc, legs, sockets, take_held(tc, keys));
+    let first = match mode {
+        Mode::Fenced => give_back(tc, legs, sockets, take_held(tc, keys)),
+        Mode::Quiet => [0, 0],
+    };
     if first != [0, 0] {
         let rtt = |s: &TcpStream| sockopt::tcp_info(s).map_or(0, |i| i.tcpi_rtt);
         let rtt = Duration::from_micros(u64::from(rtt(sockets.0).max(rtt(sockets.1))));
