@@ -70,8 +70,9 @@ pub struct FlowEntry {
 
 /// Value of HELD (key: the direction's `FlowKey`): a copy of what the hand-off's fence dropped
 /// first in one direction, a segment with data that starts at the proxy's socket's next
-/// expected byte and the segments that continue it, up to `HELD_MAX` bytes. After the hand-off the proxy sends it on to the other end itself; after an
-/// abandoned attempt, to its own socket, as the sender sent it. Either way a sender with fewer
+/// expected byte and the segments that continue it, up to `HELD_MAX` bytes. After the hand-off
+/// the proxy sends it on to the other end itself; after an abandoned attempt, to its own
+/// socket, as the sender sent it. Either way a sender with fewer
 /// than four segments in flight (a query, an answer of a few KB), which cannot be made to
 /// retransmit them at once (NewReno needs three duplicate ACKs beyond the lost segment), does
 /// not wait for its timeout.

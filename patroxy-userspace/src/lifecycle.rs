@@ -261,7 +261,7 @@ async fn run_daemon(
                 counters: proxy.carry_counters(),
                 reload: reload_status,
                 xdp: Some(CarriedXdp::of(&config.firewall.xdp)),
-                datapath: Some(format!("{:?}", config.global.datapath)),
+                datapath: Some(carried_datapath(&config)),
             },
             raw_sockets: dataplane.tc().map(|tc| tc.raw_sockets()),
         };
@@ -403,7 +403,7 @@ fn select_data_path(
     if log.is_some() {
         tracing::warn!("the eBPF debug log is not available in a taken-over data path");
     }
-    let datapath = format!("{:?}", config.global.datapath);
+    let datapath = carried_datapath(config);
     if let Some(was) = takeover
         .carried
         .datapath
@@ -440,6 +440,12 @@ fn select_data_path(
             }
         }
     }
+}
+
+/// `global.datapath` (with `[tc] interfaces`) as an upgrade carries it: only a restart may
+/// change it.
+fn carried_datapath(config: &Config) -> String {
+    format!("{:?}", config.global.datapath)
 }
 
 /// The TC programs' part of the config, when `datapath = "tc"`.

@@ -122,18 +122,10 @@ impl KernelMaps {
     /// needs no CAP_BPF beyond access to the pins. A map whose key or value size differs from
     /// this build's (a changed layout) is refused: such an upgrade needs a restart.
     pub fn adopt(pin_dir: &Path, pin_lock: PinDirLock) -> Result<Self, LoadError> {
-        fn open<T>(dir: &Path, name: &'static str) -> Result<T, LoadError>
-        where
-            T: TryFrom<Map, Error = aya::maps::MapError>,
-        {
-            let data = MapData::from_pin(dir.join(name)).map_err(|e| LoadError::Map(name, e))?;
-            let map = Map::from_map_data(data).map_err(|e| LoadError::Map(name, e))?;
-            T::try_from(map).map_err(|e| LoadError::Map(name, e))
-        }
         let maps = Self {
-            socks: Mutex::new(open(pin_dir, MAP_SOCKS)?),
-            sessions: Mutex::new(open(pin_dir, MAP_SESSIONS)?),
-            backends: Mutex::new(open(pin_dir, MAP_BACKENDS)?),
+            socks: Mutex::new(open_pinned(pin_dir, MAP_SOCKS)?),
+            sessions: Mutex::new(open_pinned(pin_dir, MAP_SESSIONS)?),
+            backends: Mutex::new(open_pinned(pin_dir, MAP_BACKENDS)?),
             pin_dir: pin_dir.to_owned(),
             pin_lock,
             link: None,
@@ -186,7 +178,19 @@ impl Drop for KernelMaps {
     }
 }
 
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+/// Map `name` of the pin directory `dir`, typed (a key or value size other than this build's
+/// is refused).
+pub(super) fn open_pinned<T>(dir: &Path, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let data = MapData::from_pin(dir.join(name)).map_err(|e| LoadError::Map(name, e))?;
+    let map = Map::from_map_data(data).map_err(|e| LoadError::Map(name, e))?;
+    T::try_from(map).map_err(|e| LoadError::Map(name, e))
+}
+
+/// Map `name` of the loaded object, typed.
+pub(super) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

@@ -72,7 +72,7 @@ pub(super) fn attach_all(
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )?;
             let link = program.take_link(id)?;
-            let pin = pin_dir.join(format!("{PIN_PREFIX}{label}_{iface}"));
+            let pin = link_pin(pin_dir, label, iface);
             let fd = FdLink::try_from(link).map_err(|e| LoadError::Pin {
                 path: pin.clone(),
                 msg: format!("the tcx attachment is not a bpf_link: {e}"),
@@ -95,36 +95,44 @@ pub(super) fn attach_all(
 /// interface must have both; a pinned link for an interface not in `interfaces` is refused too
 /// (the attachment would outlive its configuration).
 pub(super) fn adopt_all(pin_dir: &Path, interfaces: &[String]) -> Result<Vec<TcLink>, LoadError> {
-    let wanted: Vec<String> = interfaces
+    let wanted: Vec<(&String, std::path::PathBuf)> = interfaces
         .iter()
-        .flat_map(|iface| ["ingress", "egress"].map(|label| format!("{PIN_PREFIX}{label}_{iface}")))
+        .flat_map(|iface| {
+            ["ingress", "egress"].map(|label| (iface, link_pin(pin_dir, label, iface)))
+        })
         .collect();
     if let Ok(entries) = fs::read_dir(pin_dir) {
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PIN_PREFIX) && !wanted.contains(&name) {
+            let stray = entry.file_name().to_string_lossy().starts_with(PIN_PREFIX)
+                && !wanted.iter().any(|(_, pin)| *pin == entry.path());
+            if stray {
                 return Err(LoadError::Pin {
                     path: entry.path(),
-                    msg: "the running TC attachment is on an interface this configuration does not name (changing [tc] interfaces needs a restart)".into(),
+                    msg: "the running TC attachment is on an interface this configuration does \
+                          not name (changing [tc] interfaces needs a restart)"
+                        .into(),
                 });
             }
         }
     }
-    let mut links = Vec::new();
-    for iface in interfaces {
-        for label in ["ingress", "egress"] {
-            let pin = pin_dir.join(format!("{PIN_PREFIX}{label}_{iface}"));
+    wanted
+        .into_iter()
+        .map(|(iface, pin)| {
             let link = PinnedLink::from_pin(&pin).map_err(|e| LoadError::Pin {
                 path: pin.clone(),
                 msg: format!("no TC attachment to take over: {e}"),
             })?;
-            links.push(TcLink {
+            Ok(TcLink {
                 iface: iface.clone(),
                 link: Some(link),
-            });
-        }
-    }
-    Ok(links)
+            })
+        })
+        .collect()
+}
+
+/// Where the link of the `label` ("ingress" or "egress") program on `iface` is pinned.
+fn link_pin(pin_dir: &Path, label: &str, iface: &str) -> std::path::PathBuf {
+    pin_dir.join(format!("{PIN_PREFIX}{label}_{iface}"))
 }
 
 /// Detaches what a run that did not stop cleanly left attached: its flows died with it, so its

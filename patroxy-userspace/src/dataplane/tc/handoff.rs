@@ -141,10 +141,7 @@ pub async fn try_hand_off(
         },
         Mode::Fenced => None,
     };
-    let keys = [
-        key(legs.client.0, legs.client.1),
-        key(legs.server.0, legs.server.1),
-    ];
+    let keys = flow_keys(legs.client, legs.server);
     let pending = FlowEntry {
         backend: backend_id,
         state: FLOW_PENDING,
@@ -288,15 +285,15 @@ pub async fn try_hand_off(
 /// only the watch starts again. Entries an attempt left pending (a crash behind its fence) are
 /// removed, so the session's packets reach its sockets again.
 pub fn carried_flow(tc: &TcPath, client: &TcpStream, backend: &TcpStream) -> Option<Flow> {
-    let ((c_peer, c_local), (s_peer, s_local)) = wire_legs(client, backend)?;
-    let keys = [key(c_peer, c_local), key(s_peer, s_local)];
+    let (client_leg, server_leg) = wire_legs(client, backend)?;
+    let keys = flow_keys(client_leg, server_leg);
     match tc.flow_entries(&keys) {
         [None, None] => None,
         [Some(a), Some(b)] if a.state == FLOW_ACTIVE && b.state == FLOW_ACTIVE => {
-            Some(Flow::new(keys, ((c_peer, c_local), (s_peer, s_local))))
+            Some(Flow::new(keys, (client_leg, server_leg)))
         }
         _ => {
-            debug!(client = %c_peer, "a taken-over session's flows were pending: the fence is lifted");
+            debug!(client = %client_leg.0, "a taken-over session's flows were pending: the fence is lifted");
             lift_fence(tc, &keys);
             None
         }
@@ -600,6 +597,12 @@ pub(super) fn key(from: SocketAddr, to: SocketAddr) -> FlowKey {
         sport: from.port().to_be(),
         dport: to.port().to_be(),
     }
+}
+
+/// The FLOWS keys of a session, [client -> proxy, server -> proxy], from its (peer, local)
+/// legs.
+fn flow_keys(client: (SocketAddr, SocketAddr), server: (SocketAddr, SocketAddr)) -> [FlowKey; 2] {
+    [key(client.0, client.1), key(server.0, server.1)]
 }
 
 /// An address as FLOWS holds it: the packet's bytes in native u32 words, IPv4 mapped.

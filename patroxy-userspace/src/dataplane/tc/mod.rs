@@ -36,7 +36,7 @@ pub(super) use schedule::Schedule;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info};
 
-use super::loader::LoadError;
+use super::loader::{LoadError, open_pinned, take_map};
 
 /// FLOWS under the pin directory.
 pub const MAP_FLOWS: &str = "FLOWS";
@@ -44,7 +44,7 @@ const MAP_SYN_PORTS: &str = "SYN_PORTS";
 const MAP_SYN_SOCKETS: &str = "SYN_SOCKETS";
 /// The segments a hand-off's fence dropped first, per direction (sized down when tc is off).
 pub const MAP_HELD: &str = "HELD";
-/// Pinned while the programs are attached: a successor takes them over (in this order).
+/// Pinned while the programs are attached: a successor takes them over.
 const PINNED_MAPS: [&str; 4] = [MAP_FLOWS, MAP_HELD, MAP_SYN_SOCKETS, MAP_SYN_PORTS];
 
 /// The programs' maps, as `attach` takes them from the object or `adopt` opens their pins.
@@ -137,10 +137,10 @@ impl TcPath {
                 })?;
         }
         let maps = Maps {
-            flows: take(ebpf, MAP_FLOWS)?,
-            syn_sockets: take(ebpf, MAP_SYN_SOCKETS)?,
-            held: take(ebpf, MAP_HELD)?,
-            syn_ports: take(ebpf, MAP_SYN_PORTS)?,
+            flows: take_map(ebpf, MAP_FLOWS)?,
+            syn_sockets: take_map(ebpf, MAP_SYN_SOCKETS)?,
+            held: take_map(ebpf, MAP_HELD)?,
+            syn_ports: take_map(ebpf, MAP_SYN_PORTS)?,
         };
         let links = attach::attach_all(ebpf, pin_dir, interfaces)?;
         info!("packet-level splice attached (datapath = \"tc\")");
@@ -164,21 +164,13 @@ impl TcPath {
         listener_ports: &[u16],
         raw_sockets: Option<[Option<std::os::fd::OwnedFd>; 2]>,
     ) -> Result<Self, LoadError> {
-        fn open<T>(pin: &Path, name: &'static str) -> Result<T, LoadError>
-        where
-            T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-        {
-            let data = MapData::from_pin(pin).map_err(|e| LoadError::Map(name, e))?;
-            let map = aya::maps::Map::from_map_data(data).map_err(|e| LoadError::Map(name, e))?;
-            T::try_from(map).map_err(|e| LoadError::Map(name, e))
-        }
-        let pins = PINNED_MAPS.map(|name| pin_dir.join(name)).to_vec();
         let maps = Maps {
-            flows: open(&pins[0], MAP_FLOWS)?,
-            held: open(&pins[1], MAP_HELD)?,
-            syn_sockets: open(&pins[2], MAP_SYN_SOCKETS)?,
-            syn_ports: open(&pins[3], MAP_SYN_PORTS)?,
+            flows: open_pinned(pin_dir, MAP_FLOWS)?,
+            held: open_pinned(pin_dir, MAP_HELD)?,
+            syn_sockets: open_pinned(pin_dir, MAP_SYN_SOCKETS)?,
+            syn_ports: open_pinned(pin_dir, MAP_SYN_PORTS)?,
         };
+        let pins = PINNED_MAPS.map(|name| pin_dir.join(name)).to_vec();
         let links = attach::adopt_all(pin_dir, interfaces)?;
         let nudger = match raw_sockets {
             Some(handed) => nudge::Nudger::from_handed(handed),
@@ -333,14 +325,6 @@ impl Drop for TcPath {
             let _ = std::fs::remove_file(pin);
         }
     }
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
-    T::try_from(map).map_err(|e| LoadError::Map(name, e))
 }
 
 /// The IPv4 and IPv6 addresses of interface `name` (getifaddrs).
