@@ -926,6 +926,23 @@ fn abandoned_hand_offs_give_back_what_their_fence_dropped() {
     abandoned_hand_offs_give_back_what_they_dropped(&HOSTS, &proxy, addr, stats);
 }
 
+/// A bulk upload whose client outran its server is handed off once the fence has let the
+/// sockmap's queue drain (`tc_busy`).
+#[test]
+fn a_bulk_upload_that_outran_its_server_is_handed_off() {
+    if !require_root("a_bulk_upload_that_outran_its_server_is_handed_off") {
+        return;
+    }
+    let Echoing {
+        proxy,
+        addr,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-outran");
+    tc_busy::a_bulk_upload_that_outran_its_server_is_handed_off(&HOSTS, &proxy, addr);
+}
+
 #[test]
 fn an_idle_spliced_session_times_out_with_a_reset_of_both_ends() {
     if !require_root("an_idle_spliced_session_times_out_with_a_reset_of_both_ends") {

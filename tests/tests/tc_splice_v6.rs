@@ -37,6 +37,7 @@ mod tc_busy;
 mod tc_lab;
 
 use tc_busy::{
+    a_bulk_upload_that_outran_its_server_is_handed_off,
     abandoned_hand_offs_give_back_what_they_dropped, busy_sessions_are_handed_off,
     upgrades_during_fenced_attempts_lose_nothing,
 };
@@ -425,6 +426,21 @@ fn abandoned_ipv6_hand_offs_give_back_what_their_fence_dropped() {
     let config = config(&pin, &[(LISTEN6.into(), server.addr6())]).stats(StatsConfig::new(stats));
     let proxy = Patroxy::start("tcv-give-back", &config);
     abandoned_hand_offs_give_back_what_they_dropped(&HOSTS, &proxy, config.bind(), stats);
+}
+
+/// An IPv6 bulk upload whose client outran its server is handed off once the fence has let the
+/// sockmap's queue drain (`tc_busy`).
+#[test]
+fn an_ipv6_bulk_upload_that_outran_its_server_is_handed_off() {
+    if !require_root("an_ipv6_bulk_upload_that_outran_its_server_is_handed_off") {
+        return;
+    }
+    let _lab = Lab::new(&HOSTS);
+    let server = start_server();
+    let pin = Patroxy::unique_pin_path("tcv-outran");
+    let config = config(&pin, &[(LISTEN6.into(), server.addr6())]);
+    let proxy = Patroxy::start("tcv-outran", &config);
+    a_bulk_upload_that_outran_its_server_is_handed_off(&HOSTS, &proxy, config.bind());
 }
 
 /// Upgrades while IPv6 sessions that never settle are behind their fences: the successor takes

@@ -290,8 +290,15 @@ impl Spliced {
                     let (spliced, baseline) = self.tc.as_ref().expect("hand-off timer without TC");
                     let schedule = hand_off.as_mut().expect("hand-off timer without a schedule");
                     let mode = schedule.mode(Instant::now());
-                    // A fenced attempt holds the session's data for at most 150 ms: a kill or a
-                    // close seen after it is not late by more.
+                    // A fenced attempt holds the session's data for 150 ms (up to 1 s while its
+                    // sockets drain), and a kill or a successor ends it early: a close seen after
+                    // it is not late by more.
+                    let interrupted = async {
+                        tokio::select! {
+                            _ = kill.killed() => {}
+                            () = kill.handing_over() => {}
+                        }
+                    };
                     match tc::try_hand_off(
                         spliced,
                         &self.maps,
@@ -301,6 +308,7 @@ impl Spliced {
                         *baseline,
                         self.meta.backend_id,
                         mode,
+                        interrupted,
                     )
                     .await
                     {

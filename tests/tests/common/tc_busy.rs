@@ -131,6 +131,93 @@ fn read_source(stream: &TcpStream, i: usize, bytes: u64) {
     }
 }
 
+/// A bulk upload whose client sends twice as fast as its server reads (a COPY FROM into a busy
+/// PostgreSQL): the sockmap queues the difference without limit, so when the first fenced
+/// attempt comes (250 ms) the proxy's socket toward the server has megabytes left to send,
+/// more than the fence's 150 ms drain. The fence waits while it drains and the session is
+/// handed off, byte-exact; a fence that lifted after its 150 ms would never catch up, the queue
+/// growing faster between attempts than one drains. (A session handed off quietly before its
+/// upload filled the queue is not the case: up to three sessions are tried.)
+pub fn a_bulk_upload_that_outran_its_server_is_handed_off(
+    hosts: &'static Hosts,
+    proxy: &Patroxy,
+    addr: SocketAddr,
+) {
+    for i in 0..3 {
+        let (handed, closed) = outrunning_upload(hosts, proxy, addr, i);
+        assert!(closed.contains("path=\"sockmap+tc\""), "{closed}");
+        if handed.contains("mode=Fenced") {
+            return;
+        }
+        eprintln!(
+            "session {i} was handed off quietly before its upload outran the server: {handed}"
+        );
+    }
+    panic!("three sessions handed off quietly:\n{}", proxy.log());
+}
+
+/// One upload for [`a_bulk_upload_that_outran_its_server_is_handed_off`], checked byte for byte
+/// and counted in its closing line. Returns its hand-off's log line and its closing line.
+fn outrunning_upload(
+    hosts: &'static Hosts,
+    proxy: &Patroxy,
+    addr: SocketAddr,
+    i: usize,
+) -> (String, String) {
+    /// The server reads 64 KiB a millisecond (67 MB/s); the client sends twice that, after a
+    /// first megabyte at once that fills the server's window (no quiet moment from then on).
+    const SERVER_PACE: u64 = 64 * 1024;
+    const CLIENT_PACE: u64 = 2 * SERVER_PACE;
+    const BURST: u64 = 1 << 20;
+    let stream = connect_failing_stalls(hosts, addr);
+    let mut sent = hello(&stream, i);
+    let command = format!("SINK {SERVER_PACE}");
+    (&stream).write_all(command.as_bytes()).unwrap();
+    let mut ok = [0u8; 2];
+    (&stream).read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"ok");
+    sent += command.len() as u64;
+    let data = stream_pattern(i as u64);
+    let (mut streamed, mut at, mut hash) = (0u64, 0usize, Fnv::default());
+    let start = Instant::now();
+    let until = start + Duration::from_millis(2500);
+    while Instant::now() < until {
+        if streamed > BURST + CLIENT_PACE * start.elapsed().as_millis() as u64 {
+            thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let end = (at + 64 * 1024).min(STREAM_PERIOD);
+        (&stream).write_all(&data[at..end]).unwrap();
+        hash.update(&data[at..end]);
+        streamed += (end - at) as u64;
+        at = end % STREAM_PERIOD;
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    (&stream).read_to_string(&mut answer).unwrap();
+    assert_eq!(
+        answer,
+        format!("{streamed} {:x}", hash.value()),
+        "session {i}: what the server received"
+    );
+    let client = client_field(&stream);
+    let closed = wait_line(proxy, &client, "session closed").expect("a session closed line");
+    assert_eq!(
+        field(&closed, "bytes_in"),
+        Some(sent + streamed),
+        "{closed}"
+    );
+    let log = proxy.log();
+    let handed = log
+        .lines()
+        .find(|l| l.contains(HANDED_OFF) && l.split_whitespace().any(|w| w == client))
+        .unwrap_or_else(|| panic!("session {i}: {streamed} B uploaded, never handed off:\n{log}"))
+        .to_string();
+    let fenced_ms = field(&handed, "fenced_ms").expect("fenced_ms");
+    eprintln!("session {i}: {streamed} B uploaded, handed off after a fence of {fenced_ms} ms");
+    (handed, closed)
+}
+
 /// A TcpExt counter of `/proc/net/netstat` in namespace `ns`.
 fn tcp_ext(ns: &str, name: &str) -> u64 {
     let text = netns::within(ns, || {

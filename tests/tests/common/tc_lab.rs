@@ -164,8 +164,8 @@ pub enum Ending {
 /// A server in the server host: echoes what it reads; on "FIN!" answers "ok" and half-closes;
 /// on "RST!" closes with RST; on EOF answers "bye" (if it still may) and closes. Two commands
 /// make a one-way stream, like a COPY: "SINK" (answered "ok") reads to EOF without echoing and
-/// then answers "<bytes> <fnv hash>"; "SOURCE <bytes> <seed>" sends that many bytes of
-/// [`stream_pattern`] and goes on echoing.
+/// then answers "<bytes> <fnv hash>" ("SINK <bytes>": at most that many a millisecond);
+/// "SOURCE <bytes> <seed>" sends that many bytes of [`stream_pattern`] and goes on echoing.
 pub struct Server {
     pub port: u16,
     served: Arc<Mutex<Vec<Served>>>,
@@ -249,7 +249,12 @@ fn serve(mut stream: TcpStream) -> Ending {
         let reply = match &buf[..n] {
             b"SINK" => {
                 let _ = stream.write_all(b"ok");
-                return sink(stream);
+                return sink(stream, None);
+            }
+            command if command.starts_with(b"SINK ") => {
+                let pace = String::from_utf8_lossy(&command[5..]).parse().unwrap();
+                let _ = stream.write_all(b"ok");
+                return sink(stream, Some(pace));
             }
             command if command.starts_with(b"SOURCE ") => {
                 let command = String::from_utf8_lossy(command).into_owned();
@@ -295,12 +300,25 @@ pub fn stream_pattern(seed: u64) -> Vec<u8> {
     pattern(STREAM_PERIOD, seed)
 }
 
-/// "SINK": reads to EOF, then answers how many bytes came and their hash.
-fn sink(mut stream: TcpStream) -> Ending {
+/// "SINK": reads to EOF, then answers how many bytes came and their hash. "SINK <bytes>" reads
+/// that many bytes a millisecond at most, like a server slower than its client.
+fn sink(mut stream: TcpStream, bytes_per_ms: Option<u64>) -> Ending {
     let mut buf = vec![0u8; 256 * 1024];
     let (mut bytes, mut hash) = (0u64, Fnv::default());
+    let start = Instant::now();
     loop {
-        match stream.read(&mut buf) {
+        let room = match bytes_per_ms {
+            Some(pace) => {
+                let allowed = pace * (start.elapsed().as_millis() as u64 + 1);
+                if allowed <= bytes {
+                    thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                ((allowed - bytes) as usize).min(buf.len())
+            }
+            None => buf.len(),
+        };
+        match stream.read(&mut buf[..room]) {
             Ok(0) => break,
             Ok(n) => {
                 bytes += n as u64;

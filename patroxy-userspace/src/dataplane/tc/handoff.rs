@@ -18,7 +18,8 @@
 //! is given back to them, the entries go, and the session is tried again later. A
 //! [`Mode::Quiet`] hand-off starts only from a quiet session and checks once, so it drops at
 //! most what arrives during that check; a [`Mode::Fenced`] one (for a session that is never
-//! quiet) waits behind the fence, at most [`FENCE_WINDOW`], for 2 and 3 to hold.
+//! quiet) waits behind the fence, [`FENCE_WINDOW`] or as long as its sockets still drain what
+//! the sockmap had queued ([`FenceClock`]), for 2 and 3 to hold.
 //!
 //! Only sessions whose legs can be joined are tried: both legs of one family (a packet cannot
 //! change from IPv6 to IPv4 by a rewrite), neither leg with timestamps or SACK (the SYN option
@@ -77,16 +78,68 @@ pub enum Mode {
     /// next message carries the ack of the last one).
     Quiet,
     /// Fence first: the program drops the session's data segments (keeping their acks) while
-    /// the sockets settle, for at most [`FENCE_WINDOW`]. A sender retransmits what was dropped
+    /// the sockets settle ([`FenceClock`]). A sender retransmits what was dropped
     /// after its retransmission timeout (200 ms at least), rewritten then: one pause per
     /// direction that was sending, the price of a busy session's hand-off.
     Fenced,
 }
 
-/// How long a fenced hand-off waits for the sockets to settle before it lifts the fence.
+/// How long a fenced hand-off waits for the sockets to settle before it lifts the fence, unless
+/// they are still draining.
 const FENCE_WINDOW: Duration = Duration::from_millis(150);
+/// How long a fenced hand-off may wait in all for sockets that are still sending what the sockmap
+/// had queued when the fence went up: the sender the fence stops pays it once, and a bulk upload
+/// whose client outran its server (the sockmap queues without limit) is worth it.
+const FENCE_MAX: Duration = Duration::from_secs(1);
+/// Added to a drain's estimate: the acknowledgment of its last bytes.
+const DRAIN_SLACK: Duration = Duration::from_millis(10);
 /// How often a fenced hand-off looks at the sockets.
 const FENCE_POLL: Duration = Duration::from_millis(1);
+
+/// When a fenced attempt stops waiting for its sockets to settle: after [`FENCE_WINDOW`], or, while
+/// they are still sending what the sockmap queued before the fence (nothing new comes in behind
+/// it), once that is sent at the pace of the last stretch; never past [`FENCE_MAX`], and at once
+/// when the estimate goes past it (a wait that cannot succeed only stalls the senders longer).
+#[derive(Debug)]
+struct FenceClock {
+    fenced_at: Instant,
+    deadline: Instant,
+    /// When the deadline was last set, and the bytes unsent then.
+    last: (Instant, Option<u64>),
+}
+
+impl FenceClock {
+    fn new(now: Instant, unsent: Option<u64>) -> Self {
+        Self {
+            fenced_at: now,
+            deadline: now + FENCE_WINDOW,
+            last: (now, unsent),
+        }
+    }
+
+    /// Whether to look at the sockets again; `unsent` reads how many bytes they have yet to send.
+    fn keep_waiting(&mut self, now: Instant, unsent: impl FnOnce() -> Option<u64>) -> bool {
+        if now < self.deadline {
+            return true;
+        }
+        let (then, before) = self.last;
+        let (Some(before), Some(unsent)) = (before, unsent()) else {
+            return false;
+        };
+        let drained = before.saturating_sub(unsent);
+        if drained == 0 {
+            return false;
+        }
+        // At the last stretch's pace, with a quarter more for its ups and downs.
+        let rest = (now - then).mul_f64(1.25 * unsent as f64 / drained as f64) + DRAIN_SLACK;
+        if now + rest > self.fenced_at + FENCE_MAX {
+            return false;
+        }
+        self.deadline = now + rest;
+        self.last = (now, Some(unsent));
+        true
+    }
+}
 
 /// The session's two legs, as the program sees them.
 struct Legs {
@@ -117,6 +170,7 @@ pub async fn try_hand_off(
     baseline: Baseline,
     backend_id: u32,
     mode: Mode,
+    interrupted: impl Future<Output = ()>,
 ) -> Attempt {
     let legs = match legs(tc, client, backend) {
         Ok(legs) => legs,
@@ -164,14 +218,21 @@ pub async fn try_hand_off(
     // The program drops the session's data from now on. A quiet session is checked once; a
     // busy one until its sockets settle, first after a pause that lets a packet passed just
     // before the fence reach its socket.
-    let deadline = Instant::now() + FENCE_WINDOW;
+    let mut clock = FenceClock::new(Instant::now(), session.unsent());
+    let mut interrupted = std::pin::pin!(interrupted);
     let taken = loop {
         if mode == Mode::Fenced {
-            tokio::time::sleep(FENCE_POLL).await;
+            // A kill or a hand-over to a successor does not wait for a long drain.
+            tokio::select! {
+                () = tokio::time::sleep(FENCE_POLL) => {}
+                () = &mut interrupted => break None,
+            }
         }
         match session.take_over(tc, &keys, expected) {
             Ok(Some(sequences)) => break Some(sequences),
-            Ok(None) if mode == Mode::Fenced && Instant::now() < deadline => {}
+            Ok(None)
+                if mode == Mode::Fenced
+                    && clock.keep_waiting(Instant::now(), || session.unsent()) => {}
             Ok(None) => break None,
             Err(e) => {
                 // Without TCP_REPAIR (no CAP_NET_ADMIN) no session can be handed off: back to
@@ -260,7 +321,8 @@ pub async fn try_hand_off(
             .as_ref()
             .map(|h| (h.seq.wrapping_sub(rcv) as i32, h.len))
     });
-    debug!(client = %legs.client.0, ?mode, ?dropped, ?held_bytes, ?held_at, "session handed to the TC program");
+    let fenced_ms = clock.fenced_at.elapsed().as_millis();
+    debug!(client = %legs.client.0, ?mode, fenced_ms, ?dropped, ?held_bytes, ?held_at, "session handed to the TC program");
     // The senders of what the fence dropped retransmit it now rather than at their timeout,
     // to the active flows. Sent from the proxy's end of each connection, in its numbers.
     let client_end = (client, legs.client, (a_snd, a_rcv));
@@ -368,7 +430,7 @@ fn lift_fence(tc: &TcPath, keys: &[FlowKey; 2]) -> [Option<HeldSegment>; 2] {
 /// Ends an abandoned attempt. After a fenced one, what the fence dropped and the program held
 /// goes back to the proxy's sockets while the fence still stands, and the fence lifts once each
 /// sender has had time to get their acknowledgment (two round trips, 1 to 20 ms): what was
-/// held can be up to [`FENCE_WINDOW`] old, so a sender's retransmission of it may be on its
+/// held can be up to [`FENCE_MAX`] old, so a sender's retransmission of it may be on its
 /// way, and one that covers more than was given back would overlap it, which the sockmap
 /// forwards twice (the kernel's `tcp_read_skb`, README "Data path"); the fence drops it
 /// instead. What was held during that wait (an answer to what was given back), and all a
@@ -534,6 +596,23 @@ impl Session<'_> {
         }))
     }
 
+    /// The bytes the sockmap gave the two sockets to send that they have not sent yet (still in
+    /// its queue or in their send queues).
+    fn unsent(&self) -> Option<u64> {
+        let given = [
+            (self.client, self.baseline.client_written, self.cookies.0),
+            (self.backend, self.baseline.backend_written, self.cookies.1),
+        ];
+        let sessions = self.maps.sessions.lock().expect("sessions lock");
+        given
+            .into_iter()
+            .try_fold(0, |sum, (socket, baseline, cookie)| {
+                let c = sockopt::tcp_counters(socket).ok()?;
+                let forwarded = sessions.get(&cookie, 0).ok()?.bytes_tx;
+                Some(sum + (baseline + forwarded).saturating_sub(c.bytes_written - c.not_sent))
+            })
+    }
+
     /// The bytes each socket received if the session has settled: both established, nothing
     /// unread, every byte the verdict forwarded to a socket handed to its TCP, and sent. (Bytes
     /// a socket sent may still be unacknowledged: [`Session::take_over`] asks about those.)
@@ -679,4 +758,51 @@ fn reinsert(maps: &KernelMaps, client: &TcpStream, backend: &TcpStream, cookies:
     drop(socks);
     let _ = sockopt::kick(client);
     let _ = sockopt::kick(backend);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_fence_whose_sockets_send_nothing_lifts_after_its_window() {
+        let start = Instant::now();
+        let mut clock = FenceClock::new(start, Some(5_000_000));
+        assert!(clock.keep_waiting(start + 149 * MS, || panic!("read before the window ends")));
+        assert!(!clock.keep_waiting(start + FENCE_WINDOW, || Some(5_000_000)));
+        let mut unread = FenceClock::new(start, None);
+        assert!(!unread.keep_waiting(start + FENCE_WINDOW, || Some(0)));
+    }
+
+    #[test]
+    fn a_fence_waits_while_a_deep_queue_drains_at_a_pace_that_ends_within_the_cap() {
+        let start = Instant::now();
+        // 60 MB queued, 30 MB sent in the first 150 ms: 30 MB more take 150 ms, 187.5 ms with
+        // the margin.
+        let mut clock = FenceClock::new(start, Some(60_000_000));
+        let at = start + FENCE_WINDOW;
+        assert!(clock.keep_waiting(at, || Some(30_000_000)));
+        assert_eq!(clock.deadline, at + 1875 * MS / 10 + DRAIN_SLACK);
+        assert!(clock.keep_waiting(at + 100 * MS, || panic!("read before the new deadline")));
+        // Drained, the acknowledgments not yet in: a last short wait, then no more.
+        let at = clock.deadline;
+        assert!(clock.keep_waiting(at, || Some(0)));
+        assert_eq!(clock.deadline, at + DRAIN_SLACK);
+        assert!(!clock.keep_waiting(clock.deadline, || Some(0)));
+    }
+
+    #[test]
+    fn a_fence_lifts_at_once_when_the_drain_would_outlast_the_cap() {
+        let start = Instant::now();
+        // 10 MB sent in 150 ms, 100 MB to go: 1.5 s more, past the 1 s cap.
+        let mut clock = FenceClock::new(start, Some(110_000_000));
+        assert!(!clock.keep_waiting(start + FENCE_WINDOW, || Some(100_000_000)));
+        // A pace that slows later is cut off the same way.
+        let mut clock = FenceClock::new(start, Some(40_000_000));
+        let at = start + FENCE_WINDOW;
+        assert!(clock.keep_waiting(at, || Some(20_000_000)));
+        assert!(!clock.keep_waiting(clock.deadline, || Some(19_000_000)));
+    }
 }
