@@ -19,6 +19,9 @@ pub struct Patroxy {
     pub config_path: PathBuf,
     /// bpffs directory of this daemon's pinned maps (unique per test).
     pub pin_path: PathBuf,
+    /// What it listens on (its listeners', then the stats server's), as the readiness probe
+    /// reached them.
+    pub listen: Vec<std::net::SocketAddr>,
 }
 
 impl Patroxy {
@@ -98,6 +101,27 @@ impl Patroxy {
             child,
             config_path,
             pin_path,
+            listen: config.listen_addrs(),
+        }
+    }
+
+    /// What `ss` shows of the TCP sockets on this daemon's listening ports, with their
+    /// processes: for a failure that may be another process's (a probe that reached a
+    /// listener of someone else's, a connection left in a backlog).
+    pub fn sockets_report(&self) -> String {
+        let ports: Vec<String> = self
+            .listen
+            .iter()
+            .map(|a| format!("sport = :{p} or dport = :{p}", p = a.port()))
+            .collect();
+        let filter = format!("( {} )", ports.join(" or "));
+        match Command::new("ss").args(["-tanpei", &filter]).output() {
+            Ok(out) => format!(
+                "daemon pid {}; ss -tanpei '{filter}':\n{}",
+                self.child.id(),
+                String::from_utf8_lossy(&out.stdout)
+            ),
+            Err(e) => format!("ss failed: {e}"),
         }
     }
 

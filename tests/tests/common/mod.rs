@@ -167,8 +167,9 @@ pub async fn echo_once(stream: &mut TcpStream, msg: &[u8], within: Duration) -> 
 pub fn wait_probe_closed(proxy: &Patroxy) {
     assert!(
         proxy.wait_for_log_count("session closed", 1, Duration::from_secs(10)),
-        "the readiness probe's session never closed:\n{}",
-        proxy.log()
+        "the readiness probe's session never closed:\n{}\n{}",
+        proxy.log(),
+        proxy.sockets_report()
     );
 }
 
