@@ -93,13 +93,17 @@ const FENCE_WINDOW: Duration = Duration::from_millis(150);
 const FENCE_MAX: Duration = Duration::from_secs(1);
 /// Added to a drain's estimate: the acknowledgment of its last bytes.
 const DRAIN_SLACK: Duration = Duration::from_millis(10);
+/// How often a drain's progress is looked at: a socket whose peer stops reading (its window
+/// closed) stops draining, and its fence must not stand for the rest of an estimate.
+const DRAIN_CHECK: Duration = Duration::from_millis(25);
 /// How often a fenced hand-off looks at the sockets.
 const FENCE_POLL: Duration = Duration::from_millis(1);
 
 /// When a fenced attempt stops waiting for its sockets to settle: after [`FENCE_WINDOW`], or, while
 /// they are still sending what the sockmap queued before the fence (nothing new comes in behind
-/// it), once that is sent at the pace of the last stretch; never past [`FENCE_MAX`], and at once
-/// when the estimate goes past it (a wait that cannot succeed only stalls the senders longer).
+/// it), once that is sent at the pace of the last stretch ([`DRAIN_CHECK`] long, the first
+/// [`FENCE_WINDOW`]); never past [`FENCE_MAX`], and at once when the estimate goes past it or a
+/// stretch sent nothing (a wait that cannot succeed only stalls the senders longer).
 #[derive(Debug)]
 struct FenceClock {
     fenced_at: Instant,
@@ -135,7 +139,7 @@ impl FenceClock {
         if now + rest > self.fenced_at + FENCE_MAX {
             return false;
         }
-        self.deadline = now + rest;
+        self.deadline = now + rest.min(DRAIN_CHECK);
         self.last = (now, Some(unsent));
         true
     }
@@ -218,7 +222,11 @@ pub async fn try_hand_off(
     // The program drops the session's data from now on. A quiet session is checked once; a
     // busy one until its sockets settle, first after a pause that lets a packet passed just
     // before the fence reach its socket.
-    let mut clock = FenceClock::new(Instant::now(), session.unsent());
+    let unsent = match mode {
+        Mode::Fenced => session.unsent(),
+        Mode::Quiet => None,
+    };
+    let mut clock = FenceClock::new(Instant::now(), unsent);
     let mut interrupted = std::pin::pin!(interrupted);
     let taken = loop {
         if mode == Mode::Fenced {
@@ -599,18 +607,39 @@ impl Session<'_> {
     /// The bytes the sockmap gave the two sockets to send that they have not sent yet (still in
     /// its queue or in their send queues).
     fn unsent(&self) -> Option<u64> {
-        let given = [
-            (self.client, self.baseline.client_written, self.cookies.0),
-            (self.backend, self.baseline.backend_written, self.cookies.1),
+        let sides = self.sides()?;
+        Some(
+            sides
+                .iter()
+                .map(|(c, given)| given.saturating_sub(c.bytes_written - c.not_sent))
+                .sum(),
+        )
+    }
+
+    /// Each socket's TCP counters and the bytes it was given to send (written by userspace
+    /// before the splice, then forwarded by the verdict), client's then backend's.
+    ///
+    /// The sockets first, the verdict's counts after: the verdict runs in the same locked step
+    /// as the receive it counts, so every byte a socket counted as received is in the counts
+    /// read after it. Read the other way round, a segment arriving in between is in the
+    /// socket's count but not yet forwarded, and a busy session passes for quiet.
+    fn sides(&self) -> Option<[(sockopt::TcpCounters, u64); 2]> {
+        let counters = [
+            sockopt::tcp_counters(self.client).ok()?,
+            sockopt::tcp_counters(self.backend).ok()?,
         ];
         let sessions = self.maps.sessions.lock().expect("sessions lock");
-        given
-            .into_iter()
-            .try_fold(0, |sum, (socket, baseline, cookie)| {
-                let c = sockopt::tcp_counters(socket).ok()?;
-                let forwarded = sessions.get(&cookie, 0).ok()?.bytes_tx;
-                Some(sum + (baseline + forwarded).saturating_sub(c.bytes_written - c.not_sent))
-            })
+        let forwarded = |cookie| sessions.get(&cookie, 0).map(|e| e.bytes_tx).ok();
+        Some([
+            (
+                counters[0],
+                self.baseline.client_written + forwarded(self.cookies.0)?,
+            ),
+            (
+                counters[1],
+                self.baseline.backend_written + forwarded(self.cookies.1)?,
+            ),
+        ])
     }
 
     /// The bytes each socket received if the session has settled: both established, nothing
@@ -623,32 +652,13 @@ impl Session<'_> {
     /// once the attempt is abandoned, and TCP_INFO never counts them as sent (only as
     /// retransmitted), so the session would never look delivered again.
     fn settled(&self) -> Option<[u64; 2]> {
-        // The sockets first, the verdict's counts after: the verdict runs in the same locked
-        // step as the receive it counts, so every byte a socket counted as received is in the
-        // counts read after it. Read the other way round, a segment arriving in between is in
-        // the socket's count but not yet forwarded, and a busy session passes for quiet.
-        let (c, b) = (
-            sockopt::tcp_counters(self.client).ok()?,
-            sockopt::tcp_counters(self.backend).ok()?,
-        );
+        let [(c, to_client), (b, to_backend)] = self.sides()?;
         let drained = sockopt::queued_bytes(self.client).ok()? == 0
             && sockopt::queued_bytes(self.backend).ok()? == 0
             && c.not_sent == 0
             && b.not_sent == 0;
-        let forwarded_to = |cookie| {
-            self.maps
-                .sessions
-                .lock()
-                .expect("sessions lock")
-                .get(&cookie, 0)
-                .map(|e| e.bytes_tx)
-                .ok()
-        };
-        let (to_client, to_backend) =
-            (forwarded_to(self.cookies.0)?, forwarded_to(self.cookies.1)?);
         let established = c.state == 1 && b.state == 1;
-        let delivered = c.bytes_written == self.baseline.client_written + to_client
-            && b.bytes_written == self.baseline.backend_written + to_backend;
+        let delivered = c.bytes_written == to_client && b.bytes_written == to_backend;
         if !(established && drained && delivered) {
             tracing::trace!(
                 established,
@@ -658,7 +668,6 @@ impl Session<'_> {
                 ?b,
                 to_client,
                 to_backend,
-                baseline = ?self.baseline,
                 client_mem = ?sockopt::meminfo(self.client).ok(),
                 backend_mem = ?sockopt::meminfo(self.backend).ok(),
                 "not settled"
@@ -780,17 +789,31 @@ mod tests {
     fn a_fence_waits_while_a_deep_queue_drains_at_a_pace_that_ends_within_the_cap() {
         let start = Instant::now();
         // 60 MB queued, 30 MB sent in the first 150 ms: 30 MB more take 150 ms, 187.5 ms with
-        // the margin.
+        // the margin, looked at every 25 ms.
         let mut clock = FenceClock::new(start, Some(60_000_000));
-        let at = start + FENCE_WINDOW;
+        let mut at = start + FENCE_WINDOW;
         assert!(clock.keep_waiting(at, || Some(30_000_000)));
-        assert_eq!(clock.deadline, at + 1875 * MS / 10 + DRAIN_SLACK);
-        assert!(clock.keep_waiting(at + 100 * MS, || panic!("read before the new deadline")));
+        assert_eq!(clock.deadline, at + DRAIN_CHECK);
+        assert!(clock.keep_waiting(at + 20 * MS, || panic!("read before the next check")));
+        let mut unsent = 30_000_000;
+        while unsent > 0 {
+            at = clock.deadline;
+            unsent -= 5_000_000;
+            assert!(clock.keep_waiting(at, || Some(unsent)), "{unsent} B to go");
+        }
         // Drained, the acknowledgments not yet in: a last short wait, then no more.
-        let at = clock.deadline;
-        assert!(clock.keep_waiting(at, || Some(0)));
         assert_eq!(clock.deadline, at + DRAIN_SLACK);
         assert!(!clock.keep_waiting(clock.deadline, || Some(0)));
+    }
+
+    #[test]
+    fn a_fence_lifts_when_a_stretch_sends_nothing() {
+        let start = Instant::now();
+        // A client that stopped reading: its window closed 20 MB short.
+        let mut clock = FenceClock::new(start, Some(40_000_000));
+        let at = start + FENCE_WINDOW;
+        assert!(clock.keep_waiting(at, || Some(20_000_000)));
+        assert!(!clock.keep_waiting(clock.deadline, || Some(20_000_000)));
     }
 
     #[test]
@@ -799,10 +822,10 @@ mod tests {
         // 10 MB sent in 150 ms, 100 MB to go: 1.5 s more, past the 1 s cap.
         let mut clock = FenceClock::new(start, Some(110_000_000));
         assert!(!clock.keep_waiting(start + FENCE_WINDOW, || Some(100_000_000)));
-        // A pace that slows later is cut off the same way.
+        // A pace that slows later is cut off the same way: 300 KB in 25 ms, 19.7 MB to go.
         let mut clock = FenceClock::new(start, Some(40_000_000));
         let at = start + FENCE_WINDOW;
         assert!(clock.keep_waiting(at, || Some(20_000_000)));
-        assert!(!clock.keep_waiting(clock.deadline, || Some(19_000_000)));
+        assert!(!clock.keep_waiting(clock.deadline, || Some(19_700_000)));
     }
 }
