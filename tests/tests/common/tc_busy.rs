@@ -72,15 +72,41 @@ fn hello(stream: &TcpStream, i: usize) -> u64 {
 /// One session streaming to the server, as a COPY FROM does, until `until`: the server counts
 /// and hashes what it received. Returns the bytes sent and received.
 fn stream_to_server_until(stream: &TcpStream, i: usize, until: Instant) -> (u64, u64) {
+    upload(stream, i, "SINK", until, None)
+}
+
+/// How fast [`upload`] sends: `burst` bytes at once, then `per_ms` a millisecond.
+struct Pace {
+    burst: u64,
+    per_ms: u64,
+}
+
+/// Sends `command` (a "SINK"), then the stream of [`stream_pattern`]`(i)` until `until`, at
+/// `pace` or as fast as it goes, and checks the server's count and hash of it. Returns the
+/// bytes sent and received.
+fn upload(
+    stream: &TcpStream,
+    i: usize,
+    command: &str,
+    until: Instant,
+    pace: Option<Pace>,
+) -> (u64, u64) {
     let mut sent = hello(stream, i);
-    (&*stream).write_all(b"SINK").unwrap();
+    (&*stream).write_all(command.as_bytes()).unwrap();
     let mut ok = [0u8; 2];
     (&*stream).read_exact(&mut ok).unwrap();
     assert_eq!(&ok, b"ok");
-    sent += 4;
+    sent += command.len() as u64;
     let data = stream_pattern(i as u64);
     let (mut streamed, mut at, mut hash) = (0u64, 0usize, Fnv::default());
+    let start = Instant::now();
     while Instant::now() < until {
+        if let Some(Pace { burst, per_ms }) = pace
+            && streamed > burst + per_ms * start.elapsed().as_millis() as u64
+        {
+            thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         let end = (at + 64 * 1024).min(STREAM_PERIOD);
         (&*stream).write_all(&data[at..end]).unwrap();
         hash.update(&data[at..end]);
@@ -95,7 +121,10 @@ fn stream_to_server_until(stream: &TcpStream, i: usize, until: Instant) -> (u64,
         format!("{streamed} {:x}", hash.value()),
         "session {i}: what the server received"
     );
-    (sent + streamed, sent - 4 + 2 + answer.len() as u64)
+    (
+        sent + streamed,
+        sent - command.len() as u64 + 2 + answer.len() as u64,
+    )
 }
 
 /// One session streaming from the server, as a COPY TO does: `bytes` bytes, every one compared
@@ -170,51 +199,29 @@ fn outrunning_upload(
     const CLIENT_PACE: u64 = 2 * SERVER_PACE;
     const BURST: u64 = 1 << 20;
     let stream = connect_failing_stalls(hosts, addr);
-    let mut sent = hello(&stream, i);
-    let command = format!("SINK {SERVER_PACE}");
-    (&stream).write_all(command.as_bytes()).unwrap();
-    let mut ok = [0u8; 2];
-    (&stream).read_exact(&mut ok).unwrap();
-    assert_eq!(&ok, b"ok");
-    sent += command.len() as u64;
-    let data = stream_pattern(i as u64);
-    let (mut streamed, mut at, mut hash) = (0u64, 0usize, Fnv::default());
-    let start = Instant::now();
-    let until = start + Duration::from_millis(2500);
-    while Instant::now() < until {
-        if streamed > BURST + CLIENT_PACE * start.elapsed().as_millis() as u64 {
-            thread::sleep(Duration::from_millis(1));
-            continue;
-        }
-        let end = (at + 64 * 1024).min(STREAM_PERIOD);
-        (&stream).write_all(&data[at..end]).unwrap();
-        hash.update(&data[at..end]);
-        streamed += (end - at) as u64;
-        at = end % STREAM_PERIOD;
-    }
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    (&stream).read_to_string(&mut answer).unwrap();
-    assert_eq!(
-        answer,
-        format!("{streamed} {:x}", hash.value()),
-        "session {i}: what the server received"
+    let pace = Pace {
+        burst: BURST,
+        per_ms: CLIENT_PACE,
+    };
+    let until = Instant::now() + Duration::from_millis(2500);
+    let (sent, _) = upload(
+        &stream,
+        i,
+        &format!("SINK {SERVER_PACE}"),
+        until,
+        Some(pace),
     );
     let client = client_field(&stream);
     let closed = wait_line(proxy, &client, "session closed").expect("a session closed line");
-    assert_eq!(
-        field(&closed, "bytes_in"),
-        Some(sent + streamed),
-        "{closed}"
-    );
+    assert_eq!(field(&closed, "bytes_in"), Some(sent), "{closed}");
     let log = proxy.log();
     let handed = log
         .lines()
         .find(|l| l.contains(HANDED_OFF) && l.split_whitespace().any(|w| w == client))
-        .unwrap_or_else(|| panic!("session {i}: {streamed} B uploaded, never handed off:\n{log}"))
+        .unwrap_or_else(|| panic!("session {i}: {sent} B sent, never handed off:\n{log}"))
         .to_string();
     let fenced_ms = field(&handed, "fenced_ms").expect("fenced_ms");
-    eprintln!("session {i}: {streamed} B uploaded, handed off after a fence of {fenced_ms} ms");
+    eprintln!("session {i}: {sent} B sent, handed off after a fence of {fenced_ms} ms");
     (handed, closed)
 }
 
