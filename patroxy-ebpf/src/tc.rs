@@ -8,12 +8,13 @@
 //! IPv6 packet with extension headers passes to the stack: it belongs to no flow patroxy set up,
 //! the hand-off never joins an IPv6 leg with an IPv4 one).
 //!
-//! Both programs also keep TCP timestamps and SACK out of the connections patroxy may splice:
-//! in a SYN to a listener's port (SYN_PORTS, at ingress) and in a SYN of one of patroxy's own
-//! backend sockets while it connects (SYN_SOCKETS, at egress, by socket cookie) the two options
-//! become NOPs, so neither leg negotiates them (each leg's timestamps have their own offset,
-//! and SACK edges would need the sequence shift too). The host's sysctls are left alone: other
-//! connections keep both options, other local clients of the same server port included.
+//! Both programs also keep TCP timestamps out of the connections patroxy may splice: in a SYN
+//! to a listener's port (SYN_PORTS, at ingress) and in a SYN of one of patroxy's own backend
+//! sockets while it connects (SYN_SOCKETS, at egress, by socket cookie) the option becomes
+//! NOPs, so neither leg negotiates it (each leg's timestamps have their own clock offset, which
+//! the program cannot know). SACK stays: the ingress program moves each SACK edge by the same
+//! offset as the ack it comes with. The host's sysctls are left alone: other connections keep
+//! timestamps, other local clients of the same server port included.
 use aya_ebpf::{
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_F_PSEUDO_HDR, BPF_NOEXIST, bpf_sock_tuple,
@@ -67,10 +68,12 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const TCPOPT_NOP: u8 = 1;
-const TCPOPT_SACK_PERM: u8 = 4;
+const TCPOPT_SACK: u8 = 5;
 const TCPOPT_TIMESTAMP: u8 = 8;
-/// Options walked in a SYN: real stacks send at most 8 (NOPs included).
-const MAX_SYN_OPTIONS: usize = 12;
+/// Options walked in a header: real stacks send at most 8 (NOPs included).
+const MAX_OPTIONS: usize = 12;
+/// A SACK option without timestamps carries at most four blocks (2 + 4 x 8 of 40 bytes).
+const MAX_SACK_BLOCKS: usize = 4;
 /// The classifier's verdicts (include/uapi/linux/pkt_cls.h); TC_ACT_REDIRECT is also what
 /// bpf_redirect_neigh returns on success. A packet the programs let by goes on with
 /// TC_ACT_UNSPEC (tcx's TCX_NEXT): to the next program on the interface, then the stack.
@@ -465,13 +468,70 @@ fn rewrite(ctx: &TcContext, tcp: &Tcp, entry: &FlowEntry) -> Result<(), i64> {
     field32(tcp.at + 4, tcp.seq, entry.seq_delta)?;
     if tcp.flags & TCP_ACK != 0 {
         field32(tcp.at + 8, tcp.ack, entry.ack_delta)?;
+        // SACK edges number the same bytes as the ack: they move with it.
+        if let Some((first, blocks)) = sack_blocks(ctx, tcp) {
+            for block in 0..MAX_SACK_BLOCKS {
+                if block >= blocks {
+                    break;
+                }
+                for edge in 0..2 {
+                    let at = first + 8 * block + 4 * edge;
+                    field32(at, u32::from_be(ctx.load::<u32>(at)?), entry.ack_delta)?;
+                }
+            }
+        }
     }
     Ok(())
 }
 
-/// Replaces the timestamp and SACK-permitted options of a SYN by NOPs, fixing the checksum
-/// per 16-bit word changed. The options are read and written in the packet through the helpers
-/// (the verifier refuses stack writes at offsets it cannot bound).
+/// Where a segment's SACK blocks start in the packet, and how many there are. `None` without
+/// the option, or (never from Linux, which puts two NOPs before it) with its edges at an odd
+/// offset, where a 32-bit checksum update would not line up with the sum's 16-bit words: such
+/// a segment goes on with its SACK option turned into NOPs, as if it had none (a sender then
+/// recovers by the ack alone).
+#[inline(always)]
+fn sack_blocks(ctx: &TcContext, tcp: &Tcp) -> Option<(usize, usize)> {
+    let len = tcp.len.saturating_sub(20);
+    if len == 0 || len > 40 {
+        return None;
+    }
+    let start = tcp.at + 20;
+    let mut i = 0;
+    for _ in 0..MAX_OPTIONS {
+        if i >= len {
+            return None;
+        }
+        let kind = ctx.load::<u8>(start + i).ok()?;
+        if kind == 0 {
+            return None;
+        }
+        if kind == TCPOPT_NOP {
+            i += 1;
+            continue;
+        }
+        let size = usize::from(ctx.load::<u8>(start + i + 1).ok()?);
+        if size < 2 || i + size > len {
+            return None;
+        }
+        if kind == TCPOPT_SACK {
+            let blocks = (size - 2) / 8;
+            if (size - 2) % 8 != 0 || blocks == 0 || blocks > MAX_SACK_BLOCKS {
+                return None;
+            }
+            if i % 2 != 0 {
+                let _ = nop_out(ctx, tcp.at, 20 + i, size);
+                return None;
+            }
+            return Some((start + i + 2, blocks));
+        }
+        i += size;
+    }
+    None
+}
+
+/// Replaces the timestamp option of a SYN by NOPs, fixing the checksum per 16-bit word
+/// changed. The options are read and written in the packet through the helpers (the verifier
+/// refuses stack writes at offsets it cannot bound).
 #[inline(always)]
 fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
     let len = tcp.len.saturating_sub(20);
@@ -479,11 +539,11 @@ fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
         return;
     }
     let start = tcp.at + 20;
-    // Find the two options first, then rewrite: a rewrite inside the walk multiplies the
+    // Find the option first, then rewrite: a rewrite inside the walk multiplies the
     // verifier's states past its limit.
-    let (mut timestamp, mut sack_perm) = (None, None);
+    let mut timestamp = None;
     let mut i = 0;
-    for _ in 0..MAX_SYN_OPTIONS {
+    for _ in 0..MAX_OPTIONS {
         if i >= len {
             break;
         }
@@ -504,30 +564,24 @@ fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
         if size < 2 || i + size > len {
             break;
         }
-        match (kind, size) {
-            (TCPOPT_TIMESTAMP, 10) => timestamp = Some(i),
-            (TCPOPT_SACK_PERM, 2) => sack_perm = Some(i),
-            _ => {}
+        if (kind, size) == (TCPOPT_TIMESTAMP, 10) {
+            timestamp = Some(i);
+            break;
         }
         i += size;
     }
-    if let Some(at) = timestamp
-        && nop_out(ctx, tcp.at, at + 20, 10).is_err()
-    {
-        return;
-    }
-    if let Some(at) = sack_perm {
-        let _ = nop_out(ctx, tcp.at, at + 20, 2);
+    if let Some(at) = timestamp {
+        let _ = nop_out(ctx, tcp.at, at + 20, 10);
     }
 }
 
-/// Overwrites `size` (at most 10) bytes at `from` (relative to the TCP header) with NOPs, one
-/// aligned 16-bit word at a time so the checksum update stays exact.
+/// Overwrites `size` (at most 34, a whole SACK option) bytes at `from` (relative to the TCP
+/// header) with NOPs, one aligned 16-bit word at a time so the checksum update stays exact.
 #[inline(always)]
 fn nop_out(ctx: &TcContext, at: usize, from: usize, size: usize) -> Result<(), i64> {
     let end = from + size;
     let mut word = from & !1;
-    for _ in 0..6 {
+    for _ in 0..18 {
         if word >= end {
             break;
         }

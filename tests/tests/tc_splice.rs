@@ -8,9 +8,9 @@
 //! - `pxs-srv` 10.218.2.2, the server host (its veth here: `pxss0`, 10.218.2.1).
 //!
 //! Both namespaces keep the kernel's defaults (timestamps, SACK and window scaling on); the
-//! program keeps timestamps and SACK out of the proxied connections by itself. Everything is
-//! named `pxs*`, removed at the start of each test and when it ends; the tests share the
-//! names and run one at a time (`tc_lab::Lab`, shared with `tc_splice_v6` but for the names).
+//! program keeps timestamps out of the proxied connections by itself and moves SACK blocks with
+//! the ack. Everything is named `pxs*`, removed at the start of each test and when it ends; the
+//! tests share the names and run one at a time (`tc_lab::Lab`, shared with `tc_splice_v6` but for the names).
 use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream},
@@ -40,11 +40,11 @@ mod tc_lab;
 
 use tc_busy::{
     abandoned_hand_offs_give_back_what_they_dropped, busy_sessions_are_handed_off,
-    connect_failing_stalls, upgrades_during_fenced_attempts_lose_nothing,
+    connect_failing_stalls, tcp_ext, upgrades_during_fenced_attempts_lose_nothing,
 };
 use tc_lab::{
     Ending, HANDED_OFF, Hosts, Lab, Server, Successor, echo, echo_turns_and_close, field,
-    mark_down_resets, sizes, stats_pid, timestamps_negotiated, upgrade, wait_line,
+    mark_down_resets, sack_negotiated, sizes, stats_pid, timestamps_negotiated, upgrade, wait_line,
 };
 
 const NS_CLIENT: &str = "pxs-cli";
@@ -324,9 +324,12 @@ fn sessions_stay_byte_exact_with_loss_and_reordering() {
         return;
     }
     let _lab = Lab::new(&HOSTS);
-    // Lost segments are sent again and held-back ones arrive late: retransmissions and
-    // out-of-order segments cross the program both ways. SACK is kept out of the connections
-    // patroxy splices, so it is not exercised here.
+    // Lost segments are sent again and held-back ones arrive late: retransmissions,
+    // out-of-order segments and the SACK blocks that report them cross the program both ways.
+    // A SACK block the program did not move with the ack lands outside its sender's window,
+    // which discards it and counts it (TCPSACKDiscard).
+    let sack = |ns| ["TCPSackRecovery", "TCPSACKDiscard"].map(|name| tcp_ext(ns, name));
+    let before = [NS_CLIENT, NS_SERVER].map(sack);
     impair(NS_CLIENT, "pxsc1");
     impair(NS_SERVER, "pxss1");
     let server = Server::start(&HOSTS, SERVER.into());
@@ -337,14 +340,27 @@ fn sessions_stay_byte_exact_with_loss_and_reordering() {
     byte_exact_sessions(&proxy, config.bind(), SESSIONS, 3, 8 << 20);
     assert_eq!(server.wait_for_endings(SESSIONS).len(), SESSIONS);
     assert!(server.endings().iter().all(|e| *e == Ending::Eof));
-    for ns in [NS_CLIENT, NS_SERVER] {
+    let after = [NS_CLIENT, NS_SERVER].map(sack);
+    for (i, ns) in [NS_CLIENT, NS_SERVER].into_iter().enumerate() {
         let (dropped, held_back) = impaired(ns);
-        eprintln!("{ns}: {dropped} packets dropped, {held_back} held back");
+        let [recoveries, discarded] = [0, 1].map(|c| after[i][c] - before[i][c]);
+        eprintln!(
+            "{ns}: {dropped} packets dropped, {held_back} held back; SACK recoveries \
+             {recoveries}, SACK blocks discarded {discarded}"
+        );
         assert!(
             dropped > 0 && held_back > 0,
             "{ns}: the impairment did nothing"
         );
+        assert_eq!(
+            discarded, 0,
+            "{ns}: SACK blocks outside the sender's window: the program did not move them"
+        );
     }
+    assert!(
+        after[0][0] + after[1][0] > before[0][0] + before[1][0],
+        "no sender recovered with SACK: was it negotiated?"
+    );
 }
 
 /// A session that has been handed off: its startup turn echoed, the hand-off logged.
@@ -371,6 +387,10 @@ fn fin_and_rst_each_way_end_a_spliced_session() {
     assert!(
         !timestamps_negotiated(&s),
         "the listener's SYN-ACK carried timestamps: the program did not strip them"
+    );
+    assert!(
+        sack_negotiated(&s),
+        "no SACK on the client's leg: the program stripped SACK-permitted"
     );
     assert_eq!(echo(&s, after.clone()), *after);
     s.shutdown(Shutdown::Write).unwrap();
@@ -906,7 +926,32 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
         _lab,
         ..
     } = echoing("tc-busy");
-    busy_sessions_are_handed_off(&HOSTS, &proxy, addr, stats);
+    busy_sessions_are_handed_off(&HOSTS, &proxy, addr, stats, true);
+}
+
+/// The same between hosts with SACK off (`net.ipv4.tcp_sack = 0` in both namespaces): the
+/// legs negotiate none, and the senders whose segments a fence dropped get the duplicate ACKs
+/// of a NewReno fast retransmit.
+#[test]
+fn busy_sessions_without_sack_are_handed_off_byte_exact() {
+    if !require_root("busy_sessions_without_sack_are_handed_off_byte_exact") {
+        return;
+    }
+    let Echoing {
+        proxy,
+        addr,
+        stats,
+        server: _server,
+        _lab,
+        ..
+    } = echoing("tc-busy-nosack");
+    for ns in [NS_CLIENT, NS_SERVER] {
+        netns::sysctl(ns, "net.ipv4.tcp_sack", "0").expect("turn SACK off");
+    }
+    let probe = handed_off_session(&proxy, addr);
+    assert!(!sack_negotiated(&probe), "SACK negotiated with it off");
+    drop(probe);
+    busy_sessions_are_handed_off(&HOSTS, &proxy, addr, stats, false);
 }
 
 /// What an abandoned attempt's fence dropped goes back to the proxy's own socket (`tc_busy`).

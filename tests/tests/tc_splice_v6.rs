@@ -409,7 +409,7 @@ fn busy_ipv6_sessions_are_handed_off_behind_the_fence_byte_exact() {
     let stats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()));
     let config = config(&pin, &[(LISTEN6.into(), server.addr6())]).stats(StatsConfig::new(stats));
     let proxy = Patroxy::start("tcv-busy", &config);
-    busy_sessions_are_handed_off(&HOSTS, &proxy, config.bind(), stats);
+    busy_sessions_are_handed_off(&HOSTS, &proxy, config.bind(), stats, true);
 }
 
 /// An abandoned attempt gives what its fence dropped back to the proxy's own socket in IPv6

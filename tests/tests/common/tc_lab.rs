@@ -351,6 +351,15 @@ fn source(stream: &mut TcpStream, bytes: u64, seed: u64) -> io::Result<()> {
 
 /// Whether the connection negotiated TCP timestamps (TCP_INFO's `tcpi_options` bit 0).
 pub fn timestamps_negotiated(stream: &TcpStream) -> bool {
+    tcpi_options(stream) & 1 != 0
+}
+
+/// Whether the connection negotiated SACK (TCP_INFO's `tcpi_options` bit 1).
+pub fn sack_negotiated(stream: &TcpStream) -> bool {
+    tcpi_options(stream) & 2 != 0
+}
+
+fn tcpi_options(stream: &TcpStream) -> u8 {
     use std::os::fd::AsRawFd as _;
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -365,7 +374,7 @@ pub fn timestamps_negotiated(stream: &TcpStream) -> bool {
         )
     };
     assert_eq!(rc, 0, "TCP_INFO");
-    info.tcpi_options & 1 != 0
+    info.tcpi_options
 }
 
 /// Sends `data` and reads back as many bytes, writing on a thread of its own (a large echo

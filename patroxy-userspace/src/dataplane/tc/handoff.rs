@@ -22,9 +22,9 @@
 //! the sockmap had queued ([`FenceClock`]), for 2 and 3 to hold.
 //!
 //! Only sessions whose legs can be joined are tried: both legs of one family (a packet cannot
-//! change from IPv6 to IPv4 by a rewrite), neither leg with timestamps or SACK (the SYN option
-//! stripping keeps them out), equal window scales crosswise and equal MSS, and both local
-//! addresses on interfaces the programs are attached to.
+//! change from IPv6 to IPv4 by a rewrite), neither leg with timestamps (the SYN option
+//! stripping keeps them out), SACK on both legs or neither, equal window scales crosswise and
+//! equal MSS, and both local addresses on interfaces the programs are attached to.
 use std::{
     net::{SocketAddr, TcpStream},
     sync::{Arc, atomic::Ordering},
@@ -153,6 +153,8 @@ struct Legs {
     server: (SocketAddr, SocketAddr),
     client_ifindex: u32,
     server_ifindex: u32,
+    /// Both legs negotiated SACK (else neither did).
+    sack: bool,
 }
 
 /// The session's sockets and what the checks compare them with.
@@ -331,14 +333,16 @@ pub async fn try_hand_off(
     });
     let fenced_ms = clock.fenced_at.elapsed().as_millis();
     debug!(client = %legs.client.0, ?mode, fenced_ms, ?dropped, ?held_bytes, ?held_at, "session handed to the TC program");
-    // The senders of what the fence dropped retransmit it now rather than at their timeout,
-    // to the active flows. Sent from the proxy's end of each connection, in its numbers.
+    // Without SACK, the senders of what the fence dropped retransmit it now rather than at
+    // their timeout, to the active flows. Sent from the proxy's end of each connection, in its
+    // numbers. (A SACK sender takes no notice of duplicate ACKs without SACK blocks: it learns
+    // of the loss from the other end's SACK of what it sends next, or from its tail loss probe.)
     let client_end = (client, legs.client, (a_snd, a_rcv));
     let server_end = (backend, legs.server, (b_snd, b_rcv));
-    if dropped[0] {
+    if dropped[0] && !legs.sack {
         speak_for(tc, client_end, &[]);
     }
-    if dropped[1] {
+    if dropped[1] && !legs.sack {
         speak_for(tc, server_end, &[]);
     }
     if let Some(rest) = rest[0] {
@@ -738,9 +742,12 @@ fn legs<'a>(
     let (Ok(a), Ok(b)) = (repair::negotiated(client), repair::negotiated(backend)) else {
         return Err(&tc.counters.mismatched);
     };
-    // The client's windows reach the server unscaled, and the other way round.
-    let joinable = !a.timestamps_or_sack
-        && !b.timestamps_or_sack
+    // The client's windows reach the server unscaled, and the other way round. SACK blocks
+    // are moved with the ack, but a sender that negotiated SACK must hear them (RACK and tail
+    // loss probes rely on them) and one that did not would drop them: both legs or neither.
+    let joinable = !a.timestamps
+        && !b.timestamps
+        && a.sack == b.sack
         && a.snd_wscale == b.rcv_wscale
         && b.snd_wscale == a.rcv_wscale
         && a.mss == b.mss;
@@ -751,6 +758,7 @@ fn legs<'a>(
             server: (s_peer, s_local),
             client_ifindex,
             server_ifindex,
+            sack: a.sack,
         }),
         _ => {
             debug!(?a, ?b, ?ifaces, "session not joinable at the packet level");

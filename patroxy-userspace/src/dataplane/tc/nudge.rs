@@ -1,13 +1,20 @@
-//! After a fenced hand-off, a sender whose segments the program dropped learns at once that
-//! they were lost: ten duplicate ACKs from the proxy's end of its connection. The first may
-//! count as a window update, the next ones start a fast retransmit (SACK is off on these
-//! connections, so it is NewReno's count: more than the connection's reordering estimate,
-//! three at first), and the retransmission meets the active flow. Without them the sender
-//! waits for its retransmission timeout, 200 ms at least, and a bulk sender then restarts from
-//! a window of one segment.
+//! After a fenced hand-off of a session whose legs did not negotiate SACK (a host with SACK
+//! off), a sender whose segments the program dropped learns at once that they were lost: ten
+//! duplicate ACKs from the proxy's end of its connection. The first may count as a window
+//! update, the next ones start a fast retransmit (NewReno's count: more than the connection's
+//! reordering estimate, three at first), and the retransmission meets the active flow. Without
+//! them the sender waits for its retransmission timeout, 200 ms at least, and a bulk sender
+//! then restarts from a window of one segment. They fail where the sender's reordering estimate
+//! has grown past its flight (Linux keeps it per destination in `tcp_metrics`: the bench's
+//! server reached 270 on its connections from the proxy host), which is one reason SACK is kept
+//! on spliced connections now: with it, a sender learns of the loss from the other end's SACK
+//! of what it sends next, or from its tail loss probe, whatever its reordering estimate, and
+//! takes no notice of duplicate ACKs without SACK blocks, so none are sent.
 //!
 //! A sender with fewer than four segments in flight (a query, an answer of a few KB) cannot
-//! fast-retransmit: three duplicates need three segments beyond the lost one. For it the program
+//! fast-retransmit: without SACK, three duplicates need three segments beyond the lost one;
+//! with SACK, nothing after it is sent to be SACKed, and Linux delays the tail loss probe of a
+//! lone segment by its minimum timeout (200 ms). For it the program
 //! kept a copy of what it dropped (HELD, up to `HELD_MAX` bytes), and the proxy sends it on to
 //! the other end itself, as the flow would have, cut to that connection's MSS; the other end's
 //! acknowledgment then reaches the sender through the flow. Should the sender retransmit it

@@ -62,7 +62,8 @@ fn getsockopt_u32(fd: &impl AsFd, level: libc::c_int, name: libc::c_int) -> io::
 /// The options a leg negotiated that decide whether two legs can be spliced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Negotiated {
-    pub timestamps_or_sack: bool,
+    pub timestamps: bool,
+    pub sack: bool,
     /// The scale this socket applies to the peer's windows (the peer's announced scale).
     pub snd_wscale: u8,
     /// The scale this socket announced for its own windows.
@@ -74,7 +75,8 @@ pub(super) struct Negotiated {
 pub(super) fn negotiated(fd: &impl AsFd) -> io::Result<Negotiated> {
     let info = crate::dataplane::sockopt::tcp_info(fd)?;
     Ok(Negotiated {
-        timestamps_or_sack: info.tcpi_options & (TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK) != 0,
+        timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+        sack: info.tcpi_options & TCPI_OPT_SACK != 0,
         // A 4-bit field each: tcpi_snd_wscale in the low nibble (little-endian bitfields).
         snd_wscale: info.tcpi_snd_rcv_wscale & 0x0f,
         rcv_wscale: info.tcpi_snd_rcv_wscale >> 4,
