@@ -844,7 +844,7 @@ fn maxconn_is_held_until_a_handed_off_flow_ends() {
 }
 
 /// `n` sessions of `turns` echoes each, short messages with pauses of 0-2 ms, then a close:
-/// the hand-off is tried (every 1-50 ms, fenced after 50 ms) while bytes are on their way in
+/// the hand-off is tried (every 1-50 ms, fenced after 250 ms) while bytes are on their way in
 /// either direction, so many attempts are abandoned before one takes. Each thread returns its
 /// client port and the bytes it sent, every echo checked.
 fn raced_sessions(addr: SocketAddr, n: usize, turns: u64) -> Vec<thread::JoinHandle<(u16, u64)>> {

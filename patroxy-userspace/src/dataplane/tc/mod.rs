@@ -1,6 +1,6 @@
 //! The packet-level splice (`datapath = "tc"`): a session starts on the sockmap path and, at the
 //! first moment both directions are idle and acknowledged (or, for a session still busy after
-//! 50 ms, behind a short fence), is handed to the TC program (`patroxy-ebpf/src/tc.rs`), which
+//! 250 ms, behind a short fence), is handed to the TC program (`patroxy-ebpf/src/tc.rs`), which
 //! then forwards its packets between the two connections itself. `attach` puts the programs on
 //! the configured interfaces, `schedule` says when to try, `handoff` moves a session (`nudge`
 //! hurries what its fence dropped), `flow` watches a handed-off session to its end and

@@ -3,20 +3,23 @@
 //! Quiet attempts come often and cost nothing: 1 ms after the splice, then backing off to every
 //! 50 ms while the session is busy (a quiet moment is seldom missed by more than the current
 //! pause). A session with no quiet moment for [`FENCE_AFTER`] gets a fenced attempt, which
-//! pauses its senders for a few milliseconds; a fenced attempt that fails (a peer that does
-//! not take its bytes, say) waits twice as long for the next one, up to [`MAX_FENCED_PAUSE`].
+//! pauses its senders (for a few milliseconds if the fence settles at once, longer if it
+//! waits for a drain); a fenced attempt that fails (a peer that does not take its bytes, say)
+//! waits twice as long for the next one, up to [`MAX_FENCED_PAUSE`].
 use tokio::time::{Duration, Instant};
 
 use super::handoff::Mode;
 
 const FIRST_HAND_OFF: Duration = Duration::from_millis(1);
 const MAX_QUIET_PAUSE: Duration = Duration::from_millis(50);
-/// A session busy this long after the splice is handed off behind the fence. The fence costs
-/// its senders a few milliseconds (what it dropped is sent on from HELD or recovered by SACK),
-/// and the sockmap path runs a bulk transfer at about two thirds of the packet-level splice's
-/// speed: a COPY of 200 MB gains about 15 % from 250 ms to 50 ms (README, Measured). Until
-/// 2026-12-05 it was 250 ms, when a fenced bulk sender could wait for its timeout.
-pub const FENCE_AFTER: Duration = Duration::from_millis(50);
+/// A session busy this long after the splice is handed off behind the fence: a short session
+/// ends before it pays the pause, a long one gains more than it. 50 ms was tried (2026-12-05):
+/// a COPY TO gained up to 15 % (less time on the sockmap path), but a COPY FROM lost about as
+/// much (140 against 160-175 MB/s in the same runs, `cargo xtask bench --netns --only bulk`),
+/// its fences shorter (12-114 ms) but none holding a copy of the client's first dropped
+/// segment, so the client waited for its retransmission timeout; why none was held is not
+/// known.
+pub const FENCE_AFTER: Duration = Duration::from_millis(250);
 const MAX_FENCED_PAUSE: Duration = Duration::from_secs(8);
 
 #[derive(Debug)]
@@ -78,8 +81,8 @@ mod tests {
             assert!(s.due() - at <= MAX_QUIET_PAUSE, "pause {:?}", s.due() - at);
         }
         assert_eq!(s.due(), start + FENCE_AFTER, "first fenced attempt");
-        // At 1, 3, 7, 15 and 31 ms (pauses of 1, 2, 4, 8 and 16 ms), then the fenced one.
-        assert_eq!(quiet, 5);
+        // 1, 2, 4, ..., 32 ms, then every 50 ms up to 250 ms.
+        assert_eq!(quiet, 9);
         let at = s.due();
         s.failed(Mode::Fenced, at);
         assert_eq!(
