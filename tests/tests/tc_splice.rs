@@ -915,18 +915,9 @@ fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
 /// stay byte-exact (`tc_busy`).
 #[test]
 fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
-    if !require_root("busy_sessions_are_handed_off_behind_the_fence_byte_exact") {
-        return;
+    if require_root("busy_sessions_are_handed_off_behind_the_fence_byte_exact") {
+        busy_sessions("tc-busy", true);
     }
-    let Echoing {
-        proxy,
-        addr,
-        stats,
-        server: _server,
-        _lab,
-        ..
-    } = echoing("tc-busy");
-    busy_sessions_are_handed_off(&HOSTS, &proxy, addr, stats, true);
 }
 
 /// The same between hosts with SACK off (`net.ipv4.tcp_sack = 0` in both namespaces): the
@@ -934,9 +925,13 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
 /// of a NewReno fast retransmit.
 #[test]
 fn busy_sessions_without_sack_are_handed_off_byte_exact() {
-    if !require_root("busy_sessions_without_sack_are_handed_off_byte_exact") {
-        return;
+    if require_root("busy_sessions_without_sack_are_handed_off_byte_exact") {
+        busy_sessions("tc-busy-nosack", false);
     }
+}
+
+/// The busy sessions of `tc_busy` between hosts with SACK on (their default) or off.
+fn busy_sessions(name: &str, sack: bool) {
     let Echoing {
         proxy,
         addr,
@@ -944,14 +939,16 @@ fn busy_sessions_without_sack_are_handed_off_byte_exact() {
         server: _server,
         _lab,
         ..
-    } = echoing("tc-busy-nosack");
-    for ns in [NS_CLIENT, NS_SERVER] {
-        netns::sysctl(ns, "net.ipv4.tcp_sack", "0").expect("turn SACK off");
+    } = echoing(name);
+    if !sack {
+        for ns in [NS_CLIENT, NS_SERVER] {
+            netns::sysctl(ns, "net.ipv4.tcp_sack", "0").expect("turn SACK off");
+        }
     }
     let probe = handed_off_session(&proxy, addr);
-    assert!(!sack_negotiated(&probe), "SACK negotiated with it off");
+    assert_eq!(sack_negotiated(&probe), sack, "SACK on the client's leg");
     drop(probe);
-    busy_sessions_are_handed_off(&HOSTS, &proxy, addr, stats, false);
+    busy_sessions_are_handed_off(&HOSTS, &proxy, addr, stats, sack);
 }
 
 /// What an abandoned attempt's fence dropped goes back to the proxy's own socket (`tc_busy`).
