@@ -491,6 +491,34 @@ fn rewrite(ctx: &TcContext, tcp: &Tcp, entry: &FlowEntry) -> Result<(), i64> {
 /// recovers by the ack alone).
 #[inline(always)]
 fn sack_blocks(ctx: &TcContext, tcp: &Tcp) -> Option<(usize, usize)> {
+    let (i, size) = find_option(ctx, tcp, TCPOPT_SACK)?;
+    let blocks = (size - 2) / 8;
+    if (size - 2) % 8 != 0 || blocks == 0 || blocks > MAX_SACK_BLOCKS {
+        return None;
+    }
+    if i % 2 != 0 {
+        let _ = nop_out(ctx, tcp.at, 20 + i, size);
+        return None;
+    }
+    // The blocks follow the option's kind and length bytes.
+    Some((tcp.at + 20 + i + 2, blocks))
+}
+
+/// Replaces the timestamp option of a SYN by NOPs, fixing the checksum per 16-bit word
+/// changed. The option is found first and rewritten after: a rewrite inside the walk
+/// multiplies the verifier's states past its limit.
+#[inline(always)]
+fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
+    if let Some((at, 10)) = find_option(ctx, tcp, TCPOPT_TIMESTAMP) {
+        let _ = nop_out(ctx, tcp.at, 20 + at, 10);
+    }
+}
+
+/// The first option of `kind` in the TCP header: its offset from the options' start and its
+/// size (at least 2, within the header). Read through the helpers, as the verifier refuses
+/// stack writes at offsets it cannot bound.
+#[inline(always)]
+fn find_option(ctx: &TcContext, tcp: &Tcp, kind: u8) -> Option<(usize, usize)> {
     let len = tcp.len.saturating_sub(20);
     if len == 0 || len > 40 {
         return None;
@@ -501,11 +529,11 @@ fn sack_blocks(ctx: &TcContext, tcp: &Tcp) -> Option<(usize, usize)> {
         if i >= len {
             return None;
         }
-        let kind = ctx.load::<u8>(start + i).ok()?;
-        if kind == 0 {
+        let found = ctx.load::<u8>(start + i).ok()?;
+        if found == 0 {
             return None;
         }
-        if kind == TCPOPT_NOP {
+        if found == TCPOPT_NOP {
             i += 1;
             continue;
         }
@@ -513,66 +541,12 @@ fn sack_blocks(ctx: &TcContext, tcp: &Tcp) -> Option<(usize, usize)> {
         if size < 2 || i + size > len {
             return None;
         }
-        if kind == TCPOPT_SACK {
-            let blocks = (size - 2) / 8;
-            if (size - 2) % 8 != 0 || blocks == 0 || blocks > MAX_SACK_BLOCKS {
-                return None;
-            }
-            if i % 2 != 0 {
-                let _ = nop_out(ctx, tcp.at, 20 + i, size);
-                return None;
-            }
-            return Some((start + i + 2, blocks));
+        if found == kind {
+            return Some((i, size));
         }
         i += size;
     }
     None
-}
-
-/// Replaces the timestamp option of a SYN by NOPs, fixing the checksum per 16-bit word
-/// changed. The options are read and written in the packet through the helpers (the verifier
-/// refuses stack writes at offsets it cannot bound).
-#[inline(always)]
-fn strip_syn_options(ctx: &TcContext, tcp: &Tcp) {
-    let len = tcp.len.saturating_sub(20);
-    if len == 0 || len > 40 {
-        return;
-    }
-    let start = tcp.at + 20;
-    // Find the option first, then rewrite: a rewrite inside the walk multiplies the
-    // verifier's states past its limit.
-    let mut timestamp = None;
-    let mut i = 0;
-    for _ in 0..MAX_OPTIONS {
-        if i >= len {
-            break;
-        }
-        let Ok(kind) = ctx.load::<u8>(start + i) else {
-            break;
-        };
-        if kind == 0 {
-            break;
-        }
-        if kind == TCPOPT_NOP {
-            i += 1;
-            continue;
-        }
-        let Ok(size) = ctx.load::<u8>(start + i + 1) else {
-            break;
-        };
-        let size = usize::from(size);
-        if size < 2 || i + size > len {
-            break;
-        }
-        if (kind, size) == (TCPOPT_TIMESTAMP, 10) {
-            timestamp = Some(i);
-            break;
-        }
-        i += size;
-    }
-    if let Some(at) = timestamp {
-        let _ = nop_out(ctx, tcp.at, at + 20, 10);
-    }
 }
 
 /// Overwrites `size` (at most 34, a whole SACK option) bytes at `from` (relative to the TCP

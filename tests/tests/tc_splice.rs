@@ -10,7 +10,8 @@
 //! Both namespaces keep the kernel's defaults (timestamps, SACK and window scaling on); the
 //! program keeps timestamps out of the proxied connections by itself and moves SACK blocks with
 //! the ack. Everything is named `pxs*`, removed at the start of each test and when it ends; the
-//! tests share the names and run one at a time (`tc_lab::Lab`, shared with `tc_splice_v6` but for the names).
+//! tests share the names and run one at a time (`tc_lab::Lab`, shared with `tc_splice_v6` but
+//! for the names).
 use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream},
@@ -916,7 +917,7 @@ fn hand_offs_raced_by_traffic_both_ways_lose_and_duplicate_nothing() {
 #[test]
 fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
     if require_root("busy_sessions_are_handed_off_behind_the_fence_byte_exact") {
-        busy_sessions("tc-busy", true);
+        busy_sessions_between_hosts("tc-busy", true);
     }
 }
 
@@ -926,12 +927,12 @@ fn busy_sessions_are_handed_off_behind_the_fence_byte_exact() {
 #[test]
 fn busy_sessions_without_sack_are_handed_off_byte_exact() {
     if require_root("busy_sessions_without_sack_are_handed_off_byte_exact") {
-        busy_sessions("tc-busy-nosack", false);
+        busy_sessions_between_hosts("tc-busy-nosack", false);
     }
 }
 
 /// The busy sessions of `tc_busy` between hosts with SACK on (their default) or off.
-fn busy_sessions(name: &str, sack: bool) {
+fn busy_sessions_between_hosts(name: &str, sack: bool) {
     let Echoing {
         proxy,
         addr,

@@ -339,11 +339,13 @@ pub async fn try_hand_off(
     // of the loss from the other end's SACK of what it sends next, or from its tail loss probe.)
     let client_end = (client, legs.client, (a_snd, a_rcv));
     let server_end = (backend, legs.server, (b_snd, b_rcv));
-    if dropped[0] && !legs.sack {
-        speak_for(tc, client_end, &[]);
-    }
-    if dropped[1] && !legs.sack {
-        speak_for(tc, server_end, &[]);
+    if !legs.sack {
+        if dropped[0] {
+            speak_for(tc, client_end, &[]);
+        }
+        if dropped[1] {
+            speak_for(tc, server_end, &[]);
+        }
     }
     if let Some(rest) = rest[0] {
         speak_for(tc, server_end, rest);

@@ -90,8 +90,7 @@ pub struct TcCounters {
     pub mixed_family: AtomicU64,
     /// Sessions that stay on the sockmap path: options that do not match (timestamps
     /// negotiated, SACK on one leg only, window scales or MSS differing between the legs), or a
-    /// leg's interface is
-    /// not one the programs are attached to.
+    /// leg's interface is not one the programs are attached to.
     pub mismatched: AtomicU64,
     /// Sessions the TC program carries now (handed off, not yet ended).
     pub carried: AtomicU64,
